@@ -1,0 +1,12 @@
+# The project on a GPU node, or on CPU with --build-arg BASE=python:3.11-slim.
+# Installs exactly as the README says (install.sh); the default command is the quick start.
+ARG BASE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
+FROM ${BASE}
+RUN if ! command -v python3 >/dev/null; then \
+      apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi
+WORKDIR /opt/pretrain
+COPY . .
+RUN bash install.sh
+CMD [".venv/bin/python", "-m", "pretrain"]

@@ -1,0 +1,239 @@
+"""ELECTRA-style replaced-token detection with DeBERTa-v3's embedding sharing modes.
+
+One module holds the generator (a shallower DeBERTa + MLM head) and the discriminator (a full
+DeBERTa + RTD head). `RTDModel.forward` is the whole pretraining objective:
+
+  1. the generator predicts the original tokens at the masked positions (MLM loss);
+  2. replacements are sampled from its softmax, with no gradient through the sampling;
+  3. the discriminator reads the corrupted sequence and labels each token replaced or not
+     (a sampled token equal to the original counts as *not* replaced);
+  4. loss = MLM + rtd_weight * RTD.
+
+How the discriminator's word embeddings relate to the generator's is the sharing mode, written
+out in `discriminator_embedding_weights` so a reader sees it in a few lines:
+
+  gdes  E_disc = stop_gradient(E_gen) + E_delta, E_delta zero-initialised (DeBERTa-v3): the MLM
+        loss alone updates E_gen, the RTD loss alone updates E_delta.
+  es    E_disc = E_gen: one table updated by both losses (ELECTRA).
+  nes   two independent tables.
+
+The same applies to absolute position embeddings when the model has them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.models.deberta import DebertaConfig, DebertaModel
+from pretrain.models.heads import EnhancedMaskDecoder, MLMHead, RTDHead
+
+SHARING_MODES = ("gdes", "es", "nes")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class RTDConfig:
+    embedding_sharing: str = "gdes"
+    rtd_weight: float = 10.0  # lambda in DeBERTa-v3 / ELECTRA
+    generator_depth_ratio: float = 0.5  # generator layers = round(ratio * discriminator layers)
+    temperature: float = 1.0  # sampling temperature of the generator's softmax
+    exclude_original: bool = False  # never sample the original token (always a real replacement)
+    enhanced_mask_decoder: bool = False  # generator decodes through DeBERTa's EMD
+    emd_steps: int = 2
+
+    def __post_init__(self) -> None:
+        if self.embedding_sharing not in SHARING_MODES:
+            raise ValueError(
+                f"rtd.embedding_sharing={self.embedding_sharing!r}; choose from {SHARING_MODES}"
+            )
+        if not 0.0 < self.generator_depth_ratio <= 1.0:
+            raise ValueError(
+                f"rtd.generator_depth_ratio must be in (0, 1], got {self.generator_depth_ratio}"
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"rtd.temperature must be > 0, got {self.temperature}")
+        if self.rtd_weight < 0:
+            raise ValueError(f"rtd.rtd_weight must be >= 0, got {self.rtd_weight}")
+
+
+def generator_config(discriminator: DebertaConfig, depth_ratio: float) -> DebertaConfig:
+    """The generator is the discriminator's shape at a fraction of its depth (same width, so
+    embeddings can be shared). Derived, never configured separately."""
+    layers = max(1, round(discriminator.num_hidden_layers * depth_ratio))
+    return dataclasses.replace(discriminator, num_hidden_layers=layers)
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Losses in fp32 under bf16/fp16 autocast, but never downcast a float64 model."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def sample_replacements(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    exclude: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row of `logits` [N, V] from softmax(logits / temperature), by Gumbel-max.
+
+    `exclude` [N] removes one token per row (the original, when configured). Deterministic given
+    `generator`'s state. Callers run it under no_grad: sampling is not differentiable.
+    """
+    scaled = _at_least_fp32(logits) / temperature
+    if exclude is not None:
+        scaled = scaled.scatter(1, exclude.unsqueeze(1), float("-inf"))
+    u = torch.rand(scaled.shape, generator=generator, device=scaled.device)
+    gumbel = -torch.log(-torch.log(u.clamp(torch.finfo(u.dtype).tiny, 1.0 - 1e-7)))
+    return (scaled + gumbel).argmax(dim=-1)
+
+
+@dataclass
+class RTDOutput:
+    loss: torch.Tensor  # gen_loss + rtd_weight * disc_loss; the only tensor to backpropagate
+    gen_loss: torch.Tensor
+    disc_loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]  # detached scalars for logging
+    disc_logits: torch.Tensor  # [B, L], for evaluation (AUC)
+    disc_ids: torch.Tensor  # [B, L], the corrupted sequence the discriminator read
+    replaced: torch.Tensor  # [B, L] bool, the discriminator's labels
+
+
+class RTDModel(nn.Module):
+    def __init__(self, config: DebertaConfig, rtd: RTDConfig | None = None):
+        super().__init__()
+        self.config = config
+        self.rtd = rtd = rtd or RTDConfig()
+        self.generator_config = gen_config = generator_config(config, rtd.generator_depth_ratio)
+
+        self.generator = DebertaModel(gen_config)
+        self.mlm_head = MLMHead(gen_config)
+        self.emd = (
+            EnhancedMaskDecoder(gen_config, rtd.emd_steps) if rtd.enhanced_mask_decoder else None
+        )
+
+        # Only NES gives the discriminator tables of its own; GDES and ES compose them in forward.
+        self.discriminator = DebertaModel(
+            config, own_embedding_tables=rtd.embedding_sharing == "nes"
+        )
+        self.rtd_head = RTDHead(config)
+
+        self.word_embeddings_delta: nn.Parameter | None = None
+        self.position_embeddings_delta: nn.Parameter | None = None
+        if rtd.embedding_sharing == "gdes":
+            self.word_embeddings_delta = nn.Parameter(
+                torch.zeros(config.vocab_size, config.embedding_dim)
+            )
+            if config.position_biased_input:
+                self.position_embeddings_delta = nn.Parameter(
+                    torch.zeros(config.max_position_embeddings, config.embedding_dim)
+                )
+
+    def generator_embedding_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(word, position) tables of the generator: E_gen, tied to its MLM decoder."""
+        gen = self.generator.embeddings
+        assert gen.word_embeddings is not None
+        return gen.word_embeddings.weight, (
+            gen.position_embeddings.weight if gen.position_embeddings is not None else None
+        )
+
+    def discriminator_embedding_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(word, position) tables the discriminator embeds with; None means its own (NES)."""
+        gen_word, gen_pos = self.generator_embedding_weights()
+        mode = self.rtd.embedding_sharing
+        if mode == "gdes":
+            assert self.word_embeddings_delta is not None
+            word = gen_word.detach() + self.word_embeddings_delta
+            pos = None
+            if gen_pos is not None:
+                assert self.position_embeddings_delta is not None
+                pos = gen_pos.detach() + self.position_embeddings_delta
+            return word, pos
+        if mode == "es":
+            return gen_word, gen_pos
+        return None, None
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        sampling_generator: torch.Generator | None = None,
+    ) -> RTDOutput:
+        """input_ids: [B, L] with masked positions already corrupted (usually [MASK]);
+        labels: [B, L] original ids at the masked positions, IGNORE_INDEX elsewhere."""
+        masked = labels != IGNORE_INDEX
+        targets = labels[masked]
+
+        # 1. Generator: MLM logits at the masked rows only.
+        gen_states = self.generator.forward_layers(input_ids, attention_mask, token_type_ids)
+        if self.emd is not None:
+            gen_hidden = self.emd(gen_states[-2], attention_mask, self.generator.encoder)
+        else:
+            gen_hidden = gen_states[-1]
+        gen_word, _ = self.generator_embedding_weights()
+        gen_logits = self.mlm_head(gen_hidden[masked], gen_word)  # [N, V]
+        # Sum / count rather than mean, so a batch with nothing masked gives 0, not NaN.
+        gen_loss = F.cross_entropy(
+            _at_least_fp32(gen_logits), targets, reduction="sum"
+        ) / masked.sum().clamp(min=1)
+
+        # 2. Corrupt: sample replacements; nothing flows back through this.
+        with torch.no_grad():
+            exclude = targets if self.rtd.exclude_original else None
+            sampled = sample_replacements(
+                gen_logits, self.rtd.temperature, exclude, sampling_generator
+            )
+            original = torch.where(masked, labels, input_ids)
+            disc_ids = original.clone()
+            disc_ids[masked] = sampled
+            valid = attention_mask.bool()
+            replaced = (disc_ids != original) & valid
+
+        # 3. Discriminator with the embeddings of the sharing mode.
+        word, pos = self.discriminator_embedding_weights()
+        disc_hidden = self.discriminator(disc_ids, attention_mask, token_type_ids, word, pos)
+        disc_logits = self.rtd_head(disc_hidden)
+        disc_scores = _at_least_fp32(disc_logits[valid])
+        disc_loss = F.binary_cross_entropy_with_logits(
+            disc_scores, replaced[valid].to(disc_scores.dtype)
+        )
+
+        loss = gen_loss + self.rtd.rtd_weight * disc_loss
+        metrics = rtd_metrics(gen_logits, targets, disc_logits, replaced, valid, masked)
+        metrics.update(gen_loss=gen_loss.detach(), disc_loss=disc_loss.detach(), loss=loss.detach())
+        return RTDOutput(
+            loss, gen_loss, disc_loss, metrics, disc_logits.detach(), disc_ids, replaced
+        )
+
+
+@torch.no_grad()
+def rtd_metrics(
+    gen_logits: torch.Tensor,
+    targets: torch.Tensor,
+    disc_logits: torch.Tensor,
+    replaced: torch.Tensor,
+    valid: torch.Tensor,
+    masked: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Scalar diagnostics. `replaced_frac` is replaced / masked tokens: how often the generator
+    fools the corruption (falls as the generator learns)."""
+
+    def ratio(num: torch.Tensor, den: torch.Tensor | int) -> torch.Tensor:
+        return num.float() / torch.as_tensor(den, device=num.device).float().clamp(min=1)
+
+    predicted = (disc_logits > 0) & valid
+    true_pos = (predicted & replaced).sum()
+    return {
+        "gen_acc": ratio((gen_logits.argmax(-1) == targets).sum(), targets.numel()),
+        "disc_acc": ratio(((disc_logits > 0) == replaced)[valid].sum(), valid.sum()),
+        "disc_precision": ratio(true_pos, predicted.sum()),
+        "disc_recall": ratio(true_pos, replaced.sum()),
+        "replaced_frac": ratio(replaced.sum(), masked.sum()),
+        "mask_frac": ratio(masked.sum(), valid.sum()),
+    }

@@ -1,0 +1,196 @@
+"""The RTD pair's forward: labels, sampling, metrics, the derived generator and the EMD."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pretrain.models.deberta import DebertaConfig
+from pretrain.models.heads import EnhancedMaskDecoder
+from pretrain.models.rtd import (
+    IGNORE_INDEX,
+    RTDConfig,
+    RTDModel,
+    generator_config,
+    rtd_metrics,
+    sample_replacements,
+)
+from tests.unit.tiny_rtd import MASK_ID, VOCAB, tiny_batch, tiny_model
+
+
+def forced_generator_model(token: int, **rtd_kwargs) -> RTDModel:
+    """A model whose generator samples `token` with probability ~1 (huge output bias)."""
+    model = tiny_model("gdes", **rtd_kwargs)
+    with torch.no_grad():
+        model.mlm_head.bias.zero_()
+        model.mlm_head.bias[token] = 100.0
+    return model
+
+
+def test_sampled_original_is_not_replaced() -> None:
+    model = forced_generator_model(7)
+    ids, mask, labels = tiny_batch()
+    masked = labels != IGNORE_INDEX
+    # Half the masked positions hold 7 originally: the generator "guesses" them right.
+    originals = torch.where(torch.arange(ids.numel()).view(ids.shape) % 2 == 0, 7, 9)
+    labels = torch.where(masked, originals, labels)
+    out = model(ids, mask, labels, sampling_generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.disc_ids[masked], torch.full_like(out.disc_ids[masked], 7))
+    assert torch.equal(out.replaced, masked & (labels != 7))
+    assert out.replaced.sum() > 0 and (masked & ~out.replaced).sum() > 0
+    # unmasked positions reach the discriminator unchanged, padding is never "replaced"
+    assert torch.equal(out.disc_ids[~masked], ids[~masked])
+    assert not out.replaced[mask == 0].any()
+
+
+def test_exclude_original_always_replaces() -> None:
+    model = forced_generator_model(7, exclude_original=True)
+    ids, mask, labels = tiny_batch()
+    masked = labels != IGNORE_INDEX
+    labels = torch.where(masked, torch.full_like(labels, 7), labels)
+    out = model(ids, mask, labels, sampling_generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.replaced, masked)
+    assert out.metrics["replaced_frac"].item() == 1.0
+
+
+def test_sampling_follows_tempered_softmax() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(40000, 1)
+    for temperature in (1.0, 2.0):
+        g = torch.Generator().manual_seed(0)
+        counts = torch.bincount(sample_replacements(logits, temperature, generator=g), minlength=4)
+        expected = torch.softmax(logits[0] / temperature, -1) * logits.shape[0]
+        chi2 = (((counts - expected) ** 2) / expected).sum().item()
+        assert chi2 < 16.3  # chi-square, 3 dof, p = 0.001
+
+
+def test_sampling_is_deterministic_given_generator_and_excludes() -> None:
+    logits = torch.randn(64, 11)
+    a = sample_replacements(logits, generator=torch.Generator().manual_seed(5))
+    b = sample_replacements(logits, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    exclude = logits.argmax(-1)
+    big = logits.clone()
+    big[torch.arange(64), exclude] = 1e4
+    sampled = sample_replacements(big, exclude=exclude, generator=torch.Generator().manual_seed(0))
+    assert not (sampled == exclude).any()
+
+
+def test_metrics_against_hand_count() -> None:
+    gen_logits = torch.tensor([[0.0, 5.0], [5.0, 0.0], [0.0, 5.0]])  # argmax 1, 0, 1
+    targets = torch.tensor([1, 1, 1])  # 2 of 3 right
+    disc_logits = torch.tensor([[3.0, -1.0, 2.0, -4.0]])
+    replaced = torch.tensor([[True, True, False, False]])
+    valid = torch.tensor([[True, True, True, False]])
+    masked = torch.tensor([[True, True, True, False]])
+    m = rtd_metrics(gen_logits, targets, disc_logits, replaced, valid, masked)
+    assert m["gen_acc"].item() == pytest.approx(2 / 3)
+    # predicted replaced: positions 0, 2 (3 is padding); correct: 0 (TP), 1 (FN), 2 (FP) -> 1/3
+    assert m["disc_acc"].item() == pytest.approx(1 / 3)
+    assert m["disc_precision"].item() == pytest.approx(1 / 2)
+    assert m["disc_recall"].item() == pytest.approx(1 / 2)
+    assert m["replaced_frac"].item() == pytest.approx(2 / 3)
+
+
+def test_losses_are_the_textbook_formulas() -> None:
+    model = tiny_model("nes").eval()
+    ids, mask, labels = tiny_batch()
+    out = model(ids, mask, labels, sampling_generator=torch.Generator().manual_seed(1))
+    masked = labels != IGNORE_INDEX
+    hidden = model.generator(ids, mask)[masked]
+    logits = model.mlm_head(hidden, model.generator.embeddings.word_embeddings.weight)
+    log_probs = torch.log_softmax(logits, -1)
+    mlm = -log_probs[torch.arange(len(logits)), labels[masked]].mean()
+    p = torch.sigmoid(out.disc_logits[mask.bool()])
+    y = out.replaced[mask.bool()].float()
+    bce = -(y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean()
+    torch.testing.assert_close(out.gen_loss, mlm)
+    torch.testing.assert_close(out.disc_loss, bce)
+    torch.testing.assert_close(out.loss, mlm + 10.0 * bce)
+
+
+def test_nothing_masked_gives_zero_mlm_loss_not_nan() -> None:
+    model = tiny_model("gdes")
+    ids, mask, _ = tiny_batch()
+    out = model(ids, mask, torch.full_like(ids, IGNORE_INDEX))
+    assert out.gen_loss.item() == 0.0 and math.isfinite(out.loss.item())
+
+
+def test_generator_is_derived_from_discriminator() -> None:
+    disc = DebertaConfig(
+        hidden_size=64, num_hidden_layers=12, num_attention_heads=4, intermediate_size=128
+    )
+    assert generator_config(disc, 0.5).num_hidden_layers == 6
+    assert generator_config(disc, 1 / 3).num_hidden_layers == 4
+    gen = generator_config(disc, 0.5)
+    assert (gen.hidden_size, gen.num_attention_heads, gen.vocab_size) == (64, 4, disc.vocab_size)
+    model = RTDModel(
+        DebertaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=32,
+        ),
+        RTDConfig(generator_depth_ratio=0.25),
+    )
+    assert len(model.generator.encoder.layer) == 1 and len(model.discriminator.encoder.layer) == 4
+
+
+def test_emd_with_zero_positions_and_one_step_is_the_last_layer() -> None:
+    # Re-running the last layer with query = H_{n-1} (no positions added) recomputes H_n: an
+    # independent check that EMD wires keys, values and queries the way DeBERTa does.
+    model = tiny_model("gdes", enhanced_mask_decoder=True, emd_steps=1).eval()
+    ids, mask, _ = tiny_batch()
+    with torch.no_grad():
+        model.emd.position_embeddings.weight.zero_()
+        states = model.generator.forward_layers(ids, mask)
+        emd = model.emd(states[-2], mask, model.generator.encoder)
+    torch.testing.assert_close(emd, states[-1], rtol=0, atol=1e-6)
+
+
+def test_emd_positions_train_from_mlm_only() -> None:
+    model = tiny_model("gdes", enhanced_mask_decoder=True)
+    ids, mask, labels = tiny_batch()
+    out = model(ids, mask, labels)
+    table = model.emd.position_embeddings.weight
+    (from_mlm,) = torch.autograd.grad(out.gen_loss, [table], retain_graph=True)
+    (from_rtd,) = torch.autograd.grad(
+        out.disc_loss, [table], allow_unused=True, materialize_grads=True
+    )
+    assert torch.count_nonzero(from_mlm) > 0 and torch.count_nonzero(from_rtd) == 0
+
+
+def test_emd_refuses_absolute_positions_in_the_input() -> None:
+    config = DebertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        position_biased_input=True,
+    )
+    with pytest.raises(ValueError, match="position_biased_input"):
+        EnhancedMaskDecoder(config)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(embedding_sharing="shared"), "embedding_sharing"),
+        (dict(generator_depth_ratio=0.0), "generator_depth_ratio"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(rtd_weight=-1.0), "rtd_weight"),
+    ],
+)
+def test_bad_rtd_config_names_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        RTDConfig(**kwargs)
+
+
+def test_mask_token_id_is_never_sampled_into_unmasked_positions() -> None:
+    model = tiny_model("es")
+    ids, mask, labels = tiny_batch()
+    out = model(ids, mask, labels)
+    assert not (out.disc_ids[labels == IGNORE_INDEX] == MASK_ID).any()
