@@ -1,0 +1,1 @@
+"""Small, pure data stages: sources -> tokenize -> pack -> mask -> collate -> loader."""
