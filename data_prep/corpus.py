@@ -1,0 +1,356 @@
+"""Turn raw text into deduplicated, tokenized, memory-mappable shards (format in `shards.py`).
+
+Pipeline: read documents in a fixed order (`sources.iter_documents`) -> clean (NFKC, control
+characters, whitespace) -> hash -> tokenize -> drop empties and exact duplicates -> route each
+document to `train` or `valid` by its hash -> append to the split's current shard.
+
+Why it is shaped so:
+- Cleaning, hashing and tokenizing run in worker processes on fixed-size batches, but results
+  are consumed strictly in input order and deduplication happens in the parent, so the output is
+  byte-identical for any `--workers` (1 runs everything in-process). At most a few batches per
+  worker are in flight, so memory stays flat however large the input.
+- The held-out split is chosen by the document's content hash, not its position: the same
+  document lands in the same split when inputs are reordered or more data is added, so a
+  validation loss stays comparable across corpus versions.
+- Documents are stored without [CLS]/[SEP]; packing adds them, so one preparation serves every
+  sequence length.
+- Nothing run-specific (time, worker count, absolute output path) goes into the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from data_prep.shards import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    SPLITS,
+    ShardError,
+    ShardInfo,
+    docs_name,
+    dtype_for_vocab,
+    tokens_name,
+)
+from data_prep.sources import InputError, ReadStats, clean_text, iter_documents
+from data_prep.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+
+DEFAULT_SHARD_TOKENS = 50_000_000  # about 100 MB per uint16 shard
+BATCH_DOCS = 256  # documents per worker task; fixed so batching never depends on --workers
+IN_FLIGHT_PER_WORKER = 4
+
+# (content hash, token ids); the hash is None for a document that is empty after cleaning.
+Processed = tuple[bytes | None, np.ndarray]
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(model_path: str, sha256: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer(model_path)
+    # The model file must not change under a running job, or shards would mix two vocabularies.
+    assert _worker_tokenizer.sha256 == sha256, "tokenizer model changed during the run"
+
+
+def process_batch(raw_docs: list[str], dtype_str: str) -> list[Processed]:
+    """Clean, hash and tokenize one batch; pure, so any worker gives the same answer."""
+    assert _worker_tokenizer is not None
+    dtype = np.dtype(dtype_str)
+    texts = [clean_text(d) for d in raw_docs]
+    keep = [t for t in texts if t]
+    encoded = iter(_worker_tokenizer.encode_batch(keep))
+    out: list[Processed] = []
+    for text in texts:
+        if not text:
+            out.append((None, np.empty(0, dtype=dtype)))
+            continue
+        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+        out.append((digest, np.asarray(next(encoded), dtype=dtype)))
+    return out
+
+
+def is_valid(digest: bytes, valid_fraction: float) -> bool:
+    """The held-out test: the hash's first 8 bytes, read as a fraction of 2**64."""
+    return int.from_bytes(digest[:8], "big") < valid_fraction * 2**64
+
+
+def _batched(docs: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for d in docs:
+        batch.append(d)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class _SplitWriter:
+    """Appends documents to numbered shards of one split; never splits a document."""
+
+    def __init__(self, root: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
+        self.root, self.split, self.dtype, self.shard_tokens = root, split, dtype, shard_tokens
+        (root / split).mkdir(parents=True, exist_ok=True)
+        self.shards: list[ShardInfo] = []
+        self._fh: Any = None
+        self._offsets: list[int] = [0]
+
+    def add(self, ids: np.ndarray) -> None:
+        current = self._offsets[-1]
+        if self._fh is not None and current > 0 and current + len(ids) > self.shard_tokens:
+            self._close_shard()
+        if self._fh is None:
+            path = self.root / tokens_name(self.split, len(self.shards))
+            self._fh = open(path, "wb")  # closed in _close_shard
+            self._offsets = [0]
+        self._fh.write(ids.astype(self.dtype, copy=False).tobytes())
+        self._offsets.append(self._offsets[-1] + len(ids))
+
+    def _close_shard(self) -> None:
+        assert self._fh is not None
+        self._fh.close()
+        self._fh = None
+        k = len(self.shards)
+        np.save(self.root / docs_name(self.split, k), np.asarray(self._offsets, dtype=np.int64))
+        self.shards.append(
+            ShardInfo(
+                tokens=tokens_name(self.split, k),
+                docs=docs_name(self.split, k),
+                num_tokens=self._offsets[-1],
+                num_docs=len(self._offsets) - 1,
+            )
+        )
+
+    def close(self) -> dict[str, Any]:
+        if self._fh is not None:
+            self._close_shard()
+        return {
+            "num_docs": sum(s.num_docs for s in self.shards),
+            "num_tokens": sum(s.num_tokens for s in self.shards),
+            "shards": [s.__dict__ for s in self.shards],
+        }
+
+
+def _clear_previous(out: Path) -> None:
+    """Remove an earlier run's manifest and shards so no stale shard survives a smaller re-run."""
+    (out / MANIFEST).unlink(missing_ok=True)
+    for split in SPLITS:
+        for pattern in ("tokens_*.bin", "docs_*.npy"):
+            for p in (out / split).glob(pattern):
+                p.unlink()
+
+
+def _ordered_results(
+    batches: Iterator[list[str]], dtype: np.dtype, tok: Tokenizer, workers: int
+) -> Iterator[list[Processed]]:
+    """Processed batches in input order, with a bounded number in flight."""
+    global _worker_tokenizer
+    if workers <= 1:
+        _worker_tokenizer = tok
+        for batch in batches:
+            yield process_batch(batch, dtype.str)
+        return
+    # spawn: a clean interpreter per worker, safe whatever threads the parent has started.
+    ctx = get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok.path), tok.sha256)) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.apply_async(process_batch, (batch, dtype.str)))
+            if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def prepare_corpus(
+    out_dir: str | Path,
+    tokenizer: str | Path | Tokenizer,
+    inputs: Sequence[str | Path] = (),
+    *,
+    dataset: str | None = None,
+    split: str = "train",
+    text_field: str = "text",
+    doc_per_line: bool = False,
+    valid_fraction: float = 0.01,
+    workers: int = 1,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Prepare shards in `out_dir` and return the manifest (also written as manifest.json)."""
+    if not 0.0 <= valid_fraction < 1.0:
+        raise InputError(f"--valid-fraction must be in [0, 1), not {valid_fraction}")
+    if shard_tokens <= 0:
+        raise InputError(f"--shard-tokens must be positive, not {shard_tokens}")
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+    dtype = dtype_for_vocab(tok.vocab_size)
+    stats = ReadStats()
+    docs = iter_documents(
+        inputs,
+        stats,
+        text_field=text_field,
+        doc_per_line=doc_per_line,
+        dataset=dataset,
+        split=split,
+    )
+    # Read the first document before touching the output: a bad path must not wipe old shards.
+    first = next(docs, None)
+    chained: Iterator[str] = iter(()) if first is None else _prepend(first, docs)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _clear_previous(out)
+    writers = {s: _SplitWriter(out, s, dtype, shard_tokens) for s in SPLITS}
+    seen: set[bytes] = set()
+    empty = duplicate = 0
+    bar = tqdm(desc="tokenizing", unit="doc", disable=not progress)
+    try:
+        for results in _ordered_results(_batched(chained, BATCH_DOCS), dtype, tok, workers):
+            for digest, ids in results:
+                if digest is None or len(ids) == 0:
+                    empty += 1
+                elif digest in seen:
+                    duplicate += 1
+                else:
+                    seen.add(digest)
+                    writers["valid" if is_valid(digest, valid_fraction) else "train"].add(ids)
+            bar.update(len(results))
+    finally:
+        bar.close()
+        split_entries = {s: w.close() for s, w in writers.items()}
+
+    kept = sum(e["num_docs"] for e in split_entries.values())
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tokenizer": {"sha256": tok.sha256, "vocab_size": tok.vocab_size, **tok.special_ids},
+        "dtype": dtype.name,
+        "valid_fraction": valid_fraction,
+        "cleaning": {
+            "unicode": "NFKC",
+            "control_characters": "removed",
+            "whitespace": "each run collapsed to one space, ends stripped",
+            "dedup": "exact, blake2b-128 of the cleaned text, first occurrence kept",
+            "valid_split": "first 8 bytes of that hash, big-endian, / 2**64 < valid_fraction",
+            "separators": "none; documents are concatenated, offsets in docs_*.npy",
+        },
+        "reader": {"text_field": text_field, "doc_per_line": doc_per_line},
+        "inputs": [str(p) for p in inputs],
+        "dataset": None if dataset is None else {"name": dataset, "split": split},
+        "splits": split_entries,
+        "totals": {
+            "documents_read": stats.documents,
+            "documents_kept": kept,
+            "num_tokens": sum(e["num_tokens"] for e in split_entries.values()),
+            "files_read": stats.files,
+        },
+        "dropped": {
+            "empty": empty,
+            "duplicate": duplicate,
+            "binary_files": stats.binary_files,
+            "undecodable_files": stats.undecodable_files,
+            "bad_records": stats.bad_records,
+        },
+        "skipped_files": stats.skipped_files,
+    }
+    # Written last: a corpus directory without a manifest is an interrupted run.
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _prepend(first: str, rest: Iterator[str]) -> Iterator[str]:
+    yield first
+    yield from rest
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.corpus",
+        description="Clean, deduplicate and tokenize text into train/valid token shards.",
+    )
+    parser.add_argument("--input", nargs="+", default=[], help="text/jsonl/parquet files or dirs")
+    parser.add_argument("--dataset", default=None, help="a `datasets` name or saved dataset dir")
+    parser.add_argument("--split", default="train", help="dataset split to read (default: train)")
+    parser.add_argument("--text-field", default="text", help="jsonl/parquet/dataset text field")
+    parser.add_argument(
+        "--doc-per-line",
+        action="store_true",
+        help="plain text: one document per line (default: per blank-line-separated block)",
+    )
+    parser.add_argument("--tokenizer", required=True, type=Path, help="tokenizer directory")
+    parser.add_argument("--out", required=True, type=Path, help="output corpus directory")
+    parser.add_argument("--valid-fraction", type=float, default=0.01)
+    parser.add_argument(
+        "--workers", type=int, default=None, help="tokenizer processes (default: all cores)"
+    )
+    parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    if not args.input and not args.dataset:
+        parser.error("give --input FILES_OR_DIRS and/or --dataset NAME_OR_PATH")
+    if args.workers is None:
+        args.workers = os.cpu_count() or 1
+    if args.workers < 1:
+        raise SystemExit("error: --workers must be at least 1")
+    if args.out.exists() and not args.out.is_dir():
+        raise SystemExit(f"error: --out {args.out} exists and is not a directory")
+    start = time.perf_counter()
+    try:
+        m = prepare_corpus(
+            args.out,
+            args.tokenizer,
+            args.input,
+            dataset=args.dataset,
+            split=args.split,
+            text_field=args.text_field,
+            doc_per_line=args.doc_per_line,
+            valid_fraction=args.valid_fraction,
+            workers=args.workers,
+            shard_tokens=args.shard_tokens,
+            progress=not args.quiet,
+        )
+    except (InputError, TokenizerError, ShardError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    except OSError as exc:
+        raise SystemExit(f"error: {exc.strerror or exc} ({exc.filename or args.out})") from None
+    seconds = time.perf_counter() - start
+    d, sp = m["dropped"], m["splits"]
+    if m["skipped_files"]:
+        shown = ", ".join(m["skipped_files"][:3]) + (" ..." if len(m["skipped_files"]) > 3 else "")
+        print(
+            f"warning: skipped {d['binary_files']} binary and {d['undecodable_files']} "
+            f"undecodable file(s): {shown}",
+            file=sys.stderr,
+        )
+    if m["totals"]["documents_kept"] == 0:
+        print("warning: no documents kept; check the inputs and --text-field", file=sys.stderr)
+    elif m["valid_fraction"] > 0 and sp["valid"]["num_docs"] == 0:
+        print("warning: the valid split is empty; raise --valid-fraction", file=sys.stderr)
+    print(
+        f"{m['totals']['documents_read']} documents read; kept train {sp['train']['num_docs']} "
+        f"docs / {sp['train']['num_tokens']} tokens, valid {sp['valid']['num_docs']} docs / "
+        f"{sp['valid']['num_tokens']} tokens ({m['dtype']}); dropped {d['empty']} empty, "
+        f"{d['duplicate']} duplicate, {d['bad_records']} bad records; {seconds:.1f} s -> {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""Read raw documents from files, directories or a `datasets` source, and clean their text.
+
+Shared by tokenizer training and corpus preparation so both see exactly the same documents
+and the same normalisation: the tokenizer's vocabulary is learnt on the text the model will be
+fed. Inputs are visited in a fixed order (arguments in order, directory contents sorted), so
+every run over the same inputs yields the same document sequence.
+
+Bad inputs a user can cause are handled at this boundary: a missing path raises `InputError`
+with one line saying what to do; binary or undecodable files and malformed records are skipped
+and counted in `ReadStats`, never fatal, because real crawls always contain a few.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import io
+import json
+import re
+import unicodedata
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+
+class InputError(ValueError):
+    """A problem with the user's input (path, format, field name) -- reported in one line."""
+
+
+@dataclass
+class ReadStats:
+    files: int = 0
+    documents: int = 0
+    binary_files: int = 0
+    undecodable_files: int = 0
+    bad_records: int = 0  # jsonl lines that are not JSON objects or lack the text field
+    skipped_files: list[str] = field(default_factory=list)  # binary or undecodable, in order
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+# Metadata this package writes next to data; skipped when walking a directory so that pointing
+# --input at a corpus directory reads only the corpus.
+OWN_METADATA = frozenset(
+    {"SOURCES.md", "sources.json", "manifest.json", "special_tokens.json", "training.json"}
+)
+# Sniff this many leading bytes for NUL, the cheap and reliable mark of a binary file.
+_SNIFF_BYTES = 8192
+
+# Control characters other than whitespace carry no text; removing them keeps them from
+# turning into [UNK] tokens. U+FEFF is the byte-order mark some editors prepend.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x84\x86-\x9f\ufeff]")
+
+
+def clean_text(text: str) -> str:
+    """Canonical form of a document: NFKC, control characters dropped, whitespace collapsed.
+
+    NFKC folds compatibility variants (ligatures, full-width forms, superscripts) into their
+    plain letters so the vocabulary is not spent on them; collapsing every whitespace run to one
+    space matches what the tokenizer does anyway and makes duplicate detection robust to
+    re-wrapping.
+    """
+    text = unicodedata.normalize("NFKC", text)
+    text = _CONTROL.sub("", text)
+    return " ".join(text.split())
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files named by `inputs`: directories walked recursively in sorted order, skipping hidden
+    files and our own metadata (OWN_METADATA); files named explicitly are always kept."""
+    if not inputs:
+        raise InputError("no input given; pass --input FILE_OR_DIR ... or --dataset NAME_OR_PATH")
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if not path.exists():
+            raise InputError(f"input not found: {path} (check the path passed to --input)")
+        if path.is_dir():
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.name not in OWN_METADATA
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            files.extend(found)
+        else:
+            files.append(path)
+    return files
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    # Callers use the result in a with-statement.
+    if path.suffix.lower() == ".gz":
+        return gzip.GzipFile(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")
+
+
+def _base_suffix(path: Path) -> str:
+    """Suffix ignoring a trailing .gz, lower-cased: data.jsonl.gz -> .jsonl."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def _check_utf8_text(path: Path, stats: ReadStats) -> bool:
+    """True when the file is UTF-8 text; binary and undecodable files are counted and skipped.
+
+    Validated in a first streaming pass so a file is either used whole or not at all, without
+    holding multi-GB inputs in memory.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with _open_binary(path) as fh:
+            head = fh.read(_SNIFF_BYTES)
+            if b"\x00" in head:
+                stats.binary_files += 1
+                stats.skipped_files.append(str(path))
+                return False
+            chunk = head
+            while chunk:
+                decoder.decode(chunk)
+                chunk = fh.read(1 << 20)
+            decoder.decode(b"", final=True)
+    except (UnicodeDecodeError, OSError, EOFError, zlib.error):
+        # A truncated gzip or unreadable file is as unusable as an undecodable one.
+        stats.undecodable_files += 1
+        stats.skipped_files.append(str(path))
+        return False
+    return True
+
+
+def _iter_lines(path: Path) -> Iterator[str]:
+    with _open_binary(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline=None) as fh:
+        for line in fh:
+            yield line.rstrip("\n")
+
+
+def iter_text_file(path: Path, stats: ReadStats, doc_per_line: bool = False) -> Iterator[str]:
+    """Plain text: one document per blank-line-separated block, or per line."""
+    if not _check_utf8_text(path, stats):
+        return
+    stats.files += 1
+    block: list[str] = []
+    for line in _iter_lines(path):
+        if doc_per_line:
+            # Blank lines separate nothing in this mode; they are not documents.
+            if line.strip():
+                stats.documents += 1
+                yield line
+        elif line.strip():
+            block.append(line)
+        elif block:
+            stats.documents += 1
+            yield "\n".join(block)
+            block = []
+    if block:
+        stats.documents += 1
+        yield "\n".join(block)
+
+
+def iter_jsonl_file(path: Path, stats: ReadStats, text_field: str = "text") -> Iterator[str]:
+    if not _check_utf8_text(path, stats):
+        return
+    stats.files += 1
+    for line in _iter_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            stats.bad_records += 1
+            continue
+        value = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(value, str):
+            stats.bad_records += 1
+            continue
+        stats.documents += 1
+        yield value
+
+
+def iter_parquet_file(path: Path, stats: ReadStats, text_field: str = "text") -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException):
+        stats.undecodable_files += 1
+        stats.skipped_files.append(str(path))
+        return
+    if text_field not in pf.schema_arrow.names:
+        raise InputError(
+            f"{path}: no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); "
+            "pass --text-field"
+        )
+    stats.files += 1
+    # Batches keep memory flat on multi-GB files.
+    for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
+        for value in batch.column(0).to_pylist():
+            if not isinstance(value, str):
+                stats.bad_records += 1
+                continue
+            stats.documents += 1
+            yield value
+
+
+def iter_file_documents(
+    path: Path, stats: ReadStats, text_field: str = "text", doc_per_line: bool = False
+) -> Iterator[str]:
+    suffix = _base_suffix(path)
+    if suffix in JSONL_SUFFIXES:
+        yield from iter_jsonl_file(path, stats, text_field)
+    elif suffix in PARQUET_SUFFIXES:
+        yield from iter_parquet_file(path, stats, text_field)
+    else:
+        yield from iter_text_file(path, stats, doc_per_line)
+
+
+def open_dataset(name_or_path: str, split: str = "train", text_field: str = "text") -> Any:
+    """A `datasets` source: a saved dataset directory, or anything `load_dataset` accepts.
+
+    Loaded eagerly (streaming where possible) so that a wrong name, split or field is reported
+    before any work starts.
+    """
+    import datasets
+
+    path = Path(name_or_path)
+    try:
+        if path.is_dir() and (
+            (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+        ):
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(name_or_path, split=split, streaming=True)
+    except Exception as exc:  # datasets raises many types; all mean "cannot use this source"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise InputError(
+            f"cannot load dataset {name_or_path!r} split {split!r}: {type(exc).__name__}: "
+            f"{first} (a hub name needs the network or a local cache; a path must exist)"
+        ) from None
+    names = getattr(ds, "column_names", None)
+    if names is not None and text_field not in names:
+        raise InputError(
+            f"dataset {name_or_path!r} has no field {text_field!r} (fields: {', '.join(names)}); "
+            "pass --text-field"
+        )
+    return ds
+
+
+def iter_dataset_documents(ds: Any, stats: ReadStats, text_field: str = "text") -> Iterator[str]:
+    stats.files += 1
+    for record in ds:
+        value = record.get(text_field)
+        if not isinstance(value, str):
+            stats.bad_records += 1
+            continue
+        stats.documents += 1
+        yield value
+
+
+def iter_documents(
+    inputs: Sequence[str | Path] = (),
+    stats: ReadStats | None = None,
+    text_field: str = "text",
+    doc_per_line: bool = False,
+    dataset: str | None = None,
+    split: str = "train",
+) -> Iterator[str]:
+    """Raw documents of all inputs in a fixed order: files first (as given), then the dataset.
+
+    Paths are checked here, before anything is read, so a typo fails at once and in one line.
+    """
+    stats = stats if stats is not None else ReadStats()
+    files = expand_inputs(inputs) if inputs or dataset is None else []
+    ds = open_dataset(dataset, split, text_field) if dataset is not None else None
+    return _iter_all(files, stats, text_field, doc_per_line, ds)
+
+
+def _iter_all(
+    files: list[Path],
+    stats: ReadStats,
+    text_field: str,
+    doc_per_line: bool,
+    ds: Any,
+) -> Iterator[str]:
+    for path in files:
+        yield from iter_file_documents(path, stats, text_field, doc_per_line)
+    if ds is not None:
+        yield from iter_dataset_documents(ds, stats, text_field)

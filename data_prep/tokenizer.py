@@ -1,0 +1,471 @@
+"""Train a SentencePiece tokenizer whose ids agree with Hugging Face's DeBERTa-v2/v3 tokenizer.
+
+A DeBERTa checkpoint is only useful if `transformers` tokenizes text into the same ids the model
+was pretrained on. Three findings, measured against transformers 5.24 (`DebertaV2Tokenizer` and
+`AutoTokenizer`, which in 5.x are the same tokenizers-backed class, built by converting
+`spm.model`), shape this module:
+
+1. Special ids. transformers looks `[PAD] [CLS] [SEP] [UNK] [MASK]` up in the SentencePiece
+   vocabulary and appends any it cannot find as new ids. So the model is trained with
+   pad/bos/eos/unk = 0/1/2/3 renamed to `[PAD] [CLS] [SEP] [UNK]`, and `[MASK]` as a *control*
+   symbol, which lands at id 4. Measured alternatives, on a 2000-piece model:
+   - `[MASK]` as a user-defined symbol also gets id 4, but then SentencePiece itself matches the
+     literal text "[MASK]" and emits an extra "▁" piece before it (`"a [MASK] token"` gives
+     `▁a ▁ [MASK] ▁token` here and `▁a [MASK] ▁token` in transformers);
+   - `[MASK]` left out of the model (the original DeBERTa-v3 layout) makes transformers append
+     it as id 2000 = piece count, so the embedding table needs piece count + 1 rows and
+     SentencePiece cannot decode that id.
+   As a control symbol `[MASK]` is in the vocabulary (len(tokenizer) == piece count, mask id 4
+   in both HF classes) and SentencePiece never produces it from text.
+2. Normalisation. transformers 5.x ignores the normaliser stored in `spm.model`: its DeBERTa-v2
+   tokenizer always replaces whitespace runs (and any tab/newline) by one space, applies NFC and
+   strips the right end. A model trained with SentencePiece's default `nmt_nfkc` rule therefore
+   disagrees on compatibility characters ("ﬁ", full-width digits, zero-width space). We train
+   with the `identity` rule and apply transformers' exact normalisation in `Tokenizer.encode`;
+   on 3,000 random strings mixing tabs, newlines, NBSP, ideographic spaces, decomposed accents,
+   ligatures, CJK and emoji, ours and both HF classes gave identical ids for every one, and on
+   1,999 of 2,000 default-corpus documents. The one left is an exact Viterbi tie ("666" as
+   6+66 or 66+6, equal scores) that the two implementations break differently; no vocabulary
+   change can remove such ties, so about one document in two thousand differs by a swap.
+   (The corpus itself is NFKC-cleaned before tokenizing, see `sources.clean_text`, so training
+   data never contains the characters on which NFC and NFKC differ.)
+3. Model type. transformers always rebuilds a Unigram model without byte fallback. A `bpe`
+   model or `--byte-fallback` still trains and works with this package, but transformers'
+   ids differ (on 20 of the 3,000 strings for bpe, on 2,792 with byte fallback), so both warn.
+
+Literal special-token text ("[CLS]", "[MASK]" inside a document) is encoded as ordinary
+characters here, while transformers (whose Unigram vocabulary holds those strings) maps it to
+the special ids even with `split_special_tokens=True`. We keep it so on purpose: no document can
+plant a real separator or mask in the pretraining data.
+
+Outputs in `--out DIR`: `spm.model`; `tokenizer_config.json` and `special_tokens_map.json` for
+transformers; `special_tokens.json` with our ids, vocab size and the model's sha256 (what the
+data pipeline reads); `training.json` with the settings and input statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import random
+import re
+import sys
+import time
+import unicodedata
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+from tqdm import tqdm
+
+from data_prep.sources import InputError, ReadStats, clean_text, iter_documents
+
+MODEL_FILE = "spm.model"
+SPECIAL_TOKENS_FILE = "special_tokens.json"
+PAD, CLS, SEP, UNK, MASK = "[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"
+PAD_ID, CLS_ID, SEP_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 4
+SPECIAL_PIECES = (PAD, CLS, SEP, UNK, MASK)
+WORD_START = "\u2581"  # SentencePiece's "▁", marking a piece that begins a word
+
+# Unicode White_Space, the set Rust's regex `\s` matches in transformers' normaliser. Python's
+# `\s` also matches U+001C..U+001F, which would make us disagree on those characters.
+_WS = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_WS_RUN = re.compile(f"[{_WS}]{{2,}}|[\n\r\t]")
+_WS_CHARS = "".join(ch for ch in map(chr, range(0x3001)) if re.fullmatch(f"[{_WS}]", ch))
+# SentencePiece rejects longer "sentences"; long lines are cut at spaces below this size.
+_MAX_SENTENCE_CHARS = 4000
+
+
+class TokenizerError(ValueError):
+    """A tokenizer directory that is missing, incomplete or inconsistent."""
+
+
+def hf_normalize(text: str) -> str:
+    """transformers 5.x DebertaV2Tokenizer's normaliser: whitespace runs -> " ", NFC, rstrip."""
+    text = _WS_RUN.sub(" ", text)
+    text = unicodedata.normalize("NFC", text)
+    return text.rstrip(_WS_CHARS)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _model_path(path: str | Path) -> Path:
+    p = Path(path)
+    return p / MODEL_FILE if p.is_dir() else p
+
+
+class Tokenizer:
+    """A trained SentencePiece model with our special ids; encodes like transformers does."""
+
+    def __init__(self, model_path: str | Path) -> None:
+        self.path = _model_path(model_path)
+        if not self.path.is_file():
+            raise TokenizerError(
+                f"no SentencePiece model at {self.path}; "
+                "train one with python -m data_prep.tokenizer"
+            )
+        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        self.sha256 = sha256_file(self.path)
+        self.vocab_size: int = self.sp.get_piece_size()
+        self.pad_id, self.cls_id, self.sep_id, self.unk_id, self.mask_id = (
+            PAD_ID,
+            CLS_ID,
+            SEP_ID,
+            UNK_ID,
+            MASK_ID,
+        )
+        found = [self.sp.id_to_piece(i) for i in range(min(len(SPECIAL_PIECES), self.vocab_size))]
+        if tuple(found) != SPECIAL_PIECES:
+            raise TokenizerError(
+                f"{self.path} does not hold {' '.join(SPECIAL_PIECES)} as ids 0-4 (found "
+                f"{' '.join(found)}); it was not trained by data_prep.tokenizer"
+            )
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        return {
+            "pad_id": self.pad_id,
+            "cls_id": self.cls_id,
+            "sep_id": self.sep_id,
+            "unk_id": self.unk_id,
+            "mask_id": self.mask_id,
+        }
+
+    def encode(self, text: str) -> list[int]:
+        """Ids without [CLS]/[SEP] (packing adds those), identical to transformers' ids."""
+        return self.sp.encode(hf_normalize(text))
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
+        return self.sp.encode([hf_normalize(t) for t in texts], num_threads=num_threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, "
+            f"sha256={self.sha256[:12]})"
+        )
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """Load `DIR/spm.model`, checking it against `DIR/special_tokens.json` when present."""
+    d = Path(directory)
+    if not d.exists():
+        raise TokenizerError(f"tokenizer directory not found: {d}")
+    tok = Tokenizer(d)
+    meta_path = (d if d.is_dir() else d.parent) / SPECIAL_TOKENS_FILE
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("sha256") not in (None, tok.sha256):
+            raise TokenizerError(
+                f"{meta_path} was written for a different spm.model (sha256 {meta['sha256'][:12]} "
+                f"vs {tok.sha256[:12]}); retrain the tokenizer or restore its model file"
+            )
+        expected = {**tok.special_ids, "vocab_size": tok.vocab_size}
+        wrong = {k: meta[k] for k in expected if k in meta and meta[k] != expected[k]}
+        if wrong:
+            raise TokenizerError(f"{meta_path} disagrees with {tok.path}: {wrong} vs {expected}")
+    return tok
+
+
+def word_start_table(sp_model_path: str | Path) -> np.ndarray:
+    """Boolean per id: True where the piece begins a word (starts with "▁").
+
+    Control pieces ([PAD] [CLS] [SEP] [MASK]) are also marked True so that whole-word masking
+    never glues a special token onto the word before it. [UNK] and byte pieces are False: they
+    continue the word they sit in.
+    """
+    sp = spm.SentencePieceProcessor(model_file=str(_model_path(sp_model_path)))
+    table = np.zeros(sp.get_piece_size(), dtype=bool)
+    for i in range(sp.get_piece_size()):
+        table[i] = sp.id_to_piece(i).startswith(WORD_START) or sp.is_control(i)
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class TrainResult:
+    tokenizer: Tokenizer
+    sentences: int
+    sentences_seen: int
+    seconds: float
+    read_stats: ReadStats
+
+
+def _sentences(doc: str) -> Iterator[str]:
+    """Training sentences of one raw document: its cleaned lines, long ones cut at spaces."""
+    for line in doc.splitlines():
+        line = clean_text(line)
+        while len(line) > _MAX_SENTENCE_CHARS:
+            cut = line.rfind(" ", 0, _MAX_SENTENCE_CHARS)
+            cut = cut if cut > 0 else _MAX_SENTENCE_CHARS
+            yield line[:cut]
+            line = line[cut:].lstrip()
+        if line:
+            yield line
+
+
+def _sample(sentences: Iterator[str], limit: int | None, seed: int) -> tuple[list[str], int]:
+    """Keep at most `limit` sentences: a seeded reservoir sample, in input order."""
+    if limit is None:
+        kept = list(sentences)
+        return kept, len(kept)
+    rng = random.Random(seed)
+    reservoir: list[tuple[int, str]] = []
+    seen = 0
+    for i, s in enumerate(sentences):
+        seen += 1
+        if i < limit:
+            reservoir.append((i, s))
+        else:
+            j = rng.randrange(i + 1)
+            if j < limit:
+                reservoir[j] = (i, s)
+    reservoir.sort()
+    return [s for _, s in reservoir], seen
+
+
+def hf_compatibility_warnings(model_type: str, byte_fallback: bool) -> list[str]:
+    out = []
+    if model_type != "unigram":
+        out.append(
+            f"model type {model_type!r}: transformers' DebertaV2Tokenizer rebuilds every model as "
+            "Unigram, so its ids will differ from ours on some words"
+        )
+    if byte_fallback:
+        out.append(
+            "byte fallback: transformers' DebertaV2Tokenizer has none, so its ids differ "
+            "wherever this model falls back to byte pieces"
+        )
+    return out
+
+
+def train_tokenizer(
+    out_dir: str | Path,
+    inputs: Sequence[str | Path] = (),
+    *,
+    vocab_size: int = 8000,
+    model_type: str = "unigram",
+    character_coverage: float = 0.9995,
+    byte_fallback: bool = False,
+    max_sentences: int | None = 2_000_000,
+    dataset: str | None = None,
+    split: str = "train",
+    text_field: str = "text",
+    doc_per_line: bool = False,
+    num_threads: int = 2,
+    seed: int = 0,
+    model_max_length: int = 512,
+    progress: bool = True,
+) -> TrainResult:
+    """Train on the inputs and write a transformers-compatible tokenizer directory.
+
+    Same inputs and settings (num_threads included) give a byte-identical `spm.model`.
+    """
+    if model_type not in ("unigram", "bpe"):
+        raise InputError(f"--model-type must be unigram or bpe, not {model_type!r}")
+    if vocab_size <= len(SPECIAL_PIECES) + 1:
+        raise InputError(f"--vocab-size {vocab_size} is too small")
+    for msg in hf_compatibility_warnings(model_type, byte_fallback):
+        warnings.warn(msg, stacklevel=2)
+    start = time.perf_counter()
+    stats = ReadStats()
+    docs = iter_documents(
+        inputs,
+        stats,
+        text_field=text_field,
+        doc_per_line=doc_per_line,
+        dataset=dataset,
+        split=split,
+    )
+    docs = tqdm(docs, desc="reading", unit="doc", disable=not progress)
+    sentences, seen = _sample((s for d in docs for s in _sentences(d)), max_sentences, seed)
+    if not sentences:
+        raise InputError("the inputs hold no text to train on (all files empty, binary or skipped)")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_writer=model,
+            model_type=model_type,
+            vocab_size=vocab_size,
+            character_coverage=character_coverage,
+            byte_fallback=byte_fallback,
+            pad_id=PAD_ID,
+            bos_id=CLS_ID,
+            eos_id=SEP_ID,
+            unk_id=UNK_ID,
+            pad_piece=PAD,
+            bos_piece=CLS,
+            eos_piece=SEP,
+            unk_piece=UNK,
+            control_symbols=[MASK],
+            # transformers ignores the model's normaliser (see the module docstring); the
+            # identity rule makes SentencePiece add nothing to what Tokenizer.encode does.
+            normalization_rule_name="identity",
+            max_sentence_length=4 * _MAX_SENTENCE_CHARS + 16,
+            num_threads=num_threads,
+            minloglevel=2,
+        )
+    except RuntimeError as exc:
+        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"SentencePiece training failed: {msg} (too little text for --vocab-size "
+            f"{vocab_size}? use a smaller vocabulary or more input)"
+        ) from None
+    model_path = out / MODEL_FILE
+    model_path.write_bytes(model.getvalue())
+    tok = Tokenizer(model_path)
+    _write_hf_files(out, tok, model_max_length)
+    seconds = time.perf_counter() - start
+    info = {
+        "model_type": model_type,
+        "vocab_size": vocab_size,
+        "character_coverage": character_coverage,
+        "byte_fallback": byte_fallback,
+        "max_sentences": max_sentences,
+        "sentences_used": len(sentences),
+        "sentences_seen": seen,
+        "seed": seed,
+        "num_threads": num_threads,
+        "inputs": [str(p) for p in inputs],
+        "dataset": dataset,
+        "split": split if dataset else None,
+        "text_field": text_field,
+        "read": stats.as_dict(),
+        "seconds": round(seconds, 2),
+        "sha256": tok.sha256,
+    }
+    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    return TrainResult(tok, len(sentences), seen, seconds, stats)
+
+
+def _write_hf_files(out: Path, tok: Tokenizer, model_max_length: int) -> None:
+    special_map = {
+        "bos_token": CLS,
+        "eos_token": SEP,
+        "unk_token": UNK,
+        "sep_token": SEP,
+        "pad_token": PAD,
+        "cls_token": CLS,
+        "mask_token": MASK,
+    }
+    config = {
+        "tokenizer_class": "DebertaV2Tokenizer",
+        "do_lower_case": False,
+        "split_by_punct": False,
+        "vocab_type": "spm",
+        "model_max_length": model_max_length,
+        **special_map,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
+    ours = {
+        **tok.special_ids,
+        "vocab_size": tok.vocab_size,
+        "sha256": tok.sha256,
+        "model_file": MODEL_FILE,
+        "normalization": "whitespace runs -> ' ', NFC, strip right (transformers DebertaV2)",
+    }
+    (out / SPECIAL_TOKENS_FILE).write_text(json.dumps(ours, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.tokenizer",
+        description="Train a SentencePiece tokenizer with DeBERTa special ids "
+        "([PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3 [MASK]=4) that transformers loads with identical ids.",
+    )
+    parser.add_argument("--input", nargs="+", default=[], help="text/jsonl/parquet files or dirs")
+    parser.add_argument("--dataset", default=None, help="a `datasets` name or saved dataset dir")
+    parser.add_argument("--split", default="train", help="dataset split (default: train)")
+    parser.add_argument("--text-field", default="text", help="jsonl/parquet/dataset text field")
+    parser.add_argument(
+        "--doc-per-line", action="store_true", help="plain text: one document per line"
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output tokenizer directory")
+    parser.add_argument("--vocab-size", type=int, default=8000)
+    parser.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
+    parser.add_argument("--character-coverage", type=float, default=0.9995)
+    parser.add_argument("--byte-fallback", action="store_true")
+    parser.add_argument(
+        "--max-sentences",
+        type=int,
+        default=2_000_000,
+        help="train on a seeded sample of at most this many lines (0: all)",
+    )
+    parser.add_argument("--threads", type=int, default=2, help="SentencePiece trainer threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model-max-length", type=int, default=512)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    if not args.input and not args.dataset:
+        parser.error("give --input FILES_OR_DIRS and/or --dataset NAME_OR_PATH")
+    if args.out.exists() and not args.out.is_dir():
+        raise SystemExit(f"error: --out {args.out} exists and is not a directory")
+    if not 0 < args.character_coverage <= 1:
+        raise SystemExit("error: --character-coverage must be in (0, 1]")
+    for msg in hf_compatibility_warnings(args.model_type, args.byte_fallback):
+        print(f"warning: {msg}", file=sys.stderr)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # already printed above, once and plainly
+            result = train_tokenizer(
+                args.out,
+                args.input,
+                vocab_size=args.vocab_size,
+                model_type=args.model_type,
+                character_coverage=args.character_coverage,
+                byte_fallback=args.byte_fallback,
+                max_sentences=args.max_sentences or None,
+                dataset=args.dataset,
+                split=args.split,
+                text_field=args.text_field,
+                doc_per_line=args.doc_per_line,
+                num_threads=args.threads,
+                seed=args.seed,
+                model_max_length=args.model_max_length,
+                progress=not args.quiet,
+            )
+    except (InputError, TokenizerError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    s = result.read_stats
+    skipped = s.binary_files + s.undecodable_files
+    print(
+        f"trained {result.tokenizer.vocab_size}-piece {args.model_type} tokenizer on "
+        f"{result.sentences} of {result.sentences_seen} lines from {s.documents} documents "
+        f"({s.files} file(s) read, {skipped} skipped as binary/undecodable, {s.bad_records} bad "
+        f"records) in {result.seconds:.1f} s -> {args.out} (sha256 {result.tokenizer.sha256[:12]})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Corpus preparation and the shard reader: cleaning counts, determinism, stable split, round trip.
+
+Expected token ids come from the tokenizer applied to the cleaned text of each document we
+wrote into the inputs, computed here independently of the pipeline's batching and hashing.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep.corpus import prepare_corpus
+from data_prep.default_corpus import build_default_corpus
+from data_prep.shards import ShardError, dtype_for_vocab, open_shards
+from data_prep.sources import clean_text
+from data_prep.tokenizer import load_tokenizer, train_tokenizer
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def _run(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    text = tmp_path_factory.mktemp("text")
+    build_default_corpus(text, packages=[], workers=1, max_mb=0.25, progress=False)
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(out, [text], vocab_size=300, progress=False)
+    return out
+
+
+# Paragraphs written into the text input; index 2 repeats index 0 after re-wrapping and extra
+# spaces, which cleaning makes an exact duplicate.
+PARAGRAPHS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Return a new list containing\nall items from the iterable in ascending order.",
+    "The  quick brown fox\n   jumps over the lazy dog.  ",
+    "ﬁle names with ligatures and ｆｕｌｌ-width letters are folded by NFKC.",
+    "Numbers 1, 22, 333 and 4444 appear here; so do émigré and naïve.",
+]
+JSONL = [
+    {"text": "A record from a jsonl file with a text field."},
+    {"text": "   \n\t  "},  # empty after cleaning
+    {"body": "no text field"},  # bad record
+    {"text": "Return a new list containing all items from the iterable in ascending order."},
+    {"text": "Another distinct record, written as jsonl."},
+]
+
+
+@pytest.fixture(scope="module")
+def raw_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("raw")
+    (d / "a_text.txt").write_text("\n\n".join(PARAGRAPHS) + "\n")
+    lines = [json.dumps(r) for r in JSONL] + ["{not json"]
+    (d / "b_records.jsonl").write_text("\n".join(lines) + "\n")
+    with gzip.open(d / "c_more.jsonl.gz", "wt") as fh:
+        fh.write(json.dumps({"text": "Compressed input is read the same way."}) + "\n")
+    (d / "d_image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    (d / "e_latin1.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e".encode("latin-1"))
+    return d
+
+
+def _expected_docs(tok_dir: Path) -> list[list[int]]:
+    """Unique, non-empty cleaned documents of raw_dir in input order, tokenized."""
+    tok = load_tokenizer(tok_dir)
+    raw = [
+        *PARAGRAPHS,
+        *[r["text"] for r in JSONL if "text" in r],
+        "Compressed input is read the same way.",
+    ]
+    seen: list[str] = []
+    for text in map(clean_text, raw):
+        if text and text not in seen:
+            seen.append(text)
+    return [tok.encode(t) for t in seen]
+
+
+def test_counts_and_round_trip(raw_dir: Path, tok_dir: Path, tmp_path: Path) -> None:
+    m = prepare_corpus(tmp_path, tok_dir, [raw_dir], valid_fraction=0.3, progress=False)
+    assert m["dropped"] == {
+        "empty": 1,
+        "duplicate": 2,  # paragraph 2 and the jsonl copy of paragraph 1
+        "binary_files": 1,
+        "undecodable_files": 1,
+        "bad_records": 2,
+    }
+    assert [Path(p).name for p in m["skipped_files"]] == ["d_image.png", "e_latin1.txt"]
+    assert m["dtype"] == "uint16" and m["tokenizer"]["sha256"] == load_tokenizer(tok_dir).sha256
+
+    train, valid = open_shards(tmp_path, "train"), open_shards(tmp_path, "valid")
+    got = {"train": [d.tolist() for d in train], "valid": [d.tolist() for d in valid]}
+    assert got["train"] == [train.doc(i).tolist() for i in range(train.num_docs)]
+    expected = _expected_docs(tok_dir)
+    # Each split keeps input order; together they hold every unique document exactly once.
+    assert sorted(got["train"] + got["valid"]) == sorted(expected)
+    for split in ("train", "valid"):
+        assert got[split] == [d for d in expected if d in got[split]]
+    assert train.num_tokens + valid.num_tokens == sum(map(len, expected))
+    assert m["totals"]["documents_kept"] == len(expected)
+    # No separators were added: special ids never appear.
+    assert not {0, 1, 2, 4} & {i for d in expected for i in d}
+
+
+def test_byte_identical_across_runs_and_workers(
+    raw_dir: Path, tok_dir: Path, tmp_path: Path
+) -> None:
+    outs = []
+    for name, workers in (("w1", 1), ("w1_again", 1), ("w2", 2)):
+        prepare_corpus(tmp_path / name, tok_dir, [raw_dir], workers=workers, progress=False)
+        outs.append(_files(tmp_path / name))
+    assert outs[0] == outs[1] == outs[2]
+    assert "train/tokens_00000.bin" in outs[0] and "manifest.json" in outs[0]
+
+
+def _many_docs(n: int, offset: int = 0) -> list[str]:
+    return [f"Document number {i + offset} talks about item {i * 7 % 13}." for i in range(n)]
+
+
+def test_valid_split_is_stable_and_sized(tok_dir: Path, tmp_path: Path) -> None:
+    docs = _many_docs(600)
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("\n".join(docs) + "\n")
+    # Reordered and with more documents: shared documents must keep their split.
+    b.write_text("\n".join(list(reversed(docs)) + _many_docs(300, offset=600)) + "\n")
+    prepare_corpus(
+        tmp_path / "A", tok_dir, [a], doc_per_line=True, valid_fraction=0.1, progress=False
+    )
+    prepare_corpus(
+        tmp_path / "B", tok_dir, [b], doc_per_line=True, valid_fraction=0.1, progress=False
+    )
+    tok = load_tokenizer(tok_dir)
+    shared = {tuple(tok.encode(d)) for d in docs}
+    for split in ("train", "valid"):
+        in_a = {tuple(d.tolist()) for d in open_shards(tmp_path / "A", split)}
+        in_b = {tuple(d.tolist()) for d in open_shards(tmp_path / "B", split)}
+        assert in_a == in_b & shared
+    n_valid = open_shards(tmp_path / "A", "valid").num_docs
+    assert 30 <= n_valid <= 90  # 10% of 600, within about 3.5 standard deviations
+
+
+def test_shards_roll_over_without_splitting_documents(tok_dir: Path, tmp_path: Path) -> None:
+    src = tmp_path / "docs.txt"
+    src.write_text("\n".join(_many_docs(200)) + "\n")
+    prepare_corpus(
+        tmp_path / "c",
+        tok_dir,
+        [src],
+        doc_per_line=True,
+        valid_fraction=0.0,
+        shard_tokens=500,
+        progress=False,
+    )
+    s = open_shards(tmp_path / "c", "train", tokenizer=tok_dir)
+    assert len(s.shards) > 3
+    tok = load_tokenizer(tok_dir)
+    assert [d.tolist() for d in s] == [tok.encode(d) for d in _many_docs(200)]
+    for k, info in enumerate(s.shards):
+        off = s.offsets(k)
+        assert off.dtype == np.int64 and off[-1] == info.num_tokens == len(s.tokens(k))
+        assert info.num_tokens <= 500 or info.num_docs == 1
+    assert s.doc(-1).tolist() == tok.encode(_many_docs(200)[-1])
+    with pytest.raises(IndexError):
+        s.doc(200)
+
+
+def test_uint32_for_large_vocabularies(tok_dir: Path, tmp_path: Path) -> None:
+    assert dtype_for_vocab(65535) == np.uint16 and dtype_for_vocab(65536) == np.uint32
+    tok = load_tokenizer(tok_dir)
+    tok.vocab_size = 70_000  # pretend: the writer must switch dtype on vocab size alone
+    src = tmp_path / "docs.txt"
+    src.write_text("\n".join(_many_docs(20)) + "\n")
+    m = prepare_corpus(
+        tmp_path / "c", tok, [src], doc_per_line=True, valid_fraction=0.0, progress=False
+    )
+    assert m["dtype"] == "uint32"
+    s = open_shards(tmp_path / "c", "train")
+    assert s.tokens(0).dtype == np.uint32
+    assert (tmp_path / "c/train/tokens_00000.bin").stat().st_size == 4 * s.num_tokens
+    assert [d.tolist() for d in s] == [tok.encode(d) for d in _many_docs(20)]
+
+
+def test_reader_errors(raw_dir: Path, tok_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ShardError, match=r"no manifest\.json"):
+        open_shards(tmp_path, "train")
+    prepare_corpus(tmp_path / "c", tok_dir, [raw_dir], progress=False)
+    other = tmp_path / "other_tok"
+    train_tokenizer(other, [raw_dir / "a_text.txt"], vocab_size=60, progress=False)
+    with pytest.raises(ShardError, match="tokenizer sha256"):
+        open_shards(tmp_path / "c", "train", tokenizer=other)
+    open_shards(tmp_path / "c", "train", tokenizer=load_tokenizer(tok_dir))  # matching: fine
+    with pytest.raises(ShardError, match="no split"):
+        open_shards(tmp_path / "c", "test")
+    bin_path = tmp_path / "c/train/tokens_00000.bin"
+    bin_path.write_bytes(bin_path.read_bytes()[:-2])
+    with pytest.raises(ShardError, match="truncated"):
+        open_shards(tmp_path / "c", "train")
+
+
+def test_datasets_source(tok_dir: Path, tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    docs = _many_docs(10)
+    datasets.Dataset.from_dict({"content": docs}).save_to_disk(str(tmp_path / "ds"))
+    prepare_corpus(
+        tmp_path / "c",
+        tok_dir,
+        dataset=str(tmp_path / "ds"),
+        text_field="content",
+        valid_fraction=0.0,
+        progress=False,
+    )
+    tok = load_tokenizer(tok_dir)
+    assert [d.tolist() for d in open_shards(tmp_path / "c")] == [tok.encode(d) for d in docs]
+
+
+def test_cli_errors_are_one_line(tok_dir: Path, tmp_path: Path) -> None:
+    cases = [
+        (["--input", str(tmp_path / "missing"), "--tokenizer", str(tok_dir)], "input not found"),
+        (["--input", str(tok_dir), "--tokenizer", str(tmp_path / "no_tok")], "not found"),
+    ]
+    for args, message in cases:
+        r = _run("data_prep.corpus", *args, "--out", str(tmp_path / "out"), "--quiet")
+        assert r.returncode != 0
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+
+
+def test_cli_runs_with_workers(raw_dir: Path, tok_dir: Path, tmp_path: Path) -> None:
+    r = _run(
+        "data_prep.corpus",
+        "--input",
+        str(raw_dir),
+        "--tokenizer",
+        str(tok_dir),
+        "--out",
+        str(tmp_path),
+        "--workers",
+        "2",
+        "--quiet",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "skipped 1 binary and 1 undecodable" in r.stderr
+    reference = tmp_path.parent / (tmp_path.name + "_ref")
+    prepare_corpus(reference, tok_dir, [str(raw_dir)], progress=False)
+    assert _files(tmp_path) == _files(reference)
