@@ -41,13 +41,13 @@ _UINT64_LIMIT = 2**64
 _thread_local = threading.local()
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: it is also the Hydra schema of the `masking` group, which merges into it
 class MaskingConfig:
-    strategy: Strategy = "span"
+    strategy: str = "span"  # one of Strategy
     probability: float = 0.15  # fraction of the non-special tokens to select
     span_p: float = 0.2  # span length ~ Geometric(span_p), clipped to max_span
     max_span: int = 10
-    replacement: Replacement = "mask"
+    replacement: str = "mask"  # one of Replacement
     # Used by "bert_80_10_10" only: the rest of the selected positions keep their token.
     bert_mask_fraction: float = 0.8
     bert_random_fraction: float = 0.1

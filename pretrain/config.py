@@ -1,0 +1,188 @@
+"""The typed schema behind the Hydra YAML, and the one place a run's settings are validated.
+
+Hydra composes `conf/` on top of `Config` (registered in the ConfigStore as `schema`), so a
+misspelt key or a wrong type fails at start-up with the key's name. Component configs are the
+components' own dataclasses (`DebertaConfig`, `RTDConfig`, `MaskingConfig`) wherever they exist;
+`to_config` builds them, which runs their `__post_init__` checks, and then checks the relations
+between groups (batch sizes, sequence length against the model) in `Config.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pretrain.data.masking import MaskingConfig
+from pretrain.models.deberta import DebertaConfig
+from pretrain.models.rtd import RTDConfig
+
+
+class ConfigError(ValueError):
+    """A user-fixable configuration problem; the CLI prints its message as one line."""
+
+
+@dataclass
+class DataConfig:
+    # "default" builds (once, cached) the bundled default corpus: docstrings and package
+    # descriptions that ship with Python and the installed packages. Otherwise a directory
+    # prepared by `python -m data_prep.corpus`.
+    corpus: str = "default"
+    # Tokenizer directory; None takes the one the corpus was prepared with (default corpus: its
+    # own tokenizer, trained on first use).
+    tokenizer: str | None = None
+    seq_len: int = 128
+    packing: str = "packed"  # packed | single
+    num_workers: int = 1
+    shuffle: bool = True
+    cache_dir: str = "~/.cache/pretrain"
+    # Default-corpus tokenizer size (only used when the default corpus is built).
+    default_vocab_size: int = 8000
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | lamb (DeepSpeed's, for large global batches)
+    lr: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    schedule: str = "linear"  # warmup then linear decay to 0 | constant (after warmup)
+    clip_grad: float = 1.0
+    # Learning-rate multipliers per parameter family (1.0 = the base lr).
+    generator_lr_mult: float = 1.0
+    discriminator_lr_mult: float = 1.0
+    embedding_lr_mult: float = 1.0
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16 | fp16
+    # Passed through to DeepSpeed's JSON config last, for anything the schema does not name.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    global_batch_size: int = 32  # sequences per optimizer step, all ranks and accumulation
+    micro_batch_size: int = 32  # sequences per forward on one rank
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 10
+    eval_every: int = 200  # 0 disables periodic evaluation
+    eval_batches: int = 20
+    save_every: int = 500  # 0 saves only at the end (and on preemption)
+    keep_last: int = 3
+    resume: bool = True  # continue from the run directory's latest checkpoint if there is one
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "disabled"  # disabled | offline | online
+    project: str = "pretrain"
+    progress_bar: bool = True
+    plots: bool = True  # PNG curves in the run directory at the end
+
+
+@dataclass
+class Config:
+    model: DebertaConfig = field(default_factory=DebertaConfig)
+    rtd: RTDConfig = field(default_factory=RTDConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run_dir: str = "runs/default"
+    name: str = "default"
+
+    def validate(self) -> None:
+        """Relations between groups; each group's own fields were checked when it was built."""
+        d, t, o, ds = self.data, self.trainer, self.optim, self.deepspeed
+        if d.seq_len < 8 or d.seq_len > self.model.max_position_embeddings:
+            raise ConfigError(
+                f"data.seq_len={d.seq_len} must be in [8, model.max_position_embeddings="
+                f"{self.model.max_position_embeddings}]"
+            )
+        if d.packing not in ("packed", "single"):
+            raise ConfigError(f"data.packing={d.packing!r}; choose packed or single")
+        if d.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
+        for name in (
+            "max_steps",
+            "global_batch_size",
+            "micro_batch_size",
+            "log_every",
+            "keep_last",
+        ):
+            if getattr(t, name) < 1:
+                raise ConfigError(f"trainer.{name} must be >= 1, got {getattr(t, name)}")
+        if t.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"trainer.device={t.device!r}; choose auto, cpu or cuda")
+        if o.name not in ("adamw", "lamb"):
+            raise ConfigError(f"optim.name={o.name!r}; choose adamw or lamb")
+        if o.schedule not in ("linear", "constant"):
+            raise ConfigError(f"optim.schedule={o.schedule!r}; choose linear or constant")
+        if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}")
+        if o.lr <= 0 or o.warmup_steps < 0 or o.clip_grad < 0:
+            raise ConfigError("optim.lr must be > 0, optim.warmup_steps and optim.clip_grad >= 0")
+        if ds.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}")
+        if ds.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(
+                f"deepspeed.precision={ds.precision!r}; choose auto, fp32, bf16 or fp16"
+            )
+        if self.logging.wandb not in ("disabled", "offline", "online"):
+            raise ConfigError(
+                f"logging.wandb={self.logging.wandb!r}; choose disabled, offline or online"
+            )
+
+
+@dataclass(frozen=True)
+class BatchSizes:
+    """Micro batch, accumulation, world size and global batch: computed once, here."""
+
+    micro: int
+    accumulation: int
+    world_size: int
+
+    @property
+    def global_(self) -> int:
+        return self.micro * self.accumulation * self.world_size
+
+    @classmethod
+    def compute(cls, global_batch: int, micro_batch: int, world_size: int) -> BatchSizes:
+        per_step = micro_batch * world_size
+        if global_batch % per_step:
+            raise ConfigError(
+                f"trainer.global_batch_size={global_batch} is not a multiple of "
+                f"trainer.micro_batch_size={micro_batch} x world size {world_size} = {per_step}; "
+                "pick a global batch that divides evenly"
+            )
+        return cls(micro_batch, global_batch // per_step, world_size)
+
+
+def to_config(cfg: DictConfig | Config) -> Config:
+    """Hydra's composed DictConfig -> a validated `Config` of real dataclasses."""
+    if isinstance(cfg, Config):
+        config = cfg
+    else:
+        try:
+            config = OmegaConf.to_object(cfg)  # builds the dataclasses: their checks run here
+        except ValueError as e:
+            raise ConfigError(str(e).splitlines()[0]) from None
+    assert isinstance(config, Config)
+    config.validate()
+    return config
+
+
+def register_schema() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="schema", node=Config)

@@ -1,0 +1,89 @@
+"""The Hydra config: composes, validates, and fails early and by name on bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+from pretrain.config import BatchSizes, Config, ConfigError, register_schema, to_config
+from pretrain.models.deberta import PRESETS
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+register_schema()
+
+
+def composed(*overrides: str) -> Config:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["run_dir=/tmp/unused", *overrides])
+    return to_config(cfg)
+
+
+def test_defaults_compose_to_v3_base() -> None:
+    c = composed()
+    assert (c.model.hidden_size, c.model.num_hidden_layers, c.model.vocab_size) == (768, 12, 128100)
+    assert c.rtd.embedding_sharing == "gdes" and c.rtd.rtd_weight == 10.0
+    assert c.masking.strategy == "span" and c.masking.probability == 0.15
+    assert c.optim.eps == 1e-6 and c.optim.weight_decay == 0.01 and c.optim.clip_grad == 1.0
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_every_experiment_composes_without_plus(name: str) -> None:
+    c = composed(f"experiment={name}")
+    assert c.name == name
+
+
+def test_quickstart_is_cpu_sized() -> None:
+    c = composed("experiment=quickstart")
+    assert c.model.hidden_size == 128 and c.model.num_hidden_layers == 4
+    assert c.data.corpus == "default" and c.trainer.max_steps <= 500
+
+
+@pytest.mark.parametrize("size", sorted(PRESETS))
+def test_model_yaml_matches_python_presets(size: str) -> None:
+    assert yaml.safe_load((CONF / "model" / f"{size}.yaml").read_text()) == PRESETS[size]
+    c = composed(f"model={size}")
+    assert all(getattr(c.model, k) == v for k, v in PRESETS[size].items())
+
+
+def test_misspelt_key_fails_naming_it() -> None:
+    with pytest.raises(ConfigCompositionException) as e:
+        composed("trainer.max_step=5")
+    assert "max_step" in str(e.value.__cause__ or e.value)
+    assert isinstance(e.value.__cause__, ConfigKeyError | ConfigAttributeError)
+
+
+def test_wrong_type_fails_naming_key() -> None:
+    with pytest.raises(ConfigCompositionException) as e:
+        composed("trainer.max_steps=many")
+    assert isinstance(e.value.__cause__, ValidationError)
+    assert "max_steps" in str(e.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("model.hidden_size=100", "num_attention_heads"),
+        ("rtd.embedding_sharing=shared", "embedding_sharing"),
+        ("masking.strategy=words", "strategy"),
+        ("data.seq_len=4096", "data.seq_len"),
+        ("deepspeed.zero_stage=4", "zero_stage"),
+        ("optim.name=sgd", "optim.name"),
+        ("trainer.device=tpu", "trainer.device"),
+    ],
+)
+def test_invalid_values_fail_with_one_line_naming_the_field(override: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        composed(override)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_batch_sizes_are_computed_once_and_checked() -> None:
+    b = BatchSizes.compute(global_batch=256, micro_batch=8, world_size=4)
+    assert (b.micro, b.accumulation, b.world_size, b.global_) == (8, 8, 4, 256)
+    with pytest.raises(ConfigError, match="not a multiple"):
+        BatchSizes.compute(global_batch=100, micro_batch=8, world_size=4)
