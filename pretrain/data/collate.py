@@ -15,7 +15,7 @@ from typing import TypedDict
 import numpy as np
 import torch
 
-from pretrain.data.masking import Masker
+from pretrain.data.masking import Masker, sampling_uniforms
 from pretrain.data.packing import PackedSequence
 
 
@@ -23,6 +23,10 @@ class Batch(TypedDict):
     input_ids: torch.Tensor  # int64 [B, L], masked
     attention_mask: torch.Tensor  # int64 [B, L], 1 real, 0 padding
     labels: torch.Tensor  # int64 [B, L], original id where selected, -100 elsewhere
+
+
+class RTDBatch(Batch):
+    sampling_noise: torch.Tensor  # float32 [B, L], uniforms for the generator's sampling
 
 
 def _stack(rows: Sequence[np.ndarray], name: str) -> torch.Tensor:
@@ -50,7 +54,7 @@ class MaskingCollator:
     masker: Masker
     seed: int
 
-    def __call__(self, samples: Sequence[PackedSequence]) -> Batch:
+    def __call__(self, samples: Sequence[PackedSequence]) -> RTDBatch:
         masked = []
         for sample in samples:
             input_ids, labels = self.masker(
@@ -63,4 +67,8 @@ class MaskingCollator:
                     "labels": labels,
                 }
             )
-        return collate(masked)
+        noise = [
+            sampling_uniforms(len(s.input_ids), seed=self.seed, epoch=s.epoch, index=s.index)
+            for s in samples
+        ]
+        return RTDBatch(**collate(masked), sampling_noise=torch.from_numpy(np.stack(noise)))

@@ -81,7 +81,7 @@ class MaskingConfig:
             )
 
 
-def _bit_generator(seed: int, epoch: int, index: int) -> np.random.Philox:
+def _bit_generator(seed: int, epoch: int, index: int, stream: int = 0) -> np.random.Philox:
     for name, value in (("seed", seed), ("epoch", epoch), ("index", index)):
         if not 0 <= value < _UINT64_LIMIT:
             raise ValueError(f"masking {name} must be in [0, 2**64), got {value}")
@@ -95,7 +95,8 @@ def _bit_generator(seed: int, epoch: int, index: int) -> np.random.Philox:
     bg.state = {
         "bit_generator": "Philox",
         "state": {
-            "counter": np.array([0, index, 0, 0], dtype=np.uint64),
+            # stream 0 draws the mask, stream 1 the generator's sampling noise: disjoint.
+            "counter": np.array([0, index, stream, 0], dtype=np.uint64),
             "key": np.array([seed, epoch], dtype=np.uint64),
         },
         "buffer": np.zeros(4, dtype=np.uint64),
@@ -104,6 +105,16 @@ def _bit_generator(seed: int, epoch: int, index: int) -> np.random.Philox:
         "uinteger": 0,
     }
     return bg
+
+
+def sampling_uniforms(length: int, *, seed: int, epoch: int, index: int) -> np.ndarray:
+    """float32 uniforms in [0, 1), one per position, keyed like the mask but on its own stream.
+
+    The RTD generator samples each replacement by inverse CDF from these, so the corruption a
+    sample receives is a pure function of (seed, epoch, index) too: the same on any number of
+    ranks, workers or accumulation steps, and across resumes, with no RNG state to save.
+    """
+    return _uniforms(_bit_generator(seed, epoch, index, stream=1), length).astype(np.float32)
 
 
 def _uniforms(bg: np.random.Philox, n: int) -> np.ndarray:

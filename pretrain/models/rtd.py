@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -78,22 +79,29 @@ def sample_replacements(
     temperature: float = 1.0,
     exclude: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One token per row of `logits` [N, V] from softmax(logits / temperature), by Gumbel-max.
+    """One token per row of `logits` [N, V] from softmax(logits / temperature), by inverse CDF.
 
-    `exclude` [N] removes one token per row (the original, when configured). Deterministic given
-    `generator`'s state. Callers run it under no_grad: sampling is not differentiable.
+    One uniform per row decides the draw: `uniforms` [N] when given (the data pipeline keys them
+    by sample, so the corruption does not depend on rank count or batch layout), else drawn from
+    `generator`. `exclude` [N] removes one token per row (the original, when configured).
+    Callers run it under no_grad: sampling is not differentiable.
     """
     scaled = _at_least_fp32(logits) / temperature
     if exclude is not None:
         scaled = scaled.scatter(1, exclude.unsqueeze(1), float("-inf"))
-    u = torch.rand(scaled.shape, generator=generator, device=scaled.device)
-    gumbel = -torch.log(-torch.log(u.clamp(torch.finfo(u.dtype).tiny, 1.0 - 1e-7)))
-    return (scaled + gumbel).argmax(dim=-1)
+    cdf = torch.softmax(scaled, dim=-1).cumsum(dim=-1)
+    if uniforms is None:
+        uniforms = torch.rand(scaled.shape[0], generator=generator, device=scaled.device)
+    # Scale by the last cdf entry (1 up to rounding) so rounding never favours the last token.
+    u = uniforms.to(cdf.dtype).unsqueeze(1) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
 
 
-@dataclass
-class RTDOutput:
+class RTDOutput(NamedTuple):
+    # A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 hooks backward through the tensors of a
+    # module's output and traverses tuples and dicts only.
     loss: torch.Tensor  # gen_loss + rtd_weight * disc_loss; the only tensor to backpropagate
     gen_loss: torch.Tensor
     disc_loss: torch.Tensor
@@ -164,9 +172,11 @@ class RTDModel(nn.Module):
         labels: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
         sampling_generator: torch.Generator | None = None,
+        sampling_noise: torch.Tensor | None = None,
     ) -> RTDOutput:
         """input_ids: [B, L] with masked positions already corrupted (usually [MASK]);
-        labels: [B, L] original ids at the masked positions, IGNORE_INDEX elsewhere."""
+        labels: [B, L] original ids at the masked positions, IGNORE_INDEX elsewhere;
+        sampling_noise: [B, L] uniforms that decide the replacements (else `sampling_generator`)."""
         masked = labels != IGNORE_INDEX
         targets = labels[masked]
 
@@ -186,8 +196,9 @@ class RTDModel(nn.Module):
         # 2. Corrupt: sample replacements; nothing flows back through this.
         with torch.no_grad():
             exclude = targets if self.rtd.exclude_original else None
+            noise = None if sampling_noise is None else sampling_noise[masked]
             sampled = sample_replacements(
-                gen_logits, self.rtd.temperature, exclude, sampling_generator
+                gen_logits, self.rtd.temperature, exclude, sampling_generator, noise
             )
             original = torch.where(masked, labels, input_ids)
             disc_ids = original.clone()

@@ -83,3 +83,17 @@ def test_batches_are_identical_with_any_number_of_workers() -> None:
     for a, b in zip(single, multi, strict=True):
         for key in a:
             assert torch.equal(a[key], b[key])
+
+
+def test_sampling_noise_is_keyed_by_sample_and_independent_of_the_mask() -> None:
+    from pretrain.data.masking import sampling_uniforms
+
+    a = sampling_uniforms(64, seed=1, epoch=0, index=7)
+    assert a.dtype == np.float32 and ((a >= 0) & (a < 1)).all()
+    assert np.array_equal(a, sampling_uniforms(64, seed=1, epoch=0, index=7))
+    assert not np.array_equal(a, sampling_uniforms(64, seed=1, epoch=1, index=7))
+    assert not np.array_equal(a, sampling_uniforms(64, seed=1, epoch=0, index=8))
+    # stream 1 (noise) never replays stream 0 (the mask's draws)
+    from pretrain.data.masking import _bit_generator, _uniforms
+
+    assert not np.array_equal(a, _uniforms(_bit_generator(1, 0, 7), 64).astype(np.float32))

@@ -194,3 +194,27 @@ def test_mask_token_id_is_never_sampled_into_unmasked_positions() -> None:
     ids, mask, labels = tiny_batch()
     out = model(ids, mask, labels)
     assert not (out.disc_ids[labels == IGNORE_INDEX] == MASK_ID).any()
+
+
+def test_given_uniforms_decide_the_draw_by_inverse_cdf() -> None:
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]])).repeat(5, 1)
+    u = torch.tensor([0.05, 0.15, 0.35, 0.65, 0.999])
+    # cdf = 0.1, 0.3, 0.6, 1.0: u falls in token 0, 1, 2, 3, 3
+    sampled = sample_replacements(logits, uniforms=u, generator=torch.Generator().manual_seed(9))
+    assert sampled.tolist() == [0, 1, 2, 3, 3]
+
+
+def test_sampling_noise_in_the_batch_makes_corruption_independent_of_rng() -> None:
+    model = tiny_model("gdes")
+    ids, mask, labels = tiny_batch()
+    noise = torch.rand(ids.shape, generator=torch.Generator().manual_seed(3))
+    a = model(
+        ids, mask, labels, sampling_generator=torch.Generator().manual_seed(1), sampling_noise=noise
+    )
+    b = model(
+        ids, mask, labels, sampling_generator=torch.Generator().manual_seed(2), sampling_noise=noise
+    )
+    assert torch.equal(a.disc_ids, b.disc_ids)
+    # ... and a row's corruption depends only on its own noise, not on the rest of the batch
+    c = model(ids[:1], mask[:1], labels[:1], sampling_noise=noise[:1])
+    assert torch.equal(c.disc_ids[0], a.disc_ids[0])
