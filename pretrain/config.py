@@ -10,7 +10,7 @@ between groups (batch sizes, sequence length against the model) in `Config.valid
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -35,6 +35,9 @@ class DataConfig:
     seq_len: int = 128
     packing: str = "packed"  # packed | single
     num_workers: int = 1
+    # Partitions of the corpus, fixed for the run: each rank reads streams / world_size of them.
+    # Keep it a multiple of every world size you may run or resume on.
+    streams: int = 8
     shuffle: bool = True
     cache_dir: str = "~/.cache/pretrain"
     # Default-corpus tokenizer size (only used when the default corpus is built).
@@ -174,7 +177,9 @@ def to_config(cfg: DictConfig | Config) -> Config:
         config = cfg
     else:
         try:
-            config = OmegaConf.to_object(cfg)  # builds the dataclasses: their checks run here
+            config = cast(
+                Config, OmegaConf.to_object(cfg)
+            )  # builds the dataclasses, runs their checks
         except ValueError as e:
             raise ConfigError(str(e).splitlines()[0]) from None
     assert isinstance(config, Config)

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.data.mixing import MixingConfig, MixtureSampler, mixture_probabilities
@@ -330,6 +331,10 @@ class Loader(Generic[BatchT]):
             num_workers=cfg.num_workers,
             collate_fn=_identity,
             pin_memory=cfg.pin_memory,
+            # Its own generator: starting an iterator would otherwise draw a worker base seed
+            # from torch's global RNG and shift the dropout stream of the training step after
+            # every evaluation or resume. Nothing here uses that seed (streams are keyed).
+            generator=torch.Generator().manual_seed(cfg.seed),
             **extra,
         )
         batches = iter(loader)

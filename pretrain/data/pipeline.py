@@ -1,0 +1,210 @@
+"""From the `data` / `masking` config to the loaders the trainer iterates.
+
+`build_data` resolves the corpus (a prepared shard directory, or the bundled default corpus,
+built once into the cache), then wires the stages: ShardSource -> Loader (pack, shard across
+ranks and workers) -> MaskingCollator. The default corpus is built by rank 0 into a temporary
+directory and published with one rename, so an interrupted build is never mistaken for a
+finished one and other ranks wait at a barrier (a shared cache directory is assumed when there
+are several nodes).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+
+from pretrain.config import Config, ConfigError
+from pretrain.data.collate import MaskingCollator
+from pretrain.data.loader import Loader, LoaderConfig
+from pretrain.data.masking import Masker
+from pretrain.data.packing import PackingConfig, SpecialTokens
+from pretrain.data.sources import ShardSource
+from pretrain.models.deberta import DebertaConfig
+
+DEFAULT_CORPUS_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class DataBundle:
+    train: Loader
+    valid: Loader | None
+    special: SpecialTokens
+    vocab_size: int
+    corpus_dir: Path
+    tokenizer_dir: Path | None
+    _valid_start: dict[str, Any] = field(default_factory=dict)
+
+    def fit_model_config(self, model: DebertaConfig) -> DebertaConfig:
+        """Check the model against the corpus's tokenizer: every id must have an embedding."""
+        if model.vocab_size < self.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={model.vocab_size} is smaller than the corpus tokenizer's "
+                f"vocabulary ({self.vocab_size} ids, {self.corpus_dir}); set model.vocab_size={self.vocab_size}"
+            )
+        if model.pad_token_id != self.special.pad:
+            raise ConfigError(
+                f"model.pad_token_id={model.pad_token_id} but the tokenizer's [PAD] is {self.special.pad}"
+            )
+        return model
+
+    def valid_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The held-out batches from the start, the same ones at every evaluation."""
+        assert self.valid is not None
+        self.valid.load_state_dict(self._valid_start)
+        return iter(self.valid)
+
+
+def default_corpus_paths(cache_dir: str, vocab_size: int) -> tuple[Path, Path, Path]:
+    """(root, shards, tokenizer) of the default corpus in the cache, keyed by what shapes it."""
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    root = (
+        Path(cache_dir).expanduser()
+        / f"default_corpus_v{DEFAULT_CORPUS_VERSION}_{py}_vocab{vocab_size}"
+    )
+    return root, root / "shards", root / "tokenizer"
+
+
+def build_default_corpus(cache_dir: str, vocab_size: int, log=print) -> tuple[Path, Path]:
+    """Build (once) the default corpus, its tokenizer and its shards; returns (shards, tokenizer)."""
+    from data_prep.corpus import prepare_corpus
+    from data_prep.default_corpus import build_default_corpus as extract_text
+    from data_prep.tokenizer import train_tokenizer
+
+    root, shards, tokenizer = default_corpus_paths(cache_dir, vocab_size)
+    if (shards / MANIFEST).is_file():
+        return shards, tokenizer
+    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    log(f"building the default corpus once (about 2 minutes on 2 cores) into {root}")
+    text = tmp / "text"
+    extract_text(text)
+    inputs = sorted(text.glob("*.jsonl"))
+    train_tokenizer(
+        tmp / "tokenizer", inputs, vocab_size=vocab_size, num_threads=os.cpu_count() or 1
+    )
+    prepare_corpus(
+        tmp / "shards", tmp / "tokenizer", inputs, valid_fraction=0.01, workers=os.cpu_count() or 1
+    )
+    for record in ("SOURCES.md", "sources.json"):  # what the corpus is made of, and licences
+        if (text / record).is_file():
+            shutil.move(text / record, tmp / record)
+    shutil.rmtree(text)  # the shards keep the text itself
+    tmp.rename(root)
+    return shards, tokenizer
+
+
+def resolve_corpus(config: Config, is_main: bool, barrier) -> tuple[Path, Path | None]:
+    d = config.data
+    if d.corpus == "default":
+        shards, tokenizer = default_corpus_paths(d.cache_dir, d.default_vocab_size)[1:]
+        if is_main:
+            build_default_corpus(d.cache_dir, d.default_vocab_size)
+        barrier()
+    else:
+        shards = Path(d.corpus).expanduser()
+        if not (shards / MANIFEST).is_file():
+            raise ConfigError(
+                f"data.corpus={d.corpus}: no {MANIFEST} there; prepare a corpus with "
+                "`python -m data_prep.corpus --input ... --tokenizer ... --out DIR` or use data.corpus=default"
+            )
+        tokenizer = None
+    if d.tokenizer is not None:
+        tokenizer = Path(d.tokenizer).expanduser()
+    return shards, tokenizer
+
+
+def build_data(config: Config, world) -> DataBundle:
+    barrier = torch.distributed.barrier if torch.distributed.is_initialized() else (lambda: None)
+    shards, tokenizer_dir = resolve_corpus(config, world.is_main, barrier)
+    tokenizer = None
+    if tokenizer_dir is not None:
+        from data_prep.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_dir)
+    try:
+        train_source = ShardSource(
+            shards, "train", tokenizer=tokenizer, shuffle=config.data.shuffle
+        )
+        valid_source = ShardSource(shards, "valid", tokenizer=tokenizer, shuffle=False)
+    except ValueError as e:  # ShardError / SourceError: one line that says what is wrong
+        raise ConfigError(str(e)) from None
+    special = train_source.special_tokens
+    vocab_size = _corpus_vocab_size(shards)
+
+    word_start = None
+    if config.masking.strategy == "whole_word":
+        if tokenizer_dir is None:
+            raise ConfigError(
+                "masking.strategy=whole_word needs data.tokenizer (the corpus's tokenizer directory)"
+            )
+        from data_prep.tokenizer import word_start_table
+
+        word_start = word_start_table(tokenizer_dir)
+    try:
+        masker = Masker(config.masking, special, vocab_size, word_start)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    seed = config.trainer.seed
+    collate = MaskingCollator(masker, seed)
+    packing = PackingConfig(seq_len=config.data.seq_len, mode=cast(Any, config.data.packing))
+    workers = config.data.num_workers
+    train = Loader(
+        [train_source],
+        packing=packing,
+        special=special,
+        collate_fn=collate,
+        config=LoaderConfig(
+            batch_size=config.trainer.micro_batch_size,
+            seed=seed,
+            num_workers=workers,
+            streams_per_rank=streams_per_rank(config.data.streams, world.world_size, workers),
+        ),
+        rank=world.rank,
+        world_size=world.world_size,
+    )
+    valid = None
+    if len(valid_source) > 0:
+        valid = Loader(
+            [valid_source],
+            packing=PackingConfig(
+                seq_len=config.data.seq_len, mode=cast(Any, config.data.packing), remainder="pad"
+            ),
+            special=special,
+            collate_fn=collate,
+            config=LoaderConfig(batch_size=config.trainer.micro_batch_size, seed=seed, epochs=1),
+            rank=world.rank,
+            world_size=world.world_size,
+        )
+    bundle = DataBundle(train, valid, special, vocab_size, shards, tokenizer_dir)
+    if valid is not None:
+        bundle._valid_start = valid.state_dict()
+    return bundle
+
+
+def streams_per_rank(streams: int, world_size: int, workers: int) -> int:
+    """The corpus is cut into `data.streams` partitions whatever the world size, so a run sees
+    the same samples (and masks) on 1 or N ranks and after resuming on another rank count."""
+    if streams % world_size:
+        raise ConfigError(
+            f"data.streams={streams} must be a multiple of the world size {world_size}"
+        )
+    per_rank = streams // world_size
+    if workers and per_rank % workers:
+        raise ConfigError(
+            f"data.num_workers={workers} must divide data.streams / world size = {per_rank}"
+        )
+    return per_rank
+
+
+def _corpus_vocab_size(shards: Path) -> int:
+    import json
+
+    return int(json.loads((shards / MANIFEST).read_text())["tokenizer"]["vocab_size"])

@@ -1,0 +1,265 @@
+"""DeepSpeed, set up from our config. The only module that imports deepspeed.
+
+It owns process-group start-up (gloo on CPU, nccl on GPU, and the environment a single process
+needs when no launcher set it), the DeepSpeed JSON config (ZeRO stage, precision, batch sizes,
+clipping), parameter groups with per-family learning-rate multipliers, and the warmup/decay
+schedule. The optimizer and schedule are torch's (AdamW, LambdaLR) or DeepSpeed's (LAMB): a
+torch LambdaLR keeps each group's multiplier, which DeepSpeed's own schedulers would overwrite.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pretrain.config import BatchSizes, Config, ConfigError
+
+# Imported lazily by `init_distributed` so that `import pretrain.engine` stays cheap.
+deepspeed: Any = None
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _import_deepspeed() -> Any:
+    global deepspeed
+    if deepspeed is None:
+        import deepspeed as ds
+
+        deepspeed = ds
+    return deepspeed
+
+
+def init_distributed(device: str = "auto") -> World:
+    """Start (or join) the process group. Works under torchrun, the deepspeed launcher, SLURM
+    via torchrun, or as a plain single process."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=cpu")
+    if "RANK" not in os.environ:  # a plain `python -m pretrain`: be rank 0 of 1
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
+        )  # fmt: skip
+    ds = _import_deepspeed()
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # DeepSpeed would JIT-compile a shared-memory all-reduce op (~50 s) on first use; gloo
+        # is fast enough for the CPU runs we do, so skip the build.
+        ds.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not torch.distributed.is_initialized():
+        ds.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
+    return World(
+        rank=torch.distributed.get_rank(),
+        local_rank=local_rank,
+        world_size=torch.distributed.get_world_size(),
+        device=torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu"),
+    )
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("deepspeed.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    return precision
+
+
+def deepspeed_config(config: Config, batch: BatchSizes, precision: str) -> dict[str, Any]:
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": batch.micro,
+        "gradient_accumulation_steps": batch.accumulation,
+        "train_batch_size": batch.global_,
+        "gradient_clipping": config.optim.clip_grad,
+        "zero_optimization": {"stage": config.deepspeed.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if config.optim.name == "lamb":
+        o = config.optim
+        ds["optimizer"] = {
+            "type": "Lamb",
+            "params": {
+                "lr": o.lr,
+                "betas": list(o.betas),
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+            },
+        }
+    _deep_update(ds, dict(config.deepspeed.extra))
+    return ds
+
+
+def _deep_update(base: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+
+
+def parameter_groups(model: nn.Module, config: Config) -> list[dict[str, Any]]:
+    """AdamW groups: (family x decay). Families get the lr multipliers of `optim`; biases,
+    LayerNorm weights and embedding tables are not decayed (BERT/DeBERTa practice)."""
+    o = config.optim
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    norm_ids = {
+        id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()
+    }
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in embedding_ids or name.endswith("_delta"):
+            family = "embedding"
+        elif name.startswith(("generator.", "mlm_head.", "emd.")):
+            family = "generator"
+        else:
+            family = "discriminator"
+        decay = not (name.endswith(".bias") or id(p) in norm_ids or family == "embedding")
+        groups.setdefault((family, decay), []).append(p)
+    mult = {
+        "embedding": o.embedding_lr_mult,
+        "generator": o.generator_lr_mult,
+        "discriminator": o.discriminator_lr_mult,
+    }
+    return [
+        {
+            "params": params,
+            "lr": o.lr * mult[family],
+            "weight_decay": o.weight_decay if decay else 0.0,
+            "name": f"{family}{'' if decay else '_no_decay'}",
+        }
+        for (family, decay), params in sorted(groups.items())
+    ]
+
+
+def lr_lambda(config: Config):
+    """Linear warmup to the base lr, then linear decay to 0 at max_steps (or constant)."""
+    warmup, total = config.optim.warmup_steps, config.trainer.max_steps
+    constant = config.optim.schedule == "constant"
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if constant:
+            return 1.0
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+class Engine:
+    """A DeepSpeed engine around the RTD model, plus the few things the trainer asks of it."""
+
+    def __init__(self, model: nn.Module, config: Config, world: World):
+        ds = _import_deepspeed()
+        self.world = world
+        self.batch = BatchSizes.compute(
+            config.trainer.global_batch_size, config.trainer.micro_batch_size, world.world_size
+        )
+        self.precision = resolve_precision(config.deepspeed.precision, world.device)
+        ds_config = deepspeed_config(config, self.batch, self.precision)
+        if config.deepspeed.zero_stage == 3:
+            # Embedding tables are read as tensors outside their own module's forward (tied MLM
+            # decoder, GDES composition, relative-position table), where ZeRO-3 would see them
+            # partitioned to shape [0]; registering them on the root keeps them gathered for
+            # the whole forward and backward.
+            for m in model.modules():
+                if isinstance(m, nn.Embedding):
+                    ds.zero.register_external_parameter(model, m.weight)
+        groups = parameter_groups(model, config)
+        optimizer = None
+        if config.optim.name == "adamw":
+            o = config.optim
+            optimizer = torch.optim.AdamW(
+                groups, lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps
+            )
+        elif world.device.type == "cpu":
+            raise ConfigError(
+                "optim.name=lamb uses DeepSpeed's fused LAMB, which needs a GPU; use adamw on CPU"
+            )
+        self.engine, self.optimizer, _, _ = ds.initialize(
+            model=model,
+            model_parameters=groups if optimizer is None else None,
+            optimizer=optimizer,
+            lr_scheduler=(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config))),
+            config=ds_config,
+        )
+        self._norm_is_ours = config.deepspeed.zero_stage == 0 and self.precision == "fp32"
+        self._grad_norm: float | None = None
+        assert self.engine.train_batch_size() == self.batch.global_, (
+            "DeepSpeed disagrees on the global batch"
+        )
+        assert self.engine.gradient_accumulation_steps() == self.batch.accumulation
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        """One micro batch through the model. The sampling noise travels with the batch (keyed
+        by sample), so no RNG state decides the corruption."""
+        batch = {k: v.to(self.world.device, non_blocking=True) for k, v in batch.items()}
+        return self.engine(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            sampling_noise=batch.get("sampling_noise"),
+        )
+
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        """Backward for one micro batch; DeepSpeed steps the optimizer at accumulation ends."""
+        self.engine.backward(loss)
+        if self._norm_is_ours and self.engine.is_gradient_accumulation_boundary():
+            # DeepSpeed reports the norm only for its ZeRO/mixed-precision optimizers; for plain
+            # fp32 stage 0 measure it here, after the all-reduce and before clipping, as it does.
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            self._grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else None
+        self.engine.step()
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def grad_norm(self) -> float | None:
+        norm = self._grad_norm if self._norm_is_ours else self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def save(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
+        self.engine.save_checkpoint(
+            directory, tag=tag, client_state=client_state, save_latest=False
+        )
+
+    def load(self, directory: str, tag: str) -> dict[str, Any]:
+        path, client_state = self.engine.load_checkpoint(
+            directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {directory}/{tag}")
+        return client_state or {}

@@ -1,0 +1,232 @@
+"""Where a run's numbers go: `metrics.jsonl` in the run directory, wandb, a progress bar, plots.
+
+Only rank 0 writes. `metrics.jsonl` holds one JSON object per logged step (training records
+have "split": "train", evaluations "split": "valid"), so a run can be read without wandb; on
+resume, records past the checkpoint's step are dropped first, so a crash never leaves the same
+step logged twice. `python -m pretrain.metrics plot RUN_DIR` redraws the PNG curves at any time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from tqdm import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+PLOTTED = [
+    ("loss", "train"),
+    ("gen_loss", "train"),
+    ("disc_loss", "train"),
+    ("gen_acc", "train"),
+    ("disc_acc", "train"),
+    ("lr", "train"),
+    ("grad_norm", "train"),
+    ("tokens_per_s", "train"),
+    ("gen_acc", "valid"),
+    ("disc_acc", "valid"),
+    ("disc_auc", "valid"),
+    ("gen_loss", "valid"),
+]
+
+
+def binary_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve by the rank-sum (Mann-Whitney U) identity, ties averaged."""
+    scores, labels = scores.double().flatten(), labels.bool().flatten()
+    n_pos = int(labels.sum())
+    n_neg = labels.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = torch.argsort(scores)
+    sorted_scores = scores[order]
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, scores.numel() + 1, dtype=torch.float64)
+    # average the ranks of tied scores
+    unique, inverse, counts = torch.unique_consecutive(
+        sorted_scores, return_inverse=True, return_counts=True
+    )
+    if len(unique) < len(scores):
+        sums = torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, ranks[order])
+        ranks[order] = (sums / counts)[inverse]
+    u = ranks[labels].sum().item() - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)
+
+
+class MetricsLogger:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        wandb_mode: str = "disabled",
+        project: str = "pretrain",
+        run_name: str = "run",
+        config: dict[str, Any] | None = None,
+        progress_bar: bool = True,
+    ):
+        self.enabled = enabled
+        self.path = Path(run_dir) / METRICS_FILE
+        self._wandb = None
+        self._bar = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _truncate_after(self.path, start_step)
+        self._file = self.path.open("a")
+        if wandb_mode != "disabled":
+            import wandb
+
+            self._wandb = wandb.init(
+                project=project,
+                name=run_name,
+                dir=str(run_dir),
+                mode=cast(Any, wandb_mode),
+                config=config,
+                resume="allow",
+                id=_wandb_id(Path(run_dir)),
+            )
+        if progress_bar:
+            self._bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                desc="pretrain",
+                unit="step",
+                dynamic_ncols=True,
+            )
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in record.items()
+        }
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            split = record.get("split", "train")
+            self._wandb.log(
+                {
+                    f"{split}/{k}": v
+                    for k, v in record.items()
+                    if isinstance(v, int | float) and k != "step"
+                },
+                step=record["step"],
+            )
+        if self._bar is not None and record.get("split") == "valid":
+            self.write(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
+
+    def advance(self, step: int, record: dict[str, Any]) -> None:
+        """Move the progress bar to `step`, showing loss and throughput."""
+        if self._bar is None:
+            return
+        self._bar.n = step
+        self._bar.set_postfix(
+            {
+                k: _fmt(record[k])
+                for k in ("loss", "gen_acc", "disc_acc", "tokens_per_s")
+                if k in record
+            },
+            refresh=True,
+        )
+
+    def write(self, line: str) -> None:
+        if self.enabled:
+            (self._bar.write if self._bar is not None else print)(line)
+
+    def close(self, plots: bool = True) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        if plots:
+            plot(self.path.parent)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """One wandb run per run directory, kept across resumes."""
+    path = run_dir / "wandb_id.txt"
+    if not path.exists():
+        import uuid
+
+        path.write_text(uuid.uuid4().hex[:12])
+    return path.read_text().strip()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= step
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot(run_dir: str | Path) -> list[Path]:
+    """Write `plots/<split>_<metric>.png` for each logged curve; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    out = Path(run_dir) / "plots"
+    out.mkdir(exist_ok=True)
+    written = []
+    for key, split in PLOTTED:
+        points = [
+            (r["step"], r[key])
+            for r in records
+            if r.get("split", "train") == split and isinstance(r.get(key), int | float)
+        ]
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(*zip(*points, strict=True), marker="." if split == "valid" else None)
+        ax.set_xlabel("step")
+        ax.set_title(f"{split} {key}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out / f"{split}_{key}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m pretrain.metrics")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("plot", help="draw PNG curves from RUN_DIR/metrics.jsonl").add_argument(
+        "run_dir", type=Path
+    )
+    args = p.parse_args(argv)
+    if not (args.run_dir / METRICS_FILE).is_file():
+        sys.exit(f"error: {args.run_dir / METRICS_FILE} not found; pass a run directory")
+    for path in plot(args.run_dir):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""The training loop: step, log, evaluate, checkpoint, resume. Nothing else lives here.
+
+`Trainer(config).fit()` builds the data, the RTD model and the DeepSpeed engine, resumes from
+the run directory's latest checkpoint when there is one, and trains to `trainer.max_steps`.
+An optimizer step is `accumulation` micro batches on every rank; it is logged as the mean of its
+micro batches, averaged over ranks. SIGTERM / SIGUSR1 (preemption) finish the current step,
+save a checkpoint and exit cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from pretrain.checkpoint import Checkpointer, capture_rng, restore_rng
+from pretrain.config import Config, ConfigError
+from pretrain.data.pipeline import DataBundle, build_data
+from pretrain.engine import Engine, World, init_distributed
+from pretrain.metrics import MetricsLogger, binary_auc
+from pretrain.models.rtd import RTDModel
+
+TRAIN_KEYS = (
+    "loss",
+    "gen_loss",
+    "gen_acc",
+    "disc_loss",
+    "disc_acc",
+    "disc_precision",
+    "disc_recall",
+    "replaced_frac",
+)
+
+
+class Trainer:
+    def __init__(self, config: Config, world: World | None = None):
+        self.config = config
+        self.world = world or init_distributed(config.trainer.device)
+        t = config.trainer
+        self.data: DataBundle = build_data(config, self.world)
+        model_config = self.data.fit_model_config(config.model)
+        self.config = config = dataclasses.replace(config, model=model_config)
+        _seed_everything(t.seed)  # the same initial weights on every rank, for every ZeRO stage
+        self.model = RTDModel(config.model, config.rtd)
+        self.engine = Engine(self.model, config, self.world)
+        _seed_everything(t.seed + 7919 * self.world.rank)  # dropout differs across ranks
+        self.checkpointer = Checkpointer(
+            config.run_dir, t.keep_last, self.world.rank, barrier=torch.distributed.barrier
+        )
+        self.step = 0
+        self.tokens_seen = 0
+        self._stop_signal: int | None = None
+
+    # ------------------------------------------------------------------ state
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "world_size": self.world.world_size,
+            "config": _as_dict(self.config),
+        }
+
+    def save(self) -> str:
+        rank_state = {"data": self.data.train.state_dict(), "rng": capture_rng()}
+        return self.checkpointer.save(self.engine, self.step, self.trainer_state(), rank_state)
+
+    def resume(self) -> bool:
+        tag = self.checkpointer.latest() if self.config.trainer.resume else None
+        if tag is None:
+            return False
+        saved_model = self.checkpointer.trainer_state(tag)["config"]["model"]
+        ours = _as_dict(self.config.model)
+        if saved_model != ours:
+            changed = sorted(k for k in ours if saved_model.get(k) != ours[k])
+            raise ConfigError(
+                f"cannot resume {self.config.run_dir}: the model config changed ({', '.join(changed)}); "
+                "use a new run_dir or restore the original settings"
+            )
+        trainer_state, rank_state = self.checkpointer.load(self.engine, tag)
+        self.step = trainer_state["step"]
+        self.tokens_seen = trainer_state["tokens_seen"]
+        self.data.train.load_state_dict(rank_state["data"])
+        restore_rng(rank_state["rng"])
+        return True
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self, until_step: int | None = None) -> list[dict[str, Any]]:
+        """Train to max_steps (or stop, save and return at `until_step`, for staged runs);
+        returns the records logged by this call (rank 0)."""
+        c, t = self.config, self.config.trainer
+        last = t.max_steps if until_step is None else min(until_step, t.max_steps)
+        resumed = self.resume()
+        if self.world.is_main:
+            Path(c.run_dir).mkdir(parents=True, exist_ok=True)
+            (Path(c.run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(c)))
+        logger = MetricsLogger(
+            c.run_dir,
+            enabled=self.world.is_main,
+            total_steps=t.max_steps,
+            start_step=self.step,
+            wandb_mode=c.logging.wandb,
+            project=c.logging.project,
+            run_name=c.name,
+            config=_as_dict(c),
+            progress_bar=c.logging.progress_bar,
+        )
+        if resumed:
+            logger.write(f"resumed from step {self.step} in {c.run_dir}")
+        self._install_signal_handlers()
+        batches = iter(self.data.train)
+        history: list[dict[str, Any]] = []
+        window_start, window_tokens = time.perf_counter(), 0
+        try:
+            while self.step < last:
+                sums = self._train_step(batches)
+                self.step += 1
+                tokens = int(sums.pop("tokens"))
+                self.tokens_seen += tokens
+                window_tokens += tokens
+                if self.step % t.log_every == 0 or self.step == last:
+                    elapsed = time.perf_counter() - window_start
+                    record = self._train_record(sums, window_tokens / max(elapsed, 1e-9))
+                    window_start, window_tokens = time.perf_counter(), 0
+                    logger.log(record)
+                    logger.advance(self.step, record)
+                    history.append(record)
+                    if not math.isfinite(record["loss"]):
+                        raise FloatingPointError(
+                            f"non-finite loss {record['loss']} at step {self.step}"
+                        )
+                if t.eval_every and self.step % t.eval_every == 0 and self.data.valid is not None:
+                    record = self.evaluate()
+                    logger.log(record)
+                    history.append(record)
+                if self._stop_signal is not None:
+                    logger.write(f"signal {self._stop_signal}: saving step {self.step} and exiting")
+                    self.save()
+                    break
+                if t.save_every and self.step % t.save_every == 0:
+                    self.save()
+            else:
+                final = self.step == t.max_steps
+                if final and t.eval_every and self.data.valid is not None and self.step % t.eval_every:
+                    record = self.evaluate()
+                    logger.log(record)
+                    history.append(record)
+                if not (t.save_every and self.step % t.save_every == 0):  # not saved just now
+                    self.save()
+        finally:
+            logger.close(plots=c.logging.plots)
+        return history
+
+    def _train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
+        self.engine.module.train()
+        sums: dict[str, float] = {k: 0.0 for k in TRAIN_KEYS}
+        tokens = 0
+        for _ in range(self.engine.batch.accumulation):
+            batch = next(batches)
+            out = self.engine.forward(batch)
+            self.engine.backward_and_step(out.loss)
+            for k in TRAIN_KEYS:
+                sums[k] += out.metrics[k].item()
+            tokens += int(batch["attention_mask"].sum())
+        n = self.engine.batch.accumulation
+        means = {k: v / n for k, v in sums.items()}
+        means["tokens"] = tokens
+        return _all_reduce_mean(means, self.world, sum_keys=("tokens",))
+
+    def _train_record(self, means: dict[str, float], tokens_per_s: float) -> dict[str, Any]:
+        record: dict[str, Any] = {"step": self.step, "split": "train"}
+        record.update({k: round(v, 6) for k, v in means.items()})
+        record["lr"] = self.engine.lr()
+        norm = self.engine.grad_norm()
+        record["grad_norm"] = None if norm is None else round(norm, 6)
+        record["tokens_per_s"] = round(tokens_per_s, 1)
+        record["tokens_seen"] = self.tokens_seen
+        record["padding_frac"] = round(self.data.train.padding_fraction, 6)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out generator accuracy and discriminator accuracy / AUC. The held-out batches,
+        their masks and sampling noise are the same at every evaluation: only the model moves."""
+        assert self.data.valid is not None
+        module = self.engine.module
+        module.eval()
+        totals = {
+            "gen_correct": 0.0,
+            "gen_loss_sum": 0.0,
+            "masked": 0.0,
+            "disc_correct": 0.0,
+            "valid": 0.0,
+        }
+        scores, labels = [], []
+        for i, batch in enumerate(self.data.valid_batches()):
+            if i >= self.config.trainer.eval_batches:
+                break
+            out = self.engine.forward(batch)
+            valid = batch["attention_mask"].to(self.world.device).bool()
+            masked = float((batch["labels"] != -100).sum())
+            totals["gen_correct"] += out.metrics["gen_acc"].item() * masked
+            totals["gen_loss_sum"] += out.metrics["gen_loss"].item() * masked
+            totals["masked"] += masked
+            totals["disc_correct"] += out.metrics["disc_acc"].item() * float(valid.sum())
+            totals["valid"] += float(valid.sum())
+            scores.append(out.disc_logits[valid].float().cpu())
+            labels.append(out.replaced[valid].cpu())
+        module.train()
+        totals = _all_reduce_mean(totals, self.world, sum_keys=tuple(totals))
+        auc = binary_auc(torch.cat(scores), torch.cat(labels)) if scores else float("nan")
+        return {
+            "step": self.step,
+            "split": "valid",
+            "gen_loss": round(totals["gen_loss_sum"] / max(totals["masked"], 1), 6),
+            "gen_acc": round(totals["gen_correct"] / max(totals["masked"], 1), 6),
+            "disc_acc": round(totals["disc_correct"] / max(totals["valid"], 1), 6),
+            "disc_auc": round(auc, 6),  # rank 0's batches; AUC does not average across ranks
+        }
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. under a test runner thread)
+                pass
+
+
+def _as_dict(dataclass_config: Any) -> dict[str, Any]:
+    """A config dataclass as plain JSON-able containers (for checkpoints, wandb, comparisons)."""
+    return cast(dict[str, Any], OmegaConf.to_container(OmegaConf.structured(dataclass_config)))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _all_reduce_mean(
+    values: dict[str, float], world: World, sum_keys: tuple[str, ...] = ()
+) -> dict[str, float]:
+    """Mean over ranks (sum for `sum_keys`); a no-op on one rank."""
+    if world.world_size == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=world.device)
+    torch.distributed.all_reduce(t)
+    return {k: t[i].item() / (1 if k in sum_keys else world.world_size) for i, k in enumerate(keys)}
