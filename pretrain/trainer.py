@@ -151,7 +151,12 @@ class Trainer:
                     self.save()
             else:
                 final = self.step == t.max_steps
-                if final and t.eval_every and self.data.valid is not None and self.step % t.eval_every:
+                if (
+                    final
+                    and t.eval_every
+                    and self.data.valid is not None
+                    and self.step % t.eval_every
+                ):
                     record = self.evaluate()
                     logger.log(record)
                     history.append(record)

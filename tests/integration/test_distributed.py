@@ -66,7 +66,7 @@ def assert_same_losses(a: list[dict], b: list[dict]) -> None:
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     worst = max(
         abs(rb[k] - ra[k]) / abs(ra[k])
-        for ra, rb in zip(a, b)
+        for ra, rb in zip(a, b, strict=True)
         for k in ("loss", "gen_loss", "disc_loss")
     )
     print(f"worst relative loss difference over 4 steps: {worst:.2e}")
