@@ -10,6 +10,7 @@ between groups (batch sizes, sequence length against the model) in `Config.valid
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
@@ -24,6 +25,21 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class SourceConfig:
+    """One entry of `data.sources`: a prepared shard corpus, or raw text streamed by `datasets`
+    and tokenized on the fly (with `data.tokenizer`)."""
+
+    name: str | None = None  # names the source in the mix, the logs and the loader state
+    corpus: str | None = None  # a directory from `python -m data_prep.corpus`, or "default"
+    dataset: str | None = None  # a hub name, or a builder ("json", "parquet", "text") ...
+    data_files: list[str] = field(default_factory=list)  # ... with local files
+    split: str = "train"
+    text_field: str = "text"
+    weight: float | None = None  # sampling weight; give all or none (then data.mixing_alpha)
+    num_tokens: int | None = None  # size estimate of a text stream, for temperature mixing
+
+
+@dataclass
 class DataConfig:
     # "default" builds (once, cached) the bundled default corpus: docstrings and package
     # descriptions that ship with Python and the installed packages. Otherwise a directory
@@ -32,6 +48,11 @@ class DataConfig:
     # Tokenizer directory; None takes the one the corpus was prepared with (default corpus: its
     # own tokenizer, trained on first use).
     tokenizer: str | None = None
+    # Several sources at once (languages, domains, general + domain text); replaces `corpus`.
+    sources: list[SourceConfig] = field(default_factory=list)
+    # Without weights, source i is drawn with p ~ n_i ** mixing_alpha (n = tokens; 1 = by size,
+    # 0 = uniform, 0.3 as in multilingual pretraining).
+    mixing_alpha: float | None = None
     seq_len: int = 128
     packing: str = "packed"  # packed | single
     num_workers: int = 1
@@ -89,6 +110,8 @@ class LoggingConfig:
     project: str = "pretrain"
     progress_bar: bool = True
     plots: bool = True  # PNG curves in the run directory at the end
+    # For MFU on GPUs missing from metrics.PEAK_BF16_FLOPS (or to use a measured peak).
+    peak_tflops: float | None = None
 
 
 @dataclass
@@ -112,6 +135,32 @@ class Config:
                 f"data.seq_len={d.seq_len} must be in [8, model.max_position_embeddings="
                 f"{self.model.max_position_embeddings}]"
             )
+        for i, s in enumerate(d.sources or [SourceConfig(corpus=d.corpus)]):
+            where = f"data.sources[{i}]" if d.sources else "data"
+            if (s.corpus is None) == (s.dataset is None):
+                raise ConfigError(
+                    f"{where}: give exactly one of corpus (shards) or dataset (raw text)"
+                )
+            if (
+                s.corpus not in (None, "default")
+                and not (Path(s.corpus).expanduser() / "manifest.json").is_file()
+            ):
+                raise ConfigError(
+                    f"{where}.corpus={s.corpus}: no manifest.json there; prepare a corpus with "
+                    "`python -m data_prep.corpus --input ... --tokenizer ... --out DIR` or use data.corpus=default"
+                )
+            if s.dataset is not None and d.tokenizer is None:
+                raise ConfigError(
+                    f"{where}.dataset={s.dataset} is raw text: set data.tokenizer to tokenize it"
+                )
+        weighted = [s.weight is not None for s in d.sources]
+        if any(weighted) and not all(weighted):
+            raise ConfigError("data.sources: give a weight to every source or to none")
+        if any(weighted) and d.mixing_alpha is not None:
+            raise ConfigError("data.sources: give weights or data.mixing_alpha, not both")
+        names = [s.name or s.corpus or s.dataset for s in d.sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.sources: names must be unique, got {names}; set name=")
         if d.packing not in ("packed", "single"):
             raise ConfigError(f"data.packing={d.packing!r}; choose packed or single")
         if d.num_workers < 0:

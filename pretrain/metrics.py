@@ -18,6 +18,8 @@ from typing import Any, cast
 import torch
 from tqdm import tqdm
 
+from pretrain.models.deberta import DebertaConfig
+
 METRICS_FILE = "metrics.jsonl"
 PLOTTED = [
     ("loss", "train"),
@@ -33,6 +35,54 @@ PLOTTED = [
     ("disc_auc", "valid"),
     ("gen_loss", "valid"),
 ]
+
+
+# Dense bf16 tensor-core peaks from the vendors' spec sheets (SXM parts), FLOP/s. MFU is
+# reported against these, as is customary; a measured matmul peak is lower (FACTS: ~790T on H100).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def device_peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def encoder_forward_flops_per_token(c: DebertaConfig, seq_len: int) -> float:
+    """Matmul FLOPs of one token through a DeBERTa encoder (2 per multiply-add).
+
+    Per layer: Q, K, V and output projections (8 H A), the FFN (4 H I), content scores and the
+    weighted sum (4 L A), and per position term (c2p, p2c) the score against the 2k relative
+    rows (2 * 2k A) plus that term's projection of the 2k-row table, shared by the L tokens
+    (2 * 2k H A / L).
+    """
+    h, a, i = c.hidden_size, c.num_attention_heads * c.head_size, c.intermediate_size
+    terms = len(c.pos_att_type) if c.relative_attention else 0
+    rows = 2 * c.relative_span
+    per_layer = (
+        8 * h * a
+        + 4 * h * i
+        + 4 * seq_len * a
+        + terms * (2 * rows * a + 2 * rows * h * a / seq_len)
+    )
+    return c.num_hidden_layers * per_layer
+
+
+def rtd_train_flops_per_token(
+    disc: DebertaConfig, gen: DebertaConfig, seq_len: int, mask_rate: float
+) -> float:
+    """Model FLOPs of one RTD training step per token: forward and backward (3x forward) of both
+    encoders, the MLM head on the masked fraction only, and the RTD head."""
+    e = disc.embedding_dim
+    mlm = mask_rate * (2 * gen.hidden_size * e + 2 * e * gen.vocab_size)
+    rtd = 2 * disc.hidden_size * disc.hidden_size + 2 * disc.hidden_size
+    forward = encoder_forward_flops_per_token(gen, seq_len) + encoder_forward_flops_per_token(
+        disc, seq_len
+    )
+    return 3 * (forward + mlm + rtd)
 
 
 def binary_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:

@@ -26,7 +26,12 @@ from pretrain.checkpoint import Checkpointer, capture_rng, restore_rng
 from pretrain.config import Config, ConfigError
 from pretrain.data.pipeline import DataBundle, build_data
 from pretrain.engine import Engine, World, init_distributed
-from pretrain.metrics import MetricsLogger, binary_auc
+from pretrain.metrics import (
+    MetricsLogger,
+    binary_auc,
+    device_peak_flops,
+    rtd_train_flops_per_token,
+)
 from pretrain.models.rtd import RTDModel
 
 TRAIN_KEYS = (
@@ -56,6 +61,13 @@ class Trainer:
         self.checkpointer = Checkpointer(
             config.run_dir, t.keep_last, self.world.rank, barrier=torch.distributed.barrier
         )
+        self.flops_per_token = rtd_train_flops_per_token(
+            config.model,
+            self.model.generator_config,
+            config.data.seq_len,
+            config.masking.probability,
+        )
+        self.peak_flops = device_peak_flops(self.world.device, config.logging.peak_tflops)
         self.step = 0
         self.tokens_seen = 0
         self._stop_signal: int | None = None
@@ -118,8 +130,12 @@ class Trainer:
         if resumed:
             logger.write(f"resumed from step {self.step} in {c.run_dir}")
         self._install_signal_handlers()
-        batches = iter(self.data.train)
         history: list[dict[str, Any]] = []
+        if not resumed and t.eval_every and self.data.valid is not None:
+            record = self.evaluate()  # the untrained baseline that later evaluations improve on
+            logger.log(record)
+            history.append(record)
+        batches = iter(self.data.train)
         window_start, window_tokens = time.perf_counter(), 0
         try:
             while self.step < last:
@@ -189,8 +205,16 @@ class Trainer:
         norm = self.engine.grad_norm()
         record["grad_norm"] = None if norm is None else round(norm, 6)
         record["tokens_per_s"] = round(tokens_per_s, 1)
+        if self.peak_flops:  # tokens_per_s counts every rank, so divide by all their peaks
+            mfu = tokens_per_s * self.flops_per_token / (self.peak_flops * self.world.world_size)
+            record["mfu"] = round(mfu, 4)
         record["tokens_seen"] = self.tokens_seen
         record["padding_frac"] = round(self.data.train.padding_fraction, 6)
+        if len(self.config.data.sources) > 1:  # realised mixture, this rank's share per source
+            shares = self.data.train.metrics()
+            record.update(
+                {k: round(v, 6) for k, v in shares.items() if k.startswith("data/share/")}
+            )
         return record
 
     @torch.no_grad()

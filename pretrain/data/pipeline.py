@@ -10,6 +10,7 @@ are several nodes).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -20,12 +21,13 @@ from typing import Any, cast
 
 import torch
 
-from pretrain.config import Config, ConfigError
+from pretrain.config import Config, ConfigError, SourceConfig
 from pretrain.data.collate import MaskingCollator
 from pretrain.data.loader import Loader, LoaderConfig
 from pretrain.data.masking import Masker
+from pretrain.data.mixing import MixingConfig
 from pretrain.data.packing import PackingConfig, SpecialTokens
-from pretrain.data.sources import ShardSource
+from pretrain.data.sources import ShardSource, Source, TextSource
 from pretrain.models.deberta import DebertaConfig
 
 DEFAULT_CORPUS_VERSION = 1
@@ -38,7 +40,6 @@ class DataBundle:
     valid: Loader | None
     special: SpecialTokens
     vocab_size: int
-    corpus_dir: Path
     tokenizer_dir: Path | None
     _valid_start: dict[str, Any] = field(default_factory=dict)
 
@@ -47,7 +48,7 @@ class DataBundle:
         if model.vocab_size < self.vocab_size:
             raise ConfigError(
                 f"model.vocab_size={model.vocab_size} is smaller than the corpus tokenizer's "
-                f"vocabulary ({self.vocab_size} ids, {self.corpus_dir}); set model.vocab_size={self.vocab_size}"
+                f"vocabulary ({self.vocab_size} ids); set model.vocab_size={self.vocab_size}"
             )
         if model.pad_token_id != self.special.pad:
             raise ConfigError(
@@ -101,44 +102,92 @@ def build_default_corpus(cache_dir: str, vocab_size: int, log=print) -> tuple[Pa
     return shards, tokenizer
 
 
-def resolve_corpus(config: Config, is_main: bool, barrier) -> tuple[Path, Path | None]:
+def _shard_dir(corpus: str, config: Config, is_main: bool, barrier) -> tuple[Path, Path | None]:
+    """(shards, tokenizer or None) of one `corpus` entry; builds the default corpus once."""
     d = config.data
-    if d.corpus == "default":
-        shards, tokenizer = default_corpus_paths(d.cache_dir, d.default_vocab_size)[1:]
-        if is_main:
-            build_default_corpus(d.cache_dir, d.default_vocab_size)
-        barrier()
-    else:
-        shards = Path(d.corpus).expanduser()
-        if not (shards / MANIFEST).is_file():
-            raise ConfigError(
-                f"data.corpus={d.corpus}: no {MANIFEST} there; prepare a corpus with "
-                "`python -m data_prep.corpus --input ... --tokenizer ... --out DIR` or use data.corpus=default"
-            )
-        tokenizer = None
-    if d.tokenizer is not None:
-        tokenizer = Path(d.tokenizer).expanduser()
+    if corpus != "default":  # Config.validate checked that it holds a manifest
+        return Path(corpus).expanduser(), None
+    shards, tokenizer = default_corpus_paths(d.cache_dir, d.default_vocab_size)[1:]
+    if is_main:
+        build_default_corpus(d.cache_dir, d.default_vocab_size)
+    barrier()
     return shards, tokenizer
+
+
+def build_sources(config: Config, is_main: bool, barrier):
+    """(train sources, valid sources, tokenizer dir, special tokens, vocab size) of `data`."""
+    from data_prep.tokenizer import load_tokenizer
+
+    d = config.data
+    entries = d.sources or [SourceConfig(corpus=d.corpus)]
+    shard_dirs = {
+        e.corpus: _shard_dir(e.corpus, config, is_main, barrier) for e in entries if e.corpus
+    }
+    tokenizer_dir = Path(d.tokenizer).expanduser() if d.tokenizer else None
+    if tokenizer_dir is None:  # the default corpus brings its own
+        tokenizer_dir = next((tok for _, tok in shard_dirs.values() if tok is not None), None)
+    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+    manifests = {
+        c: json.loads((shards / MANIFEST).read_text()) for c, (shards, _) in shard_dirs.items()
+    }
+    hashes = {m["tokenizer"]["sha256"] for m in manifests.values()}
+    if len(hashes) > 1:
+        raise ConfigError(
+            f"data.sources were tokenized with {len(hashes)} different tokenizers; use one"
+        )
+    train: list[Source] = []
+    valid: list[tuple[ShardSource, float | None]] = []
+    try:
+        for e in entries:
+            name = e.name or e.corpus or e.dataset
+            if e.corpus:
+                shards = shard_dirs[e.corpus][0]
+                train.append(
+                    ShardSource(shards, "train", tokenizer=tokenizer, name=name, shuffle=d.shuffle)
+                )
+                held_out = ShardSource(
+                    shards, "valid", tokenizer=tokenizer, name=name, shuffle=False
+                )
+                if len(held_out):
+                    valid.append((held_out, e.weight))
+            else:
+                assert tokenizer is not None and e.dataset is not None  # Config.validate
+                train.append(
+                    TextSource(
+                        e.dataset,
+                        tokenizer=tokenizer,
+                        data_files=list(e.data_files) or None,
+                        split=e.split,
+                        text_field=e.text_field,
+                        name=name,
+                        num_tokens=e.num_tokens,
+                    )  # fmt: skip
+                )
+    except ValueError as err:  # ShardError / SourceError: one line that says what is wrong
+        raise ConfigError(str(err)) from None
+    if tokenizer is not None:
+        special = SpecialTokens(
+            tokenizer.pad_id,
+            tokenizer.cls_id,
+            tokenizer.sep_id,
+            tokenizer.unk_id,
+            tokenizer.mask_id,
+        )
+        vocab_size = tokenizer.vocab_size
+    else:
+        first = next(iter(manifests.values()))["tokenizer"]
+        special = SpecialTokens(
+            first["pad_id"], first["cls_id"], first["sep_id"], first["unk_id"], first["mask_id"]
+        )
+        vocab_size = int(first["vocab_size"])
+    return train, valid, tokenizer_dir, special, vocab_size
 
 
 def build_data(config: Config, world) -> DataBundle:
     barrier = torch.distributed.barrier if torch.distributed.is_initialized() else (lambda: None)
-    shards, tokenizer_dir = resolve_corpus(config, world.is_main, barrier)
-    tokenizer = None
-    if tokenizer_dir is not None:
-        from data_prep.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(tokenizer_dir)
-    try:
-        train_source = ShardSource(
-            shards, "train", tokenizer=tokenizer, shuffle=config.data.shuffle
-        )
-        valid_source = ShardSource(shards, "valid", tokenizer=tokenizer, shuffle=False)
-    except ValueError as e:  # ShardError / SourceError: one line that says what is wrong
-        raise ConfigError(str(e)) from None
-    special = train_source.special_tokens
-    vocab_size = _corpus_vocab_size(shards)
-
+    train_sources, valid_sources, tokenizer_dir, special, vocab_size = build_sources(
+        config, world.is_main, barrier
+    )
     word_start = None
     if config.masking.strategy == "whole_word":
         if tokenizer_dir is None:
@@ -154,10 +203,14 @@ def build_data(config: Config, world) -> DataBundle:
         raise ConfigError(str(e)) from None
     seed = config.trainer.seed
     collate = MaskingCollator(masker, seed)
+    weights = [e.weight for e in config.data.sources if e.weight is not None]
+    mixing = MixingConfig(  # Config.validate: every source has a weight, or none has
+        weights=tuple(weights) if weights else None, alpha=config.data.mixing_alpha
+    )
     packing = PackingConfig(seq_len=config.data.seq_len, mode=cast(Any, config.data.packing))
     workers = config.data.num_workers
     train = Loader(
-        [train_source],
+        train_sources,
         packing=packing,
         special=special,
         collate_fn=collate,
@@ -169,21 +222,33 @@ def build_data(config: Config, world) -> DataBundle:
         ),
         rank=world.rank,
         world_size=world.world_size,
+        mixing=mixing,
     )
     valid = None
-    if len(valid_source) > 0:
+    if valid_sources:
+        valid_weights = [w for _, w in valid_sources if w is not None]
         valid = Loader(
-            [valid_source],
+            [src for src, _ in valid_sources],
             packing=PackingConfig(
                 seq_len=config.data.seq_len, mode=cast(Any, config.data.packing), remainder="pad"
             ),
             special=special,
             collate_fn=collate,
-            config=LoaderConfig(batch_size=config.trainer.micro_batch_size, seed=seed, epochs=1),
+            # Cycling, not one epoch: every rank must get trainer.eval_batches batches, or a
+            # rank that ran out would leave the others waiting in a collective (ZeRO-3).
+            config=LoaderConfig(
+                batch_size=config.trainer.micro_batch_size,
+                seed=seed,
+                streams_per_rank=streams_per_rank(config.data.streams, world.world_size, 0),
+            ),
             rank=world.rank,
             world_size=world.world_size,
+            mixing=MixingConfig(
+                weights=tuple(valid_weights) if len(valid_weights) == len(valid_sources) else None,
+                alpha=config.data.mixing_alpha,
+            ),
         )
-    bundle = DataBundle(train, valid, special, vocab_size, shards, tokenizer_dir)
+    bundle = DataBundle(train, valid, special, vocab_size, tokenizer_dir)
     if valid is not None:
         bundle._valid_start = valid.state_dict()
     return bundle
@@ -202,9 +267,3 @@ def streams_per_rank(streams: int, world_size: int, workers: int) -> int:
             f"data.num_workers={workers} must divide data.streams / world size = {per_rank}"
         )
     return per_rank
-
-
-def _corpus_vocab_size(shards: Path) -> int:
-    import json
-
-    return int(json.loads((shards / MANIFEST).read_text())["tokenizer"]["vocab_size"])

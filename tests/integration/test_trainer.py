@@ -107,7 +107,7 @@ def test_run_directory_holds_metrics_checkpoints_config_and_plots(
         assert all(isinstance(r[key], float) for r in trained), key
     assert trained[0]["tokens_seen"] == 16 * 64  # packed: every position is a real token
     evals = [r for r in records if r["split"] == "valid"]
-    assert [r["step"] for r in evals] == [3, 6]
+    assert [r["step"] for r in evals] == [0, 3, 6]
     assert all(0.0 <= r["disc_auc"] <= 1.0 and 0.0 <= r["gen_acc"] <= 1.0 for r in evals)
     assert (run / "checkpoints/latest").read_text().strip() == "step_00000006"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000006"]
@@ -132,3 +132,88 @@ def test_resuming_with_a_changed_model_is_refused_by_name(
     changed = Trainer(make_config(tiny_corpus, tmp_path / "run", "model.intermediate_size=96"))
     with pytest.raises(ConfigError, match="intermediate_size"):
         changed.fit()
+
+
+def test_wandb_offline_run_is_written_without_network(
+    tiny_corpus: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")  # CI exports disabled; this test wants offline
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "wb"
+    train(tiny_corpus, run, "logging.wandb=offline", "trainer.max_steps=2", "trainer.eval_every=0")
+    runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_cli_bad_corpus_path_is_one_clear_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain", "experiment=quickstart", f"data.corpus={tmp_path}/missing",
+         f"hydra.run.dir={tmp_path}/run"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: data.corpus=") and "manifest.json" in last
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_misspelt_override_names_the_key(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain", "trainer.max_step=5", f"hydra.run.dir={tmp_path}/run"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "max_step" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bf16_on_cpu_trains_with_finite_decreasing_loss(tiny_corpus: dict, tmp_path: Path) -> None:
+    records = train(
+        tiny_corpus, tmp_path / "bf16", "deepspeed.precision=bf16", "trainer.max_steps=4",
+        "trainer.eval_every=4", "optim.warmup_steps=1",
+    )  # fmt: skip
+    losses = [r["loss"] for r in records if r["split"] == "train"]
+    assert len(losses) == 4 and all(isinstance(x, float) for x in losses)
+    assert losses[-1] < losses[0]
+
+
+def test_two_weighted_sources_mix_as_configured(tiny_corpus: dict, tmp_path: Path) -> None:
+    # The same shards under two names, weighted 3:1, plus the raw text of a jsonl file streamed
+    # through `datasets` and tokenized on the fly: a domain corpus beside a general one.
+    text = tmp_path / "domain.jsonl"
+    text.write_text(
+        "".join(
+            json.dumps({"text": f"Domain sentence number {i} about proteins."}) + "\n"
+            for i in range(400)
+        )
+    )
+    shards = tiny_corpus["shards"]
+    sources = (
+        f"data.sources=[{{name:general,corpus:'{shards}',weight:3.0}},"
+        f"{{name:again,corpus:'{shards}',weight:0.5}},"
+        f"{{name:domain,dataset:json,data_files:['{text}'],weight:0.5}}]"
+    )
+    records = train(
+        tiny_corpus, tmp_path / "mix", sources, "trainer.max_steps=8", "trainer.eval_every=0"
+    )
+    last = [r for r in records if r["split"] == "train"][-1]
+    shares = {k.split("/")[-1]: v for k, v in last.items() if k.startswith("data/share/")}
+    assert set(shares) == {"general", "again", "domain"}
+    # 8 steps x 16 sequences = 128 draws of p = (0.75, 0.125, 0.125): within 4 sigma
+    assert shares["general"] == pytest.approx(0.75, abs=4 * (0.75 * 0.25 / 128) ** 0.5)
+    assert shares["domain"] > 0
+
+
+def test_mismatched_source_config_is_refused(tiny_corpus: dict, tmp_path: Path) -> None:
+    shards = tiny_corpus["shards"]
+    with pytest.raises(ConfigError, match="weight to every source"):
+        make_config(
+            tiny_corpus,
+            tmp_path,
+            f"data.sources=[{{name:a,corpus:'{shards}',weight:1.0}},{{name:b,corpus:'{shards}'}}]",
+        )
