@@ -103,22 +103,45 @@ class Checkpointer:
         """Step, tokens and config of a checkpoint, readable before loading any tensor."""
         return json.loads((self.root / tag / TRAINER_STATE).read_text())
 
-    def load(self, engine, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        directory = self.root / tag
-        path = directory / rank_file(self.rank)
+    def load(self, engine, tag: str, engine_tag: str | None = None) -> dict[str, Any]:
+        """Restore the engine (from `engine_tag`, e.g. a universal conversion, if given) and
+        return this rank's saved state. Collective under ZeRO-3."""
+        path = self.root / tag / rank_file(self.rank)
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} is missing: checkpoint {tag} was written by fewer ranks than this run has"
             )
-        engine.load(str(self.root), tag)
-        rank_state = torch.load(path, weights_only=False)
-        return self.trainer_state(tag), rank_state
+        engine.load(str(self.root), engine_tag or tag)
+        return torch.load(path, weights_only=False)
+
+    def all_rank_states(self, tag: str) -> list[dict[str, Any]]:
+        """Every saved rank's state, for resuming on another number of ranks."""
+        world = int(self.trainer_state(tag)["world_size"])
+        return [
+            torch.load(self.root / tag / rank_file(r), weights_only=False) for r in range(world)
+        ]
+
+    def universal_tag(self, tag: str, convert) -> str:
+        """The DeepSpeed universal checkpoint of `tag`, converted once by rank 0 with
+        `convert(src, dst)`; ZeRO-partitioned optimizer states need it to load on another
+        number of ranks. Collective: all ranks call it."""
+        universal = f"{tag}_universal"
+        if self.rank == 0 and not (self.root / universal / "done").is_file():
+            tmp = self.root / f"{universal}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            convert(self.root / tag, tmp)
+            (tmp / "done").touch()
+            shutil.rmtree(self.root / universal, ignore_errors=True)
+            tmp.rename(self.root / universal)
+        self._barrier()
+        return universal
 
     def _prune(self, keep: str) -> None:
         tags = sorted(p.name for p in self.root.iterdir() if p.is_dir() and _TAG.match(p.name))
         for old in tags[: max(0, len(tags) - self.keep_last)]:
             if old != keep:
                 shutil.rmtree(self.root / old, ignore_errors=True)
+                shutil.rmtree(self.root / f"{old}_universal", ignore_errors=True)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,6 +82,19 @@ def init_distributed(device: str = "auto") -> World:
         world_size=torch.distributed.get_world_size(),
         device=torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu"),
     )
+
+
+def convert_to_universal(src: Path, dst: Path) -> None:
+    """DeepSpeed's universal checkpoint of `src` in `dst` (optimizer states merged out of their
+    ZeRO partitions), so that a run can resume on another number of ranks."""
+    cmd = [
+        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder", str(src), "--output_folder", str(dst), "--inject_missing_state",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+        raise RuntimeError(f"converting {src} to a universal checkpoint failed: {tail}")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -24,8 +24,9 @@ from omegaconf import OmegaConf
 
 from pretrain.checkpoint import Checkpointer, capture_rng, restore_rng
 from pretrain.config import Config, ConfigError
+from pretrain.data.loader import reshard_states
 from pretrain.data.pipeline import DataBundle, build_data
-from pretrain.engine import Engine, World, init_distributed
+from pretrain.engine import Engine, World, convert_to_universal, init_distributed
 from pretrain.metrics import (
     MetricsLogger,
     binary_auc,
@@ -54,13 +55,27 @@ class Trainer:
         self.data: DataBundle = build_data(config, self.world)
         model_config = self.data.fit_model_config(config.model)
         self.config = config = dataclasses.replace(config, model=model_config)
+        self.checkpointer = Checkpointer(
+            config.run_dir, t.keep_last, self.world.rank, barrier=torch.distributed.barrier
+        )
+        self.resume_tag = self.checkpointer.latest() if t.resume else None
+        self.engine_tag = self.resume_tag
+        self.saved_world_size = self.world.world_size
+        if self.resume_tag is not None:
+            self.saved_world_size = int(
+                self.checkpointer.trainer_state(self.resume_tag)["world_size"]
+            )
+        if self.saved_world_size != self.world.world_size and config.deepspeed.zero_stage > 0:
+            assert self.resume_tag is not None
+            self.engine_tag = self.checkpointer.universal_tag(self.resume_tag, convert_to_universal)
+            extra = {**config.deepspeed.extra, "checkpoint": {"load_universal": True}}
+            config = dataclasses.replace(
+                config, deepspeed=dataclasses.replace(config.deepspeed, extra=extra)
+            )
         _seed_everything(t.seed)  # the same initial weights on every rank, for every ZeRO stage
         self.model = RTDModel(config.model, config.rtd)
         self.engine = Engine(self.model, config, self.world)
         _seed_everything(t.seed + 7919 * self.world.rank)  # dropout differs across ranks
-        self.checkpointer = Checkpointer(
-            config.run_dir, t.keep_last, self.world.rank, barrier=torch.distributed.barrier
-        )
         self.flops_per_token = rtd_train_flops_per_token(
             config.model,
             self.model.generator_config,
@@ -87,7 +102,7 @@ class Trainer:
         return self.checkpointer.save(self.engine, self.step, self.trainer_state(), rank_state)
 
     def resume(self) -> bool:
-        tag = self.checkpointer.latest() if self.config.trainer.resume else None
+        tag = self.resume_tag
         if tag is None:
             return False
         saved_model = self.checkpointer.trainer_state(tag)["config"]["model"]
@@ -98,11 +113,24 @@ class Trainer:
                 f"cannot resume {self.config.run_dir}: the model config changed ({', '.join(changed)}); "
                 "use a new run_dir or restore the original settings"
             )
-        trainer_state, rank_state = self.checkpointer.load(self.engine, tag)
+        trainer_state = self.checkpointer.trainer_state(tag)
+        if self.saved_world_size == self.world.world_size:
+            rank_state = self.checkpointer.load(self.engine, tag, self.engine_tag)
+            self.data.train.load_state_dict(rank_state["data"])
+            restore_rng(rank_state["rng"])
+        else:  # another number of ranks: each data partition moves to its new owner
+            assert self.engine_tag is not None
+            self.engine.load(str(self.checkpointer.root), self.engine_tag)
+            saved = [s["data"] for s in self.checkpointer.all_rank_states(tag)]
+            try:
+                states = reshard_states(saved, self.world.world_size)
+            except ValueError as e:
+                raise ConfigError(
+                    f"cannot resume {self.config.run_dir} on {self.world.world_size} ranks: {e}"
+                ) from None
+            self.data.train.load_state_dict(states[self.world.rank])
         self.step = trainer_state["step"]
         self.tokens_seen = trainer_state["tokens_seen"]
-        self.data.train.load_state_dict(rank_state["data"])
-        restore_rng(rank_state["rng"])
         return True
 
     # ------------------------------------------------------------------ loop

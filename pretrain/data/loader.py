@@ -431,3 +431,48 @@ class Loader(Generic[BatchT]):
             f"batch_size={cfg.batch_size}, streams_per_rank={cfg.streams_per_rank}, "
             f"num_workers={cfg.num_workers}, batches={self.batches})"
         )
+
+
+def reshard_states(states: Sequence[Mapping[str, Any]], world_size: int) -> list[dict[str, Any]]:
+    """Loader states for `world_size` ranks that continue the saved states of another world size.
+
+    The corpus is cut into P = world_size x streams_per_rank partitions and P stays fixed, so a
+    partition's position (and with it the keys of its masks and mixture draws) moves unchanged
+    to the rank that owns it now: no sequence repeats and none is skipped. Only the order in
+    which a rank visits its streams starts over.
+    """
+    if not states:
+        raise ValueError("reshard_states needs the saved state of every rank")
+    first = states[0]
+    old_world, per_rank = int(first["world_size"]), int(first["streams_per_rank"])
+    if sorted(int(s["rank"]) for s in states) != list(range(old_world)):
+        raise ValueError(
+            f"need the loader states of all {old_world} saved ranks, got {len(states)}"
+        )
+    fixed = ("version", "seed", "seq_len", "mode", "world_size", "streams_per_rank")
+    for s in states:
+        if any(s[k] != first[k] for k in fixed):
+            raise ValueError("the saved loader states disagree on their data configuration")
+    partitions = old_world * per_rank
+    if partitions % world_size:
+        raise ValueError(
+            f"the run's {partitions} data streams cannot be split over {world_size} ranks; "
+            "resume on a world size that divides data.streams"
+        )
+    by_partition = {
+        i * old_world + int(s["rank"]): copy.deepcopy(stream)
+        for s in states
+        for i, stream in enumerate(s["streams"])
+    }
+    new_per_rank = partitions // world_size
+    return [
+        {
+            **{k: first[k] for k in ("version", "seed", "seq_len", "mode")},
+            "rank": rank,
+            "world_size": world_size,
+            "streams_per_rank": new_per_rank,
+            "batches": 0,
+            "streams": [by_partition[i * world_size + rank] for i in range(new_per_rank)],
+        }
+        for rank in range(world_size)
+    ]

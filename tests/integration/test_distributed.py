@@ -110,3 +110,24 @@ def test_deepspeed_launcher_matches_one_rank(
         "trainer.micro_batch_size=8", "trainer.global_batch_size=16", "deepspeed=zero2",
     )  # fmt: skip
     assert_same_losses(single_process, two)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before, after, stage", [(2, 1, 2), (1, 2, 3)])
+def test_resume_on_another_number_of_ranks(
+    before: int, after: int, stage: int, tiny_corpus: dict, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    common = (
+        "trainer.micro_batch_size=8",
+        "trainer.global_batch_size=16",
+        f"deepspeed=zero{stage}",
+    )
+    first = launch(torchrun(before), tiny_corpus, run, *common, "trainer.max_steps=3")
+    assert [r["step"] for r in first] == [1, 2, 3]
+    both = launch(torchrun(after), tiny_corpus, run, *common, "trainer.max_steps=5")
+    resumed = [r for r in both if r["step"] > 3]
+    assert [r["step"] for r in resumed] == [4, 5]  # it resumed, it did not start over
+    assert resumed[0]["tokens_seen"] == first[-1]["tokens_seen"] + 16 * 64
+    # the optimizer state came back: the loss continues from where it was, not from scratch
+    assert resumed[0]["loss"] < first[0]["loss"]
