@@ -79,6 +79,8 @@ class OptimConfig:
     generator_lr_mult: float = 1.0
     discriminator_lr_mult: float = 1.0
     embedding_lr_mult: float = 1.0
+    # Layer-wise lr decay: lr x layer_decay^(layers above). 1.0 (off) for pretraining.
+    layer_decay: float = 1.0
 
 
 @dataclass
@@ -182,6 +184,8 @@ class Config:
             raise ConfigError(f"optim.schedule={o.schedule!r}; choose linear or constant")
         if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}")
+        if not 0.0 < o.layer_decay <= 1.0:
+            raise ConfigError(f"optim.layer_decay must be in (0, 1], got {o.layer_decay}")
         if o.lr <= 0 or o.warmup_steps < 0 or o.clip_grad < 0:
             raise ConfigError("optim.lr must be > 0, optim.warmup_steps and optim.clip_grad >= 0")
         if ds.zero_stage not in (0, 1, 2, 3):

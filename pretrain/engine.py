@@ -10,6 +10,7 @@ torch LambdaLR keeps each group's multiplier, which DeepSpeed's own schedulers w
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -140,15 +141,36 @@ def _deep_update(base: dict, extra: dict) -> None:
             base[key] = value
 
 
+_LAYER = re.compile(r"^(generator|discriminator)\.encoder\.layer\.(\d+)\.")
+
+
+def layer_depth(name: str, layers: dict[str, int]) -> int:
+    """How many layers sit above parameter `name` in its own encoder: 0 for the heads and the
+    top layer's, the layer count + 1 for embeddings. Drives layer-wise lr decay."""
+    match = _LAYER.match(name)
+    if match:
+        return layers[match.group(1)] - 1 - int(match.group(2))
+    tower = "generator" if name.startswith(("generator.", "mlm_head.", "emd.")) else "discriminator"
+    if ".embeddings." in name or name.endswith("_delta") or ".encoder." in name:
+        return layers[tower]  # embeddings and the relative-position table sit below layer 0
+    return 0  # heads
+
+
 def parameter_groups(model: nn.Module, config: Config) -> list[dict[str, Any]]:
-    """AdamW groups: (family x decay). Families get the lr multipliers of `optim`; biases,
-    LayerNorm weights and embedding tables are not decayed (BERT/DeBERTa practice)."""
+    """AdamW groups: (family x decay x depth). Families get the lr multipliers of `optim`;
+    biases, LayerNorm weights and embedding tables are not decayed (BERT/DeBERTa practice);
+    with `optim.layer_decay` < 1 a parameter d layers below the top gets lr x layer_decay^d."""
     o = config.optim
+    layers = {}
+    for tower in ("generator", "discriminator"):
+        stack = model.get_submodule(f"{tower}.encoder.layer")
+        assert isinstance(stack, nn.ModuleList)
+        layers[tower] = len(stack)
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     norm_ids = {
         id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()
     }
-    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    groups: dict[tuple[str, bool, int], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -159,7 +181,8 @@ def parameter_groups(model: nn.Module, config: Config) -> list[dict[str, Any]]:
         else:
             family = "discriminator"
         decay = not (name.endswith(".bias") or id(p) in norm_ids or family == "embedding")
-        groups.setdefault((family, decay), []).append(p)
+        depth = layer_depth(name, layers) if o.layer_decay != 1.0 else 0
+        groups.setdefault((family, decay, depth), []).append(p)
     mult = {
         "embedding": o.embedding_lr_mult,
         "generator": o.generator_lr_mult,
@@ -168,11 +191,11 @@ def parameter_groups(model: nn.Module, config: Config) -> list[dict[str, Any]]:
     return [
         {
             "params": params,
-            "lr": o.lr * mult[family],
+            "lr": o.lr * mult[family] * o.layer_decay**depth,
             "weight_decay": o.weight_decay if decay else 0.0,
-            "name": f"{family}{'' if decay else '_no_decay'}",
+            "name": f"{family}{'' if decay else '_no_decay'}_depth{depth}",
         }
-        for (family, decay), params in sorted(groups.items())
+        for (family, decay, depth), params in sorted(groups.items())
     ]
 
 

@@ -1,0 +1,56 @@
+"""Optimizer parameter groups: decay exemptions, lr multipliers, layer-wise decay."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pretrain.config import Config, OptimConfig
+from pretrain.engine import parameter_groups
+from pretrain.models.deberta import DebertaConfig
+from pretrain.models.rtd import RTDModel
+
+
+def groups_by_param(optim: OptimConfig) -> tuple[RTDModel, dict[str, dict]]:
+    model = RTDModel(
+        DebertaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=32,
+        )
+    )
+    config = dataclasses.replace(Config(), optim=optim)
+    groups = parameter_groups(model, config)
+    ids = {id(p): g for g in groups for p in g["params"]}
+    named = {n: ids[id(p)] for n, p in model.named_parameters()}
+    assert sum(len(g["params"]) for g in groups) == len(named)  # every parameter exactly once
+    return model, named
+
+
+def test_no_decay_for_biases_norms_and_embeddings_and_multipliers_apply() -> None:
+    _, g = groups_by_param(
+        OptimConfig(lr=1.0, weight_decay=0.01, generator_lr_mult=0.5, embedding_lr_mult=2.0)
+    )
+    assert g["discriminator.encoder.layer.0.ffn_in.weight"]["weight_decay"] == 0.01
+    assert g["discriminator.encoder.layer.0.ffn_in.bias"]["weight_decay"] == 0.0
+    assert g["discriminator.encoder.layer.0.attention_norm.weight"]["weight_decay"] == 0.0
+    assert g["generator.embeddings.word_embeddings.weight"]["weight_decay"] == 0.0
+    assert g["word_embeddings_delta"]["lr"] == 2.0
+    assert g["generator.encoder.layer.1.ffn_in.weight"]["lr"] == 0.5
+    assert g["mlm_head.dense.weight"]["lr"] == 0.5
+    assert g["rtd_head.dense.weight"]["lr"] == 1.0
+
+
+def test_layer_decay_scales_lr_by_depth_below_the_top() -> None:
+    _, g = groups_by_param(OptimConfig(lr=1.0, layer_decay=0.5))
+    # discriminator: 4 layers; generator: 2 layers (derived, half depth)
+    assert g["rtd_head.classifier.weight"]["lr"] == 1.0
+    assert g["discriminator.encoder.layer.3.ffn_in.weight"]["lr"] == 1.0
+    assert g["discriminator.encoder.layer.0.ffn_in.weight"]["lr"] == pytest.approx(0.5**3)
+    assert g["discriminator.encoder.rel_embeddings.weight"]["lr"] == pytest.approx(0.5**4)
+    assert g["word_embeddings_delta"]["lr"] == pytest.approx(0.5**4)
+    assert g["generator.encoder.layer.0.ffn_in.weight"]["lr"] == pytest.approx(0.5)
+    assert g["generator.embeddings.word_embeddings.weight"]["lr"] == pytest.approx(0.5**2)
