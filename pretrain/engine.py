@@ -9,6 +9,8 @@ torch LambdaLR keeps each group's multiplier, which DeepSpeed's own schedulers w
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import socket
@@ -96,6 +98,16 @@ def convert_to_universal(src: Path, dst: Path) -> None:
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
         raise RuntimeError(f"converting {src} to a universal checkpoint failed: {tail}")
+
+
+def gather_zero_checkpoint(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a ZeRO-1/2/3 checkpoint merged from their partitions, on CPU and
+    without a process group (DeepSpeed's zero_to_fp32)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    quiet = io.StringIO()  # it prints and draws progress bars
+    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
