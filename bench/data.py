@@ -50,7 +50,9 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=5.0)
     args = p.parse_args()
     if not (args.corpus / "manifest.json").is_file():
-        sys.exit(f"error: no corpus at {args.corpus}; run `python -m pretrain experiment=quickstart` once or pass --corpus")
+        sys.exit(
+            f"error: no corpus at {args.corpus}; run `python -m pretrain experiment=quickstart` once or pass --corpus"
+        )
     torch.set_num_threads(1)
 
     shards = open_shards(args.corpus, "train")
@@ -58,12 +60,21 @@ def main() -> None:
     special = SpecialTokens(tok.pad_id, tok.cls_id, tok.sep_id, tok.unk_id, tok.mask_id)
     docs = [shards.doc(i) for i in range(min(len(shards), 5000))]
     packed = list(Packer(PackingConfig(seq_len=args.seq_len), special).pack(docs))
-    batches = [packed[i : i + args.batch] for i in range(0, len(packed) - args.batch + 1, args.batch)]
-    print(f"corpus {args.corpus}: {len(docs)} documents -> {len(packed)} sequences of {args.seq_len}")
+    batches = [
+        packed[i : i + args.batch] for i in range(0, len(packed) - args.batch + 1, args.batch)
+    ]
+    print(
+        f"corpus {args.corpus}: {len(docs)} documents -> {len(packed)} sequences of {args.seq_len}"
+    )
     results: dict[str, float] = {}
 
     def ours(strategy: str) -> Callable[[], int]:
-        masker = Masker(MaskingConfig(strategy=strategy), special, tok.vocab_size, word_start_table(args.tokenizer))
+        masker = Masker(
+            MaskingConfig(strategy=strategy),
+            special,
+            tok.vocab_size,
+            word_start_table(args.tokenizer),
+        )
         collate = MaskingCollator(masker, seed=0)
         packer_cfg = PackingConfig(seq_len=args.seq_len)
         state = {"epoch": 0}
@@ -90,7 +101,9 @@ def main() -> None:
     def hf() -> int:
         return sum(int(hf_collate(b)["input_ids"].numel()) for b in examples)
 
-    results["transformers DataCollatorForLanguageModeling (mask+collate only)"] = timed(hf, args.seconds)
+    results["transformers DataCollatorForLanguageModeling (mask+collate only)"] = timed(
+        hf, args.seconds
+    )
 
     texts = [tok.decode(d.tolist()) for d in docs[:2000]]
 
