@@ -25,6 +25,18 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class ModelConfig(DebertaConfig):
+    """The backbone's shape, plus where to start from when continuing pretraining."""
+
+    # A local Hugging Face DebertaV2 directory (e.g. our export's discriminator/): its
+    # config.json sets the shape and its weights initialise the discriminator.
+    init_from: str | None = None
+    # Its generator (a DebertaV2ForMaskedLM directory); without it the generator starts from
+    # the discriminator's embeddings and lower layers.
+    init_generator_from: str | None = None
+
+
+@dataclass
 class SourceConfig:
     """One entry of `data.sources`: a prepared shard corpus, or raw text streamed by `datasets`
     and tokenized on the fly (with `data.tokenizer`)."""
@@ -118,7 +130,7 @@ class LoggingConfig:
 
 @dataclass
 class Config:
-    model: DebertaConfig = field(default_factory=DebertaConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     rtd: RTDConfig = field(default_factory=RTDConfig)
     data: DataConfig = field(default_factory=DataConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
@@ -132,6 +144,16 @@ class Config:
     def validate(self) -> None:
         """Relations between groups; each group's own fields were checked when it was built."""
         d, t, o, ds = self.data, self.trainer, self.optim, self.deepspeed
+        m = self.model
+        if (
+            m.init_from is not None
+            and not (Path(m.init_from).expanduser() / "config.json").is_file()
+        ):
+            raise ConfigError(
+                f"model.init_from={m.init_from}: no config.json there (a Hugging Face DebertaV2 directory)"
+            )
+        if m.init_generator_from is not None and m.init_from is None:
+            raise ConfigError("model.init_generator_from needs model.init_from (the discriminator)")
         if d.seq_len < 8 or d.seq_len > self.model.max_position_embeddings:
             raise ConfigError(
                 f"data.seq_len={d.seq_len} must be in [8, model.max_position_embeddings="

@@ -23,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pretrain.checkpoint import Checkpointer, capture_rng, restore_rng
-from pretrain.config import Config, ConfigError
+from pretrain.config import Config, ConfigError, ModelConfig
 from pretrain.data.loader import reshard_states
 from pretrain.data.pipeline import DataBundle, build_data
 from pretrain.engine import Engine, World, convert_to_universal, init_distributed
@@ -53,6 +53,8 @@ class Trainer:
         self.world = world or init_distributed(config.trainer.device)
         t = config.trainer
         self.data: DataBundle = build_data(config, self.world)
+        if config.model.init_from:
+            config = self._shape_from_checkpoint(config)
         model_config = self.data.fit_model_config(config.model)
         self.config = config = dataclasses.replace(config, model=model_config)
         self.checkpointer = Checkpointer(
@@ -73,7 +75,7 @@ class Trainer:
                 config, deepspeed=dataclasses.replace(config.deepspeed, extra=extra)
             )
         _seed_everything(t.seed)  # the same initial weights on every rank, for every ZeRO stage
-        self.model = RTDModel(config.model, config.rtd)
+        self.model = self._initial_model(config)
         self.engine = Engine(self.model, config, self.world)
         _seed_everything(t.seed + 7919 * self.world.rank)  # dropout differs across ranks
         self.flops_per_token = rtd_train_flops_per_token(
@@ -86,6 +88,41 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self._stop_signal: int | None = None
+
+    def _shape_from_checkpoint(self, config: Config) -> Config:
+        """Continued pretraining: the model's shape is the Hugging Face checkpoint's."""
+        from pretrain.export import ExportError, check_init_tokenizer, read_hf_config
+
+        m = config.model
+        assert m.init_from is not None
+        try:
+            check_init_tokenizer(m.init_from, self.data.tokenizer_dir)
+            shape = read_hf_config(m.init_from)
+        except ExportError as e:
+            raise ConfigError(f"model.init_from: {e}") from None
+        model = ModelConfig(
+            **dataclasses.asdict(shape),
+            init_from=m.init_from,
+            init_generator_from=m.init_generator_from,
+        )
+        config = dataclasses.replace(config, model=model)
+        config.validate()  # data.seq_len against the checkpoint's max_position_embeddings
+        return config
+
+    def _initial_model(self, config: Config) -> RTDModel:
+        if not config.model.init_from:
+            return RTDModel(config.model, config.rtd)
+        from pretrain.export import ExportError, rtd_from_hf
+
+        try:
+            return rtd_from_hf(
+                config.model.init_from,
+                config.model.init_generator_from,
+                config.rtd,
+                log=print if self.world.is_main else None,
+            )
+        except ExportError as e:
+            raise ConfigError(f"model.init_from: {e}") from None
 
     # ------------------------------------------------------------------ state
 
@@ -168,6 +205,7 @@ class Trainer:
         try:
             while self.step < last:
                 sums = self._train_step(batches)
+                stop = sums.pop("stop") > 0  # any rank was signalled: all stop after this step
                 self.step += 1
                 tokens = int(sums.pop("tokens"))
                 self.tokens_seen += tokens
@@ -187,8 +225,13 @@ class Trainer:
                     record = self.evaluate()
                     logger.log(record)
                     history.append(record)
-                if self._stop_signal is not None:
-                    logger.write(f"signal {self._stop_signal}: saving step {self.step} and exiting")
+                if stop:
+                    why = (
+                        f"signal {self._stop_signal}"
+                        if self._stop_signal
+                        else "another rank's stop signal"
+                    )
+                    logger.write(f"{why}: saving step {self.step} and exiting")
                     self.save()
                     break
                 if t.save_every and self.step % t.save_every == 0:
@@ -224,7 +267,10 @@ class Trainer:
         n = self.engine.batch.accumulation
         means = {k: v / n for k, v in sums.items()}
         means["tokens"] = tokens
-        return _all_reduce_mean(means, self.world, sum_keys=("tokens",))
+        # Rides on the step's all-reduce: ranks signalled a step apart must still stop together,
+        # or one would wait in the checkpoint barrier while the others wait in the next step.
+        means["stop"] = float(self._stop_signal is not None)
+        return _all_reduce_mean(means, self.world, sum_keys=("tokens", "stop"))
 
     def _train_record(self, means: dict[str, float], tokens_per_s: float) -> dict[str, Any]:
         record: dict[str, Any] = {"step": self.step, "split": "train"}

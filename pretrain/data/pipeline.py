@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -31,6 +31,7 @@ from pretrain.data.sources import ShardSource, Source, TextSource
 from pretrain.models.deberta import DebertaConfig
 
 DEFAULT_CORPUS_VERSION = 1
+ModelT = TypeVar("ModelT", bound=DebertaConfig)
 MANIFEST = "manifest.json"
 
 
@@ -43,7 +44,7 @@ class DataBundle:
     tokenizer_dir: Path | None
     _valid_start: dict[str, Any] = field(default_factory=dict)
 
-    def fit_model_config(self, model: DebertaConfig) -> DebertaConfig:
+    def fit_model_config(self, model: ModelT) -> ModelT:
         """Check the model against the corpus's tokenizer: every id must have an embedding."""
         if model.vocab_size < self.vocab_size:
             raise ConfigError(

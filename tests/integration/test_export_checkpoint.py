@@ -92,3 +92,32 @@ def test_zero3_run_exports_to_transformers_with_our_numbers(
         f"zero3 export: discriminator hidden {hidden_diff:.2e}, generator logits {logit_diff:.2e}"
     )
     assert hidden_diff <= TOL and logit_diff <= TOL
+
+
+def test_continued_pretraining_starts_from_the_exported_model(
+    tiny_corpus: dict, tmp_path: Path
+) -> None:
+    from pretrain.export import from_hf, load_run_checkpoint, to_hf
+    from pretrain.trainer import Trainer
+    from tests.integration.test_trainer import train
+
+    train(tiny_corpus, tmp_path / "base", "trainer.max_steps=2", "trainer.eval_every=0")
+    run = load_run_checkpoint(tmp_path / "base")
+    to_hf(run.model, run.tokenizer_dir, tmp_path / "hf")
+    adapted = Trainer(
+        make_config(
+            tiny_corpus, tmp_path / "adapted", "trainer.max_steps=2", "trainer.eval_every=0",
+            f"model.init_from={tmp_path / 'hf/discriminator'}",
+            f"model.init_generator_from={tmp_path / 'hf/generator'}",
+            "model.hidden_size=32",  # ignored: the checkpoint's config.json sets the shape
+        )
+    )  # fmt: skip
+    assert adapted.config.model.hidden_size == 64
+    backbone, _ = from_hf(tmp_path / "hf/discriminator")
+    ours = adapted.model.discriminator.state_dict()
+    word, _ = adapted.model.discriminator_embedding_weights()
+    for name, value in backbone.state_dict().items():
+        got = word if name == "embeddings.word_embeddings.weight" else ours[name]
+        torch.testing.assert_close(got, value, rtol=0, atol=1e-6)
+    records = adapted.fit()
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Run `python -m pretrain` under the DeepSpeed launcher, on this node or on the nodes of a hostfile.
+#
+#   launch/deepspeed.sh experiment=deberta_v3_base deepspeed=zero2          # this node, every GPU
+#   NUM_GPUS=4 launch/deepspeed.sh experiment=deberta_v3_base               # this node, GPUs 0-3
+#   HOSTFILE=launch/hostfile launch/deepspeed.sh experiment=deberta_v3_base deepspeed=zero2
+#
+# With a hostfile (copy launch/hostfile.example), run it once, on the first host listed: the
+# launcher starts the other nodes over passwordless ssh (pdsh), in this same directory with this
+# same Python, so every node needs the repository and its .venv at the same path, and runs/ (and
+# data.cache_dir for the default corpus) on a shared filesystem. Only variables with the usual
+# prefixes (NCCL_, PYTHON, ...) travel to the other nodes; put any others, as KEY=VALUE lines,
+# in ./.deepspeed_env or ~/.deepspeed_env.
+#
+# Arguments are Hydra overrides; the launcher's own `--local_rank=N` is dropped by our entry point.
+# Environment: HOSTFILE (none: this node only), NUM_GPUS (per node; default every GPU, or every
+# hostfile slot), MASTER_ADDR (default: the first host), MASTER_PORT=29500.
+set -euo pipefail
+
+args=(--master_port "${MASTER_PORT:-29500}")
+[[ -n "${HOSTFILE:-}" ]] && args+=(--hostfile "$HOSTFILE")
+[[ -n "${NUM_GPUS:-}" ]] && args+=(--num_gpus "$NUM_GPUS")
+[[ -n "${MASTER_ADDR:-}" ]] && args+=(--master_addr "$MASTER_ADDR")
+
+exec deepspeed "${args[@]}" --module pretrain "$@"

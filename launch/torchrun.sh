@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Run `python -m pretrain` under torchrun: one node, or one call per node of a multi-node job.
+#
+#   launch/torchrun.sh experiment=quickstart                       # this node: every GPU, or 1 process on CPU
+#   NPROC_PER_NODE=2 launch/torchrun.sh experiment=quickstart      # 2 processes (gloo on CPU)
+#
+#   # two nodes of 8 GPUs: the same command on each, differing only in NODE_RANK
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node-001 launch/torchrun.sh experiment=deberta_v3_base deepspeed=zero2
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=node-001 launch/torchrun.sh experiment=deberta_v3_base deepspeed=zero2
+#
+# Arguments are Hydra overrides. Environment, with defaults:
+#   NNODES=1  NODE_RANK=0  MASTER_ADDR=127.0.0.1  MASTER_PORT=29500 (a free port on one node)
+#   NPROC_PER_NODE=<GPUs visible to torch, or 1 without any>   PYTHON=python
+# SIGTERM or SIGUSR1 sent to this script reach every worker, which finishes its step, saves a
+# checkpoint and exits; running the same command again resumes from it.
+set -euo pipefail
+
+PYTHON=${PYTHON:-python}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+if [[ -z "${NPROC_PER_NODE:-}" ]]; then
+  NPROC_PER_NODE=$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')
+fi
+
+# torchrun forwards these signals to the workers (SIGUSR1 is SLURM's usual "time is nearly up")
+# and gives them this long to save before it kills them. Older torch versions ignore both.
+export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
+
+if [[ "$NNODES" == 1 && -z "${MASTER_PORT:-}" ]]; then
+  # One node and no port asked for: let torchrun pick a free one, so that two runs on the same
+  # machine do not collide.
+  rendezvous=(--standalone)
+else
+  rendezvous=(--nnodes "$NNODES" --node_rank "$NODE_RANK"
+              --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}")
+fi
+
+exec "$PYTHON" -m torch.distributed.run "${rendezvous[@]}" --nproc_per_node "$NPROC_PER_NODE" \
+  -m pretrain "$@"
