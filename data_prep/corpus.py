@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from collections import deque
@@ -144,13 +145,15 @@ class _SplitWriter:
         }
 
 
-def _clear_previous(out: Path) -> None:
-    """Remove an earlier run's manifest and shards so no stale shard survives a smaller re-run."""
-    (out / MANIFEST).unlink(missing_ok=True)
-    for split in SPLITS:
-        for pattern in ("tokens_*.bin", "docs_*.npy"):
-            for p in (out / split).glob(pattern):
-                p.unlink()
+def _publish(partial: Path, final: Path) -> None:
+    """Swap the finished corpus in for an earlier one; until this point the earlier one (if any)
+    is untouched, so an interrupted or failed run never leaves a damaged corpus behind."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    partial.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _ordered_results(
@@ -209,9 +212,10 @@ def prepare_corpus(
     first = next(docs, None)
     chained: Iterator[str] = iter(()) if first is None else _prepend(first, docs)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _clear_previous(out)
+    final = Path(out_dir)
+    out = final.with_name(final.name + ".partial")  # written here, renamed when complete
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     writers = {s: _SplitWriter(out, s, dtype, shard_tokens) for s in SPLITS}
     seen: set[bytes] = set()
     empty = duplicate = 0
@@ -267,6 +271,7 @@ def prepare_corpus(
     }
     # Written last: a corpus directory without a manifest is an interrupted run.
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    _publish(out, final)
     return manifest
 
 

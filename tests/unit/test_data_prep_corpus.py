@@ -256,3 +256,21 @@ def test_cli_runs_with_workers(raw_dir: Path, tok_dir: Path, tmp_path: Path) -> 
     reference = tmp_path.parent / (tmp_path.name + "_ref")
     prepare_corpus(reference, tok_dir, [str(raw_dir)], progress=False)
     assert _files(tmp_path) == _files(reference)
+
+
+def test_a_failed_rerun_leaves_the_previous_corpus_intact(
+    raw_dir: Path, tok_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import data_prep.corpus as corpus
+
+    out = tmp_path / "out"
+    corpus.prepare_corpus(out, tok_dir, [raw_dir], progress=False)
+    before = _files(out)
+
+    def crash(self, ids):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(corpus._SplitWriter, "add", crash)
+    with pytest.raises(OSError, match="disk full"):
+        corpus.prepare_corpus(out, tok_dir, [raw_dir], progress=False)
+    assert _files(out) == before  # byte for byte, manifest included

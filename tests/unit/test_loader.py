@@ -250,6 +250,19 @@ def test_resume_gives_identical_batches(
     assert_same(take(again, 3) + take(again, n - 3), straight)
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_resume_mid_epoch_with_2_ranks_x_2_workers(shards: ShardSource, rank: int) -> None:
+    kw = {"rank": rank, "world_size": 2, "streams_per_rank": 2, "num_workers": 2}
+    straight_loader = make([shards], **kw)
+    straight = take(straight_loader, 4)
+    assert straight_loader.epochs_completed == {"a": 0}  # still inside the first pass
+    first = make([shards], **kw)
+    head = take(first, 2)
+    second = make([shards], **kw)
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert_same(head + take(second, 2), straight)
+
+
 def test_resume_across_worker_counts(shards: ShardSource) -> None:
     straight = take(make([shards]), 10)
     first = make([shards], num_workers=2)
