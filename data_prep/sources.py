@@ -223,35 +223,48 @@ def iter_file_documents(
         yield from iter_text_file(path, stats, doc_per_line)
 
 
-def open_dataset(name_or_path: str, split: str = "train", text_field: str = "text") -> Any:
-    """A `datasets` source: a saved dataset directory, or anything `load_dataset` accepts.
+def open_dataset(
+    name_or_path: str,
+    split: str = "train",
+    text_field: str = "text",
+    data_files: Any = None,
+    **load_kwargs: Any,
+) -> Any:
+    """A `datasets` source: a saved dataset directory, or anything `load_dataset` accepts
+    (streamed). Data preparation and the trainer's streaming sources both open datasets here.
 
-    Loaded eagerly (streaming where possible) so that a wrong name, split or field is reported
-    before any work starts.
+    Opened eagerly so that a wrong name, split, file or field is reported, in one line, before
+    any work starts.
     """
     import datasets
 
     path = Path(name_or_path)
     try:
-        if path.is_dir() and (
-            (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+        if (
+            data_files is None
+            and path.is_dir()
+            and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists())
         ):
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds[split]
         else:
-            ds = datasets.load_dataset(name_or_path, split=split, streaming=True)
+            ds = datasets.load_dataset(
+                name_or_path, data_files=data_files, split=split, streaming=True, **load_kwargs
+            )
     except Exception as exc:  # datasets raises many types; all mean "cannot use this source"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        files = "" if data_files is None else f" (data_files={data_files!r})"
         raise InputError(
-            f"cannot load dataset {name_or_path!r} split {split!r}: {type(exc).__name__}: "
-            f"{first} (a hub name needs the network or a local cache; a path must exist)"
+            f"cannot stream dataset {name_or_path!r}{files} split {split!r}: "
+            f"{type(exc).__name__}: {first} (a hub name needs the network or a local cache; "
+            "a path must exist)"
         ) from None
     names = getattr(ds, "column_names", None)
     if names is not None and text_field not in names:
         raise InputError(
             f"dataset {name_or_path!r} has no field {text_field!r} (fields: {', '.join(names)}); "
-            "pass --text-field"
+            "set the text field"
         )
     return ds
 

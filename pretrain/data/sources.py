@@ -323,28 +323,14 @@ class TextSource:
     def _load(self) -> Any:
         if self._dataset is not None:
             return self._dataset
-        import datasets  # imported lazily: shard-only runs never pay for it
+        from data_prep.sources import InputError, open_dataset
 
         try:
-            ds = datasets.load_dataset(
-                self.path,
-                data_files=self.data_files,
-                split=self.split,
-                streaming=True,
-                **self.load_kwargs,
+            ds = open_dataset(
+                self.path, self.split, self.text_field, self.data_files, **self.load_kwargs
             )
-        except Exception as exc:  # datasets raises many types; all mean "cannot use this source"
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise SourceError(
-                f"cannot stream dataset {self.path!r} (data_files={self.data_files!r}, "
-                f"split={self.split!r}): {type(exc).__name__}: {first}"
-            ) from None
-        names = getattr(ds, "column_names", None)
-        if names is not None and self.text_field not in names:
-            raise SourceError(
-                f"dataset {self.path!r} has no field {self.text_field!r} "
-                f"(fields: {', '.join(names)}); set text_field"
-            )
+        except InputError as e:
+            raise SourceError(str(e)) from None
         self._dataset = ds
         return ds
 
