@@ -13,14 +13,21 @@ register_schema()
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Returns the objective a Hydra sweeper minimises: the last held-out generator MLM loss,
+    else the last training loss."""
     try:
         config = to_config(cfg)
         from pretrain.trainer import Trainer  # heavy imports only after the config is valid
 
-        Trainer(config).fit()
+        records = Trainer(config).fit()
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    for split, key in (("valid", "gen_loss"), ("train", "loss")):
+        values = [r[key] for r in records if r["split"] == split and r.get(key) is not None]
+        if values:
+            return float(values[-1])
+    return None
 
 
 def _drop_launcher_args(argv: list[str]) -> list[str]:

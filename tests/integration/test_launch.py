@@ -114,3 +114,30 @@ def test_multirun_sweep_writes_one_run_per_learning_rate(tiny_corpus: dict, tmp_
         # warmup is 2 steps, so the rate logged after step 1 (the next step's) is the peak
         assert records[0]["lr"] == pytest.approx(lr)
         assert (sweep / job / "checkpoints/latest").read_text().strip() == "step_00000002"
+
+
+def test_optuna_sweep_example_runs_trials_and_reports_the_best(
+    tiny_corpus: dict, tmp_path: Path
+) -> None:
+    sweep = tmp_path / "optuna"
+    overrides = [
+        o for o in short_run(tiny_corpus, sweep / "unused") if not o.startswith(("run_dir=", "hydra.run"))
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain", "-m", "hydra/sweeper=optuna_lr", *overrides,
+         f"hydra.sweep.dir={sweep}", "hydra.sweeper.n_trials=2", "trainer.eval_every=2"],
+        capture_output=True, text=True, env=child_env(), timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    lrs = [OmegaConf.load(sweep / job / "config.yaml").optim.lr for job in ("0", "1")]
+    assert all(1e-4 <= lr <= 3e-3 for lr in lrs) and lrs[0] != lrs[1]
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    # the objective is the last held-out generator loss of the best trial
+    finals = []
+    for job in ("0", "1"):
+        rows = [
+            json.loads(line) for line in (sweep / job / "metrics.jsonl").read_text().splitlines()
+        ]
+        finals.append([r["gen_loss"] for r in rows if r["split"] == "valid"][-1])
+    assert best.best_value == pytest.approx(min(finals))
