@@ -11,6 +11,11 @@ each with `config.json` (every DebertaV2Config key written out, never left to a 
 `model.safetensors` and the run's tokenizer files. `from_hf` / `rtd_from_hf` go the other way,
 for fine-tuning with our backbone or continuing pretraining from a Hugging Face checkpoint.
 
+    python -m pretrain.export extend EXPORT_DIR OUT_DIR --old-tokenizer OLD --new-tokenizer NEW
+
+grows an export's vocabulary to a tokenizer extended by `python -m data_prep.extend_vocab`
+(`extend_embeddings`: each new row the mean of the old rows of its piece's old tokens).
+
 Why it is shaped so:
 - Parameter names are translated only by `deberta.to_hf_state_dict` / `from_hf_state_dict`;
   this module adds the head names and the embedding-sharing arithmetic, nothing else.
@@ -696,6 +701,171 @@ def load_run_checkpoint(path: str | Path) -> RunCheckpoint:
 
 
 # --------------------------------------------------------------------------------------------
+# Vocabulary extension (after python -m data_prep.extend_vocab)
+# --------------------------------------------------------------------------------------------
+
+# Tensors indexed by token id besides the word tables: the MLM head's output bias (and an
+# untied decoder, should a directory hold one) in either head layout.
+_VOCAB_ROWS = (
+    "cls.predictions.bias",
+    "cls.predictions.decoder.weight",
+    "cls.predictions.decoder.bias",
+    "lm_predictions.lm_head.bias",
+)
+
+
+def new_piece_sources(old_tokenizer: Any, new_tokenizer: Any) -> list[list[int]]:
+    """For each new id (old vocab .. new vocab - 1), the old ids its piece's text encodes to:
+    the piece with "▁" read as a space, stripped, through the old tokenizer; [UNK] if nothing."""
+    from data_prep.tokenizer import WORD_START
+
+    sources = []
+    for i in range(old_tokenizer.vocab_size, new_tokenizer.vocab_size):
+        text = new_tokenizer.id_to_piece(i).replace(WORD_START, " ").strip()
+        sources.append(old_tokenizer.encode(text) or [old_tokenizer.unk_id])
+    return sources
+
+
+def grow_rows(table: torch.Tensor, sources: Sequence[Sequence[int]]) -> torch.Tensor:
+    """`table` with one row appended per entry of `sources`: the mean of those old rows
+    (computed in float64), old rows untouched. Works for a bias vector as for a matrix."""
+    if not sources:
+        return table.clone()
+    new = [table[list(ids)].double().mean(0).to(table.dtype) for ids in sources]
+    return torch.cat([table, torch.stack(new)])
+
+
+def _extend_model_dir(
+    src: Path,
+    out: Path,
+    old_vocab: int,
+    sources: Sequence[Sequence[int]],
+    new_tokenizer_dir: Path,
+) -> None:
+    config = json.loads((src / CONFIG_FILE).read_text())
+    if config.get("vocab_size") != old_vocab:
+        raise ExportError(
+            f"{src / CONFIG_FILE} has vocab_size {config.get('vocab_size')} but the old tokenizer "
+            f"{old_vocab} ids; extend the tokenizer this model was trained with"
+        )
+    state = read_hf_weights(src)
+    grown = [k for k in state if k.endswith(WORD) or k in _VOCAB_ROWS]
+    if not any(k.endswith(WORD) for k in grown):
+        raise ExportError(f"{src} holds no {WORD}: not a DebertaV2 model directory")
+    for k in grown:
+        if state[k].shape[0] != old_vocab:
+            raise ExportError(
+                f"{src}: {k} has {state[k].shape[0]} rows, not vocab_size {old_vocab}"
+            )
+        state[k] = grow_rows(state[k], sources)
+    config["vocab_size"] = old_vocab + len(sources)
+    extra: dict[str, dict[str, torch.Tensor]] = {}
+    if (src / RTD_HEAD_FILE).is_file():
+        from safetensors.torch import load_file
+
+        extra[RTD_HEAD_FILE] = load_file(src / RTD_HEAD_FILE)
+    _write_model_dir(out, config, state, new_tokenizer_dir, extra)
+    from data_prep.extend_vocab import EXTENSION_FILE
+
+    if (new_tokenizer_dir / EXTENSION_FILE).is_file():
+        shutil.copyfile(new_tokenizer_dir / EXTENSION_FILE, out / EXTENSION_FILE)
+
+
+def extend_embeddings(
+    hf_dir: str | Path,
+    old_tokenizer_dir: str | Path,
+    new_tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    generator_dir: str | Path | None = None,
+) -> dict[str, Path]:
+    """Grow an exported model's vocabulary to an extended tokenizer's (data_prep.extend_vocab).
+
+    `hf_dir`: an export root (holding discriminator/ and maybe generator/) or a model directory
+    (any DebertaV2 model; a generator/ beside a discriminator/ is picked up). Writes
+    `out_dir/discriminator` (and `out_dir/generator`) in `to_hf`'s layout, so `rtd_from_hf`
+    continues pretraining from them. Each new id's word-embedding row (and MLM output bias)
+    is the mean of the old rows of the ids the old tokenizer gives for the piece's text
+    (`new_piece_sources`); old rows are copied bit for bit; config.json's vocab_size is the new
+    one; the new tokenizer files are copied in. Returns the directories written.
+    """
+    from data_prep.tokenizer import MODEL_FILE, TokenizerError, load_tokenizer, sha256_file
+
+    d = Path(hf_dir).expanduser()
+    if (d / DISCRIMINATOR / CONFIG_FILE).is_file():
+        disc = d / DISCRIMINATOR
+    else:
+        disc = d
+    if generator_dir is not None:
+        gen: Path | None = Path(generator_dir).expanduser()
+    else:
+        beside = disc.parent / GENERATOR
+        gen = beside if disc.name == DISCRIMINATOR and (beside / CONFIG_FILE).is_file() else None
+    for part in (disc, gen):
+        if part is not None and not (part / CONFIG_FILE).is_file():
+            raise ExportError(f"{part / CONFIG_FILE} not found: not a Hugging Face model directory")
+    old_dir = Path(old_tokenizer_dir).expanduser()
+    new_dir = check_tokenizer_dir(new_tokenizer_dir, sys.maxsize)
+    try:
+        old, new = load_tokenizer(old_dir), load_tokenizer(new_dir)
+    except TokenizerError as e:
+        raise ExportError(str(e)) from None
+    if new.vocab_size < old.vocab_size or any(
+        new.id_to_piece(i) != old.id_to_piece(i) for i in range(old.vocab_size)
+    ):
+        raise ExportError(
+            f"tokenizer {new_dir} does not extend {old_dir} (its first {old.vocab_size} ids are "
+            "not the old pieces); make it with python -m data_prep.extend_vocab"
+        )
+    for part in (disc, gen):
+        shipped = part / MODEL_FILE if part is not None else None
+        if shipped is not None and shipped.is_file() and sha256_file(shipped) != old.sha256:
+            raise ExportError(
+                f"{part} ships a different tokenizer than {old_dir}; pass the tokenizer the "
+                "model was trained with as the old one"
+            )
+    sources = new_piece_sources(old, new)
+    out = Path(out_dir).expanduser()
+    written = {DISCRIMINATOR: out / DISCRIMINATOR}
+    if gen is not None:
+        written[GENERATOR] = out / GENERATOR
+    for name, src in ((DISCRIMINATOR, disc), (GENERATOR, gen)):
+        if src is not None:
+            if src.resolve() == written[name].resolve():
+                raise ExportError(f"the output {written[name]} is the input; choose another OUT")
+            _extend_model_dir(src, written[name], old.vocab_size, sources, new_dir)
+    return written
+
+
+def extend_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pretrain.export extend",
+        description="Grow an exported model's embeddings to an extended tokenizer "
+        "(python -m data_prep.extend_vocab): new rows are the mean of the old rows of each new "
+        "piece's old tokens. Writes OUT/discriminator (and OUT/generator).",
+    )
+    parser.add_argument(
+        "source", help="an export directory (discriminator/, generator/) or a model"
+    )
+    parser.add_argument("out", help="output directory")
+    parser.add_argument("--old-tokenizer", required=True, help="the model's own tokenizer")
+    parser.add_argument("--new-tokenizer", required=True, help="the extended tokenizer")
+    parser.add_argument(
+        "--generator", default=None, help="generator directory (default: generator/ beside)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        written = extend_embeddings(
+            args.source, args.old_tokenizer, args.new_tokenizer, args.out, args.generator
+        )
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    vocab = json.loads((written[DISCRIMINATOR] / CONFIG_FILE).read_text())["vocab_size"]
+    print(f"extended to {vocab} ids -> " + ", ".join(str(p) for p in written.values()))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
 
@@ -730,6 +900,9 @@ def export_run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["extend"] and not Path("extend").exists():
+        return extend_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m pretrain.export",
         description="Export a run's discriminator and generator as Hugging Face DebertaV2 "
