@@ -48,22 +48,12 @@ from pretrain.export import (  # noqa: E402
 )
 from pretrain.models.deberta import DebertaConfig  # noqa: E402
 from pretrain.models.rtd import IGNORE_INDEX, RTDConfig, RTDModel  # noqa: E402
+from tests.unit.tiny_rtd import TINY_SHAPE  # noqa: E402
 
 TOL = 1e-5  # max abs difference, fp32 on CPU
 MASK_ID = 4
 
-BASE: dict[str, Any] = dict(
-    vocab_size=60,
-    hidden_size=16,
-    num_hidden_layers=4,
-    num_attention_heads=2,
-    intermediate_size=24,
-    max_position_embeddings=32,
-    position_buckets=8,
-    max_relative_positions=16,
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
-)
+BASE: dict[str, Any] = dict(vocab_size=60, num_hidden_layers=4, **TINY_SHAPE)
 # Each sharing mode, and between them absolute positions (whose tables follow the sharing
 # rule), an embedding projection (embedding_size != hidden_size: the legacy MLM head's reason
 # to be), token types, own position projections and the convolution.

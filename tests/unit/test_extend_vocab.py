@@ -42,6 +42,7 @@ from pretrain.export import (  # noqa: E402
 from pretrain.export import main as export_main  # noqa: E402
 from pretrain.models.deberta import DebertaConfig  # noqa: E402
 from pretrain.models.rtd import IGNORE_INDEX, RTDConfig, RTDModel  # noqa: E402
+from tests.unit.tiny_rtd import TINY_SHAPE  # noqa: E402
 
 ADD = 40
 TERMS = """phosphorylation dehydrogenase glycosylation ubiquitination methyltransferase
@@ -58,17 +59,7 @@ DOMAIN_TEXT = [
     "A methyltransferase and a dehydrogenase bind the same ligand in the alpha-helix.",
     "Ubiquitination\tand  glycosylation\nmark the enzyme; the oxidoreductase is an isomerase.",
 ]
-BASE = dict(
-    hidden_size=16,
-    num_hidden_layers=4,
-    num_attention_heads=2,
-    intermediate_size=24,
-    max_position_embeddings=32,
-    position_buckets=8,
-    max_relative_positions=16,
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
-)
+BASE = dict(num_hidden_layers=4, **TINY_SHAPE)
 
 
 def _domain_corpus(path: Path) -> Path:

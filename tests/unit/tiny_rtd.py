@@ -11,20 +11,26 @@ MASK_ID = 4
 VOCAB = 40
 
 
+# The shape of every tiny test model: small enough for float64 finite differences.
+TINY_SHAPE: dict = dict(
+    hidden_size=16,
+    num_attention_heads=2,
+    intermediate_size=24,
+    max_position_embeddings=32,
+    position_buckets=8,
+    max_relative_positions=16,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+
+
 def tiny_model(sharing: str, *, position_biased_input: bool = False, **rtd_kwargs) -> RTDModel:
     torch.manual_seed(0)
     config = DebertaConfig(
         vocab_size=VOCAB,
-        hidden_size=16,
         num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=32,
-        position_buckets=8,
-        max_relative_positions=16,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
         position_biased_input=position_biased_input,
+        **TINY_SHAPE,
     )
     model = RTDModel(config, RTDConfig(embedding_sharing=sharing, **rtd_kwargs))
     # GDES's delta starts at zero; move it (and everything else) off its init so that a
