@@ -2,6 +2,8 @@
 # Installs exactly as the README says (install.sh); the default command is the quick start.
 ARG BASE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
 FROM ${BASE}
+# The base image is chosen at build time, so distribution package versions cannot be pinned here.
+# hadolint ignore=DL3008
 RUN if ! command -v python3 >/dev/null; then \
       apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
       && rm -rf /var/lib/apt/lists/*; \
@@ -9,4 +11,4 @@ RUN if ! command -v python3 >/dev/null; then \
 WORKDIR /opt/pretrain
 COPY . .
 RUN bash install.sh
-CMD [".venv/bin/python", "-m", "pretrain"]
+CMD [".venv/bin/python", "-m", "pretrain", "experiment=quickstart"]
