@@ -46,7 +46,13 @@ from data_prep.shards import (
     dtype_for_vocab,
     tokens_name,
 )
-from data_prep.sources import InputError, ReadStats, clean_text, iter_documents
+from data_prep.sources import (
+    InputError,
+    ReadStats,
+    add_input_arguments,
+    clean_text,
+    iter_documents,
+)
 from data_prep.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 DEFAULT_SHARD_TOKENS = 50_000_000  # about 100 MB per uint16 shard
@@ -289,15 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m data_prep.corpus",
         description="Clean, deduplicate and tokenize text into train/valid token shards.",
     )
-    parser.add_argument("--input", nargs="+", default=[], help="text/jsonl/parquet files or dirs")
-    parser.add_argument("--dataset", default=None, help="a `datasets` name or saved dataset dir")
-    parser.add_argument("--split", default="train", help="dataset split to read (default: train)")
-    parser.add_argument("--text-field", default="text", help="jsonl/parquet/dataset text field")
-    parser.add_argument(
-        "--doc-per-line",
-        action="store_true",
-        help="plain text: one document per line (default: per blank-line-separated block)",
-    )
+    add_input_arguments(parser)
     parser.add_argument("--tokenizer", required=True, type=Path, help="tokenizer directory")
     parser.add_argument("--out", required=True, type=Path, help="output corpus directory")
     parser.add_argument("--valid-fraction", type=float, default=0.01)

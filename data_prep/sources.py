@@ -309,3 +309,16 @@ def _iter_all(
         yield from iter_file_documents(path, stats, text_field, doc_per_line)
     if ds is not None:
         yield from iter_dataset_documents(ds, stats, text_field)
+
+
+def add_input_arguments(parser: Any) -> None:
+    """The input options every data_prep command reads text with (see `iter_documents`)."""
+    parser.add_argument("--input", nargs="+", default=[], help="text/jsonl/parquet files or dirs")
+    parser.add_argument("--dataset", default=None, help="a `datasets` name or saved dataset dir")
+    parser.add_argument("--split", default="train", help="dataset split to read (default: train)")
+    parser.add_argument("--text-field", default="text", help="jsonl/parquet/dataset text field")
+    parser.add_argument(
+        "--doc-per-line",
+        action="store_true",
+        help="plain text: one document per line (default: per blank-line-separated block)",
+    )

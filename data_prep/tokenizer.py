@@ -63,7 +63,13 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
-from data_prep.sources import InputError, ReadStats, clean_text, iter_documents
+from data_prep.sources import (
+    InputError,
+    ReadStats,
+    add_input_arguments,
+    clean_text,
+    iter_documents,
+)
 
 MODEL_FILE = "spm.model"
 SPECIAL_TOKENS_FILE = "special_tokens.json"
@@ -402,13 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Train a SentencePiece tokenizer with DeBERTa special ids "
         "([PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3 [MASK]=4) that transformers loads with identical ids.",
     )
-    parser.add_argument("--input", nargs="+", default=[], help="text/jsonl/parquet files or dirs")
-    parser.add_argument("--dataset", default=None, help="a `datasets` name or saved dataset dir")
-    parser.add_argument("--split", default="train", help="dataset split (default: train)")
-    parser.add_argument("--text-field", default="text", help="jsonl/parquet/dataset text field")
-    parser.add_argument(
-        "--doc-per-line", action="store_true", help="plain text: one document per line"
-    )
+    add_input_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, help="output tokenizer directory")
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
