@@ -242,6 +242,18 @@ def prepare_corpus(
         split_entries = {s: w.close() for s, w in writers.items()}
 
     kept = sum(e["num_docs"] for e in split_entries.values())
+    if kept == 0:  # publishing nothing would replace a good corpus at out_dir with an empty one
+        shutil.rmtree(out, ignore_errors=True)
+        skipped = stats.skipped_files
+        why = [f"read {stats.documents} documents"]
+        why += [f"{n} {what}" for n, what in ((empty, "empty"), (duplicate, "duplicate")) if n]
+        if skipped:
+            shown = ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+            why.append(f"skipped {len(skipped)} binary or undecodable file(s): {shown}")
+        raise InputError(
+            f"no documents to keep ({'; '.join(why)}); nothing was written to {final}. "
+            "Check the inputs and --text-field"
+        )
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -342,9 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"undecodable file(s): {shown}",
             file=sys.stderr,
         )
-    if m["totals"]["documents_kept"] == 0:
-        print("warning: no documents kept; check the inputs and --text-field", file=sys.stderr)
-    elif m["valid_fraction"] > 0 and sp["valid"]["num_docs"] == 0:
+    if m["valid_fraction"] > 0 and sp["valid"]["num_docs"] == 0:
         print("warning: the valid split is empty; raise --valid-fraction", file=sys.stderr)
     print(
         f"{m['totals']['documents_read']} documents read; kept train {sp['train']['num_docs']} "

@@ -136,6 +136,45 @@ def _check_utf8_text(path: Path, stats: ReadStats) -> bool:
     return True
 
 
+# `datasets` builders that read data_files as text; their files are checked before streaming.
+TEXT_BUILDERS = ("text", "json", "csv")
+
+
+def check_data_files(builder: str, data_files: Any) -> None:
+    """Local `data_files` of a text builder must be UTF-8 text, and not all empty.
+
+    Streaming would otherwise fail at the first batch, deep in a loader worker and without the
+    file's name, or train on nothing. Only each file's head is read, so this stays cheap on
+    multi-GB inputs; a decode error further in is reported when the stream reaches it.
+    """
+    if builder not in TEXT_BUILDERS:
+        return
+    if isinstance(data_files, dict):  # {split: files}
+        data_files = [f for v in data_files.values() for f in ([v] if isinstance(v, str) else v)]
+    names = [data_files] if isinstance(data_files, (str, Path)) else list(data_files)
+    files = [Path(f) for f in names if Path(f).is_file()]  # globs and URLs are left to datasets
+    empty = 0
+    for path in files:
+        try:
+            with _open_binary(path) as fh:
+                head = fh.read(_SNIFF_BYTES)
+        except (OSError, EOFError, zlib.error) as exc:  # e.g. a .gz that is not gzip
+            raise InputError(f"cannot read {path}: {exc}; give UTF-8 text files") from None
+        why = "a binary file: it holds NUL bytes" if b"\x00" in head else None
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(head)  # not final: head may cut a char
+        except UnicodeDecodeError as exc:
+            why = why or f"invalid UTF-8 at byte {exc.start}"
+        if why:
+            raise InputError(
+                f"{path} is not UTF-8 text ({why}); remove it from data_files or convert it to text"
+            )
+        empty += len(head) < _SNIFF_BYTES and not head.strip()
+    if files and empty == len(files):
+        shown = ", ".join(map(str, files[:3])) + (" ..." if len(files) > 3 else "")
+        raise InputError(f"data_files are empty ({shown}); give files that hold documents")
+
+
 def _iter_lines(path: Path) -> Iterator[str]:
     with _open_binary(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline=None) as fh:
         for line in fh:
@@ -238,6 +277,8 @@ def open_dataset(
     """
     import datasets
 
+    if data_files is not None:
+        check_data_files(name_or_path, data_files)
     path = Path(name_or_path)
     try:
         if (

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 import hydra
 from omegaconf import DictConfig
 
+from pretrain.checkpoint import CheckpointError
 from pretrain.config import ConfigError, register_schema, to_config
+from pretrain.data.sources import SourceError
 
 register_schema()
 
@@ -18,16 +21,30 @@ def main(cfg: DictConfig) -> float | None:
     else the last training loss."""
     try:
         config = to_config(cfg)
-        from pretrain.trainer import Trainer  # heavy imports only after the config is valid
+        # Heavy imports only after the config is valid.
+        from pretrain.trainer import Trainer, TrainingStopped
 
-        records = Trainer(config).fit()
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+        try:
+            records = Trainer(config).fit()
+        except TrainingStopped as e:
+            _exit_with(e)
+    except (ConfigError, CheckpointError, SourceError) as e:  # SourceError: data read mid-run
+        _exit_with(e)
     for split, key in (("valid", "gen_loss"), ("train", "loss")):
         values = [r[key] for r in records if r["split"] == split and r.get(key) is not None]
         if values:
             return float(values[-1])
     return None
+
+
+def _exit_with(error: Exception) -> NoReturn:
+    """One line and a non-zero exit. The process group is shut down first: a rank that exits
+    with it open can abort in its destructor (SIGABRT) after printing the line."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(f"error: {error}")
 
 
 def _drop_launcher_args(argv: list[str]) -> list[str]:

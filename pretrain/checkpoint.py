@@ -1,25 +1,37 @@
-"""Save, publish and find checkpoints: everything a run needs to continue exactly.
+"""Save, publish, verify and find checkpoints: everything a run needs to continue exactly.
 
 Layout under `<run_dir>/checkpoints/`:
 
     step_00000200/            one checkpoint (DeepSpeed's model/optimizer/scheduler files, plus:)
         trainer_state.json    step, tokens seen, resolved config (rank 0)
         rank_00000.pt         that rank's data-loader state and RNG states (every rank)
-    latest                    the tag of the newest *complete* checkpoint
+        manifest.json         size and sha256 of every file above, written last (rank 0)
+    latest                    the tag of the newest *published* checkpoint
 
-A checkpoint is published by rewriting `latest` atomically (write a temp file, then rename)
-after every rank has finished writing and passed a barrier; a save interrupted half-way leaves
-`latest` pointing at the previous one, so a half-written checkpoint is never picked up. Only
-then are checkpoints beyond `keep_last` deleted.
+Publishing, and why it is safe:
+- Every rank writes its files into `step_X.partial/`; the ranks then agree (a collective) that
+  all writes succeeded. Only then does rank 0 hash the directory into `manifest.json`, rename it
+  to `step_X/` and rewrite `latest` atomically (temp file, fsync, rename). A save killed
+  half-way leaves `latest` at the previous checkpoint; a save that fails (full disk, unwritable
+  directory) raises `CheckpointError` on every rank, removes its partial directory and leaves
+  the previous checkpoint published.
+- Resuming verifies the published checkpoint against its manifest (every file present, same
+  size, same sha256). One that fails is renamed `step_X.damaged` with a warning and the newest
+  older checkpoint that verifies is used instead. Directories newer than `latest` are saves that
+  never finished, like `*.partial`; they are deleted. The manifest covers the files rank 0 can see: on several
+  nodes without a shared file system, only rank 0's node's files are checked.
+- Checkpoints beyond `keep_last` are deleted only after a new one is published.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +40,14 @@ import torch
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
+MANIFEST = "manifest.json"
+DAMAGED = ".damaged"
+PARTIAL = ".partial"  # a checkpoint being written; renamed to its tag once complete
 _TAG = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, or no intact one can be found to resume from."""
 
 
 def tag_for(step: int) -> str:
@@ -61,40 +80,117 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 class Checkpointer:
-    """Finds, writes and prunes the checkpoints of one run directory."""
+    """Finds, writes, verifies and prunes the checkpoints of one run directory.
 
-    def __init__(self, run_dir: str | Path, keep_last: int, rank: int = 0, barrier=None):
+    `barrier`, `all_ok` (every rank's bool -> their AND) and `broadcast` (rank 0's object -> every
+    rank) are the collectives it needs; the defaults serve a single process."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        keep_last: int,
+        rank: int = 0,
+        barrier: Callable[[], Any] | None = None,
+        all_ok: Callable[[bool], bool] | None = None,
+        broadcast: Callable[[Any], Any] | None = None,
+        log: Callable[[str], Any] = print,
+    ):
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.rank = rank
         self._barrier = barrier or (lambda: None)
+        self._all_ok = all_ok or (lambda ok: ok)
+        self._broadcast = broadcast or (lambda obj: obj)
+        self._log = log
 
     def latest(self) -> str | None:
-        """The tag of the newest published checkpoint, or None for a fresh run."""
-        pointer = self.root / LATEST
-        if not pointer.is_file():
-            return None
-        tag = pointer.read_text().strip()
-        if not (self.root / tag / TRAINER_STATE).is_file():
-            raise FileNotFoundError(
-                f"{pointer} names checkpoint {tag!r} but {self.root / tag / TRAINER_STATE} is missing"
-            )
+        """The tag to resume from: the newest published checkpoint that verifies, or None for a
+        fresh run. Rank 0 verifies, sets damaged checkpoints aside, deletes unfinished saves,
+        and tells the other ranks. Collective: all ranks call it."""
+        found: tuple[str | None, str | None] = (None, None)
+        if self.rank == 0:
+            try:
+                found = (self._choose_and_tidy(), None)
+            except CheckpointError as e:
+                found = (None, str(e))
+        tag, error = self._broadcast(found)
+        if error is not None:
+            raise CheckpointError(error)
         return tag
+
+    def _choose_and_tidy(self) -> str | None:
+        published = published_tag(self.root)
+        if published is None:
+            return None
+        newest = step_of(published)
+        for d in self.root.iterdir():  # saves that never published: nothing worth keeping
+            if d.name.endswith(PARTIAL) or (_TAG.match(d.name) and step_of(d.name) > newest):
+                shutil.rmtree(d, ignore_errors=True)
+        rejected: list[str] = []
+        for d in sorted(step_dirs(self.root), key=lambda d: d.name, reverse=True):
+            problem = verify(d)
+            if problem is None:
+                if rejected:
+                    self._log(
+                        f"warning: resuming from {d.name} instead; damaged checkpoints were "
+                        f"renamed *{DAMAGED} for inspection (delete them when done)"
+                    )
+                return d.name
+            rejected.append(f"{d.name}: {problem}")
+            self._log(f"warning: checkpoint {d.name} is damaged ({problem}); skipping it")
+            _set_aside(d)
+        raise CheckpointError(
+            f"no intact checkpoint in {self.root} ({'; '.join(rejected)}); "
+            "start a new run_dir, or set trainer.resume=false to start over in this one"
+        )
 
     def save(
         self, engine, step: int, trainer_state: dict[str, Any], rank_state: dict[str, Any]
     ) -> str:
-        """Write one checkpoint on every rank, then publish it. Collective: all ranks call it."""
+        """Write one checkpoint on every rank, then publish it. Collective: all ranks call it.
+        Raises `CheckpointError` on every rank if any rank's write failed; the previously
+        published checkpoint stays published and intact."""
         tag = tag_for(step)
-        self.root.mkdir(parents=True, exist_ok=True)
-        engine.save(str(self.root), tag, client_state={"step": step})
-        directory = self.root / tag
-        torch.save(rank_state, directory / rank_file(self.rank))
+        partial = self.root / (tag + PARTIAL)
+        previous = published_tag(self.root) if self.rank == 0 else None
+        error: OSError | None = None
+        try:
+            if self.rank == 0:  # leftovers of an unfinished save of this step
+                self.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(partial, ignore_errors=True)
+        except OSError as e:
+            error = e
+        self._barrier()
+        if error is None:
+            try:
+                engine.save(str(self.root), partial.name, client_state={"step": step})
+                torch.save(rank_state, partial / rank_file(self.rank))
+                if self.rank == 0:
+                    _write_atomic(partial / TRAINER_STATE, json.dumps(trainer_state, indent=1))
+            except OSError as e:
+                error = e
+        written = self._all_ok(error is None)  # every rank's files are on disk, or none count
+        if written and self.rank == 0:
+            try:
+                _write_atomic(partial / MANIFEST, json.dumps(manifest(partial), indent=1))
+                final = self.root / tag
+                if final.exists():  # the same step saved again (e.g. a stop right after a save)
+                    shutil.rmtree(final)
+                partial.rename(final)
+                _write_atomic(self.root / LATEST, tag + "\n")
+            except OSError as e:
+                error = e
+        if not self._all_ok(error is None):
+            if self.rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+            kept = f"{previous} stays the latest checkpoint" if previous else "none was saved yet"
+            cause = (
+                f"{error.strerror or error} ({error.filename})" if error else "another rank failed"
+            )
+            raise CheckpointError(
+                f"could not write checkpoint {tag} in {self.root}: {cause}; {kept}"
+            )
         if self.rank == 0:
-            _write_atomic(directory / TRAINER_STATE, json.dumps(trainer_state, indent=1))
-        self._barrier()  # every rank's files are on disk before the pointer moves
-        if self.rank == 0:
-            _write_atomic(self.root / LATEST, tag + "\n")
             self._prune(keep=tag)
         self._barrier()
         return tag
@@ -137,7 +233,7 @@ class Checkpointer:
         return universal
 
     def _prune(self, keep: str) -> None:
-        tags = sorted(p.name for p in self.root.iterdir() if p.is_dir() and _TAG.match(p.name))
+        tags = sorted(d.name for d in step_dirs(self.root))
         for old in tags[: max(0, len(tags) - self.keep_last)]:
             if old != keep:
                 shutil.rmtree(self.root / old, ignore_errors=True)
@@ -151,3 +247,77 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def step_of(tag: str) -> int:
+    match = _TAG.match(tag)
+    assert match, tag
+    return int(match.group(1))
+
+
+def step_dirs(root: Path) -> list[Path]:
+    """Every step_XXXXXXXX directory under `root`, published or not."""
+    if not root.is_dir():
+        return []
+    return [d for d in root.iterdir() if d.is_dir() and _TAG.match(d.name)]
+
+
+def published_tag(root: Path) -> str | None:
+    """What `latest` names (not yet verified), or None if nothing was ever published."""
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    if not _TAG.match(tag):
+        raise CheckpointError(f"{pointer} holds {tag!r}, not a checkpoint tag; is it damaged?")
+    return tag
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def manifest(directory: Path) -> dict[str, Any]:
+    """Size and sha256 of every file in a checkpoint directory (but the manifest itself)."""
+    files = sorted(
+        p
+        for p in directory.rglob("*")
+        if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")
+    )
+    return {
+        "files": {
+            str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in files
+        }
+    }
+
+
+def verify(directory: Path) -> str | None:
+    """None if the checkpoint matches its manifest, else what is wrong with it, in a phrase."""
+    try:
+        expected = json.loads((directory / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST}: its save never finished"
+    except (ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for name, want in sorted(expected.items()):
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, expected {want['bytes']}"
+        if _sha256(path) != want["sha256"]:
+            return f"{name} does not match its sha256"
+    if TRAINER_STATE not in expected:
+        return f"{TRAINER_STATE} is not in the manifest"
+    return None
+
+
+def _set_aside(directory: Path) -> None:
+    aside = directory.with_name(directory.name + DAMAGED)
+    shutil.rmtree(aside, ignore_errors=True)
+    directory.rename(aside)

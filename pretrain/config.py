@@ -116,6 +116,12 @@ class TrainerConfig:
     save_every: int = 500  # 0 saves only at the end (and on preemption)
     keep_last: int = 3
     resume: bool = True  # continue from the run directory's latest checkpoint if there is one
+    # Micro batches with a non-finite loss that may be skipped (with a warning) over the run;
+    # one more stops it with a checkpoint of the last good state. 0 stops at the first.
+    max_nonfinite_skips: int = 5
+    # Failed checkpoint writes (full disk, unwritable dir) tolerated in a row before stopping;
+    # training goes on in between, keeping the last good checkpoint. The final save must work.
+    max_save_failures: int = 2
 
 
 @dataclass
@@ -126,6 +132,8 @@ class LoggingConfig:
     plots: bool = True  # PNG curves in the run directory at the end
     # For MFU on GPUs missing from metrics.PEAK_BF16_FLOPS (or to use a measured peak).
     peak_tflops: float | None = None
+    # Append each step's sample indices to samples_rank<r>.jsonl (debugging data issues).
+    trace_samples: bool = False
 
 
 @dataclass
@@ -198,6 +206,9 @@ class Config:
         ):
             if getattr(t, name) < 1:
                 raise ConfigError(f"trainer.{name} must be >= 1, got {getattr(t, name)}")
+        for name in ("max_nonfinite_skips", "max_save_failures"):
+            if getattr(t, name) < 0:
+                raise ConfigError(f"trainer.{name} must be >= 0, got {getattr(t, name)}")
         if t.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"trainer.device={t.device!r}; choose auto, cpu or cuda")
         if o.name not in ("adamw", "lamb"):

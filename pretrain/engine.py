@@ -295,6 +295,19 @@ class Engine:
             self._grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else None
         self.engine.step()
 
+    def overflow_skips(self) -> int:
+        """Steps DeepSpeed skipped for an fp16 gradient overflow (0 in bf16/fp32)."""
+        return int(getattr(self.engine, "skipped_steps", 0) or 0)
+
+    def loss_scale(self) -> float | None:
+        """The current fp16 dynamic loss scale, None in bf16/fp32."""
+        if self.precision != "fp16":
+            return None
+        scale = getattr(self.optimizer, "cur_scale", None)
+        if scale is None:
+            scale = getattr(self.optimizer, "loss_scale", None)
+        return None if scale is None else float(scale)
+
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 

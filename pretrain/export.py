@@ -58,7 +58,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain.checkpoint import LATEST, TRAINER_STATE
+from pretrain.checkpoint import LATEST, TRAINER_STATE, CheckpointError, published_tag, verify
 from pretrain.models.deberta import (
     DebertaConfig,
     DebertaModel,
@@ -567,10 +567,16 @@ def locate_checkpoint(path: str | Path) -> Path:
         return p
     root = p / "checkpoints" if (p / "checkpoints" / LATEST).is_file() else p
     if (root / LATEST).is_file():
-        tag = (root / LATEST).read_text().strip()
-        if not (root / tag / TRAINER_STATE).is_file():
+        try:
+            tag = published_tag(root)
+        except CheckpointError as e:
+            raise ExportError(str(e)) from None
+        assert tag is not None
+        problem = verify(root / tag)
+        if problem is not None:
             raise ExportError(
-                f"{root / LATEST} names {tag!r} but {root / tag / TRAINER_STATE} is missing"
+                f"the latest checkpoint {root / tag} is damaged ({problem}); give an older "
+                "checkpoint directory instead, or rerun the training to repair the run"
             )
         return root / tag
     raise ExportError(

@@ -218,14 +218,40 @@ def _wandb_id(run_dir: Path) -> str:
 
 
 def _truncate_after(path: Path, step: int) -> None:
+    """Drop the records a resumed run will write again (and a line torn by a crash)."""
     if not path.exists():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= step
-    ]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
     path.write_text("".join(line + "\n" for line in kept))
+
+
+class SampleTrace:
+    """`logging.trace_samples`: the global indices of the samples each step trained on, one
+    JSON line per step in `samples_rank<r>.jsonl`, for finding the data behind a bad step and
+    for checking that a resumed run neither repeats nor skips a sample."""
+
+    def __init__(self, run_dir: str | Path, rank: int, start_step: int, enabled: bool):
+        self._file = None
+        if enabled:
+            path = Path(run_dir) / f"samples_rank{rank:05d}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _truncate_after(path, start_step)
+            self._file = path.open("a")
+
+    def log(self, step: int, samples: list[int]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps({"step": step, "samples": samples}) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -254,6 +280,10 @@ def plot(run_dir: str | Path) -> list[Path]:
             continue
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(*zip(*points, strict=True), marker="." if split == "valid" else None)
+        baseline = [r[f"{key}_unigram"] for r in records if r.get(f"{key}_unigram") is not None]
+        if split == "valid" and baseline:  # gen_acc: the best constant guess, to beat
+            ax.axhline(baseline[-1], linestyle="--", color="gray", label="unigram baseline")
+            ax.legend()
         ax.set_xlabel("step")
         ax.set_title(f"{split} {key}")
         ax.grid(alpha=0.3)

@@ -5,12 +5,20 @@ the run directory's latest checkpoint when there is one, and trains to `trainer.
 An optimizer step is `accumulation` micro batches on every rank; it is logged as the mean of its
 micro batches, averaged over ranks. SIGTERM / SIGUSR1 (preemption) finish the current step,
 save a checkpoint and exit cleanly.
+
+Faults, and what the loop does about them:
+- A micro batch whose loss is not finite on any rank is dropped on every rank before its
+  backward (so no NaN reaches a weight) and the next batch takes its place; past
+  `trainer.max_nonfinite_skips` the run saves its last good state and stops (`TrainingStopped`).
+  The skipped batches stay consumed, so a resumed run does not meet them again.
+- A checkpoint that cannot be written (`CheckpointError`) is reported and training goes on, up
+  to `trainer.max_save_failures` failures in a row; the final save must succeed.
+- Under fp16, DeepSpeed skips overflowing steps and lowers the loss scale; each skip is logged.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import signal
 import time
@@ -22,13 +30,14 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from pretrain.checkpoint import Checkpointer, capture_rng, restore_rng
+from pretrain.checkpoint import Checkpointer, CheckpointError, capture_rng, restore_rng
 from pretrain.config import Config, ConfigError, ModelConfig
 from pretrain.data.loader import reshard_states
 from pretrain.data.pipeline import DataBundle, build_data
 from pretrain.engine import Engine, World, convert_to_universal, init_distributed
 from pretrain.metrics import (
     MetricsLogger,
+    SampleTrace,
     binary_auc,
     device_peak_flops,
     rtd_train_flops_per_token,
@@ -47,6 +56,23 @@ TRAIN_KEYS = (
 )
 
 
+# Model settings a resumed run may change: they leave the weights' meaning alone (dropout, the
+# attention kernel) or only matter at the start (where the initial weights came from).
+FREE_ON_RESUME = frozenset(
+    {
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "attention_impl",
+        "init_from",
+        "init_generator_from",
+    }
+)
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (too many non-finite losses); its last good state was saved."""
+
+
 class Trainer:
     def __init__(self, config: Config, world: World | None = None):
         self.config = config
@@ -58,7 +84,13 @@ class Trainer:
         model_config = self.data.fit_model_config(config.model)
         self.config = config = dataclasses.replace(config, model=model_config)
         self.checkpointer = Checkpointer(
-            config.run_dir, t.keep_last, self.world.rank, barrier=torch.distributed.barrier
+            config.run_dir,
+            t.keep_last,
+            self.world.rank,
+            barrier=torch.distributed.barrier,
+            all_ok=lambda ok: _all_true(ok, self.world),
+            broadcast=_broadcast_from_main,
+            log=print,
         )
         self.resume_tag = self.checkpointer.latest() if t.resume else None
         self.engine_tag = self.resume_tag
@@ -87,7 +119,11 @@ class Trainer:
         self.peak_flops = device_peak_flops(self.world.device, config.logging.peak_tflops)
         self.step = 0
         self.tokens_seen = 0
+        self.nonfinite_skips = 0  # over the whole run; saved in checkpoints
+        self._save_failures = 0  # in a row
+        self._fp16_skipped = 0
         self._stop_signal: int | None = None
+        self._log = print if self.world.is_main else (lambda _line: None)
 
     def _shape_from_checkpoint(self, config: Config) -> Config:
         """Continued pretraining: the model's shape is the Hugging Face checkpoint's."""
@@ -130,6 +166,7 @@ class Trainer:
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
+            "nonfinite_skips": self.nonfinite_skips,
             "world_size": self.world.world_size,
             "config": _as_dict(self.config),
         }
@@ -144,8 +181,10 @@ class Trainer:
             return False
         saved_model = self.checkpointer.trainer_state(tag)["config"]["model"]
         ours = _as_dict(self.config.model)
-        if saved_model != ours:
-            changed = sorted(k for k in ours if saved_model.get(k) != ours[k])
+        changed = sorted(
+            k for k in ours if saved_model.get(k) != ours[k] and k not in FREE_ON_RESUME
+        )
+        if changed:
             raise ConfigError(
                 f"cannot resume {self.config.run_dir}: the model config changed ({', '.join(changed)}); "
                 "use a new run_dir or restore the original settings"
@@ -168,7 +207,26 @@ class Trainer:
             self.data.train.load_state_dict(states[self.world.rank])
         self.step = trainer_state["step"]
         self.tokens_seen = trainer_state["tokens_seen"]
+        self.nonfinite_skips = int(trainer_state.get("nonfinite_skips", 0))
         return True
+
+    def _save_or_carry_on(self, final: bool = False) -> None:
+        """A periodic save that fails is reported and training goes on (its state is intact in
+        memory and the previous checkpoint is kept), up to trainer.max_save_failures in a row;
+        a final save must succeed."""
+        try:
+            self.save()
+        except CheckpointError as e:
+            self._save_failures += 1
+            limit = self.config.trainer.max_save_failures
+            if final or self._save_failures > limit:
+                raise
+            self._log(
+                f"warning: step {self.step}: {e}; training goes on and retries at the next save "
+                f"({self._save_failures} of trainer.max_save_failures={limit} in a row)"
+            )
+        else:
+            self._save_failures = 0
 
     # ------------------------------------------------------------------ loop
 
@@ -194,6 +252,8 @@ class Trainer:
         )
         if resumed:
             logger.write(f"resumed from step {self.step} in {c.run_dir}")
+        self._log = logger.write if self.world.is_main else self._log
+        trace = SampleTrace(c.run_dir, self.world.rank, self.step, c.logging.trace_samples)
         self._install_signal_handlers()
         history: list[dict[str, Any]] = []
         if not resumed and t.eval_every and self.data.valid is not None:
@@ -204,9 +264,11 @@ class Trainer:
         window_start, window_tokens = time.perf_counter(), 0
         try:
             while self.step < last:
-                sums = self._train_step(batches)
+                sums, samples = self._train_step(batches)
                 stop = sums.pop("stop") > 0  # any rank was signalled: all stop after this step
                 self.step += 1
+                trace.log(self.step, samples)
+                self._note_fp16_overflow()
                 tokens = int(sums.pop("tokens"))
                 self.tokens_seen += tokens
                 window_tokens += tokens
@@ -217,10 +279,6 @@ class Trainer:
                     logger.log(record)
                     logger.advance(self.step, record)
                     history.append(record)
-                    if not math.isfinite(record["loss"]):
-                        raise FloatingPointError(
-                            f"non-finite loss {record['loss']} at step {self.step}"
-                        )
                 if t.eval_every and self.step % t.eval_every == 0 and self.data.valid is not None:
                     record = self.evaluate()
                     logger.log(record)
@@ -232,10 +290,10 @@ class Trainer:
                         else "another rank's stop signal"
                     )
                     logger.write(f"{why}: saving step {self.step} and exiting")
-                    self.save()
+                    self._save_or_carry_on(final=True)
                     break
                 if t.save_every and self.step % t.save_every == 0:
-                    self.save()
+                    self._save_or_carry_on()
             else:
                 final = self.step == t.max_steps
                 if (
@@ -247,30 +305,73 @@ class Trainer:
                     record = self.evaluate()
                     logger.log(record)
                     history.append(record)
-                if not (t.save_every and self.step % t.save_every == 0):  # not saved just now
-                    self.save()
+                saved = t.save_every and self.step % t.save_every == 0 and not self._save_failures
+                if not saved:
+                    self._save_or_carry_on(final=True)
         finally:
+            trace.close()
             logger.close(plots=c.logging.plots)
         return history
 
-    def _train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
+    def _train_step(
+        self, batches: Iterator[dict[str, torch.Tensor]]
+    ) -> tuple[dict[str, float], list[int]]:
+        """One optimizer step; returns its rank-averaged metrics and this rank's sample indices."""
         self.engine.module.train()
         sums: dict[str, float] = {k: 0.0 for k in TRAIN_KEYS}
         tokens = 0
+        samples: list[int] = []
         for _ in range(self.engine.batch.accumulation):
             batch = next(batches)
             out = self.engine.forward(batch)
+            while not _all_true(bool(torch.isfinite(out.loss.detach())), self.world):
+                self._skip_nonfinite(out.loss, batch)
+                batch = next(batches)
+                out = self.engine.forward(batch)
             self.engine.backward_and_step(out.loss)
             for k in TRAIN_KEYS:
                 sums[k] += out.metrics[k].item()
             tokens += int(batch["attention_mask"].sum())
+            samples += batch["sample_index"].tolist()
         n = self.engine.batch.accumulation
         means = {k: v / n for k, v in sums.items()}
         means["tokens"] = tokens
         # Rides on the step's all-reduce: ranks signalled a step apart must still stop together,
         # or one would wait in the checkpoint barrier while the others wait in the next step.
         means["stop"] = float(self._stop_signal is not None)
-        return _all_reduce_mean(means, self.world, sum_keys=("tokens", "stop"))
+        return _all_reduce_mean(means, self.world, sum_keys=("tokens", "stop")), samples
+
+    def _skip_nonfinite(self, loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        """Drop a micro batch whose loss is not finite on some rank, or stop the run."""
+        self.nonfinite_skips += 1
+        limit = self.config.trainer.max_nonfinite_skips
+        index = batch["sample_index"].tolist()
+        where = (
+            f"step {self.step + 1}: non-finite loss ({loss.item()} on rank {self.world.rank}'s "
+            f"samples {index[0]}..{index[-1]}, or on another rank)"
+        )
+        if self.nonfinite_skips <= limit:
+            self._log(
+                f"warning: {where}; micro batch skipped "
+                f"({self.nonfinite_skips} of trainer.max_nonfinite_skips={limit})"
+            )
+            return
+        # The weights are still those of the last good step: no non-finite loss was backpropagated.
+        self.save()
+        raise TrainingStopped(
+            f"{where}: more than trainer.max_nonfinite_skips={limit} non-finite losses; the last "
+            f"good state is saved as checkpoint step {self.step}. Lower optim.lr or raise "
+            "optim.warmup_steps, check the data near those samples, then rerun to resume"
+        )
+
+    def _note_fp16_overflow(self) -> None:
+        skipped = self.engine.overflow_skips()
+        if skipped > self._fp16_skipped:
+            self._log(
+                f"step {self.step}: fp16 gradient overflow, DeepSpeed skipped the update "
+                f"(loss scale now {self.engine.loss_scale()})"
+            )
+        self._fp16_skipped = skipped
 
     def _train_record(self, means: dict[str, float], tokens_per_s: float) -> dict[str, Any]:
         record: dict[str, Any] = {"step": self.step, "split": "train"}
@@ -283,6 +384,9 @@ class Trainer:
             mfu = tokens_per_s * self.flops_per_token / (self.peak_flops * self.world.world_size)
             record["mfu"] = round(mfu, 4)
         record["tokens_seen"] = self.tokens_seen
+        record["nonfinite_skips"] = self.nonfinite_skips
+        if self.engine.precision == "fp16":
+            record["loss_scale"] = self.engine.loss_scale()
         record["padding_frac"] = round(self.data.train.padding_fraction, 6)
         if len(self.config.data.sources) > 1:  # realised mixture, this rank's share per source
             shares = self.data.train.metrics()
@@ -306,6 +410,9 @@ class Trainer:
             "valid": 0.0,
         }
         scores, labels = [], []
+        # How often each token is the answer at the masked positions: the best constant guess
+        # (a unigram model that knew these very positions) scores max(counts) / sum(counts).
+        answers = torch.zeros(self.data.vocab_size, dtype=torch.float64)
         for i, batch in enumerate(self.data.valid_batches()):
             if i >= self.config.trainer.eval_batches:
                 break
@@ -315,18 +422,26 @@ class Trainer:
             totals["gen_correct"] += out.metrics["gen_acc"].item() * masked
             totals["gen_loss_sum"] += out.metrics["gen_loss"].item() * masked
             totals["masked"] += masked
+            answers += torch.bincount(
+                batch["labels"][batch["labels"] != -100], minlength=answers.numel()
+            ).double()
             totals["disc_correct"] += out.metrics["disc_acc"].item() * float(valid.sum())
             totals["valid"] += float(valid.sum())
             scores.append(out.disc_logits[valid].float().cpu())
             labels.append(out.replaced[valid].cpu())
         module.train()
         totals = _all_reduce_mean(totals, self.world, sum_keys=tuple(totals))
+        if self.world.world_size > 1:
+            answers = answers.to(self.world.device)
+            torch.distributed.all_reduce(answers)
+        unigram = float(answers.max() / answers.sum().clamp(min=1))
         auc = binary_auc(torch.cat(scores), torch.cat(labels)) if scores else float("nan")
         return {
             "step": self.step,
             "split": "valid",
             "gen_loss": round(totals["gen_loss_sum"] / max(totals["masked"], 1), 6),
             "gen_acc": round(totals["gen_correct"] / max(totals["masked"], 1), 6),
+            "gen_acc_unigram": round(unigram, 6),  # the baseline gen_acc must beat
             "disc_acc": round(totals["disc_correct"] / max(totals["valid"], 1), 6),
             "disc_auc": round(auc, 6),  # rank 0's batches; AUC does not average across ranks
         }
@@ -363,3 +478,21 @@ def _all_reduce_mean(
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=world.device)
     torch.distributed.all_reduce(t)
     return {k: t[i].item() / (1 if k in sum_keys else world.world_size) for i, k in enumerate(keys)}
+
+
+def _all_true(flag: bool, world: World) -> bool:
+    """True when `flag` is true on every rank; a no-op on one rank."""
+    if world.world_size == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=world.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank; a no-op without a process group."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

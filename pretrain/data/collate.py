@@ -27,6 +27,7 @@ class Batch(TypedDict):
 
 class RTDBatch(Batch):
     sampling_noise: torch.Tensor  # float32 [B, L], uniforms for the generator's sampling
+    sample_index: torch.Tensor  # int64 [B], each row's global index (names it in messages)
 
 
 def _stack(rows: Sequence[np.ndarray], name: str) -> torch.Tensor:
@@ -71,4 +72,8 @@ class MaskingCollator:
             sampling_uniforms(len(s.input_ids), seed=self.seed, epoch=s.epoch, index=s.index)
             for s in samples
         ]
-        return RTDBatch(**collate(masked), sampling_noise=torch.from_numpy(np.stack(noise)))
+        return RTDBatch(
+            **collate(masked),
+            sampling_noise=torch.from_numpy(np.stack(noise)),
+            sample_index=torch.tensor([s.index for s in samples], dtype=torch.int64),
+        )

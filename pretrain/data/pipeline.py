@@ -136,10 +136,16 @@ def build_sources(config: Config, is_main: bool, barrier):
         raise ConfigError(
             f"data.sources were tokenized with {len(hashes)} different tokenizers; use one"
         )
+    for i, e in enumerate(entries):
+        if e.corpus and not manifests[e.corpus].get("splits", {}).get("train", {}).get("num_docs"):
+            where = f"data.sources[{i}]" if d.sources else "data"
+            raise ConfigError(f"{where}.corpus={e.corpus} {_no_documents(manifests[e.corpus])}")
     train: list[Source] = []
     valid: list[tuple[ShardSource, float | None]] = []
+    where = ""  # names the entry of a source list in an error
     try:
-        for e in entries:
+        for i, e in enumerate(entries):
+            where = f"data.sources[{i}]: " if d.sources else ""
             name = e.name or e.corpus or e.dataset
             if e.corpus:
                 shards = shard_dirs[e.corpus][0]
@@ -165,7 +171,7 @@ def build_sources(config: Config, is_main: bool, barrier):
                     )  # fmt: skip
                 )
     except ValueError as err:  # ShardError / SourceError: one line that says what is wrong
-        raise ConfigError(str(err)) from None
+        raise ConfigError(f"{where}{err}") from None
     if tokenizer is not None:
         special = SpecialTokens(
             tokenizer.pad_id,
@@ -182,6 +188,21 @@ def build_sources(config: Config, is_main: bool, barrier):
         )
         vocab_size = int(first["vocab_size"])
     return train, valid, tokenizer_dir, special, vocab_size
+
+
+def _no_documents(manifest: dict[str, Any]) -> str:
+    """Why a prepared corpus has no training documents, from what its manifest recorded."""
+    found = []
+    if (read := manifest.get("totals", {}).get("documents_read")) is not None:
+        found.append(f"data_prep read {read} documents")
+    if skipped := manifest.get("skipped_files"):
+        shown = ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+        found.append(f"skipped {len(skipped)} binary or undecodable input file(s): {shown}")
+    why = f" ({'; '.join(found)})" if found else ""
+    return (
+        f"has no training documents{why}; prepare it again with `python -m data_prep.corpus` "
+        "from inputs that hold text"
+    )
 
 
 def build_data(config: Config, world) -> DataBundle:

@@ -335,17 +335,27 @@ class TextSource:
         return ds
 
     def _read(self, ds: Any) -> Iterator[str]:
+        from pyarrow import ArrowInvalid
+
         # `iter(batch_size=...)`, not `for record in ds`: inside a torch DataLoader worker,
         # datasets' __iter__ quietly hands each worker a subset of the files, which would cut
         # our partitions down a second time (and leave workers beyond the file count empty).
-        for batch in ds.iter(batch_size=_READ_BATCH):
-            if self.text_field not in batch:
-                raise SourceError(
-                    f"records of {self.path!r} have no field {self.text_field!r} "
-                    f"(fields: {', '.join(batch)}); set text_field"
-                )
-            for value in batch[self.text_field]:
-                yield value if isinstance(value, str) else ""  # null text: an empty document
+        try:
+            for batch in ds.iter(batch_size=_READ_BATCH):
+                if self.text_field not in batch:
+                    raise SourceError(
+                        f"records of {self.path!r} have no field {self.text_field!r} "
+                        f"(fields: {', '.join(batch)}); set text_field"
+                    )
+                for value in batch[self.text_field]:
+                    yield value if isinstance(value, str) else ""  # null text: an empty document
+        except (UnicodeDecodeError, ArrowInvalid) as e:  # past the heads open_dataset checked
+            files = "" if self.data_files is None else f" (data_files={self.data_files!r})"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise SourceError(
+                f"cannot read {self.path!r}{files}: {type(e).__name__}: {first}; "
+                "fix or remove the bad file"
+            ) from None
 
     def _records(self, num_partitions: int, partition: int) -> Iterator[str]:
         _reset_fsspec_after_fork()

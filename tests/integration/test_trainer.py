@@ -217,3 +217,20 @@ def test_mismatched_source_config_is_refused(tiny_corpus: dict, tmp_path: Path) 
             tmp_path,
             f"data.sources=[{{name:a,corpus:'{shards}',weight:1.0}},{{name:b,corpus:'{shards}'}}]",
         )
+
+
+def test_a_resumed_run_may_change_dropout_but_not_the_model_shape(
+    tiny_corpus: dict, tmp_path: Path
+) -> None:
+    from pretrain.trainer import Trainer
+
+    run = tmp_path / "run"
+    train(tiny_corpus, run, "trainer.max_steps=2", "trainer.eval_every=0")
+    records = train(
+        tiny_corpus, run, "trainer.max_steps=3", "trainer.eval_every=0",
+        "model.hidden_dropout_prob=0.0", "model.attention_probs_dropout_prob=0.0",
+    )  # fmt: skip
+    assert [r["step"] for r in records] == [3]  # resumed from step 2
+    trainer = Trainer(make_config(tiny_corpus, run, "model.intermediate_size=96"))
+    with pytest.raises(ConfigError, match=r"the model config changed \(intermediate_size\)"):
+        trainer.fit()

@@ -274,3 +274,23 @@ def test_a_failed_rerun_leaves_the_previous_corpus_intact(
     with pytest.raises(OSError, match="disk full"):
         corpus.prepare_corpus(out, tok_dir, [raw_dir], progress=False)
     assert _files(out) == before  # byte for byte, manifest included
+
+
+def test_inputs_with_no_document_fail_and_leave_the_previous_corpus_intact(
+    raw_dir: Path, tok_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    prepare_corpus(out, tok_dir, [raw_dir], progress=False)
+    before = _files(out)
+    (tmp_path / "empty.txt").write_text("\n \n")
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    r = _run("data_prep.corpus", "--input", str(tmp_path / "empty.txt"),
+             str(tmp_path / "image.png"), "--tokenizer", str(tok_dir), "--out", str(out))  # fmt: skip
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: no documents to keep (read 0 documents; skipped 1 binary or undecodable "
+        f"file(s): {tmp_path / 'image.png'}); nothing was written to {out}. "
+        "Check the inputs and --text-field"
+    )
+    assert _files(out) == before
+    assert not (tmp_path / "out.partial").exists()

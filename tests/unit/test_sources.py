@@ -283,3 +283,43 @@ def test_text_source_user_errors_are_one_line(tmp_path: Path) -> None:
     src = TextSource("json", data_files=paths, tokenizer=ByteTokenizer(), shard_by="files")
     with pytest.raises(SourceError, match="2 files"):
         list(src.texts(seed=0, epoch=0, num_partitions=4, partition=0))
+
+
+def test_text_source_refuses_binary_and_empty_files_by_name(tmp_path: Path) -> None:
+    _, paths = write_jsonl(tmp_path, files=1)
+    blob = tmp_path / "image.txt"
+    blob.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
+    not_gzip = tmp_path / "notes.txt.gz"
+    not_gzip.write_text("plain text, not gzip\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    for files, message in (
+        ([*paths, str(blob)], f"{blob} is not UTF-8 text (a binary file: it holds NUL bytes)"),
+        ([str(latin1)], f"{latin1} is not UTF-8 text (invalid UTF-8 at byte 3)"),
+        ([str(not_gzip)], f"cannot read {not_gzip}: "),
+        ([str(empty)], f"data_files are empty ({empty})"),
+    ):
+        with pytest.raises(SourceError) as err:
+            TextSource("text", data_files=files, tokenizer=ByteTokenizer())
+        assert message in str(err.value) and "\n" not in str(err.value)
+    # One empty file beside one with text is fine.
+    TextSource("json", data_files=[*paths, str(empty)], tokenizer=ByteTokenizer())
+
+
+def test_text_source_bad_data_past_the_checked_head_is_one_line(tmp_path: Path) -> None:
+    good = "".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(100))
+    assert len(good) > 8192  # past the head that opening the source checks
+    (tmp_path / "a.jsonl").write_text(good + "{not json\n")
+    (tmp_path / "b.txt").write_bytes(good.encode() + b"\xff\xfe\n")
+    for builder, name, error in (
+        ("json", "a.jsonl", "ArrowInvalid"),
+        ("text", "b.txt", "UnicodeDecodeError"),
+    ):
+        src = TextSource(builder, data_files=[str(tmp_path / name)], tokenizer=ByteTokenizer())
+        with pytest.raises(
+            SourceError, match=f"cannot read '{builder}' .*{name}.*: {error}"
+        ) as err:
+            list(src.texts(seed=0, epoch=0, num_partitions=1, partition=0))
+        assert "\n" not in str(err.value)

@@ -1,0 +1,77 @@
+"""`python -m pretrain` with faults injected, for tests/integration/test_faults.py.
+
+The faults live here, in the test harness, not in the trainer: they patch the functions a real
+fault would strike, then run the unmodified CLI. `FAULTS` (JSON, in the environment) picks them:
+
+    {"torn_save": S}        checkpoint S's rank file is half written, then the process gets
+                            SIGKILL: a machine lost in the middle of a save
+    {"enospc_save": [S..]}  every file write of checkpoints S.. fails with ENOSPC (a full disk)
+    {"nan_forward": [N..]}  the N-th training forward of this process (1-based) has a NaN loss
+
+Usage: FAULTS='{"torn_save": 4}' python tests/integration/faulty_run.py [overrides]
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import runpy
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from pretrain.checkpoint import PARTIAL, tag_for
+from pretrain.models.rtd import RTDModel
+
+
+def _in_checkpoint(path: object, steps: list[int]) -> bool:
+    parts = Path(str(path)).parts
+    return any(tag_for(step) + PARTIAL in parts for step in steps)
+
+
+def install(faults: dict) -> None:
+    real_save = torch.save
+
+    if "torn_save" in faults:
+        step = int(faults["torn_save"])
+
+        def torn_save(obj, f, *args, **kwargs):
+            if _in_checkpoint(f, [step]) and Path(str(f)).name.startswith("rank_"):
+                Path(str(f)).write_bytes(b"\x80\x02half a pickle")
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_save(obj, f, *args, **kwargs)
+
+        torch.save = torn_save
+
+    if "enospc_save" in faults:
+        steps = [int(s) for s in faults["enospc_save"]]
+
+        def full_disk_save(obj, f, *args, **kwargs):
+            if _in_checkpoint(f, steps):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+            return real_save(obj, f, *args, **kwargs)
+
+        torch.save = full_disk_save
+
+    if "nan_forward" in faults:
+        bad = {int(n) for n in faults["nan_forward"]}
+        real_forward = RTDModel.forward
+        calls = [0]
+
+        def forward(self, *args, **kwargs):
+            out = real_forward(self, *args, **kwargs)
+            if not self.training:
+                return out
+            calls[0] += 1
+            return out._replace(loss=out.loss * float("nan")) if calls[0] in bad else out
+
+        RTDModel.forward = forward  # type: ignore[method-assign]
+
+
+if __name__ == "__main__":
+    install(json.loads(os.environ.get("FAULTS", "{}")))
+    sys.argv = ["pretrain", *sys.argv[1:]]
+    runpy.run_module("pretrain", run_name="__main__", alter_sys=True)

@@ -1,0 +1,250 @@
+"""Bad input to `python -m pretrain`, one table row each: the real CLI, as a user would run it.
+
+Every row asserts the same four things: a non-zero exit; one error line that names the problem
+and says what to do (the row's fragment); no Python traceback; and nothing in the run directory
+damaged. A row that relaunches an existing run compares every file's sha256 before and after;
+the others must leave no checkpoint behind. Each launch is bounded by a timeout, so a rank that
+hangs instead of exiting fails the row.
+
+Hydra itself reports a misspelt key or a wrong type in a few lines (its first one names the
+override) and never reaches our code; every other problem is ours to report as `error: ...`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_distributed import free_port
+from tests.integration.test_launch import child_env
+from tests.integration.test_trainer import overrides_for
+
+TIMEOUT = 120  # seconds for one launch, start-up included
+TRACEBACK = "Traceback (most recent call last)"
+# Hydra's log of every launch in its output directory (here the run directory): appended to.
+HYDRA_LOG = "__main__.log"
+
+
+@dataclass(frozen=True)
+class Case:
+    overrides: tuple[str, ...]  # on top of a tiny 2-step run; <name> is a path from `inputs`
+    line: str  # a fragment of the error line
+    hydra: bool = False  # Hydra's own message: the error line is the first line of output
+    also: str = ""  # a fragment of the rest of the output (Hydra's line naming the cause)
+    ranks: int = 1  # > 1: that many processes in one world, launched as torchrun would
+    resume: bool = False  # relaunch the trained run of the `trained_run` fixture
+
+
+CASES = [
+    pytest.param(
+        Case(("trainer.max_stepz=3",), "Could not override 'trainer.max_stepz'", hydra=True,
+             also="Key 'max_stepz' not in 'TrainerConfig'"),
+        id="misspelt-key",
+    ),
+    pytest.param(
+        Case(("trainer.max_steps=three",), "Error merging override trainer.max_steps=three",
+             hydra=True, also="Value 'three' of type 'str' could not be converted to Integer"),
+        id="wrong-type",
+    ),
+    pytest.param(
+        Case(("data.corpus=/nonexistent/corpus",),
+             "error: data.corpus=/nonexistent/corpus: no manifest.json there; prepare a corpus "
+             "with `python -m data_prep.corpus"),
+        id="missing-corpus",
+    ),
+    pytest.param(
+        Case(("data.sources=[{name:notes,dataset:text,data_files:['<empty_txt>']}]",),
+             "error: data.sources[0]: data_files are empty (<empty_txt>); give files that hold "
+             "documents"),
+        id="empty-text-file",
+    ),
+    pytest.param(
+        Case(("data.corpus=<valid_only_shards>",),
+             "error: data.corpus=<valid_only_shards> has no training documents (data_prep read 3 "
+             "documents); prepare it again with `python -m data_prep.corpus`"),
+        id="corpus-without-training-documents",
+    ),
+    pytest.param(
+        Case(("data.sources=[{name:blob,dataset:text,data_files:['<blob>']}]",),
+             "error: data.sources[0]: <blob> is not UTF-8 text (a binary file: it holds NUL "
+             "bytes); remove it from data_files or convert it to text"),
+        id="binary-text-file",
+    ),
+    pytest.param(
+        Case(("data.tokenizer=<other_tokenizer>",),
+             "was tokenized with tokenizer sha256 <shards_sha>..., not the given <other_sha>...; "
+             "prepare the corpus again with this tokenizer or use the one it was made with"),
+        id="tokenizer-not-the-corpus-one",
+    ),
+    pytest.param(
+        Case(("model.vocab_size=300",),
+             "error: model.vocab_size=300 is smaller than the corpus tokenizer's vocabulary "
+             "(400 ids); set model.vocab_size=400"),
+        id="vocab-smaller-than-corpus",
+    ),
+    pytest.param(
+        Case(("data.seq_len=1024",),
+             "error: data.seq_len=1024 must be in [8, model.max_position_embeddings=512]"),
+        id="seq-len-above-model-limit",
+    ),
+    pytest.param(
+        Case(("trainer.global_batch_size=24",),
+             "error: trainer.global_batch_size=24 is not a multiple of "
+             "trainer.micro_batch_size=8 x world size 2 = 16; pick a global batch that divides "
+             "evenly", ranks=2),
+        id="global-batch-not-divisible-by-2-ranks",
+    ),
+    pytest.param(
+        Case(("model.hidden_size=96",),
+             "error: cannot resume <run>: the model config changed (hidden_size); use a new "
+             "run_dir or restore the original settings", resume=True),
+        id="resume-with-changed-model",
+    ),
+]  # fmt: skip
+
+
+def fill(text: str, paths: dict[str, object]) -> str:
+    for name, value in paths.items():
+        text = text.replace(f"<{name}>", str(value))
+    return text
+
+
+def tiny_run(corpus: dict, run_dir: Path, *extra: str) -> list[str]:
+    """A 2-step run that saves only at its end, Hydra's output directory being the run's."""
+    return overrides_for(
+        corpus, run_dir, "trainer.max_steps=2", "trainer.eval_every=0", "trainer.save_every=0",
+        f"hydra.run.dir={run_dir}", *extra,
+    )  # fmt: skip
+
+
+def launch(overrides: list[str], ranks: int = 1) -> list[tuple[int, str]]:
+    """(exit code, stdout + stderr) of each rank of `python -m pretrain`. Several ranks get the
+    environment torchrun gives its workers; unlike torchrun, nothing kills a rank when another
+    exits, so every rank has to stop by itself."""
+    cmd = [sys.executable, "-m", "pretrain", *overrides]
+    if ranks == 1:
+        proc = subprocess.run(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(),
+            timeout=TIMEOUT,
+        )  # fmt: skip
+        return [(proc.returncode, proc.stdout)]
+    world = {"WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs = [
+        subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=child_env(RANK=str(r), LOCAL_RANK=str(r), **world),
+        )
+        for r in range(ranks)
+    ]
+    try:
+        outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+        return [(p.returncode, out) for p, out in zip(procs, outputs, strict=True)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    """Every file of a run directory, by its path in it."""
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file()
+    }
+
+
+def assert_undamaged(before: dict[str, bytes], after: dict[str, bytes]) -> None:
+    """Every file as it was; the launch may only add its own Hydra record (.hydra/<time>/) and
+    lines to Hydra's log."""
+    for name, data in before.items():
+        assert name in after, f"{name} was deleted"
+        if name == HYDRA_LOG:
+            assert after[name].startswith(data), f"{name} was rewritten"
+        else:
+            assert after[name] == data, f"{name} was changed"
+    added = set(after) - set(before)
+    assert all(name.startswith(".hydra/") for name in added), f"new files: {sorted(added)}"
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_corpus: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """The bad files and corpora of the table, made with the project's own data_prep."""
+    from data_prep.corpus import prepare_corpus
+    from data_prep.tokenizer import load_tokenizer, train_tokenizer
+
+    root = tmp_path_factory.mktemp("bad_input")
+    (root / "empty.txt").write_bytes(b"")
+    # A PNG signature and bytes 0-255: what an image left in a text directory starts with.
+    (root / "blob.bin").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 16)
+    shards = tiny_corpus["shards"]
+    # Three documents, all drawn into the held-out split: nothing left to train on.
+    (root / "three.txt").write_text("A first document.\n\nA second one.\n\nAnd a third.\n")
+    prepare_corpus(root / "valid_only_shards", tiny_corpus["tokenizer"], [root / "three.txt"],
+                   valid_fraction=0.999, progress=False)  # fmt: skip
+    # Another tokenizer of the same text, as a second experiment's would be.
+    text = json.loads((shards / "manifest.json").read_text())["inputs"]
+    train_tokenizer(root / "other_tokenizer", text, vocab_size=300, num_threads=1, progress=False)
+    return {
+        "empty_txt": root / "empty.txt",
+        "blob": root / "blob.bin",
+        "valid_only_shards": root / "valid_only_shards",
+        "other_tokenizer": root / "other_tokenizer",
+        "shards_sha": load_tokenizer(tiny_corpus["tokenizer"]).sha256[:12],
+        "other_sha": load_tokenizer(root / "other_tokenizer").sha256[:12],
+    }
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_corpus: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory holding a finished 2-step run and its checkpoint."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    [(rc, out)] = launch(tiny_run(tiny_corpus, run))
+    assert rc == 0, out[-3000:]
+    assert (run / "checkpoints/latest").read_text().strip() == "step_00000002"
+    return run
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_fails_at_once_with_one_line_and_no_damage(
+    case: Case,
+    tiny_corpus: dict,
+    inputs: dict[str, object],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    run = request.getfixturevalue("trained_run") if case.resume else tmp_path / "run"
+    paths = {**inputs, "run": run}
+    before = snapshot(run) if case.resume else None
+    if before is not None:
+        assert {"config.yaml", "metrics.jsonl", "checkpoints/latest"} <= set(before)
+    overrides = [fill(o, paths) for o in case.overrides]
+    results = launch(tiny_run(tiny_corpus, run, *overrides), case.ranks)
+
+    assert len(results) == case.ranks
+    for rank, (rc, out) in enumerate(results):
+        where = f"rank {rank} of {case.ranks}:\n{out[-3000:]}"
+        assert rc != 0, where
+        assert TRACEBACK not in out, where
+        lines = [line for line in out.splitlines() if line.strip()]
+        if case.hydra:
+            error = lines[0]
+        else:
+            ours = [line for line in lines if line.startswith("error: ")]
+            assert len(ours) == 1, where
+            error = ours[0]
+        assert fill(case.line, paths) in error, where
+        assert fill(case.also, paths) in out, where
+    if case.resume:
+        assert_undamaged(before, snapshot(run))  # checkpoints, metrics, config.yaml, .hydra
+    else:
+        assert not (run / "checkpoints").exists()

@@ -1,0 +1,265 @@
+"""Faults a multi-day run meets, each in a real CPU run of the CLI, each bounded in time.
+
+- kill -9 at a random step (several seeds): the relaunched run's loss sequence is identical to
+  an uninterrupted run's, and every sample is trained on exactly once.
+- A save torn by kill -9, and a published checkpoint whose file was corrupted or deleted: the
+  damage is detected, the checkpoint before is resumed, and the losses still match.
+- A full disk during a save: a warning and training goes on; past the configured tolerance (or
+  at the final save) one clear error and a non-zero exit, the last good checkpoint intact.
+- Non-finite losses: skipped with a warning naming the step and samples; past the configured
+  count, a checkpoint of the last good state and one clear error.
+
+Faults are injected by tests/integration/faulty_run.py, which patches the function a real fault
+would strike and then runs the unmodified CLI. SIGTERM/SIGUSR1 are in test_preemption.py.
+The runs use a constant learning rate after warmup, so a run extended from 6 to 8 steps has the
+same schedule as one planned for 8, and losses compare across them exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pretrain.checkpoint import verify
+from tests.integration.test_launch import child_env, train_records
+from tests.integration.test_preemption import running, wait_for_steps
+from tests.integration.test_trainer import overrides_for
+
+FAULTY_RUN = Path(__file__).with_name("faulty_run.py")
+STEPS = 8
+RUN_TIMEOUT = 180  # seconds for one launch to finish
+
+
+def fault_run(corpus: dict, run_dir: Path, *extra: str) -> list[str]:
+    return overrides_for(
+        corpus, run_dir, f"trainer.max_steps={STEPS}", "trainer.eval_every=0",
+        "trainer.save_every=2", "trainer.keep_last=3", "optim.schedule=constant",
+        "logging.trace_samples=true", f"hydra.run.dir={run_dir}", *extra,
+    )  # fmt: skip
+
+
+def launch(
+    corpus: dict, run_dir: Path, *extra: str, faults: dict | None = None
+) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(FAULTY_RUN), *fault_run(corpus, run_dir, *extra)]
+    env = child_env(FAULTS=json.dumps(faults or {}))
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT)
+
+
+def output(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout + proc.stderr
+
+
+def losses(run_dir: Path) -> dict[int, tuple]:
+    """Each step's logged numbers; a step logged twice (redone after a crash) keeps the last."""
+    keys = ("loss", "gen_loss", "disc_loss", "gen_acc", "disc_acc", "grad_norm", "tokens_seen")
+    return {r["step"]: tuple(r[k] for k in keys) for r in train_records(run_dir)}
+
+
+def samples(run_dir: Path) -> dict[int, list[int]]:
+    """Each step's sample indices (the last entry for a step that was redone)."""
+    lines = (run_dir / "samples_rank00000.jsonl").read_text().splitlines()
+    return {r["step"]: r["samples"] for r in map(json.loads, lines)}
+
+
+def latest(run_dir: Path) -> str:
+    return (run_dir / "checkpoints/latest").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_corpus: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run every faulty one is compared with."""
+    run = tmp_path_factory.mktemp("faults") / "reference"
+    proc = launch(tiny_corpus, run)
+    assert proc.returncode == 0, output(proc)[-3000:]
+    assert sorted(losses(run)) == list(range(1, STEPS + 1))
+    trained = [i for step in sorted(samples(run)) for i in samples(run)[step]]
+    assert len(trained) == len(set(trained)) == STEPS * 16  # 16 sequences a step, all distinct
+    return run
+
+
+def assert_same_training(run: Path, reference: Path) -> None:
+    """Identical numbers at every step, and the same samples, each trained on once."""
+    assert losses(run) == losses(reference)
+    assert samples(run) == samples(reference)
+    assert latest(run) == f"step_{STEPS:08d}" and verify(run / "checkpoints" / latest(run)) is None
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kill_9_at_a_random_step_then_resume_gives_the_identical_run(
+    seed: int, tiny_corpus: dict, reference: Path, tmp_path: Path
+) -> None:
+    rng = random.Random(seed)
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(FAULTY_RUN), *fault_run(tiny_corpus, run)]
+    killed_after = rng.randint(1, STEPS - 2)  # logged steps before the kill
+    with running(cmd, child_env(), tmp_path / "killed.log") as proc:
+        wait_for_steps(proc, run, tmp_path / "killed.log", killed_after)
+        proc.send_signal(signal.SIGKILL)  # no handler, no save, no cleanup
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert max(losses(run)) < STEPS, "the run finished before it was killed; kill earlier"
+    # The newest published checkpoint: a save the kill interrupted does not count.
+    saved = int(latest(run).split("_")[1]) if (run / "checkpoints/latest").is_file() else 0
+    resumed = launch(tiny_corpus, run)
+    assert resumed.returncode == 0, output(resumed)[-3000:]
+    if saved:
+        assert f"resumed from step {saved}" in output(resumed)
+    assert_same_training(run, reference)
+
+
+def test_a_save_killed_half_way_is_never_resumed(
+    tiny_corpus: dict, reference: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    torn = launch(tiny_corpus, run, faults={"torn_save": 4})
+    assert torn.returncode == -signal.SIGKILL, output(torn)[-3000:]
+    assert latest(run) == "step_00000002"  # the torn step_4 was never published
+    assert (run / "checkpoints/step_00000004.partial").is_dir()
+
+    resumed = launch(tiny_corpus, run)
+    assert resumed.returncode == 0, output(resumed)[-3000:]
+    assert "resumed from step 2" in output(resumed)
+    assert not (run / "checkpoints/step_00000004.partial").exists()  # an unfinished save, gone
+    assert_same_training(run, reference)
+
+
+def flip_a_byte(step_dir: Path) -> str:
+    path = step_dir / "rank_00000.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return "rank_00000.pt does not match its sha256"
+
+
+def delete_a_file(step_dir: Path) -> str:
+    (model,) = step_dir.glob("*model_states.pt")
+    model.unlink()
+    return f"{model.name} is missing"
+
+
+@pytest.mark.parametrize("damage", [flip_a_byte, delete_a_file])
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_one_before_resumed(
+    damage, tiny_corpus: dict, reference: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    first = launch(tiny_corpus, run, "trainer.max_steps=6")
+    assert first.returncode == 0, output(first)[-3000:]
+    checkpoints = run / "checkpoints"
+    problem = damage(checkpoints / "step_00000006")
+
+    resumed = launch(tiny_corpus, run)  # on to STEPS
+    out = output(resumed)
+    assert resumed.returncode == 0, out[-3000:]
+    assert f"warning: checkpoint step_00000006 is damaged ({problem}); skipping it" in out
+    assert "resumed from step 4" in out
+    assert (checkpoints / "step_00000006.damaged").is_dir()  # kept for inspection
+    assert_same_training(run, reference)
+
+
+def test_a_full_disk_during_a_save_warns_and_training_goes_on(
+    tiny_corpus: dict, reference: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    proc = launch(tiny_corpus, run, faults={"enospc_save": [4]})
+    out = output(proc)
+    assert proc.returncode == 0, out[-3000:]
+    assert (
+        "warning: step 4: could not write checkpoint step_00000004 in "
+        f"{run / 'checkpoints'}: No space left on device"
+    ) in out
+    assert "step_00000002 stays the latest checkpoint; training goes on" in out
+    names = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
+    assert names == ["step_00000002", "step_00000006", "step_00000008"]  # no partial step_4
+    assert_same_training(run, reference)
+
+
+@pytest.mark.parametrize(
+    ("extra", "full_at", "kept"),
+    [
+        (("trainer.max_save_failures=0",), [4], "step_00000002"),  # no tolerance
+        ((), [STEPS], "step_00000006"),  # the final save must succeed
+    ],
+    ids=["past-the-tolerance", "final-save"],
+)
+def test_a_save_that_keeps_failing_stops_with_one_line_and_the_last_good_checkpoint(
+    extra: tuple[str, ...], full_at: list[int], kept: str, tiny_corpus: dict, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    proc = launch(tiny_corpus, run, *extra, faults={"enospc_save": full_at})
+    out = output(proc)
+    assert proc.returncode != 0
+    assert "Traceback" not in out, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, out[-3000:]
+    assert errors[0].startswith(
+        f"error: could not write checkpoint step_{full_at[0]:08d} in {run / 'checkpoints'}: "
+        "No space left on device ("
+    )
+    assert errors[0].endswith(f"; {kept} stays the latest checkpoint")
+    assert latest(run) == kept and verify(run / "checkpoints" / kept) is None
+
+
+def test_non_finite_losses_are_skipped_with_a_warning_naming_step_and_samples(
+    tiny_corpus: dict, reference: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    # Training forward 5 is step 3's first micro batch (2 micro batches a step).
+    proc = launch(tiny_corpus, run, faults={"nan_forward": [5]})
+    out = output(proc)
+    assert proc.returncode == 0, out[-3000:]
+    warnings = [line for line in out.splitlines() if "non-finite" in line]
+    assert len(warnings) == 1, out[-3000:]
+    assert warnings[0].startswith("warning: step 3: non-finite loss (nan on rank 0's samples ")
+    assert warnings[0].endswith("micro batch skipped (1 of trainer.max_nonfinite_skips=5)")
+    first, last = map(int, warnings[0].split("samples ")[1].split(",")[0].split("..")[:2])
+    records = train_records(run)
+    assert all(r["loss"] is not None for r in records)  # nothing non-finite was trained on
+    assert [r["nonfinite_skips"] for r in records] == [0, 0] + [1] * (STEPS - 2)
+    trained = samples(run)
+    assert trained[1] == samples(reference)[1] and trained[2] == samples(reference)[2]
+    assert first not in trained[3] and last not in trained[3]  # the bad batch was dropped
+    flat = [i for step in sorted(trained) for i in trained[step]]
+    assert len(flat) == len(set(flat)) == STEPS * 16
+
+
+def test_too_many_non_finite_losses_stop_with_the_last_good_state_saved(
+    tiny_corpus: dict, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    proc = launch(tiny_corpus, run, "trainer.max_nonfinite_skips=1", faults={"nan_forward": [7, 8]})
+    out = output(proc)
+    assert proc.returncode != 0
+    assert "Traceback" not in out, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, out[-3000:]
+    assert errors[0].startswith("error: step 4: non-finite loss (nan on rank 0's samples ")
+    assert "more than trainer.max_nonfinite_skips=1 non-finite losses" in errors[0]
+    assert "the last good state is saved as checkpoint step 3" in errors[0]
+    assert latest(run) == "step_00000003" and verify(run / "checkpoints/step_00000003") is None
+
+    from pretrain.export import load_run_checkpoint
+
+    model = load_run_checkpoint(run).model
+    assert all(p.isfinite().all() for p in model.parameters())
+
+
+def test_a_torn_last_metrics_line_does_not_break_the_resume(
+    tiny_corpus: dict, reference: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    shutil.rmtree(run / "checkpoints" / "step_00000008")
+    (run / "checkpoints/latest").write_text("step_00000006\n")
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 9, "split": "tr')  # killed in the middle of a write
+    again = launch(tiny_corpus, run)
+    assert again.returncode == 0, output(again)[-3000:]
+    assert "resumed from step 6" in output(again)
+    assert_same_training(run, reference)
