@@ -162,6 +162,12 @@ class Config:
             )
         if m.init_generator_from is not None and m.init_from is None:
             raise ConfigError("model.init_generator_from needs model.init_from (the discriminator)")
+        if m.attention_impl == "triton" and m.attention_probs_dropout_prob > 0:
+            raise ConfigError(
+                "model.attention_impl=triton has no attention dropout, but "
+                f"model.attention_probs_dropout_prob={m.attention_probs_dropout_prob}; set it to "
+                "0, or use attention_impl=auto (eager while that dropout is on)"
+            )
         if d.seq_len < 8 or d.seq_len > self.model.max_position_embeddings:
             raise ConfigError(
                 f"data.seq_len={d.seq_len} must be in [8, model.max_position_embeddings="

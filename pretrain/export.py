@@ -695,7 +695,9 @@ def load_run_checkpoint(path: str | Path) -> RunCheckpoint:
     state = json.loads((step_dir / TRAINER_STATE).read_text())
     config = state["config"]
     try:
-        model_config = DebertaConfig(**_known_fields(DebertaConfig, config["model"]))
+        fields = _known_fields(DebertaConfig, config["model"])
+        # Eager attention: a run trained with the fused kernel loads on a CPU all the same.
+        model_config = DebertaConfig(**{**fields, "attention_impl": "eager"})
         rtd_config = RTDConfig(**_known_fields(RTDConfig, config["rtd"]))
     except (KeyError, TypeError, ValueError) as e:
         raise ExportError(f"{step_dir / TRAINER_STATE} holds no usable model config: {e}") from None

@@ -137,7 +137,7 @@ class Trainer:
         except ExportError as e:
             raise ConfigError(f"model.init_from: {e}") from None
         model = ModelConfig(
-            **dataclasses.asdict(shape),
+            **{**dataclasses.asdict(shape), "attention_impl": m.attention_impl},
             init_from=m.init_from,
             init_generator_from=m.init_generator_from,
         )

@@ -7,6 +7,10 @@ below), never a translation of semantics. The numerics mirror `transformers.Debe
 exactly (the parity tests hold us to 1e-5 in fp32), including its quirks: the score scale counts
 the position terms listed in `pos_att_type`, and a padding query row softmaxes over a row of
 `finfo.min`, giving uniform weights that the embedding mask later zeroes.
+
+The attention core (scores, softmax, context) is `pretrain.models.attention`: eager torch by
+default, or a fused Triton kernel with the same numerics (`attention_impl`), which is a runtime
+choice, not part of the checkpoint's shape, and so is never exported.
 """
 
 from __future__ import annotations
@@ -20,6 +24,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pretrain.models.attention import (
+    IMPLS,
+    choose_impl,
+    disentangled_attention,
+    relative_index,
+)
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
@@ -64,6 +75,10 @@ class DebertaConfig:
     # None means "same as hidden_size" (HF omits the key in that case).
     embedding_size: int | None = None
     attention_head_size: int | None = None
+    # Not a DebertaV2Config key: how attention runs, not what it computes. eager | triton (the
+    # fused kernel; needs CUDA and attention_probs_dropout_prob=0 in training) | auto (triton
+    # on CUDA when it is installed and dropout is off, eager otherwise).
+    attention_impl: str = "eager"
 
     def __post_init__(self) -> None:
         if isinstance(self.pos_att_type, str):  # HF also accepts "p2c|c2p"
@@ -99,6 +114,10 @@ class DebertaConfig:
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.attention_impl not in IMPLS:
+            raise ValueError(
+                f"model.attention_impl must be one of {IMPLS}, got {self.attention_impl!r}"
+            )
 
     @property
     def head_size(self) -> int:
@@ -131,6 +150,7 @@ class DebertaConfig:
     def to_hf_dict(self) -> dict:
         """Every DebertaV2Config key written explicitly, for `DebertaV2Config(**d)` or config.json."""
         d = dataclasses.asdict(self)
+        del d["attention_impl"]  # ours only, a runtime choice
         d["embedding_size"] = self.embedding_dim
         d["attention_head_size"] = self.head_size
         d["pos_att_type"] = list(self.pos_att_type)
@@ -276,6 +296,7 @@ class DisentangledSelfAttention(nn.Module):
     score(i, j) = [q_i.k_j + q_i.Kr[d(i,j)] + k_j.Qr[d(j,i)]] / sqrt(head_size * (1 + #terms))
     where d is the (bucketed) relative distance and Kr / Qr are the relative-position embeddings
     projected by the key / query projections (`share_att_key`) or by their own projections.
+    This module makes q, k, v and the projected tables; `disentangled_attention` does the rest.
     """
 
     def __init__(self, config: DebertaConfig):
@@ -308,45 +329,41 @@ class DisentangledSelfAttention(nn.Module):
         rel_embeddings: torch.Tensor | None,
         query_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """hidden: [B, L, H]; pair_mask: [B, 1, L, L] bool; rel_pos: [L, L]; returns [B, L, H]."""
+        """hidden: [B, L, H]; pair_mask: [B, 1, L, L] bool (tokens i and j both real; its diagonal
+        says which are); rel_pos: [L, L]; returns [B, L, H]."""
         query_states = hidden if query_states is None else query_states
         q = _split_heads(self.query_proj(query_states), self.heads)  # [B, h, L, d]
         k = _split_heads(self.key_proj(hidden), self.heads)
         v = _split_heads(self.value_proj(hidden), self.heads)
 
-        scores = torch.matmul(q, k.transpose(-1, -2) * self.scale)
+        pos_k = pos_q = rel_index = None
         if self.config.relative_attention and self.terms:
             assert rel_pos is not None and rel_embeddings is not None
-            scores = scores + self._position_scores(q, k, rel_pos, rel_embeddings)
-        scores = scores.masked_fill(~pair_mask, torch.finfo(scores.dtype).min)
-        probs = self.dropout(torch.softmax(scores, dim=-1))
-        context = torch.matmul(probs, v)  # [B, h, L, d]
+            pos_k, pos_q = self._position_tables(rel_embeddings)
+            rel_index = relative_index(rel_pos, self.span)
+        token_mask = pair_mask[:, 0].diagonal(dim1=-2, dim2=-1)  # pair (i, i): token i is real
+        dropout_p = self.dropout.p if self.training else 0.0
+        impl = choose_impl(self.config.attention_impl, q.device, q.shape[-1], dropout_p)
+        context = disentangled_attention(
+            q, k, v, pos_k, pos_q, rel_index, token_mask, self.scale, dropout_p, impl=impl
+        )  # [B, h, L, d]
         return context.transpose(1, 2).flatten(2)
 
-    def _position_scores(
-        self, q: torch.Tensor, k: torch.Tensor, rel_pos: torch.Tensor, rel_embeddings: torch.Tensor
-    ) -> torch.Tensor:
-        span = self.span
-        table = self.pos_dropout(rel_embeddings[: 2 * span])  # [2*span, H]
-        length = q.shape[-2]
-        score = torch.zeros((), dtype=q.dtype, device=q.device)
+    def _position_tables(
+        self, rel_embeddings: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The relative-position table projected for c2p (pos_k) and p2c (pos_q): [h, 2*span, d]."""
+        table = self.pos_dropout(rel_embeddings[: 2 * self.span])  # [2*span, H]
+        pos_k = pos_q = None
         if "c2p" in self.terms:
             proj = self.key_proj if self.config.share_att_key else self.pos_key_proj
             assert proj is not None
-            pos_k = _split_heads(proj(table), self.heads)  # [h, 2*span, d]
-            c2p = torch.matmul(q, pos_k.transpose(-1, -2))  # [B, h, L, 2*span]
-            index = (rel_pos + span).clamp(0, 2 * span - 1)  # [L, L]
-            c2p = torch.gather(c2p, -1, index.expand(*c2p.shape[:2], length, length))
-            score = score + c2p * self.scale
+            pos_k = _split_heads(proj(table), self.heads)
         if "p2c" in self.terms:
             proj = self.query_proj if self.config.share_att_key else self.pos_query_proj
             assert proj is not None
             pos_q = _split_heads(proj(table), self.heads)
-            p2c = torch.matmul(k, pos_q.transpose(-1, -2))  # [B, h, L(key), 2*span]
-            index = (span - rel_pos).clamp(0, 2 * span - 1)
-            p2c = torch.gather(p2c, -1, index.expand(*p2c.shape[:2], length, length))
-            score = score + p2c.transpose(-1, -2) * self.scale
-        return score
+        return pos_k, pos_q
 
 
 class DebertaLayer(nn.Module):

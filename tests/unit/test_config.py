@@ -74,6 +74,9 @@ def test_wrong_type_fails_naming_key() -> None:
         ("deepspeed.zero_stage=4", "zero_stage"),
         ("optim.name=sgd", "optim.name"),
         ("trainer.device=tpu", "trainer.device"),
+        ("model.attention_impl=fast", "attention_impl"),
+        ("model.attention_impl=triton", "model.attention_probs_dropout_prob=0.1; set it to 0"),
+        ("trainer.max_nonfinite_skips=-1", "trainer.max_nonfinite_skips"),
     ],
 )
 def test_invalid_values_fail_with_one_line_naming_the_field(override: str, fragment: str) -> None:

@@ -1,0 +1,215 @@
+"""Fused disentangled attention: the autograd glue and launchers around `_kernels.py`.
+
+The position terms enter the kernel as two small projections computed here in torch,
+QP = q @ pos_k^T and KP = k @ pos_q^T ([B, h, L, 2S]); the kernel gathers QP[i, c(i, j)] and
+KP[j, c(i, j)] per tile, so the [L, L] scores are never stored. QP and KP are not saved for
+the backward either: it recomputes them (one small matmul each), gets dQP / dKP from the
+kernel (fp32, by atomics: in the log-bucket and clamped regions many (i, j) share one c) and
+turns them into q, k, pos_k, pos_q gradients with two more matmuls.
+
+Where it runs: compiled on CUDA; on CPU only under Triton's interpreter, which the tests use.
+Triton picks interpreted or compiled when a `triton.jit` function is defined, its own library
+(`tl.max`, `tl.zeros`, ...) included, so TRITON_INTERPRET=1 must be set before triton is first
+imported; `_launch_settings` says so when it was not.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from pretrain.models.attention import _kernels
+
+LOG2E = 1.0 / math.log(2.0)
+
+
+def _interpreting() -> bool:
+    """Whether the kernels (and the triton.language functions they call) are interpreted."""
+    ours = isinstance(_kernels._forward_kernel, InterpretedFunction)
+    theirs = isinstance(tl.standard.max, InterpretedFunction)
+    if ours != theirs:
+        raise RuntimeError(
+            "TRITON_INTERPRET changed between importing triton and importing "
+            "pretrain.models.attention; set it before triton is first imported"
+        )
+    return ours
+
+
+def _launch_settings(q: torch.Tensor) -> dict[str, Any]:
+    """Tile sizes and launch options for this call; raises where the kernel cannot run."""
+    interpret = _interpreting()
+    if q.device.type != "cuda" and not interpret:
+        raise ValueError(
+            f"attention_impl=triton needs CUDA tensors, got {q.device.type}; on CPU it runs "
+            "only under Triton's interpreter (TRITON_INTERPRET=1 before triton is imported, for "
+            "tests). Use attention_impl=eager or auto"
+        )
+    if interpret and q.dtype == torch.bfloat16:
+        # Its tl.dot multiplies bf16 bit patterns as integers (triton-lang/triton#11584).
+        raise ValueError("Triton's interpreter cannot run bf16 matmuls; test with fp16 or fp32")
+    d = q.shape[-1]
+    block_d = max(16, triton.next_power_of_2(d))
+    if block_d > 128:
+        raise ValueError(f"the fused attention kernel supports head sizes up to 128, got {d}")
+    if q.dtype == torch.float32 and not (
+        q.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    ):
+        precision = "ieee"  # what an fp32 torch.matmul does unless TF32 is allowed
+    else:
+        precision = "tf32"  # only fp32 operands read this
+    # (BLOCK_M, BLOCK_N): the largest tiles that ptxas compiles for sm_90 in bf16 with 8 warps
+    # and (almost) no register spills; not yet timed on a GPU.
+    if interpret:  # small tiles: the interpreter is slow, and tests should cross tile edges
+        fwd, bwd = (16, 16), (16, 16)
+    elif block_d <= 64:
+        fwd, bwd = (64, 64), (32, 64)
+    else:
+        fwd, bwd = (64, 32), (32, 32)
+    return dict(block_d=block_d, precision=precision, fwd=fwd, bwd=bwd, warps=8)
+
+
+def _project(x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor | None:
+    """x: [B, h, L, d], pos: [h, 2S, d] -> [B, h, L, 2S] in x's dtype, autocast or not, so
+    that the backward's recomputation is bit for bit the forward's."""
+    if pos is None:
+        return None
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.matmul(x, pos.to(x.dtype).transpose(-1, -2))
+
+
+def _strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
+    return tuple(t.stride()) if t is not None else (0,) * n
+
+
+class _FusedDisentangledAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pos_k: torch.Tensor | None,
+        pos_q: torch.Tensor | None,
+        rel_index: torch.Tensor,
+        mask: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        cfg = _launch_settings(q)
+        batch, heads, length, d = q.shape
+        qp, kp = _project(q, pos_k), _project(k, pos_q)
+        dummy = q  # stands in for an absent QP / KP; the kernel never reads it
+        # [B, L, h, d] memory, so the caller's transpose(1, 2).flatten(2) costs no copy.
+        out = torch.empty(batch, length, heads, d, dtype=q.dtype, device=q.device).transpose(1, 2)
+        lse = torch.empty(batch, heads, length, dtype=torch.float32, device=q.device)
+        block_m, block_n = cfg["fwd"]
+        grid = (triton.cdiv(length, block_m), batch * heads)
+        _kernels._forward_kernel[grid](
+            q, k, v, qp if qp is not None else dummy, kp if kp is not None else dummy,
+            rel_index, mask, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *_strides(qp, 4), *_strides(kp, 4),
+            *out.stride(), mask.stride(0),
+            heads, length, d,
+            scale * LOG2E,
+            HAS_QP=qp is not None,
+            HAS_KP=kp is not None,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_D=cfg["block_d"],
+            DOT_PRECISION=cfg["precision"],
+            num_warps=cfg["warps"],
+            num_stages=3,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, pos_k, pos_q, rel_index, mask, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, pos_k, pos_q, rel_index, mask, out, lse = ctx.saved_tensors
+        scale = ctx.scale
+        cfg = _launch_settings(q)
+        batch, heads, length, d = q.shape
+        dout = dout.to(q.dtype)
+        qp, kp = _project(q, pos_k), _project(k, pos_q)
+        delta = (dout.float() * out.float()).sum(-1).contiguous()  # rowsum(dO * O)
+        f32 = dict(dtype=torch.float32, device=q.device)
+        dq = torch.zeros(batch, heads, length, d, **f32)
+        dk = torch.empty(batch, heads, length, d, **f32)
+        dv = torch.empty(batch, heads, length, d, **f32)
+        width = next((p.shape[-2] for p in (pos_k, pos_q) if p is not None), 0)  # 2 * span
+        dqp = torch.zeros(batch, heads, length, width, **f32) if qp is not None else dq
+        dkp = torch.zeros(batch, heads, length, width, **f32) if kp is not None else dq
+        block_m, block_n = cfg["bwd"]
+        grid = (triton.cdiv(length, block_n), batch * heads)
+        _kernels._backward_kernel[grid](
+            q, k, v, qp if qp is not None else q, kp if kp is not None else q,
+            rel_index, mask, dout, lse, delta,
+            dq, dk, dv, dqp, dkp,
+            *q.stride(), *k.stride(), *v.stride(), *_strides(qp, 4), *_strides(kp, 4),
+            *dout.stride(), mask.stride(0),
+            heads, length, d, width,
+            scale,
+            scale * LOG2E,
+            HAS_QP=qp is not None,
+            HAS_KP=kp is not None,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_D=cfg["block_d"],
+            DOT_PRECISION=cfg["precision"],
+            num_warps=cfg["warps"],
+            num_stages=2,
+        )  # fmt: skip
+        dpos_k = dpos_q = None
+        with torch.autocast(q.device.type, enabled=False):
+            if pos_k is not None:
+                dq += torch.matmul(dqp, pos_k.float())
+                if ctx.needs_input_grad[3]:
+                    dpos_k = torch.einsum("bhlc,bhld->hcd", dqp, q.float()).to(pos_k.dtype)
+            if pos_q is not None:
+                dk += torch.matmul(dkp, pos_q.float())
+                if ctx.needs_input_grad[4]:
+                    dpos_q = torch.einsum("bhlc,bhld->hcd", dkp, k.float()).to(pos_q.dtype)
+        return (
+            dq.to(q.dtype),
+            dk.to(k.dtype),
+            dv.to(v.dtype),
+            dpos_k,
+            dpos_q,
+            None,
+            None,
+            None,
+        )
+
+
+def fused_disentangled_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos_k: torch.Tensor | None,
+    pos_q: torch.Tensor | None,
+    rel_index: torch.Tensor | None,
+    token_mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The fused core; arguments as `pretrain.models.attention.disentangled_attention`."""
+    batch, heads, length, d = q.shape
+    assert k.shape == v.shape == q.shape, "self-attention: q, k, v of one shape"
+    assert token_mask.shape == (batch, length), token_mask.shape
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    tables = [p for p in (pos_k, pos_q) if p is not None]
+    for pos in tables:
+        assert pos.shape == (heads, tables[0].shape[1], d), "position tables: [heads, 2*span, d]"
+    if pos_k is None and pos_q is None:
+        index = torch.zeros(1, dtype=torch.int32, device=q.device)  # never read
+    else:
+        assert rel_index is not None and rel_index.shape == (2 * length - 1,), "see relative_index"
+        index = rel_index.to(device=q.device, dtype=torch.int32).contiguous()
+    mask = token_mask.to(device=q.device, dtype=torch.int8).contiguous()
+    out = _FusedDisentangledAttention.apply(q, k, v, pos_k, pos_q, index, mask, scale)
+    return out

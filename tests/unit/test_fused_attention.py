@@ -1,0 +1,449 @@
+"""The fused (Triton) disentangled-attention core against the eager reference.
+
+On CPU the kernels run under Triton's interpreter, which triton chooses when a `triton.jit`
+function is defined (its own `tl.max`, `tl.zeros`, ... included), i.e. at import: the variable
+must be set before anything imports triton, and in one pytest process other modules may have
+imported it first. So `test_kernels_under_triton_interpreter` runs this file again in a
+subprocess with TRITON_INTERPRET=1, where the tests marked `interpreted` run; in the parent
+process they skip. `pytest tests/unit/test_fused_attention.py` with TRITON_INTERPRET=1 set
+runs them directly. The interpreter cannot run bf16 matmuls (triton-lang/triton#11584), so the
+low-precision case here is fp16; bf16 is covered by the GPU tests at the end.
+
+The oracles are independent of the code under test: transformers' `build_relative_position`
+for the index claim, the two-index formulation of the original eager code (c2p at
+rel_pos + S, p2c at S - rel_pos transposed), and the eager path in float64.
+
+Tolerances (max abs difference; values and gradients are O(1)):
+- fp32, fused vs eager: 1e-5 abs + 1e-5 rel (measured <= 1e-6).
+- fp16 (interpreter) and bf16 (GPU), FlashAttention's criterion: the fused error against a
+  float64 / float32 reference is at most twice the eager error in the same dtype, plus 1e-3
+  (fp16) / 1e-2 (bf16).
+- model level, fp32: 2e-5 on hidden states, and on parameter gradients relative to the
+  largest entry of each when that is above 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from pretrain.export import config_from_hf_dict, hf_config_dict  # noqa: E402
+from pretrain.models import attention  # noqa: E402
+from pretrain.models.attention import (  # noqa: E402
+    choose_impl,
+    disentangled_attention,
+    disentangled_attention_eager,
+    relative_index,
+)
+from pretrain.models.deberta import (  # noqa: E402
+    DebertaConfig,
+    DebertaModel,
+    relative_positions,
+)
+from pretrain.models.heads import EnhancedMaskDecoder  # noqa: E402
+
+FP32_TOL = dict(atol=1e-5, rtol=1e-5)
+MODEL_TOL = 2e-5
+
+# (position_buckets, max_relative_positions, max_position_embeddings, length): the log region
+# (|i - j| > buckets / 2), saturation (|i - j| >= max_relative_positions), DeBERTa-v3's own
+# buckets at a length past them, and unbucketed tables with and without clamping.
+INDEX_CASES = {
+    "buckets8_log_and_saturated": (8, 32, 64, 64),
+    "v3_buckets256_len300": (256, -1, 512, 300),
+    "unbucketed_clamped": (-1, 16, 64, 40),
+    "unbucketed_span_64": (-1, -1, 64, 64),
+}
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(
+    not INTERPRETED, reason="runs in test_kernels_under_triton_interpreter's subprocess"
+)
+compiled = pytest.mark.skipif(INTERPRETED, reason="the kernels are interpreted in this process")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is that subprocess")
+def test_kernels_under_triton_interpreter() -> None:
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu"]
+        + [str(Path(__file__).resolve())],
+        cwd=root,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout, result.stdout[-2000:]
+
+
+def _config(buckets: int, max_rel: int, max_pos: int = 64, **kw) -> DebertaConfig:
+    return DebertaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=48,
+        position_buckets=buckets,
+        max_relative_positions=max_rel,
+        max_position_embeddings=max_pos,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        **kw,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The index claim: c2p and p2c read the same row c(i, j), a function of i - j
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", sorted(INDEX_CASES))
+def test_c2p_and_p2c_read_one_index(case: str) -> None:
+    from transformers.models.deberta_v2.modeling_deberta_v2 import build_relative_position
+
+    buckets, max_rel, max_pos, length = INDEX_CASES[case]
+    config = _config(buckets, max_rel, max_pos)
+    span = config.relative_span
+    rel_pos = relative_positions(length, config, torch.device("cpu"))
+    probe = torch.empty(1, length, 1)
+    hf = build_relative_position(probe, probe, buckets, config.max_relative_distance)[0]
+    assert torch.equal(rel_pos, hf)
+
+    idx = relative_index(rel_pos, span).long()
+    ids = torch.arange(length)
+    table = idx[ids[:, None] - ids[None, :] + length - 1]  # [i, j] -> idx[i - j + L - 1]
+    c2p = (rel_pos + span).clamp(0, 2 * span - 1)  # the eager c2p gather, at [i, j]
+    p2c = (span - rel_pos).clamp(0, 2 * span - 1).T  # the eager p2c gather, transposed
+    assert torch.equal(c2p, table)
+    assert torch.equal(p2c, table)
+    if buckets > 0 and length > buckets // 2 + 1:  # the log region really is exercised
+        assert (rel_pos.abs() > buckets // 2).any()
+
+
+def _two_index_reference(q, k, v, pos_k, pos_q, rel_pos, span, token_mask, scale):
+    """The original eager DisentangledSelfAttention core, verbatim in its indexing."""
+    length = q.shape[-2]
+    scores = torch.matmul(q, k.transpose(-1, -2) * scale)
+    c2p = torch.matmul(q, pos_k.transpose(-1, -2))
+    index = (rel_pos + span).clamp(0, 2 * span - 1)
+    scores = scores + torch.gather(c2p, -1, index.expand(*c2p.shape[:2], length, length)) * scale
+    p2c = torch.matmul(k, pos_q.transpose(-1, -2))
+    index = (span - rel_pos).clamp(0, 2 * span - 1)
+    p2c = torch.gather(p2c, -1, index.expand(*p2c.shape[:2], length, length))
+    scores = scores + p2c.transpose(-1, -2) * scale
+    pair = token_mask[:, None, :, None] & token_mask[:, None, None, :]
+    scores = scores.masked_fill(~pair, torch.finfo(scores.dtype).min)
+    return torch.matmul(torch.softmax(scores, -1), v)
+
+
+@interpreted
+@pytest.mark.parametrize("case", ["buckets8_log_and_saturated", "unbucketed_clamped"])
+def test_one_index_attention_equals_the_two_index_original(case: str) -> None:
+    buckets, max_rel, max_pos, length = INDEX_CASES[case]
+    config = _config(buckets, max_rel, max_pos)
+    rel_pos = relative_positions(length, config, torch.device("cpu"))
+    span = config.relative_span
+    inputs = _inputs(length, span, ("c2p", "p2c"), torch.float32, seed=3)
+    q, k, v, pos_k, pos_q = (t.detach() for t in inputs[:5])
+    mask = inputs[5]
+    scale = 0.2
+    want = _two_index_reference(q, k, v, pos_k, pos_q, rel_pos, span, mask, scale)
+    idx = relative_index(rel_pos, span)
+    for impl in ("eager", "triton"):
+        got = disentangled_attention(q, k, v, pos_k, pos_q, idx, mask, scale, impl=impl)
+        torch.testing.assert_close(got, want, **FP32_TOL)
+
+
+# --------------------------------------------------------------------------------------------
+# The core: fused vs eager, forward and every gradient
+# --------------------------------------------------------------------------------------------
+
+# name -> (position terms, position_buckets, max_relative_positions)
+CORE_CASES = {
+    "c2p_p2c_buckets": (("c2p", "p2c"), 8, 32),
+    "c2p_p2c_unbucketed_clamped": (("c2p", "p2c"), -1, 16),
+    "c2p_only_buckets": (("c2p",), 8, 32),
+    "p2c_only_unbucketed": (("p2c",), -1, 16),
+    "no_position_terms": ((), 8, 32),
+}
+
+
+def _inputs(length: int, span: int, terms, dtype: torch.dtype, seed: int = 0):
+    """q, k, v, pos_k, pos_q (leaves, None for an absent term), a padded token mask, and
+    weights for a loss that reads every output row."""
+    g = torch.Generator().manual_seed(seed)
+    batch, heads, d = 2, 2, 16
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dtype).requires_grad_()
+
+    q, k, v = (leaf(batch, heads, length, d) for _ in range(3))
+    pos_k = leaf(heads, 2 * span, d) if "c2p" in terms else None
+    pos_q = leaf(heads, 2 * span, d) if "p2c" in terms else None
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[1, length - 5 :] = False  # trailing padding
+    mask[0, 3] = False  # and a hole
+    weights = torch.randn(batch, heads, length, d, generator=g)
+    return q, k, v, pos_k, pos_q, mask, weights
+
+
+def _run(impl: str, q, k, v, pos_k, pos_q, idx, mask, scale, weights):
+    out = disentangled_attention(q, k, v, pos_k, pos_q, idx, mask, scale, impl=impl)
+    named = {"q": q, "k": k, "v": v, "pos_k": pos_k, "pos_q": pos_q}
+    leaves = {n: t for n, t in named.items() if t is not None}
+    grads = torch.autograd.grad((out.float() * weights).sum(), list(leaves.values()))
+    return out, dict(zip(leaves, grads, strict=True))
+
+
+def _grad_names(terms) -> list[str]:
+    return (
+        ["q", "k", "v"]
+        + (["pos_k"] if "c2p" in terms else [])
+        + (["pos_q"] if "p2c" in terms else [])
+    )
+
+
+@interpreted
+@pytest.mark.parametrize("length", [16, 37])
+@pytest.mark.parametrize("case", sorted(CORE_CASES))
+def test_fused_matches_eager_fp32(case: str, length: int) -> None:
+    terms, buckets, max_rel = CORE_CASES[case]
+    config = _config(buckets, max_rel)
+    span = config.relative_span
+    idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
+    q, k, v, pos_k, pos_q, mask, weights = _inputs(length, span, terms, torch.float32)
+    scale = (16 * (1 + len(terms))) ** -0.5
+    args = (q, k, v, pos_k, pos_q, idx, mask, scale, weights)
+    want, want_grads = _run("eager", *args)
+    got, got_grads = _run("triton", *args)
+
+    # Every row agrees, padding queries too (both give them uniform weights over all keys).
+    torch.testing.assert_close(got, want, **FP32_TOL)
+    names = _grad_names(terms)
+    assert sorted(got_grads) == sorted(names)
+    for name in names:
+        torch.testing.assert_close(got_grads[name], want_grads[name], **FP32_TOL, msg=name)
+    # A padding query's scores are a constant: its q gets no gradient, in either path.
+    assert got_grads["q"][1, :, length - 5 :].abs().max() == 0
+    assert got_grads["q"][0, :, 3].abs().max() == 0
+
+
+@interpreted
+def test_fused_fp16_error_is_eager_fp16_error() -> None:
+    terms, buckets, max_rel = CORE_CASES["c2p_p2c_buckets"]
+    length = 37
+    config = _config(buckets, max_rel)
+    span = config.relative_span
+    idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
+    base = _inputs(length, span, terms, torch.float64)
+    mask, weights = base[5], base[6]
+    scale = (16 * 3) ** -0.5
+
+    def run(impl: str, dtype: torch.dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in base[:5]]
+        return _run(impl, *leaves, idx, mask, scale, weights)
+
+    ref, ref_grads = run("eager", torch.float64)
+    eager, eager_grads = run("eager", torch.float16)
+    fused, fused_grads = run("triton", torch.float16)
+    pairs = [("out", ref, eager, fused)] + [
+        (n, ref_grads[n], eager_grads[n], fused_grads[n]) for n in _grad_names(terms)
+    ]
+    for name, r, e, f in pairs:
+        eager_err = (e.double() - r).abs().max().item()
+        fused_err = (f.double() - r).abs().max().item()
+        assert fused_err <= 2 * eager_err + 1e-3, (name, fused_err, eager_err)
+
+
+# --------------------------------------------------------------------------------------------
+# Where the fused path may run, and what it refuses
+# --------------------------------------------------------------------------------------------
+
+
+@compiled
+def test_cpu_without_interpreter_is_an_error() -> None:
+    q, k, v, pos_k, pos_q, mask, _ = _inputs(16, 8, ("c2p",), torch.float32)
+    idx = torch.zeros(31, dtype=torch.int32)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        disentangled_attention(q, k, v, pos_k, pos_q, idx, mask, 0.1, impl="triton")
+
+
+@interpreted
+def test_bf16_under_interpreter_is_an_error() -> None:
+    q, k, v, pos_k, pos_q, mask, _ = _inputs(16, 8, (), torch.bfloat16)
+    with pytest.raises(ValueError, match="bf16"):
+        disentangled_attention(q, k, v, None, None, None, mask, 0.1, impl="triton")
+
+
+def test_choose_impl(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention, "_warned", set())  # warnings are once per process
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_impl("eager", cuda, 64, 0.0) == "eager"
+    assert choose_impl("triton", cpu, 64, 0.0) == "triton"  # the kernel launcher says no
+    assert choose_impl("auto", cpu, 64, 0.0) == "eager"
+    assert choose_impl("auto", cuda, 64, 0.0) == "triton"
+    assert choose_impl("auto", cuda, 256, 0.0) == "eager"
+    with pytest.raises(ValueError, match="attention_probs_dropout_prob"):
+        choose_impl("triton", cuda, 64, 0.1)
+    with pytest.warns(RuntimeWarning, match="dropout"):
+        assert choose_impl("auto", cuda, 64, 0.1) == "eager"
+    with pytest.raises(ValueError, match="attention_impl"):
+        DebertaConfig(attention_impl="flash")
+
+
+def test_deterministic_mode_runs_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention, "_warned", set())
+    q, k, v, pos_k, pos_q, mask, _ = _inputs(16, 8, ("c2p",), torch.float32)
+    idx = torch.arange(31, dtype=torch.int32).clamp(0, 15)
+    want = disentangled_attention_eager(q, k, v, pos_k, pos_q, idx, mask, 0.1)
+    with pytest.warns(RuntimeWarning, match="deterministic"):
+        got = disentangled_attention(
+            q, k, v, pos_k, pos_q, idx, mask, 0.1, impl="triton", deterministic=True
+        )
+    assert torch.equal(got, want)
+
+
+def test_attention_impl_is_not_exported() -> None:
+    config = _config(8, 32, attention_impl="triton")
+    assert "attention_impl" not in config.to_hf_dict()
+    written = hf_config_dict(config, "DebertaV2Model")
+    assert "attention_impl" not in written
+    back = config_from_hf_dict(written)
+    assert back.attention_impl == "eager"
+    assert dataclasses.replace(back, attention_impl="triton") == config
+
+
+# --------------------------------------------------------------------------------------------
+# Model level: a DebertaModel (and the enhanced mask decoder, whose queries differ from its
+# keys) with attention_impl=triton against the same weights run eager
+# --------------------------------------------------------------------------------------------
+
+
+@interpreted
+def test_model_with_fused_attention_matches_eager() -> None:
+    torch.manual_seed(0)
+    eager_config = _config(8, 32, num_hidden_layers=2, share_att_key=False)
+    eager = DebertaModel(eager_config)
+    emd = EnhancedMaskDecoder(eager_config, steps=1)
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    fused = DebertaModel(dataclasses.replace(eager_config, attention_impl="triton"))
+    fused.load_state_dict(eager.state_dict())
+    ids = torch.randint(1, 50, (2, 20))
+    mask = torch.ones_like(ids)
+    mask[1, 14:] = 0
+    ids[mask == 0] = 0
+    real = mask.bool()
+    readout = torch.randn(2, 32)
+
+    def run(model: DebertaModel):
+        states = model.forward_layers(ids, mask)
+        decoded = emd(states[-2], mask, model.encoder)
+        loss = (states[-1][real] @ readout[0]).sum() + (decoded[real] @ readout[1]).sum()
+        model.zero_grad()
+        emd.zero_grad()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return states[-1].detach(), decoded.detach(), grads
+
+    want, want_decoded, want_grads = run(eager)
+    got, got_decoded, got_grads = run(fused)
+    assert (got[real] - want[real]).abs().max().item() <= MODEL_TOL
+    assert (got_decoded[real] - want_decoded[real]).abs().max().item() <= MODEL_TOL
+    assert sorted(got_grads) == sorted(want_grads)
+    assert "encoder.layer.0.attention.pos_key_proj.weight" in got_grads
+    for name, grad in want_grads.items():
+        scale = max(1.0, grad.abs().max().item())
+        assert (got_grads[name] - grad).abs().max().item() <= MODEL_TOL * scale, name
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: realistic shapes, compiled kernels, bf16
+# --------------------------------------------------------------------------------------------
+
+
+def _gpu_case(dtype: torch.dtype, seed: int = 0):
+    length, heads, d = 512, 12, 64
+    config = DebertaConfig(position_buckets=256, max_position_embeddings=512)
+    span = config.relative_span  # 256
+    device = torch.device("cuda")
+    idx = relative_index(relative_positions(length, config, device), span)
+    g = torch.Generator(device=device).manual_seed(seed)
+    base = [torch.randn(2, heads, length, d, generator=g, device=device) for _ in range(3)]
+    base += [torch.randn(heads, 2 * span, d, generator=g, device=device) for _ in range(2)]
+    mask = torch.ones(2, length, dtype=torch.bool, device=device)
+    mask[1, 400:] = False
+    weights = torch.randn(2, heads, length, d, generator=g, device=device)
+    scale = (d * 3) ** -0.5
+
+    def run(impl: str, run_dtype: torch.dtype):
+        leaves = [t.to(run_dtype).requires_grad_() for t in base]
+        return _run(impl, *leaves, idx, mask, scale, weights)
+
+    return run
+
+
+@compiled
+@pytest.mark.gpu
+def test_gpu_bf16_fused_error_is_eager_bf16_error() -> None:
+    run = _gpu_case(torch.bfloat16)
+    ref, ref_grads = run("eager", torch.float32)
+    eager, eager_grads = run("eager", torch.bfloat16)
+    fused, fused_grads = run("triton", torch.bfloat16)
+    pairs = [("out", ref, eager, fused)] + [
+        (n, ref_grads[n], eager_grads[n], fused_grads[n]) for n in ref_grads
+    ]
+    for name, r, e, f in pairs:
+        eager_err = (e.float() - r).abs().max().item()
+        fused_err = (f.float() - r).abs().max().item()
+        assert fused_err <= 2 * eager_err + 1e-2, (name, fused_err, eager_err)
+
+
+@compiled
+@pytest.mark.gpu
+def test_gpu_fp32_fused_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    run = _gpu_case(torch.float32)
+    want, want_grads = run("eager", torch.float32)
+    got, got_grads = run("triton", torch.float32)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@compiled
+@pytest.mark.gpu
+def test_gpu_model_auto_under_bf16_autocast() -> None:
+    torch.manual_seed(0)
+    config = DebertaConfig(
+        vocab_size=1000,
+        num_hidden_layers=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # base width: 12 heads of 64, 256 buckets
+    eager = DebertaModel(config).cuda()
+    auto = DebertaModel(dataclasses.replace(config, attention_impl="auto")).cuda()
+    auto.load_state_dict(eager.state_dict())
+    ids = torch.randint(1, 1000, (2, 512), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, 300:] = 0
+    real = mask.bool()
+    with torch.no_grad():
+        ref = eager(ids, mask)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            eager_bf16 = eager(ids, mask).float()
+            fused_bf16 = auto(ids, mask).float()
+    eager_err = (eager_bf16 - ref)[real].abs().max().item()
+    fused_err = (fused_bf16 - ref)[real].abs().max().item()
+    assert fused_err <= 2 * eager_err + 1e-2, (fused_err, eager_err)
