@@ -1,0 +1,574 @@
+"""One full RTD training step, ours vs the same step built on transformers' DebertaV2, one run.
+
+    python bench/rtd_step.py [--preset base] [--seq-len 512 2048] [--batch 32 8] [--steps N]
+                             [--warmup N] [--device auto|cpu|cuda] [--attention eager|triton|auto]
+
+A step is generator + discriminator forward, backward and an AdamW step (fused on CUDA), bf16
+autocast on CUDA and fp32 on CPU, for both sides alike. Both see the same random ids, the same
+15% of positions replaced by [MASK], and the same shapes; each side is built fresh, warmed up,
+then timed. Prints tokens/s, step time, peak memory and MFU per side and the ratios ours/HF.
+
+The HF side is what a user would assemble from transformers' public classes: the generator is
+`DebertaV2ForMaskedLM` (full-vocabulary logits at every position, its own MLM loss), the
+replacements are drawn with `torch.multinomial` from its softmax at the masked rows, and the
+discriminator is `DebertaV2Model` fed `inputs_embeds` looked up in `E_gen.detach() + E_delta`
+(GDES written the straightforward way), with an RTD head of the same shape as ours.
+
+MFU counts the same model FLOPs for both sides (`rtd_train_flops_per_token`: MLM head on the
+masked rows only), so work HF does beyond that (logits at every position) shows as lower MFU.
+Defaults: on CUDA the v3-base shape at L=512/B=32 and L=2048/B=8; on CPU conf/model/tiny.yaml
+with an 8k vocabulary at L=128/B=8, which takes well under a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import math
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from pretrain.metrics import device_peak_flops, rtd_train_flops_per_token
+from pretrain.models.deberta import PRESETS, DebertaConfig, preset
+from pretrain.models.rtd import IGNORE_INDEX, SHARING_MODES, RTDConfig, RTDModel, generator_config
+
+try:
+    import transformers
+    from transformers import DebertaV2Config, DebertaV2ForMaskedLM, DebertaV2Model
+    from transformers.activations import ACT2FN
+except ImportError:  # a dev dependency; the project itself runs without it
+    raise SystemExit(
+        "error: bench/rtd_step.py needs transformers; pip install -e '.[dev]'"
+    ) from None
+
+CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
+MASK_RATE = 0.15
+PAD_ID = 0
+FIRST_TOKEN_ID = 4  # ids 0-3 are [PAD] [CLS] [SEP] [UNK]; [MASK] is the last id, as ours
+
+
+class UsageError(Exception):
+    """A bad command line; printed as one line."""
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+def model_config(
+    name: str, vocab_size: int | None, attention: str | None, attention_dropout: float | None
+) -> DebertaConfig:
+    """A preset of `PRESETS` or a conf/model/<name>.yaml, with the bench's overrides."""
+    overrides: dict = {}
+    if vocab_size is not None:
+        overrides["vocab_size"] = vocab_size
+    if attention_dropout is not None:
+        overrides["attention_probs_dropout_prob"] = attention_dropout
+    if attention is not None:
+        # A recent field; on a checkout without it only the eager attention exists.
+        if "attention_impl" in {f.name for f in dataclasses.fields(DebertaConfig)}:
+            overrides["attention_impl"] = attention
+        elif attention != "eager":
+            raise UsageError(
+                f"--attention {attention}: this checkout's DebertaConfig has no attention_impl "
+                "field, so only the eager attention exists; use --attention eager"
+            )
+    try:
+        if name in PRESETS:
+            return preset(name, **overrides)
+        path = CONF_MODEL / f"{name}.yaml"
+        if path.is_file():
+            shape = OmegaConf.to_container(OmegaConf.load(path))
+            assert isinstance(shape, dict)
+            return DebertaConfig(**{**shape, **overrides})
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--preset {name}: {e}") from None
+    choices = sorted(set(PRESETS) | {p.stem for p in CONF_MODEL.glob("*.yaml")})
+    raise UsageError(f"--preset {name!r} is unknown; choose from {choices}")
+
+
+def our_attention(config: DebertaConfig, device: torch.device) -> str:
+    """What our model will run in training, e.g. "auto -> eager"."""
+    requested = getattr(config, "attention_impl", None)
+    if requested is None:
+        return "eager (no attention_impl field)"
+    try:
+        from pretrain.models.attention import choose_impl
+    except ImportError:
+        return requested
+    chosen = choose_impl(requested, device, config.head_size, config.attention_probs_dropout_prob)
+    return requested if chosen == requested else f"{requested} -> {chosen}"
+
+
+def hf_config(config: DebertaConfig) -> DebertaV2Config:
+    return DebertaV2Config(**config.to_hf_dict())
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, L], masked positions hold [MASK]
+    attention_mask: torch.Tensor  # [B, L]
+    labels: torch.Tensor  # [B, L], original id at masked positions, IGNORE_INDEX elsewhere
+    sampling_noise: torch.Tensor  # [B, L] uniforms, ours draws its replacements from them
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    @property
+    def mask_rate(self) -> float:
+        return float((self.labels != IGNORE_INDEX).sum()) / max(1, self.tokens)
+
+
+def make_batch(
+    batch: int, seq_len: int, vocab: int, padding: float, seed: int, device: torch.device
+) -> Batch:
+    """Random ids; row lengths uniform in [(1 - padding) L, L]; 15% of real tokens masked."""
+    g = torch.Generator().manual_seed(seed)
+    original = torch.randint(FIRST_TOKEN_ID, vocab - 1, (batch, seq_len), generator=g)
+    shortest = max(1, math.ceil((1.0 - padding) * seq_len))
+    lengths = torch.randint(shortest, seq_len + 1, (batch,), generator=g)
+    lengths[0] = seq_len  # at least one full row, so L is the padded length
+    valid = torch.arange(seq_len)[None, :] < lengths[:, None]
+    masked = (torch.rand(batch, seq_len, generator=g) < MASK_RATE) & valid
+    masked[:, 0] = True  # never an empty mask
+    original = original.masked_fill(~valid, PAD_ID)
+    return Batch(
+        input_ids=original.masked_fill(masked, vocab - 1).to(device),
+        attention_mask=valid.long().to(device),
+        labels=original.masked_fill(~masked, IGNORE_INDEX).to(device),
+        sampling_noise=torch.rand(batch, seq_len, generator=g).to(device),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The HF-based RTD step
+# --------------------------------------------------------------------------------------------
+
+
+class HFRTD(nn.Module):
+    """ELECTRA/DeBERTa-v3 RTD from transformers' public classes, written as a user would."""
+
+    def __init__(self, config: DebertaConfig, rtd: RTDConfig):
+        super().__init__()
+        self.rtd = rtd
+        gen = generator_config(config, rtd.generator_depth_ratio)
+        # Legacy head: dense -> act -> LayerNorm -> decoder tied to the word embeddings (+ bias),
+        # the same computation as our MLMHead, but applied at every position.
+        self.generator = DebertaV2ForMaskedLM(hf_config(gen))
+        self.discriminator = DebertaV2Model(hf_config(config))
+        h = config.hidden_size
+        self.rtd_head = nn.Sequential(  # the shape of our RTDHead
+            nn.Linear(h, h),
+            ACT2FN[config.hidden_act],
+            nn.LayerNorm(h, eps=config.layer_norm_eps),
+            nn.Linear(h, 1),
+        )
+        for linear in (self.rtd_head[0], self.rtd_head[3]):  # as ours, so first losses compare
+            assert isinstance(linear, nn.Linear)
+            nn.init.normal_(linear.weight, std=config.initializer_range)
+            nn.init.zeros_(linear.bias)
+        self.word_delta: nn.Parameter | None = None
+        if rtd.embedding_sharing != "nes":
+            # The discriminator embeds through `inputs_embeds`; drop its unused table so the
+            # memory column compares like with like.
+            self.discriminator.set_input_embeddings(None)
+        if rtd.embedding_sharing == "gdes":
+            self.word_delta = nn.Parameter(torch.zeros(config.vocab_size, config.embedding_dim))
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # 1. Generator: HF's MLM loss (cross-entropy over every position, -100 ignored).
+        out = self.generator(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        mlm_loss = out.loss
+        masked = labels != IGNORE_INDEX
+
+        # 2. Sample replacements at the masked positions, no gradient.
+        with torch.no_grad():
+            probs = torch.softmax(out.logits[masked].float() / self.rtd.temperature, dim=-1)
+            sampled = torch.multinomial(probs, 1).squeeze(1)
+            original = torch.where(masked, labels, input_ids)
+            disc_ids = original.clone()
+            disc_ids[masked] = sampled
+            valid = attention_mask.bool()
+            replaced = (disc_ids != original) & valid
+
+        # 3. Discriminator on the corrupted ids, embeddings per sharing mode.
+        gen_embedding = self.generator.get_input_embeddings()
+        assert isinstance(gen_embedding, nn.Embedding)
+        gen_table = gen_embedding.weight
+        if self.rtd.embedding_sharing == "nes":
+            hidden = self.discriminator(input_ids=disc_ids, attention_mask=attention_mask)
+        else:
+            if self.word_delta is not None:  # GDES
+                table = gen_table.detach() + self.word_delta
+            else:  # ES
+                table = gen_table
+            embeds = F.embedding(disc_ids, table, padding_idx=PAD_ID)
+            hidden = self.discriminator(inputs_embeds=embeds, attention_mask=attention_mask)
+        logits = self.rtd_head(hidden.last_hidden_state).squeeze(-1)
+        scores = logits[valid].float()
+        rtd_loss = F.binary_cross_entropy_with_logits(scores, replaced[valid].float())
+        return mlm_loss + self.rtd.rtd_weight * rtd_loss, mlm_loss, rtd_loss
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+Losses = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # total, mlm, rtd
+
+
+@dataclass
+class Row:
+    impl: str
+    seq_len: int
+    batch: int
+    status: str = "ok"  # ok | OOM
+    params: int = 0
+    step_ms: float = float("nan")
+    tokens_per_s: float = float("nan")
+    peak_bytes: int | None = None
+    mfu: float | None = None
+    first_losses: tuple[float, float, float] | None = None  # total, mlm, rtd
+
+
+def build(impl: str, config: DebertaConfig, rtd: RTDConfig) -> tuple[nn.Module, Callable]:
+    """The model and a closure `(batch) -> (loss, mlm, rtd)` for it."""
+    if impl == "ours":
+        ours = RTDModel(config, rtd)
+
+        def run_ours(b: Batch) -> Losses:
+            out = ours(b.input_ids, b.attention_mask, b.labels, sampling_noise=b.sampling_noise)
+            return out.loss, out.gen_loss, out.disc_loss
+
+        return ours, run_ours
+    hf = HFRTD(config, rtd)
+    return hf, lambda b: hf(b.input_ids, b.attention_mask, b.labels)
+
+
+def measure(
+    impl: str,
+    config: DebertaConfig,
+    rtd: RTDConfig,
+    batch: Batch,
+    device: torch.device,
+    warmup: int,
+    steps: int,
+) -> Row:
+    cuda = device.type == "cuda"
+    b, seq_len = batch.input_ids.shape
+    row = Row(impl, seq_len, b)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(0)  # same init and dropout/multinomial streams on every run
+    model, forward = build(impl, config, rtd)
+    model.to(device).train()  # built on the CPU: the plain route, ties survive `.to`
+    params = [p for p in model.parameters() if p.requires_grad]
+    row.params = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=cuda)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
+    def step() -> Losses:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            losses = forward(batch)
+        losses[0].backward()
+        optimizer.step()
+        return losses
+
+    first = step()  # the first warm-up step also supplies the sanity check
+    row.first_losses = (first[0].item(), first[1].item(), first[2].item())
+    del first
+    for _ in range(warmup - 1):
+        step()
+
+    if cuda:
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        torch.cuda.synchronize(device)
+        total_s = start.elapsed_time(end) / 1e3
+        row.peak_bytes = torch.cuda.max_memory_allocated(device)
+    else:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        total_s = time.perf_counter() - t0
+    row.step_ms = total_s / steps * 1e3
+    row.tokens_per_s = batch.tokens * steps / total_s
+    peak = device_peak_flops(device)
+    if peak:
+        gen = generator_config(config, rtd.generator_depth_ratio)
+        flops = rtd_train_flops_per_token(config, gen, seq_len, batch.mask_rate)
+        row.mfu = row.tokens_per_s * flops / peak
+    return row
+
+
+def measure_or_oom(
+    impl: str,
+    config: DebertaConfig,
+    rtd: RTDConfig,
+    batch: Batch,
+    device: torch.device,
+    warmup: int,
+    steps: int,
+) -> Row:
+    """`measure`, with an out-of-memory reported as a row, and the memory freed for the next."""
+    b, seq_len = batch.input_ids.shape
+    row = Row(impl, seq_len, b, status="OOM")
+    try:
+        row = measure(impl, config, rtd, batch, device, warmup, steps)
+    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError since 2.5
+        pass  # freed below, once the handler has dropped the traceback and its frames
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt_row(r: Row) -> list[str]:
+    if r.status != "ok":
+        return [r.impl, str(r.seq_len), str(r.batch), "-", r.status, r.status, "-", "-", "-"]
+    mem = f"{r.peak_bytes / 2**30:.2f} GiB" if r.peak_bytes is not None else "n/a"
+    mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "n/a"
+    assert r.first_losses is not None
+    loss = "{:.3f} = {:.3f} + w*{:.4f}".format(*r.first_losses)
+    return [
+        r.impl,
+        str(r.seq_len),
+        str(r.batch),
+        f"{r.params / 1e6:.2f}M",
+        f"{r.tokens_per_s:,.0f}",
+        f"{r.step_ms:.1f}",
+        mem,
+        mfu,
+        loss,
+    ]
+
+
+def print_table(rows: list[Row]) -> None:
+    header = [
+        "impl",
+        "L",
+        "B",
+        "params",
+        "tokens/s",
+        "step ms",
+        "peak mem",
+        "MFU",
+        "first loss (mlm + w*rtd)",
+    ]
+    cells = [header] + [_fmt_row(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    for n, c in enumerate(cells):
+        print(" | ".join(x.ljust(w) for x, w in zip(c, widths, strict=True)).rstrip())
+        if n == 0:
+            print("-+-".join("-" * w for w in widths))
+
+
+def ratio_line(ours: Row, hf: Row) -> str:
+    where = f"L={ours.seq_len} B={ours.batch}"
+    if ours.status != "ok" or hf.status != "ok":
+        return f"ours/HF {where}: n/a (ours {ours.status}, HF {hf.status})"
+    speed = f"speed-up x{hf.step_ms / ours.step_ms:.2f} (step time HF / ours)"
+    if ours.peak_bytes is not None and hf.peak_bytes:
+        mem = f"memory x{ours.peak_bytes / hf.peak_bytes:.2f} (peak ours / HF)"
+    else:
+        mem = "memory n/a"
+    return f"ours/HF {where}: {speed}, {mem}"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    return f"CPU {cpu}, torch threads: {torch.get_num_threads()}"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument(
+        "--preset", help="a model preset or conf/model/<name>.yaml (CUDA: base, CPU: tiny)"
+    )
+    p.add_argument("--vocab-size", type=int, help="override the preset's (CPU default: 8000)")
+    p.add_argument("--seq-len", type=int, nargs="+", help="CUDA: 512 2048, CPU: 128")
+    p.add_argument("--batch", type=int, nargs="+", help="one per --seq-len (CUDA: 32 8, CPU: 8)")
+    p.add_argument("--steps", type=int, help="timed steps (CUDA: 10, CPU: 3)")
+    p.add_argument("--warmup", type=int, help="untimed steps first, >= 1 (CUDA: 3, CPU: 1)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument(
+        "--attention",
+        choices=["eager", "triton", "auto"],
+        help="our DebertaConfig.attention_impl (when the field exists); HF is always eager",
+    )
+    p.add_argument(
+        "--attention-dropout",
+        type=float,
+        help="attention-probability dropout of both sides (default: the preset's, 0.1; "
+        "0 with --attention triton|auto, whose fused kernel has no dropout)",
+    )
+    p.add_argument("--sharing", choices=SHARING_MODES, default="gdes")
+    p.add_argument("--padding", type=float, default=0.0, help="pad up to this fraction of a row")
+    p.add_argument(
+        "--threads", type=int, default=1, help="CPU threads (default 1: per-core figures)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--impl", choices=["both", "ours", "hf"], default="both")
+    return p.parse_args(argv)
+
+
+def resolve(args: argparse.Namespace) -> torch.device:
+    """Fill the device-dependent defaults in place; returns the device."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible; use --device cpu")
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if cuda:
+        defaults = dict(preset="base", seq_len=[512, 2048], batch=[32, 8], steps=10, warmup=3)
+    else:
+        defaults = dict(preset="tiny", vocab_size=8000, seq_len=[128], batch=[8], steps=3, warmup=1)
+    explicit_preset = args.preset is not None
+    for key, value in defaults.items():
+        if key == "vocab_size" and explicit_preset:
+            continue  # an explicit preset keeps its own vocabulary unless asked
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if len(args.batch) == 1:
+        args.batch = args.batch * len(args.seq_len)
+    if len(args.batch) != len(args.seq_len):
+        raise UsageError("--batch takes one value, or one per --seq-len")
+    if args.steps < 1 or args.warmup < 1:
+        raise UsageError("--steps and --warmup must be >= 1")
+    if not 0.0 <= args.padding < 1.0:
+        raise UsageError("--padding must be in [0, 1)")
+    if args.threads < 1:
+        raise UsageError("--threads must be >= 1")
+    if args.attention in ("triton", "auto") and args.attention_dropout is None:
+        args.attention_dropout = 0.0  # else the fused kernel never runs; both sides get it
+    if args.attention == "triton" and args.attention_dropout > 0:
+        raise UsageError(
+            "--attention triton has no attention dropout; pass --attention-dropout 0 "
+            "(applied to both sides) or use --attention eager"
+        )
+    if args.attention == "triton" and not cuda:
+        raise UsageError("--attention triton needs CUDA; use eager or auto on CPU")
+    return torch.device("cuda" if cuda else "cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = "python bench/rtd_step.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    try:
+        device = resolve(args)
+        config = model_config(args.preset, args.vocab_size, args.attention, args.attention_dropout)
+        rtd = RTDConfig(embedding_sharing=args.sharing)
+        for seq_len in args.seq_len:
+            if config.position_biased_input and seq_len > config.max_position_embeddings:
+                raise UsageError(
+                    f"--seq-len {seq_len} exceeds the preset's absolute positions "
+                    f"({config.max_position_embeddings})"
+                )
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        # Oversubscribed cores (other jobs, more threads than cores) make CPU timings
+        # meaningless, so one thread by default: per-core figures, as bench/data.py gives.
+        torch.set_num_threads(args.threads)
+    try:
+        return run(args, command, device, config, rtd)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(
+    args: argparse.Namespace,
+    command: str,
+    device: torch.device,
+    config: DebertaConfig,
+    rtd: RTDConfig,
+) -> int:
+    gen = generator_config(config, rtd.generator_depth_ratio)
+    print(f"command: {command}")
+    print(
+        f"device: {device_name(device)} | torch {torch.__version__} | "
+        f"transformers {transformers.__version__} | "
+        f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'} | AdamW"
+        f"{' fused' if device.type == 'cuda' else ''}"
+    )
+    print(
+        f"model: {args.preset}, discriminator {config.num_hidden_layers}x{config.hidden_size}, "
+        f"generator {gen.num_hidden_layers}x{gen.hidden_size}, vocab {config.vocab_size}, "
+        f"sharing {rtd.embedding_sharing}, rtd weight w={rtd.rtd_weight:g}, "
+        f"dropout {config.hidden_dropout_prob:g} hidden / "
+        f"{config.attention_probs_dropout_prob:g} attention (both sides); "
+        f"attention: ours {our_attention(config, device)}, HF eager"
+    )
+    if config.position_biased_input and rtd.embedding_sharing != "nes":
+        print("note: HF side shares word embeddings only; its absolute position table is its own")
+    print(
+        f"steps: {args.warmup} warm-up + {args.steps} timed; tokens/s counts non-padding tokens; "
+        "peak mem is torch.cuda.max_memory_allocated (n/a on CPU); MFU against "
+        "rtd_train_flops_per_token (MLM head on masked rows only), the same FLOPs for both sides"
+    )
+    print()
+
+    impls = ["ours", "hf"] if args.impl == "both" else [args.impl]
+    rows: list[Row] = []
+    for seq_len, b in zip(args.seq_len, args.batch, strict=True):
+        batch = make_batch(b, seq_len, config.vocab_size, args.padding, args.seed, device)
+        for impl in impls:
+            rows.append(measure_or_oom(impl, config, rtd, batch, device, args.warmup, args.steps))
+        del batch
+    print_table(rows)
+    print()
+
+    for i in range(0, len(rows), len(impls)):
+        if len(impls) == 2:
+            print(ratio_line(rows[i], rows[i + 1]))
+    # At init both sides should sit near ln(V) + w ln 2 (uniform MLM, undecided discriminator).
+    print(
+        f"expected first loss near ln(V) + w*ln2 = {math.log(config.vocab_size):.3f} + "
+        f"{rtd.rtd_weight:g}*{math.log(2):.4f} = "
+        f"{math.log(config.vocab_size) + rtd.rtd_weight * math.log(2):.3f}"
+    )
+    bad = [
+        r
+        for r in rows
+        if r.first_losses is not None and not all(map(math.isfinite, r.first_losses))
+    ]
+    for r in bad:
+        print(f"error: {r.impl} L={r.seq_len} B={r.batch}: non-finite first-step loss")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

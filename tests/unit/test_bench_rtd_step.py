@@ -1,0 +1,75 @@
+"""Smoke tests of bench/rtd_step.py on a tiny CPU shape: it runs both sides, reports both rows
+and the ratio, both sides start at the loss a uniform generator and an undecided discriminator
+give, and an out-of-memory on one side is a row, not a crash. Never a timing assertion."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "rtd_step.py"
+VOCAB = 300
+TINY = ["--device", "cpu", "--preset", "tiny", "--vocab-size", str(VOCAB), "--seq-len", "32"]
+TINY += ["--batch", "2", "--warmup", "1", "--steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_rtd_step", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prints_both_rows_the_ratio_and_the_uniform_first_loss(bench, capsys):
+    assert bench.main(TINY + ["--padding", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "command: python bench/rtd_step.py --device cpu" in out
+    rows = [
+        [c.strip() for c in line.split("|")] for line in out.splitlines() if line.count("|") == 8
+    ]
+    assert rows[0][:3] == ["impl", "L", "B"]
+    assert [r[:3] for r in rows[1:]] == [["ours", "32", "2"], ["hf", "32", "2"]]
+    for r in rows[1:]:
+        # "total = mlm + w*rtd": at init the MLM loss is about ln V (near-uniform softmax) and
+        # the RTD loss about ln 2 (logits near 0), whichever side computes them.
+        total, mlm, rtd = (float(x) for x in re.findall(r"[\d.]+", r[-1].replace("w*", "")))
+        assert mlm == pytest.approx(math.log(VOCAB), abs=0.2), r
+        assert rtd == pytest.approx(math.log(2), abs=0.05), r
+        assert total == pytest.approx(mlm + 10 * rtd, abs=2e-3), r
+    assert "ours/HF L=32 B=2: speed-up x" in out
+
+
+def test_out_of_memory_on_one_side_is_a_row_not_a_crash(bench, capsys, monkeypatch):
+    real = bench.measure
+
+    def hf_runs_out(impl, *args):
+        if impl == "hf":
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real(impl, *args)
+
+    monkeypatch.setattr(bench, "measure", hf_runs_out)
+    assert bench.main(TINY) == 0
+    out = capsys.readouterr().out
+    hf_row = next(line for line in out.splitlines() if line.startswith("hf "))
+    assert "OOM" in hf_row
+    assert "ours/HF L=32 B=2: n/a (ours ok, HF OOM)" in out
+
+
+def test_bad_command_lines_fail_in_one_line(bench, capsys):
+    assert bench.main(["--device", "cpu", "--attention", "triton"]) == 2
+    assert bench.main(["--device", "cpu", "--preset", "nope"]) == 2
+    assert bench.main(["--device", "cpu", "--seq-len", "8", "16", "--batch", "1", "2", "3"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
