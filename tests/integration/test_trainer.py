@@ -38,6 +38,8 @@ def overrides_for(corpus: dict, run_dir: Path, *extra: str) -> list[str]:
         "trainer.eval_batches=2",
         "trainer.save_every=3",
         "optim.warmup_steps=2",
+        "optim.schedule=linear",  # the published recipes' schedule (the quick start's is constant)
+        "masking=span",  # the default masking (the quick start's is token)
         "logging.progress_bar=false",
         "logging.plots=false",
         *extra,
@@ -109,6 +111,8 @@ def test_run_directory_holds_metrics_checkpoints_config_and_plots(
     evals = [r for r in records if r["split"] == "valid"]
     assert [r["step"] for r in evals] == [0, 3, 6]
     assert all(0.0 <= r["disc_auc"] <= 1.0 and 0.0 <= r["gen_acc"] <= 1.0 for r in evals)
+    # The same held-out batches at every evaluation, so the same best-constant-guess baseline.
+    assert len({r["gen_acc_unigram"] for r in evals}) == 1 and 0 < evals[0]["gen_acc_unigram"] < 1
     assert (run / "checkpoints/latest").read_text().strip() == "step_00000006"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000006"]
     assert "hidden_size: 64" in (run / "config.yaml").read_text()
@@ -219,18 +223,11 @@ def test_mismatched_source_config_is_refused(tiny_corpus: dict, tmp_path: Path) 
         )
 
 
-def test_a_resumed_run_may_change_dropout_but_not_the_model_shape(
-    tiny_corpus: dict, tmp_path: Path
-) -> None:
-    from pretrain.trainer import Trainer
-
+def test_a_resumed_run_may_change_dropout(tiny_corpus: dict, tmp_path: Path) -> None:
     run = tmp_path / "run"
     train(tiny_corpus, run, "trainer.max_steps=2", "trainer.eval_every=0")
     records = train(
         tiny_corpus, run, "trainer.max_steps=3", "trainer.eval_every=0",
         "model.hidden_dropout_prob=0.0", "model.attention_probs_dropout_prob=0.0",
     )  # fmt: skip
-    assert [r["step"] for r in records] == [3]  # resumed from step 2
-    trainer = Trainer(make_config(tiny_corpus, run, "model.intermediate_size=96"))
-    with pytest.raises(ConfigError, match=r"the model config changed \(intermediate_size\)"):
-        trainer.fit()
+    assert [r["step"] for r in records] == [3]  # resumed from step 2, not refused
