@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import re
 import socket
@@ -50,6 +51,9 @@ def _free_port() -> int:
 def _import_deepspeed() -> Any:
     global deepspeed
     if deepspeed is None:
+        # DeepSpeed probes for libaio by compiling a test program; distutils logs each gcc call
+        # at INFO, which Hydra's logging setup would print at the start of every run.
+        logging.getLogger("compilers").setLevel(logging.WARNING)
         import deepspeed as ds
 
         deepspeed = ds

@@ -90,6 +90,7 @@ def test_torchrun_script_runs_two_cpu_ranks(tiny_corpus: dict, tmp_path: Path) -
     checkpoint = run / "checkpoints/step_00000002"
     assert json.loads((checkpoint / "trainer_state.json").read_text())["world_size"] == 2
     assert (checkpoint / "rank_00000.pt").is_file() and (checkpoint / "rank_00001.pt").is_file()
+    assert " -laio " not in proc.stdout + proc.stderr  # DeepSpeed's compiler probes stay quiet
 
 
 def test_multirun_sweep_writes_one_run_per_learning_rate(tiny_corpus: dict, tmp_path: Path) -> None:
