@@ -9,8 +9,9 @@ Layout under `<run_dir>/checkpoints/`:
     latest                    the tag of the newest *published* checkpoint
 
 Publishing, and why it is safe:
-- Every rank writes its files into `step_X.partial/`; the ranks then agree (a collective) that
-  all writes succeeded. Only then does rank 0 hash the directory into `manifest.json`, rename it
+- Every rank writes its files into `step_X.partial/` (the engine's save reports a write error
+  instead of raising it, so that no rank leaves its collective save early); the ranks then
+  agree (a collective) that all writes succeeded. Only then does rank 0 hash the directory into `manifest.json`, rename it
   to `step_X/` and rewrite `latest` atomically (temp file, fsync, rename). A save killed
   half-way leaves `latest` at the previous checkpoint; a save that fails (full disk, unwritable
   directory) raises `CheckpointError` on every rank, removes its partial directory and leaves
@@ -160,16 +161,19 @@ class Checkpointer:
                 shutil.rmtree(partial, ignore_errors=True)
         except OSError as e:
             error = e
-        self._barrier()
-        if error is None:
+        # Every rank enters the engine's (collective) save, or none does.
+        ready = self._all_ok(error is None)
+        if ready:
+            error = engine.save(str(self.root), partial.name, client_state={"step": step})
             try:
-                engine.save(str(self.root), partial.name, client_state={"step": step})
-                torch.save(rank_state, partial / rank_file(self.rank))
-                if self.rank == 0:
+                if error is None:
+                    torch.save(rank_state, partial / rank_file(self.rank))
+                if error is None and self.rank == 0:
                     _write_atomic(partial / TRAINER_STATE, json.dumps(trainer_state, indent=1))
             except OSError as e:
                 error = e
-        written = self._all_ok(error is None)  # every rank's files are on disk, or none count
+        # Every rank's files are on disk, or none count.
+        written = ready and self._all_ok(error is None)
         if written and self.rank == 0:
             try:
                 _write_atomic(partial / MANIFEST, json.dumps(manifest(partial), indent=1))

@@ -319,10 +319,40 @@ class Engine:
         norm = self._grad_norm if self._norm_is_ours else self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
-    def save(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
-        self.engine.save_checkpoint(
-            directory, tag=tag, client_state=client_state, save_latest=False
-        )
+    def save(self, directory: str, tag: str, client_state: dict[str, Any]) -> OSError | None:
+        """DeepSpeed's save; returns the first I/O error of this rank instead of raising it.
+
+        The save is collective (barriers, tag checks, ZeRO gathers). A rank whose write fails
+        must not leave it early, or the others would wait in its next barrier forever: so its
+        writes (state files, directories, recovery scripts) report errors here and the save runs
+        to its end on every rank; the caller then decides, with all ranks, what failed."""
+        errors: list[OSError] = []
+
+        def deferred(write):
+            def call(*args, **kwargs):
+                try:
+                    return write(*args, **kwargs)
+                except OSError as e:
+                    errors.append(e)
+
+            return call
+
+        files = self.engine.checkpoint_engine
+        patched = {
+            (files, "save"): files.save,
+            (files, "makedirs"): files.makedirs,
+            (self.engine, "_copy_recovery_script"): self.engine._copy_recovery_script,
+        }
+        for (owner, name), write in patched.items():
+            setattr(owner, name, deferred(write))
+        try:
+            self.engine.save_checkpoint(
+                directory, tag=tag, client_state=client_state, save_latest=False
+            )
+        finally:
+            for (owner, name), write in patched.items():
+                setattr(owner, name, write)
+        return errors[0] if errors else None
 
     def load(self, directory: str, tag: str) -> dict[str, Any]:
         path, client_state = self.engine.load_checkpoint(

@@ -7,6 +7,7 @@ fault would strike, then run the unmodified CLI. `FAULTS` (JSON, in the environm
                             SIGKILL: a machine lost in the middle of a save
     {"enospc_save": [S..]}  every file write of checkpoints S.. fails with ENOSPC (a full disk)
     {"nan_forward": [N..]}  the N-th training forward of this process (1-based) has a NaN loss
+    {"rank": R, ...}        only rank R (its RANK variable) suffers the faults
 
 Usage: FAULTS='{"torn_save": 4}' python tests/integration/faulty_run.py [overrides]
 """
@@ -72,6 +73,8 @@ def install(faults: dict) -> None:
 
 
 if __name__ == "__main__":
-    install(json.loads(os.environ.get("FAULTS", "{}")))
+    faults = json.loads(os.environ.get("FAULTS", "{}"))
+    if faults.get("rank") in (None, int(os.environ.get("RANK", "0"))):
+        install(faults)
     sys.argv = ["pretrain", *sys.argv[1:]]
     runpy.run_module("pretrain", run_name="__main__", alter_sys=True)

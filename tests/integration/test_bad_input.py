@@ -122,15 +122,20 @@ def tiny_run(corpus: dict, run_dir: Path, *extra: str) -> list[str]:
     )  # fmt: skip
 
 
-def launch(overrides: list[str], ranks: int = 1) -> list[tuple[int, str]]:
-    """(exit code, stdout + stderr) of each rank of `python -m pretrain`. Several ranks get the
-    environment torchrun gives its workers; unlike torchrun, nothing kills a rank when another
-    exits, so every rank has to stop by itself."""
-    cmd = [sys.executable, "-m", "pretrain", *overrides]
+def launch(
+    overrides: list[str],
+    ranks: int = 1,
+    program: tuple[str, ...] = ("-m", "pretrain"),
+    env: dict[str, str] | None = None,
+) -> list[tuple[int, str]]:
+    """(exit code, stdout + stderr) of each rank of `python -m pretrain` (or `program`). Several
+    ranks get the environment torchrun gives its workers; unlike torchrun, nothing kills a rank
+    when another exits, so every rank has to stop by itself."""
+    cmd = [sys.executable, *program, *overrides]
     if ranks == 1:
         proc = subprocess.run(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(),
-            timeout=TIMEOUT,
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=child_env(**(env or {})), timeout=TIMEOUT,
         )  # fmt: skip
         return [(proc.returncode, proc.stdout)]
     world = {"WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
@@ -140,7 +145,7 @@ def launch(overrides: list[str], ranks: int = 1) -> list[tuple[int, str]]:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=child_env(RANK=str(r), LOCAL_RANK=str(r), **world),
+            env=child_env(RANK=str(r), LOCAL_RANK=str(r), **world, **(env or {})),
         )
         for r in range(ranks)
     ]

@@ -206,6 +206,30 @@ def test_a_save_that_keeps_failing_stops_with_one_line_and_the_last_good_checkpo
     assert latest(run) == kept and verify(run / "checkpoints" / kept) is None
 
 
+def test_a_save_that_fails_on_one_rank_only_is_published_by_none(
+    tiny_corpus: dict, tmp_path: Path
+) -> None:
+    from tests.integration.test_bad_input import launch as launch_ranks
+
+    run = tmp_path / "run"
+    results = launch_ranks(
+        fault_run(tiny_corpus, run, "deepspeed=zero2"),
+        ranks=2,
+        program=(str(FAULTY_RUN),),
+        env={"FAULTS": json.dumps({"enospc_save": [4], "rank": 1})},
+    )
+    for rank, (rc, out) in enumerate(results):
+        assert rc == 0, f"rank {rank}:\n{out[-3000:]}"  # neither rank hangs or dies
+    # Rank 0 wrote its files, but the ranks agreed that checkpoint 4 failed.
+    assert "could not write checkpoint step_00000004" in results[0][1]
+    assert "another rank failed; step_00000002 stays the latest checkpoint" in results[0][1]
+    names = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
+    assert names == ["step_00000002", "step_00000006", "step_00000008"]
+    final = run / "checkpoints" / latest(run)
+    assert latest(run) == f"step_{STEPS:08d}" and verify(final) is None
+    assert sorted(p.name for p in final.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
+
+
 def test_non_finite_losses_are_skipped_with_a_warning_naming_step_and_samples(
     tiny_corpus: dict, reference: Path, tmp_path: Path
 ) -> None:
