@@ -8,6 +8,7 @@
 # VENV=active). Torch: TORCH_SPEC wins if set; otherwise a machine with no NVIDIA driver gets
 # the pinned CPU build `torch==2.13.0` (on our CI/dev machines it lies on disk; an unpinned
 # torch would pull several GB of CUDA packages), and a GPU machine gets the newest `torch`.
+# TORCH_INDEX_URL installs torch from another index (PyTorch's CPU-only wheels, for instance).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -33,7 +34,11 @@ if [ -z "${TORCH_SPEC:-}" ]; then
 fi
 
 python -m pip install --quiet --upgrade pip
-python -m pip install --quiet "$TORCH_SPEC"
+if [ -n "${TORCH_INDEX_URL:-}" ]; then  # e.g. https://download.pytorch.org/whl/cpu
+  python -m pip install --quiet --index-url "$TORCH_INDEX_URL" "$TORCH_SPEC"
+else
+  python -m pip install --quiet "$TORCH_SPEC"
+fi
 # Keep whatever torch was just installed: a dependency asking for torch must not replace it.
 constraints="$(mktemp)"
 python -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
