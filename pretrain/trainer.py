@@ -34,6 +34,7 @@ from pretrain.checkpoint import Checkpointer, CheckpointError, capture_rng, rest
 from pretrain.config import Config, ConfigError, ModelConfig
 from pretrain.data.loader import reshard_states
 from pretrain.data.pipeline import DataBundle, build_data
+from pretrain.data.sources import SourceError
 from pretrain.engine import Engine, World, convert_to_universal, init_distributed
 from pretrain.metrics import (
     MetricsLogger,
@@ -322,11 +323,11 @@ class Trainer:
         tokens = 0
         samples: list[int] = []
         for _ in range(self.engine.batch.accumulation):
-            batch = next(batches)
+            batch = self._next_batch(batches)
             out = self.engine.forward(batch)
             while not _all_true(bool(torch.isfinite(out.loss.detach())), self.world):
                 self._skip_nonfinite(out.loss, batch)
-                batch = next(batches)
+                batch = self._next_batch(batches)
                 out = self.engine.forward(batch)
             self.engine.backward_and_step(out.loss)
             for k in TRAIN_KEYS:
@@ -340,6 +341,20 @@ class Trainer:
         # or one would wait in the checkpoint barrier while the others wait in the next step.
         means["stop"] = float(self._stop_signal is not None)
         return _all_reduce_mean(means, self.world, sum_keys=("tokens", "stop")), samples
+
+    def _next_batch(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The next micro batch; if any rank cannot read its data, a `SourceError` on every rank
+        (a rank left to train alone would wait in its next collective forever)."""
+        error: SourceError | None = None
+        try:
+            batch = next(batches)
+        except SourceError as e:
+            error = e
+        if not _all_true(error is None, self.world):
+            raise error or SourceError(
+                f"step {self.step + 1}: another rank could not read its data"
+            )
+        return batch
 
     def _skip_nonfinite(self, loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         """Drop a micro batch whose loss is not finite on some rank, or stop the run."""

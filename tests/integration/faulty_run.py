@@ -7,6 +7,7 @@ fault would strike, then run the unmodified CLI. `FAULTS` (JSON, in the environm
                             SIGKILL: a machine lost in the middle of a save
     {"enospc_save": [S..]}  every file write of checkpoints S.. fails with ENOSPC (a full disk)
     {"nan_forward": [N..]}  the N-th training forward of this process (1-based) has a NaN loss
+    {"unreadable_batch": N} reading the N-th training batch (1-based) fails with a SourceError
     {"rank": R, ...}        only rank R (its RANK variable) suffers the faults
 
 Usage: FAULTS='{"torn_save": 4}' python tests/integration/faulty_run.py [overrides]
@@ -25,6 +26,8 @@ from pathlib import Path
 import torch
 
 from pretrain.checkpoint import PARTIAL, tag_for
+from pretrain.data.loader import Loader
+from pretrain.data.sources import SourceError
 from pretrain.models.rtd import RTDModel
 
 
@@ -70,6 +73,18 @@ def install(faults: dict) -> None:
             return out._replace(loss=out.loss * float("nan")) if calls[0] in bad else out
 
         RTDModel.forward = forward  # type: ignore[method-assign]
+
+    if "unreadable_batch" in faults:
+        bad_batch = int(faults["unreadable_batch"])
+        real_iter = Loader.__iter__
+
+        def unreadable(self):
+            for n, batch in enumerate(real_iter(self), start=1):
+                if n == bad_batch and self._plan.packing.remainder != "pad":  # training only
+                    raise SourceError("cannot read 'corrupt.txt': injected read error")
+                yield batch
+
+        Loader.__iter__ = unreadable  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

@@ -230,6 +230,29 @@ def test_a_save_that_fails_on_one_rank_only_is_published_by_none(
     assert sorted(p.name for p in final.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
 
 
+def test_a_data_error_on_one_rank_stops_every_rank_with_one_line(
+    tiny_corpus: dict, tmp_path: Path
+) -> None:
+    from tests.integration.test_bad_input import launch as launch_ranks
+
+    run = tmp_path / "run"
+    results = launch_ranks(  # bounded by its timeout: a rank left waiting fails the test
+        fault_run(tiny_corpus, run, "deepspeed=zero2"),
+        ranks=2,
+        program=(str(FAULTY_RUN),),
+        env={"FAULTS": json.dumps({"unreadable_batch": 5, "rank": 1})},
+    )
+    expected = [
+        "error: step 5: another rank could not read its data",  # rank 0
+        "error: cannot read 'corrupt.txt': injected read error",  # rank 1, its 5th batch
+    ]
+    for rank, (rc, out) in enumerate(results):
+        assert rc != 0 and "Traceback" not in out, f"rank {rank}:\n{out[-3000:]}"
+        errors = [line for line in out.splitlines() if line.startswith("error: ")]
+        assert errors == [expected[rank]], f"rank {rank}:\n{out[-3000:]}"
+    assert latest(run) == "step_00000004" and verify(run / "checkpoints/step_00000004") is None
+
+
 def test_non_finite_losses_are_skipped_with_a_warning_naming_step_and_samples(
     tiny_corpus: dict, reference: Path, tmp_path: Path
 ) -> None:
