@@ -342,9 +342,11 @@ class Trainer:
         means["stop"] = float(self._stop_signal is not None)
         return _all_reduce_mean(means, self.world, sum_keys=("tokens", "stop")), samples
 
-    def _next_batch(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def _next_batch(
+        self, batches: Iterator[dict[str, torch.Tensor]], where: str = ""
+    ) -> dict[str, torch.Tensor]:
         """The next micro batch; if any rank cannot read its data, a `SourceError` on every rank
-        (a rank left to train alone would wait in its next collective forever)."""
+        (a rank left to go on alone would wait in its next collective forever)."""
         error: SourceError | None = None
         try:
             batch = next(batches)
@@ -352,7 +354,7 @@ class Trainer:
             error = e
         if not _all_true(error is None, self.world):
             raise error or SourceError(
-                f"step {self.step + 1}: another rank could not read its data"
+                f"{where or f'step {self.step + 1}'}: another rank could not read its data"
             )
         return batch
 
@@ -428,9 +430,10 @@ class Trainer:
         # How often each token is the answer at the masked positions: the best constant guess
         # (a unigram model that knew these very positions) scores max(counts) / sum(counts).
         answers = torch.zeros(self.data.vocab_size, dtype=torch.float64)
-        for i, batch in enumerate(self.data.valid_batches()):
-            if i >= self.config.trainer.eval_batches:
-                break
+        batches = self.data.valid_batches()  # cycles: never runs out
+        for _ in range(self.config.trainer.eval_batches):
+            # A read error stops every rank, as in training.
+            batch = self._next_batch(batches, f"evaluation at step {self.step}")
             out = self.engine.forward(batch)
             valid = batch["attention_mask"].to(self.world.device).bool()
             masked = float((batch["labels"] != -100).sum())
@@ -444,6 +447,7 @@ class Trainer:
             totals["valid"] += float(valid.sum())
             scores.append(out.disc_logits[valid].float().cpu())
             labels.append(out.replaced[valid].cpu())
+        getattr(batches, "close", lambda: None)()  # stops the loader's workers now
         module.train()
         totals = _all_reduce_mean(totals, self.world, sum_keys=tuple(totals))
         if self.world.world_size > 1:

@@ -8,6 +8,7 @@ fault would strike, then run the unmodified CLI. `FAULTS` (JSON, in the environm
     {"enospc_save": [S..]}  every file write of checkpoints S.. fails with ENOSPC (a full disk)
     {"nan_forward": [N..]}  the N-th training forward of this process (1-based) has a NaN loss
     {"unreadable_batch": N} reading the N-th training batch (1-based) fails with a SourceError
+    {"unreadable_valid": N} the same for the N-th held-out batch
     {"rank": R, ...}        only rank R (its RANK variable) suffers the faults
 
 Usage: FAULTS='{"torn_save": 4}' python tests/integration/faulty_run.py [overrides]
@@ -74,13 +75,16 @@ def install(faults: dict) -> None:
 
         RTDModel.forward = forward  # type: ignore[method-assign]
 
-    if "unreadable_batch" in faults:
-        bad_batch = int(faults["unreadable_batch"])
+    if "unreadable_batch" in faults or "unreadable_valid" in faults:
+        bad = {False: faults.get("unreadable_batch"), True: faults.get("unreadable_valid")}
+        read = {False: 0, True: 0}  # batches read so far, over every pass (evaluations restart)
         real_iter = Loader.__iter__
 
         def unreadable(self):
-            for n, batch in enumerate(real_iter(self), start=1):
-                if n == bad_batch and self._plan.packing.remainder != "pad":  # training only
+            held_out = self._plan.packing.remainder == "pad"  # how build_data makes that loader
+            for batch in real_iter(self):
+                read[held_out] += 1
+                if read[held_out] == bad[held_out]:
                     raise SourceError("cannot read 'corrupt.txt': injected read error")
                 yield batch
 

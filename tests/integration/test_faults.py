@@ -230,27 +230,37 @@ def test_a_save_that_fails_on_one_rank_only_is_published_by_none(
     assert sorted(p.name for p in final.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
 
 
+@pytest.mark.parametrize(
+    ("fault", "extra", "where", "kept"),
+    [
+        ("unreadable_batch", (), "step 5", "step_00000004"),  # rank 1's 5th training batch
+        ("unreadable_valid", ("trainer.eval_every=3",), "evaluation at step 3", "step_00000002"),
+    ],
+    ids=["training", "evaluation"],
+)
 def test_a_data_error_on_one_rank_stops_every_rank_with_one_line(
-    tiny_corpus: dict, tmp_path: Path
+    fault: str, extra: tuple[str, ...], where: str, kept: str, tiny_corpus: dict, tmp_path: Path
 ) -> None:
     from tests.integration.test_bad_input import launch as launch_ranks
 
     run = tmp_path / "run"
+    # The evaluation case: step 0's evaluation reads held-out batches 1-2, step 3's 3-4.
+    bad = 5 if fault == "unreadable_batch" else 3
     results = launch_ranks(  # bounded by its timeout: a rank left waiting fails the test
-        fault_run(tiny_corpus, run, "deepspeed=zero2"),
+        fault_run(tiny_corpus, run, "deepspeed=zero2", *extra),
         ranks=2,
         program=(str(FAULTY_RUN),),
-        env={"FAULTS": json.dumps({"unreadable_batch": 5, "rank": 1})},
+        env={"FAULTS": json.dumps({fault: bad, "rank": 1})},
     )
     expected = [
-        "error: step 5: another rank could not read its data",  # rank 0
-        "error: cannot read 'corrupt.txt': injected read error",  # rank 1, its 5th batch
+        f"error: {where}: another rank could not read its data",  # rank 0
+        "error: cannot read 'corrupt.txt': injected read error",  # rank 1
     ]
     for rank, (rc, out) in enumerate(results):
         assert rc != 0 and "Traceback" not in out, f"rank {rank}:\n{out[-3000:]}"
         errors = [line for line in out.splitlines() if line.startswith("error: ")]
         assert errors == [expected[rank]], f"rank {rank}:\n{out[-3000:]}"
-    assert latest(run) == "step_00000004" and verify(run / "checkpoints/step_00000004") is None
+    assert latest(run) == kept and verify(run / "checkpoints" / kept) is None
 
 
 def test_non_finite_losses_are_skipped_with_a_warning_naming_step_and_samples(
