@@ -17,6 +17,46 @@ NEG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
+def _score_tile(
+    q, k, offs_m, offs_n, pair_ok, col_ok, q_real, k_real,
+    IDX, QP, KP, b, h,
+    s_pb, s_ph, s_pl, s_pc,
+    s_rb, s_rh, s_rl, s_rc,
+    L, QK_SCALE,
+    HAS_QP: tl.constexpr,
+    HAS_KP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One (query block, key block) tile of scores in base-2 units, masked as the eager pair
+    mask masks them, and each pair's position index c. The forward and the backward's
+    recomputation both call it, so they make the same scores bit for bit."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    c = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    if HAS_QP or HAS_KP:
+        c = tl.load(IDX + (offs_m[:, None] - offs_n[None, :] + L - 1), mask=pair_ok, other=0)
+        if HAS_QP:  # c2p: q_i . pos_k[c], row i of QP
+            s += tl.load(
+                QP + b * s_pb + h * s_ph + offs_m[:, None] * s_pl + c * s_pc,
+                mask=pair_ok,
+                other=0.0,
+            ).to(tl.float32)
+        if HAS_KP:  # p2c: k_j . pos_q[c], row j of KP
+            s += tl.load(
+                KP + b * s_rb + h * s_rh + offs_n[None, :] * s_rl + c * s_rc,
+                mask=pair_ok,
+                other=0.0,
+            ).to(tl.float32)
+    s = s * QK_SCALE
+    # A padding query attends uniformly to all L keys, as the eager pair mask makes it.
+    s = tl.where(k_real[None, :], s, NEG)
+    s = tl.where(q_real[:, None], s, 0.0)
+    s = tl.where(col_ok[None, :], s, NEG)
+    return s, c
+
+
+@triton.jit
 def _forward_kernel(
     Q, K, V, QP, KP, IDX, MASK, OUT, LSE,
     s_qb, s_qh, s_ql, s_qd,
@@ -70,27 +110,11 @@ def _forward_kernel(
         )
         k_real = tl.load(MASK + b * s_mb + offs_n, mask=col_ok, other=0) != 0
 
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if HAS_QP or HAS_KP:
-            pair_ok = row_ok[:, None] & col_ok[None, :]
-            c = tl.load(IDX + (offs_m[:, None] - offs_n[None, :] + L - 1), mask=pair_ok, other=0)
-            if HAS_QP:  # c2p: q_i . pos_k[c], row i of QP
-                s += tl.load(
-                    QP + b * s_pb + h * s_ph + offs_m[:, None] * s_pl + c * s_pc,
-                    mask=pair_ok,
-                    other=0.0,
-                ).to(tl.float32)
-            if HAS_KP:  # p2c: k_j . pos_q[c], row j of KP
-                s += tl.load(
-                    KP + b * s_rb + h * s_rh + offs_n[None, :] * s_rl + c * s_rc,
-                    mask=pair_ok,
-                    other=0.0,
-                ).to(tl.float32)
-        s = s * QK_SCALE
-        # A padding query attends uniformly to all L keys, as the eager pair mask makes it.
-        s = tl.where(k_real[None, :], s, NEG)
-        s = tl.where(q_real[:, None], s, 0.0)
-        s = tl.where(col_ok[None, :], s, NEG)
+        s, _ = _score_tile(
+            q, k, offs_m, offs_n, row_ok[:, None] & col_ok[None, :], col_ok, q_real, k_real,
+            IDX, QP, KP, b, h, s_pb, s_ph, s_pl, s_pc, s_rb, s_rh, s_rl, s_rc, L, QK_SCALE,
+            HAS_QP, HAS_KP, BLOCK_M, BLOCK_N, DOT_PRECISION,
+        )  # fmt: skip
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -180,25 +204,11 @@ def _backward_kernel(
 
         # Recompute the probabilities exactly as the forward did.
         pair_ok = row_ok[:, None] & col_ok[None, :]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if HAS_QP or HAS_KP:
-            c = tl.load(IDX + (offs_m[:, None] - offs_n[None, :] + L - 1), mask=pair_ok, other=0)
-            if HAS_QP:
-                s += tl.load(
-                    QP + b * s_pb + h * s_ph + offs_m[:, None] * s_pl + c * s_pc,
-                    mask=pair_ok,
-                    other=0.0,
-                ).to(tl.float32)
-            if HAS_KP:
-                s += tl.load(
-                    KP + b * s_rb + h * s_rh + offs_n[None, :] * s_rl + c * s_rc,
-                    mask=pair_ok,
-                    other=0.0,
-                ).to(tl.float32)
-        s = s * QK_SCALE
-        s = tl.where(k_real[None, :], s, NEG)
-        s = tl.where(q_real[:, None], s, 0.0)
-        s = tl.where(col_ok[None, :], s, NEG)
+        s, c = _score_tile(
+            q, k, offs_m, offs_n, pair_ok, col_ok, q_real, k_real,
+            IDX, QP, KP, b, h, s_pb, s_ph, s_pl, s_pc, s_rb, s_rh, s_rl, s_rc, L, QK_SCALE,
+            HAS_QP, HAS_KP, BLOCK_M, BLOCK_N, DOT_PRECISION,
+        )  # fmt: skip
         p = tl.exp2(s - lse[:, None])
         p = tl.where(row_ok[:, None], p, 0.0)
 
