@@ -4,12 +4,17 @@
   It is called on the masked rows only, so the vocabulary-sized matmul costs ~15% of a
   full-sequence head; the tied table is passed in, because which table it is depends on the
   embedding-sharing mode that `rtd.py` owns.
+- `mlm_objective`: the decoder, its cross-entropy, the argmax and the sampling of replacements
+  in one pass over row chunks, so the [N, V] logits (V = 128k for v3) never exist whole; see
+  `_ChunkedMLM` for why its gradients are made in the forward.
 - `EnhancedMaskDecoder`: DeBERTa's EMD. Absolute positions enter the generator only here: the
   last layer is re-run with queries `H_{n-1} + P` over keys/values `H_{n-1}`.
 - `RTDHead`: one logit per token, "was this token replaced?".
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -27,9 +32,195 @@ class MLMHead(nn.Module):
         nn.init.normal_(self.dense.weight, std=config.initializer_range)
         nn.init.zeros_(self.dense.bias)
 
+    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, H] -> the states the tied decoder reads, [N, E]."""
+        return self.norm(self.act(self.dense(hidden)))
+
     def forward(self, hidden: torch.Tensor, word_weight: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, H] (masked rows only); word_weight: [V, E]; returns logits [N, V]."""
-        return torch.matmul(self.norm(self.act(self.dense(hidden))), word_weight.t()) + self.bias
+        """hidden: [N, H] (masked rows only); word_weight: [V, E]; returns logits [N, V].
+        Training goes through `mlm_objective` instead, which never holds all N rows."""
+        return torch.matmul(self.transform(hidden), word_weight.t()) + self.bias
+
+
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Losses in fp32 under bf16/fp16 autocast, but never downcast a float64 model."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def sample_replacements(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    exclude: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One token per row of `logits` [N, V] from softmax(logits / temperature), by inverse CDF.
+
+    One uniform per row decides the draw: `uniforms` [N] when given (the data pipeline keys them
+    by sample, so the corruption does not depend on rank count or batch layout), else drawn from
+    `generator`. `exclude` [N] removes one token per row (the original, when configured).
+    Callers run it under no_grad: sampling is not differentiable.
+    """
+    scaled = at_least_fp32(logits) / temperature
+    if exclude is not None:
+        scaled = scaled.scatter(1, exclude.unsqueeze(1), float("-inf"))
+    cdf = torch.softmax(scaled, dim=-1).cumsum(dim=-1)
+    if uniforms is None:
+        uniforms = torch.rand(scaled.shape[0], generator=generator, device=scaled.device)
+    # Scale by the last cdf entry (1 up to rounding) so rounding never favours the last token.
+    u = uniforms.to(cdf.dtype).unsqueeze(1) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
+
+
+# Logit values per chunk in `mlm_objective`: 2^26 fp32 values are 256 MiB, and a chunk holds a
+# handful of such buffers (logits, probabilities, the sampler's cdf), so the head's transient
+# memory is about 1 GiB at any vocabulary, against 5 GiB for v3-base's 128k vocabulary at
+# B=32, L=512 when all ~2,500 masked rows are decoded at once. Rows per chunk = this // V.
+MLM_CHUNK_ELEMENTS = 2**26
+
+
+class MLMOutput(NamedTuple):
+    loss_sum: torch.Tensor  # summed (not averaged) cross-entropy over the rows, fp32 or wider
+    sampled: torch.Tensor  # [N] replacements drawn from softmax(logits / temperature)
+    predicted: torch.Tensor  # [N] argmax of the logits
+
+
+def _matmul_dtype(states: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would give the decoder's matmuls (bf16 in mixed precision); the
+    logits are then made at least fp32, as `MLMHead.forward` + cross_entropy would do."""
+    device = states.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else states.dtype
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums over rows and chunks: fp32, or float64 for a float64 model."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _decode_chunks(
+    states: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    targets: torch.Tensor,
+    uniforms: torch.Tensor,
+    temperature: float,
+    exclude_original: bool,
+    chunk_rows: int,
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> MLMOutput:
+    """The loop behind `mlm_objective`. With `grads` = (d_states, d_weight, d_bias) buffers,
+    also writes the gradients of loss_sum into them."""
+    device, dtype = states.device.type, _matmul_dtype(states)
+    n = states.shape[0]
+    loss_sum = torch.zeros((), dtype=_accumulate_dtype(dtype), device=states.device)
+    sampled = torch.empty(n, dtype=torch.long, device=states.device)
+    predicted = torch.empty(n, dtype=torch.long, device=states.device)
+    with torch.autocast(device, enabled=False):
+        w = weight.to(dtype)
+        for start in range(0, n, chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            x, t = states[rows].to(dtype), targets[rows]
+            logits = at_least_fp32(torch.matmul(x, w.t()) + bias)
+            lse = torch.logsumexp(logits, dim=-1)
+            target_logit = logits.gather(1, t.unsqueeze(1)).squeeze(1)
+            loss_sum += (lse - target_logit).sum()
+            predicted[rows] = logits.argmax(-1)
+            exclude = t if exclude_original else None
+            sampled[rows] = sample_replacements(
+                logits, temperature, exclude, uniforms=uniforms[rows]
+            )
+            if grads is not None:
+                d_states, d_weight, d_bias = grads
+                # d(sum of CE)/d(logits) = softmax - one_hot(target)
+                d_logits = torch.exp(logits - lse.unsqueeze(1))
+                d_logits[torch.arange(len(t), device=t.device), t] -= 1.0
+                d_bias += d_logits.sum(0)
+                d_logits = d_logits.to(dtype)
+                d_states[rows] = torch.matmul(d_logits, w)
+                d_weight += torch.matmul(d_logits.t(), x)
+    return MLMOutput(loss_sum, sampled, predicted)
+
+
+class _ChunkedMLM(torch.autograd.Function):
+    """loss_sum with its gradients made during the forward, chunk by chunk.
+
+    The backward of a softmax cross-entropy needs the softmax, i.e. the [N, V] logits again.
+    Saving them is what this avoids; recomputing them would cost a third vocabulary matmul.
+    So each chunk's d(loss)/d(logits) = softmax - one_hot is turned into d_states and summed
+    into d_weight and d_bias at once, and the backward only scales those by the incoming
+    gradient: the same three vocabulary matmuls as autograd, with [N, E] + [V, E] saved
+    instead of [N, V]. d_weight and d_bias are summed in fp32 (or wider), not in bf16.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        states: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        targets: torch.Tensor,
+        uniforms: torch.Tensor,
+        temperature: float,
+        exclude_original: bool,
+        chunk_rows: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dtype = _matmul_dtype(states)
+        grads = (
+            torch.empty(states.shape, dtype=dtype, device=states.device),
+            torch.zeros(weight.shape, dtype=_accumulate_dtype(dtype), device=weight.device),
+            torch.zeros(bias.shape, dtype=_accumulate_dtype(dtype), device=bias.device),
+        )
+        out = _decode_chunks(
+            states, weight, bias, targets, uniforms, temperature, exclude_original, chunk_rows,
+            grads,
+        )  # fmt: skip
+        ctx.save_for_backward(*grads)
+        ctx.dtypes = (states.dtype, weight.dtype, bias.dtype)
+        ctx.mark_non_differentiable(out.sampled, out.predicted)
+        return out.loss_sum, out.sampled, out.predicted
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, d_loss: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        grads = [
+            (g * d_loss).to(dtype) if needed else None
+            for g, dtype, needed in zip(
+                ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad[:3], strict=True
+            )
+        ]
+        return (*grads, None, None, None, None, None)
+
+
+def mlm_objective(
+    states: torch.Tensor,
+    word_weight: torch.Tensor,
+    bias: torch.Tensor,
+    targets: torch.Tensor,
+    uniforms: torch.Tensor,
+    temperature: float = 1.0,
+    exclude_original: bool = False,
+    chunk_rows: int | None = None,
+) -> MLMOutput:
+    """Decode `states` [N, E] against the tied table `word_weight` [V, E] (+ `bias` [V]) and
+    return the summed cross-entropy against `targets` [N], the argmax, and one replacement per
+    row drawn with `uniforms` [N] (see `sample_replacements`; `exclude_original` never draws the
+    target). Equal to `MLMHead.forward`'s logits fed to cross_entropy(reduction="sum"), argmax
+    and `sample_replacements`, without ever holding more than `chunk_rows` rows of logits
+    (default: MLM_CHUNK_ELEMENTS // V)."""
+    rows = chunk_rows or max(1, MLM_CHUNK_ELEMENTS // word_weight.shape[0])
+    wants_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (states, word_weight, bias)
+    )
+    if not wants_grad:
+        with torch.no_grad():
+            return _decode_chunks(
+                states, word_weight, bias, targets, uniforms, temperature, exclude_original,
+                rows, None,
+            )  # fmt: skip
+    loss_sum, sampled, predicted = _ChunkedMLM.apply(
+        states, word_weight, bias, targets, uniforms, temperature, exclude_original, rows
+    )
+    return MLMOutput(loss_sum, sampled, predicted)
 
 
 class EnhancedMaskDecoder(nn.Module):

@@ -31,7 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.models.deberta import DebertaConfig, DebertaModel
-from pretrain.models.heads import EnhancedMaskDecoder, MLMHead, RTDHead
+from pretrain.models.heads import (
+    EnhancedMaskDecoder,
+    MLMHead,
+    RTDHead,
+    at_least_fp32,
+    mlm_objective,
+)
 
 SHARING_MODES = ("gdes", "es", "nes")
 IGNORE_INDEX = -100
@@ -67,36 +73,6 @@ def generator_config(discriminator: DebertaConfig, depth_ratio: float) -> Debert
     embeddings can be shared). Derived, never configured separately."""
     layers = max(1, round(discriminator.num_hidden_layers * depth_ratio))
     return dataclasses.replace(discriminator, num_hidden_layers=layers)
-
-
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """Losses in fp32 under bf16/fp16 autocast, but never downcast a float64 model."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-def sample_replacements(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    exclude: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    uniforms: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """One token per row of `logits` [N, V] from softmax(logits / temperature), by inverse CDF.
-
-    One uniform per row decides the draw: `uniforms` [N] when given (the data pipeline keys them
-    by sample, so the corruption does not depend on rank count or batch layout), else drawn from
-    `generator`. `exclude` [N] removes one token per row (the original, when configured).
-    Callers run it under no_grad: sampling is not differentiable.
-    """
-    scaled = _at_least_fp32(logits) / temperature
-    if exclude is not None:
-        scaled = scaled.scatter(1, exclude.unsqueeze(1), float("-inf"))
-    cdf = torch.softmax(scaled, dim=-1).cumsum(dim=-1)
-    if uniforms is None:
-        uniforms = torch.rand(scaled.shape[0], generator=generator, device=scaled.device)
-    # Scale by the last cdf entry (1 up to rounding) so rounding never favours the last token.
-    u = uniforms.to(cdf.dtype).unsqueeze(1) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
 
 
 class RTDOutput(NamedTuple):
@@ -180,29 +156,36 @@ class RTDModel(nn.Module):
         masked = labels != IGNORE_INDEX
         targets = labels[masked]
 
-        # 1. Generator: MLM logits at the masked rows only.
+        # 1. Generator: MLM at the masked rows only. `mlm_objective` decodes them in chunks and
+        #    also does step 2's sampling, so the [N, V] logits never exist whole.
         gen_states = self.generator.forward_layers(input_ids, attention_mask, token_type_ids)
         if self.emd is not None:
             gen_hidden = self.emd(gen_states[-2], attention_mask, self.generator.encoder)
         else:
             gen_hidden = gen_states[-1]
         gen_word, _ = self.generator_embedding_weights()
-        gen_logits = self.mlm_head(gen_hidden[masked], gen_word)  # [N, V]
+        if sampling_noise is not None:
+            uniforms = sampling_noise[masked]
+        else:
+            uniforms = torch.rand(len(targets), generator=sampling_generator, device=labels.device)
+        mlm = mlm_objective(
+            self.mlm_head.transform(gen_hidden[masked]),
+            gen_word,
+            self.mlm_head.bias,
+            targets,
+            uniforms,
+            self.rtd.temperature,
+            self.rtd.exclude_original,
+        )
         # Sum / count rather than mean, so a batch with nothing masked gives 0, not NaN.
-        gen_loss = F.cross_entropy(
-            _at_least_fp32(gen_logits), targets, reduction="sum"
-        ) / masked.sum().clamp(min=1)
+        gen_loss = mlm.loss_sum / masked.sum().clamp(min=1)
 
-        # 2. Corrupt: sample replacements; nothing flows back through this.
+        # 2. Corrupt with the replacements sampled from the generator's softmax (inverse CDF,
+        #    see `sample_replacements`); nothing flows back through this.
         with torch.no_grad():
-            exclude = targets if self.rtd.exclude_original else None
-            noise = None if sampling_noise is None else sampling_noise[masked]
-            sampled = sample_replacements(
-                gen_logits, self.rtd.temperature, exclude, sampling_generator, noise
-            )
             original = torch.where(masked, labels, input_ids)
             disc_ids = original.clone()
-            disc_ids[masked] = sampled
+            disc_ids[masked] = mlm.sampled
             valid = attention_mask.bool()
             replaced = (disc_ids != original) & valid
 
@@ -210,13 +193,13 @@ class RTDModel(nn.Module):
         word, pos = self.discriminator_embedding_weights()
         disc_hidden = self.discriminator(disc_ids, attention_mask, token_type_ids, word, pos)
         disc_logits = self.rtd_head(disc_hidden)
-        disc_scores = _at_least_fp32(disc_logits[valid])
+        disc_scores = at_least_fp32(disc_logits[valid])
         disc_loss = F.binary_cross_entropy_with_logits(
             disc_scores, replaced[valid].to(disc_scores.dtype)
         )
 
         loss = gen_loss + self.rtd.rtd_weight * disc_loss
-        metrics = rtd_metrics(gen_logits, targets, disc_logits, replaced, valid, masked)
+        metrics = rtd_metrics(mlm.predicted, targets, disc_logits, replaced, valid, masked)
         metrics.update(gen_loss=gen_loss.detach(), disc_loss=disc_loss.detach(), loss=loss.detach())
         return RTDOutput(
             loss, gen_loss, disc_loss, metrics, disc_logits.detach(), disc_ids, replaced
@@ -225,7 +208,7 @@ class RTDModel(nn.Module):
 
 @torch.no_grad()
 def rtd_metrics(
-    gen_logits: torch.Tensor,
+    gen_predicted: torch.Tensor,
     targets: torch.Tensor,
     disc_logits: torch.Tensor,
     replaced: torch.Tensor,
@@ -241,7 +224,7 @@ def rtd_metrics(
     predicted = (disc_logits > 0) & valid
     true_pos = (predicted & replaced).sum()
     return {
-        "gen_acc": ratio((gen_logits.argmax(-1) == targets).sum(), targets.numel()),
+        "gen_acc": ratio((gen_predicted == targets).sum(), targets.numel()),
         "disc_acc": ratio(((disc_logits > 0) == replaced)[valid].sum(), valid.sum()),
         "disc_precision": ratio(true_pos, predicted.sum()),
         "disc_recall": ratio(true_pos, replaced.sum()),

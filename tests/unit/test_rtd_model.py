@@ -8,14 +8,13 @@ import pytest
 import torch
 
 from pretrain.models.deberta import DebertaConfig
-from pretrain.models.heads import EnhancedMaskDecoder
+from pretrain.models.heads import EnhancedMaskDecoder, sample_replacements
 from pretrain.models.rtd import (
     IGNORE_INDEX,
     RTDConfig,
     RTDModel,
     generator_config,
     rtd_metrics,
-    sample_replacements,
 )
 from tests.unit.tiny_rtd import MASK_ID, VOCAB, tiny_batch, tiny_model
 
@@ -78,13 +77,13 @@ def test_sampling_is_deterministic_given_generator_and_excludes() -> None:
 
 
 def test_metrics_against_hand_count() -> None:
-    gen_logits = torch.tensor([[0.0, 5.0], [5.0, 0.0], [0.0, 5.0]])  # argmax 1, 0, 1
+    gen_predicted = torch.tensor([1, 0, 1])
     targets = torch.tensor([1, 1, 1])  # 2 of 3 right
     disc_logits = torch.tensor([[3.0, -1.0, 2.0, -4.0]])
     replaced = torch.tensor([[True, True, False, False]])
     valid = torch.tensor([[True, True, True, False]])
     masked = torch.tensor([[True, True, True, False]])
-    m = rtd_metrics(gen_logits, targets, disc_logits, replaced, valid, masked)
+    m = rtd_metrics(gen_predicted, targets, disc_logits, replaced, valid, masked)
     assert m["gen_acc"].item() == pytest.approx(2 / 3)
     # predicted replaced: positions 0, 2 (3 is padding); correct: 0 (TP), 1 (FN), 2 (FP) -> 1/3
     assert m["disc_acc"].item() == pytest.approx(1 / 3)
