@@ -2,6 +2,7 @@
 
     python bench/rtd_step.py [--preset base] [--seq-len 512 2048] [--batch 32 8] [--steps N]
                              [--warmup N] [--device auto|cpu|cuda] [--attention eager|triton|auto]
+                             [--compile]
 
 A step is generator + discriminator forward, backward and an AdamW step (fused on CUDA), bf16
 autocast on CUDA and fp32 on CPU, for both sides alike. Both see the same random ids, the same
@@ -252,10 +253,14 @@ class Row:
     first_losses: tuple[float, float, float] | None = None  # total, mlm, rtd
 
 
-def build(impl: str, config: DebertaConfig, rtd: RTDConfig) -> tuple[nn.Module, Callable]:
+def build(
+    impl: str, config: DebertaConfig, rtd: RTDConfig, compile_ours: bool = False
+) -> tuple[nn.Module, Callable]:
     """The model and a closure `(batch) -> (loss, mlm, rtd)` for it."""
     if impl == "ours":
         ours = RTDModel(config, rtd)
+        if compile_ours:
+            ours.compile_layers()  # what trainer.compile=true does
 
         def run_ours(b: Batch) -> Losses:
             out = ours(b.input_ids, b.attention_mask, b.labels, sampling_noise=b.sampling_noise)
@@ -274,6 +279,7 @@ def measure(
     device: torch.device,
     warmup: int,
     steps: int,
+    compile_ours: bool = False,
 ) -> Row:
     cuda = device.type == "cuda"
     b, seq_len = batch.input_ids.shape
@@ -281,7 +287,7 @@ def measure(
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)  # same init and dropout/multinomial streams on every run
-    model, forward = build(impl, config, rtd)
+    model, forward = build(impl, config, rtd, compile_ours)
     model.to(device).train()  # built on the CPU: the plain route, ties survive `.to`
     params = [p for p in model.parameters() if p.requires_grad]
     row.params = sum(p.numel() for p in params)
@@ -335,12 +341,13 @@ def measure_or_oom(
     device: torch.device,
     warmup: int,
     steps: int,
+    compile_ours: bool = False,
 ) -> Row:
     """`measure`, with an out-of-memory reported as a row, and the memory freed for the next."""
     b, seq_len = batch.input_ids.shape
     row = Row(impl, seq_len, b, status="OOM")
     try:
-        row = measure(impl, config, rtd, batch, device, warmup, steps)
+        row = measure(impl, config, rtd, batch, device, warmup, steps, compile_ours)
     except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError since 2.5
         pass  # freed below, once the handler has dropped the traceback and its frames
     gc.collect()
@@ -434,6 +441,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         help="attention-probability dropout of both sides (default: the preset's, 0.1; "
         "0 with --attention triton|auto, whose fused kernel has no dropout)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile our layers, as trainer.compile=true (HF stays eager)",
     )
     p.add_argument("--sharing", choices=SHARING_MODES, default="gdes")
     p.add_argument("--padding", type=float, default=0.0, help="pad up to this fraction of a row")
@@ -530,7 +542,8 @@ def run(
         f"sharing {rtd.embedding_sharing}, rtd weight w={rtd.rtd_weight:g}, "
         f"dropout {config.hidden_dropout_prob:g} hidden / "
         f"{config.attention_probs_dropout_prob:g} attention (both sides); "
-        f"attention: ours {our_attention(config, device)}, HF eager"
+        f"attention: ours {our_attention(config, device)}, HF eager; "
+        f"ours {'compiled layers' if args.compile else 'not compiled'}, HF not compiled"
     )
     if config.position_biased_input and rtd.embedding_sharing != "nes":
         print("note: HF side shares word embeddings only; its absolute position table is its own")
@@ -546,7 +559,11 @@ def run(
     for seq_len, b in zip(args.seq_len, args.batch, strict=True):
         batch = make_batch(b, seq_len, config.vocab_size, args.padding, args.seed, device)
         for impl in impls:
-            rows.append(measure_or_oom(impl, config, rtd, batch, device, args.warmup, args.steps))
+            rows.append(
+                measure_or_oom(
+                    impl, config, rtd, batch, device, args.warmup, args.steps, args.compile
+                )
+            )
         del batch
     print_table(rows)
     print()

@@ -122,6 +122,9 @@ class TrainerConfig:
     # Failed checkpoint writes (full disk, unwritable dir) tolerated in a row before stopping;
     # training goes on in between, keeping the last good checkpoint. The final save must work.
     max_save_failures: int = 2
+    # torch.compile each transformer layer (RTDModel.compile_layers): faster steps after a
+    # compile of tens of seconds at start-up, and after each change of shape or train/eval.
+    compile: bool = False
 
 
 @dataclass
@@ -167,6 +170,12 @@ class Config:
                 "model.attention_impl=triton has no attention dropout, but "
                 f"model.attention_probs_dropout_prob={m.attention_probs_dropout_prob}; set it to "
                 "0, or use attention_impl=auto (eager while that dropout is on)"
+            )
+        if t.compile and ds.zero_stage == 3:
+            raise ConfigError(
+                "trainer.compile=true with deepspeed.zero_stage=3 is not supported (ZeRO-3 "
+                "gathers parameters in hooks that compiled layers would have to trace); "
+                "use zero_stage 0-2 or trainer.compile=false"
             )
         if d.seq_len < 8 or d.seq_len > self.model.max_position_embeddings:
             raise ConfigError(

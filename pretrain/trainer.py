@@ -109,6 +109,8 @@ class Trainer:
             )
         _seed_everything(t.seed)  # the same initial weights on every rank, for every ZeRO stage
         self.model = self._initial_model(config)
+        if config.trainer.compile:
+            self.model.compile_layers()
         self.engine = Engine(self.model, config, self.world)
         _seed_everything(t.seed + 7919 * self.world.rank)  # dropout differs across ranks
         self.flops_per_token = rtd_train_flops_per_token(

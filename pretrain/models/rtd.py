@@ -117,6 +117,14 @@ class RTDModel(nn.Module):
                     torch.zeros(config.max_position_embeddings, config.embedding_dim)
                 )
 
+    def compile_layers(self) -> None:
+        """torch.compile every transformer layer of both towers, in place (parameter names
+        and checkpoints unchanged). The layers are the repeated block and nearly all the
+        work, and compiling them region by region keeps compile time to one layer's."""
+        for tower in (self.generator, self.discriminator):
+            for layer in tower.encoder.layer:
+                layer.compile()
+
     def generator_embedding_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(word, position) tables of the generator: E_gen, tied to its MLM decoder."""
         gen = self.generator.embeddings

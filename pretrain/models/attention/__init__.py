@@ -124,6 +124,22 @@ def disentangled_attention(
     if deterministic:
         _warn_once("deterministic mode: fused attention runs eager (its backward uses atomics)")
         return disentangled_attention_eager(q, k, v, pos_k, pos_q, rel_index, token_mask, scale)
+    return _fused(q, k, v, pos_k, pos_q, rel_index, token_mask, scale)
+
+
+# Under torch.compile (trainer.compile) the kernel runs as it is, a graph break on each side:
+# the launch code reads tensor strides and Triton's mode, which dynamo need not trace.
+@torch.compiler.disable
+def _fused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos_k: torch.Tensor | None,
+    pos_q: torch.Tensor | None,
+    rel_index: torch.Tensor | None,
+    token_mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     from pretrain.models.attention.fused import fused_disentangled_attention
 
     return fused_disentangled_attention(q, k, v, pos_k, pos_q, rel_index, token_mask, scale)
