@@ -1,13 +1,15 @@
 """One full RTD training step, ours vs the same step built on transformers' DebertaV2, one run.
 
     python bench/rtd_step.py [--preset base] [--seq-len 512 2048] [--batch 32 8] [--steps N]
-                             [--warmup N] [--device auto|cpu|cuda] [--attention eager|triton|auto]
-                             [--compile]
+                             [--warmup N] [--device auto|cpu|cuda]
+                             [--attention eager|triton|auto ...] [--compile off|on|both]
 
 A step is generator + discriminator forward, backward and an AdamW step (fused on CUDA), bf16
 autocast on CUDA and fp32 on CPU, for both sides alike. Both see the same random ids, the same
 15% of positions replaced by [MASK], and the same shapes; each side is built fresh, warmed up,
 then timed. Prints tokens/s, step time, peak memory and MFU per side and the ratios ours/HF.
+Ours runs once per variant (each `--attention` impl, compiled or not per `--compile`), each
+against the one HF row of the same length.
 
 The HF side is what a user would assemble from transformers' public classes: the generator is
 `DebertaV2ForMaskedLM` (full-vocabulary logits at every position, its own MLM loss), the
@@ -402,15 +404,15 @@ def print_table(rows: list[Row]) -> None:
 
 
 def ratio_line(ours: Row, hf: Row) -> str:
-    where = f"L={ours.seq_len} B={ours.batch}"
+    where = f"{ours.impl}/HF L={ours.seq_len} B={ours.batch}"
     if ours.status != "ok" or hf.status != "ok":
-        return f"ours/HF {where}: n/a (ours {ours.status}, HF {hf.status})"
+        return f"{where}: n/a (ours {ours.status}, HF {hf.status})"
     speed = f"speed-up x{hf.step_ms / ours.step_ms:.2f} (step time HF / ours)"
     if ours.peak_bytes is not None and hf.peak_bytes:
         mem = f"memory x{ours.peak_bytes / hf.peak_bytes:.2f} (peak ours / HF)"
     else:
         mem = "memory n/a"
-    return f"ours/HF {where}: {speed}, {mem}"
+    return f"{where}: {speed}, {mem}"
 
 
 def device_name(device: torch.device) -> str:
@@ -434,7 +436,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--attention",
         choices=["eager", "triton", "auto"],
-        help="our DebertaConfig.attention_impl (when the field exists); HF is always eager",
+        nargs="+",
+        help="our DebertaConfig.attention_impl, one row of ours each (default eager; the field "
+        "must exist); HF is always eager",
     )
     p.add_argument(
         "--attention-dropout",
@@ -444,8 +448,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--compile",
-        action="store_true",
-        help="torch.compile our layers, as trainer.compile=true (HF stays eager)",
+        choices=["off", "on", "both"],
+        default="off",
+        help="torch.compile our layers, as trainer.compile=true; both: a row each (HF: eager)",
     )
     p.add_argument("--sharing", choices=SHARING_MODES, default="gdes")
     p.add_argument("--padding", type=float, default=0.0, help="pad up to this fraction of a row")
@@ -482,14 +487,16 @@ def resolve(args: argparse.Namespace) -> torch.device:
         raise UsageError("--padding must be in [0, 1)")
     if args.threads < 1:
         raise UsageError("--threads must be >= 1")
-    if args.attention in ("triton", "auto") and args.attention_dropout is None:
-        args.attention_dropout = 0.0  # else the fused kernel never runs; both sides get it
-    if args.attention == "triton" and args.attention_dropout > 0:
+    args.attention = args.attention or ["eager"]
+    fused = {"triton", "auto"} & set(args.attention)
+    if fused and args.attention_dropout is None:
+        args.attention_dropout = 0.0  # else the fused kernel never runs; every row gets it
+    if "triton" in args.attention and args.attention_dropout > 0:
         raise UsageError(
             "--attention triton has no attention dropout; pass --attention-dropout 0 "
             "(applied to both sides) or use --attention eager"
         )
-    if args.attention == "triton" and not cuda:
+    if "triton" in args.attention and not cuda:
         raise UsageError("--attention triton needs CUDA; use eager or auto on CPU")
     return torch.device("cuda" if cuda else "cpu")
 
@@ -499,7 +506,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         device = resolve(args)
-        config = model_config(args.preset, args.vocab_size, args.attention, args.attention_dropout)
+        configs = {
+            a: model_config(args.preset, args.vocab_size, a, args.attention_dropout)
+            for a in args.attention
+        }
+        config = configs[args.attention[0]]
         rtd = RTDConfig(embedding_sharing=args.sharing)
         for seq_len in args.seq_len:
             if config.position_biased_input and seq_len > config.max_position_embeddings:
@@ -516,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         # meaningless, so one thread by default: per-core figures, as bench/data.py gives.
         torch.set_num_threads(args.threads)
     try:
-        return run(args, command, device, config, rtd)
+        return run(args, command, device, configs, rtd)
     finally:
         torch.set_num_threads(threads)
 
@@ -525,10 +536,14 @@ def run(
     args: argparse.Namespace,
     command: str,
     device: torch.device,
-    config: DebertaConfig,
+    configs: dict[str, DebertaConfig],
     rtd: RTDConfig,
 ) -> int:
+    """configs: our model's config per attention impl (the same shape, HF uses the first)."""
+    config = next(iter(configs.values()))
     gen = generator_config(config, rtd.generator_depth_ratio)
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    variants = [(a, c) for a in configs for c in compiles]  # ours: (attention, compiled)
     print(f"command: {command}")
     print(
         f"device: {device_name(device)} | torch {torch.__version__} | "
@@ -542,8 +557,9 @@ def run(
         f"sharing {rtd.embedding_sharing}, rtd weight w={rtd.rtd_weight:g}, "
         f"dropout {config.hidden_dropout_prob:g} hidden / "
         f"{config.attention_probs_dropout_prob:g} attention (both sides); "
-        f"attention: ours {our_attention(config, device)}, HF eager; "
-        f"ours {'compiled layers' if args.compile else 'not compiled'}, HF not compiled"
+        "attention: ours "
+        + ", ".join(our_attention(c, device) for c in configs.values())
+        + f", HF eager; compiled layers: ours {args.compile}, HF off"
     )
     if config.position_biased_input and rtd.embedding_sharing != "nes":
         print("note: HF side shares word embeddings only; its absolute position table is its own")
@@ -554,23 +570,29 @@ def run(
     )
     print()
 
-    impls = ["ours", "hf"] if args.impl == "both" else [args.impl]
     rows: list[Row] = []
+    ratios: list[str] = []
     for seq_len, b in zip(args.seq_len, args.batch, strict=True):
         batch = make_batch(b, seq_len, config.vocab_size, args.padding, args.seed, device)
-        for impl in impls:
-            rows.append(
-                measure_or_oom(
-                    impl, config, rtd, batch, device, args.warmup, args.steps, args.compile
-                )
-            )
+        ours: list[Row] = []
+        if args.impl in ("both", "ours"):
+            for attention, compiled in variants:
+                row = measure_or_oom(
+                    "ours", configs[attention], rtd, batch, device, args.warmup, args.steps,
+                    compiled,
+                )  # fmt: skip
+                row.impl = f"ours {attention}{'+compile' if compiled else ''}"
+                ours.append(row)
+        rows += ours
+        if args.impl in ("both", "hf"):
+            hf = measure_or_oom("hf", config, rtd, batch, device, args.warmup, args.steps)
+            rows.append(hf)
+            ratios += [ratio_line(row, hf) for row in ours]
         del batch
     print_table(rows)
     print()
-
-    for i in range(0, len(rows), len(impls)):
-        if len(impls) == 2:
-            print(ratio_line(rows[i], rows[i + 1]))
+    for line in ratios:
+        print(line)
     # At init both sides should sit near ln(V) + w ln 2 (uniform MLM, undecided discriminator).
     print(
         f"expected first loss near ln(V) + w*ln2 = {math.log(config.vocab_size):.3f} + "

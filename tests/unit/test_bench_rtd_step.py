@@ -40,7 +40,7 @@ def test_prints_both_rows_the_ratio_and_the_uniform_first_loss(bench, capsys):
         [c.strip() for c in line.split("|")] for line in out.splitlines() if line.count("|") == 8
     ]
     assert rows[0][:3] == ["impl", "L", "B"]
-    assert [r[:3] for r in rows[1:]] == [["ours", "32", "2"], ["hf", "32", "2"]]
+    assert [r[:3] for r in rows[1:]] == [["ours eager", "32", "2"], ["hf", "32", "2"]]
     for r in rows[1:]:
         # "total = mlm + w*rtd": at init the MLM loss is about ln V (near-uniform softmax) and
         # the RTD loss about ln 2 (logits near 0), whichever side computes them.
@@ -48,7 +48,7 @@ def test_prints_both_rows_the_ratio_and_the_uniform_first_loss(bench, capsys):
         assert mlm == pytest.approx(math.log(VOCAB), abs=0.2), r
         assert rtd == pytest.approx(math.log(2), abs=0.05), r
         assert total == pytest.approx(mlm + 10 * rtd, abs=2e-3), r
-    assert "ours/HF L=32 B=2: speed-up x" in out
+    assert "ours eager/HF L=32 B=2: speed-up x" in out
 
 
 def test_out_of_memory_on_one_side_is_a_row_not_a_crash(bench, capsys, monkeypatch):
@@ -64,7 +64,7 @@ def test_out_of_memory_on_one_side_is_a_row_not_a_crash(bench, capsys, monkeypat
     out = capsys.readouterr().out
     hf_row = next(line for line in out.splitlines() if line.startswith("hf "))
     assert "OOM" in hf_row
-    assert "ours/HF L=32 B=2: n/a (ours ok, HF OOM)" in out
+    assert "ours eager/HF L=32 B=2: n/a (ours ok, HF OOM)" in out
 
 
 def test_bad_command_lines_fail_in_one_line(bench, capsys):

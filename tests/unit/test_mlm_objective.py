@@ -130,3 +130,26 @@ def test_frozen_table_gets_no_gradient_and_no_rows_is_zero() -> None:
     out.loss_sum.backward()
     assert out.loss_sum.item() == 0.0 and out.sampled.shape == (0,)
     assert empty["weight"].grad is not None and not empty["weight"].grad.any()
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_autocast_matches_the_plain_ops_at_v3_vocabulary() -> None:
+    # v3's 128100-token vocabulary, several chunks of rows: the shape the chunking is for.
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, vocab, e = 3000, 128100, 768
+    x = {
+        "states": torch.randn(n, e, generator=g, device="cuda").requires_grad_(True),
+        "weight": (0.05 * torch.randn(vocab, e, generator=g, device="cuda")).requires_grad_(True),
+        "bias": torch.zeros(vocab, device="cuda").requires_grad_(True),
+        "targets": torch.randint(0, vocab, (n,), generator=g, device="cuda"),
+        "uniforms": torch.rand(n, generator=g, device="cuda"),
+    }
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref_loss, _, ref_predicted = reference(x, 1.0, False)
+        out = mlm_objective(
+            x["states"], x["weight"], x["bias"], x["targets"], x["uniforms"], chunk_rows=512
+        )
+    torch.testing.assert_close(out.loss_sum, ref_loss, rtol=1e-4, atol=0)
+    assert (out.predicted == ref_predicted).float().mean() > 0.99
+    for got, want in zip(grads(out.loss_sum, x), grads(ref_loss, x), strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())

@@ -1,0 +1,223 @@
+"""The disentangled-attention core alone, forward + backward: eager vs the fused kernel (at
+several tile sizes) vs plain scaled-dot-product attention of the same shape, in one run.
+
+    python bench/attention.py [--seq-len 512 2048] [--batch 32 8] [--tiles 64x64/32x64 ...]
+
+Plain SDPA has no position terms, so it is a floor, not a competitor: it says how far the
+fused kernel is from ordinary FlashAttention. Each fused row also prints its largest error
+against eager in the same precision, relative to the largest value, for the output and for
+dq, so a tile size that breaks numerics shows at once. Defaults: v3-base attention (12 heads
+of 64, 256 position buckets, c2p + p2c), bf16, L=512/B=32 and L=2048/B=8 on CUDA; on CPU a
+small fp32 case of eager and SDPA only (the fused kernel needs CUDA), so the script can be
+checked anywhere.
+
+Tiles are FWD_MxN/BWD_MxN (BLOCK_M x BLOCK_N of the forward and the backward kernels);
+"default" is what `fused._launch_settings` picks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.models.attention import disentangled_attention, relative_index
+from pretrain.models.deberta import DebertaConfig, relative_positions
+
+
+@dataclass
+class Case:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    pos_k: torch.Tensor
+    pos_q: torch.Tensor
+    rel_index: torch.Tensor
+    token_mask: torch.Tensor
+    scale: float
+    grad_out: torch.Tensor
+
+
+def make_case(
+    batch: int, length: int, heads: int, d: int, dtype: torch.dtype, device: torch.device
+) -> Case:
+    config = DebertaConfig(num_attention_heads=heads, hidden_size=heads * d)
+    span = config.relative_span
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, device=device).to(dtype)
+
+    mask = torch.ones(batch, length, dtype=torch.bool, device=device)
+    mask[1:, (3 * length) // 4 :] = False  # some padding, as packed corpora's last rows have
+    return Case(
+        q=randn(batch, heads, length, d),
+        k=randn(batch, heads, length, d),
+        v=randn(batch, heads, length, d),
+        pos_k=randn(heads, 2 * span, d),
+        pos_q=randn(heads, 2 * span, d),
+        rel_index=relative_index(relative_positions(length, config, device), span),
+        token_mask=mask,
+        scale=(d * 3) ** -0.5,
+        grad_out=randn(batch, heads, length, d),
+    )
+
+
+Run = Callable[[Case], tuple[torch.Tensor, torch.Tensor]]  # -> (out, dq)
+
+
+def disentangled(impl: str) -> Run:
+    def run(c: Case) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v = (t.detach().requires_grad_() for t in (c.q, c.k, c.v))
+        pos_k, pos_q = (t.detach().requires_grad_() for t in (c.pos_k, c.pos_q))
+        out = disentangled_attention(
+            q, k, v, pos_k, pos_q, c.rel_index, c.token_mask, c.scale, impl=impl
+        )
+        out.backward(c.grad_out)
+        assert q.grad is not None
+        return out, q.grad
+
+    return run
+
+
+def sdpa(c: Case) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = (t.detach().requires_grad_() for t in (c.q, c.k, c.v))
+    out = F.scaled_dot_product_attention(q, k, v)
+    out.backward(c.grad_out)
+    assert q.grad is not None
+    return out, q.grad
+
+
+@contextlib.contextmanager
+def tiles(spec: str) -> Iterator[None]:
+    """Run the fused kernel with the tiles of `spec` ("default" leaves them alone)."""
+    if spec == "default":
+        yield
+        return
+    from pretrain.models.attention import fused
+
+    fwd, bwd = (tuple(int(x) for x in part.split("x")) for part in spec.split("/"))
+    original = fused._launch_settings
+
+    def patched(q: torch.Tensor) -> dict:
+        return {**original(q), "fwd": fwd, "bwd": bwd}
+
+    fused._launch_settings = patched
+    try:
+        yield
+    finally:
+        fused._launch_settings = original
+
+
+def timed(run: Run, case: Case, device: torch.device, warmup: int, steps: int) -> dict:
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        run(case)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out, dq = run(case)
+    if cuda:
+        torch.cuda.synchronize()
+    ms = (time.perf_counter() - t0) / steps * 1e3
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else None
+    return {"ms": ms, "peak_gib": peak, "out": out.detach(), "dq": dq.detach()}
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--seq-len", type=int, nargs="+")
+    p.add_argument("--batch", type=int, nargs="+")
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-size", type=int, default=64)
+    p.add_argument("--tiles", nargs="+", default=["default"], help="e.g. 64x64/32x64 128x64/64x64")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    args = p.parse_args(argv)
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda: no CUDA device is visible", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if cuda else "cpu")
+    seq_lens = args.seq_len or ([512, 2048] if cuda else [128])
+    batches = args.batch or ([32, 8] if cuda else [2])
+    if len(batches) == 1:
+        batches = batches * len(seq_lens)
+    if len(batches) != len(seq_lens):
+        print("error: --batch takes one value, or one per --seq-len", file=sys.stderr)
+        return 2
+    for spec in args.tiles:
+        parts = spec.split("/")
+        if spec != "default" and (
+            len(parts) != 2 or not all(len(x.split("x")) == 2 for x in parts)
+        ):
+            print(
+                f"error: --tiles {spec!r}: write FWD_MxN/BWD_MxN, e.g. 64x64/32x64", file=sys.stderr
+            )
+            return 2
+    dtype = torch.bfloat16 if cuda else torch.float32
+    name = torch.cuda.get_device_name() if cuda else "CPU"
+    print(
+        "command: python bench/attention.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    )
+    print(f"device: {name} | torch {torch.__version__} | {dtype} | c2p + p2c, 256 buckets")
+    print(
+        f"{args.warmup} warm-up + {args.steps} timed forward+backward calls; peak is above inputs"
+    )
+    print()
+    header = (
+        f"{'impl':<26} {'L':>5} {'B':>3} {'ms':>9} {'peak GiB':>9} {'out err':>9} {'dq err':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for length, batch in zip(seq_lens, batches, strict=True):
+        case = make_case(batch, length, args.heads, args.head_size, dtype, device)
+        runs: list[tuple[str, Run, str]] = [("eager", disentangled("eager"), "default")]
+        if cuda:
+            runs += [(f"triton {spec}", disentangled("triton"), spec) for spec in args.tiles]
+        runs.append(("sdpa (no position terms)", sdpa, "default"))
+        reference = None
+        for label, run, spec in runs:
+            try:
+                with tiles(spec):
+                    r = timed(run, case, device, args.warmup, args.steps)
+            except torch.cuda.OutOfMemoryError:
+                print(f"{label:<26} {length:>5} {batch:>3} {'OOM':>9}")
+                torch.cuda.empty_cache()
+                continue
+            except Exception as e:  # a tile size the compiler rejects: report, go on
+                print(f"{label:<26} {length:>5} {batch:>3} failed: {type(e).__name__}: {e}"[:300])
+                continue
+            if reference is None:
+                reference = r
+            errs = ("", "")
+            if label.startswith("triton"):
+                errs = (
+                    f"{rel_err(r['out'], reference['out']):.1e}",
+                    f"{rel_err(r['dq'], reference['dq']):.1e}",
+                )
+            peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a"
+            print(
+                f"{label:<26} {length:>5} {batch:>3} {r['ms']:>9.2f} {peak:>9} {errs[0]:>9} {errs[1]:>9}"
+            )
+        del case
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

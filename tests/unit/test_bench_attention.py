@@ -1,0 +1,38 @@
+"""Smoke test of bench/attention.py on CPU (eager and SDPA rows; the fused rows need CUDA and
+run in the GPU session). Never a timing assertion."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "attention.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_attention", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_run_prints_eager_and_sdpa_rows(bench, capsys) -> None:
+    args = ["--device", "cpu", "--seq-len", "48", "--batch", "2", "--heads", "2"]
+    assert bench.main(args + ["--head-size", "16", "--steps", "1", "--warmup", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    eager = next(r for r in rows if r and r[0] == "eager")
+    sdpa = next(r for r in rows if r and r[0] == "sdpa")
+    assert eager[1:3] == ["48", "2"] and float(eager[3]) > 0
+    assert sdpa[-4:-2] == ["48", "2"] and float(sdpa[-2]) > 0
+
+
+def test_bad_tiles_are_one_line(bench, capsys) -> None:
+    assert bench.main(["--device", "cpu", "--tiles", "64x64"]) == 2
+    assert "write FWD_MxN/BWD_MxN" in capsys.readouterr().err
