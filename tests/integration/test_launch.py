@@ -22,7 +22,8 @@ from tests.integration.test_trainer import overrides_for
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
-SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch")])
+BENCH = REPO / "bench"
+SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch"), *BENCH.glob("*.sh")])
 
 
 def child_env(**extra: str) -> dict[str, str]:

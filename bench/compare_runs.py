@@ -1,0 +1,89 @@
+"""Do two or more training runs learn alike? Reads each run's metrics.jsonl, one run directory
+per argument, the first being the reference.
+
+    python bench/compare_runs.py runs/eager runs/triton runs/eager_seed1
+
+Prints the held-out numbers of every run at each evaluation step side by side, then, for each
+run against the reference, the mean absolute difference of the training loss (smoothed over
+`--window` steps) over the steps both logged. Pass a run that differs from the reference only
+in its seed as well: its difference is the noise floor that "tracks within noise" is judged
+against (issue 7's check that the fused attention trains like eager).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HELD_OUT = ("gen_loss", "gen_acc", "disc_acc", "disc_auc")
+
+
+def read(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run}: no metrics.jsonl (is it a run directory?)")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash, as the trainer itself drops on resume
+    return records
+
+
+def smoothed_train_loss(records: list[dict], window: int) -> dict[int, float]:
+    steps = sorted((r["step"], r["loss"]) for r in records if r.get("split") == "train")
+    out: dict[int, float] = {}
+    for i, (step, _) in enumerate(steps):
+        recent = [loss for _, loss in steps[max(0, i - window + 1) : i + 1]]
+        out[step] = sum(recent) / len(recent)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("runs", nargs="+", type=Path, help="run directories; the first is the reference")
+    p.add_argument("--window", type=int, default=20, help="training-loss smoothing, in steps")
+    args = p.parse_args(argv)
+    if len(args.runs) < 2 or args.window < 1:
+        print("error: give at least two run directories and --window >= 1", file=sys.stderr)
+        return 2
+    try:
+        runs = {str(run): read(run) for run in args.runs}
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    names = list(runs)
+    print("held-out evaluation (" + ", ".join(HELD_OUT) + ")")
+    evals = {
+        n: {r["step"]: r for r in recs if r.get("split") == "valid"} for n, recs in runs.items()
+    }
+    for step in sorted(set().union(*(e.keys() for e in evals.values()))):
+        print(f"  step {step}")
+        for name in names:
+            r = evals[name].get(step)
+            cells = "  ".join(f"{k} {r[k]:.4f}" if r and k in r else f"{k} -" for k in HELD_OUT)
+            print(f"    {name}: {cells}")
+
+    reference = smoothed_train_loss(runs[names[0]], args.window)
+    print(f"training loss, smoothed over {args.window} steps, against {names[0]}")
+    for name in names[1:]:
+        other = smoothed_train_loss(runs[name], args.window)
+        common = sorted(set(reference) & set(other))
+        if not common:
+            print(f"  {name}: no common steps")
+            continue
+        diffs = [abs(other[s] - reference[s]) for s in common]
+        last = common[-1]
+        print(
+            f"  {name}: mean |diff| {sum(diffs) / len(diffs):.4f}, max {max(diffs):.4f} over "
+            f"{len(common)} steps; at step {last}: {other[last]:.4f} vs {reference[last]:.4f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Every GPU measurement the speed work needs, in one command: the gpu-marked tests, the full
+# RTD step against the HF-based one (bench/rtd_step.py), the attention core at several tile
+# sizes (bench/attention.py), and the quick start's learning curve with fused vs eager
+# attention next to a second eager seed, the noise floor (bench/compare_runs.py).
+#
+#   bash bench/gpu_session.sh [OUT_DIR [STAGE ...]]
+#
+# OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env tests rtd_step curves attention
+# (default: all, in that order, the most needed first). Each stage has its own time limit
+# (about 9.5 minutes in all on one H100, inside a 10-minute command) and writes OUT_DIR/<stage>.log
+# as it goes, so a stage that overruns leaves the others' results; run the missing ones again.
+#
+# It needs this project's Python dependencies. Where the GPU machine's image lacks some
+# (hydra-core, omegaconf, deepspeed and their own), put their wheels in .whl/ and they are
+# installed to /tmp/site first. The curves use the quick start's corpus from .gpu_corpus/
+# (shards/ and tokenizer/, as `python -m pretrain experiment=quickstart` caches it under
+# ~/.cache/pretrain), or that cache when .gpu_corpus/ is absent.
+#
+#   bash bench/gpu_session.sh --prepare [PYTHON_VERSION]
+#
+# fills .whl/ (wheels for PYTHON_VERSION, default 3.12, the GPU image's; deepspeed and antlr4
+# are built here, pure Python) and .gpu_corpus/ (a copy of the cached corpus) from this
+# machine's install; both are git-ignored and travel only when a device call carries them.
+set -u
+if [ "${1:-}" = "--prepare" ]; then
+    version=${2:-3.12}
+    pip=(python -m pip)
+    rm -rf .whl && mkdir .whl || exit 1
+    pinned() { for name in "$@"; do echo "$name==$("${pip[@]}" show "$name" | awk '/^Version:/{print $2}')"; done; }
+    mapfile -t binary < <(pinned hydra-core omegaconf pydantic pydantic-core annotated-types \
+        typing-inspection typing-extensions hjson)
+    mapfile -t built < <(pinned deepspeed antlr4-python3-runtime)
+    "${pip[@]}" download -q --no-deps --only-binary=:all: --python-version "$version" \
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d .whl "${binary[@]}" &&
+        "${pip[@]}" wheel -q --no-deps --no-build-isolation -w .whl "${built[@]}" || exit 1
+    cached=$(find "$HOME/.cache/pretrain" -maxdepth 1 -name 'default_corpus_*' | head -n 1)
+    [ -n "$cached" ] || { echo "error: no cached corpus; run the quick start once" >&2; exit 1; }
+    rm -rf .gpu_corpus && cp -r "$cached" .gpu_corpus && du -sh .whl .gpu_corpus
+    exit
+fi
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+corpus=.gpu_corpus
+if [ ! -d "$corpus" ]; then
+    corpus=$(find "$HOME/.cache/pretrain" -maxdepth 1 -name 'default_corpus_*' 2>/dev/null | head -n 1)
+fi
+
+# The quick start's first 300 steps three times, then the comparison (run as its own process,
+# so that the stage's time limit covers all of it).
+if [ "${1:-}" = "--curves" ]; then
+    runs=$2/runs
+    steps=${CURVE_STEPS:-300} # fewer for a dry run of this script
+    common=(experiment=quickstart "data.corpus=$corpus/shards" "data.tokenizer=$corpus/tokenizer"
+        "trainer.max_steps=$steps" "trainer.eval_every=$(((steps + 2) / 3))" trainer.save_every=0
+        logging.progress_bar=false logging.plots=false model.attention_probs_dropout_prob=0)
+    read -ra extra <<<"${CURVE_OVERRIDES:-}" # e.g. a smaller batch for a dry run
+    common+=("${extra[@]}")
+    rm -rf "$runs"
+    "$py" -m pretrain "${common[@]}" "run_dir=$runs/eager" model.attention_impl=eager &&
+        "$py" -m pretrain "${common[@]}" "run_dir=$runs/triton" model.attention_impl=triton &&
+        "$py" -m pretrain "${common[@]}" "run_dir=$runs/eager_seed1" model.attention_impl=eager \
+            trainer.seed=1 &&
+        "$py" bench/compare_runs.py "$runs/eager" "$runs/triton" "$runs/eager_seed1"
+    exit
+fi
+
+out=${1:-${OUT:-gpu_session}}
+shift || true
+stages=${*:-env tests rtd_step curves attention}
+mkdir -p "$out"
+if [ -d .whl ]; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+
+# stage NAME SECONDS COMMAND...: run it under a time limit, log to $out/NAME.log, show the tail.
+stage() {
+    local name=$1 limit=$2
+    shift 2
+    case " $stages " in *" $name "*) ;; *) return 0 ;; esac
+    echo "== $name (limit ${limit}s): $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    echo "   exit $? after $((SECONDS - start))s"
+    grep -v -i -E "warn|^ *check\(" "$out/$name.log" | tail -n 40
+}
+
+stage env 30 "$py" -c "import subprocess, torch, triton, transformers
+print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())
+subprocess.run(['nvidia-smi', '--query-gpu=name,memory.total,driver_version', '--format=csv'])"
+stage tests 120 "$py" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests
+stage rtd_step 240 "$py" bench/rtd_step.py --attention eager triton --compile both \
+    --warmup 2 --steps 5
+stage curves 150 bash "$0" --curves "$out"
+stage attention 60 "$py" bench/attention.py --steps 5 \
+    --tiles default 128x64/64x64 64x32/32x32 128x32/64x64 32x64/32x32

@@ -1,0 +1,53 @@
+"""bench/compare_runs.py on hand-made metrics.jsonl files, against hand-computed numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "compare_runs.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_compare_runs", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_run(run: Path, losses: list[float], auc: float) -> None:
+    run.mkdir()
+    lines = [{"step": i + 1, "split": "train", "loss": x} for i, x in enumerate(losses)]
+    lines.append({"step": len(losses), "split": "valid", "gen_loss": 5.0, "gen_acc": 0.1,
+                  "disc_acc": 0.8, "disc_auc": auc})  # fmt: skip
+    text = "\n".join(json.dumps(r) for r in lines) + "\n{torn"
+    (run / "metrics.jsonl").write_text(text)
+
+
+def test_differences_of_smoothed_training_loss_and_side_by_side_evals(
+    bench, tmp_path: Path, capsys
+) -> None:
+    write_run(tmp_path / "a", [4.0, 3.0, 2.0, 1.0], auc=0.75)
+    write_run(tmp_path / "b", [4.0, 3.5, 2.0, 2.0], auc=0.7)
+    assert bench.main([str(tmp_path / "a"), str(tmp_path / "b"), "--window", "2"]) == 0
+    out = capsys.readouterr().out
+    # smoothed a: 4, 3.5, 2.5, 1.5; b: 4, 3.75, 2.75, 2.0 -> |diff| 0, .25, .25, .5
+    assert "mean |diff| 0.2500, max 0.5000 over 4 steps; at step 4: 2.0000 vs 1.5000" in out
+    assert (
+        f"{tmp_path / 'b'}: gen_loss 5.0000  gen_acc 0.1000  disc_acc 0.8000  disc_auc 0.7000"
+        in out
+    )
+
+
+def test_a_directory_without_metrics_is_one_line(bench, tmp_path: Path, capsys) -> None:
+    write_run(tmp_path / "a", [1.0], auc=0.5)
+    assert bench.main([str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
