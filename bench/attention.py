@@ -12,7 +12,9 @@ small fp32 case of eager and SDPA only (the fused kernel needs CUDA), so the scr
 checked anywhere.
 
 Tiles are FWD_MxN/BWD_MxN (BLOCK_M x BLOCK_N of the forward and the backward kernels);
-"default" is what `fused._launch_settings` picks.
+"default" is what `fused._launch_settings` picks. `--profile` adds, per length, torch
+profiler's kernel table for one call of eager and of the fused kernel (default tiles): where
+the time goes (forward kernel, backward kernel, the position projections, the atomics' zeroing).
 """
 
 from __future__ import annotations
@@ -134,6 +136,24 @@ def timed(run: Run, case: Case, device: torch.device, warmup: int, steps: int) -
     return {"ms": ms, "peak_gib": peak, "out": out.detach(), "dq": dq.detach()}
 
 
+def profile(label: str, run: Run, case: Case, device: torch.device) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    run(case)  # compiled and warm before the profile
+    with torch_profile(activities=activities) as prof:
+        for _ in range(3):
+            run(case)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile: {label}, 3 calls")
+    print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60))
+
+
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
 
@@ -148,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--profile", action="store_true", help="kernel tables of eager and fused")
     args = p.parse_args(argv)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -215,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{label:<26} {length:>5} {batch:>3} {r['ms']:>9.2f} {peak:>9} {errs[0]:>9} {errs[1]:>9}"
             )
+        if args.profile:
+            for impl in ["eager", "triton"] if cuda else ["eager"]:
+                profile(f"{impl} L={length} B={batch}", disentangled(impl), case, device)
+            print()
         del case
     return 0
 

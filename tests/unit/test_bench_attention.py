@@ -25,8 +25,11 @@ def bench() -> ModuleType:
 
 def test_cpu_run_prints_eager_and_sdpa_rows(bench, capsys) -> None:
     args = ["--device", "cpu", "--seq-len", "48", "--batch", "2", "--heads", "2"]
-    assert bench.main(args + ["--head-size", "16", "--steps", "1", "--warmup", "1"]) == 0
-    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    args += ["--head-size", "16", "--steps", "1", "--warmup", "1", "--profile"]
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    assert "profile: eager L=48 B=2, 3 calls" in out and "aten::matmul" in out
+    rows = [line.split() for line in out.splitlines()]
     eager = next(r for r in rows if r and r[0] == "eager")
     sdpa = next(r for r in rows if r and r[0] == "sdpa")
     assert eager[1:3] == ["48", "2"] and float(eager[3]) > 0
