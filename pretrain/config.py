@@ -125,6 +125,10 @@ class TrainerConfig:
     # torch.compile each transformer layer (RTDModel.compile_layers): faster steps after a
     # compile of tens of seconds at start-up, and after each change of shape or train/eval.
     compile: bool = False
+    # Repeatable runs on a GPU: torch.use_deterministic_algorithms (warning about any op that
+    # has no deterministic kernel), a fixed cuBLAS workspace, and eager attention where the
+    # fused kernel's backward would add with atomics. Slower; CPU runs are repeatable anyway.
+    deterministic: bool = False
 
 
 @dataclass

@@ -19,6 +19,7 @@ Faults, and what the loop does about them:
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import signal
 import time
@@ -107,6 +108,7 @@ class Trainer:
             config = dataclasses.replace(
                 config, deepspeed=dataclasses.replace(config.deepspeed, extra=extra)
             )
+        _set_determinism(t.deterministic)
         _seed_everything(t.seed)  # the same initial weights on every rank, for every ZeRO stage
         self.model = self._initial_model(config)
         if config.trainer.compile:
@@ -481,6 +483,15 @@ class Trainer:
 def _as_dict(dataclass_config: Any) -> dict[str, Any]:
     """A config dataclass as plain JSON-able containers (for checkpoints, wandb, comparisons)."""
     return cast(dict[str, Any], OmegaConf.to_container(OmegaConf.structured(dataclass_config)))
+
+
+def _set_determinism(on: bool) -> None:
+    """Set either way, so one job of a sweep (run in one process) does not leak into the next."""
+    if on:
+        # cuBLAS's reduction order depends on its workspace; a fixed one makes it repeatable.
+        # Read when the first cuBLAS handle is made, which is after this on a fresh process.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
 
 
 def _seed_everything(seed: int) -> None:

@@ -262,3 +262,23 @@ def test_compile_with_zero3_is_refused(tiny_corpus: dict, tmp_path: Path) -> Non
         make_config(
             tiny_corpus, tmp_path / "run", "trainer.compile=true", "deepspeed.zero_stage=3"
         ).validate()
+
+
+def test_deterministic_switch_is_set_per_run_and_changes_no_number_on_cpu(
+    tiny_corpus: dict, tmp_path: Path
+) -> None:
+    import torch
+
+    from pretrain.trainer import Trainer
+
+    common = ("trainer.max_steps=2", "trainer.eval_every=0")
+    try:
+        config = make_config(tiny_corpus, tmp_path / "det", *common, "trainer.deterministic=true")
+        trainer = Trainer(config)
+        assert torch.are_deterministic_algorithms_enabled()
+        deterministic = trainer.fit()
+        plain = train(tiny_corpus, tmp_path / "plain", *common)  # as a sweep's next job would
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert numbers(deterministic) == numbers(plain)
