@@ -106,10 +106,10 @@ def _decode_chunks(
     temperature: float,
     exclude_original: bool,
     chunk_rows: int,
-    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None,
 ) -> MLMOutput:
     """The loop behind `mlm_objective`. With `grads` = (d_states, d_weight, d_bias) buffers,
-    also writes the gradients of loss_sum into them."""
+    also writes the gradients of loss_sum into those that are not None."""
     device, dtype = states.device.type, _matmul_dtype(states)
     n = states.shape[0]
     loss_sum = torch.zeros((), dtype=_accumulate_dtype(dtype), device=states.device)
@@ -134,10 +134,13 @@ def _decode_chunks(
                 # d(sum of CE)/d(logits) = softmax - one_hot(target)
                 d_logits = torch.exp(logits - lse.unsqueeze(1))
                 d_logits[torch.arange(len(t), device=t.device), t] -= 1.0
-                d_bias += d_logits.sum(0)
+                if d_bias is not None:
+                    d_bias += d_logits.sum(0)
                 d_logits = d_logits.to(dtype)
-                d_states[rows] = torch.matmul(d_logits, w)
-                d_weight += torch.matmul(d_logits.t(), x)
+                if d_states is not None:
+                    d_states[rows] = torch.matmul(d_logits, w)
+                if d_weight is not None:
+                    d_weight += torch.matmul(d_logits.t(), x)
     return MLMOutput(loss_sum, sampled, predicted)
 
 
@@ -165,16 +168,21 @@ class _ChunkedMLM(torch.autograd.Function):
         chunk_rows: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dtype = _matmul_dtype(states)
+        need_states, need_weight, need_bias = ctx.needs_input_grad[:3]
         grads = (
-            torch.empty(states.shape, dtype=dtype, device=states.device),
-            torch.zeros(weight.shape, dtype=_accumulate_dtype(dtype), device=weight.device),
-            torch.zeros(bias.shape, dtype=_accumulate_dtype(dtype), device=bias.device),
+            torch.empty(states.shape, dtype=dtype, device=states.device) if need_states else None,
+            torch.zeros(weight.shape, dtype=_accumulate_dtype(dtype), device=weight.device)
+            if need_weight
+            else None,
+            torch.zeros(bias.shape, dtype=_accumulate_dtype(dtype), device=bias.device)
+            if need_bias
+            else None,
         )
         out = _decode_chunks(
             states, weight, bias, targets, uniforms, temperature, exclude_original, chunk_rows,
             grads,
         )  # fmt: skip
-        ctx.save_for_backward(*grads)
+        ctx.save_for_backward(*grads)  # None where no gradient is needed
         ctx.dtypes = (states.dtype, weight.dtype, bias.dtype)
         ctx.mark_non_differentiable(out.sampled, out.predicted)
         return out.loss_sum, out.sampled, out.predicted
@@ -183,10 +191,8 @@ class _ChunkedMLM(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, d_loss: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
         grads = [
-            (g * d_loss).to(dtype) if needed else None
-            for g, dtype, needed in zip(
-                ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad[:3], strict=True
-            )
+            None if g is None else (g * d_loss).to(dtype)
+            for g, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True)
         ]
         return (*grads, None, None, None, None, None)
 
