@@ -4,19 +4,17 @@ give, and an out-of-memory on one side is a row, not a crash. Never a timing ass
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
+from tests.unit.bench_scripts import load_bench
+
 pytest.importorskip("transformers")
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "rtd_step.py"
 VOCAB = 300
 TINY = ["--device", "cpu", "--preset", "tiny", "--vocab-size", str(VOCAB), "--seq-len", "32"]
 TINY += ["--batch", "2", "--warmup", "1", "--steps", "1"]
@@ -24,12 +22,7 @@ TINY += ["--batch", "2", "--warmup", "1", "--steps", "1"]
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_rtd_step", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("rtd_step")
 
 
 def test_prints_both_rows_the_ratio_and_the_uniform_first_loss(bench, capsys):

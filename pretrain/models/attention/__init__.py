@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+from typing import Any
 
 import torch
 
@@ -129,20 +130,12 @@ def disentangled_attention(
 
 # Under torch.compile (trainer.compile) the kernel runs as it is, a graph break on each side:
 # the launch code reads tensor strides and Triton's mode, which dynamo need not trace.
+# Arguments as `disentangled_attention`'s, without dropout_p, impl and deterministic.
 @torch.compiler.disable
-def _fused(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    pos_k: torch.Tensor | None,
-    pos_q: torch.Tensor | None,
-    rel_index: torch.Tensor | None,
-    token_mask: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
+def _fused(*args: Any) -> torch.Tensor:
     from pretrain.models.attention.fused import fused_disentangled_attention
 
-    return fused_disentangled_attention(q, k, v, pos_k, pos_q, rel_index, token_mask, scale)
+    return fused_disentangled_attention(*args)
 
 
 __all__ = [
