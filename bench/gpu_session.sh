@@ -87,7 +87,7 @@ stage() {
     case " $stages " in *" $name "*) ;; *) return 0 ;; esac
     echo "== $name (limit ${limit}s): $*"
     local start=$SECONDS
-    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    timeout -k 10 "$limit" "$@" >"$out/$name.log" 2>&1 # -k: trainers save on SIGTERM first
     echo "   exit $? after $((SECONDS - start))s"
     grep -v -i -E "warn|^ *check\(" "$out/$name.log" | tail -n 40
 }
