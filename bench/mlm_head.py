@@ -1,0 +1,126 @@
+"""The generator's MLM objective on the masked rows, plain vs chunked, in one run: peak memory
+and time of a forward + backward.
+
+    python bench/mlm_head.py [--rows 2458] [--vocab 128100] [--dim 768] [--device auto|cpu|cuda]
+
+plain: the whole [N, V] logits from the tied decoder, `F.cross_entropy(reduction="sum")`,
+argmax, and `sample_replacements` on them (what `RTDModel` did before `mlm_objective`).
+chunked: `mlm_objective`, the same results from row chunks. Defaults: v3-base's vocabulary
+and width, and the masked rows of a B=32, L=512 batch at 15%. On CUDA in bf16 autocast, peak
+is torch.cuda.max_memory_allocated above the inputs; on CPU in fp32, each variant runs in a
+fresh process and peak is the growth of its resident set (ru_maxrss) over the inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import shlex
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.models.heads import mlm_objective, sample_replacements
+
+VARIANTS = ("plain", "chunked")
+
+
+def run_variant(variant: str, rows: int, vocab: int, dim: int, device: torch.device) -> dict:
+    cuda = device.type == "cuda"
+    g = torch.Generator(device=device).manual_seed(0)
+    states = torch.randn(rows, dim, generator=g, device=device, requires_grad=True)
+    weight = (0.05 * torch.randn(vocab, dim, generator=g, device=device)).requires_grad_(True)
+    bias = torch.zeros(vocab, device=device, requires_grad=True)
+    targets = torch.randint(0, vocab, (rows,), generator=g, device=device)
+    uniforms = torch.rand(rows, generator=g, device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
+    def step() -> float:
+        with autocast:
+            if variant == "plain":
+                logits = torch.matmul(states, weight.t()) + bias
+                loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+                with torch.no_grad():
+                    sample_replacements(logits, uniforms=uniforms)
+                    logits.argmax(-1)
+            else:
+                loss = mlm_objective(states, weight, bias, targets, uniforms).loss_sum
+        loss.backward()
+        return loss.item()
+
+    step()  # warm-up (and cuBLAS workspaces) before the measured step
+    states.grad = weight.grad = bias.grad = None
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    loss = step()
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"variant": variant, "ms": (time.perf_counter() - t0) * 1e3, "peak": peak, "loss": loss}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--rows", type=int, default=round(0.15 * 32 * 512))
+    p.add_argument("--vocab", type=int, default=128100)
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)  # one CPU variant
+    args = p.parse_args(argv)
+    if min(args.rows, args.vocab, args.dim) < 1:
+        print("error: --rows, --vocab and --dim must be >= 1", file=sys.stderr)
+        return 2
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
+    if args.child:
+        print(json.dumps(run_variant(args.child, args.rows, args.vocab, args.dim, device)))
+        return 0
+
+    shape = ["--rows", str(args.rows), "--vocab", str(args.vocab), "--dim", str(args.dim)]
+    results = []
+    for variant in VARIANTS:
+        if cuda:
+            results.append(run_variant(variant, args.rows, args.vocab, args.dim, device))
+            torch.cuda.empty_cache()
+            continue
+        # A fresh process per variant: ru_maxrss only grows, and freed memory stays mapped.
+        cmd = [sys.executable, __file__, *shape, "--device", "cpu", "--child", variant]
+        child = subprocess.run(cmd, capture_output=True, text=True)
+        if child.returncode != 0:
+            print(f"error: {variant}: {child.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+            return 1
+        results.append(json.loads(child.stdout.strip().splitlines()[-1]))
+
+    name = torch.cuda.get_device_name() if cuda else "CPU"
+    print("command: python bench/mlm_head.py " + shlex.join(sys.argv[1:] if argv is None else argv))
+    print(
+        f"device: {name} | torch {torch.__version__} | {'bf16 autocast' if cuda else 'fp32'} | "
+        f"N={args.rows} rows, V={args.vocab}, E={args.dim}; forward + backward + sampling"
+    )
+    for r in results:
+        print(
+            f"{r['variant']:<8} {r['ms']:>9.1f} ms  peak {r['peak'] / 2**30:>6.2f} GiB  "
+            f"loss {r['loss']:.4f}"
+        )
+    plain, chunked = results
+    print(
+        f"chunked/plain: memory x{chunked['peak'] / max(plain['peak'], 1):.2f}, "
+        f"time x{chunked['ms'] / plain['ms']:.2f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Smoke test of bench/mlm_head.py on a tiny CPU shape: both variants run (each in its own
+process) and reach the same loss. Never a timing or memory assertion."""
+
+from __future__ import annotations
+
+import re
+from types import ModuleType
+
+import pytest
+
+from tests.unit.bench_scripts import load_bench
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    return load_bench("mlm_head")
+
+
+def test_both_variants_report_the_same_loss(bench, capsys) -> None:
+    assert bench.main(["--device", "cpu", "--rows", "50", "--vocab", "300", "--dim", "16"]) == 0
+    out = capsys.readouterr().out
+    losses = {
+        m[0]: float(m[1]) for m in re.findall(r"^(plain|chunked) .* loss ([\d.]+)$", out, re.M)
+    }
+    assert set(losses) == {"plain", "chunked"}
+    assert losses["chunked"] == pytest.approx(losses["plain"], rel=1e-5)
+    assert "chunked/plain: memory x" in out
