@@ -89,7 +89,9 @@ def _matmul_dtype(states: torch.Tensor) -> torch.dtype:
     """The dtype autocast would give the decoder's matmuls (bf16 in mixed precision); the
     logits are then made at least fp32, as `MLMHead.forward` + cross_entropy would do."""
     device = states.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else states.dtype
+    if states.dtype == torch.float64 or not torch.is_autocast_enabled(device):
+        return states.dtype  # autocast leaves float64 alone
+    return torch.get_autocast_dtype(device)
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -213,7 +215,10 @@ def mlm_objective(
     target). Equal to `MLMHead.forward`'s logits fed to cross_entropy(reduction="sum"), argmax
     and `sample_replacements`, without ever holding more than `chunk_rows` rows of logits
     (default: MLM_CHUNK_ELEMENTS // V)."""
-    rows = chunk_rows or max(1, MLM_CHUNK_ELEMENTS // word_weight.shape[0])
+    if chunk_rows is None:
+        chunk_rows = max(1, MLM_CHUNK_ELEMENTS // word_weight.shape[0])
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     wants_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (states, word_weight, bias)
     )
@@ -221,10 +226,10 @@ def mlm_objective(
         with torch.no_grad():
             return _decode_chunks(
                 states, word_weight, bias, targets, uniforms, temperature, exclude_original,
-                rows, None,
+                chunk_rows, None,
             )  # fmt: skip
     loss_sum, sampled, predicted = _ChunkedMLM.apply(
-        states, word_weight, bias, targets, uniforms, temperature, exclude_original, rows
+        states, word_weight, bias, targets, uniforms, temperature, exclude_original, chunk_rows
     )
     return MLMOutput(loss_sum, sampled, predicted)
 

@@ -38,6 +38,7 @@ from pretrain.models.heads import (
     at_least_fp32,
     mlm_objective,
 )
+from pretrain.models.heads import sample_replacements as sample_replacements  # its old home
 
 SHARING_MODES = ("gdes", "es", "nes")
 IGNORE_INDEX = -100
