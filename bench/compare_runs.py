@@ -5,9 +5,9 @@ per argument, the first being the reference.
 
 Prints the held-out numbers of every run at each evaluation step side by side, then, for each
 run against the reference, the mean absolute difference of the training loss (smoothed over
-`--window` steps) over the steps both logged. Pass a run that differs from the reference only
-in its seed as well: its difference is the noise floor that "tracks within noise" is judged
-against (issue 7's check that the fused attention trains like eager).
+`--window` logged records) over the steps both logged. Pass a run that differs from the
+reference only in its seed as well: its difference is the noise floor that "tracks within
+noise" is judged against (issue 7's check that the fused attention trains like eager).
 """
 
 from __future__ import annotations
@@ -34,7 +34,10 @@ def read(run: Path) -> list[dict]:
 
 
 def smoothed_train_loss(records: list[dict], window: int) -> dict[int, float]:
-    steps = sorted((r["step"], r["loss"]) for r in records if r.get("split") == "train")
+    """Step -> mean of the training loss over the last `window` logged records (one per
+    trainer.log_every steps). A step logged twice (a resumed run) counts once, the last."""
+    by_step = {r["step"]: r["loss"] for r in records if r.get("split") == "train"}
+    steps = sorted(by_step.items())
     out: dict[int, float] = {}
     for i, (step, _) in enumerate(steps):
         recent = [loss for _, loss in steps[max(0, i - window + 1) : i + 1]]
@@ -45,7 +48,9 @@ def smoothed_train_loss(records: list[dict], window: int) -> dict[int, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="run directories; the first is the reference")
-    p.add_argument("--window", type=int, default=20, help="training-loss smoothing, in steps")
+    p.add_argument(
+        "--window", type=int, default=20, help="training-loss smoothing, in logged records"
+    )
     args = p.parse_args(argv)
     if len(args.runs) < 2 or args.window < 1:
         print("error: give at least two run directories and --window >= 1", file=sys.stderr)
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    {name}: {cells}")
 
     reference = smoothed_train_loss(runs[names[0]], args.window)
-    print(f"training loss, smoothed over {args.window} steps, against {names[0]}")
+    print(f"training loss, smoothed over {args.window} records, against {names[0]}")
     for name in names[1:]:
         other = smoothed_train_loss(runs[name], args.window)
         common = sorted(set(reference) & set(other))

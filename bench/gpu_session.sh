@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Every GPU measurement the speed work needs, in one command: the gpu-marked tests, the full
 # RTD step against the HF-based one (bench/rtd_step.py), the attention core at several tile
-# sizes (bench/attention.py), and the quick start's learning curve with fused vs eager
-# attention next to a second eager seed, the noise floor (bench/compare_runs.py).
+# sizes (bench/attention.py), the chunked MLM head (bench/mlm_head.py), and the quick start's
+# learning curve with fused vs eager attention next to a second eager seed, the noise floor
+# (bench/compare_runs.py).
 #
 #   bash bench/gpu_session.sh [OUT_DIR [STAGE ...]]
 #
-# OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env tests rtd_step rtd_step_b4 curves
-# attention mlm_head (default: all, in that order, the most needed first; rtd_step_b4 runs only
-# when HF ran out of memory in rtd_step). Each stage has its own time limit (together under
-# the device tool's 10-minute command, bar rtd_step_b4) and writes OUT_DIR/<stage>.log as it
-# goes, so a stage that overruns leaves the others' results; run the missing ones again (the
-# machine stays warm for 30 s after a call, so a second call right away starts no new one).
+# OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env tests rtd_512 rtd_2048 rtd_2048_b4
+# curves attention mlm_head (default: all, in that order, the most needed first; rtd_2048_b4
+# runs only when HF ran out of memory in rtd_2048). Each stage has its own time limit, cut to
+# what is left of BUDGET_S (580 s, inside the device tool's 10-minute command), and writes
+# OUT_DIR/<stage>.log as it goes, so a stage that overruns leaves the others' results; run the
+# missing ones again (the machine stays warm for 30 s after a call, so a second call right
+# away starts no new one). Exits 1 when a stage failed or was skipped.
 #
 # It needs this project's Python dependencies. Where the GPU machine's image lacks some
 # (hydra-core, omegaconf, deepspeed and their own), put their wheels in .whl/ and they are
@@ -71,8 +73,11 @@ fi
 
 out=${1:-${OUT:-gpu_session}}
 shift || true
-stages=${*:-env tests rtd_step rtd_step_b4 curves attention mlm_head}
+stages=${*:-env tests rtd_512 rtd_2048 rtd_2048_b4 curves attention mlm_head}
 mkdir -p "$out"
+# Stages stop here at the latest, inside the device tool's 10-minute command.
+deadline=$((SECONDS + ${BUDGET_S:-580}))
+failed=()
 if [ -d .whl ]; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
@@ -80,31 +85,48 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 
-# stage NAME SECONDS COMMAND...: run it under a time limit, log to $out/NAME.log, show the tail.
+# stage NAME SECONDS COMMAND...: run it under a time limit (cut to what is left before the
+# deadline; skipped under 20 s), log to $out/NAME.log, show the tail, remember a failure.
 stage() {
     local name=$1 limit=$2
     shift 2
     case " $stages " in *" $name "*) ;; *) return 0 ;; esac
+    local left=$((deadline - SECONDS))
+    if ((left < 20)); then
+        echo "== $name: skipped, ${left}s left"
+        failed+=("$name(skipped)")
+        return 0
+    fi
+    ((limit > left)) && limit=$left
     echo "== $name (limit ${limit}s): $*"
-    local start=$SECONDS
+    local start=$SECONDS rc
     timeout -k 10 "$limit" "$@" >"$out/$name.log" 2>&1 # -k: trainers save on SIGTERM first
-    echo "   exit $? after $((SECONDS - start))s"
-    grep -v -i -E "warn|^ *check\(" "$out/$name.log" | tail -n 40
+    rc=$?
+    echo "   exit $rc after $((SECONDS - start))s"
+    ((rc == 0)) || failed+=("$name(exit $rc)")
+    grep -v -E "Warning|warnings.warn|^ *check\(|^\[.*\] \[WARNING\]" "$out/$name.log" | tail -n 40
 }
 
+bench=("$py" bench/rtd_step.py --attention eager triton --compile both --warmup 2 --steps 5)
 stage env 20 "$py" -c "import subprocess, torch, triton, transformers
 print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())
 subprocess.run(['nvidia-smi', '--query-gpu=name,memory.total,driver_version', '--format=csv'])"
 stage tests 100 "$py" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests
-stage rtd_step 230 "$py" bench/rtd_step.py --attention eager triton --compile both \
-    --warmup 2 --steps 5
+stage rtd_512 110 "${bench[@]}" --seq-len 512 --batch 32
+stage rtd_2048 130 "${bench[@]}" --seq-len 2048 --batch 8
 # HF's step may not fit at L=2048, B=8 on an 80 GB card (the issue measured 49 GiB for its
-# encoder alone); then compare at B=4, with the fused kernel only, to keep within time.
-if grep -q "^hf .*OOM" "$out/rtd_step.log" 2>/dev/null; then
-    stage rtd_step_b4 90 "$py" bench/rtd_step.py --attention triton --seq-len 2048 --batch 4 \
+# encoder alone); then compare at B=4 too, with the fused kernel only, to keep within time.
+if grep -q "^hf .*OOM" "$out/rtd_2048.log" 2>/dev/null; then
+    stage rtd_2048_b4 80 "$py" bench/rtd_step.py --attention triton --seq-len 2048 --batch 4 \
         --warmup 2 --steps 5
 fi
 stage curves 150 bash "$0" --curves "$out"
 stage attention 50 "$py" bench/attention.py --steps 5 --profile \
     --tiles default 128x64/64x64 64x32/32x32 128x32/64x64 32x64/32x32
 stage mlm_head 40 "$py" bench/mlm_head.py
+
+if ((${#failed[@]})); then
+    echo "not clean: ${failed[*]}"
+    exit 1
+fi
+echo "all stages passed"

@@ -7,8 +7,9 @@ plain: the whole [N, V] logits from the tied decoder, `F.cross_entropy(reduction
 argmax, and `sample_replacements` on them (what `RTDModel` did before `mlm_objective`).
 chunked: `mlm_objective`, the same results from row chunks. Defaults: v3-base's vocabulary
 and width, and the masked rows of a B=32, L=512 batch at 15%. On CUDA in bf16 autocast, peak
-is torch.cuda.max_memory_allocated above the inputs; on CPU in fp32, each variant runs in a
-fresh process and peak is the growth of its resident set (ru_maxrss) over the inputs.
+is torch.cuda.max_memory_allocated above the inputs after a warm-up step; on CPU in fp32, each
+variant runs once in a fresh process and peak is the growth of its resident set (ru_maxrss)
+over the inputs, so its time includes first-call overheads.
 """
 
 from __future__ import annotations
@@ -53,13 +54,14 @@ def run_variant(variant: str, rows: int, vocab: int, dim: int, device: torch.dev
         loss.backward()
         return loss.item()
 
-    step()  # warm-up (and cuBLAS workspaces) before the measured step
-    states.grad = weight.grad = bias.grad = None
     if cuda:
+        step()  # warm-up (cuBLAS workspaces) before the measured step
+        states.grad = weight.grad = bias.grad = None
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
+        # No warm-up: ru_maxrss only grows, so the baseline must come before any step.
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
     loss = step()

@@ -345,13 +345,17 @@ def measure_or_oom(
     steps: int,
     compile_ours: bool = False,
 ) -> Row:
-    """`measure`, with an out-of-memory reported as a row, and the memory freed for the next."""
+    """`measure`, with an out-of-memory or any other failure (a compile or kernel error in one
+    variant) reported as a row, so the other rows still come; the memory freed for the next."""
     b, seq_len = batch.input_ids.shape
     row = Row(impl, seq_len, b, status="OOM")
     try:
         row = measure(impl, config, rtd, batch, device, warmup, steps, compile_ours)
     except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError since 2.5
         pass  # freed below, once the handler has dropped the traceback and its frames
+    except Exception as e:
+        row = Row(impl, seq_len, b, status="failed")
+        print(f"error: {impl} L={seq_len} B={b}: {type(e).__name__}: {e}"[:2000], flush=True)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -381,6 +385,13 @@ def _fmt_row(r: Row) -> list[str]:
         mfu,
         loss,
     ]
+
+
+def progress_line(r: Row) -> str:
+    """One row as soon as it is measured, so a run cut short still reports what it did."""
+    done = f"{r.tokens_per_s:,.0f} tokens/s, {r.step_ms:.1f} ms" if r.status == "ok" else r.status
+    mem = f", peak {r.peak_bytes / 2**30:.2f} GiB" if r.peak_bytes is not None else ""
+    return f"measured {r.impl} L={r.seq_len} B={r.batch}: {done}{mem}"
 
 
 def print_table(rows: list[Row]) -> None:
@@ -582,10 +593,12 @@ def run(
                     compiled,
                 )  # fmt: skip
                 row.impl = f"ours {attention}{'+compile' if compiled else ''}"
+                print(progress_line(row), flush=True)
                 ours.append(row)
         rows += ours
         if args.impl in ("both", "hf"):
             hf = measure_or_oom("hf", config, rtd, batch, device, args.warmup, args.steps)
+            print(progress_line(hf), flush=True)
             rows.append(hf)
             ratios += [ratio_line(row, hf) for row in ours]
         del batch
@@ -606,7 +619,8 @@ def run(
     ]
     for r in bad:
         print(f"error: {r.impl} L={r.seq_len} B={r.batch}: non-finite first-step loss")
-    return 1 if bad else 0
+    failed = [r for r in rows if r.status == "failed"]
+    return 1 if bad or failed else 0
 
 
 if __name__ == "__main__":

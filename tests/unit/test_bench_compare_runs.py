@@ -44,3 +44,14 @@ def test_a_directory_without_metrics_is_one_line(bench, tmp_path: Path, capsys) 
     write_run(tmp_path / "a", [1.0], auc=0.5)
     assert bench.main([str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_a_step_logged_twice_after_a_resume_counts_once(bench, tmp_path: Path, capsys) -> None:
+    write_run(tmp_path / "a", [4.0, 3.0], auc=0.5)
+    write_run(tmp_path / "b", [4.0, 3.0], auc=0.5)
+    with (tmp_path / "b" / "metrics.jsonl").open("a") as f:  # the killed run's step 2, redone
+        f.write('\n{"step": 2, "split": "train", "loss": 3.0}\n')
+    text = (tmp_path / "b" / "metrics.jsonl").read_text()
+    (tmp_path / "b" / "metrics.jsonl").write_text(text.replace('"loss": 3.0}', '"loss": 9.0}', 1))
+    assert bench.main([str(tmp_path / "a"), str(tmp_path / "b"), "--window", "2"]) == 0
+    assert "mean |diff| 0.0000, max 0.0000 over 2 steps" in capsys.readouterr().out

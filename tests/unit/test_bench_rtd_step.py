@@ -66,3 +66,19 @@ def test_bad_command_lines_fail_in_one_line(bench, capsys):
     assert bench.main(["--device", "cpu", "--seq-len", "8", "16", "--batch", "1", "2", "3"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and all(line.startswith("error: ") for line in err)
+
+
+def test_a_failing_variant_is_a_row_and_a_failed_exit(bench, capsys, monkeypatch):
+    real = bench.measure
+
+    def hf_breaks(impl, *args):
+        if impl == "hf":
+            raise RuntimeError("simulated compile error")
+        return real(impl, *args)
+
+    monkeypatch.setattr(bench, "measure", hf_breaks)
+    assert bench.main(TINY) == 1
+    out = capsys.readouterr().out
+    assert "error: hf L=32 B=2: RuntimeError: simulated compile error" in out
+    assert "measured ours eager L=32 B=2: " in out and "measured hf L=32 B=2: failed" in out
+    assert "ours eager/HF L=32 B=2: n/a (ours ok, HF failed)" in out
