@@ -356,6 +356,8 @@ def measure_or_oom(
     except Exception as e:
         row = Row(impl, seq_len, b, status="failed")
         print(f"error: {impl} L={seq_len} B={b}: {type(e).__name__}: {e}"[:2000], flush=True)
+    if compile_ours:
+        torch._dynamo.reset()  # drop the compiled graphs (and what they hold) before the next row
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -54,7 +54,12 @@ def short_run(corpus: dict, run_dir: Path, *extra: str) -> list[str]:
 
 
 def test_scripts_parse() -> None:
-    assert {p.name for p in SCRIPTS} == {"torchrun.sh", "deepspeed.sh", "slurm.sbatch"}
+    assert {p.name for p in SCRIPTS} == {
+        "torchrun.sh",
+        "deepspeed.sh",
+        "slurm.sbatch",
+        "gpu_session.sh",
+    }
     for script in SCRIPTS:
         proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert proc.returncode == 0, f"{script.name}: {proc.stderr}"
