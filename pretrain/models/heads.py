@@ -99,62 +99,17 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _decode_chunks(
-    states: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    targets: torch.Tensor,
-    uniforms: torch.Tensor,
-    temperature: float,
-    exclude_original: bool,
-    chunk_rows: int,
-    grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None,
-) -> MLMOutput:
-    """The loop behind `mlm_objective`. With `grads` = (d_states, d_weight, d_bias) buffers,
-    also writes the gradients of loss_sum into those that are not None."""
-    device, dtype = states.device.type, _matmul_dtype(states)
-    n = states.shape[0]
-    loss_sum = torch.zeros((), dtype=_accumulate_dtype(dtype), device=states.device)
-    sampled = torch.empty(n, dtype=torch.long, device=states.device)
-    predicted = torch.empty(n, dtype=torch.long, device=states.device)
-    with torch.autocast(device, enabled=False):
-        w = weight.to(dtype)
-        for start in range(0, n, chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            x, t = states[rows].to(dtype), targets[rows]
-            logits = at_least_fp32(torch.matmul(x, w.t()) + bias)
-            lse = torch.logsumexp(logits, dim=-1)
-            target_logit = logits.gather(1, t.unsqueeze(1)).squeeze(1)
-            loss_sum += (lse - target_logit).sum()
-            predicted[rows] = logits.argmax(-1)
-            exclude = t if exclude_original else None
-            sampled[rows] = sample_replacements(
-                logits, temperature, exclude, uniforms=uniforms[rows]
-            )
-            if grads is not None:
-                d_states, d_weight, d_bias = grads
-                # d(sum of CE)/d(logits) = softmax - one_hot(target)
-                d_logits = torch.exp(logits - lse.unsqueeze(1))
-                d_logits[torch.arange(len(t), device=t.device), t] -= 1.0
-                if d_bias is not None:
-                    d_bias += d_logits.sum(0)
-                d_logits = d_logits.to(dtype)
-                if d_states is not None:
-                    d_states[rows] = torch.matmul(d_logits, w)
-                if d_weight is not None:
-                    d_weight += torch.matmul(d_logits.t(), x)
-    return MLMOutput(loss_sum, sampled, predicted)
-
-
 class _ChunkedMLM(torch.autograd.Function):
-    """loss_sum with its gradients made during the forward, chunk by chunk.
+    """The loop behind `mlm_objective`: loss_sum, argmax and samples chunk by chunk, and, when
+    a gradient is wanted, the gradients too, made during the forward.
 
     The backward of a softmax cross-entropy needs the softmax, i.e. the [N, V] logits again.
     Saving them is what this avoids; recomputing them would cost a third vocabulary matmul.
     So each chunk's d(loss)/d(logits) = softmax - one_hot is turned into d_states and summed
     into d_weight and d_bias at once, and the backward only scales those by the incoming
     gradient: the same three vocabulary matmuls as autograd, with [N, E] + [V, E] saved
-    instead of [N, V]. d_weight and d_bias are summed in fp32 (or wider), not in bf16.
+    instead of [N, V]. d_weight and d_bias are summed in fp32 (or wider), not in bf16. Without
+    grad mode (evaluation) or for an input that needs none, that work is skipped.
     """
 
     @staticmethod
@@ -168,26 +123,52 @@ class _ChunkedMLM(torch.autograd.Function):
         temperature: float,
         exclude_original: bool,
         chunk_rows: int,
+        grad_enabled: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dtype = _matmul_dtype(states)
-        need_states, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grads = (
-            torch.empty(states.shape, dtype=dtype, device=states.device) if need_states else None,
-            torch.zeros(weight.shape, dtype=_accumulate_dtype(dtype), device=weight.device)
-            if need_weight
-            else None,
-            torch.zeros(bias.shape, dtype=_accumulate_dtype(dtype), device=bias.device)
-            if need_bias
-            else None,
+        device, dtype = states.device.type, _matmul_dtype(states)
+        wide = _accumulate_dtype(dtype)
+        need_states, need_weight, need_bias = (grad_enabled and n for n in ctx.needs_input_grad[:3])
+        d_states = (
+            torch.empty(states.shape, dtype=dtype, device=states.device) if need_states else None
         )
-        out = _decode_chunks(
-            states, weight, bias, targets, uniforms, temperature, exclude_original, chunk_rows,
-            grads,
-        )  # fmt: skip
-        ctx.save_for_backward(*grads)  # None where no gradient is needed
+        d_weight = (
+            torch.zeros(weight.shape, dtype=wide, device=weight.device) if need_weight else None
+        )
+        d_bias = torch.zeros(bias.shape, dtype=wide, device=bias.device) if need_bias else None
+        n = states.shape[0]
+        loss_sum = torch.zeros((), dtype=wide, device=states.device)
+        sampled = torch.empty(n, dtype=torch.long, device=states.device)
+        predicted = torch.empty(n, dtype=torch.long, device=states.device)
+        with torch.autocast(device, enabled=False):
+            w = weight.to(dtype)
+            for start in range(0, n, chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                x, t = states[rows].to(dtype), targets[rows]
+                logits = at_least_fp32(torch.matmul(x, w.t()) + bias)
+                lse = torch.logsumexp(logits, dim=-1)
+                target_logit = logits.gather(1, t.unsqueeze(1)).squeeze(1)
+                loss_sum += (lse - target_logit).sum()
+                predicted[rows] = logits.argmax(-1)
+                exclude = t if exclude_original else None
+                sampled[rows] = sample_replacements(
+                    logits, temperature, exclude, uniforms=uniforms[rows]
+                )
+                if not (need_states or need_weight or need_bias):
+                    continue
+                # d(sum of CE)/d(logits) = softmax - one_hot(target)
+                d_logits = torch.exp(logits - lse.unsqueeze(1))
+                d_logits[torch.arange(len(t), device=t.device), t] -= 1.0
+                if d_bias is not None:
+                    d_bias += d_logits.sum(0)
+                d_logits = d_logits.to(dtype)
+                if d_states is not None:
+                    d_states[rows] = torch.matmul(d_logits, w)
+                if d_weight is not None:
+                    d_weight += torch.matmul(d_logits.t(), x)
+        ctx.save_for_backward(d_states, d_weight, d_bias)  # None where no gradient is needed
         ctx.dtypes = (states.dtype, weight.dtype, bias.dtype)
-        ctx.mark_non_differentiable(out.sampled, out.predicted)
-        return out.loss_sum, out.sampled, out.predicted
+        ctx.mark_non_differentiable(sampled, predicted)
+        return loss_sum, sampled, predicted
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -196,7 +177,7 @@ class _ChunkedMLM(torch.autograd.Function):
             None if g is None else (g * d_loss).to(dtype)
             for g, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True)
         ]
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def mlm_objective(
@@ -219,18 +200,10 @@ def mlm_objective(
         chunk_rows = max(1, MLM_CHUNK_ELEMENTS // word_weight.shape[0])
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    wants_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (states, word_weight, bias)
-    )
-    if not wants_grad:
-        with torch.no_grad():
-            return _decode_chunks(
-                states, word_weight, bias, targets, uniforms, temperature, exclude_original,
-                chunk_rows, None,
-            )  # fmt: skip
     loss_sum, sampled, predicted = _ChunkedMLM.apply(
-        states, word_weight, bias, targets, uniforms, temperature, exclude_original, chunk_rows
-    )
+        states, word_weight, bias, targets, uniforms, temperature, exclude_original, chunk_rows,
+        torch.is_grad_enabled(),
+    )  # fmt: skip
     return MLMOutput(loss_sum, sampled, predicted)
 
 
