@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 import hydra
 from omegaconf import DictConfig
 
 from pretrain.checkpoint import CheckpointError
-from pretrain.config import ConfigError, register_schema, to_config
+from pretrain.config import ConfigError, register_schema, to_config, unknown_override_key
 from pretrain.data.sources import SourceError
 
 register_schema()
+CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -65,4 +67,7 @@ def _drop_launcher_args(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     sys.argv = _drop_launcher_args(sys.argv)
+    groups = {p.name for p in CONF.iterdir() if p.is_dir()}
+    if message := unknown_override_key(sys.argv[1:], groups):
+        sys.exit(f"error: {message}")
     main()

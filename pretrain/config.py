@@ -1,7 +1,8 @@
 """The typed schema behind the Hydra YAML, and the one place a run's settings are validated.
 
 Hydra composes `conf/` on top of `Config` (registered in the ConfigStore as `schema`), so a
-misspelt key or a wrong type fails at start-up with the key's name. Component configs are the
+misspelt key or a wrong type fails at start-up with the key's name (command-line keys are
+checked first by `unknown_override_key`, with the nearest known ones). Component configs are the
 components' own dataclasses (`DebertaConfig`, `RTDConfig`, `MaskingConfig`) wherever they exist;
 `to_config` builds them, which runs their `__post_init__` checks, and then checks the relations
 between groups (batch sizes, sequence length against the model) in `Config.validate`.
@@ -9,6 +10,9 @@ between groups (batch sizes, sequence length against the model) in `Config.valid
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -296,3 +300,33 @@ def register_schema() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="schema", node=Config)
+
+
+def unknown_override_key(overrides: list[str], groups: set[str]) -> str | None:
+    """The first `key=value` command-line override whose key the schema does not have, as a
+    one-line message with the nearest keys; None when all are known. Hydra would refuse it too,
+    but suggests `+key=value`, which the schema refuses as well. Keys below a dict or list field
+    (`deepspeed.extra.*`, `data.sources.0.*`), Hydra's own (`hydra.*`, `-m`, `--cfg`), deletions
+    (`~key`) and config groups (`experiment=...`, `hydra/launcher=...`) are left to Hydra."""
+    for arg in overrides:
+        key = arg.split("=", 1)[0].lstrip("+")
+        if "=" not in arg or arg.startswith(("-", "~")) or "/" in key or "@" in key:
+            continue
+        parts = key.split(".")
+        if parts[0] == "hydra" or (len(parts) == 1 and key in groups):
+            continue
+        node: Any = Config
+        for depth, part in enumerate(parts):
+            hints = typing.get_type_hints(node)
+            if part not in hints:
+                where = ".".join(parts[:depth])
+                known = sorted(hints)
+                close = difflib.get_close_matches(part, known, n=3)
+                close += [k for k in known if part in k and k not in close][:2]
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                scope = f"{where} has" if where else "the top level has"
+                return f"unknown config key {key!r}{hint} ({scope}: {', '.join(known)})"
+            node = hints[part]
+            if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
+                break  # a value, or a dict / list whose entries Hydra checks itself
+    return None

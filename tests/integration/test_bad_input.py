@@ -6,8 +6,9 @@ damaged. A row that relaunches an existing run compares every file's sha256 befo
 the others must leave no checkpoint behind. Each launch is bounded by a timeout, so a rank that
 hangs instead of exiting fails the row.
 
-Hydra itself reports a misspelt key or a wrong type in a few lines (its first one names the
-override) and never reaches our code; every other problem is ours to report as `error: ...`.
+Hydra itself reports a wrong type in a few lines (its first one names the override) and never
+reaches our code; every other problem is ours to report as `error: ...`, a misspelt key included
+(checked against the schema before Hydra, which would hint at `+key=value`, a silent no-op).
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ class Case:
 
 CASES = [
     pytest.param(
-        Case(("trainer.max_stepz=3",), "Could not override 'trainer.max_stepz'", hydra=True,
-             also="Key 'max_stepz' not in 'TrainerConfig'"),
+        Case(("trainer.max_stepz=3",),
+             "error: unknown config key 'trainer.max_stepz'; did you mean max_steps?"),
         id="misspelt-key",
     ),
     pytest.param(

@@ -10,7 +10,14 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from pretrain.config import BatchSizes, Config, ConfigError, register_schema, to_config
+from pretrain.config import (
+    BatchSizes,
+    Config,
+    ConfigError,
+    register_schema,
+    to_config,
+    unknown_override_key,
+)
 from pretrain.models.deberta import PRESETS
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -55,6 +62,53 @@ def test_misspelt_key_fails_naming_it() -> None:
         composed("trainer.max_step=5")
     assert "max_step" in str(e.value.__cause__ or e.value)
     assert isinstance(e.value.__cause__, ConfigKeyError | ConfigAttributeError)
+
+
+GROUPS = {p.name for p in CONF.iterdir() if p.is_dir()}
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("trainer.max_step=5", "'trainer.max_step'; did you mean max_steps? (trainer has: "),
+        ("+trainer.foo=1", "'trainer.foo' (trainer has: compile,"),
+        ("model.hiden_size=64", "did you mean hidden_size"),
+        (
+            "rtd.sharing=es",
+            "did you mean embedding_sharing?",
+        ),  # a field of the component's own dataclass
+        ("masking.probabilty=0.1", "did you mean probability?"),
+        ("trainr.seed=1", "'trainr.seed'; did you mean trainer? (the top level has: data,"),
+    ],
+)
+def test_unknown_override_key_names_it_and_the_nearest(override: str, fragment: str) -> None:
+    message = unknown_override_key(["experiment=quickstart", override], GROUPS)
+    assert message is not None and fragment in message and "\n" not in message
+    if override.startswith("+"):  # Hydra adds it and the dataclass drops it: a silent no-op
+        assert "foo" not in str(composed(override).trainer)
+    else:  # Hydra refuses it too, but hints at `+key=value`
+        with pytest.raises(ConfigCompositionException):
+            composed(override)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer.max_steps=5",  # known keys at every depth
+        "model.init_from=/x",  # a field ModelConfig adds to DebertaConfig
+        "+experiment=quickstart",  # groups, with and without +
+        "masking=span",
+        "hydra/launcher=basic",
+        "hydra.run.dir=/tmp/x",  # Hydra's own keys
+        "~trainer.seed",  # deletions
+        "+deepspeed.extra.wall_clock_breakdown=true",  # below a dict: Hydra checks
+        "data.sources=[{corpus: x}]",
+        "--config-name=config",  # flags
+        "trainer.seed=1,2",  # sweeps
+    ],
+)
+def test_known_overrides_pass_the_key_check(override: str) -> None:
+    assert unknown_override_key([override], GROUPS) is None
 
 
 def test_wrong_type_fails_naming_key() -> None:
