@@ -3,7 +3,7 @@
 #
 #   launch/deepspeed.sh experiment=deberta_v3_base deepspeed=zero2          # this node, every GPU
 #   NUM_GPUS=4 launch/deepspeed.sh experiment=deberta_v3_base               # this node, GPUs 0-3
-#   HOSTFILE=launch/hostfile launch/deepspeed.sh experiment=deberta_v3_base deepspeed=zero2
+#   HOSTFILE=launch/hostfile launch/deepspeed.sh experiment=deberta_v3_base deepspeed=zero2 trainer.micro_batch_size=16
 #
 # With a hostfile (copy launch/hostfile.example), run it once, on the first host listed: the
 # launcher starts the other nodes over passwordless ssh (pdsh), in this same directory with this

@@ -2,11 +2,11 @@
 # Run `python -m pretrain` under torchrun: one node, or one call per node of a multi-node job.
 #
 #   launch/torchrun.sh experiment=quickstart                       # this node: every GPU, or 1 process on CPU
-#   NPROC_PER_NODE=2 launch/torchrun.sh experiment=quickstart      # 2 processes (gloo on CPU)
+#   NPROC_PER_NODE=2 launch/torchrun.sh experiment=quickstart trainer.micro_batch_size=16  # 2 processes (gloo on CPU)
 #
 #   # two nodes of 8 GPUs: the same command on each, differing only in NODE_RANK
-#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node-001 launch/torchrun.sh experiment=deberta_v3_base deepspeed=zero2
-#   NNODES=2 NODE_RANK=1 MASTER_ADDR=node-001 launch/torchrun.sh experiment=deberta_v3_base deepspeed=zero2
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node-001 launch/torchrun.sh experiment=deberta_v3_base deepspeed=zero2 trainer.micro_batch_size=16
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=node-001 launch/torchrun.sh experiment=deberta_v3_base deepspeed=zero2 trainer.micro_batch_size=16
 #
 # Arguments are Hydra overrides. Environment, with defaults:
 #   NNODES=1  NODE_RANK=0  MASTER_ADDR=127.0.0.1  MASTER_PORT=29500 (a free port on one node)

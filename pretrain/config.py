@@ -143,7 +143,7 @@ class LoggingConfig:
     plots: bool = True  # PNG curves in the run directory at the end
     # For MFU on GPUs missing from metrics.PEAK_BF16_FLOPS (or to use a measured peak).
     peak_tflops: float | None = None
-    # Append each step's sample indices to samples_rank<r>.jsonl (debugging data issues).
+    # Append each step's sample indices to samples_rank<5-digit rank>.jsonl (data debugging).
     trace_samples: bool = False
 
 
@@ -173,6 +173,11 @@ class Config:
             )
         if m.init_generator_from is not None and m.init_from is None:
             raise ConfigError("model.init_generator_from needs model.init_from (the discriminator)")
+        if self.rtd.enhanced_mask_decoder and m.position_biased_input:
+            raise ConfigError(
+                "rtd.enhanced_mask_decoder=true needs model.position_biased_input=false: with "
+                "absolute positions already in the input, the decoder has nothing to add"
+            )
         if m.attention_impl == "triton" and m.attention_probs_dropout_prob > 0:
             raise ConfigError(
                 "model.attention_impl=triton has no attention dropout, but "
@@ -272,10 +277,15 @@ class BatchSizes:
     def compute(cls, global_batch: int, micro_batch: int, world_size: int) -> BatchSizes:
         per_step = micro_batch * world_size
         if global_batch % per_step:
+            # The largest micro batch below this one that fits, e.g. on more GPUs than planned.
+            fits = [
+                m for m in range(micro_batch - 1, 0, -1) if global_batch % (m * world_size) == 0
+            ]
+            hint = f"trainer.micro_batch_size={fits[0]} or " if fits else ""
             raise ConfigError(
                 f"trainer.global_batch_size={global_batch} is not a multiple of "
                 f"trainer.micro_batch_size={micro_batch} x world size {world_size} = {per_step}; "
-                "pick a global batch that divides evenly"
+                f"use {hint}a global batch that divides evenly"
             )
         return cls(micro_batch, global_batch // per_step, world_size)
 

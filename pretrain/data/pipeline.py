@@ -85,7 +85,7 @@ def build_default_corpus(cache_dir: str, vocab_size: int, log=print) -> tuple[Pa
         return shards, tokenizer
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    log(f"building the default corpus once (about 2 minutes on 2 cores) into {root}")
+    log(f"building the default corpus once (about 3 minutes on 2 cores) into {root}")
     text = tmp / "text"
     extract_text(text)
     inputs = sorted(text.glob("*.jsonl"))
@@ -276,12 +276,18 @@ def build_data(config: Config, world) -> DataBundle:
     return bundle
 
 
+def _streams_for(world_size: int) -> int:
+    """64, which serves 1 to 64 ranks in powers of two, or the next multiple of world_size."""
+    return 64 if 64 % world_size == 0 else -(-64 // world_size) * world_size
+
+
 def streams_per_rank(streams: int, world_size: int, workers: int) -> int:
     """The corpus is cut into `data.streams` partitions whatever the world size, so a run sees
     the same samples (and masks) on 1 or N ranks and after resuming on another rank count."""
     if streams % world_size:
         raise ConfigError(
-            f"data.streams={streams} must be a multiple of the world size {world_size}"
+            f"data.streams={streams} must be a multiple of the world size {world_size}: start "
+            f"the run with data.streams={_streams_for(world_size)} (it stays fixed for the run)"
         )
     per_rank = streams // world_size
     if workers and per_rank % workers:

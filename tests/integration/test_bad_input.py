@@ -96,8 +96,8 @@ CASES = [
     pytest.param(
         Case(("trainer.global_batch_size=24",),
              "error: trainer.global_batch_size=24 is not a multiple of "
-             "trainer.micro_batch_size=8 x world size 2 = 16; pick a global batch that divides "
-             "evenly", ranks=2),
+             "trainer.micro_batch_size=8 x world size 2 = 16; use trainer.micro_batch_size=6 "
+             "or a global batch that divides evenly", ranks=2),
         id="global-batch-not-divisible-by-2-ranks",
     ),
     pytest.param(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from pretrain.config import BatchSizes
+from pretrain.data.pipeline import streams_per_rank
 from tests.integration.test_trainer import overrides_for
+from tests.unit.test_config import composed
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
@@ -51,6 +55,48 @@ def short_run(corpus: dict, run_dir: Path, *extra: str) -> list[str]:
         corpus, run_dir, "trainer.max_steps=2", "trainer.eval_every=0", "trainer.save_every=0",
         f"hydra.run.dir={run_dir}", *extra,
     )  # fmt: skip
+
+
+def documented_launches() -> list[tuple[str, list[str], int]]:
+    """(command, overrides, world size) of every launch example in the README, launch/README.md
+    and the scripts' headers. World size: NPROC_PER_NODE or NUM_GPUS per node, else 8 GPUs (1
+    process for the CPU-sized quickstart); NNODES, sbatch --nodes (the script's default 2) or 2
+    for a hostfile (launch/hostfile.example lists 2 nodes)."""
+    found = []
+    for path in [REPO / "README.md", LAUNCH / "README.md", LAUNCH / "hostfile.example", *SCRIPTS]:
+        text = re.sub(r"\\\n[#\s]*", " ", path.read_text())  # join continued lines
+        for line in text.splitlines():
+            command = line.lstrip("# ").split("  #")[0].strip()
+            m = re.search(r"launch/(torchrun\.sh|deepspeed\.sh|slurm\.sbatch) (.*)", command)
+            if not m or "..." in command or "experiment=" not in m.group(2):
+                continue
+            env = dict(re.findall(r"\b([A-Z_]+)=(\S+)", command[: m.start()]))
+            overrides = [a for a in m.group(2).split() if "=" in a and not a.startswith("-")]
+            nodes = re.search(r"--nodes=(\d+)", command)
+            if nodes:
+                n = int(nodes.group(1))
+            elif m.group(1) == "slurm.sbatch" or "HOSTFILE" in env:
+                n = 2
+            else:
+                n = int(env.get("NNODES", 1))
+            cpu = "experiment=quickstart" in overrides
+            per_node = int(env.get("NPROC_PER_NODE", env.get("NUM_GPUS", 1 if cpu else 8)))
+            found.append((command, overrides, n * per_node))
+    return found
+
+
+def test_documented_launch_commands_fit_their_world_size() -> None:
+    """Each example as written passes the start-up checks of its world size: the global batch
+    divides over the ranks and data.streams splits over them."""
+    launches = documented_launches()
+    assert len(launches) >= 12 and {w for _, _, w in launches} >= {1, 2, 8, 16, 32}
+    for command, overrides, world in launches:
+        c = composed(*overrides)
+        try:
+            BatchSizes.compute(c.trainer.global_batch_size, c.trainer.micro_batch_size, world)
+            streams_per_rank(c.data.streams, world, c.data.num_workers)
+        except Exception as e:
+            raise AssertionError(f"{command!r} at world size {world}: {e}") from None
 
 
 def test_scripts_parse() -> None:

@@ -131,11 +131,16 @@ def test_wrong_type_fails_naming_key() -> None:
         ("model.attention_impl=fast", "attention_impl"),
         ("model.attention_impl=triton", "model.attention_probs_dropout_prob=0.1; set it to 0"),
         ("trainer.max_nonfinite_skips=-1", "trainer.max_nonfinite_skips"),
+        ("rtd.emd_steps=0", "rtd.emd_steps must be >= 1"),
+        (
+            "rtd.enhanced_mask_decoder=true model.position_biased_input=true",
+            "rtd.enhanced_mask_decoder=true needs model.position_biased_input=false",
+        ),
     ],
 )
 def test_invalid_values_fail_with_one_line_naming_the_field(override: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as e:
-        composed(override)
+        composed(*override.split())
     assert fragment in str(e.value) and "\n" not in str(e.value)
 
 
@@ -144,3 +149,52 @@ def test_batch_sizes_are_computed_once_and_checked() -> None:
     assert (b.micro, b.accumulation, b.world_size, b.global_) == (8, 8, 4, 256)
     with pytest.raises(ConfigError, match="not a multiple"):
         BatchSizes.compute(global_batch=100, micro_batch=8, world_size=4)
+
+
+def test_batch_and_stream_refusals_say_what_fits() -> None:
+    """The v3-base preset (global 256, micro 32) on 2 nodes x 8 GPUs: each refusal names the
+    setting that works."""
+    from pretrain.data.pipeline import streams_per_rank
+
+    with pytest.raises(ConfigError, match=r"use trainer.micro_batch_size=16 or a global batch"):
+        BatchSizes.compute(global_batch=256, micro_batch=32, world_size=16)
+    with pytest.raises(ConfigError, match=r"size 32 = 256; use a global batch"):  # none fits
+        BatchSizes.compute(global_batch=8, micro_batch=8, world_size=32)
+    with pytest.raises(ConfigError, match=r"world size 16: start the run with data.streams=64 "):
+        streams_per_rank(8, 16, 1)
+    with pytest.raises(ConfigError, match=r"start the run with data.streams=72 "):
+        streams_per_rank(8, 24, 1)
+    assert streams_per_rank(64, 16, 2) == 4
+
+
+def test_readme_names_every_key_of_the_schema() -> None:
+    """Docs that match the code: each key of every group but `model` (Hugging Face's
+    DebertaV2Config keys, plus ours, named one by one) appears in the README's configuration
+    section as `key`, and so do the keys of a `data.sources` entry."""
+    import dataclasses
+
+    from pretrain.config import ModelConfig, SourceConfig
+    from pretrain.models.deberta import DebertaConfig
+
+    readme = (CONF.parent / "README.md").read_text()
+    section = readme[readme.index("## Configuration") : readme.index("## Several processes")]
+    missing = []
+    for group in dataclasses.fields(Config):
+        schema = group.default_factory() if callable(group.default_factory) else None
+        if schema is None:
+            names = [group.name]
+        elif group.name == "model":
+            names = [f.name for f in dataclasses.fields(ModelConfig)]
+            names = [
+                n for n in names if n not in {f.name for f in dataclasses.fields(DebertaConfig)}
+            ]
+            names.append("attention_impl")
+        else:
+            names = [f.name for f in dataclasses.fields(schema)]
+        missing += [f"{group.name}.{n}" for n in names if f"`{n}`" not in section]
+    missing += [
+        f"sources.{f.name}"
+        for f in dataclasses.fields(SourceConfig)
+        if f"`{f.name}`" not in section
+    ]
+    assert not missing, f"README's Configuration section does not name {missing}"
