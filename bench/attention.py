@@ -159,7 +159,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join((__doc__ or "").split("\n\n")[0].split()))
     p.add_argument("--seq-len", type=int, nargs="+")
     p.add_argument("--batch", type=int, nargs="+")
     p.add_argument("--heads", type=int, default=12)

@@ -46,7 +46,7 @@ def smoothed_train_loss(records: list[dict], window: int) -> dict[int, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join((__doc__ or "").split("\n\n")[0].split()))
     p.add_argument("runs", nargs="+", type=Path, help="run directories; the first is the reference")
     p.add_argument(
         "--window", type=int, default=20, help="training-loss smoothing, in logged records"

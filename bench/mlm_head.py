@@ -74,7 +74,7 @@ def run_variant(variant: str, rows: int, vocab: int, dim: int, device: torch.dev
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join((__doc__ or "").split("\n\n")[0].split()))
     p.add_argument("--rows", type=int, default=round(0.15 * 32 * 512))
     p.add_argument("--vocab", type=int, default=128100)
     p.add_argument("--dim", type=int, default=768)

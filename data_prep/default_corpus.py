@@ -70,6 +70,7 @@ RUNTIME_ROOTS: tuple[str, ...] = (
     "numpy",
     "tqdm",
     "safetensors",
+    "matplotlib",
 )
 PROJECT_DIST = "pretrain"
 STDLIB_SOURCE = "python-stdlib"

@@ -2,7 +2,7 @@
 
 Read top to bottom and you have the backbone. It knows nothing about parallelism or training;
 the RTD pair in `rtd.py` composes two of these. Config keys and their meanings are those of
-Hugging Face's `DebertaV2Config`, so exporting is a rename of parameters (`hf_state_dict_keys`
+Hugging Face's `DebertaV2Config`, so exporting is a rename of parameters (`to_hf_state_dict`
 below), never a translation of semantics. The numerics mirror `transformers.DebertaV2Model`
 exactly (the parity tests hold us to 1e-5 in fp32), including its quirks: the score scale counts
 the position terms listed in `pos_att_type`, and a padding query row softmaxes over a row of

@@ -219,11 +219,11 @@ class EnhancedMaskDecoder(nn.Module):
         super().__init__()
         if config.position_biased_input:
             raise ValueError(
-                "generator.enhanced_mask_decoder needs model.position_biased_input=false: "
+                "rtd.enhanced_mask_decoder needs model.position_biased_input=false: "
                 "with absolute positions already in the input, EMD has nothing to add"
             )
         if steps < 1:
-            raise ValueError(f"generator.emd_steps must be >= 1, got {steps}")
+            raise ValueError(f"rtd.emd_steps must be >= 1, got {steps}")
         self.steps = steps
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         nn.init.normal_(self.position_embeddings.weight, std=config.initializer_range)

@@ -67,6 +67,8 @@ class RTDConfig:
             raise ValueError(f"rtd.temperature must be > 0, got {self.temperature}")
         if self.rtd_weight < 0:
             raise ValueError(f"rtd.rtd_weight must be >= 0, got {self.rtd_weight}")
+        if self.emd_steps < 1:
+            raise ValueError(f"rtd.emd_steps must be >= 1, got {self.emd_steps}")
 
 
 def generator_config(discriminator: DebertaConfig, depth_ratio: float) -> DebertaConfig:

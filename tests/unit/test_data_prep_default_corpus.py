@@ -143,3 +143,17 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
 def test_full_default_corpus_is_at_least_10_mb(tmp_path: Path) -> None:
     report = build_default_corpus(tmp_path, progress=False)
     assert report.megabytes >= 10.0
+
+
+def test_runtime_roots_are_the_projects_dependencies() -> None:
+    """From a source checkout (pretrain not installed) the corpus starts at RUNTIME_ROOTS, so it
+    must name what pyproject.toml does, or the two ways of running build different corpora."""
+    import re
+
+    from data_prep.default_corpus import RUNTIME_ROOTS
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    assert sorted(RUNTIME_ROOTS) == sorted(re.split(r"[<>=!~;\[ ]", d)[0] for d in deps)
