@@ -164,12 +164,28 @@ class Config:
         """Relations between groups; each group's own fields were checked when it was built."""
         d, t, o, ds = self.data, self.trainer, self.optim, self.deepspeed
         m = self.model
-        if (
-            m.init_from is not None
-            and not (Path(m.init_from).expanduser() / "config.json").is_file()
+        for key, path, part in (
+            ("init_from", m.init_from, "discriminator"),
+            ("init_generator_from", m.init_generator_from, "generator"),
         ):
+            hf_dir = Path(path).expanduser() if path is not None else None
+            if hf_dir is None or (hf_dir / "config.json").is_file():
+                continue
+            if not hf_dir.exists():
+                raise ConfigError(
+                    f"model.{key}={path}: no such directory; pass a Hugging Face DebertaV2 "
+                    f"directory (such as the {part}/ that `python -m pretrain.export` writes)"
+                )
+            # A run directory, its checkpoints/ or one checkpoint: what pretrain.export reads.
+            run_files = ("checkpoints", "metrics.jsonl", "latest", "trainer_state.json")
+            if any((hf_dir / name).exists() for name in run_files):
+                raise ConfigError(
+                    f"model.{key}={path} is a training run, not a Hugging Face directory; export "
+                    f"it first with `python -m pretrain.export {path} OUT_DIR` and pass "
+                    f"model.{key}=OUT_DIR/{part}"
+                )
             raise ConfigError(
-                f"model.init_from={m.init_from}: no config.json there (a Hugging Face DebertaV2 directory)"
+                f"model.{key}={path}: no config.json there (a Hugging Face DebertaV2 directory)"
             )
         if m.init_generator_from is not None and m.init_from is None:
             raise ConfigError("model.init_generator_from needs model.init_from (the discriminator)")
@@ -212,6 +228,18 @@ class Config:
             if s.dataset is not None and d.tokenizer is None:
                 raise ConfigError(
                     f"{where}.dataset={s.dataset} is raw text: set data.tokenizer to tokenize it"
+                )
+        if d.tokenizer is not None:
+            tokenizer = Path(d.tokenizer).expanduser()
+            if not (tokenizer / "spm.model").is_file():
+                problem = "no spm.model there" if tokenizer.is_dir() else "no such directory"
+                if tokenizer.is_file():
+                    problem = "a file, not the tokenizer directory"
+                    if (tokenizer.parent / "spm.model").is_file():
+                        problem += f" (data.tokenizer={Path(d.tokenizer).parent} holds it)"
+                raise ConfigError(
+                    f"data.tokenizer={d.tokenizer}: {problem}; pass the directory that "
+                    "`python -m data_prep.tokenizer --out DIR` wrote"
                 )
         weighted = [s.weight is not None for s in d.sources]
         if any(weighted) and not all(weighted):

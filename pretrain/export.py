@@ -893,6 +893,11 @@ def export_run(
             "the run's tokenizer is unknown (data.tokenizer was not set and the corpus is not "
             "the default one); pass --tokenizer DIR, the directory the corpus was prepared with"
         )
+    if tok.is_file():  # runs from before training refused a file as data.tokenizer
+        raise ExportError(
+            f"tokenizer {tok} is a file, not the tokenizer directory; pass --tokenizer "
+            f"{tok.parent} (the directory `python -m data_prep.tokenizer --out DIR` wrote)"
+        )
     if not tok.is_dir():
         raise ExportError(f"the run's tokenizer directory {tok} is missing; pass --tokenizer DIR")
     hashes = _corpus_tokenizer_hashes(run.config)

@@ -28,6 +28,8 @@ Shape, and why:
 from __future__ import annotations
 
 import copy
+import os
+import signal
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
@@ -40,9 +42,22 @@ from pretrain.data.packing import PackedSequence, Packer, PackingConfig, Special
 from pretrain.data.sources import Source, SourceError
 
 _STATE_VERSION = 1
+# The config key (see pipeline.build_data) behind each setting a saved state fixes: resuming
+# with another value would continue other streams than the run read, so it is refused.
+_SETTINGS = {
+    "seq_len": "data.seq_len",
+    "mode": "data.packing",
+    "seed": "trainer.seed",
+    "streams_per_rank": "data.streams",
+}
+_NEW_RUN = "start a new run (another name= or hydra.run.dir=)"
 
 BatchT = TypeVar("BatchT")
 CollateFn = Callable[[list[PackedSequence]], BatchT]
+
+
+class LoaderStateError(ValueError):
+    """A saved state this loader cannot continue: the run's data settings changed since."""
 
 
 @dataclass(frozen=True)
@@ -172,8 +187,8 @@ class _Stream:
             if self._fresh[s] and epochs is None:
                 raise SourceError(
                     f"source {plan.names[s]!r} gives partition {self.partition} of "
-                    f"{plan.num_partitions} no sequence in a whole pass; use fewer streams or "
-                    "ranks, a shorter seq_len, or packing remainder='pad'"
+                    f"{plan.num_partitions} no sequence in a whole pass; give it more text, or "
+                    "use fewer data.streams or ranks or a shorter data.seq_len"
                 )
             self._sync(s)
             st.update(epoch=st["epoch"] + 1, docs=0, offset=0)
@@ -202,6 +217,25 @@ class _Stream:
             "sequences": self.sequences,
             "sources": {name: dict(st) for name, st in zip(self.plan.names, self.src, strict=True)},
         }
+
+
+def _spells_directory_of(name: str, source: Source) -> bool:
+    directory = getattr(source, "directory", None)  # a source read from a directory
+    if directory is None:
+        return False
+    return os.path.realpath(os.path.expanduser(name)) == os.path.realpath(directory)
+
+
+def _renamed(source: Source, name: str) -> Source:
+    out = copy.copy(source)
+    out.name = name
+    return out
+
+
+def _ignore_ctrl_c(_worker_id: int) -> None:
+    """Ctrl-C reaches the terminal's whole process group: the main process finishes its step
+    and saves, which needs the workers alive (under fork they would inherit its handler anyway)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _identity(item: Any) -> Any:
@@ -325,6 +359,7 @@ class Loader(Generic[BatchT]):
         extra: dict[str, Any] = {}
         if cfg.num_workers:
             extra["prefetch_factor"] = cfg.prefetch_factor
+            extra["worker_init_fn"] = _ignore_ctrl_c
         loader = DataLoader(
             dataset,
             batch_size=None,  # the dataset yields whole batches
@@ -366,21 +401,59 @@ class Loader(Generic[BatchT]):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r} is not supported")
+            raise LoaderStateError(
+                f"cannot resume: the run's data position was saved in loader state version "
+                f"{state.get('version')!r}, which this version cannot read; {_NEW_RUN}"
+            )
         ours = self._initial_state()
-        for key in ("seed", "rank", "world_size", "streams_per_rank", "seq_len", "mode"):
+        for key in ("rank", "world_size"):  # the trainer reshards another world size first
             if state.get(key) != ours[key]:
                 raise ValueError(
                     f"loader state was saved with {key}={state.get(key)!r} but this loader has "
-                    f"{key}={ours[key]!r}; resume with the same data config and world size"
+                    f"{key}={ours[key]!r}; resume with the same world size"
                 )
-        theirs = set(state["streams"][0]["sources"]) if state["streams"] else set()
-        if theirs != set(self._plan.names):
-            raise ValueError(
-                f"loader state holds sources {sorted(theirs)} but this loader reads "
-                f"{sorted(self._plan.names)}; resume with the same sources"
+        for key, setting in _SETTINGS.items():
+            saved, now = state.get(key), ours[key]
+            if key == "streams_per_rank" and isinstance(saved, int):  # the user sets the total
+                saved, now = saved * ours["world_size"], now * ours["world_size"]
+            if saved != now:
+                raise LoaderStateError(
+                    f"cannot resume: the run read its data with {setting}={saved}, not {setting}={now}; resume "
+                    f"with {setting}={saved} or {_NEW_RUN}"
+                )
+        saved_names = list(state["streams"][0]["sources"]) if state["streams"] else []
+        names = self._saved_names(saved_names)
+        if names is None:
+            raise LoaderStateError(
+                f"cannot resume: the run read the sources {sorted(saved_names)}, not "
+                f"{sorted(self._plan.names)}; resume with the original data.corpus or "
+                f"data.sources or {_NEW_RUN}"
             )
+        if names != self._plan.names:
+            # Keep the saved names: a source's shuffle is keyed by its name (source_salt), so
+            # under a new spelling it would continue another permutation.
+            sources = tuple(
+                _renamed(src, name) for src, name in zip(self._plan.sources, names, strict=True)
+            )
+            self._plan = replace(self._plan, sources=sources, names=names)
         self._state = copy.deepcopy(dict(state))
+
+    def _saved_names(self, saved: Sequence[str]) -> tuple[str, ...] | None:
+        """The name each of our sources has in a saved state, or None if the state holds other
+        sources. A corpus source is named by the path the user typed, so a saved name also
+        matches a source that reads the directory it spells ('corpus/', '~/corpus', absolute)."""
+        left = [name for name in saved if name not in self._plan.names]
+        names = []
+        for src in self._plan.sources:
+            if src.name in saved:
+                names.append(src.name)
+                continue
+            same = [name for name in left if _spells_directory_of(name, src)]
+            if len(same) != 1:
+                return None
+            names.append(same[0])
+            left.remove(same[0])
+        return None if left else tuple(names)
 
     @property
     def batches(self) -> int:

@@ -117,7 +117,7 @@ def _shard_dir(corpus: str, config: Config, is_main: bool, barrier) -> tuple[Pat
 
 def build_sources(config: Config, is_main: bool, barrier):
     """(train sources, valid sources, tokenizer dir, special tokens, vocab size) of `data`."""
-    from data_prep.tokenizer import load_tokenizer
+    from data_prep.tokenizer import TokenizerError, load_tokenizer
 
     d = config.data
     entries = d.sources or [SourceConfig(corpus=d.corpus)]
@@ -127,7 +127,12 @@ def build_sources(config: Config, is_main: bool, barrier):
     tokenizer_dir = Path(d.tokenizer).expanduser() if d.tokenizer else None
     if tokenizer_dir is None:  # the default corpus brings its own
         tokenizer_dir = next((tok for _, tok in shard_dirs.values() if tok is not None), None)
-    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+    try:  # Config.validate checked that data.tokenizer holds an spm.model
+        tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+    except TokenizerError as err:
+        raise ConfigError(
+            f"data.tokenizer={d.tokenizer}: {err}" if d.tokenizer else str(err)
+        ) from None
     manifests = {
         c: json.loads((shards / MANIFEST).read_text()) for c, (shards, _) in shard_dirs.items()
     }

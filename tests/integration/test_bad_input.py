@@ -14,6 +14,8 @@ reaches our code; every other problem is ours to report as `error: ...`, a missp
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -83,6 +85,40 @@ CASES = [
         id="tokenizer-not-the-corpus-one",
     ),
     pytest.param(
+        Case(("data.tokenizer=/nonexistent/tokz",),
+             "error: data.tokenizer=/nonexistent/tokz: no such directory; pass the directory "
+             "that `python -m data_prep.tokenizer --out DIR` wrote"),
+        id="missing-tokenizer",
+    ),
+    pytest.param(
+        Case(("data.tokenizer=<tokenizer>/spm.model",),
+             "error: data.tokenizer=<tokenizer>/spm.model: a file, not the tokenizer directory "
+             "(data.tokenizer=<tokenizer> holds it); pass the directory that "
+             "`python -m data_prep.tokenizer --out DIR` wrote"),
+        id="tokenizer-model-file-not-its-directory",
+    ),
+    pytest.param(
+        Case(("data.corpus=<three_doc_shards>",),
+             "error: source '<three_doc_shards>' gives partition 0 of 8 no sequence in a whole "
+             "pass; give it more text, or use fewer data.streams or ranks or a shorter "
+             "data.seq_len"),
+        id="corpus-too-small-for-the-streams",
+    ),
+    pytest.param(
+        Case(("model.init_from=/nonexistent/hf",),
+             "error: model.init_from=/nonexistent/hf: no such directory; pass a Hugging Face "
+             "DebertaV2 directory (such as the discriminator/ that `python -m pretrain.export` "
+             "writes)"),
+        id="missing-init-from",
+    ),
+    pytest.param(
+        Case(("model.init_from=<old_run>",),
+             "error: model.init_from=<old_run> is a training run, not a Hugging Face directory; "
+             "export it first with `python -m pretrain.export <old_run> OUT_DIR` and pass "
+             "model.init_from=OUT_DIR/discriminator"),
+        id="init-from-a-run-directory",
+    ),
+    pytest.param(
         Case(("model.vocab_size=300",),
              "error: model.vocab_size=300 is smaller than the corpus tokenizer's vocabulary "
              "(400 ids); set model.vocab_size=400"),
@@ -102,9 +138,24 @@ CASES = [
     ),
     pytest.param(
         Case(("model.hidden_size=96",),
-             "error: cannot resume <run>: the model config changed (hidden_size); use a new "
-             "run_dir or restore the original settings", resume=True),
+             "error: cannot resume <run>: the model config changed (hidden_size); restore the "
+             "original settings or start a new run (another name= or hydra.run.dir=)",
+             resume=True),
         id="resume-with-changed-model",
+    ),
+    pytest.param(
+        Case(("data.seq_len=32",),
+             "error: cannot resume: the run read its data with data.seq_len=64, not "
+             "data.seq_len=32; resume with data.seq_len=64 or start a new run (another name= or "
+             "hydra.run.dir=)", resume=True),
+        id="resume-with-changed-seq-len",
+    ),
+    pytest.param(
+        Case(("data.corpus=<other_corpus>",),
+             "error: cannot resume: the run read the sources ['<shards>'], not "
+             "['<other_corpus>']; resume with the original data.corpus or data.sources or start "
+             "a new run (another name= or hydra.run.dir=)", resume=True),
+        id="resume-with-another-corpus",
     ),
 ]  # fmt: skip
 
@@ -197,10 +248,23 @@ def inputs(tiny_corpus: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[
     (root / "three.txt").write_text("A first document.\n\nA second one.\n\nAnd a third.\n")
     prepare_corpus(root / "valid_only_shards", tiny_corpus["tokenizer"], [root / "three.txt"],
                    valid_fraction=0.999, progress=False)  # fmt: skip
+    # The same three documents all for training: too few for 8 streams of 64 tokens.
+    prepare_corpus(root / "three_doc_shards", tiny_corpus["tokenizer"], [root / "three.txt"],
+                   valid_fraction=0.0, progress=False)  # fmt: skip
+    # Another corpus made with the same tokenizer, as a second experiment's would be.
+    shutil.copytree(shards, root / "other_corpus")
+    # What a training run leaves, given where a Hugging Face directory is expected.
+    (root / "old_run" / "checkpoints").mkdir(parents=True)
+    (root / "old_run" / "metrics.jsonl").write_text("")
     # Another tokenizer of the same text, as a second experiment's would be.
     text = json.loads((shards / "manifest.json").read_text())["inputs"]
     train_tokenizer(root / "other_tokenizer", text, vocab_size=300, num_threads=1, progress=False)
     return {
+        "shards": shards,
+        "tokenizer": tiny_corpus["tokenizer"],
+        "three_doc_shards": root / "three_doc_shards",
+        "other_corpus": root / "other_corpus",
+        "old_run": root / "old_run",
         "empty_txt": root / "empty.txt",
         "blob": root / "blob.bin",
         "valid_only_shards": root / "valid_only_shards",
@@ -254,3 +318,31 @@ def test_bad_input_fails_at_once_with_one_line_and_no_damage(
         assert_undamaged(before, snapshot(run))  # checkpoints, metrics, config.yaml, .hydra
     else:
         assert not (run / "checkpoints").exists()
+
+
+def test_resume_with_the_corpus_spelt_another_way(tiny_corpus: dict, tmp_path: Path) -> None:
+    """Started with data.corpus=<relative path>/ (the source named so in the saved state, as in
+    runs from before spellings were matched), resumed with the absolute path: the run goes on."""
+    run = tmp_path / "run"
+    shards = Path(tiny_corpus["shards"])
+    [(rc, out)] = launch(tiny_run(tiny_corpus, run, f"data.corpus={os.path.relpath(shards)}/"))
+    assert rc == 0, out[-3000:]
+    [(rc, out)] = launch(tiny_run(tiny_corpus, run, f"data.corpus={shards}", "trainer.max_steps=3"))
+    assert rc == 0 and TRACEBACK not in out, out[-3000:]
+    assert "resumed from step 2" in out, out[-3000:]
+    assert (run / "checkpoints/latest").read_text().strip() == "step_00000003"
+
+
+def test_export_refuses_a_tokenizer_file_naming_its_directory(
+    trained_run: Path, tiny_corpus: dict, tmp_path: Path
+) -> None:
+    tokenizer = Path(tiny_corpus["tokenizer"])
+    args = [str(trained_run), str(tmp_path / "hf"), "--tokenizer", str(tokenizer / "spm.model")]
+    [(rc, out)] = launch(args, program=("-m", "pretrain.export"))
+    assert rc != 0 and TRACEBACK not in out, out[-3000:]
+    assert [line for line in out.splitlines() if line.startswith("error: ")] == [
+        f"error: tokenizer {tokenizer / 'spm.model'} is a file, not the tokenizer directory; "
+        f"pass --tokenizer {tokenizer} (the directory `python -m data_prep.tokenizer --out DIR` "
+        "wrote)"
+    ], out[-3000:]
+    assert not (tmp_path / "hf").exists()

@@ -198,3 +198,53 @@ def test_readme_names_every_key_of_the_schema() -> None:
         if f"`{f.name}`" not in section
     ]
     assert not missing, f"README's Configuration section does not name {missing}"
+
+
+def test_tokenizer_must_be_a_tokenizer_directory(tmp_path: Path) -> None:
+    """Checked at start-up: a missing path, a directory without spm.model, and the model file
+    itself (training could read it, but the export looks for the run's tokenizer directory)."""
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    do = "; pass the directory that `python -m data_prep.tokenizer --out DIR` wrote"
+    with pytest.raises(ConfigError) as e:
+        composed(f"data.tokenizer={tmp_path / 'tokz'}")
+    assert str(e.value) == f"data.tokenizer={tmp_path / 'tokz'}: no such directory{do}"
+    with pytest.raises(ConfigError) as e:
+        composed(f"data.tokenizer={tok}")
+    assert str(e.value) == f"data.tokenizer={tok}: no spm.model there{do}"
+    (tok / "spm.model").write_bytes(b"")
+    with pytest.raises(ConfigError) as e:
+        composed(f"data.tokenizer={tok / 'spm.model'}")
+    assert str(e.value) == (
+        f"data.tokenizer={tok / 'spm.model'}: a file, not the tokenizer directory "
+        f"(data.tokenizer={tok} holds it){do}"
+    )
+    assert composed(f"data.tokenizer={tok}").data.tokenizer == str(tok)
+
+
+def test_init_from_names_what_is_there_instead(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ConfigError, match=r"init_from=.*/nowhere: no such directory; pass a Hug"):
+        composed(f"model.init_from={missing}")
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("")
+    (run / "checkpoints" / "step_00000002" / "trainer_state.json").write_text("{}")
+    for given in (run, run / "checkpoints" / "step_00000002"):
+        with pytest.raises(ConfigError) as e:
+            composed(f"model.init_from={given}")
+        assert str(e.value) == (
+            f"model.init_from={given} is a training run, not a Hugging Face directory; export "
+            f"it first with `python -m pretrain.export {given} OUT_DIR` and pass "
+            "model.init_from=OUT_DIR/discriminator"
+        )
+    hf = tmp_path / "hf"
+    (hf / "discriminator").mkdir(parents=True)
+    (hf / "discriminator" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="no config.json there"):
+        composed(f"model.init_from={hf}")
+    with pytest.raises(
+        ConfigError, match=r"export it first .* model.init_generator_from=OUT_DIR/gen"
+    ):
+        composed(f"model.init_from={hf / 'discriminator'}", f"model.init_generator_from={run}")
+    assert composed(f"model.init_from={hf / 'discriminator'}").model.init_from is not None

@@ -23,7 +23,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pretrain.data.collate import MaskingCollator  # noqa: E402
-from pretrain.data.loader import Loader, LoaderConfig  # noqa: E402
+from pretrain.data.loader import Loader, LoaderConfig, LoaderStateError  # noqa: E402
 from pretrain.data.masking import IGNORE_INDEX, Masker, MaskingConfig  # noqa: E402
 from pretrain.data.mixing import MixingConfig  # noqa: E402
 from pretrain.data.packing import PackedSequence, PackingConfig, SpecialTokens  # noqa: E402
@@ -342,3 +342,60 @@ def test_configuration_errors(tmp_path: Path, shards: ShardSource) -> None:
         with pytest.raises(SourceError, match="^source 'tiny' gives partition .* no sequence") as e:
             take(make([tiny], seq_len=64, num_workers=workers), 1)
         assert "\n" not in str(e.value)
+        # What a user can change, by its config key (packing's remainder is not one).
+        assert str(e.value).endswith(
+            "give it more text, or use fewer data.streams or ranks or a shorter data.seq_len"
+        )
+
+
+@pytest.mark.parametrize(
+    "saved, resumed",
+    [
+        ("a/", "a"),  # the state of a run started with data.corpus=a/, as saved before the fix
+        ("a/", "{tmp}/a"),
+        ("{tmp}/a", "./a/"),
+        ("~/a", "a"),
+    ],
+)
+def test_resume_with_the_corpus_directory_spelt_another_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, saved: str, resumed: str
+) -> None:
+    """A corpus source is named by the path the user typed; another spelling of the same
+    directory resumes exactly where the run stopped, under the name its shuffle is keyed by."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    directory = write_shards(tmp_path / "a", id_docs(), vocab_size=V)
+
+    def loader(name: str) -> Loader:
+        return make([ShardSource(directory, name=name.format(tmp=tmp_path))], streams_per_rank=2)
+
+    straight = take(loader(saved), 8)
+    first = loader(saved)
+    head = take(first, 4)
+    second = loader(resumed)
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert_same(head + take(second, 4), straight)
+    assert list(second.source_counts) == [saved.format(tmp=tmp_path)]
+
+
+def test_resume_with_other_data_settings_is_refused_naming_the_key(
+    tmp_path: Path, shards: ShardSource
+) -> None:
+    state = make([shards]).state_dict()
+    new_run = "start a new run (another name= or hydra.run.dir=)"
+    refusals = [
+        (make([shards], seq_len=32), "data.seq_len=16, not data.seq_len=32; resume with data.seq_len=16"),
+        (make([shards], streams_per_rank=2), "data.streams=4, not data.streams=2; resume with data.streams=4"),
+        (make([shards], mode="single"), "data.packing=packed, not data.packing=single"),
+        (make([shards], seed=4), "trainer.seed=3, not trainer.seed=4; resume with trainer.seed=3"),
+        (make([ShardSource(write_shards(tmp_path / "b", id_docs(), vocab_size=V))]),
+         "the run read the sources ['a'], not ['b/train']; resume with the original data.corpus"),
+        (make([shards, ShardSource(write_shards(tmp_path / "c", id_docs(), vocab_size=V), name="c")]),
+         "the run read the sources ['a'], not ['a', 'c']"),
+    ]  # fmt: skip
+    for loader, fragment in refusals:
+        with pytest.raises(LoaderStateError) as e:
+            loader.load_state_dict(state)
+        message = str(e.value)
+        assert message.startswith("cannot resume: ") and fragment in message, message
+        assert message.endswith(new_run) and "\n" not in message
