@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import ConfigError, register_schema, to_config, unknown_override_key
+from pretrain.data.loader import LoaderStateError
 from pretrain.data.sources import SourceError
 
 register_schema()
@@ -30,7 +31,8 @@ def main(cfg: DictConfig) -> float | None:
             records = Trainer(config).fit()
         except TrainingStopped as e:
             _exit_with(e)
-    except (ConfigError, CheckpointError, SourceError) as e:  # SourceError: data read mid-run
+    # SourceError: data read mid-run; LoaderStateError: a resume with other data settings.
+    except (ConfigError, CheckpointError, SourceError, LoaderStateError) as e:
         _exit_with(e)
     for split, key in (("valid", "gen_loss"), ("train", "loss")):
         values = [r[key] for r in records if r["split"] == split and r.get(key) is not None]
@@ -70,4 +72,11 @@ if __name__ == "__main__":
     groups = {p.name for p in CONF.iterdir() if p.is_dir()}
     if message := unknown_override_key(sys.argv[1:], groups):
         sys.exit(f"error: {message}")
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C twice, or before training started
+        print(
+            "\ninterrupted: quit without saving (the last checkpoint, if any, stays)",
+            file=sys.stderr,
+        )
+        sys.exit(130)

@@ -170,8 +170,11 @@ class MetricsLogger:
                 },
                 step=record["step"],
             )
-        if self._bar is not None and record.get("split") == "valid":
+        if record.get("split") == "valid":
             self.write(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
+        elif self._bar is None:  # no bar to show it (a batch job's log): one line per record
+            keys = ("step", "loss", "gen_acc", "disc_acc", "lr", "grad_norm", "tokens_per_s", "mfu")
+            self.write(" ".join(f"{k}={_fmt(record[k])}" for k in keys if k in record))
 
     def advance(self, step: int, record: dict[str, Any]) -> None:
         """Move the progress bar to `step`, showing loss and throughput."""

@@ -3,8 +3,8 @@
 `Trainer(config).fit()` builds the data, the RTD model and the DeepSpeed engine, resumes from
 the run directory's latest checkpoint when there is one, and trains to `trainer.max_steps`.
 An optimizer step is `accumulation` micro batches on every rank; it is logged as the mean of its
-micro batches, averaged over ranks. SIGTERM / SIGUSR1 (preemption) finish the current step,
-save a checkpoint and exit cleanly.
+micro batches, averaged over ranks. SIGTERM / SIGUSR1 (preemption) and Ctrl-C (SIGINT) finish
+the current step, save a checkpoint and exit cleanly; a second Ctrl-C quits without saving.
 
 Faults, and what the loop does about them:
 - A micro batch whose loss is not finite on any rank is dropped on every rank before its
@@ -22,6 +22,7 @@ import dataclasses
 import os
 import random
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,6 +112,7 @@ class Trainer:
         _set_determinism(t.deterministic)
         _seed_everything(t.seed)  # the same initial weights on every rank, for every ZeRO stage
         self.model = self._initial_model(config)
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())
         if config.trainer.compile:
             self.model.compile_layers()
         self.engine = Engine(self.model, config, self.world)
@@ -192,7 +194,7 @@ class Trainer:
         if changed:
             raise ConfigError(
                 f"cannot resume {self.config.run_dir}: the model config changed ({', '.join(changed)}); "
-                "use a new run_dir or restore the original settings"
+                "restore the original settings or start a new run (another name= or hydra.run.dir=)"
             )
         trainer_state = self.checkpointer.trainer_state(tag)
         if self.saved_world_size == self.world.world_size:
@@ -258,6 +260,11 @@ class Trainer:
         if resumed:
             logger.write(f"resumed from step {self.step} in {c.run_dir}")
         self._log = logger.write if self.world.is_main else self._log
+        for line in self._start_lines(resumed, last):
+            self._log(line)
+        if resumed and self.step >= last:  # a finished run run again: nothing to redo
+            logger.close(plots=False)
+            return []
         trace = SampleTrace(c.run_dir, self.world.rank, self.step, c.logging.trace_samples)
         self._install_signal_handlers()
         history: list[dict[str, Any]] = []
@@ -316,7 +323,43 @@ class Trainer:
         finally:
             trace.close()
             logger.close(plots=c.logging.plots)
+        latest = self.checkpointer.latest()
+        if latest is not None and self.step >= last:
+            self._log(
+                f"step {self.step}: checkpoint {Path(c.run_dir) / 'checkpoints' / latest}; to load it "
+                f"in transformers: python -m pretrain.export {c.run_dir} OUT_DIR"
+            )
         return history
+
+    def _start_lines(self, resumed: bool, last: int) -> list[str]:
+        """What this run is, before its first step; warnings for settings that waste it."""
+        c, t, o = self.config, self.config.trainer, self.config.optim
+        if resumed and self.step >= last:
+            return [
+                f"nothing to train: step {self.step} reached (raise trainer.max_steps to go on)"
+            ]
+        b, w = self.engine.batch, self.world
+        lines = [] if resumed else [f"new run in {c.run_dir}"]
+        lines.append(
+            f"{self.num_parameters / 1e6:.2f}M parameters (generator and discriminator), "
+            f"{w.world_size} rank{'s' if w.world_size > 1 else ''} on {w.device.type} "
+            f"({self.engine.precision}), global batch {b.global_} = micro {b.micro} x "
+            f"accumulation {b.accumulation} x {w.world_size} rank{'s' if w.world_size > 1 else ''}"
+            f" of {c.data.seq_len} tokens, to step {last}"
+        )
+        if o.warmup_steps >= t.max_steps:
+            lines.append(
+                f"warning: optim.warmup_steps={o.warmup_steps} >= trainer.max_steps={t.max_steps}: "
+                f"the learning rate never reaches optim.lr={o.lr:g}"
+            )
+        unused = c.model.vocab_size - self.data.vocab_size
+        if unused > max(128, c.model.vocab_size // 100):
+            lines.append(
+                f"warning: model.vocab_size={c.model.vocab_size} but the tokenizer has "
+                f"{self.data.vocab_size} ids: {unused} embedding rows are never used (set "
+                f"model.vocab_size={self.data.vocab_size})"
+            )
+        return lines
 
     def _train_step(
         self, batches: Iterator[dict[str, torch.Tensor]]
@@ -470,10 +513,24 @@ class Trainer:
         }
 
     def _install_signal_handlers(self) -> None:
-        def handler(signum, _frame):
-            self._stop_signal = signum
+        main_pid = os.getpid()
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        def handler(signum, _frame):
+            if os.getpid() != main_pid:  # a forked data-loader worker: the main process decides
+                return
+            if signum == signal.SIGINT and self._stop_signal == signal.SIGINT:
+                raise KeyboardInterrupt  # Ctrl-C twice: quit now, without saving
+            self._stop_signal = signum
+            if signum == signal.SIGINT and self.world.is_main:
+                try:
+                    sys.stderr.write(
+                        f"\ninterrupted: finishing step {self.step + 1}, then saving and exiting "
+                        "(Ctrl-C again to quit without saving)\n"
+                    )
+                except RuntimeError:  # interrupted inside a write to stderr
+                    pass
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             try:
                 signal.signal(sig, handler)
             except ValueError:  # not the main thread (e.g. under a test runner thread)

@@ -193,3 +193,30 @@ def test_a_signal_that_reaches_one_rank_only_still_stops_every_rank_at_one_step(
         rc = agent.wait(timeout=10)  # raises, and the test fails, if the ranks deadlock
     assert rc == 0, tail(log)
     assert_saved_at_stop(run, world_size=2)
+
+
+def test_ctrl_c_saves_and_exits_and_twice_quits_without_saving(
+    tiny_corpus: dict, tmp_path: Path
+) -> None:
+    """Ctrl-C reaches the whole foreground process group, data-loader workers included (one
+    here): the first one stops like SIGTERM; a second one quits at once with one line."""
+    for presses in (1, 2):
+        run, log = tmp_path / f"run{presses}", tmp_path / f"ctrl_c_{presses}.log"
+        cmd = [sys.executable, "-m", "pretrain", *long_run(tiny_corpus, run), "data.num_workers=1"]
+        with running(cmd, child_env(), log) as proc:
+            wait_for_steps(proc, run, log, SIGNAL_AFTER)
+            for _ in range(presses):
+                os.killpg(proc.pid, signal.SIGINT)
+                time.sleep(0.05)
+            rc = proc.wait(timeout=STOP_TIMEOUT)
+        output = log.read_text()
+        assert "interrupted: finishing step" in output and "Traceback" not in output, tail(log)
+        if presses == 1:
+            assert rc == 0, tail(log)
+            stopped = assert_saved_at_stop(run, world_size=1)
+            assert f"signal {int(signal.SIGINT)}: saving step {stopped} and exiting" in output
+        else:
+            assert rc == 130, tail(log)
+            assert output.rstrip().endswith("interrupted: quit without saving (the last "
+                                            "checkpoint, if any, stays)")  # fmt: skip
+            assert not (run / "checkpoints" / "latest").exists()

@@ -284,3 +284,40 @@ def test_deterministic_switch_is_set_per_run_and_changes_no_number_on_cpu(
     finally:
         torch.use_deterministic_algorithms(False)
     assert numbers(deterministic) == numbers(plain)
+
+
+def test_console_says_what_runs_and_logs_lines_without_a_bar(
+    tiny_corpus: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A batch job (no progress bar) still gets a line per logged step and per evaluation; a
+    run says what it is and where its checkpoint went; settings that waste a run are warned
+    about; a finished run run again says so and does nothing."""
+    run = tmp_path / "run"
+    extra = ("logging.progress_bar=false", "trainer.max_steps=2", "trainer.eval_every=2",
+             "optim.warmup_steps=5", f"model.vocab_size={tiny_corpus['vocab_size'] + 1000}")  # fmt: skip
+    train(tiny_corpus, run, *extra)
+
+    def ours() -> list[str]:  # not DeepSpeed's log lines
+        return [line for line in capsys.readouterr().out.splitlines() if line[:1] != "["]
+
+    out = ours()
+    assert out[0] == f"new run in {run}"
+    assert out[1].startswith("0.") and "M parameters" in out[1]
+    assert "global batch 16 = micro 8 x accumulation 2 x 1 rank of 64 tokens, to step 2" in out[1]
+    assert "warning: optim.warmup_steps=5 >= trainer.max_steps=2" in out[2]
+    assert f"{tiny_corpus['vocab_size']} ids: 1000 embedding rows are never used" in out[3]
+    assert [line.split()[0] for line in out[4:9]] == [
+        "step=0",
+        "step=1",
+        "step=2",
+        "step=2",
+        "step",
+    ]
+    assert "split=valid" in out[4] and "loss=" in out[5] and "split=valid" in out[7]
+    assert out[8] == (f"step 2: checkpoint {run}/checkpoints/step_00000002; to load it in "
+                      f"transformers: python -m pretrain.export {run} OUT_DIR")  # fmt: skip
+
+    assert train(tiny_corpus, run, *extra) == []
+    again = ours()
+    assert again[-2:] == [f"resumed from step 2 in {run}",
+                          "nothing to train: step 2 reached (raise trainer.max_steps to go on)"]  # fmt: skip
