@@ -15,6 +15,8 @@ Why it is shaped so:
 - Documents are stored without [CLS]/[SEP]; packing adds them, so one preparation serves every
   sequence length.
 - Nothing run-specific (time, worker count, absolute output path) goes into the files.
+- The corpus keeps a copy of its tokenizer (`tokenizer/`): its ids mean nothing without it, and
+  training and export then find it without being told.
 """
 
 from __future__ import annotations
@@ -53,11 +55,25 @@ from data_prep.sources import (
     clean_text,
     iter_documents,
 )
-from data_prep.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from data_prep.tokenizer import (
+    MODEL_FILE,
+    SPECIAL_TOKENS_FILE,
+    Tokenizer,
+    TokenizerError,
+    load_tokenizer,
+)
 
 DEFAULT_SHARD_TOKENS = 50_000_000  # about 100 MB per uint16 shard
 BATCH_DOCS = 256  # documents per worker task; fixed so batching never depends on --workers
 IN_FLIGHT_PER_WORKER = 4
+TOKENIZER_DIR = "tokenizer"  # the copy of the tokenizer inside a corpus directory
+# Copied beside spm.model when present: what transformers' DebertaV2Tokenizer reads, and ours.
+TOKENIZER_COMPANIONS = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    SPECIAL_TOKENS_FILE,
+    "tokenizer.json",
+)
 
 # (content hash, token ids); the hash is None for a document that is empty after cleaning.
 Processed = tuple[bytes | None, np.ndarray]
@@ -287,10 +303,19 @@ def prepare_corpus(
         },
         "skipped_files": stats.skipped_files,
     }
+    _copy_tokenizer(tok, out / TOKENIZER_DIR)
     # Written last: a corpus directory without a manifest is an interrupted run.
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     _publish(out, final)
     return manifest
+
+
+def _copy_tokenizer(tok: Tokenizer, out: Path) -> None:
+    out.mkdir()
+    shutil.copyfile(tok.path, out / MODEL_FILE)
+    for name in TOKENIZER_COMPANIONS:
+        if (tok.path.parent / name).is_file():
+            shutil.copyfile(tok.path.parent / name, out / name)
 
 
 def _prepend(first: str, rest: Iterator[str]) -> Iterator[str]:

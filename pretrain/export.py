@@ -649,17 +649,25 @@ def _known_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_tokenizer_dir(config: dict[str, Any]) -> Path | None:
-    """The tokenizer a run used: `data.tokenizer`, else the default corpus's own, else unknown
-    (a prepared corpus records its tokenizer's hash, not its path)."""
+    """The tokenizer a run used: `data.tokenizer`, else the first corpus's own (the default
+    corpus's, or the copy in a prepared corpus's `tokenizer/`), else unknown (corpora prepared
+    before they kept a copy record only its hash). The order is the data pipeline's."""
     data = config.get("data", {})
     if data.get("tokenizer"):
         return Path(data["tokenizer"]).expanduser()
     corpora = [s.get("corpus") for s in data.get("sources") or []] or [data.get("corpus")]
-    if "default" in corpora:
-        from pretrain.data.pipeline import default_corpus_paths
+    for corpus in corpora:
+        if corpus == "default":
+            from pretrain.data.pipeline import default_corpus_paths
 
-        cache = data.get("cache_dir", "~/.cache/pretrain")
-        return default_corpus_paths(cache, int(data.get("default_vocab_size", 8000)))[2]
+            cache = data.get("cache_dir", "~/.cache/pretrain")
+            return default_corpus_paths(cache, int(data.get("default_vocab_size", 8000)))[2]
+        if corpus is not None:
+            from data_prep.corpus import TOKENIZER_DIR
+
+            copy = Path(corpus).expanduser() / TOKENIZER_DIR
+            if (copy / "spm.model").is_file():
+                return copy
     return None
 
 

@@ -107,7 +107,12 @@ def _shard_dir(corpus: str, config: Config, is_main: bool, barrier) -> tuple[Pat
     """(shards, tokenizer or None) of one `corpus` entry; builds the default corpus once."""
     d = config.data
     if corpus != "default":  # Config.validate checked that it holds a manifest
-        return Path(corpus).expanduser(), None
+        from data_prep.corpus import TOKENIZER_DIR
+        from data_prep.tokenizer import MODEL_FILE
+
+        shards = Path(corpus).expanduser()
+        tokenizer = shards / TOKENIZER_DIR  # the copy data_prep.corpus keeps, if this one did
+        return shards, tokenizer if (tokenizer / MODEL_FILE).is_file() else None
     shards, tokenizer = default_corpus_paths(d.cache_dir, d.default_vocab_size)[1:]
     if is_main:
         build_default_corpus(d.cache_dir, d.default_vocab_size)

@@ -100,6 +100,12 @@ def test_counts_and_round_trip(raw_dir: Path, tok_dir: Path, tmp_path: Path) -> 
     }
     assert [Path(p).name for p in m["skipped_files"]] == ["d_image.png", "e_latin1.txt"]
     assert m["dtype"] == "uint16" and m["tokenizer"]["sha256"] == load_tokenizer(tok_dir).sha256
+    # The corpus keeps its tokenizer (what training and export fall back on): the same model.
+    copy = tmp_path / "tokenizer"
+    assert load_tokenizer(copy).sha256 == m["tokenizer"]["sha256"]
+    assert (copy / "tokenizer_config.json").read_bytes() == (
+        tok_dir / "tokenizer_config.json"
+    ).read_bytes()
 
     train, valid = open_shards(tmp_path, "train"), open_shards(tmp_path, "valid")
     got = {"train": [d.tolist() for d in train], "valid": [d.tolist() for d in valid]}

@@ -479,6 +479,11 @@ def test_the_run_tokenizer_is_found_from_its_config(tmp_path: Path) -> None:
     assert run_tokenizer_dir({"data": data}) == default_corpus_paths(str(tmp_path), 500)[2]
     assert run_tokenizer_dir({"data": {**data, "tokenizer": "tok"}}) == Path("tok")
     assert run_tokenizer_dir({"data": {**data, "corpus": str(tmp_path)}}) is None
+    (tmp_path / "tokenizer").mkdir()  # a corpus prepared with its tokenizer's copy
+    (tmp_path / "tokenizer" / "spm.model").write_bytes(b"")
+    sources = [{"corpus": str(tmp_path / "other")}, {"corpus": str(tmp_path)}]
+    for run in ({**data, "corpus": str(tmp_path)}, {**data, "sources": sources}):
+        assert run_tokenizer_dir({"data": run}) == tmp_path / "tokenizer"
 
 
 def test_hf_config_dict_leaves_out_keys_transformers_does_not_know() -> None:
