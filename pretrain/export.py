@@ -697,11 +697,33 @@ def _corpus_tokenizer_hashes(config: dict[str, Any]) -> set[str]:
     return hashes
 
 
+def _absolute_data_paths(config: dict[str, Any], cwd: str | None) -> dict[str, Any]:
+    """The run's config with its corpus and tokenizer paths made absolute against the directory
+    it was launched from (recorded in trainer_state.json), so that export works from anywhere."""
+    if cwd is None:  # checkpoints from before the launch directory was recorded
+        return config
+
+    def absolute(path: Any) -> Any:
+        if not isinstance(path, str) or path == "default":
+            return path
+        return str(Path(cwd) / Path(path).expanduser())  # an absolute path stays itself
+
+    data = dict(config.get("data", {}))
+    data["corpus"], data["tokenizer"] = (
+        absolute(data.get("corpus")),
+        absolute(data.get("tokenizer")),
+    )
+    data["sources"] = [
+        {**s, "corpus": absolute(s.get("corpus"))} for s in data.get("sources") or []
+    ]
+    return {**config, "data": data}
+
+
 def load_run_checkpoint(path: str | Path) -> RunCheckpoint:
     """The RTD model of a run's latest checkpoint (or of the checkpoint given), on CPU in fp32."""
     step_dir = locate_checkpoint(path)
     state = json.loads((step_dir / TRAINER_STATE).read_text())
-    config = state["config"]
+    config = _absolute_data_paths(state["config"], state.get("cwd"))
     try:
         fields = _known_fields(DebertaConfig, config["model"])
         # Eager attention: a run trained with the fused kernel loads on a CPU all the same.

@@ -176,6 +176,7 @@ class Trainer:
             "nonfinite_skips": self.nonfinite_skips,
             "world_size": self.world.world_size,
             "config": _as_dict(self.config),
+            "cwd": os.getcwd(),  # what relative paths in the config are relative to (export)
         }
 
     def save(self) -> str:

@@ -124,18 +124,21 @@ def test_continued_pretraining_starts_from_the_exported_model(
 
 
 def test_a_run_without_data_tokenizer_uses_and_exports_its_corpus_copy(
-    tiny_corpus: dict, tmp_path: Path, one_thread: None
+    tiny_corpus: dict, tmp_path: Path, one_thread: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """data.tokenizer may be left out for a prepared corpus: training reads the corpus's copy
-    of its tokenizer (whole-word masking needs it) and export ships it."""
+    of its tokenizer (whole-word masking needs it) and export ships it, also from another
+    directory than the one the run was launched from with a relative data.corpus."""
     from pretrain.export import export_run
     from pretrain.trainer import Trainer
 
     run = tmp_path / "run"
-    config = make_config(tiny_corpus, run, "data.tokenizer=null", "masking=whole_word",
-                         "trainer.max_steps=1", "trainer.eval_every=0")  # fmt: skip
+    monkeypatch.chdir(tiny_corpus["shards"].parent)
+    config = make_config(tiny_corpus, run, "data.tokenizer=null", "data.corpus=shards/",
+                         "masking=whole_word", "trainer.max_steps=1", "trainer.eval_every=0")  # fmt: skip
     assert config.data.tokenizer is None
     Trainer(config).fit()
+    monkeypatch.chdir(tmp_path)
     _, written = export_run(run, tmp_path / "hf")
     spm = (tiny_corpus["tokenizer"] / "spm.model").read_bytes()
     assert (written["discriminator"] / "spm.model").read_bytes() == spm
