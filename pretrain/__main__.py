@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -33,12 +34,26 @@ def main(cfg: DictConfig) -> float | None:
             _exit_with(e)
     # SourceError: data read mid-run; LoaderStateError: a resume with other data settings.
     except (ConfigError, CheckpointError, SourceError, LoaderStateError) as e:
+        _drop_launch_record()
         _exit_with(e)
     for split, key in (("valid", "gen_loss"), ("train", "loss")):
         values = [r[key] for r in records if r["split"] == split and r.get(key) is not None]
         if values:
             return float(values[-1])
     return None
+
+
+def _drop_launch_record() -> None:
+    """A launch refused in a new directory leaves no directory behind: Hydra's record of it
+    (`.hydra/<time>/`, an empty log) is removed when the directory holds nothing else."""
+    from hydra.core.hydra_config import HydraConfig
+
+    out = Path(HydraConfig.get().runtime.output_dir)
+    log = out / f"{HydraConfig.get().job.name}.log"
+    if {p.name for p in out.iterdir()} <= {".hydra", log.name} and not (
+        log.is_file() and log.stat().st_size
+    ):
+        shutil.rmtree(out, ignore_errors=True)  # every rank may try: ignore the others' deletes
 
 
 def _exit_with(error: Exception) -> NoReturn:
