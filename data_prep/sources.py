@@ -208,6 +208,7 @@ def iter_jsonl_file(path: Path, stats: ReadStats, text_field: str = "text") -> I
     if not _check_utf8_text(path, stats):
         return
     stats.files += 1
+    found, fields = 0, set()  # documents of this file; the fields of its records
     for line in _iter_lines(path):
         if not line.strip():
             continue
@@ -219,9 +220,16 @@ def iter_jsonl_file(path: Path, stats: ReadStats, text_field: str = "text") -> I
         value = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(value, str):
             stats.bad_records += 1
+            fields.update(record if isinstance(record, dict) and len(fields) < 50 else ())
             continue
+        found += 1
         stats.documents += 1
         yield value
+    if not found and fields:  # JSON objects, none with the field: a wrong --text-field
+        raise InputError(
+            f"{path}: no record has a string field {text_field!r} (fields: "
+            f"{', '.join(sorted(fields)[:20])}); pass the right --text-field"
+        )
 
 
 def iter_parquet_file(path: Path, stats: ReadStats, text_field: str = "text") -> Iterator[str]:

@@ -233,10 +233,14 @@ def test_datasets_source(tok_dir: Path, tmp_path: Path) -> None:
 
 
 def test_cli_errors_are_one_line(tok_dir: Path, tmp_path: Path) -> None:
+    records = tmp_path / "records.jsonl"
+    records.write_text('{"id": 1, "text": "A document."}\n{"id": 2, "text": "Another one."}\n')
     cases = [
         (["--input", str(tmp_path / "missing"), "--tokenizer", str(tok_dir)], "input not found"),
         (["--input", str(tok_dir), "--tokenizer", str(tmp_path / "no_tok")], "not found"),
-    ]
+        (["--input", str(records), "--tokenizer", str(tok_dir), "--text-field", "body"],
+         "no record has a string field 'body' (fields: id, text); pass the right --text-field"),
+    ]  # fmt: skip
     for args, message in cases:
         r = _run("data_prep.corpus", *args, "--out", str(tmp_path / "out"), "--quiet")
         assert r.returncode != 0
