@@ -225,7 +225,10 @@ def iter_jsonl_file(path: Path, stats: ReadStats, text_field: str = "text") -> I
         found += 1
         stats.documents += 1
         yield value
-    if not found and fields:  # JSON objects, none with the field: a wrong --text-field
+    # JSON Lines whose objects all lack the field: a wrong --text-field. (A .json file in a
+    # walked directory may be a config file, not data: skipped as bad records, as before.)
+    line_delimited = path.name.lower().removesuffix(".gz").endswith((".jsonl", ".ndjson"))
+    if not found and fields and line_delimited:
         raise InputError(
             f"{path}: no record has a string field {text_field!r} (fields: "
             f"{', '.join(sorted(fields)[:20])}); pass the right --text-field"
