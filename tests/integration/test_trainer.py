@@ -321,3 +321,15 @@ def test_console_says_what_runs_and_logs_lines_without_a_bar(
     again = ours()
     assert again[-2:] == [f"resumed from step 2 in {run}",
                           "nothing to train: step 2 reached (raise trainer.max_steps to go on)"]  # fmt: skip
+
+
+def test_cli_help_says_what_it_is_and_how_to_start() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pretrain", "--help"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and "powered by Hydra" not in proc.stdout
+    assert proc.stdout.startswith("python -m pretrain [key=value ...]: pretrain a DeBERTa-v3")
+    assert "experiment: deberta_v3_base, deberta_v3_large" in proc.stdout  # Hydra's groups
+    assert "python -m pretrain experiment=quickstart trainer.max_steps=100" in proc.stdout
