@@ -30,7 +30,8 @@ from tests.integration.test_trainer import overrides_for
 
 TIMEOUT = 120  # seconds for one launch, start-up included
 TRACEBACK = "Traceback (most recent call last)"
-# Hydra's log of every launch in its output directory (here the run directory): appended to.
+# Hydra's log of every launch in its output directory (here the run directory): appended to,
+# where Hydra writes one (conf/hydra/job_logging/console.yaml turns it off).
 HYDRA_LOG = "__main__.log"
 
 
