@@ -72,9 +72,10 @@ def init_distributed(device: str = "auto") -> World:
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
             MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
         )  # fmt: skip
+    if device == "cpu":  # before DeepSpeed's import, which probes for GPUs and warns
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     ds = _import_deepspeed()
     if device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # DeepSpeed would JIT-compile a shared-memory all-reduce op (~50 s) on first use; gloo
         # is fast enough for the CPU runs we do, so skip the build.
         ds.ops.__compatible_ops__["deepspeed_shm_comm"] = False
