@@ -1,13 +1,14 @@
 """Do two or more training runs learn alike? Reads each run's metrics.jsonl, one run directory
 per argument, the first being the reference.
 
-    python bench/compare_runs.py runs/eager runs/triton runs/eager_seed1
+    python bench/compare_runs.py runs/eager runs/triton runs/eager_seed1 [--seed-run]
 
 Prints the held-out numbers of every run at each evaluation step side by side, then, for each
 run against the reference, the mean absolute difference of the training loss (smoothed over
-`--window` logged records) over the steps both logged. Pass a run that differs from the
-reference only in its seed as well: its difference is the noise floor that "tracks within
-noise" is judged against (issue 7's check that the fused attention trains like eager).
+`--window` logged records) over the steps both logged. With --seed-run the last run differs
+from the reference only in its seed: its difference is the noise floor, and each other run
+gets a verdict, "within noise" when its mean difference is at most the floor's (issue 7's
+check that the fused attention trains like eager); the exit status is 1 when one is not.
 """
 
 from __future__ import annotations
@@ -51,9 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--window", type=int, default=20, help="training-loss smoothing, in logged records"
     )
+    p.add_argument(
+        "--seed-run",
+        action="store_true",
+        help="the last run is the reference with another seed: judge the others against it",
+    )
     args = p.parse_args(argv)
-    if len(args.runs) < 2 or args.window < 1:
-        print("error: give at least two run directories and --window >= 1", file=sys.stderr)
+    if len(args.runs) < 2 + args.seed_run or args.window < 1:
+        print(
+            f"error: give at least {2 + args.seed_run} run directories and --window >= 1",
+            file=sys.stderr,
+        )
         return 2
     try:
         runs = {str(run): read(run) for run in args.runs}
@@ -75,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     reference = smoothed_train_loss(runs[names[0]], args.window)
     print(f"training loss, smoothed over {args.window} records, against {names[0]}")
+    mean_diff: dict[str, float] = {}
     for name in names[1:]:
         other = smoothed_train_loss(runs[name], args.window)
         common = sorted(set(reference) & set(other))
@@ -82,12 +92,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}: no common steps")
             continue
         diffs = [abs(other[s] - reference[s]) for s in common]
+        mean_diff[name] = sum(diffs) / len(diffs)
         last = common[-1]
         print(
-            f"  {name}: mean |diff| {sum(diffs) / len(diffs):.4f}, max {max(diffs):.4f} over "
+            f"  {name}: mean |diff| {mean_diff[name]:.4f}, max {max(diffs):.4f} over "
             f"{len(common)} steps; at step {last}: {other[last]:.4f} vs {reference[last]:.4f}"
         )
-    return 0
+    if not args.seed_run:
+        return 0
+    seed_run = names[-1]
+    if seed_run not in mean_diff:
+        print(f"verdict: none, {seed_run} shares no step with {names[0]}")
+        return 1
+    floor, ok = mean_diff[seed_run], True
+    for name in names[1:-1]:
+        within = name in mean_diff and mean_diff[name] <= floor
+        ok &= within
+        got = f"{mean_diff[name]:.4f}" if name in mean_diff else "no common steps"
+        print(
+            f"verdict: {name} {'tracks' if within else 'does NOT track'} {names[0]} within "
+            f"noise: mean |diff| {got} vs {floor:.4f} for another seed ({seed_run})"
+        )
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

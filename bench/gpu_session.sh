@@ -67,7 +67,7 @@ if [ "${1:-}" = "--curves" ]; then
         "$py" -m pretrain "${common[@]}" "run_dir=$runs/triton" model.attention_impl=triton &&
         "$py" -m pretrain "${common[@]}" "run_dir=$runs/eager_seed1" model.attention_impl=eager \
             trainer.seed=1 &&
-        "$py" bench/compare_runs.py "$runs/eager" "$runs/triton" "$runs/eager_seed1"
+        "$py" bench/compare_runs.py "$runs/eager" "$runs/triton" "$runs/eager_seed1" --seed-run
     exit
 fi
 

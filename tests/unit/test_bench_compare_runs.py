@@ -55,3 +55,20 @@ def test_a_step_logged_twice_after_a_resume_counts_once(bench, tmp_path: Path, c
     (tmp_path / "b" / "metrics.jsonl").write_text(text.replace('"loss": 3.0}', '"loss": 9.0}', 1))
     assert bench.main([str(tmp_path / "a"), str(tmp_path / "b"), "--window", "2"]) == 0
     assert "mean |diff| 0.0000, max 0.0000 over 2 steps" in capsys.readouterr().out
+
+
+def test_seed_run_is_the_noise_floor_of_a_verdict(bench, tmp_path: Path, capsys) -> None:
+    write_run(tmp_path / "ref", [4.0, 3.0, 2.0], auc=0.5)
+    write_run(tmp_path / "close", [4.0, 3.1, 2.0], auc=0.5)  # mean |diff| 0.1/3 = 0.0333
+    write_run(tmp_path / "far", [4.0, 3.0, 3.0], auc=0.5)  # 1/3 = 0.3333
+    write_run(tmp_path / "seed", [4.1, 3.1, 2.1], auc=0.5)  # the floor: 0.1
+    runs = [str(tmp_path / n) for n in ("ref", "close", "seed")]
+    assert bench.main([*runs, "--window", "1", "--seed-run"]) == 0
+    assert (f"verdict: {runs[1]} tracks {runs[0]} within noise: mean |diff| 0.0333 vs 0.1000 "
+            f"for another seed ({runs[2]})") in capsys.readouterr().out  # fmt: skip
+    runs.insert(2, str(tmp_path / "far"))
+    assert bench.main([*runs, "--window", "1", "--seed-run"]) == 1
+    assert f"verdict: {runs[2]} does NOT track {runs[0]} within noise: mean |diff| 0.3333" in (
+        capsys.readouterr().out
+    )
+    assert bench.main([runs[0], runs[3], "--seed-run"]) == 2  # no run to judge
