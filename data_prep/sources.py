@@ -208,7 +208,7 @@ def iter_jsonl_file(path: Path, stats: ReadStats, text_field: str = "text") -> I
     if not _check_utf8_text(path, stats):
         return
     stats.files += 1
-    found, fields = 0, set()  # documents of this file; the fields of its records
+    found, fields = 0, set[str]()  # documents of this file; the fields of its records
     for line in _iter_lines(path):
         if not line.strip():
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -29,9 +30,13 @@ def main(cfg: DictConfig) -> float | None:
         from pretrain.trainer import Trainer, TrainingStopped
 
         try:
-            records = Trainer(config).fit()
+            trainer = Trainer(config)
+            records = trainer.fit()
         except TrainingStopped as e:
             _exit_with(e)
+        if trainer.stop_signal == signal.SIGINT:  # saved; stop here, a sweep's next jobs too
+            print("interrupted: saved; the same command resumes", file=sys.stderr)
+            sys.exit(130)
     # SourceError: data read mid-run; LoaderStateError: a resume with other data settings.
     except (ConfigError, CheckpointError, SourceError, LoaderStateError) as e:
         _drop_launch_record()

@@ -267,7 +267,6 @@ class Trainer:
             logger.close(plots=False)
             return []
         trace = SampleTrace(c.run_dir, self.world.rank, self.step, c.logging.trace_samples)
-        self._install_signal_handlers()
         history: list[dict[str, Any]] = []
         if not resumed and t.eval_every and self.data.valid is not None:
             record = self.evaluate()  # the untrained baseline that later evaluations improve on
@@ -275,6 +274,7 @@ class Trainer:
             history.append(record)
         batches = iter(self.data.train)
         window_start, window_tokens = time.perf_counter(), 0
+        previous_handlers = self._install_signal_handlers()
         try:
             while self.step < last:
                 sums, samples = self._train_step(batches)
@@ -322,6 +322,8 @@ class Trainer:
                 if not saved:
                     self._save_or_carry_on(final=True)
         finally:
+            for sig, previous in previous_handlers.items():  # the next job of a sweep, a test
+                signal.signal(sig, previous)
             trace.close()
             logger.close(plots=c.logging.plots)
         latest = self.checkpointer.latest()
@@ -513,8 +515,15 @@ class Trainer:
             "disc_auc": round(auc, 6),  # rank 0's batches; AUC does not average across ranks
         }
 
-    def _install_signal_handlers(self) -> None:
+    @property
+    def stop_signal(self) -> int | None:
+        """The signal that stopped the last fit early (after saving), if one did."""
+        return self._stop_signal
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """Returns the handlers they replace, to put back when the loop ends."""
         main_pid = os.getpid()
+        previous: dict[int, Any] = {}
 
         def handler(signum, _frame):
             if os.getpid() != main_pid:  # a forked data-loader worker: the main process decides
@@ -533,9 +542,10 @@ class Trainer:
 
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             try:
-                signal.signal(sig, handler)
+                previous[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread (e.g. under a test runner thread)
                 pass
+        return previous
 
 
 def _as_dict(dataclass_config: Any) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -295,7 +296,9 @@ def test_console_says_what_runs_and_logs_lines_without_a_bar(
     run = tmp_path / "run"
     extra = ("logging.progress_bar=false", "trainer.max_steps=2", "trainer.eval_every=2",
              "optim.warmup_steps=5", f"model.vocab_size={tiny_corpus['vocab_size'] + 1000}")  # fmt: skip
+    before = signal.getsignal(signal.SIGINT)
     train(tiny_corpus, run, *extra)
+    assert signal.getsignal(signal.SIGINT) is before  # put back: Ctrl-C works after a fit
 
     def ours() -> list[str]:  # not DeepSpeed's log lines
         return [line for line in capsys.readouterr().out.splitlines() if line[:1] != "["]
