@@ -8,8 +8,10 @@
 #   bash bench/gpu_session.sh [OUT_DIR [STAGE ...]]
 #
 # OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env tests rtd_512 rtd_2048 rtd_2048_b4
-# curves attention mlm_head (default: all, in that order, the most needed first; rtd_2048_b4
-# runs only when HF ran out of memory in rtd_2048). Each stage has its own time limit, cut to
+# curves attention mlm_head trainer_512 (default: all, in that order, the most needed first;
+# rtd_2048_b4 runs only when HF ran out of memory in rtd_2048; trainer_512 is the real trainer,
+# DeepSpeed and data loading included, on the v3-base shape at L=512, for its tokens/s and MFU
+# beside rtd_step's bare step). Each stage has its own time limit, cut to
 # what is left of BUDGET_S (580 s, inside the device tool's 10-minute command), and writes
 # OUT_DIR/<stage>.log as it goes, so a stage that overruns leaves the others' results; run the
 # missing ones again (the machine stays warm for 30 s after a call, so a second call right
@@ -73,7 +75,7 @@ fi
 
 out=${1:-${OUT:-gpu_session}}
 shift || true
-stages=${*:-env tests rtd_512 rtd_2048 rtd_2048_b4 curves attention mlm_head}
+stages=${*:-env tests rtd_512 rtd_2048 rtd_2048_b4 curves attention mlm_head trainer_512}
 mkdir -p "$out"
 # Stages stop here at the latest, inside the device tool's 10-minute command.
 deadline=$((SECONDS + ${BUDGET_S:-580}))
@@ -124,6 +126,14 @@ stage curves 150 bash "$0" --curves "$out"
 stage attention 50 "$py" bench/attention.py --steps 5 --profile \
     --tiles default 128x64/64x64 64x32/32x32 128x32/64x64 32x64/32x32
 stage mlm_head 40 "$py" bench/mlm_head.py
+# 40 steps of python -m pretrain on the base preset (fused attention, bf16, ZeRO-1) over the
+# quick start's corpus; metrics.jsonl's tokens_per_s and mfu at steps 20-40 are the figures.
+stage trainer_512 100 "$py" -m pretrain experiment=deberta_v3_base model.attention_impl=triton \
+    model.attention_probs_dropout_prob=0 "data.corpus=$corpus/shards" \
+    "data.tokenizer=$corpus/tokenizer" model.vocab_size=128100 trainer.max_steps=40 \
+    trainer.global_batch_size=32 trainer.micro_batch_size=32 trainer.log_every=10 \
+    trainer.eval_every=0 trainer.save_every=0 optim.warmup_steps=10 logging.progress_bar=false \
+    logging.plots=false "hydra.run.dir=$out/trainer_512_run"
 
 if ((${#failed[@]})); then
     echo "not clean: ${failed[*]}"

@@ -81,6 +81,17 @@ class Trainer:
         self.config = config
         self.world = world or init_distributed(config.trainer.device)
         t = config.trainer
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # the kernel tests, on CPU
+        if (
+            config.model.attention_impl == "triton"
+            and self.world.device.type != "cuda"
+            and not interpreted
+        ):
+            raise ConfigError(
+                f"model.attention_impl=triton needs a CUDA GPU (this run is on "
+                f"{self.world.device.type}); use model.attention_impl=eager, or auto (the fused "
+                "kernel where it can run)"
+            )
         self.data: DataBundle = build_data(config, self.world)
         if config.model.init_from:
             config = self._shape_from_checkpoint(config)

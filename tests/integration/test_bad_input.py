@@ -102,6 +102,12 @@ CASES = [
         id="tokenizer-model-file-not-its-directory",
     ),
     pytest.param(
+        Case(("model.attention_impl=triton", "model.attention_probs_dropout_prob=0"),
+             "error: model.attention_impl=triton needs a CUDA GPU (this run is on cpu); use "
+             "model.attention_impl=eager, or auto"),
+        id="fused-attention-without-a-gpu",
+    ),
+    pytest.param(
         Case(("data.corpus=<three_doc_shards>",),
              "error: source '<three_doc_shards>' gives partition 0 of 8 no sequence in a whole "
              "pass; give it more text, or use fewer data.streams or ranks or a shorter "
