@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import glob
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,6 +226,10 @@ class Config:
                     f"{where}.corpus={s.corpus}: no manifest.json there; prepare a corpus with "
                     "`python -m data_prep.corpus --input ... --tokenizer ... --out DIR` or use data.corpus=default"
                 )
+            for pattern in s.data_files:
+                local = "://" not in pattern  # hf://, s3://... are for datasets to resolve
+                if local and not glob.glob(str(Path(pattern).expanduser()), recursive=True):
+                    raise ConfigError(f"{where}.data_files: no file matches {pattern}")
             if s.dataset is not None and d.tokenizer is None:
                 raise ConfigError(
                     f"{where}.dataset={s.dataset} is raw text: set data.tokenizer to tokenize it"
@@ -246,6 +251,14 @@ class Config:
             raise ConfigError("data.sources: give a weight to every source or to none")
         if any(weighted) and d.mixing_alpha is not None:
             raise ConfigError("data.sources: give weights or data.mixing_alpha, not both")
+        if len(d.sources) > 1 and not any(weighted):  # temperature mixing: p ~ size^alpha
+            for i, s in enumerate(d.sources):
+                if s.dataset is not None and s.num_tokens is None:
+                    raise ConfigError(
+                        f"data.sources[{i}] is streamed ({s.dataset}) and has no num_tokens: "
+                        "mixing by size (data.mixing_alpha, 1 when unset) needs every source's "
+                        "size; give it num_tokens=<estimate>, or give every source a weight"
+                    )
         names = [s.name or s.corpus or s.dataset for s in d.sources]
         if len(set(names)) != len(names):
             raise ConfigError(f"data.sources: names must be unique, got {names}; set name=")

@@ -414,6 +414,10 @@ class Trainer:
         except SourceError as e:
             error = e
         if not _all_true(error is None, self.world):
+            if error is not None and where:  # an evaluation: say it is the held-out split
+                raise SourceError(
+                    f"{where}, held-out split: {error} (or trainer.eval_every=0: no evaluations)"
+                ) from None
             raise error or SourceError(
                 f"{where or f'step {self.step + 1}'}: another rank could not read its data"
             )

@@ -45,6 +45,8 @@ class Case:
     resume: bool = False  # relaunch the trained run of the `trained_run` fixture
     # Found once training started (the first batch): the new run directory stays, unpublished.
     started: bool = False
+    # What the other ranks say when one rank's data fails (they name no file of theirs).
+    elsewhere: str = ""
 
 
 CASES = [
@@ -113,6 +115,13 @@ CASES = [
              "pass; give it more text, or use fewer data.streams or ranks or a shorter "
              "data.seq_len", started=True),
         id="corpus-too-small-for-the-streams",
+    ),
+    pytest.param(
+        Case(("data.corpus=<small_valid_shards>", "trainer.eval_every=1"),
+             "error: evaluation at step 0, held-out split: source '<small_valid_shards>' gives "
+             "partition", ranks=2, started=True,
+             elsewhere="error: evaluation at step 0: another rank could not read its data"),
+        id="held-out-split-too-small-for-2-ranks",
     ),
     pytest.param(
         Case(("model.init_from=/nonexistent/hf",),
@@ -258,6 +267,10 @@ def inputs(tiny_corpus: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[
     (root / "three.txt").write_text("A first document.\n\nA second one.\n\nAnd a third.\n")
     prepare_corpus(root / "valid_only_shards", tiny_corpus["tokenizer"], [root / "three.txt"],
                    valid_fraction=0.999, progress=False)  # fmt: skip
+    # Held-out text for one rank's streams but not for two ranks' (the held-out split is small).
+    prepare_corpus(root / "small_valid_shards", tiny_corpus["tokenizer"], [root / "three.txt",
+                   *json.loads((shards / "manifest.json").read_text())["inputs"]],
+                   valid_fraction=0.002, progress=False)  # fmt: skip
     # The same three documents all for training: too few for 8 streams of 64 tokens.
     prepare_corpus(root / "three_doc_shards", tiny_corpus["tokenizer"], [root / "three.txt"],
                    valid_fraction=0.0, progress=False)  # fmt: skip
@@ -273,6 +286,7 @@ def inputs(tiny_corpus: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[
         "shards": shards,
         "tokenizer": tiny_corpus["tokenizer"],
         "three_doc_shards": root / "three_doc_shards",
+        "small_valid_shards": root / "small_valid_shards",
         "other_corpus": root / "other_corpus",
         "old_run": root / "old_run",
         "empty_txt": root / "empty.txt",
@@ -311,6 +325,7 @@ def test_bad_input_fails_at_once_with_one_line_and_no_damage(
     results = launch(tiny_run(tiny_corpus, run, *overrides), case.ranks)
 
     assert len(results) == case.ranks
+    named = 0  # ranks whose line names the problem (the others may say `elsewhere`)
     for rank, (rc, out) in enumerate(results):
         where = f"rank {rank} of {case.ranks}:\n{out[-3000:]}"
         assert rc != 0, where
@@ -322,8 +337,12 @@ def test_bad_input_fails_at_once_with_one_line_and_no_damage(
             ours = [line for line in lines if line.startswith("error: ")]
             assert len(ours) == 1, where
             error = ours[0]
-        assert fill(case.line, paths) in error, where
+        named += fill(case.line, paths) in error
+        assert fill(case.line, paths) in error or (case.elsewhere and case.elsewhere in error), (
+            where
+        )
         assert fill(case.also, paths) in out, where
+    assert named >= 1
     if case.resume:
         assert_undamaged(before, snapshot(run))  # checkpoints, metrics, config.yaml, .hydra
     else:

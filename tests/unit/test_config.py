@@ -248,3 +248,34 @@ def test_init_from_names_what_is_there_instead(tmp_path: Path) -> None:
     ):
         composed(f"model.init_from={hf / 'discriminator'}", f"model.init_generator_from={run}")
     assert composed(f"model.init_from={hf / 'discriminator'}").model.init_from is not None
+
+
+def test_mixing_by_size_needs_the_size_of_a_streamed_source(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "manifest.json").write_text("{}")
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "spm.model").write_bytes(b"")
+    (tmp_path / "x.jsonl").write_text("{}")
+    streamed = f"{{name: legal, dataset: json, data_files: ['{tmp_path}/x.jsonl']}}"
+    sources = f"data.sources=[{{name: general, corpus: '{corpus}'}}, {streamed}]"
+    with pytest.raises(
+        ConfigError, match=r"data.sources\[1\] is streamed \(json\) and has no num_tokens"
+    ):
+        composed(sources, f"data.tokenizer={tok}", "data.mixing_alpha=0.5")
+    sized = sources.replace("dataset: json", "dataset: json, num_tokens: 1000")
+    assert composed(sized, f"data.tokenizer={tok}").data.sources[1].num_tokens == 1000
+
+
+def test_data_files_that_match_nothing_are_named(tmp_path: Path) -> None:
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "spm.model").write_bytes(b"")
+    (tmp_path / "a.jsonl").write_text("{}")
+    source = "data.sources=[{{name: x, dataset: json, data_files: ['{}']}}]"
+    with pytest.raises(
+        ConfigError, match=r"data.sources\[0\].data_files: no file matches .*/b\*.jsonl"
+    ):
+        composed(source.format(tmp_path / "b*.jsonl"), f"data.tokenizer={tok}")
+    assert composed(source.format(tmp_path / "a*.jsonl"), f"data.tokenizer={tok}").data.sources

@@ -54,3 +54,22 @@ def test_layer_decay_scales_lr_by_depth_below_the_top() -> None:
     assert g["word_embeddings_delta"]["lr"] == pytest.approx(0.5**4)
     assert g["generator.encoder.layer.0.ffn_in.weight"]["lr"] == pytest.approx(0.5)
     assert g["generator.embeddings.word_embeddings.weight"]["lr"] == pytest.approx(0.5**2)
+
+
+def test_deepspeeds_deprecated_collectives_do_not_flood_the_log() -> None:
+    """ZeRO-3 printed torch's FutureWarning for its collectives at every step."""
+    import warnings
+
+    from pretrain.engine import _import_deepspeed
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")  # as if shown every time
+        _import_deepspeed()
+        warnings.warn(
+            "`torch.distributed.reduce_scatter_tensor` is deprecated. Please use "
+            "`torch.distributed.reduce_scatter_single` instead.",
+            FutureWarning,
+            stacklevel=1,
+        )
+        warnings.warn("`other` is deprecated", FutureWarning, stacklevel=1)  # others still show
+    assert [str(w.message) for w in seen] == ["`other` is deprecated"]
