@@ -94,9 +94,8 @@ if __name__ == "__main__":
         sys.exit(f"error: {message}")
     try:
         main()
-    except KeyboardInterrupt:  # Ctrl-C twice, or before training started
-        print(
-            "\ninterrupted: quit without saving (the last checkpoint, if any, stays)",
-            file=sys.stderr,
-        )
+    except KeyboardInterrupt:  # Ctrl-C before training started (the trainer handles it after)
+        # The trainer's QUIT_WITHOUT_SAVING, not imported: it may be what was being imported.
+        print("\ninterrupted: quit without saving (the last checkpoint, if any, stays)",
+              file=sys.stderr)  # fmt: skip
         sys.exit(130)

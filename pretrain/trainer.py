@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 
 from pretrain.checkpoint import Checkpointer, CheckpointError, capture_rng, restore_rng
 from pretrain.config import Config, ConfigError, ModelConfig
-from pretrain.data.loader import reshard_states
+from pretrain.data.loader import EmptyPartitionError, reshard_states
 from pretrain.data.pipeline import DataBundle, build_data
 from pretrain.data.sources import SourceError
 from pretrain.engine import Engine, World, convert_to_universal, init_distributed
@@ -70,6 +70,9 @@ FREE_ON_RESUME = frozenset(
         "init_generator_from",
     }
 )
+
+
+QUIT_WITHOUT_SAVING = "interrupted: quit without saving (the last checkpoint, if any, stays)"
 
 
 class TrainingStopped(RuntimeError):
@@ -414,7 +417,7 @@ class Trainer:
         except SourceError as e:
             error = e
         if not _all_true(error is None, self.world):
-            if error is not None and where:  # an evaluation: say it is the held-out split
+            if isinstance(error, EmptyPartitionError) and where:  # in the held-out split
                 raise SourceError(
                     f"{where}, held-out split: {error} (or trainer.eval_every=0: no evaluations)"
                 ) from None
@@ -544,16 +547,18 @@ class Trainer:
             if os.getpid() != main_pid:  # a forked data-loader worker: the main process decides
                 return
             if signum == signal.SIGINT and self._stop_signal == signal.SIGINT:
-                raise KeyboardInterrupt  # Ctrl-C twice: quit now, without saving
+                # Ctrl-C twice: quit now. Not by raising KeyboardInterrupt: raised inside library
+                # code (OmegaConf, during the save) it came out as another error, with a
+                # traceback. Checkpoints publish atomically, so a save cut short is never used.
+                if self.world.is_main:
+                    _write_stderr(f"\n{QUIT_WITHOUT_SAVING}\n")
+                os._exit(130)
             self._stop_signal = signum
             if signum == signal.SIGINT and self.world.is_main:
-                try:
-                    sys.stderr.write(
-                        f"\ninterrupted: finishing step {self.step + 1}, then saving and exiting "
-                        "(Ctrl-C again to quit without saving)\n"
-                    )
-                except RuntimeError:  # interrupted inside a write to stderr
-                    pass
+                _write_stderr(
+                    f"\ninterrupted: finishing step {self.step + 1}, then saving and exiting "
+                    "(Ctrl-C again to quit without saving)\n"
+                )
 
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             try:
@@ -561,6 +566,15 @@ class Trainer:
             except ValueError:  # not the main thread (e.g. under a test runner thread)
                 pass
         return previous
+
+
+def _write_stderr(text: str) -> None:
+    """From a signal handler: a write it interrupted may refuse a reentrant one."""
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except RuntimeError:
+        pass
 
 
 def _as_dict(dataclass_config: Any) -> dict[str, Any]:

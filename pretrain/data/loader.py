@@ -60,6 +60,11 @@ class LoaderStateError(ValueError):
     """A saved state this loader cannot continue: the run's data settings changed since."""
 
 
+class EmptyPartitionError(SourceError):
+    """A source gives one of its partitions no sequence at all: too little text for the
+    streams and ranks (most often the small held-out split, on several ranks)."""
+
+
 @dataclass(frozen=True)
 class LoaderConfig:
     batch_size: int  # sequences per batch on this rank
@@ -185,7 +190,7 @@ class _Stream:
                 self._fresh[s] = False
                 return seq
             if self._fresh[s] and epochs is None:
-                raise SourceError(
+                raise EmptyPartitionError(
                     f"source {plan.names[s]!r} gives partition {self.partition} of "
                     f"{plan.num_partitions} no sequence in a whole pass; give it more text, or "
                     "use fewer data.streams or ranks or a shorter data.seq_len"
