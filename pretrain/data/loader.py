@@ -388,12 +388,10 @@ class Loader(Generic[BatchT]):
         except SourceError as exc:
             # torch re-raises a worker's exception with its whole traceback as the message;
             # a user error should still read as the one line the source wrote.
-            text = str(exc)
-            if not text.startswith("Caught SourceError"):
+            text, kind = str(exc), type(exc)  # SourceError or a subclass: keep which
+            if not text.startswith(f"Caught {kind.__name__}"):
                 raise
-            raise SourceError(
-                text.rstrip().splitlines()[-1].split("SourceError: ", 1)[-1]
-            ) from None
+            raise kind(text.rstrip().splitlines()[-1].split(f"{kind.__name__}: ", 1)[-1]) from None
         finally:
             # Stop the workers now, on a break or an error alike. Left to the garbage collector
             # (a traceback keeps the iterator alive), their shutdown waits out join timeouts.

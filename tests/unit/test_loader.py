@@ -23,7 +23,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pretrain.data.collate import MaskingCollator  # noqa: E402
-from pretrain.data.loader import Loader, LoaderConfig, LoaderStateError  # noqa: E402
+from pretrain.data.loader import (  # noqa: E402
+    EmptyPartitionError,
+    Loader,
+    LoaderConfig,
+    LoaderStateError,
+)
 from pretrain.data.masking import IGNORE_INDEX, Masker, MaskingConfig  # noqa: E402
 from pretrain.data.mixing import MixingConfig  # noqa: E402
 from pretrain.data.packing import PackedSequence, PackingConfig, SpecialTokens  # noqa: E402
@@ -342,6 +347,7 @@ def test_configuration_errors(tmp_path: Path, shards: ShardSource) -> None:
         with pytest.raises(SourceError, match="^source 'tiny' gives partition .* no sequence") as e:
             take(make([tiny], seq_len=64, num_workers=workers), 1)
         assert "\n" not in str(e.value)
+        assert isinstance(e.value, EmptyPartitionError)  # from a worker too: the trainer asks
         # What a user can change, by its config key (packing's remainder is not one).
         assert str(e.value).endswith(
             "give it more text, or use fewer data.streams or ranks or a shorter data.seq_len"
