@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import sys
@@ -49,16 +50,22 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def _drop_launch_record() -> None:
-    """A launch refused in a new directory leaves no directory behind: Hydra's record of it
-    (`.hydra/<time>/`, an empty log) is removed when the directory holds nothing else."""
+    """A single-process launch refused in a new directory leaves no directory behind: Hydra's
+    record of it (`.hydra/<time>/`, an empty log) is removed when the directory holds nothing
+    else."""
     from hydra.core.hydra_config import HydraConfig
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # ranks would race: one deleting while
+        return  # another still writes its record; a multi-rank launch keeps the directory
     out = Path(HydraConfig.get().runtime.output_dir)
     log = out / f"{HydraConfig.get().job.name}.log"
-    if {p.name for p in out.iterdir()} <= {".hydra", log.name} and not (
-        log.is_file() and log.stat().st_size
-    ):
-        shutil.rmtree(out, ignore_errors=True)  # every rank may try: ignore the others' deletes
+    try:
+        if {p.name for p in out.iterdir()} <= {".hydra", log.name} and not (
+            log.is_file() and log.stat().st_size
+        ):
+            shutil.rmtree(out)
+    except OSError:  # gone already, or not ours to remove: leave it
+        pass
 
 
 def _exit_with(error: Exception) -> NoReturn:

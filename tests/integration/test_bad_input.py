@@ -3,8 +3,8 @@
 Every row asserts the same four things: a non-zero exit; one error line that names the problem
 and says what to do (the row's fragment); no Python traceback; and nothing in the run directory
 damaged. A row that relaunches an existing run compares every file's sha256 before and after;
-the others must leave no checkpoint behind, and no directory at all when refused at start-up
-(Hydra's record of the launch included). Each launch is bounded by a timeout, so a rank that
+the others must leave no checkpoint behind, and no directory at all when one process is refused
+at start-up (Hydra's record of the launch included). Each launch is bounded by a timeout, so a rank that
 hangs instead of exiting fails the row.
 
 Hydra itself reports a wrong type in a few lines (its first one names the override) and never
@@ -43,8 +43,9 @@ class Case:
     also: str = ""  # a fragment of the rest of the output (Hydra's line naming the cause)
     ranks: int = 1  # > 1: that many processes in one world, launched as torchrun would
     resume: bool = False  # relaunch the trained run of the `trained_run` fixture
-    # Found once training started (the first batch): the new run directory stays, unpublished.
-    started: bool = False
+    # The new run directory stays (unpublished): the error was found once training started (the
+    # first batch), or several ranks were refused (they would race to remove it).
+    keeps_dir: bool = False
     # What the other ranks say when one rank's data fails (they name no file of theirs).
     elsewhere: str = ""
 
@@ -113,13 +114,13 @@ CASES = [
         Case(("data.corpus=<three_doc_shards>",),
              "error: source '<three_doc_shards>' gives partition 0 of 8 no sequence in a whole "
              "pass; give it more text, or use fewer data.streams or ranks or a shorter "
-             "data.seq_len", started=True),
+             "data.seq_len", keeps_dir=True),
         id="corpus-too-small-for-the-streams",
     ),
     pytest.param(
         Case(("data.corpus=<small_valid_shards>", "trainer.eval_every=1"),
              "error: evaluation at step 0, held-out split: source '<small_valid_shards>' gives "
-             "partition", ranks=2, started=True,
+             "partition", ranks=2, keeps_dir=True,
              elsewhere="error: evaluation at step 0: another rank could not read its data"),
         id="held-out-split-too-small-for-2-ranks",
     ),
@@ -152,7 +153,7 @@ CASES = [
         Case(("trainer.global_batch_size=24",),
              "error: trainer.global_batch_size=24 is not a multiple of "
              "trainer.micro_batch_size=8 x world size 2 = 16; use trainer.micro_batch_size=6 "
-             "or a global batch that divides evenly", ranks=2),
+             "or a global batch that divides evenly", ranks=2, keeps_dir=True),
         id="global-batch-not-divisible-by-2-ranks",
     ),
     pytest.param(
@@ -348,7 +349,7 @@ def test_bad_input_fails_at_once_with_one_line_and_no_damage(
     else:
         assert not (run / "checkpoints").exists()
         # A refusal at start-up leaves no directory: not even Hydra's record of the launch.
-        assert case.started or not run.exists(), sorted(map(str, run.rglob("*")))
+        assert case.keeps_dir or not run.exists(), sorted(map(str, run.rglob("*")))
 
 
 def test_resume_with_the_corpus_spelt_another_way(tiny_corpus: dict, tmp_path: Path) -> None:
