@@ -57,9 +57,9 @@ from data_prep.sources import (
 )
 from data_prep.tokenizer import (
     MODEL_FILE,
-    SPECIAL_TOKENS_FILE,
     Tokenizer,
     TokenizerError,
+    copy_tokenizer_files,
     load_tokenizer,
 )
 
@@ -67,13 +67,6 @@ DEFAULT_SHARD_TOKENS = 50_000_000  # about 100 MB per uint16 shard
 BATCH_DOCS = 256  # documents per worker task; fixed so batching never depends on --workers
 IN_FLIGHT_PER_WORKER = 4
 TOKENIZER_DIR = "tokenizer"  # the copy of the tokenizer inside a corpus directory
-# Copied beside spm.model when present: what transformers' DebertaV2Tokenizer reads, and ours.
-TOKENIZER_COMPANIONS = (
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    SPECIAL_TOKENS_FILE,
-    "tokenizer.json",
-)
 
 # (content hash, token ids); the hash is None for a document that is empty after cleaning.
 Processed = tuple[bytes | None, np.ndarray]
@@ -303,19 +296,12 @@ def prepare_corpus(
         },
         "skipped_files": stats.skipped_files,
     }
-    _copy_tokenizer(tok, out / TOKENIZER_DIR)
+    copy_tokenizer_files(tok.path.parent, out / TOKENIZER_DIR)
+    shutil.copyfile(tok.path, out / TOKENIZER_DIR / MODEL_FILE)  # the model given, by any name
     # Written last: a corpus directory without a manifest is an interrupted run.
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     _publish(out, final)
     return manifest
-
-
-def _copy_tokenizer(tok: Tokenizer, out: Path) -> None:
-    out.mkdir()
-    shutil.copyfile(tok.path, out / MODEL_FILE)
-    for name in TOKENIZER_COMPANIONS:
-        if (tok.path.parent / name).is_file():
-            shutil.copyfile(tok.path.parent / name, out / name)
 
 
 def _prepend(first: str, rest: Iterator[str]) -> Iterator[str]:

@@ -40,6 +40,7 @@ from data_prep.sources import InputError
 from data_prep.tokenizer import (
     MODEL_FILE,
     SPECIAL_TOKENS_FILE,
+    TOKENIZER_CONFIG_FILE,
     Tokenizer,
     TokenizerError,
     _write_hf_files,
@@ -181,7 +182,7 @@ def extend_tokenizer(
     assert tok.vocab_size == old.vocab_size + len(added)
     assert all(tok.id_to_piece(i) == old.id_to_piece(i) for i in range(old.vocab_size))
     max_length = 512
-    old_config = old_dir / "tokenizer_config.json"
+    old_config = old_dir / TOKENIZER_CONFIG_FILE
     if old_config.is_file():
         max_length = int(json.loads(old_config.read_text()).get("model_max_length", max_length))
     _write_hf_files(out, tok, max_length)  # also special_tokens.json: new vocab size, sha256

@@ -51,6 +51,7 @@ import io
 import json
 import random
 import re
+import shutil
 import sys
 import time
 import unicodedata
@@ -73,6 +74,12 @@ from data_prep.sources import (
 
 MODEL_FILE = "spm.model"
 SPECIAL_TOKENS_FILE = "special_tokens.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+# What transformers' DebertaV2Tokenizer needs in a directory; the optional files travel with
+# them when present (special_tokens.json is ours: load_tokenizer checks the ids with it).
+REQUIRED_FILES = (MODEL_FILE, TOKENIZER_CONFIG_FILE)
+OPTIONAL_FILES = (SPECIAL_TOKENS_MAP_FILE, SPECIAL_TOKENS_FILE, "tokenizer.json")
 PAD, CLS, SEP, UNK, MASK = "[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"
 PAD_ID, CLS_ID, SEP_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 4
 SPECIAL_PIECES = (PAD, CLS, SEP, UNK, MASK)
@@ -104,6 +111,15 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """Copy a tokenizer directory's files (those of REQUIRED_FILES and OPTIONAL_FILES that
+    exist) into `dst`, which is made if needed."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in REQUIRED_FILES + OPTIONAL_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
 
 
 def _model_path(path: str | Path) -> Path:
@@ -386,8 +402,8 @@ def _write_hf_files(out: Path, tok: Tokenizer, model_max_length: int) -> None:
         "model_max_length": model_max_length,
         **special_map,
     }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
+    (out / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    (out / SPECIAL_TOKENS_MAP_FILE).write_text(json.dumps(special_map, indent=2) + "\n")
     ours = {
         **tok.special_ids,
         "vocab_size": tok.vocab_size,

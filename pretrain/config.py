@@ -235,12 +235,14 @@ class Config:
                     f"{where}.dataset={s.dataset} is raw text: set data.tokenizer to tokenize it"
                 )
         if d.tokenizer is not None:
+            from data_prep.tokenizer import MODEL_FILE
+
             tokenizer = Path(d.tokenizer).expanduser()
-            if not (tokenizer / "spm.model").is_file():
-                problem = "no spm.model there" if tokenizer.is_dir() else "no such directory"
+            if not (tokenizer / MODEL_FILE).is_file():
+                problem = f"no {MODEL_FILE} there" if tokenizer.is_dir() else "no such directory"
                 if tokenizer.is_file():
                     problem = "a file, not the tokenizer directory"
-                    if (tokenizer.parent / "spm.model").is_file():
+                    if (tokenizer.parent / MODEL_FILE).is_file():
                         problem += f" (data.tokenizer={Path(d.tokenizer).parent} holds it)"
                 raise ConfigError(
                     f"data.tokenizer={d.tokenizer}: {problem}; pass the directory that "

@@ -72,10 +72,6 @@ GENERATOR = "generator"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 RTD_HEAD_FILE = "rtd_head.safetensors"
-# What a DeBERTa-v2 tokenizer directory needs (spm.model + tokenizer_config.json); the others
-# are copied when present. special_tokens.json is ours: load_tokenizer checks the ids with it.
-TOKENIZER_FILES = ("spm.model", "tokenizer_config.json")
-OPTIONAL_TOKENIZER_FILES = ("special_tokens_map.json", "special_tokens.json", "tokenizer.json")
 
 WORD = "embeddings.word_embeddings.weight"
 POSITION = "embeddings.position_embeddings.weight"
@@ -228,17 +224,17 @@ def _write_model_dir(
         save_file(plain(tensors), str(out / name), metadata={"format": "pt"})
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES + OPTIONAL_TOKENIZER_FILES:
-            if (tokenizer_dir / name).is_file():
-                shutil.copyfile(tokenizer_dir / name, out / name)
+        from data_prep.tokenizer import copy_tokenizer_files
+
+        copy_tokenizer_files(tokenizer_dir, out)
 
 
 def check_tokenizer_dir(tokenizer_dir: str | Path, vocab_size: int) -> Path:
     """The tokenizer directory, checked: HF files present, every id has an embedding row."""
-    from data_prep.tokenizer import TokenizerError, load_tokenizer
+    from data_prep.tokenizer import REQUIRED_FILES, TokenizerError, load_tokenizer
 
     d = Path(tokenizer_dir).expanduser()
-    missing = [n for n in TOKENIZER_FILES if not (d / n).is_file()]
+    missing = [n for n in REQUIRED_FILES if not (d / n).is_file()]
     if missing:
         raise ExportError(
             f"tokenizer directory {d} lacks {', '.join(missing)}; "
@@ -664,9 +660,10 @@ def run_tokenizer_dir(config: dict[str, Any]) -> Path | None:
             return default_corpus_paths(cache, int(data.get("default_vocab_size", 8000)))[2]
         if corpus is not None:
             from data_prep.corpus import TOKENIZER_DIR
+            from data_prep.tokenizer import MODEL_FILE
 
             copy = Path(corpus).expanduser() / TOKENIZER_DIR
-            if (copy / "spm.model").is_file():
+            if (copy / MODEL_FILE).is_file():
                 return copy
     return None
 
