@@ -160,6 +160,18 @@ class _SplitWriter:
         }
 
 
+def _check_replaceable(final: Path) -> None:
+    """The finished corpus replaces what is at `--out`: that must be nothing, an empty directory
+    or an earlier corpus, never a directory of someone's files."""
+    if final.exists() and not final.is_dir():
+        raise InputError(f"--out {final} exists and is not a directory")
+    if final.is_dir() and not (final / MANIFEST).is_file() and any(final.iterdir()):
+        raise InputError(
+            f"--out {final} holds files and is not a corpus (no {MANIFEST}); the corpus would "
+            "replace the whole directory: give a new or empty one"
+        )
+
+
 def _publish(partial: Path, final: Path) -> None:
     """Swap the finished corpus in for an earlier one; until this point the earlier one (if any)
     is untouched, so an interrupted or failed run never leaves a damaged corpus behind."""
@@ -212,6 +224,8 @@ def prepare_corpus(
         raise InputError(f"--valid-fraction must be in [0, 1), not {valid_fraction}")
     if shard_tokens <= 0:
         raise InputError(f"--shard-tokens must be positive, not {shard_tokens}")
+    final = Path(out_dir)
+    _check_replaceable(final)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     dtype = dtype_for_vocab(tok.vocab_size)
     stats = ReadStats()
@@ -227,7 +241,6 @@ def prepare_corpus(
     first = next(docs, None)
     chained: Iterator[str] = iter(()) if first is None else _prepend(first, docs)
 
-    final = Path(out_dir)
     out = final.with_name(final.name + ".partial")  # written here, renamed when complete
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -335,8 +348,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.workers = os.cpu_count() or 1
     if args.workers < 1:
         raise SystemExit("error: --workers must be at least 1")
-    if args.out.exists() and not args.out.is_dir():
-        raise SystemExit(f"error: --out {args.out} exists and is not a directory")
     start = time.perf_counter()
     try:
         m = prepare_corpus(

@@ -286,6 +286,28 @@ def test_a_failed_rerun_leaves_the_previous_corpus_intact(
     assert _files(out) == before  # byte for byte, manifest included
 
 
+def test_out_holding_other_files_is_refused_and_left_alone(
+    raw_dir: Path, tok_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("not a corpus")
+    r = _run("data_prep.corpus", "--input", str(raw_dir), "--tokenizer", str(tok_dir),
+             "--out", str(out))  # fmt: skip
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: --out {out} holds files and is not a corpus (no manifest.json); the corpus "
+        "would replace the whole directory: give a new or empty one"
+    )
+    assert _files(out) == {"notes.txt": b"not a corpus"}
+    # An empty directory and an earlier corpus are replaced as before.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    prepare_corpus(empty, tok_dir, [raw_dir], progress=False)
+    prepare_corpus(empty, tok_dir, [raw_dir], progress=False)
+    assert (empty / "manifest.json").is_file()
+
+
 def test_inputs_with_no_document_fail_and_leave_the_previous_corpus_intact(
     raw_dir: Path, tok_dir: Path, tmp_path: Path
 ) -> None:
