@@ -36,5 +36,5 @@ else
               --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}")
 fi
 
-exec "$PYTHON" -m torch.distributed.run "${rendezvous[@]}" --nproc_per_node "$NPROC_PER_NODE" \
+exec "$PYTHON" -m pretrain.torchrun "${rendezvous[@]}" --nproc_per_node "$NPROC_PER_NODE" \
   -m pretrain "$@"

@@ -37,7 +37,8 @@ def main(cfg: DictConfig) -> float | None:
             _exit_with(e)
         _close_process_group()  # after a clean finish only: every rank reaches this point
         if trainer.stop_signal == signal.SIGINT:  # saved; stop here, a sweep's next jobs too
-            print("interrupted: saved; the same command resumes", file=sys.stderr)
+            if trainer.world.is_main:
+                print("interrupted: saved; the same command resumes", file=sys.stderr)
             sys.exit(130)
     # SourceError: data read mid-run; LoaderStateError: a resume with other data settings.
     except (ConfigError, CheckpointError, SourceError, LoaderStateError) as e:

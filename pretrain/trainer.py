@@ -73,6 +73,9 @@ FREE_ON_RESUME = frozenset(
 
 
 QUIT_WITHOUT_SAVING = "interrupted: quit without saving (the last checkpoint, if any, stays)"
+# A second SIGINT this soon after the first is the same Ctrl-C reaching the process twice: from
+# the terminal (the whole process group) and forwarded by torchrun. Later, it means "quit now".
+SAME_CTRL_C_S = 1.0
 
 
 class TrainingStopped(RuntimeError):
@@ -543,17 +546,21 @@ class Trainer:
         main_pid = os.getpid()
         previous: dict[int, Any] = {}
 
+        stopping_since = [0.0]  # when the first signal came (monotonic seconds)
+
         def handler(signum, _frame):
             if os.getpid() != main_pid:  # a forked data-loader worker: the main process decides
                 return
-            if signum == signal.SIGINT and self._stop_signal == signal.SIGINT:
-                # Ctrl-C twice: quit now. Not by raising KeyboardInterrupt: raised inside library
+            if self._stop_signal is not None:  # already stopping; the first signal says why
+                if signum != signal.SIGINT or time.monotonic() - stopping_since[0] < SAME_CTRL_C_S:
+                    return  # e.g. the same Ctrl-C, forwarded: torchrun passes on what it got too
+                # Ctrl-C again: quit now. Not by raising KeyboardInterrupt: raised inside library
                 # code (OmegaConf, during the save) it came out as another error, with a
                 # traceback. Checkpoints publish atomically, so a save cut short is never used.
                 if self.world.is_main:
                     _write_stderr(f"\n{QUIT_WITHOUT_SAVING}\n")
                 os._exit(130)
-            self._stop_signal = signum
+            self._stop_signal, stopping_since[0] = signum, time.monotonic()
             if signum == signal.SIGINT and self.world.is_main:
                 _write_stderr(
                     f"\ninterrupted: finishing step {self.step + 1}, then saving and exiting "

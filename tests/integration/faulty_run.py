@@ -6,6 +6,7 @@ fault would strike, then run the unmodified CLI. `FAULTS` (JSON, in the environm
     {"torn_save": S}        checkpoint S's rank file is half written, then the process gets
                             SIGKILL: a machine lost in the middle of a save
     {"enospc_save": [S..]}  every file write of checkpoints S.. fails with ENOSPC (a full disk)
+    {"slow_save": T}        every checkpoint file write first sleeps T seconds (a slow disk)
     {"nan_forward": [N..]}  the N-th training forward of this process (1-based) has a NaN loss
     {"unreadable_batch": N} reading the N-th training batch (1-based) fails with a SourceError
     {"unreadable_valid": N} the same for the N-th held-out batch
@@ -22,6 +23,7 @@ import os
 import runpy
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -60,6 +62,17 @@ def install(faults: dict) -> None:
             return real_save(obj, f, *args, **kwargs)
 
         torch.save = full_disk_save
+
+    if "slow_save" in faults:
+        delay = float(faults["slow_save"])
+        inner_save = torch.save
+
+        def slow_save(obj, f, *args, **kwargs):
+            if PARTIAL in str(f):
+                time.sleep(delay)
+            return inner_save(obj, f, *args, **kwargs)
+
+        torch.save = slow_save
 
     if "nan_forward" in faults:
         bad = {int(n) for n in faults["nan_forward"]}

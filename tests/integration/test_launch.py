@@ -145,6 +145,24 @@ def test_torchrun_script_runs_two_cpu_ranks(tiny_corpus: dict, tmp_path: Path) -
     assert " -laio " not in proc.stdout + proc.stderr  # DeepSpeed's compiler probes stay quiet
 
 
+def test_torchrun_script_ends_a_failed_launch_with_one_line_not_a_traceback(
+    tiny_corpus: dict, tmp_path: Path
+) -> None:
+    env = child_env(NPROC_PER_NODE="2")
+    proc = subprocess.run(
+        [str(LAUNCH / "torchrun.sh"), *short_run(tiny_corpus, tmp_path / "run"), "model.vocab_size=8"],
+        capture_output=True, text=True, env=env, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr and lines[0].startswith("error: "), proc.stderr[-3000:]
+    assert re.fullmatch(
+        r"torchrun: rank [01] exited with code 1, first; the other workers were stopped "
+        r"\(the lines above say why\)",
+        lines[-1],
+    )
+
+
 def test_multirun_sweep_writes_one_run_per_learning_rate(tiny_corpus: dict, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     # run_dir is left to its default, Hydra's output directory: here the sweep's job directories

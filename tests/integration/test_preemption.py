@@ -195,30 +195,65 @@ def test_a_signal_that_reaches_one_rank_only_still_stops_every_rank_at_one_step(
     assert_saved_at_stop(run, world_size=2)
 
 
+@pytest.mark.parametrize("presses", ["once", "twice_at_once", "twice"])
 def test_ctrl_c_saves_and_exits_and_twice_quits_without_saving(
-    tiny_corpus: dict, tmp_path: Path
+    presses: str, tiny_corpus: dict, tmp_path: Path
 ) -> None:
     """Ctrl-C reaches the whole foreground process group, data-loader workers included (one
-    here): the first one stops like SIGTERM, but exits 130 (a sweep stops there too); a second
-    one quits at once with one line."""
-    for presses in (1, 2):
-        run, log = tmp_path / f"run{presses}", tmp_path / f"ctrl_c_{presses}.log"
-        cmd = [sys.executable, "-m", "pretrain", *long_run(tiny_corpus, run), "data.num_workers=1"]
-        with running(cmd, child_env(), log) as proc:
-            wait_for_steps(proc, run, log, SIGNAL_AFTER)
-            for _ in range(presses):
-                os.killpg(proc.pid, signal.SIGINT)
-                time.sleep(0.05)
-            rc = proc.wait(timeout=STOP_TIMEOUT)
-        output = log.read_text()
-        assert "interrupted: finishing step" in output and "Traceback" not in output, tail(log)
-        assert "Setting accelerator to CPU" not in output  # DeepSpeed told before it probes
-        assert rc == 130, tail(log)  # interrupted, by the user: a sweep stops too
-        if presses == 1:
-            stopped = assert_saved_at_stop(run, world_size=1)
-            assert f"signal {int(signal.SIGINT)}: saving step {stopped} and exiting" in output
-            assert output.rstrip().endswith("interrupted: saved; the same command resumes")
-        else:
-            assert output.rstrip().endswith("interrupted: quit without saving (the last "
-                                            "checkpoint, if any, stays)")  # fmt: skip
-            assert not (run / "checkpoints" / "latest").exists()
+    here): the first one stops like SIGTERM, but exits 130 (a sweep stops there too). A second
+    one within SAME_CTRL_C_S is the same Ctrl-C seen twice (torchrun forwards its own) and is
+    ignored; a later one, here during a slow save, quits at once with one line."""
+    from pretrain.trainer import SAME_CTRL_C_S
+    from tests.integration.test_faults import FAULTY_RUN
+
+    run, log = tmp_path / "run", tmp_path / "ctrl_c.log"
+    env = child_env(FAULTS=json.dumps({"slow_save": 10 if presses == "twice" else 0}))
+    cmd = [sys.executable, str(FAULTY_RUN), *long_run(tiny_corpus, run), "data.num_workers=1"]
+    gaps = {"once": [], "twice_at_once": [0.05], "twice": [SAME_CTRL_C_S + 0.5]}[presses]
+    with running(cmd, env, log) as proc:
+        wait_for_steps(proc, run, log, SIGNAL_AFTER)
+        os.killpg(proc.pid, signal.SIGINT)
+        for gap in gaps:
+            time.sleep(gap)
+            os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=STOP_TIMEOUT)
+    output = log.read_text()
+    assert "interrupted: finishing step" in output and "Traceback" not in output, tail(log)
+    assert "Setting accelerator to CPU" not in output  # DeepSpeed told before it probes
+    assert rc == 130, tail(log)  # interrupted, by the user: a sweep stops too
+    if presses != "twice":
+        stopped = assert_saved_at_stop(run, world_size=1)
+        assert f"signal {int(signal.SIGINT)}: saving step {stopped} and exiting" in output
+        assert output.rstrip().endswith("interrupted: saved; the same command resumes")
+    else:
+        assert output.rstrip().endswith("interrupted: quit without saving (the last "
+                                        "checkpoint, if any, stays)")  # fmt: skip
+        assert not (run / "checkpoints" / "latest").exists()
+
+
+def test_ctrl_c_under_torchrun_saves_on_every_rank_and_the_same_command_resumes(
+    tiny_corpus: dict, tmp_path: Path
+) -> None:
+    """Ctrl-C in a terminal reaches torchrun and both workers (one process group), and torchrun
+    forwards its own copy to the workers: one Ctrl-C, seen twice, must save, not quit."""
+    run, log = tmp_path / "run", tmp_path / "torchrun.log"
+    env = child_env(NPROC_PER_NODE="2")
+    cmd = [str(LAUNCH / "torchrun.sh"), *long_run(tiny_corpus, run)]
+    with running(cmd, env, log) as agent:
+        wait_for_steps(agent, run, log, SIGNAL_AFTER)
+        os.killpg(agent.pid, signal.SIGINT)
+        rc = agent.wait(timeout=STOP_TIMEOUT)
+    output = log.read_text()
+    assert rc == 130, tail(log)
+    assert "Traceback" not in output and "interrupted: quit" not in output, tail(log)
+    assert output.count("interrupted: saved; the same command resumes") == 1  # rank 0's line
+    assert output.rstrip().endswith(
+        "torchrun: stopped by SIGINT, passed on to every worker (their lines above say whether "
+        "they saved)"
+    )
+    stopped = assert_saved_at_stop(run, world_size=2)
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert_resumed(run, stopped, again.stdout)
+    assert_finished(run)
