@@ -35,7 +35,6 @@ def main(cfg: DictConfig) -> float | None:
             records = trainer.fit()
         except TrainingStopped as e:
             _exit_with(e)
-        _close_process_group()  # after a clean finish only: every rank reaches this point
         if trainer.stop_signal == signal.SIGINT:  # saved; stop here, a sweep's next jobs too
             if trainer.world.is_main:
                 print("interrupted: saved; the same command resumes", file=sys.stderr)
@@ -70,19 +69,11 @@ def _drop_launch_record() -> None:
         pass
 
 
-def _close_process_group() -> None:
-    """A rank that exits with its process group open can abort at interpreter shutdown, after
-    its work is done and saved: gloo's threads still hold tensors while Python is torn down
-    ("terminate called without an active exception", SIGABRT)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def _exit_with(error: Exception) -> NoReturn:
     """One line and a non-zero exit, the process group shut down first."""
-    _close_process_group()
+    from pretrain.engine import close_process_group
+
+    close_process_group()
     sys.exit(f"error: {error}")
 
 

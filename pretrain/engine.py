@@ -9,6 +9,7 @@ torch LambdaLR keeps each group's multiplier, which DeepSpeed's own schedulers w
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import logging
@@ -67,6 +68,14 @@ def _import_deepspeed() -> Any:
     return deepspeed
 
 
+def close_process_group() -> None:
+    """Shut the process group down. A rank that exits with it open can abort at interpreter
+    shutdown, its work done and saved: gloo's threads still hold tensors while Python is torn
+    down ("terminate called without an active exception", SIGABRT)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def init_distributed(device: str = "auto") -> World:
     """Start (or join) the process group. Works under torchrun, the deepspeed launcher, SLURM
     via torchrun, or as a plain single process."""
@@ -91,6 +100,9 @@ def init_distributed(device: str = "auto") -> World:
         torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
         ds.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
+        # At exit, not after each run: the jobs of a Hydra sweep share this process and its
+        # group (DeepSpeed keeps references to it).
+        atexit.register(close_process_group)
     return World(
         rank=torch.distributed.get_rank(),
         local_rank=local_rank,
