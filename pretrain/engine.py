@@ -64,8 +64,19 @@ def _import_deepspeed() -> Any:
         logging.getLogger("compilers").setLevel(logging.WARNING)
         import deepspeed as ds
 
+        logging.getLogger("DeepSpeed").addFilter(_drop_expected_warnings)
         deepspeed = ds
     return deepspeed
+
+
+# DeepSpeed warnings that are expected here and say nothing a user can act on.
+_EXPECTED_WARNINGS = (
+    "MPU is not provided",  # each resume on another number of ranks: we use no tensor parallel
+)
+
+
+def _drop_expected_warnings(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_EXPECTED_WARNINGS)
 
 
 def close_process_group() -> None:

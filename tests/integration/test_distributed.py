@@ -51,6 +51,7 @@ def launch(launcher: list[str], corpus: dict, run_dir: Path, *extra: str) -> lis
         [*launcher, *overrides], capture_output=True, text=True, env=env, timeout=600
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "MPU is not provided" not in proc.stdout + proc.stderr  # DeepSpeed's noise, dropped
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["split"] == "train"]
 
