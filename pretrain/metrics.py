@@ -263,38 +263,56 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def plot(run_dir: str | Path) -> list[Path]:
-    """Write `plots/<split>_<metric>.png` for each logged curve; returns the files written."""
+    """Write `plots/<split>_<metric>.png` for each logged curve, and `plots/train_data_share.png`
+    (each source's share of the sequences, when the run mixes several); returns the files
+    written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pretrain.data.loader import SHARE_PREFIX
+
     records = read_metrics(run_dir)
     out = Path(run_dir) / "plots"
     out.mkdir(exist_ok=True)
-    written = []
-    for key, split in PLOTTED:
-        points = [
+
+    def points(key: str, split: str) -> list[tuple[Any, Any]]:
+        return [
             (r["step"], r[key])
             for r in records
             if r.get("split", "train") == split and isinstance(r.get(key), int | float)
         ]
-        if not points:
+
+    def save(fig: Any, ax: Any, title: str, name: str) -> Path:
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        return out / name
+
+    written = []
+    for key, split in PLOTTED:
+        if not (curve := points(key, split)):
             continue
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(*zip(*points, strict=True), marker="." if split == "valid" else None)
+        ax.plot(*zip(*curve, strict=True), marker="." if split == "valid" else None)
         baseline = [r[f"{key}_unigram"] for r in records if r.get(f"{key}_unigram") is not None]
         if split == "valid" and baseline:  # gen_acc: the best constant guess, to beat
             ax.axhline(baseline[-1], linestyle="--", color="gray", label="unigram baseline")
             ax.legend()
-        ax.set_xlabel("step")
-        ax.set_title(f"{split} {key}")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out / f"{split}_{key}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, ax, f"{split} {key}", f"{split}_{key}.png"))
+    shares = sorted({k for r in records for k in r if k.startswith(SHARE_PREFIX)})
+    if shares:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for key in shares:
+            ax.plot(*zip(*points(key, "train"), strict=True), label=key[len(SHARE_PREFIX) :])
+        ax.legend(fontsize="small")
+        written.append(
+            save(fig, ax, "train: each source's share of the sequences", "train_data_share.png")
+        )
     return written
 
 

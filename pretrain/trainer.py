@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 
 from pretrain.checkpoint import Checkpointer, CheckpointError, capture_rng, restore_rng
 from pretrain.config import Config, ConfigError, ModelConfig
-from pretrain.data.loader import EmptyPartitionError, reshard_states
+from pretrain.data.loader import SHARE_PREFIX, EmptyPartitionError, reshard_states
 from pretrain.data.pipeline import DataBundle, build_data
 from pretrain.data.sources import SourceError
 from pretrain.engine import Engine, World, convert_to_universal, init_distributed
@@ -478,9 +478,7 @@ class Trainer:
         record["padding_frac"] = round(self.data.train.padding_fraction, 6)
         if len(self.config.data.sources) > 1:  # realised mixture, this rank's share per source
             shares = self.data.train.metrics()
-            record.update(
-                {k: round(v, 6) for k, v in shares.items() if k.startswith("data/share/")}
-            )
+            record.update({k: round(v, 6) for k, v in shares.items() if k.startswith(SHARE_PREFIX)})
         return record
 
     @torch.no_grad()

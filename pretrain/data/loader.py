@@ -41,6 +41,8 @@ from pretrain.data.mixing import MixingConfig, MixtureSampler, mixture_probabili
 from pretrain.data.packing import PackedSequence, Packer, PackingConfig, SpecialTokens
 from pretrain.data.sources import Source, SourceError
 
+SHARE_PREFIX = "data/share/"  # + a source's name: its share of the sequences read
+
 _STATE_VERSION = 1
 # The config key (see pipeline.build_data) behind each setting a saved state fixes: resuming
 # with another value would continue other streams than the run read, so it is refused.
@@ -497,7 +499,7 @@ class Loader(Generic[BatchT]):
         total = sum(counts.values())
         out = {"data/padding_fraction": self.padding_fraction, "data/batches": float(self.batches)}
         for name, c in counts.items():
-            out[f"data/share/{name}"] = c / total if total else 0.0
+            out[SHARE_PREFIX + name] = c / total if total else 0.0
         return out
 
     def __repr__(self) -> str:

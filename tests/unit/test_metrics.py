@@ -85,3 +85,13 @@ def test_plot_writes_one_png_per_curve(tmp_path: Path) -> None:
     names = sorted(p.name for p in plot(tmp_path))
     assert names == ["train_gen_acc.png", "train_loss.png", "valid_disc_auc.png"]
     assert all((tmp_path / "plots" / n).read_bytes()[:4] == b"\x89PNG" for n in names)
+
+
+def test_plot_draws_the_data_shares_of_a_mixture(tmp_path: Path) -> None:
+    rows = [
+        {"step": s, "split": "train", "loss": 5 - s, "data/share/web": 0.7, "data/share/code": 0.3}
+        for s in range(1, 5)
+    ]
+    (tmp_path / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    names = sorted(p.name for p in plot(tmp_path))
+    assert names == ["train_data_share.png", "train_loss.png"]
