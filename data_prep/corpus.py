@@ -57,6 +57,7 @@ from data_prep.sources import (
 )
 from data_prep.tokenizer import (
     MODEL_FILE,
+    UNK_ID,
     Tokenizer,
     TokenizerError,
     copy_tokenizer_files,
@@ -64,6 +65,7 @@ from data_prep.tokenizer import (
 )
 
 DEFAULT_SHARD_TOKENS = 50_000_000  # about 100 MB per uint16 shard
+UNK_WARN_FRACTION = 0.005  # more [UNK] tokens than this: warn that the tokenizer does not fit
 BATCH_DOCS = 256  # documents per worker task; fixed so batching never depends on --workers
 IN_FLIGHT_PER_WORKER = 4
 TOKENIZER_DIR = "tokenizer"  # the copy of the tokenizer inside a corpus directory
@@ -246,7 +248,7 @@ def prepare_corpus(
     out.mkdir(parents=True)
     writers = {s: _SplitWriter(out, s, dtype, shard_tokens) for s in SPLITS}
     seen: set[bytes] = set()
-    empty = duplicate = 0
+    empty = duplicate = unknown = 0
     bar = tqdm(desc="tokenizing", unit="doc", disable=not progress)
     try:
         for results in _ordered_results(_batched(chained, BATCH_DOCS), dtype, tok, workers):
@@ -257,6 +259,7 @@ def prepare_corpus(
                     duplicate += 1
                 else:
                     seen.add(digest)
+                    unknown += int(np.count_nonzero(ids == UNK_ID))
                     writers["valid" if is_valid(digest, valid_fraction) else "train"].add(ids)
             bar.update(len(results))
     finally:
@@ -268,7 +271,15 @@ def prepare_corpus(
         shutil.rmtree(out, ignore_errors=True)
         skipped = stats.skipped_files
         why = [f"read {stats.documents} documents"]
-        why += [f"{n} {what}" for n, what in ((empty, "empty"), (duplicate, "duplicate")) if n]
+        why += [
+            f"{n} {what}"
+            for n, what in (
+                (empty, "empty"),
+                (duplicate, "duplicate"),
+                (stats.bad_records, "bad records (not JSON Lines objects with the text field)"),
+            )
+            if n
+        ]
         if skipped:
             shown = ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else "")
             why.append(f"skipped {len(skipped)} binary or undecodable file(s): {shown}")
@@ -298,6 +309,7 @@ def prepare_corpus(
             "documents_read": stats.documents,
             "documents_kept": kept,
             "num_tokens": sum(e["num_tokens"] for e in split_entries.values()),
+            "unk_tokens": unknown,  # [UNK]: text the tokenizer does not cover
             "files_read": stats.files,
         },
         "dropped": {
@@ -374,6 +386,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"warning: skipped {d['binary_files']} binary and {d['undecodable_files']} "
             f"undecodable file(s): {shown}",
+            file=sys.stderr,
+        )
+    unk = m["totals"]["unk_tokens"] / max(m["totals"]["num_tokens"], 1)
+    if unk > UNK_WARN_FRACTION:
+        print(
+            f"warning: {unk:.1%} of the tokens are [UNK]: the tokenizer does not cover this "
+            "text's characters. Train it on this text (python -m data_prep.tokenizer), with "
+            "--character-coverage 1.0 for a small alphabet such as amino acids",
             file=sys.stderr,
         )
     if m["valid_fraction"] > 0 and sp["valid"]["num_docs"] == 0:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ from data_prep.tokenizer import (
     TOKENIZER_CONFIG_FILE,
     Tokenizer,
     TokenizerError,
+    VocabTooLargeError,
     _write_hf_files,
     hf_compatibility_warnings,
     load_tokenizer,
@@ -149,13 +149,12 @@ def extend_tokenizer(
     with tempfile.TemporaryDirectory(prefix="extend_vocab_") as tmp:
         try:
             train(tmp, size)
-        except InputError as exc:
+        except VocabTooLargeError as exc:
             # A small domain corpus supports fewer pieces than the default asks for; SentencePiece
             # says how many it can make. An explicit --train-vocab-size is left as the user set it.
-            cap = re.search(r"value <= (\d+)", str(exc))
-            if train_vocab_size is not None or cap is None or int(cap.group(1)) <= 6:
+            if train_vocab_size is not None or exc.max_vocab_size <= 6:
                 raise
-            size = int(cap.group(1))
+            size = exc.max_vocab_size
             train(tmp, size)
         new_proto = read_model_proto(Path(tmp) / MODEL_FILE)
         training = json.loads((Path(tmp) / "training.json").read_text())

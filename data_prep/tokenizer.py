@@ -113,6 +113,31 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+class VocabTooLargeError(InputError):
+    """The text supports at most `max_vocab_size` pieces, fewer than asked for."""
+
+    def __init__(self, vocab_size: int, max_vocab_size: int) -> None:
+        super().__init__(
+            f"too little text for --vocab-size {vocab_size}: at most {max_vocab_size} pieces "
+            "can be learnt from it; use a smaller --vocab-size or more input"
+        )
+        self.max_vocab_size = max_vocab_size
+
+
+def _training_failure(message: str, vocab_size: int) -> InputError:
+    """SentencePiece's error, told in this CLI's flags and with the fix that applies."""
+    msg = message.strip().splitlines()[-1] if message.strip() else "unknown error"
+    if m := re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg):
+        return InputError(
+            f"--vocab-size {vocab_size} is below the {m[2]} pieces this text needs at least "
+            "(its distinct characters and the special tokens): raise --vocab-size, or lower "
+            "--character-coverage to leave the rarest characters out as [UNK]"
+        )
+    if m := re.search(r"too high \((\d+)\)\. Please set it to a value <= (\d+)", msg):
+        return VocabTooLargeError(vocab_size, int(m[2]))
+    return InputError(f"SentencePiece training failed: {msg}")
+
+
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
     """Copy a tokenizer directory's files (those of REQUIRED_FILES and OPTIONAL_FILES that
     exist) into `dst`, which is made if needed."""
@@ -324,7 +349,6 @@ def train_tokenizer(
         raise InputError("the inputs hold no text to train on (all files empty, binary or skipped)")
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
     try:
@@ -352,11 +376,8 @@ def train_tokenizer(
             minloglevel=2,
         )
     except RuntimeError as exc:
-        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise InputError(
-            f"SentencePiece training failed: {msg} (too little text for --vocab-size "
-            f"{vocab_size}? use a smaller vocabulary or more input)"
-        ) from None
+        raise _training_failure(str(exc), vocab_size) from None
+    out.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves no empty --out
     model_path = out / MODEL_FILE
     model_path.write_bytes(model.getvalue())
     tok = Tokenizer(model_path)
@@ -426,10 +447,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     add_input_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, help="output tokenizer directory")
-    parser.add_argument("--vocab-size", type=int, default=8000)
-    parser.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
-    parser.add_argument("--character-coverage", type=float, default=0.9995)
-    parser.add_argument("--byte-fallback", action="store_true")
+    parser.add_argument(
+        "--vocab-size", type=int, default=8000,
+        help="pieces, the 5 special tokens included; set model.vocab_size to it (default: 8000)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--model-type", choices=("unigram", "bpe"), default="unigram",
+        help="unigram (default) is what transformers rebuilds; bpe works here, but its ids differ",
+    )  # fmt: skip
+    parser.add_argument(
+        "--character-coverage", type=float, default=0.9995,
+        help="share of the characters (by count) the vocabulary must cover; rarer ones become "
+        "[UNK]. 1.0 keeps every character (small alphabets: amino acids, code); the default "
+        "0.9995 suits rich character sets such as Chinese or Japanese",
+    )  # fmt: skip
+    parser.add_argument(
+        "--byte-fallback", action="store_true",
+        help="spell uncovered characters as UTF-8 bytes instead of [UNK]; transformers ignores "
+        "it, so its ids then differ",
+    )  # fmt: skip
     parser.add_argument(
         "--max-sentences",
         type=int,
@@ -437,8 +473,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="train on a seeded sample of at most this many lines (0: all)",
     )
     parser.add_argument("--threads", type=int, default=2, help="SentencePiece trainer threads")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model-max-length", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the line sample")
+    parser.add_argument(
+        "--model-max-length", type=int, default=512,
+        help="tokenizer_config.json's model_max_length for transformers (default: 512)",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 

@@ -286,6 +286,25 @@ def test_a_failed_rerun_leaves_the_previous_corpus_intact(
     assert _files(out) == before  # byte for byte, manifest included
 
 
+def test_text_the_tokenizer_does_not_cover_is_counted_and_warned_about(
+    tok_dir: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "english.txt").write_text("\n\n".join(PARAGRAPHS[:2]) + "\n")
+    ok = _run("data_prep.corpus", "--input", str(tmp_path / "english.txt"), "--tokenizer",
+              str(tok_dir), "--out", str(tmp_path / "ok"))  # fmt: skip
+    assert ok.returncode == 0 and "[UNK]" not in ok.stderr, ok.stderr
+    (tmp_path / "greek.txt").write_text(
+        "Καλημέρα κόσμε, τι κάνεις σήμερα;\n\nΑυτό είναι ελληνικά.\n"
+    )
+    r = _run("data_prep.corpus", "--input", str(tmp_path / "greek.txt"), "--tokenizer",
+             str(tok_dir), "--out", str(tmp_path / "greek"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "greek" / "manifest.json").read_text())
+    unk, total = manifest["totals"]["unk_tokens"], manifest["totals"]["num_tokens"]
+    assert unk > total / 4  # an English tokenizer: most Greek letters are unknown
+    assert f"warning: {unk / total:.1%} of the tokens are [UNK]" in r.stderr
+
+
 def test_out_holding_other_files_is_refused_and_left_alone(
     raw_dir: Path, tok_dir: Path, tmp_path: Path
 ) -> None:

@@ -141,11 +141,14 @@ def test_training_is_deterministic(text_dir: Path, tok_dir: Path, tmp_path: Path
     assert again.tokenizer.sha256 == load_tokenizer(tok_dir).sha256
 
 
-def test_vocab_too_large_for_the_text_is_a_clear_error(tmp_path: Path) -> None:
+def test_a_vocabulary_that_does_not_fit_the_text_is_a_clear_error(tmp_path: Path) -> None:
     src = tmp_path / "tiny.txt"
-    src.write_text("just a few words here\n")
-    with pytest.raises(InputError, match="vocab-size"):
-        train_tokenizer(tmp_path / "tok", [src], vocab_size=5000, progress=False)
+    src.write_text("just a few words here, in ASCII and ελληνικά 0123456789\n")
+    with pytest.raises(InputError, match=r"too little text for --vocab-size 5000: at most \d+ "):
+        train_tokenizer(tmp_path / "big", [src], vocab_size=5000, progress=False)
+    with pytest.raises(InputError, match=r"--vocab-size 12 is below the \d+ pieces this text "):
+        train_tokenizer(tmp_path / "small", [src], vocab_size=12, progress=False)
+    assert not (tmp_path / "big").exists() and not (tmp_path / "small").exists()
 
 
 def test_load_tokenizer_errors(tok_dir: Path, tmp_path: Path) -> None:
