@@ -288,8 +288,20 @@ class Masker:
         words = np.flatnonzero(word_len)
         order = words[np.argsort(bg.random_raw(len(words)), kind="stable")]
         total = np.cumsum(word_len[order])
+        if total[0] > 2 * budget:
+            # The first word drawn is over twice the budget by itself (a protein, a long
+            # identifier): words that long are left out. A sample with no other word is masked
+            # in spans instead, so the rate stays on budget rather than masking it whole.
+            order = order[word_len[order] <= 2 * budget]
+            if not len(order):
+                candidates = np.flatnonzero(~special)
+                selected = np.zeros(len(tokens), dtype=bool)
+                selected[candidates[self._spans(len(candidates), budget, bg)]] = True
+                return selected
+            total = np.cumsum(word_len[order])
         # Take words in random order and stop at whichever count lands closest to the budget,
         # but take at least one word: a sample with nothing to predict wastes its compute.
+        # (So at most twice the budget: a first word longer than that was left out above.)
         k = int(np.searchsorted(total, budget))
         if k < len(total):
             over = int(total[k]) - budget

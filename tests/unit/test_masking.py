@@ -116,6 +116,26 @@ def test_whole_word_masks_never_cut_a_word() -> None:
             assert not special[in_word].any()
 
 
+def test_whole_word_masking_of_very_long_words_stays_near_the_rate() -> None:
+    """Samples of a few long "words" (proteins, code identifiers): no sample is masked beyond
+    twice its budget; one that is a single word is masked in spans, near the rate."""
+    m = masker("whole_word")
+    continuing = np.flatnonzero(~WORD_START)
+    rng = np.random.default_rng(5)
+    rates = []
+    for i in range(300):
+        words = [rng.choice(continuing, size=int(n)) for n in rng.integers(20, 400, size=3)]
+        for w in words:
+            w[0] = np.flatnonzero(WORD_START & ~np.isin(np.arange(V), SPECIAL_IDS))[0]
+        n_words = 1 if i % 2 else 3  # half the samples are one word
+        seq = np.concatenate([[SP.cls], *words[:n_words], [SP.sep]])
+        selected = m(seq, seed=1, epoch=0, index=i)[1] != IGNORE_INDEX
+        budget = int(np.floor(0.15 * (len(seq) - 2) + 0.5))
+        assert selected.sum() <= 2 * budget, i
+        rates.append(selected.sum() / (len(seq) - 2))
+    assert 0.10 < np.mean(rates) < 0.20, np.mean(rates)
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("replacement", ["mask", "bert_80_10_10"])
 def test_specials_and_padding_never_selected_labels_hold_originals(
