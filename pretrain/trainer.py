@@ -372,6 +372,13 @@ class Trainer:
                 f"warning: optim.warmup_steps={o.warmup_steps} >= trainer.max_steps={t.max_steps}: "
                 f"the learning rate never reaches optim.lr={o.lr:g}"
             )
+        if t.eval_every and self.data.valid is None:
+            lines.append(
+                f"warning: trainer.eval_every={t.eval_every} but the data has no held-out split, "
+                "so there are no evaluations and a sweep's objective is the training loss (a "
+                "prepared corpus has one when data_prep.corpus ran with --valid-fraction above 0; "
+                "a streamed source has none)"
+            )
         unused = c.model.vocab_size - self.data.vocab_size
         if unused > max(128, c.model.vocab_size // 100):
             lines.append(

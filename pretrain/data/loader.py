@@ -192,10 +192,18 @@ class _Stream:
                 self._fresh[s] = False
                 return seq
             if self._fresh[s] and epochs is None:
+                n_docs = getattr(plan.sources[s], "num_docs", None)
+                few = (
+                    f" (it has {n_docs} documents for {plan.num_partitions} partitions, and a "
+                    "partition holds whole documents: split long records into more documents, "
+                    "e.g. blank lines between them in plain text)"
+                    if n_docs is not None and n_docs < 4 * plan.num_partitions
+                    else ""
+                )
                 raise EmptyPartitionError(
                     f"source {plan.names[s]!r} gives partition {self.partition} of "
-                    f"{plan.num_partitions} no sequence in a whole pass; give it more text, or "
-                    "use fewer data.streams or ranks or a shorter data.seq_len"
+                    f"{plan.num_partitions} no sequence in a whole pass{few}; give it more text, "
+                    "or use fewer data.streams or ranks or a shorter data.seq_len"
                 )
             self._sync(s)
             st.update(epoch=st["epoch"] + 1, docs=0, offset=0)

@@ -113,7 +113,9 @@ CASES = [
     pytest.param(
         Case(("data.corpus=<three_doc_shards>",),
              "error: source '<three_doc_shards>' gives partition 0 of 8 no sequence in a whole "
-             "pass; give it more text, or use fewer data.streams or ranks or a shorter "
+             "pass (it has 3 documents for 8 partitions, and a partition holds whole documents: "
+             "split long records into more documents, e.g. blank lines between them in plain "
+             "text); give it more text, or use fewer data.streams or ranks or a shorter "
              "data.seq_len", keeps_dir=True),
         id="corpus-too-small-for-the-streams",
     ),

@@ -287,6 +287,21 @@ def test_deterministic_switch_is_set_per_run_and_changes_no_number_on_cpu(
     assert numbers(deterministic) == numbers(plain)
 
 
+def test_a_corpus_without_a_held_out_split_is_warned_about(
+    tiny_corpus: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from data_prep.corpus import prepare_corpus
+
+    inputs = json.loads((tiny_corpus["shards"] / "manifest.json").read_text())["inputs"]
+    no_valid = tmp_path / "no_valid"
+    prepare_corpus(no_valid, tiny_corpus["tokenizer"], inputs, valid_fraction=0.0, progress=False)
+    records = train(tiny_corpus, tmp_path / "run", f"data.corpus={no_valid}",
+                    "trainer.max_steps=1", "trainer.eval_every=1")  # fmt: skip
+    assert [r["split"] for r in records] == ["train"]
+    assert ("warning: trainer.eval_every=1 but the data has no held-out split, so there are no "
+            "evaluations") in capsys.readouterr().out  # fmt: skip
+
+
 def test_console_says_what_runs_and_logs_lines_without_a_bar(
     tiny_corpus: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

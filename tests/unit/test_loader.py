@@ -348,6 +348,7 @@ def test_configuration_errors(tmp_path: Path, shards: ShardSource) -> None:
             take(make([tiny], seq_len=64, num_workers=workers), 1)
         assert "\n" not in str(e.value)
         assert isinstance(e.value, EmptyPartitionError)  # from a worker too: the trainer asks
+        assert "(it has 3 documents for " in str(e.value)  # few documents: say so
         # What a user can change, by its config key (packing's remainder is not one).
         assert str(e.value).endswith(
             "give it more text, or use fewer data.streams or ranks or a shorter data.seq_len"
