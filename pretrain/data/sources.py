@@ -34,6 +34,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from data_prep.shards import ShardError, ShardSet, open_shards
+from data_prep.sources import clean_text
 from pretrain.data.packing import SpecialTokens
 
 ShardBy = Literal["records", "files"]
@@ -396,7 +397,9 @@ class TextSource:
         for text in self.texts(
             seed=seed, epoch=epoch, num_partitions=num_partitions, partition=partition, start=start
         ):
-            yield np.asarray(self.tokenizer.encode(text), dtype=np.int64)
+            # Cleaned as data_prep.corpus cleans, so a source streams what it would prepare to.
+            # An empty result stays a (zero-length) document: `start` counts records.
+            yield np.asarray(self.tokenizer.encode(clean_text(text)), dtype=np.int64)
 
     def __repr__(self) -> str:
         return (

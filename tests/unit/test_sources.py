@@ -251,6 +251,23 @@ def test_text_source_resumes_by_replay_and_tokenizes(tmp_path: Path) -> None:
     assert all(d.dtype == np.int64 for d in docs)
 
 
+def test_text_source_cleans_text_as_data_prep_corpus_does(tmp_path: Path) -> None:
+    from data_prep.sources import clean_text
+
+    raw = [
+        "\ufeffﬁne  ｆｕｌｌ\twidth\x07 text\n",
+        "\u0645\u0631\u062d\u0628\u0627 \ufedf\ufee3",
+        " \t ",
+    ]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in raw))
+    src = TextSource("json", data_files=[str(path)], tokenizer=ByteTokenizer())
+    docs = sorted(d.tolist() for d in src.iter_docs(seed=0, epoch=0, num_partitions=1, partition=0))
+    assert docs == sorted(ByteTokenizer().encode(clean_text(t)) for t in raw)
+    assert [] in docs  # empty after cleaning: still one (empty) document, so resume counts hold
+    assert clean_text(raw[0]) == "fine full width text"  # NFKC, controls and BOM gone
+
+
 def test_text_source_reads_text_and_parquet(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("alpha\nbeta\n\ngamma\n")
     src = TextSource("text", data_files=[str(tmp_path / "a.txt")], tokenizer=ByteTokenizer())
