@@ -53,6 +53,7 @@ from data_prep.sources import (
     ReadStats,
     add_input_arguments,
     clean_text,
+    file_warnings,
     iter_documents,
 )
 from data_prep.tokenizer import (
@@ -320,6 +321,7 @@ def prepare_corpus(
             "bad_records": stats.bad_records,
         },
         "skipped_files": stats.skipped_files,
+        "repaired_files": stats.repaired_files,
     }
     copy_tokenizer_files(tok.path.parent, out / TOKENIZER_DIR)
     shutil.copyfile(tok.path, out / TOKENIZER_DIR / MODEL_FILE)  # the model given, by any name
@@ -381,13 +383,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"error: {exc.strerror or exc} ({exc.filename or args.out})") from None
     seconds = time.perf_counter() - start
     d, sp = m["dropped"], m["splits"]
-    if m["skipped_files"]:
-        shown = ", ".join(m["skipped_files"][:3]) + (" ..." if len(m["skipped_files"]) > 3 else "")
-        print(
-            f"warning: skipped {d['binary_files']} binary and {d['undecodable_files']} "
-            f"undecodable file(s): {shown}",
-            file=sys.stderr,
-        )
+    for line in file_warnings(
+        d["binary_files"], d["undecodable_files"], m["skipped_files"], m["repaired_files"]
+    ):
+        print(f"warning: {line}", file=sys.stderr)
     unk = m["totals"]["unk_tokens"] / max(m["totals"]["num_tokens"], 1)
     if unk > UNK_WARN_FRACTION:
         print(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import io
+import itertools
 import json
 import re
 import unicodedata
@@ -37,9 +38,35 @@ class ReadStats:
     undecodable_files: int = 0
     bad_records: int = 0  # jsonl lines that are not JSON objects or lack the text field
     skipped_files: list[str] = field(default_factory=list)  # binary or undecodable, in order
+    # Files read with a few invalid UTF-8 bytes dropped: "path (N bytes, first at byte B)".
+    repaired_files: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    def warnings(self) -> list[str]:
+        """What a CLI says about the files it skipped or repaired, naming them."""
+        return file_warnings(
+            self.binary_files, self.undecodable_files, self.skipped_files, self.repaired_files
+        )
+
+
+def file_warnings(
+    binary: int, undecodable: int, skipped: Sequence[str], repaired: Sequence[str]
+) -> list[str]:
+    out = []
+
+    def named(files: Sequence[str]) -> str:
+        return ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+
+    if skipped:
+        out.append(
+            f"skipped {binary} binary and {undecodable} undecodable file(s) (not UTF-8 text): "
+            f"{named(skipped)}"
+        )
+    if repaired:
+        out.append(f"dropped invalid UTF-8 bytes from {len(repaired)} file(s): {named(repaired)}")
+    return out
 
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -51,6 +78,9 @@ OWN_METADATA = frozenset(
 )
 # Sniff this many leading bytes for NUL, the cheap and reliable mark of a binary file.
 _SNIFF_BYTES = 8192
+# A text file with at most this share of invalid UTF-8 bytes (a corrupted byte here and there)
+# is read with them dropped; more means another encoding, and the file is skipped.
+_MAX_INVALID_SHARE = 1e-3
 
 # Control characters other than whitespace carry no text; removing them keeps them from
 # turning into [UNK] tokens. U+FEFF is the byte-order mark some editors prepend.
@@ -109,31 +139,56 @@ def _base_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def _check_utf8_text(path: Path, stats: ReadStats) -> bool:
-    """True when the file is UTF-8 text; binary and undecodable files are counted and skipped.
+def _check_utf8_text(path: Path, stats: ReadStats) -> str | None:
+    """How to decode the file: "strict" for UTF-8 text, "ignore" for UTF-8 text with a few
+    corrupted bytes (dropped, and the file listed in `stats.repaired_files`), None for a binary
+    or undecodable file (counted and skipped).
 
     Validated in a first streaming pass so a file is either used whole or not at all, without
     holding multi-GB inputs in memory.
     """
-    decoder = codecs.getincrementaldecoder("utf-8")()
+    invalid: list[int] = []  # offsets of invalid bytes, counted by the error handler
+
+    def count(exc: UnicodeDecodeError) -> tuple[str, int]:
+        invalid.append(offset + exc.start)
+        return "", exc.start + 1
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors=_COUNTING)
+    offset = size = 0  # bytes read so far; offset: where the current decode call's input starts
+    _counters.append(count)
     try:
         with _open_binary(path) as fh:
             head = fh.read(_SNIFF_BYTES)
             if b"\x00" in head:
                 stats.binary_files += 1
                 stats.skipped_files.append(str(path))
-                return False
+                return None
             chunk = head
             while chunk:
+                offset = size - len(decoder.getstate()[0])  # where the bytes decoded next start
                 decoder.decode(chunk)
+                size += len(chunk)
                 chunk = fh.read(1 << 20)
+            offset = size - len(decoder.getstate()[0])
             decoder.decode(b"", final=True)
-    except (UnicodeDecodeError, OSError, EOFError, zlib.error):
-        # A truncated gzip or unreadable file is as unusable as an undecodable one.
-        stats.undecodable_files += 1
-        stats.skipped_files.append(str(path))
-        return False
-    return True
+    except (OSError, EOFError, zlib.error):
+        invalid.append(-1)  # a truncated gzip or unreadable file: as unusable as undecodable
+    finally:
+        _counters.pop()
+    if not invalid:
+        return "strict"
+    if invalid[0] >= 0 and len(invalid) <= _MAX_INVALID_SHARE * size:
+        stats.repaired_files.append(f"{path} ({len(invalid)} bytes, first at byte {invalid[0]})")
+        return "ignore"
+    stats.undecodable_files += 1
+    stats.skipped_files.append(str(path))
+    return None
+
+
+# The innermost _check_utf8_text's counter; codecs error handlers are registered by name, once.
+_COUNTING = "pretrain-count-invalid"
+_counters: list[Any] = []
+codecs.register_error(_COUNTING, lambda exc: _counters[-1](exc))
 
 
 # `datasets` builders that read data_files as text; their files are checked before streaming.
@@ -175,19 +230,22 @@ def check_data_files(builder: str, data_files: Any) -> None:
         raise InputError(f"data_files are empty ({shown}); give files that hold documents")
 
 
-def _iter_lines(path: Path) -> Iterator[str]:
-    with _open_binary(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline=None) as fh:
+def _iter_lines(path: Path, errors: str = "strict") -> Iterator[str]:
+    with (
+        _open_binary(path) as raw,
+        io.TextIOWrapper(raw, encoding="utf-8-sig", errors=errors, newline=None) as fh,
+    ):
         for line in fh:
             yield line.rstrip("\n")
 
 
 def iter_text_file(path: Path, stats: ReadStats, doc_per_line: bool = False) -> Iterator[str]:
     """Plain text: one document per blank-line-separated block, or per line."""
-    if not _check_utf8_text(path, stats):
+    if (errors := _check_utf8_text(path, stats)) is None:
         return
     stats.files += 1
     block: list[str] = []
-    for line in _iter_lines(path):
+    for line in _iter_lines(path, errors):
         if doc_per_line:
             # Blank lines separate nothing in this mode; they are not documents.
             if line.strip():
@@ -205,17 +263,17 @@ def iter_text_file(path: Path, stats: ReadStats, doc_per_line: bool = False) -> 
 
 
 def iter_jsonl_file(path: Path, stats: ReadStats, text_field: str = "text") -> Iterator[str]:
-    if not _check_utf8_text(path, stats):
+    """JSON Lines; a `.json` file holding one JSON array is read as its elements (objects with
+    the text field, or strings), loaded whole."""
+    if (errors := _check_utf8_text(path, stats)) is None:
         return
     stats.files += 1
     found, fields = 0, set[str]()  # documents of this file; the fields of its records
-    for line in _iter_lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            stats.bad_records += 1
+    for record in _json_records(path, errors, stats):
+        if isinstance(record, str):
+            found += 1
+            stats.documents += 1
+            yield record
             continue
         value = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(value, str):
@@ -233,6 +291,35 @@ def iter_jsonl_file(path: Path, stats: ReadStats, text_field: str = "text") -> I
             f"{path}: no record has a string field {text_field!r} (fields: "
             f"{', '.join(sorted(fields)[:20])}); pass the right --text-field"
         )
+
+
+def _json_records(path: Path, errors: str, stats: ReadStats) -> Iterator[Any]:
+    lines = _iter_lines(path, errors)
+    first = next((line for line in lines if line.strip()), None)
+    if first is None:
+        return
+    if _base_suffix(path) == ".json" and first.lstrip().startswith("["):
+        text = "\n".join([first, *lines])
+        try:
+            array = json.loads(text)
+        except json.JSONDecodeError:
+            stats.bad_records += 1
+            return
+        for record in array if isinstance(array, list) else [array]:
+            if isinstance(record, str):
+                yield record  # a document, not a record: the caller counts it
+            elif isinstance(record, dict):
+                yield record
+            else:
+                stats.bad_records += 1
+        return
+    for line in itertools.chain([first], lines):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            stats.bad_records += 1
 
 
 def iter_parquet_file(path: Path, stats: ReadStats, text_field: str = "text") -> Iterator[str]:

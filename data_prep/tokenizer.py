@@ -513,6 +513,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"error: {exc}") from None
     s = result.read_stats
     skipped = s.binary_files + s.undecodable_files
+    for line in s.warnings():
+        print(f"warning: {line}", file=sys.stderr)
     print(
         f"trained {result.tokenizer.vocab_size}-piece {args.model_type} tokenizer on "
         f"{result.sentences} of {result.sentences_seen} lines from {s.documents} documents "

@@ -305,6 +305,28 @@ def test_text_the_tokenizer_does_not_cover_is_counted_and_warned_about(
     assert f"warning: {unk / total:.1%} of the tokens are [UNK]" in r.stderr
 
 
+def test_a_corrupted_byte_is_dropped_not_the_file_and_json_arrays_are_read(
+    tok_dir: Path, tmp_path: Path
+) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    words = " ".join(f"word{i}" for i in range(3000)).encode()  # about 26 KB of UTF-8
+    (inputs / "a_corrupt.txt").write_bytes(words[:10_000] + b"\xff" + words[10_000:])
+    (inputs / "b_latin1.txt").write_bytes("café crème brûlée".encode("latin-1"))
+    (inputs / "c_array.json").write_text(
+        json.dumps([{"text": "An object in an array."}, "A bare string.", 7])
+    )
+    r = _run("data_prep.corpus", "--input", str(inputs), "--tokenizer", str(tok_dir),
+             "--out", str(tmp_path / "out"), "--valid-fraction", "0")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (f"warning: dropped invalid UTF-8 bytes from 1 file(s): {inputs / 'a_corrupt.txt'} "
+            "(1 bytes, first at byte 10000)") in r.stderr  # fmt: skip
+    assert f"undecodable file(s) (not UTF-8 text): {inputs / 'b_latin1.txt'}" in r.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["totals"]["documents_kept"] == 3  # the repaired file and 2 array elements
+    assert manifest["dropped"]["bad_records"] == 1  # the 7
+
+
 def test_out_holding_other_files_is_refused_and_left_alone(
     raw_dir: Path, tok_dir: Path, tmp_path: Path
 ) -> None:
