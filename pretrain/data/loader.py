@@ -247,10 +247,18 @@ def _renamed(source: Source, name: str) -> Source:
     return out
 
 
-def _ignore_ctrl_c(_worker_id: int) -> None:
-    """Ctrl-C reaches the terminal's whole process group: the main process finishes its step
-    and saves, which needs the workers alive (under fork they would inherit its handler anyway)."""
+def _leave_signals_to_the_main_process(_worker_id: int) -> None:
+    """Ctrl-C reaches the terminal's whole process group, and SLURM or `kill -- -PGID` send
+    SIGTERM to every process: the main process finishes its step and saves, which needs the
+    workers alive (under fork they would inherit its handler anyway). A second SIGTERM ends a
+    worker as usual: the DataLoader sends one to a worker that does not stop at shutdown."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _default_from_now_on)
+
+
+def _default_from_now_on(signum: int, _frame: Any) -> None:
+    signal.signal(signum, signal.SIG_DFL)
 
 
 def _identity(item: Any) -> Any:
@@ -374,7 +382,7 @@ class Loader(Generic[BatchT]):
         extra: dict[str, Any] = {}
         if cfg.num_workers:
             extra["prefetch_factor"] = cfg.prefetch_factor
-            extra["worker_init_fn"] = _ignore_ctrl_c
+            extra["worker_init_fn"] = _leave_signals_to_the_main_process
         loader = DataLoader(
             dataset,
             batch_size=None,  # the dataset yields whole batches

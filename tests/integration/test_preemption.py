@@ -134,6 +134,22 @@ def test_sigterm_then_sigusr1_each_save_exit_0_and_the_same_command_resumes(
     assert_finished(run)
 
 
+def test_sigterm_to_the_whole_process_group_saves_and_exits_0(
+    tiny_corpus: dict, tmp_path: Path
+) -> None:
+    """SLURM (and `kill -- -PGID`) signal every process, data-loader workers included: they
+    must live until the main process has finished its step and saved."""
+    run, log = tmp_path / "run", tmp_path / "sigterm.log"
+    cmd = [sys.executable, "-m", "pretrain", *long_run(tiny_corpus, run), "data.num_workers=2"]
+    with running(cmd, child_env(), log) as proc:
+        wait_for_steps(proc, run, log, SIGNAL_AFTER)
+        os.killpg(proc.pid, signal.SIGTERM)
+        rc = proc.wait(timeout=STOP_TIMEOUT)
+    assert rc == 0 and "Traceback" not in log.read_text(), tail(log)
+    stopped = assert_saved_at_stop(run, world_size=1)
+    assert f"signal {int(signal.SIGTERM)}: saving step {stopped} and exiting" in log.read_text()
+
+
 FAKE_SRUN = """#!/bin/bash
 # srun on a one-node allocation: drop srun's options, run the task as node 0. exec stands in
 # for srun's forwarding of signals to its tasks.
