@@ -39,12 +39,19 @@ def main(cfg: DictConfig) -> float | None:
             if trainer.world.is_main:
                 print("interrupted: saved; the same command resumes", file=sys.stderr)
             sys.exit(130)
+        if trainer.stop_signal is not None:  # preempted (SIGTERM, SIGUSR1): saved; a sweep's
+            sys.exit(0)  # next job must not start, nor a sweeper count this one as finished
     # SourceError: data read mid-run; LoaderStateError: a resume with other data settings.
     except (ConfigError, CheckpointError, SourceError, LoaderStateError) as e:
         _drop_launch_record()
         _exit_with(e)
+    if not records:  # a finished run run again ("nothing to train"): its objective stands
+        from pretrain.metrics import METRICS_FILE, read_metrics
+
+        if (Path(config.run_dir) / METRICS_FILE).is_file():
+            records = read_metrics(config.run_dir)
     for split, key in (("valid", "gen_loss"), ("train", "loss")):
-        values = [r[key] for r in records if r["split"] == split and r.get(key) is not None]
+        values = [r[key] for r in records if r.get("split") == split and r.get(key) is not None]
         if values:
             return float(values[-1])
     return None

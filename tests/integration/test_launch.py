@@ -212,3 +212,10 @@ def test_optuna_sweep_example_runs_trials_and_reports_the_best(
         ]
         finals.append([r["gen_loss"] for r in rows if r["split"] == "valid"][-1])
     assert best.best_value == pytest.approx(min(finals))
+    # The same command again: every trial is finished ("nothing to train") and reports the
+    # objective it reached, so the sweep ends with the same best trial.
+    (sweep / "optimization_results.yaml").unlink()
+    again = subprocess.run(proc.args, capture_output=True, text=True, env=child_env(), timeout=240)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("nothing to train") == 2
+    assert OmegaConf.load(sweep / "optimization_results.yaml").best_value == best.best_value

@@ -150,6 +150,22 @@ def test_sigterm_to_the_whole_process_group_saves_and_exits_0(
     assert f"signal {int(signal.SIGTERM)}: saving step {stopped} and exiting" in log.read_text()
 
 
+def test_preempting_a_sweep_saves_the_job_and_starts_no_other(
+    tiny_corpus: dict, tmp_path: Path
+) -> None:
+    sweep, log = tmp_path / "sweep", tmp_path / "sweep.log"
+    overrides = [o for o in long_run(tiny_corpus, sweep / "0") if not o.startswith("hydra.run")]
+    overrides = [o for o in overrides if not o.startswith("run_dir=")]
+    cmd = [sys.executable, "-m", "pretrain", "-m", *overrides, f"hydra.sweep.dir={sweep}",
+           "optim.lr=1e-3,2e-3"]  # fmt: skip
+    with running(cmd, child_env(), log) as proc:
+        wait_for_steps(proc, sweep / "0", log, SIGNAL_AFTER)
+        rc = stop(proc, signal.SIGTERM, log)
+    assert rc == 0, tail(log)
+    assert_saved_at_stop(sweep / "0", world_size=1)
+    assert not (sweep / "1").exists()  # the sweep stopped with its preempted job
+
+
 FAKE_SRUN = """#!/bin/bash
 # srun on a one-node allocation: drop srun's options, run the task as node 0. exec stands in
 # for srun's forwarding of signals to its tasks.
