@@ -79,6 +79,10 @@ def _drop_expected_warnings(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith(_EXPECTED_WARNINGS)
 
 
+# Per parameter group, what the config sets and a resume keeps from it (see Engine.load).
+_GROUP_HYPERPARAMETERS = ("initial_lr", "weight_decay", "betas", "eps")
+
+
 def close_process_group() -> None:
     """Shut the process group down. A rank that exits with it open can abort at interpreter
     shutdown, its work done and saved: gloo's threads still hold tensors while Python is torn
@@ -386,9 +390,27 @@ class Engine:
         return errors[0] if errors else None
 
     def load(self, directory: str, tag: str) -> dict[str, Any]:
+        """Load a checkpoint, keeping this config's optimizer hyper-parameters: the saved
+        optimizer and schedule states carry the old run's peak learning rate, weight decay,
+        betas and eps, which would silently override a changed `optim.*` (the step count and
+        moments are what a resume needs from them)."""
+        scheduler = self.engine.lr_scheduler
+        groups = scheduler.optimizer.param_groups
+        ours = [{k: g[k] for k in _GROUP_HYPERPARAMETERS if k in g} for g in groups]
         path, client_state = self.engine.load_checkpoint(
             directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {directory}/{tag}")
+        for group, values in zip(groups, ours, strict=True):
+            group.update(values)
+        scheduler.base_lrs = [values["initial_lr"] for values in ours]
+        # What LambdaLR's step sets, at the restored step: the rate of the next update.
+        lrs = [
+            base * schedule(scheduler.last_epoch)
+            for base, schedule in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+        ]
+        for group, lr in zip(groups, lrs, strict=True):
+            group["lr"] = lr
+        scheduler._last_lr = lrs
         return client_state or {}

@@ -61,6 +61,11 @@ TRAIN_KEYS = (
 
 # Model settings a resumed run may change: they leave the weights' meaning alone (dropout, the
 # attention kernel) or only matter at the start (where the initial weights came from).
+# Settings outside `model` that shape the weights or the optimizer state a checkpoint holds.
+FIXED_ON_RESUME = {
+    "rtd": ("embedding_sharing", "generator_depth_ratio", "enhanced_mask_decoder"),
+    "optim": ("name",),
+}
 FREE_ON_RESUME = frozenset(
     {
         "hidden_dropout_prob",
@@ -147,6 +152,7 @@ class Trainer:
         self._save_failures = 0  # in a row
         self._fp16_skipped = 0
         self._stop_signal: int | None = None
+        self._resume_notes: list[str] = []  # lines for the console once the logger exists
         self._log = print if self.world.is_main else (lambda _line: None)
 
     def _shape_from_checkpoint(self, config: Config) -> Config:
@@ -204,17 +210,28 @@ class Trainer:
         tag = self.resume_tag
         if tag is None:
             return False
-        saved_model = self.checkpointer.trainer_state(tag)["config"]["model"]
-        ours = _as_dict(self.config.model)
-        changed = sorted(
-            k for k in ours if saved_model.get(k) != ours[k] and k not in FREE_ON_RESUME
-        )
+        trainer_state = self.checkpointer.trainer_state(tag)
+        was, ours = trainer_state["config"], _as_dict(self.config)
+        fixed = [("model", k) for k in ours["model"] if k not in FREE_ON_RESUME]
+        fixed += [(section, k) for section, keys in FIXED_ON_RESUME.items() for k in keys]
+        changed = [
+            f"{section}.{k}={was[section].get(k)} (now {ours[section][k]})"
+            for section, k in fixed
+            if was.get(section, {}).get(k, ours[section][k]) != ours[section][k]
+        ]
         if changed:
             raise ConfigError(
-                f"cannot resume {self.config.run_dir}: the model config changed ({', '.join(changed)}); "
-                "restore the original settings or start a new run (another name= or hydra.run.dir=)"
+                f"cannot resume {self.config.run_dir}: it was trained with {', '.join(changed)}, "
+                "which shape its weights or optimizer state; resume with those, or start a new "
+                "run (another name= or hydra.run.dir=)"
             )
-        trainer_state = self.checkpointer.trainer_state(tag)
+        retuned = [
+            f"optim.{k} {was['optim'][k]} -> {v}"
+            for k, v in ours["optim"].items()
+            if k in was.get("optim", {}) and was["optim"][k] != v
+        ]
+        if retuned:  # applied by Engine.load, which keeps this config's optimizer settings
+            self._resume_notes.append(f"changed on resume: {', '.join(retuned)}")
         if self.saved_world_size == self.world.world_size:
             rank_state = self.checkpointer.load(self.engine, tag, self.engine_tag)
             self.data.train.load_state_dict(rank_state["data"])
@@ -277,6 +294,8 @@ class Trainer:
         )
         if resumed:
             logger.write(f"resumed from step {self.step} in {c.run_dir}")
+            for line in self._resume_notes:
+                logger.write(line)
         self._log = logger.write if self.world.is_main else self._log
         for line in self._start_lines(resumed, last):
             self._log(line)

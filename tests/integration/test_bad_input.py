@@ -160,10 +160,19 @@ CASES = [
     ),
     pytest.param(
         Case(("model.hidden_size=96",),
-             "error: cannot resume <run>: the model config changed (hidden_size); restore the "
-             "original settings or start a new run (another name= or hydra.run.dir=)",
+             "error: cannot resume <run>: it was trained with model.hidden_size=64 (now 96), "
+             "which shape its weights or optimizer state; resume with those, or start a new run "
+             "(another name= or hydra.run.dir=)",
              resume=True),
         id="resume-with-changed-model",
+    ),
+    pytest.param(
+        Case(("rtd.embedding_sharing=nes",),
+             "error: cannot resume <run>: it was trained with rtd.embedding_sharing=gdes (now "
+             "nes), which shape its weights or optimizer state; resume with those, or start a "
+             "new run (another name= or hydra.run.dir=)",
+             resume=True),
+        id="resume-with-changed-embedding-sharing",
     ),
     pytest.param(
         Case(("data.seq_len=32",),

@@ -287,6 +287,20 @@ def test_deterministic_switch_is_set_per_run_and_changes_no_number_on_cpu(
     assert numbers(deterministic) == numbers(plain)
 
 
+def test_a_changed_learning_rate_applies_on_resume(
+    tiny_corpus: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The checkpoint's optimizer and schedule states hold the old peak rate; the new config's
+    must win from the first resumed step (the advice after a divergence is to lower it)."""
+    lower = train(tiny_corpus, tmp_path / "lower", "optim.lr=5e-4")
+    train(tiny_corpus, tmp_path / "staged", until_step=3)  # at the default 1e-3
+    resumed = train(tiny_corpus, tmp_path / "staged", "optim.lr=5e-4")
+    rate = {r["step"]: r["lr"] for r in lower if r["split"] == "train"}
+    got = {r["step"]: r["lr"] for r in resumed if r["split"] == "train"}
+    assert sorted(got) == [4, 5, 6] and all(got[s] == rate[s] for s in got), (got, rate)
+    assert "changed on resume: optim.lr 0.001 -> 0.0005" in capsys.readouterr().out
+
+
 def test_a_corpus_without_a_held_out_split_is_warned_about(
     tiny_corpus: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
