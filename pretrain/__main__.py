@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> float | None:
         from pretrain.trainer import Trainer, TrainingStopped
 
         try:
-            trainer = Trainer(config)
+            trainer = Trainer(config, sweep_job=_is_sweep_job())
             records = trainer.fit()
         except TrainingStopped as e:
             _exit_with(e)
@@ -55,6 +55,13 @@ def main(cfg: DictConfig) -> float | None:
         if values:
             return float(values[-1])
     return None
+
+
+def _is_sweep_job() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _drop_launch_record() -> None:

@@ -61,6 +61,9 @@ TRAIN_KEYS = (
 
 # Model settings a resumed run may change: they leave the weights' meaning alone (dropout, the
 # attention kernel) or only matter at the start (where the initial weights came from).
+# What a sweep's jobs differ in (besides `model`, checked for every resume): a job resumed with
+# other values there is another job.
+SWEPT_SECTIONS = ("optim", "rtd", "masking")
 # Settings outside `model` that shape the weights or the optimizer state a checkpoint holds.
 FIXED_ON_RESUME = {
     "rtd": ("embedding_sharing", "generator_depth_ratio", "enhanced_mask_decoder"),
@@ -88,8 +91,11 @@ class TrainingStopped(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, config: Config, world: World | None = None):
+    def __init__(self, config: Config, world: World | None = None, sweep_job: bool = False):
+        """`sweep_job`: this run is a job of a sweep, found again by its number alone, so a
+        resume with other hyper-parameters is another job's values and is refused."""
         self.config = config
+        self.sweep_job = sweep_job
         self.world = world or init_distributed(config.trainer.device)
         t = config.trainer
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # the kernel tests, on CPU
@@ -230,6 +236,19 @@ class Trainer:
             for k, v in ours["optim"].items()
             if k in was.get("optim", {}) and was["optim"][k] != v
         ]
+        if self.sweep_job:
+            other = [
+                f"{section}.{k}={was[section][k]} (now {v})"
+                for section in SWEPT_SECTIONS
+                for k, v in ours[section].items()
+                if k in was.get(section, {}) and was[section][k] != v
+            ]
+            if other:
+                raise ConfigError(
+                    f"sweep job {self.config.run_dir} was trained with {', '.join(other)}: a "
+                    "sweep finds its jobs again by number, so resume it with the same values, "
+                    "or give the new values another hydra.sweep.dir"
+                )
         if retuned:  # applied by Engine.load, which keeps this config's optimizer settings
             self._resume_notes.append(f"changed on resume: {', '.join(retuned)}")
         if self.saved_world_size == self.world.world_size:
@@ -278,7 +297,7 @@ class Trainer:
         c, t = self.config, self.config.trainer
         last = t.max_steps if until_step is None else min(until_step, t.max_steps)
         resumed = self.resume()
-        if self.world.is_main:
+        if self.world.is_main and not (resumed and self.step >= last):  # not if nothing to do
             Path(c.run_dir).mkdir(parents=True, exist_ok=True)
             (Path(c.run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(c)))
         logger = MetricsLogger(

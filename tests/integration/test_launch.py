@@ -185,6 +185,20 @@ def test_multirun_sweep_writes_one_run_per_learning_rate(tiny_corpus: dict, tmp_
         # warmup is 2 steps, so the rate logged after step 1 (the next step's) is the peak
         assert records[0]["lr"] == pytest.approx(lr)
         assert (sweep / job / "checkpoints/latest").read_text().strip() == "step_00000002"
+    # Jobs are found again by number: the same sweep again finds them finished; a sweep with
+    # other values in the same directory is refused, its jobs' files untouched.
+    same = subprocess.run(proc.args, capture_output=True, text=True, env=child_env(), timeout=180)
+    assert same.returncode == 0 and same.stdout.count("nothing to train") == 2, same.stderr[-3000:]
+    config = (sweep / "0" / "config.yaml").read_text()
+    other = [*proc.args[:-1], "optim.lr=5e-3,6e-3"]
+    refused = subprocess.run(other, capture_output=True, text=True, env=child_env(), timeout=180)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: sweep job {sweep / '0'} was trained with optim.lr=0.001 (now 0.005): a sweep "
+        "finds its jobs again by number, so resume it with the same values, or give the new "
+        "values another hydra.sweep.dir"
+    )
+    assert (sweep / "0" / "config.yaml").read_text() == config
 
 
 def test_optuna_sweep_example_runs_trials_and_reports_the_best(
