@@ -34,7 +34,7 @@ def main(cfg: DictConfig) -> float | None:
             trainer = Trainer(config, sweep_job=_is_sweep_job())
             records = trainer.fit()
         except TrainingStopped as e:
-            _exit_with(e)
+            return _job_failed(e)
         if trainer.stop_signal == signal.SIGINT:  # saved; stop here, a sweep's next jobs too
             if trainer.world.is_main:
                 print("interrupted: saved; the same command resumes", file=sys.stderr)
@@ -44,7 +44,7 @@ def main(cfg: DictConfig) -> float | None:
     # SourceError: data read mid-run; LoaderStateError: a resume with other data settings.
     except (ConfigError, CheckpointError, SourceError, LoaderStateError) as e:
         _drop_launch_record()
-        _exit_with(e)
+        return _job_failed(e)
     if not records:  # a finished run run again ("nothing to train"): its objective stands
         from pretrain.metrics import METRICS_FILE, read_metrics
 
@@ -55,6 +55,22 @@ def main(cfg: DictConfig) -> float | None:
         if values:
             return float(values[-1])
     return None
+
+
+# The jobs of this sweep that failed: "job dir: error"; the sweep goes on, then exits 1.
+FAILED_JOBS: list[str] = []
+
+
+def _job_failed(error: Exception) -> float:
+    """One `error:` line. A single run exits 1 here; a sweep's job returns NaN (a failed
+    trial, to a sweeper) and the sweep goes on to its next job, as Hydra's own failures do."""
+    if not _is_sweep_job():
+        _exit_with(error)
+    from hydra.core.hydra_config import HydraConfig
+
+    print(f"error: {error}", file=sys.stderr)
+    FAILED_JOBS.append(f"{HydraConfig.get().runtime.output_dir}: {error}")
+    return float("nan")
 
 
 def _is_sweep_job() -> bool:
@@ -114,6 +130,10 @@ if __name__ == "__main__":
         sys.exit(f"error: {message}")
     try:
         main()
+        if FAILED_JOBS:
+            sys.exit(
+                f"error: {len(FAILED_JOBS)} job(s) of the sweep failed; first: {FAILED_JOBS[0]}"
+            )
     except KeyboardInterrupt:  # Ctrl-C before training started (the trainer handles it after)
         # The trainer's QUIT_WITHOUT_SAVING, not imported: it may be what was being imported.
         print("\ninterrupted: quit without saving (the last checkpoint, if any, stays)",

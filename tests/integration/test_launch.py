@@ -193,12 +193,39 @@ def test_multirun_sweep_writes_one_run_per_learning_rate(tiny_corpus: dict, tmp_
     other = [*proc.args[:-1], "optim.lr=5e-3,6e-3"]
     refused = subprocess.run(other, capture_output=True, text=True, env=child_env(), timeout=180)
     assert refused.returncode == 1
-    assert refused.stderr.strip().splitlines()[-1] == (
+    assert (
         f"error: sweep job {sweep / '0'} was trained with optim.lr=0.001 (now 0.005): a sweep "
         "finds its jobs again by number, so resume it with the same values, or give the new "
         "values another hydra.sweep.dir"
+    ) in refused.stderr.splitlines()
+    assert (
+        refused.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: 2 job(s) of the sweep failed; first: {sweep / '0'}: sweep job")
     )
     assert (sweep / "0" / "config.yaml").read_text() == config
+
+
+def test_a_failed_sweep_job_does_not_stop_the_others(tiny_corpus: dict, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    overrides = [
+        o for o in short_run(tiny_corpus, sweep / "unused") if not o.startswith(("run_dir=", "hydra.run"))
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain", "-m", *overrides, f"hydra.sweep.dir={sweep}",
+         "trainer.micro_batch_size=6,8"],  # 6 does not divide the global batch of 16
+        capture_output=True, text=True, env=child_env(), timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert [r["step"] for r in train_records(sweep / "1")] == [1, 2]  # the next job ran
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"error: 1 job(s) of the sweep failed; first: {sweep / '0'}: trainer.global_batch_size=16"
+        )
+    )
 
 
 def test_optuna_sweep_example_runs_trials_and_reports_the_best(
