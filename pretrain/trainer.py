@@ -39,6 +39,7 @@ from pretrain.data.pipeline import DataBundle, build_data
 from pretrain.data.sources import SourceError
 from pretrain.engine import Engine, World, convert_to_universal, init_distributed
 from pretrain.metrics import (
+    METRICS_FILE,
     MetricsLogger,
     SampleTrace,
     binary_auc,
@@ -297,6 +298,7 @@ class Trainer:
         c, t = self.config, self.config.trainer
         last = t.max_steps if until_step is None else min(until_step, t.max_steps)
         resumed = self.resume()
+        earlier = None if resumed else self._clear_earlier_run()
         if self.world.is_main and not (resumed and self.step >= last):  # not if nothing to do
             Path(c.run_dir).mkdir(parents=True, exist_ok=True)
             (Path(c.run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(c)))
@@ -318,6 +320,8 @@ class Trainer:
         self._log = logger.write if self.world.is_main else self._log
         for line in self._start_lines(resumed, last):
             self._log(line)
+        if earlier:
+            self._log(earlier)
         if resumed and self.step >= last:  # a finished run run again: nothing to redo
             logger.close(plots=False)
             return []
@@ -388,6 +392,25 @@ class Trainer:
                 f"in transformers: python -m pretrain.export {c.run_dir} OUT_DIR"
             )
         return history
+
+    def _clear_earlier_run(self) -> str | None:
+        """With trainer.resume=false in the directory of an earlier run: start over. Its
+        metrics are cleared (two histories in one file would read as one run); its checkpoints
+        are replaced as this run saves. Returns the warning to show, if there was such a run."""
+        run = Path(self.config.run_dir)
+        pointer, metrics = run / "checkpoints" / "latest", run / METRICS_FILE
+        if not (pointer.is_file() or metrics.is_file()):
+            return None
+        if self.world.is_main:
+            metrics.unlink(missing_ok=True)
+        if not self.config.trainer.resume:
+            latest = pointer.read_text().strip() if pointer.is_file() else "none"
+            return (
+                f"warning: trainer.resume=false: starting over in {run}; the earlier run's "
+                f"metrics.jsonl is cleared and its checkpoints (latest: {latest}) are replaced as "
+                "this run saves"
+            )
+        return f"warning: no checkpoint to resume from in {run}: starting over (metrics cleared)"
 
     def _start_lines(self, resumed: bool, last: int) -> list[str]:
         """What this run is, before its first step; warnings for settings that waste it."""

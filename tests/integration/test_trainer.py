@@ -301,6 +301,21 @@ def test_a_changed_learning_rate_applies_on_resume(
     assert "changed on resume: optim.lr 0.001 -> 0.0005" in capsys.readouterr().out
 
 
+def test_resume_false_starts_over_and_says_so(
+    tiny_corpus: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    train(tiny_corpus, run, "trainer.max_steps=3")
+    capsys.readouterr()
+    train(tiny_corpus, run, "trainer.max_steps=3", "trainer.resume=false")
+    assert (f"warning: trainer.resume=false: starting over in {run}; the earlier run's "
+            "metrics.jsonl is cleared and its checkpoints (latest: step_00000003) are replaced "
+            "as this run saves") in capsys.readouterr().out  # fmt: skip
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [(r["step"], r["split"]) for r in rows]
+    assert steps == [(0, "valid"), (1, "train"), (2, "train"), (3, "train"), (3, "valid")]
+
+
 def test_a_corpus_without_a_held_out_split_is_warned_about(
     tiny_corpus: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
