@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import glob
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,8 +291,10 @@ class Config:
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}")
         if not 0.0 < o.layer_decay <= 1.0:
             raise ConfigError(f"optim.layer_decay must be in (0, 1], got {o.layer_decay}")
-        if o.lr <= 0 or o.warmup_steps < 0 or o.clip_grad < 0:
-            raise ConfigError("optim.lr must be > 0, optim.warmup_steps and optim.clip_grad >= 0")
+        if not 0 < o.lr < math.inf:  # also refuses nan, which compares false to everything
+            raise ConfigError(f"optim.lr must be a finite number > 0, got {o.lr}")
+        if not (o.warmup_steps >= 0 and 0 <= o.clip_grad < math.inf):
+            raise ConfigError("optim.warmup_steps and optim.clip_grad must be finite and >= 0")
         if ds.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}")
         if ds.precision not in ("auto", "fp32", "bf16", "fp16"):

@@ -18,6 +18,7 @@ from typing import Any, cast
 import torch
 from tqdm import tqdm
 
+from pretrain.config import ConfigError
 from pretrain.models.deberta import DebertaConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -133,16 +134,23 @@ class MetricsLogger:
         if wandb_mode != "disabled":
             import wandb
 
-            self._wandb = wandb.init(
-                project=project,
-                name=run_name,
-                dir=str(run_dir),
-                mode=cast(Any, wandb_mode),
-                config=config,
-                resume="allow",
-                id=_wandb_id(Path(run_dir)),
-            )
-        if progress_bar:
+            try:
+                self._wandb = wandb.init(
+                    project=project,
+                    name=run_name,
+                    dir=str(run_dir),
+                    mode=cast(Any, wandb_mode),
+                    config=config,
+                    resume="allow",
+                    id=_wandb_id(Path(run_dir)),
+                )
+            except Exception as e:  # wandb raises many types (no API key, no network, ...)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConfigError(
+                    f"logging.wandb={wandb_mode}: wandb could not start ({first}); run `wandb "
+                    "login`, or use logging.wandb=offline (synced later with `wandb sync`)"
+                ) from None
+        if progress_bar and sys.stderr.isatty():  # in a log file a bar is a heap of fragments
             self._bar = tqdm(
                 total=total_steps,
                 initial=start_step,

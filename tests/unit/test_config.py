@@ -132,6 +132,8 @@ def test_wrong_type_fails_naming_key() -> None:
         ("model.attention_impl=triton", "model.attention_probs_dropout_prob=0.1; set it to 0"),
         ("trainer.max_nonfinite_skips=-1", "trainer.max_nonfinite_skips"),
         ("rtd.emd_steps=0", "rtd.emd_steps must be >= 1"),
+        ("optim.lr=nan", "optim.lr must be a finite number > 0, got nan"),
+        ("optim.lr=inf", "optim.lr must be a finite number > 0, got inf"),
         (
             "rtd.enhanced_mask_decoder=true model.position_biased_input=true",
             "rtd.enhanced_mask_decoder=true needs model.position_biased_input=false",

@@ -95,3 +95,16 @@ def test_plot_draws_the_data_shares_of_a_mixture(tmp_path: Path) -> None:
     (tmp_path / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
     names = sorted(p.name for p in plot(tmp_path))
     assert names == ["train_data_share.png", "train_loss.png"]
+
+
+def test_wandb_that_cannot_start_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pretrain.config import ConfigError
+
+    for key in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no API key
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"^logging.wandb=online: wandb could not start \("):
+        MetricsLogger(tmp_path, enabled=True, total_steps=1, start_step=0, wandb_mode="online")
