@@ -250,7 +250,7 @@ def prepare_corpus(
     writers = {s: _SplitWriter(out, s, dtype, shard_tokens) for s in SPLITS}
     seen: set[bytes] = set()
     empty = duplicate = unknown = 0
-    bar = tqdm(desc="tokenizing", unit="doc", disable=not progress)
+    bar = tqdm(desc="tokenizing", unit="doc", disable=None if progress else True)
     try:
         for results in _ordered_results(_batched(chained, BATCH_DOCS), dtype, tok, workers):
             for digest, ids in results:

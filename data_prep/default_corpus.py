@@ -469,7 +469,7 @@ def build_default_corpus(
     # spawn: workers import only this light module, and the parent's threads (tqdm's monitor,
     # torch's pools when called from a test) cannot leave a forked child holding a lock.
     pool = get_context("spawn").Pool(workers) if workers > 1 else None
-    bar = tqdm(total=n_files, unit="file", desc="docstrings", disable=not progress)
+    bar = tqdm(total=n_files, unit="file", desc="docstrings", disable=None if progress else True)
     try:
         going = True
         for stats, files, extra in streams:

@@ -343,7 +343,7 @@ def train_tokenizer(
         dataset=dataset,
         split=split,
     )
-    docs = tqdm(docs, desc="reading", unit="doc", disable=not progress)
+    docs = tqdm(docs, desc="reading", unit="doc", disable=None if progress else True)
     sentences, seen = _sample((s for d in docs for s in _sentences(d)), max_sentences, seed)
     if not sentences:
         raise InputError("the inputs hold no text to train on (all files empty, binary or skipped)")
