@@ -395,13 +395,16 @@ class Engine:
         betas and eps, which would silently override a changed `optim.*` (the step count and
         moments are what a resume needs from them)."""
         scheduler = self.engine.lr_scheduler
-        groups = scheduler.optimizer.param_groups
-        ours = [{k: g[k] for k in _GROUP_HYPERPARAMETERS if k in g} for g in groups]
+        ours = [
+            {k: g[k] for k in _GROUP_HYPERPARAMETERS if k in g}
+            for g in scheduler.optimizer.param_groups
+        ]
         path, client_state = self.engine.load_checkpoint(
             directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {directory}/{tag}")
+        groups = scheduler.optimizer.param_groups  # new dicts: loading a state replaces them
         for group, values in zip(groups, ours, strict=True):
             group.update(values)
         scheduler.base_lrs = [values["initial_lr"] for values in ours]

@@ -299,6 +299,22 @@ def test_a_changed_learning_rate_applies_on_resume(
     got = {r["step"]: r["lr"] for r in resumed if r["split"] == "train"}
     assert sorted(got) == [4, 5, 6] and all(got[s] == rate[s] for s in got), (got, rate)
     assert "changed on resume: optim.lr 0.001 -> 0.0005" in capsys.readouterr().out
+    # The first resumed step's own rate (logged rates are the next step's), and the other
+    # hyper-parameters, straight from the optimizer's groups after a resume at step 3.
+    from pretrain.trainer import Trainer
+
+    train(tiny_corpus, tmp_path / "again", until_step=3)
+    again = Trainer(make_config(tiny_corpus, tmp_path / "again", "optim.lr=5e-4",
+                                "optim.weight_decay=0.05"))  # fmt: skip
+    assert again.resume()
+    fresh = Trainer(make_config(tiny_corpus, tmp_path / "fresh", "optim.lr=5e-4",
+                                "optim.weight_decay=0.05"))  # fmt: skip
+    expected = {r["step"]: r["lr"] for r in lower if r["split"] == "train"}[3]
+    groups = again.engine.optimizer.param_groups, fresh.engine.optimizer.param_groups
+    for g, f in zip(*groups, strict=True):
+        assert g["weight_decay"] == f["weight_decay"]
+        assert g["initial_lr"] == f["initial_lr"]
+    assert again.engine.lr() == pytest.approx(expected)
 
 
 def test_resume_false_starts_over_and_says_so(
