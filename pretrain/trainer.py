@@ -232,26 +232,26 @@ class Trainer:
                 "which shape its weights or optimizer state; resume with those, or start a new "
                 "run (another name= or hydra.run.dir=)"
             )
+        # Values a resume applies from its next step: optim by Engine.load (the checkpoint's
+        # optimizer keeps its moments, not its settings), rtd and masking as read each step.
         retuned = [
-            f"optim.{k} {was['optim'][k]} -> {v}"
-            for k, v in ours["optim"].items()
-            if k in was.get("optim", {}) and was["optim"][k] != v
+            (
+                f"{section}.{k}={was[section][k]} (now {v})",
+                f"{section}.{k} {was[section][k]} -> {v}",
+            )
+            for section in SWEPT_SECTIONS
+            for k, v in ours[section].items()
+            if k in was.get(section, {}) and was[section][k] != v
         ]
-        if self.sweep_job:
-            other = [
-                f"{section}.{k}={was[section][k]} (now {v})"
-                for section in SWEPT_SECTIONS
-                for k, v in ours[section].items()
-                if k in was.get(section, {}) and was[section][k] != v
-            ]
-            if other:
-                raise ConfigError(
-                    f"sweep job {self.config.run_dir} was trained with {', '.join(other)}: a "
-                    "sweep finds its jobs again by number, so resume it with the same values, "
-                    "or give the new values another hydra.sweep.dir"
-                )
-        if retuned:  # applied by Engine.load, which keeps this config's optimizer settings
-            self._resume_notes.append(f"changed on resume: {', '.join(retuned)}")
+        if retuned and self.sweep_job:
+            raise ConfigError(
+                f"sweep job {self.config.run_dir} was trained with "
+                f"{', '.join(old for old, _ in retuned)}: a sweep finds its jobs again by number, "
+                "so resume it with the same values, or give the new values another "
+                "hydra.sweep.dir"
+            )
+        if retuned:
+            self._resume_notes.append(f"changed on resume: {', '.join(c for _, c in retuned)}")
         if self.saved_world_size == self.world.world_size:
             rank_state = self.checkpointer.load(self.engine, tag, self.engine_tag)
             self.data.train.load_state_dict(rank_state["data"])
