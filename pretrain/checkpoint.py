@@ -22,16 +22,21 @@ Publishing, and why it is safe:
   never finished, like `*.partial`; they are deleted. The manifest covers the files rank 0 can see: on several
   nodes without a shared file system, only rank 0's node's files are checked.
 - Checkpoints beyond `keep_last` are deleted only after a new one is published.
+- `python -m pretrain.checkpoint rewind RUN_DIR STEP` publishes an older kept checkpoint again
+  (after a divergence whose last good state already holds wrecked weights, say): the newer ones
+  are renamed `step_X.abandoned`, never deleted, and the next run resumes from STEP.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +48,7 @@ LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
 DAMAGED = ".damaged"
+ABANDONED = ".abandoned"  # newer than a rewind's step: kept for inspection, never resumed
 PARTIAL = ".partial"  # a checkpoint being written; renamed to its tag once complete
 _TAG = re.compile(r"^step_(\d{8})$")
 
@@ -325,3 +331,69 @@ def _set_aside(directory: Path) -> None:
     aside = directory.with_name(directory.name + DAMAGED)
     shutil.rmtree(aside, ignore_errors=True)
     directory.rename(aside)
+
+
+def rewind(run_dir: str | Path, step: int) -> list[str]:
+    """Publish the kept checkpoint of `step` again so that the next run resumes from it; rename
+    the newer ones `step_X.abandoned` and copy `metrics.jsonl` aside (the resumed run drops its
+    records past `step`). Returns what was done, a line each. Raises `CheckpointError` with what
+    to do when `step` cannot be resumed from; then nothing is changed."""
+    root = Path(run_dir) / "checkpoints"
+    kept = sorted(step_of(d.name) for d in step_dirs(root))
+    if not kept:
+        raise CheckpointError(f"{root} holds no checkpoint; is {run_dir} a run directory?")
+    target = root / tag_for(step)
+    if step not in kept:
+        raise CheckpointError(
+            f"no checkpoint of step {step} in {root}; kept: {', '.join(map(str, kept))}"
+        )
+    problem = verify(target)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {target.name} is damaged ({problem}); pick another")
+    done = []
+    metrics = Path(run_dir) / "metrics.jsonl"
+    if metrics.is_file():
+        copy = _free_name(metrics.with_name(f"metrics.before_rewind_to_{step}.jsonl"))
+        shutil.copyfile(metrics, copy)
+        done.append(f"copied {metrics.name} to {copy.name}")
+    for newer in sorted(s for s in kept if s > step):
+        directory = root / tag_for(newer)
+        aside = _free_name(directory.with_name(directory.name + ABANDONED))
+        directory.rename(aside)
+        shutil.rmtree(root / f"{directory.name}_universal", ignore_errors=True)  # derived
+        done.append(f"renamed {directory.name} to {aside.name}")
+    _write_atomic(root / LATEST, target.name + "\n")
+    done.append(f"{LATEST} is {target.name}: the next run resumes from step {step}")
+    return done
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or `path` with .2, .3, ... added if that is taken: a second rewind loses nothing."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m pretrain.checkpoint")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser(
+        "rewind",
+        help="resume the next run from an older kept checkpoint; newer ones are renamed "
+        "step_X.abandoned (not deleted). Stop the run first.",
+    )
+    r.add_argument("run_dir", type=Path, help="the run directory (holds checkpoints/)")
+    r.add_argument("step", type=int, help="the step of a kept checkpoint (step_XXXXXXXX/)")
+    args = p.parse_args(argv)
+    try:
+        lines = rewind(args.run_dir, args.step)
+    except (CheckpointError, OSError) as e:
+        sys.exit(f"error: {e}")
+    for line in lines:
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -517,7 +517,9 @@ class Trainer:
         raise TrainingStopped(
             f"{where}: more than trainer.max_nonfinite_skips={limit} non-finite losses; the last "
             f"good state is saved as checkpoint step {self.step}. Lower optim.lr or raise "
-            "optim.warmup_steps, check the data near those samples, then rerun to resume"
+            "optim.warmup_steps, check the data near those samples, then rerun to resume (if "
+            "the loss was climbing before, resume from an earlier checkpoint: python -m "
+            f"pretrain.checkpoint rewind {self.config.run_dir} STEP)"
         )
 
     def _note_fp16_overflow(self) -> None:

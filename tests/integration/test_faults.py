@@ -320,3 +320,47 @@ def test_a_torn_last_metrics_line_does_not_break_the_resume(
     assert again.returncode == 0, output(again)[-3000:]
     assert "resumed from step 6" in output(again)
     assert_same_training(run, reference)
+
+
+def rewind(run_dir: Path, step: int) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pretrain.checkpoint", "rewind", str(run_dir), str(step)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=60)
+
+
+def test_rewind_resumes_an_older_checkpoint_and_sets_the_newer_ones_aside(
+    tiny_corpus: dict, reference: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    checkpoints = run / "checkpoints"
+    before = sorted(p.name for p in checkpoints.iterdir())
+    assert before == ["latest", "step_00000004", "step_00000006", "step_00000008"]
+    pruned = rewind(run, 2)
+    assert pruned.returncode != 0 and pruned.stdout == ""
+    assert output(pruned) == f"error: no checkpoint of step 2 in {checkpoints}; kept: 4, 6, 8\n"
+    problem = flip_a_byte(checkpoints / "step_00000006")
+    damaged = rewind(run, 6)
+    assert damaged.returncode != 0
+    assert output(damaged) == (
+        f"error: checkpoint step_00000006 is damaged ({problem}); pick another\n"
+    )
+    assert sorted(p.name for p in checkpoints.iterdir()) == before  # refusals change nothing
+    assert latest(run) == "step_00000008"
+
+    done = rewind(run, 4)
+    assert done.returncode == 0, output(done)
+    assert done.stdout.splitlines() == [
+        "copied metrics.jsonl to metrics.before_rewind_to_4.jsonl",
+        "renamed step_00000006 to step_00000006.abandoned",
+        "renamed step_00000008 to step_00000008.abandoned",
+        "latest is step_00000004: the next run resumes from step 4",
+    ]
+    assert (run / "metrics.before_rewind_to_4.jsonl").read_text() == (
+        reference / "metrics.jsonl"
+    ).read_text()
+    again = launch(tiny_corpus, run)
+    assert again.returncode == 0, output(again)[-3000:]
+    assert "resumed from step 4" in output(again)
+    assert_same_training(run, reference)  # the constant schedule makes steps 5..8 the same
+    for step in (6, 8):  # set aside, never deleted nor pruned
+        assert (checkpoints / f"step_0000000{step}.abandoned" / "manifest.json").is_file()
