@@ -13,7 +13,13 @@ import hydra
 from omegaconf import DictConfig
 
 from pretrain.checkpoint import CheckpointError
-from pretrain.config import ConfigError, register_schema, to_config, unknown_override_key
+from pretrain.config import (
+    ConfigError,
+    bad_override_value,
+    register_schema,
+    to_config,
+    unknown_override_key,
+)
 from pretrain.data.loader import LoaderStateError
 from pretrain.data.sources import SourceError
 
@@ -126,7 +132,9 @@ def _drop_launcher_args(argv: list[str]) -> list[str]:
 if __name__ == "__main__":
     sys.argv = _drop_launcher_args(sys.argv)
     groups = {p.name for p in CONF.iterdir() if p.is_dir()}
-    if message := unknown_override_key(sys.argv[1:], groups):
+    if message := unknown_override_key(sys.argv[1:], groups) or bad_override_value(
+        sys.argv[1:], groups
+    ):
         sys.exit(f"error: {message}")
     try:
         main()

@@ -2,7 +2,8 @@
 
 Hydra composes `conf/` on top of `Config` (registered in the ConfigStore as `schema`), so a
 misspelt key or a wrong type fails at start-up with the key's name (command-line keys are
-checked first by `unknown_override_key`, with the nearest known ones). Component configs are the
+checked first by `unknown_override_key`, with the nearest known ones, and their values by
+`bad_override_value`). Component configs are the
 components' own dataclasses (`DebertaConfig`, `RTDConfig`, `MaskingConfig`) wherever they exist;
 `to_config` builds them, which runs their `__post_init__` checks, and then checks the relations
 between groups (batch sizes, sequence length against the model) in `Config.validate`.
@@ -356,6 +357,66 @@ def register_schema() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="schema", node=Config)
+
+
+# What a schema value's type accepts, in the words of a one-line error.
+_WANTED = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def bad_override_value(overrides: list[str], groups: set[str]) -> str | None:
+    """The first `key=value` command-line override whose value its schema type refuses (a word
+    or `1e3` for an integer, `maybe` for a bool, `null` for a required value), as one line that
+    names the type wanted; None when all fit. OmegaConf decides, as it would in Hydra's merge,
+    which reports the same refusal in six lines. Unknown keys are `unknown_override_key`'s;
+    sweeps (`a,b`, `range(...)`), deletions, groups and keys below a dict or list are left to
+    Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf.errors import ValidationError
+
+    parser = OverridesParser.create()
+    schema = OmegaConf.structured(Config)
+    for arg in overrides:
+        wanted = _schema_type(arg, groups)
+        if wanted is None:
+            continue
+        try:
+            (override,) = parser.parse_overrides([arg])
+        except Exception:  # a syntax error: Hydra reports its own
+            continue
+        if override.is_sweep_override() or override.is_delete():
+            continue
+        try:
+            OmegaConf.update(schema, override.key_or_group, override.value(), merge=True)
+        except ValidationError:
+            args = typing.get_args(wanted)
+            names = [_WANTED.get(a, str(a)) for a in args if a is not type(None)] or [
+                _WANTED.get(wanted, str(wanted))
+            ]
+            optional = " or null" if type(None) in args else ""
+            value = arg.split("=", 1)[1]
+            return f"{override.key_or_group} takes {' or '.join(names)}{optional}, not {value!r}"
+    return None
+
+
+def _schema_type(arg: str, groups: set[str]) -> Any:
+    """The schema's type for a plain `key=value` override's key, or None for anything else."""
+    key = arg.split("=", 1)[0]
+    if "=" not in arg or arg.startswith(("-", "~", "+")) or "/" in key or "@" in key:
+        return None
+    parts = key.split(".")
+    if parts[0] == "hydra" or (len(parts) == 1 and key in groups):
+        return None
+    node: Any = Config
+    for part in parts:
+        if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
+            return None  # below a dict or list
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return None  # unknown: unknown_override_key's
+        node = hints[part]
+    leaves = {int, float, bool, str, type(None)}
+    args = set(typing.get_args(node))
+    return node if node in leaves or (args and args <= leaves) else None
 
 
 def unknown_override_key(overrides: list[str], groups: set[str]) -> str | None:

@@ -14,6 +14,7 @@ from pretrain.config import (
     BatchSizes,
     Config,
     ConfigError,
+    bad_override_value,
     register_schema,
     to_config,
     unknown_override_key,
@@ -109,6 +110,50 @@ def test_unknown_override_key_names_it_and_the_nearest(override: str, fragment: 
 )
 def test_known_overrides_pass_the_key_check(override: str) -> None:
     assert unknown_override_key([override], GROUPS) is None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.max_steps=many", "trainer.max_steps takes an integer, not 'many'"),
+        ("trainer.max_steps=1e3", "trainer.max_steps takes an integer, not '1e3'"),
+        ("trainer.max_steps=null", "trainer.max_steps takes an integer, not 'null'"),
+        ("trainer.compile=maybe", "trainer.compile takes true or false, not 'maybe'"),
+        ("optim.lr=fast", "optim.lr takes a number, not 'fast'"),
+        ("logging.peak_tflops=x", "logging.peak_tflops takes a number or null, not 'x'"),
+        ("model.hidden_size=wide", "model.hidden_size takes an integer, not 'wide'"),
+    ],
+)
+def test_a_wrong_value_type_is_one_line_naming_the_type(override: str, message: str) -> None:
+    assert bad_override_value(["experiment=quickstart", override], GROUPS) == message
+    with pytest.raises(ConfigCompositionException) as e:  # Hydra refuses it too, in six lines
+        composed(override)
+    assert isinstance(e.value.__cause__, ValidationError)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer.max_steps=1_000",  # what OmegaConf converts, the check lets through
+        "trainer.compile=yes",
+        "optim.lr=1",
+        "optim.lr=.5e-3",
+        "model.init_from=null",  # optional
+        "logging.peak_tflops=989",
+        "trainer.max_steps=${trainer.log_every}",  # interpolations resolve later
+        "name=12",  # a number is a fine string
+    ],
+)
+def test_values_hydra_accepts_pass_the_value_check(override: str) -> None:
+    assert bad_override_value([override], GROUPS) is None
+    composed(override)
+
+
+@pytest.mark.parametrize(
+    "override", ["trainer.seed=1,x", "trainer.seed=range(0,3)", "~trainer.seed"]
+)
+def test_sweeps_and_deletions_are_left_to_hydra(override: str) -> None:
+    assert bad_override_value([override], GROUPS) is None
 
 
 def test_wrong_type_fails_naming_key() -> None:
