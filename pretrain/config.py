@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import glob
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -415,8 +416,10 @@ def _schema_type(arg: str, groups: set[str]) -> Any:
             return None  # unknown: unknown_override_key's
         node = hints[part]
     leaves = {int, float, bool, str, type(None)}
-    args = set(typing.get_args(node))
-    return node if node in leaves or (args and args <= leaves) else None
+    if node in leaves:
+        return node
+    union = typing.get_origin(node) in (typing.Union, types.UnionType)
+    return node if union and set(typing.get_args(node)) <= leaves else None  # not list[float]
 
 
 def unknown_override_key(overrides: list[str], groups: set[str]) -> str | None:

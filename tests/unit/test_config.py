@@ -150,9 +150,15 @@ def test_values_hydra_accepts_pass_the_value_check(override: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "override", ["trainer.seed=1,x", "trainer.seed=range(0,3)", "~trainer.seed"]
+    "override",
+    [
+        "trainer.seed=1,x",  # sweeps
+        "trainer.seed=range(0,3)",
+        "~trainer.seed",  # deletions
+        "optim.betas=abc",  # a list field: "takes a number" would be wrong
+    ],
 )
-def test_sweeps_and_deletions_are_left_to_hydra(override: str) -> None:
+def test_sweeps_deletions_and_lists_are_left_to_hydra(override: str) -> None:
     assert bad_override_value([override], GROUPS) is None
 
 
