@@ -41,7 +41,7 @@ if [ "${1:-}" = "--prepare" ]; then
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 -d .whl "${binary[@]}" &&
         "${pip[@]}" wheel -q --no-deps --no-build-isolation -w .whl "${built[@]}" || exit 1
-    cached=$(find "$HOME/.cache/pretrain" -maxdepth 1 -name 'default_corpus_*' | head -n 1)
+    cached=$(find "$HOME/.cache/pretrain" -maxdepth 1 -name 'default_corpus_*' | sort | tail -n 1)
     [ -n "$cached" ] || { echo "error: no cached corpus; run the quick start once" >&2; exit 1; }
     rm -rf .gpu_corpus && cp -r "$cached" .gpu_corpus && du -sh .whl .gpu_corpus
     exit
@@ -51,7 +51,7 @@ export PYTHONUNBUFFERED=1
 
 corpus=.gpu_corpus
 if [ ! -d "$corpus" ]; then
-    corpus=$(find "$HOME/.cache/pretrain" -maxdepth 1 -name 'default_corpus_*' 2>/dev/null | head -n 1)
+    corpus=$(find "$HOME/.cache/pretrain" -maxdepth 1 -name 'default_corpus_*' 2>/dev/null | sort | tail -n 1)
 fi
 
 # The quick start's first 300 steps three times, then the comparison (run as its own process,

@@ -1,8 +1,9 @@
 """Turn raw text into deduplicated, tokenized, memory-mappable shards (format in `shards.py`).
 
-Pipeline: read documents in a fixed order (`sources.iter_documents`) -> clean (NFKC, control
-characters, whitespace) -> hash -> tokenize -> drop empties and exact duplicates -> route each
-document to `train` or `valid` by its hash -> append to the split's current shard.
+Pipeline: read documents in a fixed order (`sources.iter_documents`) -> clean (NFC, control
+characters, whitespace: the text as transformers' tokenizer will see it) -> hash -> tokenize ->
+drop empties and exact duplicates -> route each document to `train` or `valid` by its hash ->
+append to the split's current shard.
 
 Why it is shaped so:
 - Cleaning, hashing and tokenizing run in worker processes on fixed-size batches, but results
@@ -295,9 +296,10 @@ def prepare_corpus(
         "dtype": dtype.name,
         "valid_fraction": valid_fraction,
         "cleaning": {
-            "unicode": "NFKC",
+            "unicode": "NFC",
             "control_characters": "removed",
-            "whitespace": "each run collapsed to one space, ends stripped",
+            "whitespace": "runs of two or more and tabs/newlines to one space (as transformers' "
+            "DeBERTa-v2 tokenizer), ends stripped",
             "dedup": "exact, blake2b-128 of the cleaned text, first occurrence kept",
             "valid_split": "first 8 bytes of that hash, big-endian, / 2**64 < valid_fraction",
             "separators": "none; documents are concatenated, offsets in docs_*.npy",

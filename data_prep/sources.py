@@ -85,19 +85,31 @@ _MAX_INVALID_SHARE = 1e-3
 # Control characters other than whitespace carry no text; removing them keeps them from
 # turning into [UNK] tokens. U+FEFF is the byte-order mark some editors prepend.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x84\x86-\x9f\ufeff]")
+# Unicode White_Space, the set Rust's regex `\s` matches in transformers' normaliser. Python's
+# `\s` also matches U+001C..U+001F, which would make us disagree on those characters.
+WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+# transformers' DeBERTa-v2 rule: a run of two or more, or any tab or newline, becomes one space.
+WHITESPACE_RUN = re.compile(f"[{WHITESPACE}]{{2,}}|[\n\r\t]")
+WHITESPACE_CHARS = "".join(
+    ch for ch in map(chr, range(0x3001)) if re.fullmatch(f"[{WHITESPACE}]", ch)
+)
 
 
 def clean_text(text: str) -> str:
-    """Canonical form of a document: NFKC, control characters dropped, whitespace collapsed.
+    """Canonical form of a document: NFC, control characters dropped, whitespace runs collapsed
+    to one space as transformers' DeBERTa-v2 tokenizer does, ends stripped.
 
-    NFKC folds compatibility variants (ligatures, full-width forms, superscripts) into their
-    plain letters so the vocabulary is not spent on them; collapsing every whitespace run to one
-    space matches what the tokenizer does anyway and makes duplicate detection robust to
-    re-wrapping.
+    It is the form transformers gives the same text at fine-tuning time (that tokenizer applies
+    NFC and the same whitespace rule, nothing more), so the model is trained on the pieces it
+    will meet there. NFKC would fold ligatures, full-width and presentation forms into plain
+    letters and save vocabulary, but transformers does not fold them: a model trained on folded
+    text then sees those characters for the first time after export. Collapsing whitespace runs
+    also makes duplicate detection robust to re-wrapping.
     """
-    text = unicodedata.normalize("NFKC", text)
+    text = unicodedata.normalize("NFC", text)
     text = _CONTROL.sub("", text)
-    return " ".join(text.split())
+    text = WHITESPACE_RUN.sub(" ", text)
+    return text.strip(WHITESPACE_CHARS)
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:

@@ -27,8 +27,8 @@ was pretrained on. Three findings, measured against transformers 5.24 (`DebertaV
    1,999 of 2,000 default-corpus documents. The one left is an exact Viterbi tie ("666" as
    6+66 or 66+6, equal scores) that the two implementations break differently; no vocabulary
    change can remove such ties, so about one document in two thousand differs by a swap.
-   (The corpus itself is NFKC-cleaned before tokenizing, see `sources.clean_text`, so training
-   data never contains the characters on which NFC and NFKC differ.)
+   The corpus is cleaned before tokenizing (`sources.clean_text`) with that same NFC and
+   whitespace rule, so what the model trains on is what transformers makes of the raw text.
 3. Model type. transformers always rebuilds a Unigram model without byte fallback. A `bpe`
    model or `--byte-fallback` still trains and works with this package, but transformers'
    ids differ (on 20 of the 3,000 strings for bpe, on 2,792 with byte fallback), so both warn.
@@ -65,6 +65,8 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from data_prep.sources import (
+    WHITESPACE_CHARS,
+    WHITESPACE_RUN,
     InputError,
     ReadStats,
     add_input_arguments,
@@ -85,11 +87,6 @@ PAD_ID, CLS_ID, SEP_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 4
 SPECIAL_PIECES = (PAD, CLS, SEP, UNK, MASK)
 WORD_START = "\u2581"  # SentencePiece's "▁", marking a piece that begins a word
 
-# Unicode White_Space, the set Rust's regex `\s` matches in transformers' normaliser. Python's
-# `\s` also matches U+001C..U+001F, which would make us disagree on those characters.
-_WS = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-_WS_RUN = re.compile(f"[{_WS}]{{2,}}|[\n\r\t]")
-_WS_CHARS = "".join(ch for ch in map(chr, range(0x3001)) if re.fullmatch(f"[{_WS}]", ch))
 # SentencePiece rejects longer "sentences"; long lines are cut at spaces below this size.
 _MAX_SENTENCE_CHARS = 4000
 
@@ -100,9 +97,9 @@ class TokenizerError(ValueError):
 
 def hf_normalize(text: str) -> str:
     """transformers 5.x DebertaV2Tokenizer's normaliser: whitespace runs -> " ", NFC, rstrip."""
-    text = _WS_RUN.sub(" ", text)
+    text = WHITESPACE_RUN.sub(" ", text)
     text = unicodedata.normalize("NFC", text)
-    return text.rstrip(_WS_CHARS)
+    return text.rstrip(WHITESPACE_CHARS)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -30,7 +30,7 @@ from pretrain.data.packing import PackingConfig, SpecialTokens
 from pretrain.data.sources import ShardSource, Source, TextSource
 from pretrain.models.deberta import DebertaConfig
 
-DEFAULT_CORPUS_VERSION = 1
+DEFAULT_CORPUS_VERSION = 2  # 2: cleaned with NFC, not NFKC
 ModelT = TypeVar("ModelT", bound=DebertaConfig)
 MANIFEST = "manifest.json"
 

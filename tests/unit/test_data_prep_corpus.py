@@ -49,7 +49,7 @@ PARAGRAPHS = [
     "The quick brown fox jumps over the lazy dog.",
     "Return a new list containing\nall items from the iterable in ascending order.",
     "The  quick brown fox\n   jumps over the lazy dog.  ",
-    "ﬁle names with ligatures and ｆｕｌｌ-width letters are folded by NFKC.",
+    "ﬁle names with ligatures and ｆｕｌｌ-width letters stay as transformers sees them.",
     "Numbers 1, 22, 333 and 4444 appear here; so do émigré and naïve.",
 ]
 JSONL = [

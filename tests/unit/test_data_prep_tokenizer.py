@@ -16,7 +16,7 @@ import pytest
 import sentencepiece as spm
 
 from data_prep.default_corpus import build_default_corpus
-from data_prep.sources import InputError
+from data_prep.sources import WHITESPACE_CHARS, InputError, clean_text
 from data_prep.tokenizer import (
     MASK_ID,
     SPECIAL_PIECES,
@@ -188,3 +188,29 @@ def test_cli_trains(text_dir: Path, tmp_path: Path) -> None:
     assert "trained 400-piece unigram tokenizer" in r.stdout
     for name in ("spm.model", "tokenizer_config.json", "special_tokens.json"):
         assert (tmp_path / name).is_file()
+
+
+# Characters NFKC would fold and transformers' tokenizer does not: ligatures, full-width forms,
+# Arabic presentation forms, superscripts, a lone NBSP, the Kelvin and Ohm signs.
+COMPATIBILITY = [
+    "\ufb01le and \ufb00 ligatures",
+    "\uff21\uff22\uff23 full-width \uff11\uff12\uff13",
+    "\ufee3\ufeae\ufea3\ufe92\ufe8e presentation forms",
+    "x\u00b2 + y\u00b2, 10\u00a0km, 300\u212a, 5\u2126",
+]
+
+
+def test_cleaned_text_is_what_transformers_makes_of_the_raw_text(tok_dir: Path) -> None:
+    """The corpus is clean_text'ed before tokenizing; at fine-tuning time transformers gets the
+    raw text. Both must give the same pieces, compatibility characters included (with NFKC
+    cleaning, "\ufb01" trained as "fi" and met as "\ufb01"). Leading whitespace and control
+    characters, which cleaning drops and transformers keeps, are left out."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
+    tok = load_tokenizer(tok_dir)
+    rng = np.random.default_rng(0)
+    alphabet = [*"ab \t\n", "\u00a0", "\u3000", "\u2003", "\ufb01", "\uff41", "e\u0301", "\u00e9"]
+    randoms = ["".join(rng.choice(alphabet, size=rng.integers(1, 12))) for _ in range(300)]
+    for s in [*STRINGS, *COMPATIBILITY, *randoms]:
+        s = s.lstrip(WHITESPACE_CHARS)
+        assert hf.encode(s, add_special_tokens=False) == tok.encode(clean_text(s)), repr(s)
