@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_prep.sources import InputError
+from data_prep.sources import InputError, add_doc_unit_arguments
 from data_prep.tokenizer import (
     MODEL_FILE,
     SPECIAL_TOKENS_FILE,
@@ -101,7 +101,7 @@ def extend_tokenizer(
     train_vocab_size: int | None = None,
     max_sentences: int | None = 2_000_000,
     text_field: str = "text",
-    doc_per_line: bool = False,
+    doc_unit: str = "block",
     num_threads: int = 2,
     seed: int = 0,
     progress: bool = True,
@@ -140,7 +140,7 @@ def extend_tokenizer(
                 byte_fallback=spec.byte_fallback,
                 max_sentences=max_sentences,
                 text_field=text_field,
-                doc_per_line=doc_per_line,
+                doc_unit=doc_unit,
                 num_threads=num_threads,
                 seed=seed,
                 progress=progress,
@@ -223,9 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="vocabulary of the model trained on the new corpus (default: old vocabulary + add, or as many as the corpus supports)",
     )
     parser.add_argument("--text-field", default="text", help="jsonl/parquet text field")
-    parser.add_argument(
-        "--doc-per-line", action="store_true", help="plain text: one document per line"
-    )
+    add_doc_unit_arguments(parser)
     parser.add_argument("--max-sentences", type=int, default=2_000_000, help="0: all lines")
     parser.add_argument("--threads", type=int, default=2, help="SentencePiece trainer threads")
     parser.add_argument("--seed", type=int, default=0)
@@ -246,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 train_vocab_size=args.train_vocab_size,
                 max_sentences=args.max_sentences or None,
                 text_field=args.text_field,
-                doc_per_line=args.doc_per_line,
+                doc_unit=args.doc_unit,
                 num_threads=args.threads,
                 seed=args.seed,
                 progress=not args.quiet,

@@ -81,6 +81,8 @@ _SNIFF_BYTES = 8192
 # A text file with at most this share of invalid UTF-8 bytes (a corrupted byte here and there)
 # is read with them dropped; more means another encoding, and the file is skipped.
 _MAX_INVALID_SHARE = 1e-3
+# What one document of a plain-text file is: a blank-line-separated block, a line, the file.
+DOC_UNITS = ("block", "line", "file")
 
 # Control characters other than whitespace carry no text; removing them keeps them from
 # turning into [UNK] tokens. U+FEFF is the byte-order mark some editors prepend.
@@ -251,25 +253,26 @@ def _iter_lines(path: Path, errors: str = "strict") -> Iterator[str]:
             yield line.rstrip("\n")
 
 
-def iter_text_file(path: Path, stats: ReadStats, doc_per_line: bool = False) -> Iterator[str]:
-    """Plain text: one document per blank-line-separated block, or per line."""
+def iter_text_file(path: Path, stats: ReadStats, doc_unit: str = "block") -> Iterator[str]:
+    """Plain text: one document per blank-line-separated block, per line, or per file (see
+    DOC_UNITS). A blank document is none."""
     if (errors := _check_utf8_text(path, stats)) is None:
         return
     stats.files += 1
     block: list[str] = []
     for line in _iter_lines(path, errors):
-        if doc_per_line:
+        if doc_unit == "line":
             # Blank lines separate nothing in this mode; they are not documents.
             if line.strip():
                 stats.documents += 1
                 yield line
-        elif line.strip():
+        elif doc_unit == "file" or line.strip():
             block.append(line)
         elif block:
             stats.documents += 1
             yield "\n".join(block)
             block = []
-    if block:
+    if any(line.strip() for line in block):
         stats.documents += 1
         yield "\n".join(block)
 
@@ -361,7 +364,7 @@ def iter_parquet_file(path: Path, stats: ReadStats, text_field: str = "text") ->
 
 
 def iter_file_documents(
-    path: Path, stats: ReadStats, text_field: str = "text", doc_per_line: bool = False
+    path: Path, stats: ReadStats, text_field: str = "text", doc_unit: str = "block"
 ) -> Iterator[str]:
     suffix = _base_suffix(path)
     if suffix in JSONL_SUFFIXES:
@@ -369,7 +372,7 @@ def iter_file_documents(
     elif suffix in PARQUET_SUFFIXES:
         yield from iter_parquet_file(path, stats, text_field)
     else:
-        yield from iter_text_file(path, stats, doc_per_line)
+        yield from iter_text_file(path, stats, doc_unit)
 
 
 def open_dataset(
@@ -435,29 +438,34 @@ def iter_documents(
     inputs: Sequence[str | Path] = (),
     stats: ReadStats | None = None,
     text_field: str = "text",
-    doc_per_line: bool = False,
+    doc_unit: str = "block",
     dataset: str | None = None,
     split: str = "train",
 ) -> Iterator[str]:
     """Raw documents of all inputs in a fixed order: files first (as given), then the dataset.
+    `doc_unit` says what one document of a plain-text file is (DOC_UNITS).
 
     Paths are checked here, before anything is read, so a typo fails at once and in one line.
     """
+    if doc_unit not in DOC_UNITS:
+        raise InputError(
+            f"a plain-text document is one of {', '.join(DOC_UNITS)}, not {doc_unit!r}"
+        )
     stats = stats if stats is not None else ReadStats()
     files = expand_inputs(inputs) if inputs or dataset is None else []
     ds = open_dataset(dataset, split, text_field) if dataset is not None else None
-    return _iter_all(files, stats, text_field, doc_per_line, ds)
+    return _iter_all(files, stats, text_field, doc_unit, ds)
 
 
 def _iter_all(
     files: list[Path],
     stats: ReadStats,
     text_field: str,
-    doc_per_line: bool,
+    doc_unit: str,
     ds: Any,
 ) -> Iterator[str]:
     for path in files:
-        yield from iter_file_documents(path, stats, text_field, doc_per_line)
+        yield from iter_file_documents(path, stats, text_field, doc_unit)
     if ds is not None:
         yield from iter_dataset_documents(ds, stats, text_field)
 
@@ -468,8 +476,25 @@ def add_input_arguments(parser: Any) -> None:
     parser.add_argument("--dataset", default=None, help="a `datasets` name or saved dataset dir")
     parser.add_argument("--split", default="train", help="dataset split to read (default: train)")
     parser.add_argument("--text-field", default="text", help="jsonl/parquet/dataset text field")
-    parser.add_argument(
+    add_doc_unit_arguments(parser)
+
+
+def add_doc_unit_arguments(parser: Any) -> None:
+    """--doc-per-line / --doc-per-file: what one document of a plain-text file is (`doc_unit`)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
         "--doc-per-line",
-        action="store_true",
+        dest="doc_unit",
+        action="store_const",
+        const="line",
+        default="block",
         help="plain text: one document per line (default: per blank-line-separated block)",
+    )
+    group.add_argument(
+        "--doc-per-file",
+        dest="doc_unit",
+        action="store_const",
+        const="file",
+        help="plain text: one document per file (source code, whose functions are separated "
+        "by blank lines; default: per blank-line-separated block)",
     )

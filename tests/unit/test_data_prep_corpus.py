@@ -143,10 +143,10 @@ def test_valid_split_is_stable_and_sized(tok_dir: Path, tmp_path: Path) -> None:
     # Reordered and with more documents: shared documents must keep their split.
     b.write_text("\n".join(list(reversed(docs)) + _many_docs(300, offset=600)) + "\n")
     prepare_corpus(
-        tmp_path / "A", tok_dir, [a], doc_per_line=True, valid_fraction=0.1, progress=False
+        tmp_path / "A", tok_dir, [a], doc_unit="line", valid_fraction=0.1, progress=False
     )
     prepare_corpus(
-        tmp_path / "B", tok_dir, [b], doc_per_line=True, valid_fraction=0.1, progress=False
+        tmp_path / "B", tok_dir, [b], doc_unit="line", valid_fraction=0.1, progress=False
     )
     tok = load_tokenizer(tok_dir)
     shared = {tuple(tok.encode(d)) for d in docs}
@@ -165,7 +165,7 @@ def test_shards_roll_over_without_splitting_documents(tok_dir: Path, tmp_path: P
         tmp_path / "c",
         tok_dir,
         [src],
-        doc_per_line=True,
+        doc_unit="line",
         valid_fraction=0.0,
         shard_tokens=500,
         progress=False,
@@ -190,7 +190,7 @@ def test_uint32_for_large_vocabularies(tok_dir: Path, tmp_path: Path) -> None:
     src = tmp_path / "docs.txt"
     src.write_text("\n".join(_many_docs(20)) + "\n")
     m = prepare_corpus(
-        tmp_path / "c", tok, [src], doc_per_line=True, valid_fraction=0.0, progress=False
+        tmp_path / "c", tok, [src], doc_unit="line", valid_fraction=0.0, progress=False
     )
     assert m["dtype"] == "uint32"
     s = open_shards(tmp_path / "c", "train")
@@ -367,3 +367,35 @@ def test_inputs_with_no_document_fail_and_leave_the_previous_corpus_intact(
     )
     assert _files(out) == before
     assert not (tmp_path / "out.partial").exists()
+
+
+def test_doc_per_file_makes_each_source_file_one_document(tok_dir: Path, tmp_path: Path) -> None:
+    """Source code: blank lines separate functions, not documents. Each file is one document
+    (blank files none), written as the cleaned text of the whole file."""
+    code = tmp_path / "code"
+    code.mkdir()
+    files = {
+        "a.py": "import os\n\n\ndef f():\n    return os.sep\n\n\ndef g():\n    pass\n",
+        "b.py": "\n\nx = 1\n\n\ny = 2\n\n",
+        "c.py": "  \n\n",
+    }
+    for name, text in files.items():
+        (code / name).write_text(text)
+    out = tmp_path / "out"
+    r = _run("data_prep.corpus", "--input", str(code), "--tokenizer", str(tok_dir), "--out",
+             str(out), "--doc-per-file", "--valid-fraction", "0", "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["reader"]["documents"] == "file"
+    tok = load_tokenizer(tok_dir)
+    docs = [d.tolist() for d in open_shards(out, "train")]
+    assert docs == [tok.encode(clean_text(files[n])) for n in ("a.py", "b.py")]
+    blocks = _run("data_prep.corpus", "--input", str(code), "--tokenizer", str(tok_dir), "--out",
+                  str(tmp_path / "blocks"), "--valid-fraction", "0", "--quiet")  # fmt: skip
+    assert blocks.returncode == 0, blocks.stderr
+    assert (
+        json.loads((tmp_path / "blocks/manifest.json").read_text())["totals"]["documents_kept"] == 5
+    )
+    both = _run("data_prep.corpus", "--input", str(code), "--tokenizer", str(tok_dir), "--out",
+                str(tmp_path / "x"), "--doc-per-file", "--doc-per-line")  # fmt: skip
+    assert both.returncode != 0 and "not allowed with argument" in both.stderr
