@@ -276,11 +276,12 @@ class Config:
             "global_batch_size",
             "micro_batch_size",
             "log_every",
+            "eval_batches",
             "keep_last",
         ):
             if getattr(t, name) < 1:
                 raise ConfigError(f"trainer.{name} must be >= 1, got {getattr(t, name)}")
-        for name in ("max_nonfinite_skips", "max_save_failures"):
+        for name in ("eval_every", "save_every", "max_nonfinite_skips", "max_save_failures"):
             if getattr(t, name) < 0:
                 raise ConfigError(f"trainer.{name} must be >= 0, got {getattr(t, name)}")
         if t.device not in ("auto", "cpu", "cuda"):

@@ -55,28 +55,24 @@ class MaskingConfig:
     def __post_init__(self) -> None:
         if self.strategy not in ("span", "whole_word", "token"):
             raise ValueError(
-                f"MaskingConfig.strategy must be 'span', 'whole_word' or 'token', "
-                f"got {self.strategy!r}"
+                f"masking.strategy={self.strategy!r}; choose span, whole_word or token"
             )
         if not 0.0 < self.probability <= 1.0:
-            raise ValueError(f"MaskingConfig.probability must be in (0, 1], got {self.probability}")
+            raise ValueError(f"masking.probability must be in (0, 1], got {self.probability}")
         if not 0.0 < self.span_p <= 1.0:
-            raise ValueError(f"MaskingConfig.span_p must be in (0, 1], got {self.span_p}")
+            raise ValueError(f"masking.span_p must be in (0, 1], got {self.span_p}")
         if not isinstance(self.max_span, int) or self.max_span < 1:
-            raise ValueError(f"MaskingConfig.max_span must be an int >= 1, got {self.max_span!r}")
+            raise ValueError(f"masking.max_span must be an int >= 1, got {self.max_span!r}")
         if self.replacement not in ("mask", "bert_80_10_10"):
             raise ValueError(
-                f"MaskingConfig.replacement must be 'mask' or 'bert_80_10_10', "
-                f"got {self.replacement!r}"
+                f"masking.replacement={self.replacement!r}; choose mask or bert_80_10_10"
             )
         for name in ("bert_mask_fraction", "bert_random_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(
-                    f"MaskingConfig.{name} must be in [0, 1], got {getattr(self, name)}"
-                )
+                raise ValueError(f"masking.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.bert_mask_fraction + self.bert_random_fraction > 1.0:
             raise ValueError(
-                "MaskingConfig.bert_random_fraction plus bert_mask_fraction must not exceed 1, "
+                "masking.bert_random_fraction plus masking.bert_mask_fraction must not exceed 1, "
                 f"got {self.bert_random_fraction} + {self.bert_mask_fraction}"
             )
 

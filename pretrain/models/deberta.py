@@ -105,7 +105,7 @@ class DebertaConfig:
         for name in ("hidden_act", "conv_act"):
             if getattr(self, name) not in ACTIVATIONS:
                 raise ValueError(
-                    f"model.{name}={getattr(self, name)!r}; choose from {sorted(ACTIVATIONS)}"
+                    f"model.{name}={getattr(self, name)!r}; choose {', '.join(sorted(ACTIVATIONS))}"
                 )
         if self.norm_rel_ebd not in ("none", "layer_norm"):
             raise ValueError(

@@ -57,7 +57,7 @@ class RTDConfig:
     def __post_init__(self) -> None:
         if self.embedding_sharing not in SHARING_MODES:
             raise ValueError(
-                f"rtd.embedding_sharing={self.embedding_sharing!r}; choose from {SHARING_MODES}"
+                f"rtd.embedding_sharing={self.embedding_sharing!r}; choose gdes, es or nes"
             )
         if not 0.0 < self.generator_depth_ratio <= 1.0:
             raise ValueError(

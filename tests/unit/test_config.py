@@ -174,7 +174,9 @@ def test_wrong_type_fails_naming_key() -> None:
     [
         ("model.hidden_size=100", "num_attention_heads"),
         ("rtd.embedding_sharing=shared", "embedding_sharing"),
-        ("masking.strategy=words", "strategy"),
+        ("masking.strategy=words", "masking.strategy='words'; choose span, whole_word or token"),
+        ("trainer.save_every=-1", "trainer.save_every must be >= 0, got -1"),
+        ("trainer.eval_batches=0", "trainer.eval_batches must be >= 1, got 0"),
         ("data.seq_len=4096", "data.seq_len"),
         ("deepspeed.zero_stage=4", "zero_stage"),
         ("optim.name=sgd", "optim.name"),
