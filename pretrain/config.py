@@ -363,15 +363,17 @@ def register_schema() -> None:
 
 # What a schema value's type accepts, in the words of a one-line error.
 _WANTED = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+_WANTED_LIST = {int: "integers", float: "numbers", bool: "true/false values", str: "strings"}
 
 
 def bad_override_value(overrides: list[str], groups: set[str]) -> str | None:
     """The first `key=value` command-line override whose value its schema type refuses (a word
-    or `1e3` for an integer, `maybe` for a bool, `null` for a required value), as one line that
-    names the type wanted; None when all fit. OmegaConf decides, as it would in Hydra's merge,
-    which reports the same refusal in six lines. Unknown keys are `unknown_override_key`'s;
-    sweeps (`a,b`, `range(...)`), deletions, groups and keys below a dict or list are left to
-    Hydra."""
+    or `1e3` for an integer, `maybe` for a bool, `null` for a required value, `abc` for a list),
+    as one line that names the type wanted; None when all fit. Each value of a sweep (`a,b`,
+    `range(...)`) is checked too. OmegaConf decides, as it would in Hydra's merge, which reports
+    the same refusal in six lines (and, in a sweep, ends it before its first job). Unknown keys
+    are `unknown_override_key`'s; intervals, deletions, groups and keys below a dict or list of
+    dataclasses are left to Hydra."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf.errors import ValidationError
 
@@ -383,25 +385,37 @@ def bad_override_value(overrides: list[str], groups: set[str]) -> str | None:
             continue
         try:
             (override,) = parser.parse_overrides([arg])
-        except Exception:  # a syntax error: Hydra reports its own
+            if override.is_delete():
+                continue
+            # (raw text, parsed value) of each value the override sets
+            values = (
+                [(str(v), v) for v in override.sweep_iterator()]
+                if override.is_sweep_override()
+                else [(arg.split("=", 1)[1], override.value())]
+            )
+        except Exception:  # a syntax error (Hydra reports its own), or an interval
             continue
-        if override.is_sweep_override() or override.is_delete():
-            continue
-        try:
-            OmegaConf.update(schema, override.key_or_group, override.value(), merge=True)
-        except ValidationError:
-            args = typing.get_args(wanted)
-            names = [_WANTED.get(a, str(a)) for a in args if a is not type(None)] or [
-                _WANTED.get(wanted, str(wanted))
-            ]
-            optional = " or null" if type(None) in args else ""
-            value = arg.split("=", 1)[1]
-            return f"{override.key_or_group} takes {' or '.join(names)}{optional}, not {value!r}"
+        for text, value in values:
+            try:
+                OmegaConf.update(schema, override.key_or_group, value, merge=False)
+            except ValidationError:
+                return f"{override.key_or_group} takes {_type_words(wanted)}, not {text!r}"
     return None
 
 
+def _type_words(wanted: Any) -> str:
+    """int -> "an integer", float | None -> "a number or null", list[float] -> "a list of
+    numbers"."""
+    args = typing.get_args(wanted)
+    if typing.get_origin(wanted) is list:
+        return f"a list of {_WANTED_LIST[args[0]]}"
+    words = [_WANTED[a] for a in args or (wanted,) if a is not type(None)]
+    return " or ".join(words) + (" or null" if type(None) in args else "")
+
+
 def _schema_type(arg: str, groups: set[str]) -> Any:
-    """The schema's type for a plain `key=value` override's key, or None for anything else."""
+    """The schema's type for a plain `key=value` override's key: a scalar, an optional one or a
+    list of scalars; None for anything else."""
     key = arg.split("=", 1)[0]
     if "=" not in arg or arg.startswith(("-", "~", "+")) or "/" in key or "@" in key:
         return None
@@ -416,11 +430,13 @@ def _schema_type(arg: str, groups: set[str]) -> Any:
         if part not in hints:
             return None  # unknown: unknown_override_key's
         node = hints[part]
-    leaves = {int, float, bool, str, type(None)}
-    if node in leaves:
+    scalars = {int, float, bool, str}
+    origin, args = typing.get_origin(node), set(typing.get_args(node))
+    if node in scalars or (origin is list and args <= scalars):
         return node
-    union = typing.get_origin(node) in (typing.Union, types.UnionType)
-    return node if union and set(typing.get_args(node)) <= leaves else None  # not list[float]
+    if origin in (typing.Union, types.UnionType) and args <= scalars | {type(None)}:
+        return node
+    return None  # a dataclass, a dict, a list of dataclasses
 
 
 def unknown_override_key(overrides: list[str], groups: set[str]) -> str | None:

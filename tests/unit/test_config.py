@@ -122,6 +122,8 @@ def test_known_overrides_pass_the_key_check(override: str) -> None:
         ("optim.lr=fast", "optim.lr takes a number, not 'fast'"),
         ("logging.peak_tflops=x", "logging.peak_tflops takes a number or null, not 'x'"),
         ("model.hidden_size=wide", "model.hidden_size takes an integer, not 'wide'"),
+        ("optim.betas=abc", "optim.betas takes a list of numbers, not 'abc'"),
+        ("optim.betas=[0.9,abc]", "optim.betas takes a list of numbers, not '[0.9,abc]'"),
     ],
 )
 def test_a_wrong_value_type_is_one_line_naming_the_type(override: str, message: str) -> None:
@@ -142,6 +144,7 @@ def test_a_wrong_value_type_is_one_line_naming_the_type(override: str, message: 
         "logging.peak_tflops=989",
         "trainer.max_steps=${trainer.log_every}",  # interpolations resolve later
         "name=12",  # a number is a fine string
+        "optim.betas=[0.9,0.99]",
     ],
 )
 def test_values_hydra_accepts_pass_the_value_check(override: str) -> None:
@@ -150,15 +153,29 @@ def test_values_hydra_accepts_pass_the_value_check(override: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "override",
+    "override, message",
     [
-        "trainer.seed=1,x",  # sweeps
-        "trainer.seed=range(0,3)",
-        "~trainer.seed",  # deletions
-        "optim.betas=abc",  # a list field: "takes a number" would be wrong
+        ("trainer.seed=1,x", "trainer.seed takes an integer, not 'x'"),
+        ("optim.lr=1e-3,fast", "optim.lr takes a number, not 'fast'"),
+        ("trainer.compile=true,maybe", "trainer.compile takes true or false, not 'maybe'"),
     ],
 )
-def test_sweeps_deletions_and_lists_are_left_to_hydra(override: str) -> None:
+def test_each_value_of_a_sweep_is_checked(override: str, message: str) -> None:
+    # Hydra refuses these too, in six lines, before the sweep's first job.
+    assert bad_override_value(["-m", override], GROUPS) == message
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer.seed=0,1",
+        "trainer.seed=range(0,3)",
+        "optim.lr=interval(1e-4,1e-2)",  # Optuna's: no values to check
+        "~trainer.seed",  # deletions
+        "data.sources=[{corpus: x}]",  # a list of dataclasses: Hydra checks
+    ],
+)
+def test_good_sweeps_deletions_and_structured_lists_pass(override: str) -> None:
     assert bad_override_value([override], GROUPS) is None
 
 
