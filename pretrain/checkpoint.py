@@ -338,10 +338,15 @@ def rewind(run_dir: str | Path, step: int) -> list[str]:
     the newer ones `step_X.abandoned` and copy `metrics.jsonl` aside (the resumed run drops its
     records past `step`). Returns what was done, a line each. Raises `CheckpointError` with what
     to do when `step` cannot be resumed from; then nothing is changed."""
-    root = Path(run_dir) / "checkpoints"
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise CheckpointError(f"{run} does not exist; give a run directory")
+    if run.name == "checkpoints" and not (run / "checkpoints").is_dir():
+        run = run.parent  # its checkpoints/ directory, as export accepts
+    root = run / "checkpoints"
     kept = sorted(step_of(d.name) for d in step_dirs(root))
     if not kept:
-        raise CheckpointError(f"{root} holds no checkpoint; is {run_dir} a run directory?")
+        raise CheckpointError(f"{root} holds no checkpoint; is {run} a run directory?")
     target = root / tag_for(step)
     if step not in kept:
         raise CheckpointError(
@@ -350,8 +355,10 @@ def rewind(run_dir: str | Path, step: int) -> list[str]:
     problem = verify(target)
     if problem is not None:
         raise CheckpointError(f"checkpoint {target.name} is damaged ({problem}); pick another")
+    if published_tag(root) == target.name:
+        return [f"{target.name} is already the latest checkpoint: nothing changed"]
     done = []
-    metrics = Path(run_dir) / "metrics.jsonl"
+    metrics = run / "metrics.jsonl"
     if metrics.is_file():
         copy = _free_name(metrics.with_name(f"metrics.before_rewind_to_{step}.jsonl"))
         shutil.copyfile(metrics, copy)
@@ -368,11 +375,12 @@ def rewind(run_dir: str | Path, step: int) -> list[str]:
 
 
 def _free_name(path: Path) -> Path:
-    """`path`, or `path` with .2, .3, ... added if that is taken: a second rewind loses nothing."""
+    """`path`, or with .2, .3, ... before its suffix if that is taken (a.jsonl, a.2.jsonl): a
+    second rewind loses nothing."""
     candidate, n = path, 1
     while candidate.exists():
         n += 1
-        candidate = path.with_name(f"{path.name}.{n}")
+        candidate = path.with_name(f"{path.stem}.{n}{path.suffix}")
     return candidate
 
 

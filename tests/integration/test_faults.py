@@ -344,8 +344,16 @@ def test_rewind_resumes_an_older_checkpoint_and_sets_the_newer_ones_aside(
     assert output(damaged) == (
         f"error: checkpoint step_00000006 is damaged ({problem}); pick another\n"
     )
+    missing = rewind(tmp_path / "nowhere", 4)
+    assert (
+        output(missing) == f"error: {tmp_path / 'nowhere'} does not exist; give a run directory\n"
+    )
     assert sorted(p.name for p in checkpoints.iterdir()) == before  # refusals change nothing
     assert latest(run) == "step_00000008"
+    already = rewind(run, 8)
+    assert already.returncode == 0
+    assert already.stdout == "step_00000008 is already the latest checkpoint: nothing changed\n"
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in reference.iterdir())
 
     done = rewind(run, 4)
     assert done.returncode == 0, output(done)
@@ -364,3 +372,12 @@ def test_rewind_resumes_an_older_checkpoint_and_sets_the_newer_ones_aside(
     assert_same_training(run, reference)  # the constant schedule makes steps 5..8 the same
     for step in (6, 8):  # set aside, never deleted nor pruned
         assert (checkpoints / f"step_0000000{step}.abandoned" / "manifest.json").is_file()
+    # Again, given the checkpoints/ directory (as export accepts): nothing set aside is replaced.
+    second = rewind(checkpoints, 6)
+    assert second.returncode == 0, output(second)
+    assert second.stdout.splitlines() == [
+        "copied metrics.jsonl to metrics.before_rewind_to_6.jsonl",
+        "renamed step_00000008 to step_00000008.2.abandoned",
+        "latest is step_00000006: the next run resumes from step 6",
+    ]
+    assert (checkpoints / "step_00000008.abandoned").is_dir()
