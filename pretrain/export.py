@@ -58,7 +58,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain.checkpoint import LATEST, TRAINER_STATE, CheckpointError, published_tag, verify
+from pretrain.checkpoint import (
+    ABANDONED,
+    DAMAGED,
+    LATEST,
+    TRAINER_STATE,
+    CheckpointError,
+    published_tag,
+    verify,
+)
 from pretrain.models.deberta import (
     DebertaConfig,
     DebertaModel,
@@ -222,6 +230,11 @@ def _write_model_dir(
     save_file(plain(state), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     for name, tensors in (extra_files or {}).items():
         save_file(plain(tensors), str(out / name), metadata={"format": "pt"})
+    # safetensors writes owner-only files; give them the mode of every other file written here
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in [WEIGHTS_FILE, *(extra_files or {})]:
+        os.chmod(out / name, 0o666 & ~umask)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer_dir is not None:
         from data_prep.tokenizer import copy_tokenizer_files
@@ -560,6 +573,9 @@ def locate_checkpoint(path: str | Path) -> Path:
     if not p.is_dir():
         raise ExportError(f"{p} is not a directory; give a run directory or a checkpoint directory")
     if (p / TRAINER_STATE).is_file():
+        if p.name.endswith((ABANDONED, DAMAGED)):
+            why = "abandoned by a rewind" if p.name.endswith(ABANDONED) else "set aside as damaged"
+            print(f"warning: {p.name} was {why}; exporting it as asked", file=sys.stderr)
         return p
     root = p / "checkpoints" if (p / "checkpoints" / LATEST).is_file() else p
     if (root / LATEST).is_file():

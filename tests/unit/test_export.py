@@ -42,6 +42,7 @@ from pretrain.export import (  # noqa: E402
     discriminator_state_dict,
     from_hf,
     hf_config_dict,
+    locate_checkpoint,
     rtd_from_hf,
     run_tokenizer_dir,
     to_hf,
@@ -450,6 +451,15 @@ def test_rtd_head_travels_with_our_export(exported: dict) -> None:
         assert torch.equal(back.rtd_head.state_dict()[k], v)
 
 
+def test_exported_files_share_one_mode(exported: dict) -> None:
+    """safetensors writes owner-only files; an export shared on a cluster needs the weights as
+    readable as its config.json."""
+    _, directory = exported["nes_token_types_conv"]
+    for tower in ("discriminator", "generator"):
+        modes = {p.name: p.stat().st_mode & 0o777 for p in (directory / tower).iterdir()}
+        assert len(set(modes.values())) == 1, modes
+
+
 # --------------------------------------------------------------------------------------------
 # Reading runs, and the CLI's errors
 # --------------------------------------------------------------------------------------------
@@ -509,3 +519,15 @@ def test_cli_without_a_checkpoint_says_so(tmp_path: Path, capsys: pytest.Capture
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no checkpoint in ")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_set_aside_is_exported_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    for name, why in (("step_00000008.abandoned", "abandoned by a rewind"),
+                      ("step_00000006.damaged", "set aside as damaged")):  # fmt: skip
+        step = tmp_path / name
+        step.mkdir()
+        (step / "trainer_state.json").write_text("{}")
+        assert locate_checkpoint(step) == step
+        assert capsys.readouterr().err == f"warning: {name} was {why}; exporting it as asked\n"
