@@ -67,6 +67,8 @@ from data_prep.tokenizer import (
 )
 
 DEFAULT_SHARD_TOKENS = 50_000_000  # about 100 MB per uint16 shard
+# pretrain's default data.streams: a split with fewer documents leaves a partition empty.
+TRAINING_PARTITIONS = 8
 UNK_WARN_FRACTION = 0.005  # more [UNK] tokens than this: warn that the tokenizer does not fit
 BATCH_DOCS = 256  # documents per worker task; fixed so batching never depends on --workers
 IN_FLIGHT_PER_WORKER = 4
@@ -399,6 +401,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if m["valid_fraction"] > 0 and sp["valid"]["num_docs"] == 0:
         print("warning: the valid split is empty; raise --valid-fraction", file=sys.stderr)
+    for split, fix in (
+        ("train", "give it more text, or split it into more documents"),
+        ("valid", "raise --valid-fraction, or train with trainer.eval_every=0"),
+    ):
+        if 0 < sp[split]["num_docs"] < TRAINING_PARTITIONS:
+            print(
+                f"warning: the {split} split has only {sp[split]['num_docs']} documents, and "
+                f"training reads it in {TRAINING_PARTITIONS} partitions of whole documents by "
+                f"default (data.streams): some would be empty; {fix}",
+                file=sys.stderr,
+            )
     print(
         f"{m['totals']['documents_read']} documents read; kept train {sp['train']['num_docs']} "
         f"docs / {sp['train']['num_tokens']} tokens, valid {sp['valid']['num_docs']} docs / "

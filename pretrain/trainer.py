@@ -399,10 +399,11 @@ class Trainer:
         are replaced as this run saves. Returns the warning to show, if there was such a run."""
         run = Path(self.config.run_dir)
         pointer, metrics = run / "checkpoints" / "latest", run / METRICS_FILE
-        if not (pointer.is_file() or metrics.is_file()):
-            return None
+        logged = metrics.is_file() and metrics.stat().st_size > 0
         if self.world.is_main:
             metrics.unlink(missing_ok=True)
+        if not (pointer.is_file() or logged):  # none, or one that failed before its first record
+            return None
         if not self.config.trainer.resume:
             latest = pointer.read_text().strip() if pointer.is_file() else "none"
             return (
@@ -490,7 +491,8 @@ class Trainer:
         if not _all_true(error is None, self.world):
             if isinstance(error, EmptyPartitionError) and where:  # in the held-out split
                 raise SourceError(
-                    f"{where}, held-out split: {error} (or trainer.eval_every=0: no evaluations)"
+                    f"{where}, held-out split: {error}; or prepare the corpus with a larger "
+                    "--valid-fraction, or set trainer.eval_every=0 (no evaluations)"
                 ) from None
             raise error or SourceError(
                 f"{where or f'step {self.step + 1}'}: another rank could not read its data"

@@ -195,15 +195,15 @@ class _Stream:
                 n_docs = getattr(plan.sources[s], "num_docs", None)
                 few = (
                     f" (it has {n_docs} documents for {plan.num_partitions} partitions, and a "
-                    "partition holds whole documents: split long records into more documents, "
-                    "e.g. blank lines between them in plain text)"
+                    "partition reads whole documents: a few long documents need splitting, "
+                    "e.g. by blank lines in plain text)"
                     if n_docs is not None and n_docs < 4 * plan.num_partitions
                     else ""
                 )
                 raise EmptyPartitionError(
-                    f"source {plan.names[s]!r} gives partition {self.partition} of "
-                    f"{plan.num_partitions} no sequence in a whole pass{few}; give it more text, "
-                    "or use fewer data.streams or ranks or a shorter data.seq_len"
+                    f"source {plan.names[s]!r} has no sequence for partition {self.partition} "
+                    f"of {plan.num_partitions} in a whole pass{few}; give it more text, or use "
+                    "fewer data.streams or ranks or a shorter data.seq_len"
                 )
             self._sync(s)
             st.update(epoch=st["epoch"] + 1, docs=0, offset=0)

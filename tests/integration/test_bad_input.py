@@ -39,6 +39,7 @@ HYDRA_LOG = "__main__.log"
 class Case:
     overrides: tuple[str, ...]  # on top of a tiny 2-step run; <name> is a path from `inputs`
     line: str  # a fragment of the error line
+    also: str = ""  # a second fragment of the error line, where it names the problem
     ranks: int = 1  # > 1: that many processes in one world, launched as torchrun would
     resume: bool = False  # relaunch the trained run of the `trained_run` fixture
     # The new run directory stays (unpublished): the error was found once training started (the
@@ -110,17 +111,18 @@ CASES = [
     ),
     pytest.param(
         Case(("data.corpus=<three_doc_shards>",),
-             "error: source '<three_doc_shards>' gives partition 0 of 8 no sequence in a whole "
-             "pass (it has 3 documents for 8 partitions, and a partition holds whole documents: "
-             "split long records into more documents, e.g. blank lines between them in plain "
+             "error: source '<three_doc_shards>' has no sequence for partition 0 of 8 in a "
+             "whole pass (it has 3 documents for 8 partitions, and a partition reads whole "
+             "documents: a few long documents need splitting, e.g. by blank lines in plain "
              "text); give it more text, or use fewer data.streams or ranks or a shorter "
              "data.seq_len", keeps_dir=True),
         id="corpus-too-small-for-the-streams",
     ),
     pytest.param(
         Case(("data.corpus=<small_valid_shards>", "trainer.eval_every=1"),
-             "error: evaluation at step 0, held-out split: source '<small_valid_shards>' gives "
-             "partition", ranks=2, keeps_dir=True,
+             "error: evaluation at step 0, held-out split: source '<small_valid_shards>' has "
+             "no sequence for partition", also="or prepare the corpus with a larger "
+             "--valid-fraction, or set trainer.eval_every=0", ranks=2, keeps_dir=True,
              elsewhere="error: evaluation at step 0: another rank could not read its data"),
         id="held-out-split-too-small-for-2-ranks",
     ),
@@ -344,7 +346,9 @@ def test_bad_input_fails_at_once_with_one_line_and_no_damage(
         ours = [line for line in lines if line.startswith("error: ")]
         assert len(ours) == 1, where
         error = ours[0]
-        named += fill(case.line, paths) in error
+        if fill(case.line, paths) in error:
+            named += 1
+            assert fill(case.also, paths) in error, where
         assert fill(case.line, paths) in error or (case.elsewhere and case.elsewhere in error), (
             where
         )

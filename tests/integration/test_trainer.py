@@ -332,6 +332,20 @@ def test_resume_false_starts_over_and_says_so(
     assert steps == [(0, "valid"), (1, "train"), (2, "train"), (3, "train"), (3, "valid")]
 
 
+def test_a_run_that_failed_before_logging_is_simply_started_again(
+    tiny_corpus: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A first launch refused at its first batch leaves config.yaml and an empty metrics.jsonl;
+    the next launch is a new run, with no warning about clearing an earlier one."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").touch()
+    (run / "config.yaml").write_text("earlier: attempt\n")
+    train(tiny_corpus, run, "trainer.max_steps=1")
+    out = capsys.readouterr().out
+    assert f"new run in {run}" in out and "warning: no checkpoint to resume" not in out, out
+
+
 def test_a_corpus_without_a_held_out_split_is_warned_about(
     tiny_corpus: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.corpus import prepare_corpus
+from data_prep.corpus import TRAINING_PARTITIONS, prepare_corpus
 from data_prep.default_corpus import build_default_corpus
 from data_prep.shards import ShardError, dtype_for_vocab, open_shards
 from data_prep.sources import clean_text
 from data_prep.tokenizer import load_tokenizer, train_tokenizer
+from pretrain.config import DataConfig
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -387,6 +388,13 @@ def test_doc_per_file_makes_each_source_file_one_document(tok_dir: Path, tmp_pat
     assert r.returncode == 0, r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["reader"]["documents"] == "file"
+    # Fewer documents than the trainer's default partitions, each reading whole documents.
+    assert TRAINING_PARTITIONS == DataConfig().streams
+    assert (
+        "warning: the train split has only 2 documents, and training reads it in 8 partitions "
+        "of whole documents by default (data.streams): some would be empty; give it more text, "
+        "or split it into more documents"
+    ) in r.stderr.splitlines()
     tok = load_tokenizer(tok_dir)
     docs = [d.tolist() for d in open_shards(out, "train")]
     assert docs == [tok.encode(clean_text(files[n])) for n in ("a.py", "b.py")]
