@@ -322,6 +322,7 @@ def prepare_corpus(
             "duplicate": duplicate,
             "binary_files": stats.binary_files,
             "undecodable_files": stats.undecodable_files,
+            "blank_files": stats.blank_files,
             "bad_records": stats.bad_records,
         },
         "skipped_files": stats.skipped_files,
@@ -412,11 +413,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"default (data.streams): some would be empty; {fix}",
                 file=sys.stderr,
             )
+    blank = f", {d['blank_files']} blank files" if d["blank_files"] else ""
     print(
         f"{m['totals']['documents_read']} documents read; kept train {sp['train']['num_docs']} "
         f"docs / {sp['train']['num_tokens']} tokens, valid {sp['valid']['num_docs']} docs / "
         f"{sp['valid']['num_tokens']} tokens ({m['dtype']}); dropped {d['empty']} empty, "
-        f"{d['duplicate']} duplicate, {d['bad_records']} bad records; {seconds:.1f} s -> {args.out}"
+        f"{d['duplicate']} duplicate, {d['bad_records']} bad records{blank}; {seconds:.1f} s -> "
+        f"{args.out}"
     )
     return 0
 

@@ -36,6 +36,7 @@ class ReadStats:
     documents: int = 0
     binary_files: int = 0
     undecodable_files: int = 0
+    blank_files: int = 0  # plain-text files with no document (empty, or only whitespace)
     bad_records: int = 0  # jsonl lines that are not JSON objects or lack the text field
     skipped_files: list[str] = field(default_factory=list)  # binary or undecodable, in order
     # Files read with a few invalid UTF-8 bytes dropped: "path (N bytes, first at byte B)".
@@ -259,6 +260,7 @@ def iter_text_file(path: Path, stats: ReadStats, doc_unit: str = "block") -> Ite
     if (errors := _check_utf8_text(path, stats)) is None:
         return
     stats.files += 1
+    before = stats.documents
     block: list[str] = []
     for line in _iter_lines(path, errors):
         if doc_unit == "line":
@@ -275,6 +277,8 @@ def iter_text_file(path: Path, stats: ReadStats, doc_unit: str = "block") -> Ite
     if any(line.strip() for line in block):
         stats.documents += 1
         yield "\n".join(block)
+    if stats.documents == before:
+        stats.blank_files += 1
 
 
 def iter_jsonl_file(path: Path, stats: ReadStats, text_field: str = "text") -> Iterator[str]:

@@ -97,6 +97,7 @@ def test_counts_and_round_trip(raw_dir: Path, tok_dir: Path, tmp_path: Path) -> 
         "duplicate": 2,  # paragraph 2 and the jsonl copy of paragraph 1
         "binary_files": 1,
         "undecodable_files": 1,
+        "blank_files": 0,
         "bad_records": 2,
     }
     assert [Path(p).name for p in m["skipped_files"]] == ["d_image.png", "e_latin1.txt"]
@@ -388,6 +389,8 @@ def test_doc_per_file_makes_each_source_file_one_document(tok_dir: Path, tmp_pat
     assert r.returncode == 0, r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["reader"]["documents"] == "file"
+    assert manifest["dropped"]["blank_files"] == 1  # c.py
+    assert ", 1 blank files; " in r.stdout
     # Fewer documents than the trainer's default partitions, each reading whole documents.
     assert TRAINING_PARTITIONS == DataConfig().streams
     assert (
