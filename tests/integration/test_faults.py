@@ -327,6 +327,13 @@ def rewind(run_dir: Path, step: int) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=60)
 
 
+def rewound(run_dir: Path, step: int) -> list[str]:
+    """What a rewind that must succeed printed, a line each."""
+    proc = rewind(run_dir, step)
+    assert proc.returncode == 0 and not proc.stderr, output(proc)
+    return proc.stdout.splitlines()
+
+
 def test_rewind_resumes_an_older_checkpoint_and_sets_the_newer_ones_aside(
     tiny_corpus: dict, reference: Path, tmp_path: Path
 ) -> None:
@@ -350,14 +357,10 @@ def test_rewind_resumes_an_older_checkpoint_and_sets_the_newer_ones_aside(
     )
     assert sorted(p.name for p in checkpoints.iterdir()) == before  # refusals change nothing
     assert latest(run) == "step_00000008"
-    already = rewind(run, 8)
-    assert already.returncode == 0
-    assert already.stdout == "step_00000008 is already the latest checkpoint: nothing changed\n"
+    assert rewound(run, 8) == ["step_00000008 is already the latest checkpoint: nothing changed"]
     assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in reference.iterdir())
 
-    done = rewind(run, 4)
-    assert done.returncode == 0, output(done)
-    assert done.stdout.splitlines() == [
+    assert rewound(run, 4) == [
         "copied metrics.jsonl to metrics.before_rewind_to_4.jsonl",
         "renamed step_00000006 to step_00000006.abandoned",
         "renamed step_00000008 to step_00000008.abandoned",
@@ -373,9 +376,7 @@ def test_rewind_resumes_an_older_checkpoint_and_sets_the_newer_ones_aside(
     for step in (6, 8):  # set aside, never deleted nor pruned
         assert (checkpoints / f"step_0000000{step}.abandoned" / "manifest.json").is_file()
     # Again, given the checkpoints/ directory (as export accepts): nothing set aside is replaced.
-    second = rewind(checkpoints, 6)
-    assert second.returncode == 0, output(second)
-    assert second.stdout.splitlines() == [
+    assert rewound(checkpoints, 6) == [
         "copied metrics.jsonl to metrics.before_rewind_to_6.jsonl",
         "renamed step_00000008 to step_00000008.2.abandoned",
         "latest is step_00000006: the next run resumes from step 6",
