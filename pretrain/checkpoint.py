@@ -25,6 +25,7 @@ Publishing, and why it is safe:
 - `python -m pretrain.checkpoint rewind RUN_DIR STEP` publishes an older kept checkpoint again
   (after a divergence whose last good state already holds wrecked weights, say): the newer ones
   are renamed `step_X.abandoned`, never deleted, and the next run resumes from STEP.
+  `python -m pretrain.checkpoint list RUN_DIR` shows what there is to choose from.
 """
 
 from __future__ import annotations
@@ -384,9 +385,54 @@ def _free_name(path: Path) -> Path:
     return candidate
 
 
+def describe(run_dir: str | Path) -> list[str]:
+    """A line per checkpoint directory of a run, oldest first: its step, tokens seen, the train
+    loss logged at that step, and whether it is the latest or set aside; for choosing where to
+    rewind to. Reads no weights and hashes nothing (rewind verifies the one chosen)."""
+    run = Path(run_dir)
+    if run.name == "checkpoints" and not (run / "checkpoints").is_dir():
+        run = run.parent
+    root = run / "checkpoints"
+    dirs = [  # step_X, step_X.abandoned, step_X.2.abandoned, step_X.damaged; not .partial
+        d
+        for d in (root.iterdir() if root.is_dir() else [])
+        if d.is_dir()
+        and _TAG.match(d.name.split(".")[0])
+        and (_TAG.match(d.name) or d.name.endswith((ABANDONED, DAMAGED)))
+    ]
+    if not dirs:
+        raise CheckpointError(f"{root} holds no checkpoint; is {run} a run directory?")
+    losses: dict[int, float] = {}
+    metrics = run / "metrics.jsonl"
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        try:
+            record = json.loads(line)
+            if record.get("split") == "train" and record.get("loss") is not None:
+                losses[int(record["step"])] = float(record["loss"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # a line torn by a crash
+    latest = published_tag(root)
+    lines = []
+    for d in sorted(dirs, key=lambda d: (step_of(d.name.split(".")[0]), d.name)):
+        step = step_of(d.name.split(".")[0])
+        try:
+            tokens = f"{int(json.loads((d / TRAINER_STATE).read_text())['tokens_seen']):,}"
+        except (OSError, ValueError, KeyError, TypeError):
+            tokens = "?"
+        loss = f"{losses[step]:.4g}" if step in losses else "-"
+        note = "  (latest)" if d.name == latest else ""
+        if d.name != tag_for(step):  # metrics.jsonl holds the losses of the branch kept
+            loss, note = "-", f"  set aside: {d.name}"
+        lines.append(f"step {step:>8}  tokens {tokens:>14}  train loss {loss:>8}{note}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m pretrain.checkpoint")
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser(
+        "list", help="the run's checkpoints: step, tokens seen, train loss, latest or set aside"
+    ).add_argument("run_dir", type=Path, help="the run directory (holds checkpoints/)")
     r = sub.add_parser(
         "rewind",
         help="resume the next run from an older kept checkpoint; newer ones are renamed "
@@ -396,7 +442,10 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("step", type=int, help="the step of a kept checkpoint (step_XXXXXXXX/)")
     args = p.parse_args(argv)
     try:
-        lines = rewind(args.run_dir, args.step)
+        if args.command == "list":
+            lines = describe(args.run_dir)
+        else:
+            lines = rewind(args.run_dir, args.step)
     except (CheckpointError, OSError) as e:
         sys.exit(f"error: {e}")
     for line in lines:

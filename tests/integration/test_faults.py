@@ -375,6 +375,25 @@ def test_rewind_resumes_an_older_checkpoint_and_sets_the_newer_ones_aside(
     assert_same_training(run, reference)  # the constant schedule makes steps 5..8 the same
     for step in (6, 8):  # set aside, never deleted nor pruned
         assert (checkpoints / f"step_0000000{step}.abandoned" / "manifest.json").is_file()
+    # What `list` shows to choose a step by: the losses of the branch kept, set-aside ones apart.
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain.checkpoint", "list", str(run)],
+        capture_output=True, text=True, env=child_env(), timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, output(proc)
+    ref = {step: (loss, tokens) for step, (loss, *_, tokens) in losses(reference).items()}
+
+    def row(step: int, note: str = "", loss: str | None = None) -> str:
+        loss = f"{ref[step][0]:.4g}" if loss is None else loss
+        return f"step {step:>8}  tokens {ref[step][1]:>14,}  train loss {loss:>8}{note}"
+
+    assert proc.stdout.splitlines() == [
+        row(4),
+        row(6),
+        row(6, "  set aside: step_00000006.abandoned", loss="-"),
+        row(8, "  (latest)"),
+        row(8, "  set aside: step_00000008.abandoned", loss="-"),
+    ]
     # Again, given the checkpoints/ directory (as export accepts): nothing set aside is replaced.
     assert rewound(checkpoints, 6) == [
         "copied metrics.jsonl to metrics.before_rewind_to_6.jsonl",
