@@ -520,8 +520,9 @@ class Trainer:
             f"{where}: more than trainer.max_nonfinite_skips={limit} non-finite losses; the last "
             f"good state is saved as checkpoint step {self.step}. Lower optim.lr or raise "
             "optim.warmup_steps, check the data near those samples, then rerun to resume (if "
-            "the loss was climbing before, resume from an earlier checkpoint: python -m "
-            f"pretrain.checkpoint rewind {self.config.run_dir} STEP)"
+            "the loss was climbing before, go back to an earlier checkpoint: python -m "
+            f"pretrain.checkpoint list {self.config.run_dir} shows them, rewind "
+            f"{self.config.run_dir} STEP picks one)"
         )
 
     def _note_fp16_overflow(self) -> None:
