@@ -45,6 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pretrain.metrics import METRICS_FILE
+
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
@@ -339,15 +341,10 @@ def rewind(run_dir: str | Path, step: int) -> list[str]:
     the newer ones `step_X.abandoned` and copy `metrics.jsonl` aside (the resumed run drops its
     records past `step`). Returns what was done, a line each. Raises `CheckpointError` with what
     to do when `step` cannot be resumed from; then nothing is changed."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise CheckpointError(f"{run} does not exist; give a run directory")
-    if run.name == "checkpoints" and not (run / "checkpoints").is_dir():
-        run = run.parent  # its checkpoints/ directory, as export accepts
-    root = run / "checkpoints"
+    run, root = _run_and_root(run_dir)
     kept = sorted(step_of(d.name) for d in step_dirs(root))
     if not kept:
-        raise CheckpointError(f"{root} holds no checkpoint; is {run} a run directory?")
+        raise _no_checkpoint(run, root)
     target = root / tag_for(step)
     if step not in kept:
         raise CheckpointError(
@@ -359,7 +356,7 @@ def rewind(run_dir: str | Path, step: int) -> list[str]:
     if published_tag(root) == target.name:
         return [f"{target.name} is already the latest checkpoint: nothing changed"]
     done = []
-    metrics = run / "metrics.jsonl"
+    metrics = run / METRICS_FILE
     if metrics.is_file():
         copy = _free_name(metrics.with_name(f"metrics.before_rewind_to_{step}.jsonl"))
         shutil.copyfile(metrics, copy)
@@ -373,6 +370,20 @@ def rewind(run_dir: str | Path, step: int) -> list[str]:
     _write_atomic(root / LATEST, target.name + "\n")
     done.append(f"{LATEST} is {target.name}: the next run resumes from step {step}")
     return done
+
+
+def _run_and_root(run_dir: str | Path) -> tuple[Path, Path]:
+    """(run directory, its checkpoints/) from either of them, as export accepts."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise CheckpointError(f"{run} does not exist; give a run directory")
+    if run.name == "checkpoints" and not (run / "checkpoints").is_dir():
+        run = run.parent
+    return run, run / "checkpoints"
+
+
+def _no_checkpoint(run: Path, root: Path) -> CheckpointError:
+    return CheckpointError(f"{root} holds no checkpoint; is {run} a run directory?")
 
 
 def _free_name(path: Path) -> Path:
@@ -389,21 +400,18 @@ def describe(run_dir: str | Path) -> list[str]:
     """A line per checkpoint directory of a run, oldest first: its step, tokens seen, the train
     loss logged at that step, and whether it is the latest or set aside; for choosing where to
     rewind to. Reads no weights and hashes nothing (rewind verifies the one chosen)."""
-    run = Path(run_dir)
-    if run.name == "checkpoints" and not (run / "checkpoints").is_dir():
-        run = run.parent
-    root = run / "checkpoints"
-    dirs = [  # step_X, step_X.abandoned, step_X.2.abandoned, step_X.damaged; not .partial
-        d
+    run, root = _run_and_root(run_dir)
+    dirs = [  # (step, dir): step_X, step_X.abandoned, step_X.2.abandoned, step_X.damaged
+        (step_of(d.name.split(".")[0]), d)
         for d in (root.iterdir() if root.is_dir() else [])
         if d.is_dir()
         and _TAG.match(d.name.split(".")[0])
         and (_TAG.match(d.name) or d.name.endswith((ABANDONED, DAMAGED)))
     ]
     if not dirs:
-        raise CheckpointError(f"{root} holds no checkpoint; is {run} a run directory?")
+        raise _no_checkpoint(run, root)
     losses: dict[int, float] = {}
-    metrics = run / "metrics.jsonl"
+    metrics = run / METRICS_FILE
     for line in metrics.read_text().splitlines() if metrics.is_file() else []:
         try:
             record = json.loads(line)
@@ -413,8 +421,7 @@ def describe(run_dir: str | Path) -> list[str]:
             continue  # a line torn by a crash
     latest = published_tag(root)
     lines = []
-    for d in sorted(dirs, key=lambda d: (step_of(d.name.split(".")[0]), d.name)):
-        step = step_of(d.name.split(".")[0])
+    for step, d in sorted(dirs):
         try:
             tokens = f"{int(json.loads((d / TRAINER_STATE).read_text())['tokens_seen']):,}"
         except (OSError, ValueError, KeyError, TypeError):
