@@ -12,7 +12,9 @@ small fp32 case of eager and SDPA only (the fused kernel needs CUDA), so the scr
 checked anywhere.
 
 Tiles are FWD_MxN/BWD_MxN (BLOCK_M x BLOCK_N of the forward and the backward kernels);
-"default" is what `fused._launch_settings` picks. `--profile` adds, per length, torch
+"default" is what `fused._launch_settings` picks. The "triton deterministic" row is the
+kernel with its atomics-free backward (default tiles), what `trainer.deterministic=true` runs:
+its cost over the default backward. `--profile` adds, per length, torch
 profiler's kernel table for one call of eager and of the fused kernel (default tiles): where
 the time goes (forward kernel, backward kernel, the position projections, the atomics' zeroing).
 """
@@ -75,13 +77,14 @@ def make_case(
 Run = Callable[[Case], tuple[torch.Tensor, torch.Tensor]]  # -> (out, dq)
 
 
-def disentangled(impl: str) -> Run:
+def disentangled(impl: str, deterministic: bool = False) -> Run:
     def run(c: Case) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v = (t.detach().requires_grad_() for t in (c.q, c.k, c.v))
         pos_k, pos_q = (t.detach().requires_grad_() for t in (c.pos_k, c.pos_q))
         out = disentangled_attention(
-            q, k, v, pos_k, pos_q, c.rel_index, c.token_mask, c.scale, impl=impl
-        )
+            q, k, v, pos_k, pos_q, c.rel_index, c.token_mask, c.scale, impl=impl,
+            deterministic=deterministic,
+        )  # fmt: skip
         out.backward(c.grad_out)
         assert q.grad is not None
         return out, q.grad
@@ -211,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         runs: list[tuple[str, Run, str]] = [("eager", disentangled("eager"), "default")]
         if cuda:
             runs += [(f"triton {spec}", disentangled("triton"), spec) for spec in args.tiles]
+            runs.append(("triton deterministic", disentangled("triton", True), "default"))
         runs.append(("sdpa (no position terms)", sdpa, "default"))
         reference = None
         for label, run, spec in runs:

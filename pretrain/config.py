@@ -134,8 +134,8 @@ class TrainerConfig:
     # compile of tens of seconds at start-up, and after each change of shape or train/eval.
     compile: bool = False
     # Repeatable runs on a GPU: torch.use_deterministic_algorithms (warning about any op that
-    # has no deterministic kernel), a fixed cuBLAS workspace, and eager attention where the
-    # fused kernel's backward would add with atomics. Slower; CPU runs are repeatable anyway.
+    # has no deterministic kernel), a fixed cuBLAS workspace, and the fused attention kernel's
+    # backward without atomics. Slower; CPU runs are repeatable anyway.
     deterministic: bool = False
 
 

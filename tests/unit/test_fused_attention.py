@@ -13,6 +13,11 @@ The oracles are independent of the code under test: transformers' `build_relativ
 for the index claim, the two-index formulation of the original eager code (c2p at
 rel_pos + S, p2c at S - rel_pos transposed), and the eager path in float64.
 
+Determinism is tested on CPU too: the interpreter runs a grid's programs one after another,
+so running them in reverse order changes the order in which the default backward's atomics
+add (and so the last bits of some gradients), while the deterministic backward must give the
+same bits.
+
 Tolerances (max abs difference; values and gradients are O(1)):
 - fp32, fused vs eager: 1e-5 abs + 1e-5 rel (measured <= 1e-6).
 - fp16 (interpreter) and bf16 (GPU), FlashAttention's criterion: the fused error against a
@@ -24,10 +29,12 @@ Tolerances (max abs difference; values and gradients are O(1)):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,7 +47,6 @@ from pretrain.models import attention  # noqa: E402
 from pretrain.models.attention import (  # noqa: E402
     choose_impl,
     disentangled_attention,
-    disentangled_attention_eager,
     relative_index,
 )
 from pretrain.models.deberta import (  # noqa: E402
@@ -126,6 +132,8 @@ def test_c2p_and_p2c_read_one_index(case: str) -> None:
     p2c = (span - rel_pos).clamp(0, 2 * span - 1).T  # the eager p2c gather, transposed
     assert torch.equal(c2p, table)
     assert torch.equal(p2c, table)
+    # The deterministic backward sums runs of equal c, which needs c monotone in i - j.
+    assert (idx[1:] >= idx[:-1]).all()
     if buckets > 0 and length > buckets // 2 + 1:  # the log region really is exercised
         assert (rel_pos.abs() > buckets // 2).any()
 
@@ -178,11 +186,11 @@ CORE_CASES = {
 }
 
 
-def _inputs(length: int, span: int, terms, dtype: torch.dtype, seed: int = 0):
+def _inputs(length: int, span: int, terms, dtype: torch.dtype, seed: int = 0, heads: int = 2):
     """q, k, v, pos_k, pos_q (leaves, None for an absent term), a padded token mask, and
     weights for a loss that reads every output row."""
     g = torch.Generator().manual_seed(seed)
-    batch, heads, d = 2, 2, 16
+    batch, d = 2, 16
 
     def leaf(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(dtype).requires_grad_()
@@ -197,8 +205,10 @@ def _inputs(length: int, span: int, terms, dtype: torch.dtype, seed: int = 0):
     return q, k, v, pos_k, pos_q, mask, weights
 
 
-def _run(impl: str, q, k, v, pos_k, pos_q, idx, mask, scale, weights):
-    out = disentangled_attention(q, k, v, pos_k, pos_q, idx, mask, scale, impl=impl)
+def _run(impl: str, q, k, v, pos_k, pos_q, idx, mask, scale, weights, deterministic=False):
+    out = disentangled_attention(
+        q, k, v, pos_k, pos_q, idx, mask, scale, impl=impl, deterministic=deterministic
+    )
     named = {"q": q, "k": k, "v": v, "pos_k": pos_k, "pos_q": pos_q}
     leaves = {n: t for n, t in named.items() if t is not None}
     grads = torch.autograd.grad((out.float() * weights).sum(), list(leaves.values()))
@@ -301,16 +311,75 @@ def test_choose_impl(monkeypatch: pytest.MonkeyPatch) -> None:
         DebertaConfig(attention_impl="flash")
 
 
-def test_deterministic_mode_runs_eager(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(attention, "_warned", set())
+@contextlib.contextmanager
+def _programs_in_reverse_order() -> Iterator[None]:
+    """The interpreter runs a grid's programs in reverse order (program ids are unchanged)."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    set_grid_idx = builder.set_grid_idx
+
+    def reversed_idx(x: int, y: int, z: int) -> None:
+        nx, ny, nz = builder.grid_dim
+        set_grid_idx(nx - 1 - x, ny - 1 - y, nz - 1 - z)
+
+    builder.set_grid_idx = reversed_idx
+    try:
+        yield
+    finally:
+        del builder.set_grid_idx
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "case", ["c2p_p2c_buckets", "c2p_p2c_unbucketed_clamped", "no_position_terms"]
+)
+def test_deterministic_backward_matches_eager_in_any_program_order(case: str) -> None:
+    # Three key blocks of 16: a sum of three partial dq is order-dependent, one of two is not.
+    terms, buckets, max_rel = CORE_CASES[case]
+    length = 37
+    config = _config(buckets, max_rel)
+    span = config.relative_span
+    idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
+    q, k, v, pos_k, pos_q, mask, weights = _inputs(length, span, terms, torch.float32, heads=1)
+    scale = (16 * (1 + len(terms))) ** -0.5
+    args = (q, k, v, pos_k, pos_q, idx, mask, scale, weights)
+    want, want_grads = _run("eager", *args)
+
+    def both_orders(deterministic: bool):
+        forward = _run("triton", *args, deterministic=deterministic)
+        with _programs_in_reverse_order():
+            backward = _run("triton", *args, deterministic=deterministic)
+        return forward, backward
+
+    (out, grads), (out_rev, grads_rev) = both_orders(deterministic=True)
+    torch.testing.assert_close(out, want, **FP32_TOL)
+    assert torch.equal(out, out_rev)
+    for name in _grad_names(terms):
+        torch.testing.assert_close(grads[name], want_grads[name], **FP32_TOL, msg=name)
+        assert torch.equal(grads[name], grads_rev[name]), name
+
+    # The reversal does reach the order of the sums: the default backward's atomics change
+    # the last bits of dq.
+    (_, atomic), (_, atomic_rev) = both_orders(deterministic=False)
+    assert not torch.equal(atomic["q"], atomic_rev["q"])
+
+
+def test_deterministic_follows_torch_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[bool] = []
+    monkeypatch.setattr(attention, "_fused", lambda *args: seen.append(args[-1]))
     q, k, v, pos_k, pos_q, mask, _ = _inputs(16, 8, ("c2p",), torch.float32)
     idx = torch.arange(31, dtype=torch.int32).clamp(0, 15)
-    want = disentangled_attention_eager(q, k, v, pos_k, pos_q, idx, mask, 0.1)
-    with pytest.warns(RuntimeWarning, match="deterministic"):
-        got = disentangled_attention(
-            q, k, v, pos_k, pos_q, idx, mask, 0.1, impl="triton", deterministic=True
-        )
-    assert torch.equal(got, want)
+    call = (q, k, v, pos_k, pos_q, idx, mask, 0.1)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        for setting in (True, False):
+            torch.use_deterministic_algorithms(setting)
+            disentangled_attention(*call, impl="triton")
+            disentangled_attention(*call, impl="triton", deterministic=not setting)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert seen == [True, False, False, True]
 
 
 def test_attention_impl_is_not_exported() -> None:
@@ -387,9 +456,9 @@ def _gpu_case(dtype: torch.dtype, seed: int = 0):
     weights = torch.randn(2, heads, length, d, generator=g, device=device)
     scale = (d * 3) ** -0.5
 
-    def run(impl: str, run_dtype: torch.dtype):
+    def run(impl: str, run_dtype: torch.dtype, deterministic: bool = False):
         leaves = [t.to(run_dtype).requires_grad_() for t in base]
-        return _run(impl, *leaves, idx, mask, scale, weights)
+        return _run(impl, *leaves, idx, mask, scale, weights, deterministic)
 
     return run
 
@@ -403,6 +472,27 @@ def test_gpu_bf16_fused_error_is_eager_bf16_error() -> None:
     fused, fused_grads = run("triton", torch.bfloat16)
     pairs = [("out", ref, eager, fused)] + [
         (n, ref_grads[n], eager_grads[n], fused_grads[n]) for n in ref_grads
+    ]
+    for name, r, e, f in pairs:
+        eager_err = (e.float() - r).abs().max().item()
+        fused_err = (f.float() - r).abs().max().item()
+        assert fused_err <= 2 * eager_err + 1e-2, (name, fused_err, eager_err)
+
+
+@compiled
+@pytest.mark.gpu
+def test_gpu_deterministic_backward_repeats_bit_for_bit() -> None:
+    run = _gpu_case(torch.bfloat16)
+    ref, ref_grads = run("eager", torch.float32)
+    eager, eager_grads = run("eager", torch.bfloat16)
+    first = run("triton", torch.bfloat16, deterministic=True)
+    for _ in range(3):
+        again = run("triton", torch.bfloat16, deterministic=True)
+        assert torch.equal(again[0], first[0])
+        for name, grad in first[1].items():
+            assert torch.equal(again[1][name], grad), name
+    pairs = [("out", ref, eager, first[0])] + [
+        (n, ref_grads[n], eager_grads[n], first[1][n]) for n in ref_grads
     ]
     for name, r, e, f in pairs:
         eager_err = (e.float() - r).abs().max().item()

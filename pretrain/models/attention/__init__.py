@@ -17,8 +17,9 @@ quirk, which the fused kernel reproduces, so outputs agree on every row, padding
 
 `impl="eager"` materialises the [B, h, L, L] scores (`eager.py`); `impl="triton"` is the fused
 kernel (`fused.py`): FlashAttention-style tiles and online softmax, scores never stored, the
-backward recomputes them. The fused kernel has no dropout on probabilities and its backward
-sums some gradients with atomics; `choose_impl` is where a model decides what to do about that.
+backward recomputes them. The fused kernel has no dropout on probabilities (`choose_impl` is
+where a model decides what to do about that); its backward sums some gradients with atomics,
+or, in deterministic mode, in a fixed order at the cost of a second backward kernel.
 """
 
 from __future__ import annotations
@@ -109,8 +110,8 @@ def disentangled_attention(
     term is off. rel_index: [2L - 1] int (see `relative_index`), needed with either term.
     token_mask: [B, L] bool, True for real tokens. dropout_p: on the probabilities (eager only).
     deterministic (triton only): None follows `torch.are_deterministic_algorithms_enabled()`;
-    when True the call runs eager, because the fused backward adds with atomics, whose order
-    (and so the last bits of the gradients) changes from run to run.
+    when True the fused backward makes the same bits on every run (by default it adds some
+    gradients with atomics, whose order, and so the last bits, changes from run to run).
     """
     if impl == "eager":
         return disentangled_attention_eager(
@@ -122,15 +123,12 @@ def disentangled_attention(
         raise ValueError(f"the fused attention kernel has no dropout, got dropout_p={dropout_p}")
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    if deterministic:
-        _warn_once("deterministic mode: fused attention runs eager (its backward uses atomics)")
-        return disentangled_attention_eager(q, k, v, pos_k, pos_q, rel_index, token_mask, scale)
-    return _fused(q, k, v, pos_k, pos_q, rel_index, token_mask, scale)
+    return _fused(q, k, v, pos_k, pos_q, rel_index, token_mask, scale, deterministic)
 
 
 # Under torch.compile (trainer.compile) the kernel runs as it is, a graph break on each side:
 # the launch code reads tensor strides and Triton's mode, which dynamo need not trace.
-# Arguments as `disentangled_attention`'s, without dropout_p, impl and deterministic.
+# Arguments as `disentangled_attention`'s, without dropout_p and impl.
 @torch.compiler.disable
 def _fused(*args: Any) -> torch.Tensor:
     from pretrain.models.attention.fused import fused_disentangled_attention

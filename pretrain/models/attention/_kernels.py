@@ -1,4 +1,4 @@
-"""Triton kernels for fused disentangled attention: one forward, one backward.
+"""Triton kernels for fused disentangled attention: the forward and the backward.
 
 The launchers and the autograd glue are in `fused.py`; this module holds only the
 `@triton.jit` functions. No `from __future__ import annotations` here: Triton reads the
@@ -6,6 +6,14 @@ The launchers and the autograd glue are in `fused.py`; this module holds only th
 
 Scores live in base-2 units inside the kernels (`QK_SCALE = scale * log2(e)`, `exp2`), the
 usual FlashAttention trick; the saved logsumexp `LSE` is in the same units.
+
+The backward comes in two forms. The default is one program per key block, which adds the
+gradients of q and of both position products (QP, KP) with fp32 atomics: fast, but the order
+of those additions (so the last bits) changes from run to run. The deterministic form
+has no atomics: the key-block program keeps only what it owns (dk, dv, the rows of dKP of its
+keys), a second kernel, one program per query block, makes dq and the rows of dQP of its
+queries, and each program sums the several (i, j) of a tile that share a position row c in a
+fixed order (`_add_runs`).
 """
 
 import triton
@@ -57,6 +65,82 @@ def _score_tile(
 
 
 @triton.jit
+def _load_rows(PTR, b, h, s_b, s_h, s_l, s_d, offs, offs_d, ok):
+    """Rows `offs` of head h of batch b of a [B, H, L, D] tensor, zeros where not `ok`."""
+    return tl.load(
+        PTR + b * s_b + h * s_h + offs[:, None] * s_l + offs_d[None, :] * s_d, mask=ok, other=0.0
+    )
+
+
+@triton.jit
+def _grad_tile(
+    q, k, v, do, lse, delta, offs_m, offs_n, row_ok, col_ok, q_real, k_real,
+    IDX, QP, KP, b, h,
+    s_pb, s_ph, s_pl, s_pc,
+    s_rb, s_rh, s_rl, s_rc,
+    L, SCALE, QK_SCALE,
+    HAS_QP: tl.constexpr,
+    HAS_KP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The probabilities of one tile, recomputed exactly as the forward made them, and
+    ds = d(loss)/d(raw score term), zero where a pair is masked; both backward kernels call it.
+    Also returns each pair's position index c and where ds may be non-zero."""
+    pair_ok = row_ok[:, None] & col_ok[None, :]
+    s, c = _score_tile(
+        q, k, offs_m, offs_n, pair_ok, col_ok, q_real, k_real,
+        IDX, QP, KP, b, h, s_pb, s_ph, s_pl, s_pc, s_rb, s_rh, s_rl, s_rc, L, QK_SCALE,
+        HAS_QP, HAS_KP, BLOCK_M, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+    p = tl.exp2(s - lse[:, None])
+    p = tl.where(row_ok[:, None], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    # d(loss)/d(raw term) = scale * softmax grad; a padding query's scores are a constant.
+    ds = p * (dp - delta[:, None]) * SCALE
+    grad_ok = pair_ok & q_real[:, None] & k_real[None, :]
+    ds = tl.where(grad_ok, ds, 0.0)
+    return p, ds, c, grad_ok
+
+
+@triton.jit
+def _index_tile(IDX, offs_m, offs_n, L):
+    """c(i, j) for every (i, j) of a tile, out-of-range pairs included (their i - j clamped
+    into the table), so that neighbouring pairs can be compared without masks."""
+    r = offs_m[:, None] - offs_n[None, :] + L - 1
+    return tl.load(IDX + tl.minimum(tl.maximum(r, 0), 2 * L - 2))
+
+
+@triton.jit
+def _segment_add(v1, start1, v2, start2):
+    """Segmented sum: an element flagged as a segment's start begins a new sum."""
+    return tl.where(start2 != 0, v2, v1 + v2), start1 | start2
+
+
+@triton.jit
+def _add_runs(ROW_PTRS, dest_ok, c, c_before, c_after, last, vals, AXIS: tl.constexpr):
+    """ROW_PTRS[c] += vals, summed over the pairs of a tile that share an address, without
+    atomics and in a fixed order.
+
+    ROW_PTRS broadcasts to the tile: one destination row per index across AXIS (a query's or a
+    key's row of dQP / dKP), owned by this program alone. Along AXIS, c is monotone (the
+    relative index is a monotone function of i - j), so the pairs of a destination row with
+    one c are one contiguous run: a segmented scan sums each run and its last pair adds the
+    sum, so no two lanes of one store share an address. c_before / c_after are c one pair
+    back / on along AXIS; `last` flags the tile's last index along AXIS. The barrier orders the
+    previous tile's stores (by any thread of this program) before these loads.
+    """
+    starts = (c_before != c).to(tl.int32)
+    ends = last | (c_after != c)
+    sums, _ = tl.associative_scan((vals, starts), AXIS, _segment_add)
+    ptrs = ROW_PTRS + c
+    ok = ends & dest_ok
+    tl.debug_barrier()
+    tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + sums, mask=ok)
+
+
+@triton.jit
 def _forward_kernel(
     Q, K, V, QP, KP, IDX, MASK, OUT, LSE,
     s_qb, s_qh, s_ql, s_qd,
@@ -84,11 +168,7 @@ def _forward_kernel(
     row_ok = offs_m < L
     d_ok = offs_d < D
 
-    q = tl.load(
-        Q + b * s_qb + h * s_qh + offs_m[:, None] * s_ql + offs_d[None, :] * s_qd,
-        mask=row_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
+    q = _load_rows(Q, b, h, s_qb, s_qh, s_ql, s_qd, offs_m, offs_d, row_ok[:, None] & d_ok[None, :])
     q_real = tl.load(MASK + b * s_mb + offs_m, mask=row_ok, other=0) != 0
 
     m_i = tl.full([BLOCK_M], NEG, dtype=tl.float32)
@@ -98,16 +178,8 @@ def _forward_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < L
         kv_ok = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(
-            K + b * s_kb + h * s_kh + offs_n[:, None] * s_kl + offs_d[None, :] * s_kd,
-            mask=kv_ok,
-            other=0.0,
-        )
-        v = tl.load(
-            V + b * s_vb + h * s_vh + offs_n[:, None] * s_vl + offs_d[None, :] * s_vd,
-            mask=kv_ok,
-            other=0.0,
-        )
+        k = _load_rows(K, b, h, s_kb, s_kh, s_kl, s_kd, offs_n, offs_d, kv_ok)
+        v = _load_rows(V, b, h, s_vb, s_vh, s_vl, s_vd, offs_n, offs_d, kv_ok)
         k_real = tl.load(MASK + b * s_mb + offs_n, mask=col_ok, other=0) != 0
 
         s, _ = _score_tile(
@@ -148,12 +220,15 @@ def _backward_kernel(
     QK_SCALE,
     HAS_QP: tl.constexpr,
     HAS_KP: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One program per key block: dk, dv in registers; dq, dQP, dKP by fp32 atomics.
+    """One program per key block: dk, dv in registers. dq, dQP, dKP by fp32 atomics; or, if
+    DETERMINISTIC, only dKP (its own rows, by `_add_runs`), dq and dQP being left to
+    `_backward_dq_kernel`.
 
     DQ, DK, DV are contiguous fp32 [B, H, L, D]; DQP, DKP contiguous fp32 [B, H, L, C]
     (C = 2 * span); LSE and DELTA contiguous fp32 [B, H, L].
@@ -168,16 +243,8 @@ def _backward_kernel(
     d_ok = offs_d < D
     kv_ok = col_ok[:, None] & d_ok[None, :]
 
-    k = tl.load(
-        K + b * s_kb + h * s_kh + offs_n[:, None] * s_kl + offs_d[None, :] * s_kd,
-        mask=kv_ok,
-        other=0.0,
-    )
-    v = tl.load(
-        V + b * s_vb + h * s_vh + offs_n[:, None] * s_vl + offs_d[None, :] * s_vd,
-        mask=kv_ok,
-        other=0.0,
-    )
+    k = _load_rows(K, b, h, s_kb, s_kh, s_kl, s_kd, offs_n, offs_d, kv_ok)
+    v = _load_rows(V, b, h, s_vb, s_vh, s_vl, s_vd, offs_n, offs_d, kv_ok)
     k_real = tl.load(MASK + b * s_mb + offs_n, mask=col_ok, other=0) != 0
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -188,51 +255,116 @@ def _backward_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < L
         qd_ok = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(
-            Q + b * s_qb + h * s_qh + offs_m[:, None] * s_ql + offs_d[None, :] * s_qd,
-            mask=qd_ok,
-            other=0.0,
-        )
-        do = tl.load(
-            DO + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :] * s_od,
-            mask=qd_ok,
-            other=0.0,
-        )
+        q = _load_rows(Q, b, h, s_qb, s_qh, s_ql, s_qd, offs_m, offs_d, qd_ok)
+        do = _load_rows(DO, b, h, s_ob, s_oh, s_ol, s_od, offs_m, offs_d, qd_ok)
         q_real = tl.load(MASK + b * s_mb + offs_m, mask=row_ok, other=0) != 0
         lse = tl.load(LSE + pid_bh * L + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + pid_bh * L + offs_m, mask=row_ok, other=0.0)
-
-        # Recompute the probabilities exactly as the forward did.
-        pair_ok = row_ok[:, None] & col_ok[None, :]
-        s, c = _score_tile(
-            q, k, offs_m, offs_n, pair_ok, col_ok, q_real, k_real,
-            IDX, QP, KP, b, h, s_pb, s_ph, s_pl, s_pc, s_rb, s_rh, s_rl, s_rc, L, QK_SCALE,
-            HAS_QP, HAS_KP, BLOCK_M, BLOCK_N, DOT_PRECISION,
+        p, ds, c, grad_ok = _grad_tile(
+            q, k, v, do, lse, delta, offs_m, offs_n, row_ok, col_ok, q_real, k_real,
+            IDX, QP, KP, b, h, s_pb, s_ph, s_pl, s_pc, s_rb, s_rh, s_rl, s_rc,
+            L, SCALE, QK_SCALE, HAS_QP, HAS_KP, BLOCK_M, BLOCK_N, DOT_PRECISION,
         )  # fmt: skip
-        p = tl.exp2(s - lse[:, None])
-        p = tl.where(row_ok[:, None], p, 0.0)
-
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        # d(loss)/d(raw term) = scale * softmax grad; a padding query's scores are a constant.
-        ds = p * (dp - delta[:, None]) * SCALE
-        grad_ok = pair_ok & q_real[:, None] & k_real[None, :]
-        ds = tl.where(grad_ok, ds, 0.0)
-
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
-        dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-        tl.atomic_add(
-            DQ + grad_base + offs_m[:, None] * D + offs_d[None, :], dq, mask=qd_ok, sem="relaxed"
-        )
-        if HAS_QP:
+        if DETERMINISTIC:
+            if HAS_KP:  # along i (axis 0) for each key j: c(i - 1, j) and c(i + 1, j)
+                _add_runs(
+                    DKP + pos_grad_base + offs_n[None, :] * C,
+                    col_ok[None, :],
+                    _index_tile(IDX, offs_m, offs_n, L),
+                    _index_tile(IDX, offs_m - 1, offs_n, L),
+                    _index_tile(IDX, offs_m + 1, offs_n, L),
+                    (offs_m == start_m + BLOCK_M - 1)[:, None],
+                    ds,
+                    0,
+                )
+        else:
+            dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
             tl.atomic_add(
-                DQP + pos_grad_base + offs_m[:, None] * C + c, ds, mask=grad_ok, sem="relaxed"
+                DQ + grad_base + offs_m[:, None] * D + offs_d[None, :],
+                dq,
+                mask=qd_ok,
+                sem="relaxed",
             )
-        if HAS_KP:
-            tl.atomic_add(
-                DKP + pos_grad_base + offs_n[None, :] * C + c, ds, mask=grad_ok, sem="relaxed"
-            )
+            if HAS_QP:
+                tl.atomic_add(
+                    DQP + pos_grad_base + offs_m[:, None] * C + c, ds, mask=grad_ok, sem="relaxed"
+                )
+            if HAS_KP:
+                tl.atomic_add(
+                    DKP + pos_grad_base + offs_n[None, :] * C + c, ds, mask=grad_ok, sem="relaxed"
+                )
 
     out_ptrs = grad_base + offs_n[:, None] * D + offs_d[None, :]
     tl.store(DK + out_ptrs, dk, mask=kv_ok)
     tl.store(DV + out_ptrs, dv, mask=kv_ok)
+
+
+@triton.jit
+def _backward_dq_kernel(
+    Q, K, V, QP, KP, IDX, MASK, DO, LSE, DELTA,
+    DQ, DQP,
+    s_qb, s_qh, s_ql, s_qd,
+    s_kb, s_kh, s_kl, s_kd,
+    s_vb, s_vh, s_vl, s_vd,
+    s_pb, s_ph, s_pl, s_pc,
+    s_rb, s_rh, s_rl, s_rc,
+    s_ob, s_oh, s_ol, s_od,
+    s_mb,
+    H, L, D, C,
+    SCALE,
+    QK_SCALE,
+    HAS_QP: tl.constexpr,
+    HAS_KP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The deterministic backward's other half: one program per query block, dq in registers
+    and the rows of dQP of its queries by `_add_runs`; buffers as `_backward_kernel`'s."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < L
+    d_ok = offs_d < D
+    qd_ok = row_ok[:, None] & d_ok[None, :]
+
+    q = _load_rows(Q, b, h, s_qb, s_qh, s_ql, s_qd, offs_m, offs_d, qd_ok)
+    do = _load_rows(DO, b, h, s_ob, s_oh, s_ol, s_od, offs_m, offs_d, qd_ok)
+    q_real = tl.load(MASK + b * s_mb + offs_m, mask=row_ok, other=0) != 0
+    lse = tl.load(LSE + pid_bh * L + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + pid_bh * L + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    pos_grad_base = pid_bh * L * C
+
+    for start_n in range(0, L, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < L
+        kv_ok = col_ok[:, None] & d_ok[None, :]
+        k = _load_rows(K, b, h, s_kb, s_kh, s_kl, s_kd, offs_n, offs_d, kv_ok)
+        v = _load_rows(V, b, h, s_vb, s_vh, s_vl, s_vd, offs_n, offs_d, kv_ok)
+        k_real = tl.load(MASK + b * s_mb + offs_n, mask=col_ok, other=0) != 0
+        _, ds, _, _ = _grad_tile(
+            q, k, v, do, lse, delta, offs_m, offs_n, row_ok, col_ok, q_real, k_real,
+            IDX, QP, KP, b, h, s_pb, s_ph, s_pl, s_pc, s_rb, s_rh, s_rl, s_rc,
+            L, SCALE, QK_SCALE, HAS_QP, HAS_KP, BLOCK_M, BLOCK_N, DOT_PRECISION,
+        )  # fmt: skip
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        if HAS_QP:  # along j (axis 1) for each query i: c(i, j - 1) and c(i, j + 1)
+            _add_runs(
+                DQP + pos_grad_base + offs_m[:, None] * C,
+                row_ok[:, None],
+                _index_tile(IDX, offs_m, offs_n, L),
+                _index_tile(IDX, offs_m, offs_n - 1, L),
+                _index_tile(IDX, offs_m, offs_n + 1, L),
+                (offs_n == start_n + BLOCK_N - 1)[None, :],
+                ds,
+                1,
+            )
+
+    tl.store(DQ + pid_bh * L * D + offs_m[:, None] * D + offs_d[None, :], dq, mask=qd_ok)

@@ -4,8 +4,9 @@ The position terms enter the kernel as two small projections computed here in to
 QP = q @ pos_k^T and KP = k @ pos_q^T ([B, h, L, 2S]); the kernel gathers QP[i, c(i, j)] and
 KP[j, c(i, j)] per tile, so the [L, L] scores are never stored. QP and KP are not saved for
 the backward either: it recomputes them (one small matmul each), gets dQP / dKP from the
-kernel (fp32, by atomics: in the log-bucket and clamped regions many (i, j) share one c) and
-turns them into q, k, pos_k, pos_q gradients with two more matmuls.
+kernel (fp32; in the log-bucket and clamped regions many (i, j) share one c) and turns them
+into q, k, pos_k, pos_q gradients with two more matmuls. The backward adds dq and dQP with
+atomics, or, `deterministic`, runs a second kernel that makes them without (see `_kernels`).
 
 Where it runs: compiled on CUDA; on CPU only under Triton's interpreter, which the tests use.
 Triton picks interpreted or compiled when a `triton.jit` function is defined, its own library
@@ -70,7 +71,9 @@ def _launch_settings(q: torch.Tensor) -> dict[str, Any]:
         fwd, bwd = (64, 64), (32, 64)
     else:
         fwd, bwd = (64, 32), (32, 32)
-    return dict(block_d=block_d, precision=precision, fwd=fwd, bwd=bwd, warps=8)
+    # The deterministic backward's dq kernel mirrors the key-block kernel: the same tile, the
+    # roles of its two sides swapped.
+    return dict(block_d=block_d, precision=precision, fwd=fwd, bwd=bwd, bwd_dq=bwd[::-1], warps=8)
 
 
 def _project(x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor | None:
@@ -98,6 +101,7 @@ class _FusedDisentangledAttention(torch.autograd.Function):
         rel_index: torch.Tensor,
         mask: torch.Tensor,
         scale: float,
+        deterministic: bool,
     ) -> torch.Tensor:
         cfg = _launch_settings(q)
         batch, heads, length, d = q.shape
@@ -126,6 +130,7 @@ class _FusedDisentangledAttention(torch.autograd.Function):
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, pos_k, pos_q, rel_index, mask, out, lse)
         ctx.scale = scale
+        ctx.deterministic = deterministic
         return out
 
     @staticmethod
@@ -138,33 +143,48 @@ class _FusedDisentangledAttention(torch.autograd.Function):
         dout = dout.to(q.dtype)
         qp, kp = _project(q, pos_k), _project(k, pos_q)
         delta = (dout.float() * out.float()).sum(-1).contiguous()  # rowsum(dO * O)
+        deterministic = ctx.deterministic
         f32 = dict(dtype=torch.float32, device=q.device)
-        dq = torch.zeros(batch, heads, length, d, **f32)
+        # The deterministic dq kernel writes every row of dq; atomics add into zeros.
+        dq = (torch.empty if deterministic else torch.zeros)(batch, heads, length, d, **f32)
         dk = torch.empty(batch, heads, length, d, **f32)
         dv = torch.empty(batch, heads, length, d, **f32)
         width = next((p.shape[-2] for p in (pos_k, pos_q) if p is not None), 0)  # 2 * span
         dqp = torch.zeros(batch, heads, length, width, **f32) if qp is not None else dq
         dkp = torch.zeros(batch, heads, length, width, **f32) if kp is not None else dq
-        block_m, block_n = cfg["bwd"]
-        grid = (triton.cdiv(length, block_n), batch * heads)
-        _kernels._backward_kernel[grid](
+        inputs = (
             q, k, v, qp if qp is not None else q, kp if kp is not None else q,
             rel_index, mask, dout, lse, delta,
-            dq, dk, dv, dqp, dkp,
+        )  # fmt: skip
+        sizes = (
             *q.stride(), *k.stride(), *v.stride(), *_strides(qp, 4), *_strides(kp, 4),
             *dout.stride(), mask.stride(0),
             heads, length, d, width,
             scale,
             scale * LOG2E,
+        )  # fmt: skip
+        common = dict(
             HAS_QP=qp is not None,
             HAS_KP=kp is not None,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
             BLOCK_D=cfg["block_d"],
             DOT_PRECISION=cfg["precision"],
             num_warps=cfg["warps"],
-            num_stages=2,
+            # Deterministic: no software pipelining, which might issue a tile's loads of dQP /
+            # dKP before the barrier that orders them after the previous tile's stores.
+            num_stages=1 if deterministic else 2,
+        )
+        block_m, block_n = cfg["bwd"]
+        grid = (triton.cdiv(length, block_n), batch * heads)
+        _kernels._backward_kernel[grid](
+            *inputs, dq, dk, dv, dqp, dkp, *sizes,
+            DETERMINISTIC=deterministic, BLOCK_M=block_m, BLOCK_N=block_n, **common,
         )  # fmt: skip
+        if deterministic:
+            block_m, block_n = cfg["bwd_dq"]
+            grid = (triton.cdiv(length, block_m), batch * heads)
+            _kernels._backward_dq_kernel[grid](
+                *inputs, dq, dqp, *sizes, BLOCK_M=block_m, BLOCK_N=block_n, **common
+            )
         dpos_k = dpos_q = None
         with torch.autocast(q.device.type, enabled=False):
             if pos_k is not None:
@@ -184,6 +204,7 @@ class _FusedDisentangledAttention(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -196,8 +217,12 @@ def fused_disentangled_attention(
     rel_index: torch.Tensor | None,
     token_mask: torch.Tensor,
     scale: float,
+    deterministic: bool = False,
 ) -> torch.Tensor:
-    """The fused core; arguments as `pretrain.models.attention.disentangled_attention`."""
+    """The fused core; arguments as `pretrain.models.attention.disentangled_attention`.
+
+    deterministic: a backward without atomics, whose gradients are the same bits on every run
+    (it recomputes the scores once more, in a second kernel)."""
     batch, heads, length, d = q.shape
     assert k.shape == v.shape == q.shape, "self-attention: q, k, v of one shape"
     assert token_mask.shape == (batch, length), token_mask.shape
@@ -211,5 +236,6 @@ def fused_disentangled_attention(
         assert rel_index is not None and rel_index.shape == (2 * length - 1,), "see relative_index"
         index = rel_index.to(device=q.device, dtype=torch.int32).contiguous()
     mask = token_mask.to(device=q.device, dtype=torch.int8).contiguous()
-    out = _FusedDisentangledAttention.apply(q, k, v, pos_k, pos_q, index, mask, scale)
-    return out
+    return _FusedDisentangledAttention.apply(
+        q, k, v, pos_k, pos_q, index, mask, scale, deterministic
+    )
