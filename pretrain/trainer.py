@@ -557,7 +557,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         """Held-out generator accuracy and discriminator accuracy / AUC. The held-out batches,
-        their masks and sampling noise are the same at every evaluation: only the model moves."""
+        their masks and sampling noise are the same at every evaluation, and in every run of
+        the corpus whatever its trainer.seed (`HELD_OUT_SEED`): only the model moves."""
         assert self.data.valid is not None
         module = self.engine.module
         module.eval()

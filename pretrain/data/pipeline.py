@@ -31,6 +31,10 @@ from pretrain.data.sources import ShardSource, Source, TextSource
 from pretrain.models.deberta import DebertaConfig
 
 DEFAULT_CORPUS_VERSION = 2  # 2: cleaned with NFC, not NFKC
+# The held-out batches, their masks and sampling noise are drawn with this seed, not with
+# trainer.seed: runs that differ only in their seed are then measured on the same held-out
+# set. 0 is trainer.seed's default, so a default run's numbers are what they were before.
+HELD_OUT_SEED = 0
 ModelT = TypeVar("ModelT", bound=DebertaConfig)
 MANIFEST = "manifest.json"
 
@@ -265,12 +269,12 @@ def build_data(config: Config, world) -> DataBundle:
                 seq_len=config.data.seq_len, mode=cast(Any, config.data.packing), remainder="pad"
             ),
             special=special,
-            collate_fn=collate,
+            collate_fn=MaskingCollator(masker, HELD_OUT_SEED),
             # Cycling, not one epoch: every rank must get trainer.eval_batches batches, or a
             # rank that ran out would leave the others waiting in a collective (ZeRO-3).
             config=LoaderConfig(
                 batch_size=config.trainer.micro_batch_size,
-                seed=seed,
+                seed=HELD_OUT_SEED,
                 streams_per_rank=streams_per_rank(config.data.streams, world.world_size, 0),
             ),
             rank=world.rank,

@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from pretrain.config import Config, ConfigError, register_schema, to_config
@@ -119,6 +120,29 @@ def test_run_directory_holds_metrics_checkpoints_config_and_plots(
     assert "hidden_size: 64" in (run / "config.yaml").read_text()
     assert (run / "plots/train_loss.png").stat().st_size > 1000
     assert (run / "plots/valid_disc_auc.png").is_file()
+
+
+def test_held_out_batches_do_not_depend_on_the_seed(tiny_corpus: dict, tmp_path: Path) -> None:
+    # Seed replicates must be measured on one held-out set, while training data moves.
+    from pretrain.data.pipeline import build_data
+    from pretrain.engine import World
+
+    world = World(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    bundles = [
+        build_data(make_config(tiny_corpus, tmp_path / str(seed), f"trainer.seed={seed}"), world)
+        for seed in (0, 5)
+    ]
+
+    def first(batches, n: int = 3) -> list[dict]:
+        return [next(batches) for _ in range(n)]
+
+    valid = [first(b.valid_batches()) for b in bundles]
+    train = [first(iter(b.train)) for b in bundles]
+    for key in ("input_ids", "labels", "sampling_noise"):
+        assert all(torch.equal(a[key], b[key]) for a, b in zip(*valid, strict=True)), key
+    assert not all(torch.equal(a["labels"], b["labels"]) for a, b in zip(*train, strict=True)), (
+        "the training batches should move with the seed"
+    )
 
 
 def test_lr_warms_up_then_decays_linearly(tiny_corpus: dict, tmp_path: Path) -> None:
@@ -270,8 +294,6 @@ def test_compile_with_zero3_is_refused(tiny_corpus: dict, tmp_path: Path) -> Non
 def test_deterministic_switch_is_set_per_run_and_changes_no_number_on_cpu(
     tiny_corpus: dict, tmp_path: Path
 ) -> None:
-    import torch
-
     from pretrain.trainer import Trainer
 
     common = ("trainer.max_steps=2", "trainer.eval_every=0")
