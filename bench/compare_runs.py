@@ -1,14 +1,18 @@
 """Do two or more training runs learn alike? Reads each run's metrics.jsonl, one run directory
-per argument, the first being the reference.
+per argument (a sweep's directory stands for its jobs), the first being the reference.
 
     python bench/compare_runs.py runs/eager runs/triton runs/eager_seed1 [--seed-run]
 
-Prints the held-out numbers of every run at each evaluation step side by side, then, for each
-run against the reference, the mean absolute difference of the training loss (smoothed over
+Names each run by the config values that set it apart (`rtd.embedding_sharing=es`), prints
+the held-out numbers of every run at each evaluation step side by side, then, for each run
+against the reference, the mean absolute difference of the training loss (smoothed over
 `--window` logged records) over the steps both logged. With --seed-run the last run differs
 from the reference only in its seed: its difference is the noise floor, and each other run
-gets a verdict, "within noise" when its mean difference is at most the floor's (issue 7's
-check that the fused attention trains like eager); the exit status is 1 when one is not.
+gets a verdict, "within noise" when its mean difference is at most the floor's, both taken
+over the steps all three runs logged (issue 7's check that the fused attention trains like
+eager); there is no verdict from fewer than MIN_VERDICT_STEPS such steps, and the exit status
+is 1 when a run does not track or has no verdict. `python -m pretrain.metrics plot` draws the
+same runs' curves on one set of axes.
 """
 
 from __future__ import annotations
@@ -18,7 +22,11 @@ import json
 import sys
 from pathlib import Path
 
+from pretrain.config import ConfigError
+from pretrain.metrics import find_runs, run_labels
+
 HELD_OUT = ("gen_loss", "gen_acc", "disc_acc", "disc_auc")
+MIN_VERDICT_STEPS = 5
 
 
 def read(run: Path) -> list[dict]:
@@ -58,18 +66,28 @@ def main(argv: list[str] | None = None) -> int:
         help="the last run is the reference with another seed: judge the others against it",
     )
     args = p.parse_args(argv)
-    if len(args.runs) < 2 + args.seed_run or args.window < 1:
+    if args.window < 1:
+        print("error: --window must be at least 1", file=sys.stderr)
+        return 2
+    for arg in args.runs:
+        if arg.is_file():  # a shell glob over a sweep also names its multirun.yaml
+            print(f"skipping {arg}: not a run directory", file=sys.stderr)
+    try:
+        found = find_runs([arg for arg in args.runs if not arg.is_file()])
+        runs = {str(run): read(run) for run in found}
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if len(runs) < 2 + args.seed_run:
         print(
-            f"error: give at least {2 + args.seed_run} run directories and --window >= 1",
+            f"error: {len(runs)} run(s) found; give at least {2 + args.seed_run} run directories",
             file=sys.stderr,
         )
         return 2
-    try:
-        runs = {str(run): read(run) for run in args.runs}
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
+    print("runs (what sets each apart)")
+    for run, label in run_labels(found).items():
+        print(f"  {run}: {label or '(same config)'}")
     names = list(runs)
     print("held-out evaluation (" + ", ".join(HELD_OUT) + ")")
     evals = {
@@ -82,36 +100,46 @@ def main(argv: list[str] | None = None) -> int:
             cells = "  ".join(f"{k} {r[k]:.4f}" if r and k in r else f"{k} -" for k in HELD_OUT)
             print(f"    {name}: {cells}")
 
-    reference = smoothed_train_loss(runs[names[0]], args.window)
+    smoothed = {name: smoothed_train_loss(recs, args.window) for name, recs in runs.items()}
+    reference = smoothed[names[0]]
+
+    def mean_diff(name: str, steps: list[int]) -> float:
+        return sum(abs(smoothed[name][s] - reference[s]) for s in steps) / len(steps)
+
     print(f"training loss, smoothed over {args.window} records, against {names[0]}")
-    mean_diff: dict[str, float] = {}
     for name in names[1:]:
-        other = smoothed_train_loss(runs[name], args.window)
+        other = smoothed[name]
         common = sorted(set(reference) & set(other))
         if not common:
             print(f"  {name}: no common steps")
             continue
         diffs = [abs(other[s] - reference[s]) for s in common]
-        mean_diff[name] = sum(diffs) / len(diffs)
         last = common[-1]
         print(
-            f"  {name}: mean |diff| {mean_diff[name]:.4f}, max {max(diffs):.4f} over "
+            f"  {name}: mean |diff| {mean_diff(name, common):.4f}, max {max(diffs):.4f} over "
             f"{len(common)} steps; at step {last}: {other[last]:.4f} vs {reference[last]:.4f}"
         )
     if not args.seed_run:
         return 0
-    seed_run = names[-1]
-    if seed_run not in mean_diff:
-        print(f"verdict: none, {seed_run} shares no step with {names[0]}")
-        return 1
-    floor, ok = mean_diff[seed_run], True
+    seed_run, ok = names[-1], True
     for name in names[1:-1]:
-        within = name in mean_diff and mean_diff[name] <= floor
+        # The floor and the run's difference over the same steps: a seed run that stopped
+        # early must not judge a long run by its first, noisiest records alone.
+        steps = sorted(set(reference) & set(smoothed[name]) & set(smoothed[seed_run]))
+        if len(steps) < MIN_VERDICT_STEPS:
+            ok = False
+            print(
+                f"verdict: none for {name}: {len(steps)} steps logged by it, {names[0]} and "
+                f"{seed_run} alike (at least {MIN_VERDICT_STEPS} needed)"
+            )
+            continue
+        got, floor = mean_diff(name, steps), mean_diff(seed_run, steps)
+        within = got <= floor
         ok &= within
-        got = f"{mean_diff[name]:.4f}" if name in mean_diff else "no common steps"
         print(
             f"verdict: {name} {'tracks' if within else 'does NOT track'} {names[0]} within "
-            f"noise: mean |diff| {got} vs {floor:.4f} for another seed ({seed_run})"
+            f"noise: mean |diff| {got:.4f} vs {floor:.4f} for another seed ({seed_run}), "
+            f"over steps {steps[0]}-{steps[-1]} ({len(steps)} records)"
         )
     return 0 if ok else 1
 

@@ -3,7 +3,9 @@
 Only rank 0 writes. `metrics.jsonl` holds one JSON object per logged step (training records
 have "split": "train", evaluations "split": "valid"), so a run can be read without wandb; on
 resume, records past the checkpoint's step are dropped first, so a crash never leaves the same
-step logged twice. `python -m pretrain.metrics plot RUN_DIR` redraws the PNG curves at any time.
+step logged twice. `python -m pretrain.metrics plot RUN_DIR` redraws the PNG curves at any time;
+given several runs, or a sweep's directory, it draws them on one set of axes per curve, each
+run named by the config values that set it apart (`run_labels`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -270,70 +273,176 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot(run_dir: str | Path) -> list[Path]:
-    """Write `plots/<split>_<metric>.png` for each logged curve, and `plots/train_data_share.png`
-    (each source's share of the sequences, when the run mixes several); returns the files
-    written."""
+def _points(records: list[dict[str, Any]], key: str, split: str) -> list[tuple[Any, Any]]:
+    return [
+        (r["step"], r[key])
+        for r in records
+        if r.get("split", "train") == split and isinstance(r.get(key), int | float)
+    ]
+
+
+def _unigram_baseline(records: list[dict[str, Any]], key: str) -> float | None:
+    """The last logged best-constant-guess value of `key` (gen_acc's), if any."""
+    values = [r[f"{key}_unigram"] for r in records if r.get(f"{key}_unigram") is not None]
+    return values[-1] if values else None
+
+
+def _figure() -> tuple[Any, Any, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    return plt, fig, ax
+
+
+def _save(plt: Any, fig: Any, ax: Any, title: str, path: Path) -> Path:
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=100, bbox_inches="tight")  # grows to hold a legend below the axes
+    plt.close(fig)
+    return path
+
+
+def plot(run_dir: str | Path) -> list[Path]:
+    """Write `plots/<split>_<metric>.png` for each logged curve, and `plots/train_data_share.png`
+    (each source's share of the sequences, when the run mixes several); returns the files
+    written."""
     from pretrain.data.loader import SHARE_PREFIX
 
+    run_dir = Path(run_dir)
     records = read_metrics(run_dir)
-    out = Path(run_dir) / "plots"
+    out = run_dir / "plots"
     out.mkdir(exist_ok=True)
-
-    def points(key: str, split: str) -> list[tuple[Any, Any]]:
-        return [
-            (r["step"], r[key])
-            for r in records
-            if r.get("split", "train") == split and isinstance(r.get(key), int | float)
-        ]
-
-    def save(fig: Any, ax: Any, title: str, name: str) -> Path:
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        return out / name
-
     written = []
     for key, split in PLOTTED:
-        if not (curve := points(key, split)):
+        if not (curve := _points(records, key, split)):
             continue
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        plt, fig, ax = _figure()
         ax.plot(*zip(*curve, strict=True), marker="." if split == "valid" else None)
-        baseline = [r[f"{key}_unigram"] for r in records if r.get(f"{key}_unigram") is not None]
-        if split == "valid" and baseline:  # gen_acc: the best constant guess, to beat
-            ax.axhline(baseline[-1], linestyle="--", color="gray", label="unigram baseline")
+        baseline = _unigram_baseline(records, key)
+        if split == "valid" and baseline is not None:  # gen_acc: the best constant guess
+            ax.axhline(baseline, linestyle="--", color="gray", label="unigram baseline")
             ax.legend()
-        written.append(save(fig, ax, f"{split} {key}", f"{split}_{key}.png"))
+        title = f"{split} {key}: {run_dir.resolve().name}"
+        written.append(_save(plt, fig, ax, title, out / f"{split}_{key}.png"))
     shares = sorted({k for r in records for k in r if k.startswith(SHARE_PREFIX)})
     if shares:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        plt, fig, ax = _figure()
         for key in shares:
-            ax.plot(*zip(*points(key, "train"), strict=True), label=key[len(SHARE_PREFIX) :])
+            curve = _points(records, key, "train")
+            ax.plot(*zip(*curve, strict=True), label=key[len(SHARE_PREFIX) :])
         ax.legend(fontsize="small")
-        written.append(
-            save(fig, ax, "train: each source's share of the sequences", "train_data_share.png")
-        )
+        title = "train: each source's share of the sequences"
+        written.append(_save(plt, fig, ax, title, out / "train_data_share.png"))
+    return written
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """The run directories named by `paths`: each a run (it holds metrics.jsonl) or a sweep's
+    directory, which stands for its job directories (0, 1, ... in number order)."""
+    runs = []
+    for path in paths:
+        if (path / METRICS_FILE).is_file():
+            runs.append(path)
+            continue
+        jobs = [p for p in path.iterdir() if (p / METRICS_FILE).is_file()] if path.is_dir() else []
+        if not jobs:
+            raise ConfigError(
+                f"{path}: no {METRICS_FILE} in it or in its subdirectories; pass run "
+                "directories or a sweep's directory"
+            )
+        runs += sorted(jobs, key=lambda p: (not p.name.isdigit(), p.name.zfill(12)))
+    return runs
+
+
+# Config values that differ between any two runs and say nothing about how they trained.
+_NOT_A_DIFFERENCE = {"run_dir"}
+
+
+def _flatten(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(tree, dict) and tree:
+        for key, value in tree.items():
+            yield from _flatten(value, f"{prefix}{key}.")
+    else:
+        yield prefix[:-1], tree
+
+
+def run_labels(runs: list[Path]) -> dict[Path, str]:
+    """Each run's name in a comparison: the values of its config.yaml that not every run
+    shares, as overrides (`rtd.embedding_sharing=es trainer.seed=1`); "" where none differ."""
+    import yaml
+
+    configs = []
+    for run in runs:
+        path = run / "config.yaml"
+        tree = yaml.safe_load(path.read_text()) if path.is_file() else {}
+        configs.append(dict(_flatten(tree or {})))
+    keys = sorted({k for c in configs for k in c} - _NOT_A_DIFFERENCE)
+    differ = [k for k in keys if len({json.dumps(c.get(k)) for c in configs}) > 1]
+
+    def value(v: Any) -> str:
+        return json.dumps(v) if isinstance(v, list | dict) else "null" if v is None else str(v)
+
+    return {
+        run: " ".join(f"{k}={value(c.get(k))}" for k in differ)
+        for run, c in zip(runs, configs, strict=True)
+    }
+
+
+def plot_runs(runs: list[Path], out: Path) -> list[Path]:
+    """`out/<split>_<metric>.png` with one line per run, named by `run_labels`."""
+    out.mkdir(parents=True, exist_ok=True)
+    labels = run_labels(runs)
+    records = {run: read_metrics(run) for run in runs}
+    written = []
+    for key, split in PLOTTED:
+        curves = {run: _points(records[run], key, split) for run in runs}
+        if not any(curves.values()):
+            continue
+        plt, fig, ax = _figure()
+        for run, curve in curves.items():
+            if curve:
+                label = f"{run}: {labels[run]}" if labels[run] else str(run)
+                marker = "." if split == "valid" else None
+                ax.plot(*zip(*curve, strict=True), marker=marker, label=label)
+        baselines = {_unigram_baseline(records[run], key) for run in runs} - {None}
+        if split == "valid" and len(baselines) == 1:  # one held-out set: one best guess
+            ax.axhline(baselines.pop(), linestyle="--", color="gray", label="unigram baseline")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(0, -0.18))
+        written.append(_save(plt, fig, ax, f"{split} {key}", out / f"{split}_{key}.png"))
     return written
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m pretrain.metrics")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("plot", help="draw PNG curves from RUN_DIR/metrics.jsonl").add_argument(
-        "run_dir", type=Path
+    plot_args = sub.add_parser(
+        "plot",
+        help="draw PNG curves: RUN_DIR/plots for one run; with several runs, or a sweep's "
+        "directory, one plot per curve with a line per run",
+    )
+    plot_args.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    plot_args.add_argument(
+        "--out", type=Path, help="where several runs' plots go (default: SWEEP_DIR/plots)"
     )
     args = p.parse_args(argv)
-    if not (args.run_dir / METRICS_FILE).is_file():
-        sys.exit(f"error: {args.run_dir / METRICS_FILE} not found; pass a run directory")
-    for path in plot(args.run_dir):
+    try:
+        runs = find_runs(args.runs)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    if runs == args.runs[:1] and args.out is None:
+        written = plot(runs[0])
+    else:
+        out = args.out
+        if out is None and len(args.runs) == 1:  # a sweep's directory
+            out = args.runs[0] / "plots"
+        if out is None:
+            sys.exit("error: several runs: say where their plots go with --out DIR")
+        written = plot_runs(runs, out)
+    for path in written:
         print(path)
 
 

@@ -58,17 +58,51 @@ def test_a_step_logged_twice_after_a_resume_counts_once(bench, tmp_path: Path, c
 
 
 def test_seed_run_is_the_noise_floor_of_a_verdict(bench, tmp_path: Path, capsys) -> None:
-    write_run(tmp_path / "ref", [4.0, 3.0, 2.0], auc=0.5)
-    write_run(tmp_path / "close", [4.0, 3.1, 2.0], auc=0.5)  # mean |diff| 0.1/3 = 0.0333
-    write_run(tmp_path / "far", [4.0, 3.0, 3.0], auc=0.5)  # 1/3 = 0.3333
-    write_run(tmp_path / "seed", [4.1, 3.1, 2.1], auc=0.5)  # the floor: 0.1
+    write_run(tmp_path / "ref", [4.0, 3.0, 2.0, 2.0, 2.0], auc=0.5)
+    write_run(tmp_path / "close", [4.0, 3.1, 2.0, 2.0, 2.0], auc=0.5)  # mean |diff| 0.1/5
+    write_run(tmp_path / "far", [4.0, 3.0, 3.0, 3.0, 3.0], auc=0.5)  # 3/5
+    write_run(tmp_path / "seed", [4.1, 3.1, 2.1, 2.1, 2.1], auc=0.5)  # the floor: 0.1
     runs = [str(tmp_path / n) for n in ("ref", "close", "seed")]
     assert bench.main([*runs, "--window", "1", "--seed-run"]) == 0
-    assert (f"verdict: {runs[1]} tracks {runs[0]} within noise: mean |diff| 0.0333 vs 0.1000 "
-            f"for another seed ({runs[2]})") in capsys.readouterr().out  # fmt: skip
+    assert (f"verdict: {runs[1]} tracks {runs[0]} within noise: mean |diff| 0.0200 vs 0.1000 "
+            f"for another seed ({runs[2]}), over steps 1-5 (5 records)") in capsys.readouterr().out  # fmt: skip
     runs.insert(2, str(tmp_path / "far"))
     assert bench.main([*runs, "--window", "1", "--seed-run"]) == 1
-    assert f"verdict: {runs[2]} does NOT track {runs[0]} within noise: mean |diff| 0.3333" in (
+    assert f"verdict: {runs[2]} does NOT track {runs[0]} within noise: mean |diff| 0.6000" in (
         capsys.readouterr().out
     )
     assert bench.main([runs[0], runs[3], "--seed-run"]) == 2  # no run to judge
+
+
+def test_a_short_seed_run_judges_only_the_steps_it_logged(bench, tmp_path: Path, capsys) -> None:
+    # Early records differ most; a seed run that stopped early must not set the floor for a
+    # long run from them while the long run is averaged over all its steps.
+    write_run(tmp_path / "ref", [9.0, 5.0, 3.0, 2.0, 2.0, 2.0, 2.0, 2.0], auc=0.5)
+    write_run(tmp_path / "run", [8.0, 4.0, 3.0, 2.0, 2.0, 2.0, 2.0, 2.0], auc=0.5)
+    write_run(tmp_path / "seed", [8.5, 5.5, 3.2, 2.1, 2.0, 2.0], auc=0.5)
+    runs = [str(tmp_path / n) for n in ("ref", "run", "seed")]
+    # Over steps 1-6: run 2/6 = 0.3333 vs floor 1.3/6 = 0.2167 (over all 8 it would be 0.25).
+    assert bench.main([*runs, "--window", "1", "--seed-run"]) == 1
+    assert "mean |diff| 0.3333 vs 0.2167 for another seed" in capsys.readouterr().out
+    write_run(tmp_path / "short", [8.5, 5.5, 3.2], auc=0.5)
+    assert bench.main([*runs[:2], str(tmp_path / "short"), "--window", "1", "--seed-run"]) == 1
+    assert f"verdict: none for {runs[1]}: 3 steps" in capsys.readouterr().out
+
+
+def test_a_sweep_directory_stands_for_its_jobs_named_by_what_differs(
+    bench, tmp_path: Path, capsys
+) -> None:
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    for job, mode in enumerate(("gdes", "es")):
+        write_run(sweep / str(job), [4.0, 3.0], auc=0.5)
+        (sweep / str(job) / "config.yaml").write_text(
+            f"rtd:\n  embedding_sharing: {mode}\n  rtd_weight: 10\nrun_dir: {sweep / str(job)}\n"
+        )
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    # As a shell glob names them (the sweep's own file too), and as the sweep directory.
+    for args in ([str(p) for p in sorted(sweep.iterdir())], [str(sweep)]):
+        assert bench.main([*args, "--window", "1"]) == 0
+        out = capsys.readouterr().out
+        assert f"  {sweep / '0'}: rtd.embedding_sharing=gdes\n" in out
+        assert f"  {sweep / '1'}: rtd.embedding_sharing=es\n" in out

@@ -14,9 +14,11 @@ from pretrain.metrics import (
     MetricsLogger,
     binary_auc,
     encoder_forward_flops_per_token,
+    main,
     plot,
     read_metrics,
     rtd_train_flops_per_token,
+    run_labels,
 )
 from pretrain.models.deberta import DebertaConfig
 
@@ -95,6 +97,70 @@ def test_plot_draws_the_data_shares_of_a_mixture(tmp_path: Path) -> None:
     (tmp_path / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
     names = sorted(p.name for p in plot(tmp_path))
     assert names == ["train_data_share.png", "train_loss.png"]
+
+
+def _job(run: Path, sharing: str, seed: int, losses: list[float]) -> Path:
+    run.mkdir(parents=True)
+    rows = [{"step": i + 1, "split": "train", "loss": x} for i, x in enumerate(losses)]
+    rows.append({"step": len(losses), "split": "valid", "gen_acc": 0.1, "gen_acc_unigram": 0.05})
+    (run / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "config.yaml").write_text(
+        f"rtd:\n  embedding_sharing: {sharing}\n  rtd_weight: 10.0\n"
+        f"model:\n  pos_att_type: [p2c, c2p]\ntrainer:\n  seed: {seed}\nrun_dir: {run}\n"
+    )
+    return run
+
+
+def test_runs_are_named_by_the_config_values_that_differ(tmp_path: Path) -> None:
+    runs = [
+        _job(tmp_path / "0", "gdes", 0, [3.0]),
+        _job(tmp_path / "1", "es", 0, [3.0]),
+        _job(tmp_path / "2", "es", 1, [3.0]),
+    ]
+    assert run_labels(runs) == {
+        runs[0]: "rtd.embedding_sharing=gdes trainer.seed=0",
+        runs[1]: "rtd.embedding_sharing=es trainer.seed=0",
+        runs[2]: "rtd.embedding_sharing=es trainer.seed=1",
+    }
+    assert run_labels(runs[1:2]) == {runs[1]: ""}
+
+
+def test_plot_of_a_sweep_draws_its_jobs_on_one_set_of_axes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import matplotlib.figure
+
+    sweep = tmp_path / "sweep"
+    for job, sharing in enumerate(["gdes", "es", "nes"] * 4):  # 12 jobs: 10 sorts after 9
+        _job(sweep / str(job), sharing, job // 3, [4.0 - job / 10, 3.0])
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    legends: dict[str, list[str]] = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def capture(fig, path, **kw):
+        legends[Path(path).name] = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        return save(fig, path, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capture)
+    main(["plot", str(sweep)])
+    assert sorted(legends) == ["train_loss.png", "valid_gen_acc.png"]
+    assert legends["train_loss.png"][:2] == [
+        f"{sweep / '0'}: rtd.embedding_sharing=gdes trainer.seed=0",
+        f"{sweep / '1'}: rtd.embedding_sharing=es trainer.seed=0",
+    ]
+    assert legends["train_loss.png"][10].startswith(f"{sweep / '10'}: ")
+    # One held-out set, so one best-constant-guess line, drawn once.
+    assert legends["valid_gen_acc.png"][-1] == "unigram baseline"
+    assert (sweep / "plots/train_loss.png").read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(sweep / "plots/train_loss.png"), str(sweep / "plots/valid_gen_acc.png")]
+
+    with pytest.raises(SystemExit, match="several runs: say where their plots go with --out"):
+        main(["plot", str(sweep / "0"), str(sweep / "1")])
+    main(["plot", str(sweep / "0"), str(sweep / "1"), "--out", str(tmp_path / "two")])
+    assert len(legends["train_loss.png"]) == 2 and (tmp_path / "two/train_loss.png").is_file()
+    with pytest.raises(SystemExit, match=f"{tmp_path / 'none'}: no metrics.jsonl in it"):
+        main(["plot", str(tmp_path / "none")])
 
 
 def test_wandb_that_cannot_start_is_one_line(
