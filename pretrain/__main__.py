@@ -31,6 +31,7 @@ CONF = Path(__file__).resolve().parent.parent / "conf"
 def main(cfg: DictConfig) -> float | None:
     """Returns the objective a Hydra sweeper minimises: the last held-out generator MLM loss,
     else the last training loss."""
+    trainer = None
     try:
         config = to_config(cfg)
         # Heavy imports only after the config is valid.
@@ -49,7 +50,8 @@ def main(cfg: DictConfig) -> float | None:
             sys.exit(0)  # next job must not start, nor a sweeper count this one as finished
     # SourceError: data read mid-run; LoaderStateError: a resume with other data settings.
     except (ConfigError, CheckpointError, SourceError, LoaderStateError) as e:
-        _drop_launch_record()
+        if trainer is None or not trainer.wrote_run_dir:  # refused: leave no trace of it
+            _drop_launch_record()
         return _job_failed(e)
     if not records:  # a finished run run again ("nothing to train"): its objective stands
         from pretrain.metrics import METRICS_FILE, read_metrics
@@ -87,20 +89,24 @@ def _is_sweep_job() -> bool:
 
 
 def _drop_launch_record() -> None:
-    """A single-process launch refused in a new directory leaves no directory behind: Hydra's
-    record of it (`.hydra/<time>/`, an empty log) is removed when the directory holds nothing
-    else."""
+    """A single-process launch refused at start-up leaves no trace: in a new directory, no
+    directory (Hydra's record of the launch, `.hydra/<time>/`, and an empty log go with it);
+    in an earlier run's directory, not its own `.hydra/<time>/` record, which would claim a
+    configuration that never trained."""
     from hydra.core.hydra_config import HydraConfig
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # ranks would race: one deleting while
         return  # another still writes its record; a multi-rank launch keeps the directory
-    out = Path(HydraConfig.get().runtime.output_dir)
-    log = out / f"{HydraConfig.get().job.name}.log"
+    hydra_config = HydraConfig.get()
+    out = Path(hydra_config.runtime.output_dir)
+    log = out / f"{hydra_config.job.name}.log"
     try:
         if {p.name for p in out.iterdir()} <= {".hydra", log.name} and not (
             log.is_file() and log.stat().st_size
         ):
             shutil.rmtree(out)
+        elif hydra_config.output_subdir and (record := out / hydra_config.output_subdir).is_dir():
+            shutil.rmtree(record)
     except OSError:  # gone already, or not ours to remove: leave it
         pass
 

@@ -160,6 +160,9 @@ class Trainer:
         self._fp16_skipped = 0
         self._stop_signal: int | None = None
         self._resume_notes: list[str] = []  # lines for the console once the logger exists
+        # Whether this launch has written to the run directory: until then, a refusal leaves
+        # it as it was (the entry point also removes Hydra's record of the launch).
+        self.wrote_run_dir = False
         self._log = print if self.world.is_main else (lambda _line: None)
 
     def _shape_from_checkpoint(self, config: Config) -> Config:
@@ -300,6 +303,7 @@ class Trainer:
         resumed = self.resume()
         earlier = None if resumed else self._clear_earlier_run()
         if self.world.is_main and not (resumed and self.step >= last):  # not if nothing to do
+            self.wrote_run_dir = True
             Path(c.run_dir).mkdir(parents=True, exist_ok=True)
             (Path(c.run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(c)))
         logger = MetricsLogger(
