@@ -388,11 +388,11 @@ def bad_override_value(overrides: list[str], groups: set[str]) -> str | None:
             if override.is_delete():
                 continue
             # (raw text, parsed value) of each value the override sets
-            values = (
-                [(str(v), v) for v in override.sweep_iterator()]
-                if override.is_sweep_override()
-                else [(arg.split("=", 1)[1], override.value())]
-            )
+            raw = arg.split("=", 1)[1]
+            if override.is_sweep_override():
+                values = _sweep_values(raw, list(override.sweep_iterator()))
+            else:
+                values = [(raw, override.value())]
         except Exception:  # a syntax error (Hydra reports its own), or an interval
             continue
         for text, value in values:
@@ -401,6 +401,25 @@ def bad_override_value(overrides: list[str], groups: set[str]) -> str | None:
             except ValidationError:
                 return f"{override.key_or_group} takes {_type_words(wanted)}, not {text!r}"
     return None
+
+
+def _sweep_values(raw: str, parsed: list[Any]) -> list[tuple[str, Any]]:
+    """(text as typed, parsed value) of each value of a sweep: `a,b` or `choice(a,b)` split
+    where no quote or bracket makes that ambiguous, else the parsed value's text. A sweep
+    nested in a choice (`range(0,3),5`) is left to Hydra."""
+    from hydra.core.override_parser.types import QuotedString, Sweep
+
+    inner = raw.strip()
+    if inner.startswith("choice(") and inner.endswith(")"):
+        inner = inner[len("choice(") : -1]
+    typed = [text.strip() for text in inner.split(",")]
+    if len(typed) != len(parsed) or any(c in inner for c in "'\"()[]{}"):
+        typed = [v.text if isinstance(v, QuotedString) else str(v) for v in parsed]
+    return [
+        (text, value.text if isinstance(value, QuotedString) else value)
+        for text, value in zip(typed, parsed, strict=True)
+        if not isinstance(value, Sweep)
+    ]
 
 
 def _type_words(wanted: Any) -> str:

@@ -158,6 +158,11 @@ def test_values_hydra_accepts_pass_the_value_check(override: str) -> None:
         ("trainer.seed=1,x", "trainer.seed takes an integer, not 'x'"),
         ("optim.lr=1e-3,fast", "optim.lr takes a number, not 'fast'"),
         ("trainer.compile=true,maybe", "trainer.compile takes true or false, not 'maybe'"),
+        # Quoted as typed, not as parsed ('1000.0').
+        ("trainer.max_steps=210, 1e3", "trainer.max_steps takes an integer, not '1e3'"),
+        ("trainer.seed=choice(1, 2e3)", "trainer.seed takes an integer, not '2e3'"),
+        ("trainer.seed=1,'x y'", "trainer.seed takes an integer, not 'x y'"),
+        ("trainer.seed=range(0,3),'x'", "trainer.seed takes an integer, not 'x'"),
     ],
 )
 def test_each_value_of_a_sweep_is_checked(override: str, message: str) -> None:
