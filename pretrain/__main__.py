@@ -59,9 +59,12 @@ def main(cfg: DictConfig) -> float | None:
         if (Path(config.run_dir) / METRICS_FILE).is_file():
             records = read_metrics(config.run_dir)
     for split, key in (("valid", "gen_loss"), ("train", "loss")):
-        values = [r[key] for r in records if r.get("split") == split and r.get(key) is not None]
-        if values:
-            return float(values[-1])
+        found = [r for r in records if r.get("split") == split and r.get(key) is not None]
+        if found:
+            objective = float(found[-1][key])
+            if _is_sweep_job() and trainer.world.is_main:  # which job won, without a sweeper
+                print(f"objective: {split} {key} {objective:.6g} at step {found[-1]['step']}")
+            return objective
     return None
 
 

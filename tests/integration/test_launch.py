@@ -189,10 +189,20 @@ def test_multirun_sweep_writes_one_run_per_learning_rate(tiny_corpus: dict, tmp_
         # warmup is 2 steps, so the rate logged after step 1 (the next step's) is the peak
         assert records[0]["lr"] == pytest.approx(lr)
         assert (sweep / job / "checkpoints/latest").read_text().strip() == "step_00000002"
-    # Jobs are found again by number: the same sweep again finds them finished; a sweep with
-    # other values in the same directory is refused, its jobs' files untouched.
+    # Each job says what it returns to a sweeper: here (no evaluation) its last training loss.
+    objectives = [line for line in proc.stdout.splitlines() if line.startswith("objective: ")]
+    assert objectives == [
+        f"objective: train loss {train_records(sweep / job)[-1]['loss']:.6g} at step 2"
+        for job in ("0", "1")
+    ]
+    # Jobs are found again by number: the same sweep again finds them finished (and reports
+    # the objectives they reached); a sweep with other values in the same directory is
+    # refused, its jobs' files untouched.
     same = subprocess.run(proc.args, capture_output=True, text=True, env=child_env(), timeout=180)
     assert same.returncode == 0 and same.stdout.count("nothing to train") == 2, same.stderr[-3000:]
+    assert [line for line in same.stdout.splitlines() if line.startswith("objective: ")] == (
+        objectives
+    )
     config = (sweep / "0" / "config.yaml").read_text()
     other = [*proc.args[:-1], "optim.lr=5e-3,6e-3"]
     refused = subprocess.run(other, capture_output=True, text=True, env=child_env(), timeout=180)
