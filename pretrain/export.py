@@ -591,6 +591,15 @@ def locate_checkpoint(path: str | Path) -> Path:
                 "checkpoint directory instead, or rerun the training to repair the run"
             )
         return root / tag
+    jobs = sorted(
+        (d for d in p.iterdir() if (d / "checkpoints" / LATEST).is_file()),
+        key=lambda d: (not d.name.isdigit(), d.name.zfill(12)),
+    )
+    if jobs:  # a sweep's directory
+        raise ExportError(
+            f"{p} holds the runs of a sweep ({', '.join(d.name for d in jobs)}), not one run: "
+            f"export one of them, e.g. python -m pretrain.export {jobs[0]} OUT_DIR"
+        )
     raise ExportError(
         f"no checkpoint in {p}: expected a run directory (with checkpoints/{LATEST}) or a "
         f"checkpoint directory (step_XXXXXXXX/ with {TRAINER_STATE}); has the run saved yet?"
@@ -980,6 +989,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Consolidation runs on CPU; naming the accelerator spares DeepSpeed's detection (and its
     # warning) in this process of our own.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    earlier = [
+        d for d in (Path(args.out) / DISCRIMINATOR, Path(args.out) / GENERATOR)
+        if (d / CONFIG_FILE).is_file()
+    ]  # fmt: skip
     try:
         run, written = export_run(args.source, args.out, args.tokenizer, not args.no_generator)
     except ExportError as e:
@@ -989,6 +1002,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"exported step {run.step} of {run.directory} ({sharing}) -> "
         + ", ".join(str(p) for p in written.values())
+        + (f" (replacing the export that was in {args.out})" if earlier else "")
     )
     return 0
 

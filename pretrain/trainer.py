@@ -361,7 +361,7 @@ class Trainer:
                     history.append(record)
                 if stop:
                     why = (
-                        f"signal {self._stop_signal}"
+                        signal.Signals(self._stop_signal).name  # SIGTERM, not "signal 15"
                         if self._stop_signal
                         else "another rank's stop signal"
                     )
@@ -421,8 +421,10 @@ class Trainer:
         """What this run is, before its first step; warnings for settings that waste it."""
         c, t, o = self.config, self.config.trainer, self.config.optim
         if resumed and self.step >= last:
+            past = f", past trainer.max_steps={t.max_steps}" if self.step > t.max_steps else ""
             return [
-                f"nothing to train: step {self.step} reached (raise trainer.max_steps to go on)"
+                f"nothing to train: the run is at step {self.step}{past} (raise "
+                "trainer.max_steps to go on)"
             ]
         b, w = self.engine.batch, self.world
         lines = [] if resumed else [f"new run in {c.run_dir}"]

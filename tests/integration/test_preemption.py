@@ -126,7 +126,7 @@ def test_sigterm_then_sigusr1_each_save_exit_0_and_the_same_command_resumes(
             assert_resumed(run, stopped, log.read_text())
         previous, stopped = stopped, assert_saved_at_stop(run, world_size=1)
         assert stopped >= previous + SIGNAL_AFTER
-        assert f"signal {int(sig)}: saving step {stopped} and exiting" in log.read_text()
+        assert f"{sig.name}: saving step {stopped} and exiting" in log.read_text()
 
     again = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=180)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -147,7 +147,7 @@ def test_sigterm_to_the_whole_process_group_saves_and_exits_0(
         rc = proc.wait(timeout=STOP_TIMEOUT)
     assert rc == 0 and "Traceback" not in log.read_text(), tail(log)
     stopped = assert_saved_at_stop(run, world_size=1)
-    assert f"signal {int(signal.SIGTERM)}: saving step {stopped} and exiting" in log.read_text()
+    assert f"SIGTERM: saving step {stopped} and exiting" in log.read_text()
 
 
 def test_preempting_a_sweep_saves_the_job_and_starts_no_other(
@@ -255,7 +255,7 @@ def test_ctrl_c_saves_and_exits_and_twice_quits_without_saving(
     assert rc == 130, tail(log)  # interrupted, by the user: a sweep stops too
     if presses != "twice":
         stopped = assert_saved_at_stop(run, world_size=1)
-        assert f"signal {int(signal.SIGINT)}: saving step {stopped} and exiting" in output
+        assert f"SIGINT: saving step {stopped} and exiting" in output
         assert output.rstrip().endswith("interrupted: saved; the same command resumes")
     else:
         assert output.rstrip().endswith("interrupted: quit without saving (the last "

@@ -418,8 +418,12 @@ def test_console_says_what_runs_and_logs_lines_without_a_bar(
 
     assert train(tiny_corpus, run, *extra) == []
     again = ours()
-    assert again[-2:] == [f"resumed from step 2 in {run}",
-                          "nothing to train: step 2 reached (raise trainer.max_steps to go on)"]  # fmt: skip
+    assert again[-2:] == [f"resumed from step 2 in {run}", "nothing to train: the run is at "
+                          "step 2 (raise trainer.max_steps to go on)"]  # fmt: skip
+    # Run again with a lower max_steps: the reported step is past it, and says so.
+    assert train(tiny_corpus, run, *extra, "trainer.max_steps=1") == []
+    assert ours()[-1] == ("nothing to train: the run is at step 2, past trainer.max_steps=1 "
+                          "(raise trainer.max_steps to go on)")  # fmt: skip
 
 
 def test_cli_help_says_what_it_is_and_how_to_start() -> None:

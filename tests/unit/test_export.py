@@ -519,6 +519,38 @@ def test_cli_without_a_checkpoint_says_so(tmp_path: Path, capsys: pytest.Capture
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no checkpoint in ")
     assert not (tmp_path / "out").exists()
+    # A sweep's directory: its jobs are runs; say to export one.
+    for job in ("10", "2"):
+        (tmp_path / "sweep" / job / "checkpoints").mkdir(parents=True)
+        (tmp_path / "sweep" / job / "checkpoints" / "latest").write_text("step_00000002")
+    assert main([str(tmp_path / "sweep"), str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'sweep'} holds the runs of a sweep (2, 10), not one run: export "
+        f"one of them, e.g. python -m pretrain.export {tmp_path / 'sweep' / '2'} OUT_DIR\n"
+    )
+
+
+def test_cli_says_when_it_replaces_an_earlier_export(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    import pretrain.export as export
+
+    out = tmp_path / "hf"
+    written = {"discriminator": out / "discriminator"}
+    run = SimpleNamespace(step=210, directory="run/step_210", model=SimpleNamespace(
+        rtd=SimpleNamespace(embedding_sharing="gdes")))  # fmt: skip
+    monkeypatch.setattr(export, "export_run", lambda *args: (run, written))
+    assert export.main(["run", str(out)]) == 0
+    assert "replacing" not in capsys.readouterr().out
+    (out / "discriminator").mkdir(parents=True)
+    (out / "discriminator" / "config.json").write_text("{}")  # an export made before
+    assert export.main(["run", str(out)]) == 0
+    assert capsys.readouterr().out == (
+        f"exported step 210 of run/step_210 (gdes) -> {out / 'discriminator'} "
+        f"(replacing the export that was in {out})\n"
+    )
 
 
 def test_a_checkpoint_set_aside_is_exported_with_a_warning(
