@@ -34,7 +34,13 @@ from omegaconf import OmegaConf
 
 from pretrain.checkpoint import Checkpointer, CheckpointError, capture_rng, restore_rng
 from pretrain.config import Config, ConfigError, ModelConfig
-from pretrain.data.loader import SHARE_PREFIX, EmptyPartitionError, reshard_states
+from pretrain.data.loader import (
+    NEW_RUN_HINT,
+    SHARE_PREFIX,
+    EmptyPartitionError,
+    LoaderStateError,
+    reshard_states,
+)
 from pretrain.data.pipeline import DataBundle, build_data
 from pretrain.data.sources import SourceError
 from pretrain.engine import Engine, World, convert_to_universal, init_distributed
@@ -232,8 +238,8 @@ class Trainer:
         if changed:
             raise ConfigError(
                 f"cannot resume {self.config.run_dir}: it was trained with {', '.join(changed)}, "
-                "which shape its weights or optimizer state; resume with those, or start a new "
-                "run (another name= or hydra.run.dir=)"
+                f"which shape its weights or optimizer state; resume with those, or "
+                f"{self._new_run_hint()}"
             )
         # Values a resume applies from its next step: optim by Engine.load (the checkpoint's
         # optimizer keeps its moments, not its settings), rtd and masking as read each step.
@@ -257,7 +263,7 @@ class Trainer:
             self._resume_notes.append(f"changed on resume: {', '.join(c for _, c in retuned)}")
         if self.saved_world_size == self.world.world_size:
             rank_state = self.checkpointer.load(self.engine, tag, self.engine_tag)
-            self.data.train.load_state_dict(rank_state["data"])
+            self._load_data_state(rank_state["data"])
             restore_rng(rank_state["rng"])
         else:  # another number of ranks: each data partition moves to its new owner
             assert self.engine_tag is not None
@@ -269,11 +275,24 @@ class Trainer:
                 raise ConfigError(
                     f"cannot resume {self.config.run_dir} on {self.world.world_size} ranks: {e}"
                 ) from None
-            self.data.train.load_state_dict(states[self.world.rank])
+            self._load_data_state(states[self.world.rank])
         self.step = trainer_state["step"]
         self.tokens_seen = trainer_state["tokens_seen"]
         self.nonfinite_skips = int(trainer_state.get("nonfinite_skips", 0))
         return True
+
+    def _new_run_hint(self) -> str:
+        """What to do instead of a refused resume: a sweep job's directory is its number in
+        hydra.sweep.dir, so name= and hydra.run.dir= do not apply there."""
+        return "give the new values another hydra.sweep.dir" if self.sweep_job else NEW_RUN_HINT
+
+    def _load_data_state(self, state: dict[str, Any]) -> None:
+        """The loader's refusals, naming this run's directory and this launch's way out."""
+        try:
+            self.data.train.load_state_dict(state)
+        except LoaderStateError as e:
+            message = str(e).replace("cannot resume:", f"cannot resume {self.config.run_dir}:", 1)
+            raise LoaderStateError(message.replace(NEW_RUN_HINT, self._new_run_hint())) from None
 
     def _save_or_carry_on(self, final: bool = False) -> None:
         """A periodic save that fails is reported and training goes on (its state is intact in

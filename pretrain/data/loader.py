@@ -52,7 +52,8 @@ _SETTINGS = {
     "seed": "trainer.seed",
     "streams_per_rank": "data.streams",
 }
-_NEW_RUN = "start a new run (another name= or hydra.run.dir=)"
+# How a refused resume can go on instead; the trainer puts a sweep job's own in its place.
+NEW_RUN_HINT = "start a new run (another name= or hydra.run.dir=)"
 
 BatchT = TypeVar("BatchT")
 CollateFn = Callable[[list[PackedSequence]], BatchT]
@@ -424,7 +425,7 @@ class Loader(Generic[BatchT]):
         if state.get("version") != _STATE_VERSION:
             raise LoaderStateError(
                 f"cannot resume: the run's data position was saved in loader state version "
-                f"{state.get('version')!r}, which this version cannot read; {_NEW_RUN}"
+                f"{state.get('version')!r}, which this version cannot read; {NEW_RUN_HINT}"
             )
         ours = self._initial_state()
         for key in ("rank", "world_size"):  # the trainer reshards another world size first
@@ -440,7 +441,7 @@ class Loader(Generic[BatchT]):
             if saved != now:
                 raise LoaderStateError(
                     f"cannot resume: the run read its data with {setting}={saved}, not {setting}={now}; resume "
-                    f"with {setting}={saved} or {_NEW_RUN}"
+                    f"with {setting}={saved} or {NEW_RUN_HINT}"
                 )
         saved_names = list(state["streams"][0]["sources"]) if state["streams"] else []
         names = self._saved_names(saved_names)
@@ -448,7 +449,7 @@ class Loader(Generic[BatchT]):
             raise LoaderStateError(
                 f"cannot resume: the run read the sources {sorted(saved_names)}, not "
                 f"{sorted(self._plan.names)}; resume with the original data.corpus or "
-                f"data.sources or {_NEW_RUN}"
+                f"data.sources or {NEW_RUN_HINT}"
             )
         if names != self._plan.names:
             # Keep the saved names: a source's shuffle is keyed by its name (source_salt), so

@@ -176,14 +176,14 @@ CASES = [
     ),
     pytest.param(
         Case(("data.seq_len=32",),
-             "error: cannot resume: the run read its data with data.seq_len=64, not "
+             "error: cannot resume <run>: the run read its data with data.seq_len=64, not "
              "data.seq_len=32; resume with data.seq_len=64 or start a new run (another name= or "
              "hydra.run.dir=)", resume=True),
         id="resume-with-changed-seq-len",
     ),
     pytest.param(
         Case(("data.corpus=<other_corpus>",),
-             "error: cannot resume: the run read the sources ['<shards>'], not "
+             "error: cannot resume <run>: the run read the sources ['<shards>'], not "
              "['<other_corpus>']; resume with the original data.corpus or data.sources or start "
              "a new run (another name= or hydra.run.dir=)", resume=True),
         id="resume-with-another-corpus",

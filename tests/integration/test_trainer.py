@@ -145,6 +145,28 @@ def test_held_out_batches_do_not_depend_on_the_seed(tiny_corpus: dict, tmp_path:
     )
 
 
+def test_a_refused_resume_names_the_run_and_a_sweep_jobs_way_out(
+    tiny_corpus: dict, tmp_path: Path
+) -> None:
+    from pretrain.data.loader import LoaderStateError
+    from pretrain.trainer import Trainer
+
+    run = tmp_path / "1"
+    train(tiny_corpus, run, "trainer.max_steps=2", "trainer.eval_every=0")
+    changed = make_config(tiny_corpus, run, "trainer.max_steps=4", "trainer.seed=1")
+    said = f"cannot resume {run}: the run read its data with trainer.seed=0, not trainer.seed=1; "
+    with pytest.raises(LoaderStateError) as single:
+        Trainer(changed).fit()
+    assert str(single.value) == (
+        said + "resume with trainer.seed=0 or start a new run (another name= or hydra.run.dir=)"
+    )
+    with pytest.raises(LoaderStateError) as job:  # a sweep's job is found by its number
+        Trainer(changed, sweep_job=True).fit()
+    assert str(job.value) == (
+        said + "resume with trainer.seed=0 or give the new values another hydra.sweep.dir"
+    )
+
+
 def test_lr_warms_up_then_decays_linearly(tiny_corpus: dict, tmp_path: Path) -> None:
     records = [r for r in train(tiny_corpus, tmp_path / "lr") if r["split"] == "train"]
     lr = [r["lr"] for r in records]  # the rate that the *next* step will use
