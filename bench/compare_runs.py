@@ -107,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         return sum(abs(smoothed[name][s] - reference[s]) for s in steps) / len(steps)
 
     print(f"training loss, smoothed over {args.window} records, against {names[0]}")
+    short = [name for name in names if len(smoothed[name]) < 2 * args.window]
+    if short:  # the trailing mean then blurs most of the run
+        print(f"  note: {len(short)} run(s) logged fewer than {2 * args.window} records; "
+              "a smaller --window follows their curves more closely")  # fmt: skip
     for name in names[1:]:
         other = smoothed[name]
         common = sorted(set(reference) & set(other))
