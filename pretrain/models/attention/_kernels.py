@@ -73,6 +73,23 @@ def _load_rows(PTR, b, h, s_b, s_h, s_l, s_d, offs, offs_d, ok):
 
 
 @triton.jit
+def _query_rows(
+    Q, DO, MASK, LSE, DELTA, b, h, pid_bh, offs_m, offs_d, row_ok, qd_ok, L,
+    s_qb, s_qh, s_ql, s_qd,
+    s_ob, s_oh, s_ol, s_od,
+    s_mb,
+):  # fmt: skip
+    """What the backward reads of a block of queries: q, dO, which are real tokens, and the
+    forward's logsumexp and rowsum(dO * O)."""
+    q = _load_rows(Q, b, h, s_qb, s_qh, s_ql, s_qd, offs_m, offs_d, qd_ok)
+    do = _load_rows(DO, b, h, s_ob, s_oh, s_ol, s_od, offs_m, offs_d, qd_ok)
+    q_real = tl.load(MASK + b * s_mb + offs_m, mask=row_ok, other=0) != 0
+    lse = tl.load(LSE + pid_bh * L + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + pid_bh * L + offs_m, mask=row_ok, other=0.0)
+    return q, do, q_real, lse, delta
+
+
+@triton.jit
 def _grad_tile(
     q, k, v, do, lse, delta, offs_m, offs_n, row_ok, col_ok, q_real, k_real,
     IDX, QP, KP, b, h,
@@ -255,11 +272,10 @@ def _backward_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < L
         qd_ok = row_ok[:, None] & d_ok[None, :]
-        q = _load_rows(Q, b, h, s_qb, s_qh, s_ql, s_qd, offs_m, offs_d, qd_ok)
-        do = _load_rows(DO, b, h, s_ob, s_oh, s_ol, s_od, offs_m, offs_d, qd_ok)
-        q_real = tl.load(MASK + b * s_mb + offs_m, mask=row_ok, other=0) != 0
-        lse = tl.load(LSE + pid_bh * L + offs_m, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + pid_bh * L + offs_m, mask=row_ok, other=0.0)
+        q, do, q_real, lse, delta = _query_rows(
+            Q, DO, MASK, LSE, DELTA, b, h, pid_bh, offs_m, offs_d, row_ok, qd_ok, L,
+            s_qb, s_qh, s_ql, s_qd, s_ob, s_oh, s_ol, s_od, s_mb,
+        )  # fmt: skip
         p, ds, c, grad_ok = _grad_tile(
             q, k, v, do, lse, delta, offs_m, offs_n, row_ok, col_ok, q_real, k_real,
             IDX, QP, KP, b, h, s_pb, s_ph, s_pl, s_pc, s_rb, s_rh, s_rl, s_rc,
@@ -334,11 +350,10 @@ def _backward_dq_kernel(
     d_ok = offs_d < D
     qd_ok = row_ok[:, None] & d_ok[None, :]
 
-    q = _load_rows(Q, b, h, s_qb, s_qh, s_ql, s_qd, offs_m, offs_d, qd_ok)
-    do = _load_rows(DO, b, h, s_ob, s_oh, s_ol, s_od, offs_m, offs_d, qd_ok)
-    q_real = tl.load(MASK + b * s_mb + offs_m, mask=row_ok, other=0) != 0
-    lse = tl.load(LSE + pid_bh * L + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + pid_bh * L + offs_m, mask=row_ok, other=0.0)
+    q, do, q_real, lse, delta = _query_rows(
+        Q, DO, MASK, LSE, DELTA, b, h, pid_bh, offs_m, offs_d, row_ok, qd_ok, L,
+        s_qb, s_qh, s_ql, s_qd, s_ob, s_oh, s_ol, s_od, s_mb,
+    )  # fmt: skip
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     pos_grad_base = pid_bh * L * C
 
