@@ -173,8 +173,23 @@ class Config:
             ("init_generator_from", m.init_generator_from, "generator"),
         ):
             hf_dir = Path(path).expanduser() if path is not None else None
-            if hf_dir is None or (hf_dir / "config.json").is_file():
+            if hf_dir is None:
                 continue
+            if (hf_dir / "config.json").is_file():
+                # An export's generator where its discriminator belongs (or the two swapped).
+                other = hf_dir.parent / "discriminator"
+                if key == "init_from" and hf_dir.name == "generator" and other.is_dir():
+                    raise ConfigError(
+                        f"model.init_from={path} is the generator of an export; the model to "
+                        f"continue is its discriminator: model.init_from={other} (and "
+                        f"model.init_generator_from={path})"
+                    )
+                continue
+            if (hf_dir / part / "config.json").is_file():  # an export's root
+                raise ConfigError(
+                    f"model.{key}={path} is an export's directory; pass its {part}: "
+                    f"model.{key}={hf_dir / part}"
+                )
             if not hf_dir.exists():
                 raise ConfigError(
                     f"model.{key}={path}: no such directory; pass a Hugging Face DebertaV2 "

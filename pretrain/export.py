@@ -543,6 +543,20 @@ def check_init_tokenizer(hf_dir: str | Path, tokenizer_dir: str | Path | None) -
         return
     ours = Path(tokenizer_dir).expanduser() / MODEL_FILE
     if ours.is_file() and sha256_file(ours) != sha256_file(theirs):
+        from data_prep.extend_vocab import EXTENSION_FILE
+
+        extension = Path(tokenizer_dir).expanduser() / EXTENSION_FILE
+        info = json.loads(extension.read_text()) if extension.is_file() else {}
+        if info.get("old_sha256") == sha256_file(theirs):  # extended, the model not yet grown
+            export_dir = Path(hf_dir).parent
+            raise ExportError(
+                f"data.tokenizer={tokenizer_dir} extends the tokenizer of {hf_dir} to "
+                f"{info.get('vocab_size')} ids, but the model still has the old "
+                f"{info.get('old_vocab_size')}: grow it first with `python -m pretrain.export "
+                f"extend {export_dir} OUT --old-tokenizer {hf_dir} --new-tokenizer "
+                f"{tokenizer_dir}` and pass model.init_from=OUT/discriminator (and "
+                "model.init_generator_from=OUT/generator)"
+            )
         raise ExportError(
             f"data.tokenizer={tokenizer_dir} is not the tokenizer of {hf_dir}: its embeddings "
             f"are indexed by that tokenizer's ids; use data.tokenizer={Path(hf_dir)} and a "

@@ -316,10 +316,26 @@ def test_init_from_names_what_is_there_instead(tmp_path: Path) -> None:
             "model.init_from=OUT_DIR/discriminator"
         )
     hf = tmp_path / "hf"
-    (hf / "discriminator").mkdir(parents=True)
-    (hf / "discriminator" / "config.json").write_text("{}")
-    with pytest.raises(ConfigError, match="no config.json there"):
+    for part in ("discriminator", "generator"):
+        (hf / part).mkdir(parents=True)
+        (hf / part / "config.json").write_text("{}")
+    with pytest.raises(ConfigError) as e:  # the export's root
         composed(f"model.init_from={hf}")
+    assert str(e.value) == (
+        f"model.init_from={hf} is an export's directory; pass its discriminator: "
+        f"model.init_from={hf / 'discriminator'}"
+    )
+    with pytest.raises(ConfigError, match="no config.json there"):
+        composed(f"model.init_from={tmp_path}")
+    # The export's generator given as the model to continue, alone or swapped.
+    for swapped in ([], [f"model.init_generator_from={hf / 'discriminator'}"]):
+        with pytest.raises(ConfigError) as e:
+            composed(f"model.init_from={hf / 'generator'}", *swapped)
+        assert str(e.value) == (
+            f"model.init_from={hf / 'generator'} is the generator of an export; the model to "
+            f"continue is its discriminator: model.init_from={hf / 'discriminator'} (and "
+            f"model.init_generator_from={hf / 'generator'})"
+        )
     with pytest.raises(
         ConfigError, match=r"export it first .* model.init_generator_from=OUT_DIR/gen"
     ):

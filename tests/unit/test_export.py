@@ -280,6 +280,21 @@ def test_exported_tokenizer_gives_our_ids(tiny_corpus: dict, tmp_path: Path) -> 
     (other / "spm.model").write_bytes(b"not the same model")
     with pytest.raises(ExportError, match="is not the tokenizer of"):
         check_init_tokenizer(tmp_path / "discriminator", other)
+    # An extension of the checkpoint's tokenizer, the model not grown yet: say how to grow it.
+    from data_prep.tokenizer import sha256_file
+
+    (other / "extension.json").write_text(json.dumps({
+        "old_sha256": sha256_file(tmp_path / "discriminator" / "spm.model"),
+        "old_vocab_size": 400, "vocab_size": 450}))  # fmt: skip
+    with pytest.raises(ExportError) as e:
+        check_init_tokenizer(tmp_path / "discriminator", other)
+    assert str(e.value) == (
+        f"data.tokenizer={other} extends the tokenizer of {tmp_path / 'discriminator'} to 450 "
+        f"ids, but the model still has the old 400: grow it first with `python -m "
+        f"pretrain.export extend {tmp_path} OUT --old-tokenizer {tmp_path / 'discriminator'} "
+        f"--new-tokenizer {other}` and pass model.init_from=OUT/discriminator (and "
+        "model.init_generator_from=OUT/generator)"
+    )
 
 
 # --------------------------------------------------------------------------------------------
