@@ -187,6 +187,19 @@ class Trainer:
             init_from=m.init_from,
             init_generator_from=m.init_generator_from,
         )
+        overridden = [
+            f"{f.name} {getattr(shape, f.name)} (model.{f.name}={getattr(m, f.name)})"
+            for f in dataclasses.fields(shape)
+            if f.name != "attention_impl" and getattr(shape, f.name) != getattr(m, f.name)
+        ]
+        if overridden and self.world.is_main:  # e.g. a model.vocab_size meant to match
+            shown = ", ".join(overridden[:6]) + (
+                f" and {len(overridden) - 6} more" if len(overridden) > 6 else ""
+            )
+            print(
+                f"warning: model.init_from: the model's shape and dropout are those of "
+                f"{m.init_from}/config.json, not the model.* settings: {shown}"
+            )
         config = dataclasses.replace(config, model=model)
         config.validate()  # data.seq_len against the checkpoint's max_position_embeddings
         return config

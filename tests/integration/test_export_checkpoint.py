@@ -95,7 +95,7 @@ def test_zero3_run_exports_to_transformers_with_our_numbers(
 
 
 def test_continued_pretraining_starts_from_the_exported_model(
-    tiny_corpus: dict, tmp_path: Path
+    tiny_corpus: dict, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     from pretrain.export import from_hf, load_run_checkpoint, to_hf
     from pretrain.trainer import Trainer
@@ -113,6 +113,13 @@ def test_continued_pretraining_starts_from_the_exported_model(
         )
     )  # fmt: skip
     assert adapted.config.model.hidden_size == 64
+    out = capsys.readouterr().out.splitlines()
+    warnings = [line for line in out if line.startswith("warning: model.init_from")]
+    assert warnings == [  # the setting the checkpoint overrides is named, and only it
+        f"warning: model.init_from: the model's shape and dropout are those of "
+        f"{tmp_path / 'hf/discriminator'}/config.json, not the model.* settings: hidden_size "
+        "64 (model.hidden_size=32)"
+    ]
     backbone, _ = from_hf(tmp_path / "hf/discriminator")
     ours = adapted.model.discriminator.state_dict()
     word, _ = adapted.model.discriminator_embedding_weights()
