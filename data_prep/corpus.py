@@ -397,7 +397,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"warning: {unk:.1%} of the tokens are [UNK]: the tokenizer does not cover this "
             "text's characters. Train it on this text (python -m data_prep.tokenizer), with "
-            "--character-coverage 1.0 for a small alphabet such as amino acids",
+            "--character-coverage 1.0 for a small alphabet such as amino acids; or, if it is "
+            "the tokenizer of a model you continue to pretrain, extend it with this text's "
+            "pieces (python -m data_prep.extend_vocab)",
             file=sys.stderr,
         )
     if m["valid_fraction"] > 0 and sp["valid"]["num_docs"] == 0:

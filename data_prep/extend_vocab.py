@@ -37,6 +37,7 @@ from typing import Any
 
 from data_prep.sources import InputError, add_doc_unit_arguments
 from data_prep.tokenizer import (
+    EXTENSION_FILE,
     MODEL_FILE,
     SPECIAL_TOKENS_FILE,
     TOKENIZER_CONFIG_FILE,
@@ -49,7 +50,6 @@ from data_prep.tokenizer import (
     train_tokenizer,
 )
 
-EXTENSION_FILE = "extension.json"
 _MODEL_TYPES = {1: "unigram", 2: "bpe"}  # TrainerSpec.ModelType values train_tokenizer supports
 
 

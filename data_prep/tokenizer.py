@@ -81,7 +81,9 @@ SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 # What transformers' DebertaV2Tokenizer needs in a directory; the optional files travel with
 # them when present (special_tokens.json is ours: load_tokenizer checks the ids with it).
 REQUIRED_FILES = (MODEL_FILE, TOKENIZER_CONFIG_FILE)
-OPTIONAL_FILES = (SPECIAL_TOKENS_MAP_FILE, SPECIAL_TOKENS_FILE, "tokenizer.json")
+# Written by data_prep.extend_vocab: which tokenizer this one extends, and the added pieces.
+EXTENSION_FILE = "extension.json"
+OPTIONAL_FILES = (SPECIAL_TOKENS_MAP_FILE, SPECIAL_TOKENS_FILE, "tokenizer.json", EXTENSION_FILE)
 PAD, CLS, SEP, UNK, MASK = "[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"
 PAD_ID, CLS_ID, SEP_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 4
 SPECIAL_PIECES = (PAD, CLS, SEP, UNK, MASK)

@@ -47,7 +47,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -838,11 +837,7 @@ def _extend_model_dir(
         from safetensors.torch import load_file
 
         extra[RTD_HEAD_FILE] = load_file(src / RTD_HEAD_FILE)
-    _write_model_dir(out, config, state, new_tokenizer_dir, extra)
-    from data_prep.extend_vocab import EXTENSION_FILE
-
-    if (new_tokenizer_dir / EXTENSION_FILE).is_file():
-        shutil.copyfile(new_tokenizer_dir / EXTENSION_FILE, out / EXTENSION_FILE)
+    _write_model_dir(out, config, state, new_tokenizer_dir, extra)  # extension.json too
 
 
 def extend_embeddings(
@@ -876,6 +871,11 @@ def extend_embeddings(
         gen = beside if disc.name == DISCRIMINATOR and (beside / CONFIG_FILE).is_file() else None
     for part in (disc, gen):
         if part is not None and not (part / CONFIG_FILE).is_file():
+            if (part / "checkpoints").is_dir():
+                raise ExportError(
+                    f"{part} is a training run, not a Hugging Face model directory: export it "
+                    f"first (python -m pretrain.export {part} OUT) and extend OUT"
+                )
             raise ExportError(f"{part / CONFIG_FILE} not found: not a Hugging Face model directory")
     old_dir = Path(old_tokenizer_dir).expanduser()
     new_dir = check_tokenizer_dir(new_tokenizer_dir, sys.maxsize)
@@ -883,9 +883,12 @@ def extend_embeddings(
         old, new = load_tokenizer(old_dir), load_tokenizer(new_dir)
     except TokenizerError as e:
         raise ExportError(str(e)) from None
-    if new.vocab_size < old.vocab_size or any(
-        new.id_to_piece(i) != old.id_to_piece(i) for i in range(old.vocab_size)
-    ):
+    if new.vocab_size < old.vocab_size:
+        raise ExportError(
+            f"--new-tokenizer {new_dir} has {new.vocab_size} ids, fewer than --old-tokenizer "
+            f"{old_dir}'s {old.vocab_size}: are the two swapped?"
+        )
+    if any(new.id_to_piece(i) != old.id_to_piece(i) for i in range(old.vocab_size)):
         raise ExportError(
             f"tokenizer {new_dir} does not extend {old_dir} (its first {old.vocab_size} ids are "
             "not the old pieces); make it with python -m data_prep.extend_vocab"

@@ -186,7 +186,7 @@ def test_extended_models_load_in_transformers_with_mean_initialised_rows(extende
     )
 
 
-def test_continued_pretraining_runs_on_the_extended_model(extended: dict) -> None:
+def test_continued_pretraining_runs_on_the_extended_model(extended: dict, tmp_path: Path) -> None:
     new = load_tokenizer(extended["new"])
     ids = [new.cls_id, *new.encode(DOMAIN_TEXT[0]), new.sep_id]
     assert max(ids) >= new.vocab_size - ADD
@@ -210,6 +210,12 @@ def test_continued_pretraining_runs_on_the_extended_model(extended: dict) -> Non
         torch.testing.assert_close(
             table.detach(), expected["embeddings.word_embeddings.weight"], rtol=0, atol=1e-6
         )
+    # Its export (as after the continued run) still says where its extra ids came from.
+    written = to_hf(model, extended["new"], tmp_path / "continued")
+    for part in written.values():
+        assert (part / EXTENSION_FILE).read_bytes() == (
+            extended["new"] / EXTENSION_FILE
+        ).read_bytes()
 
 
 def test_clis_and_refusals(extended: dict, tmp_path: Path, capsys) -> None:
@@ -247,8 +253,16 @@ def test_clis_and_refusals(extended: dict, tmp_path: Path, capsys) -> None:
         (bare / name).write_bytes((extended["export"] / "discriminator" / name).read_bytes())
     with pytest.raises(ExportError, match="vocab_size 400 but the old tokenizer 405"):
         extend_embeddings(bare, new_dir, extended["new"], tmp_path / "x")
-    # a tokenizer that does not extend the old one is refused
-    with pytest.raises(ExportError, match="does not extend"):
+    # the two tokenizers swapped
+    with pytest.raises(ExportError) as e:
         extend_embeddings(extended["export"], extended["new"], extended["old"], tmp_path / "y")
+    assert str(e.value) == (
+        f"--new-tokenizer {extended['old']} has 400 ids, fewer than --old-tokenizer "
+        f"{extended['new']}'s {400 + ADD}: are the two swapped?"
+    )
+    # a training run where an export belongs
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ExportError, match=r"run is a training run, .* export it first"):
+        extend_embeddings(tmp_path / "run", extended["old"], extended["new"], tmp_path / "y")
     assert export_main(["extend", str(tmp_path / "none"), str(tmp_path / "z"), "--old-tokenizer",
                         str(extended["old"]), "--new-tokenizer", str(new_dir)]) == 1  # fmt: skip
