@@ -479,6 +479,15 @@ class Trainer:
                 "prepared corpus has one when data_prep.corpus ran with --valid-fraction above 0; "
                 "a streamed source has none)"
             )
+        held_out = self.data.valid.num_tokens if self.data.valid is not None else None
+        read = t.eval_batches * b.micro * w.world_size * c.data.seq_len
+        if t.eval_every and held_out is not None and held_out < read:
+            lines.append(
+                f"warning: the held-out split has {held_out} tokens, but an evaluation reads "
+                f"{read} (trainer.eval_batches x micro batch x ranks x data.seq_len): it reads "
+                "the same sequences again, so its numbers are noisier than they look; prepare "
+                "the corpus with a larger --valid-fraction, or lower trainer.eval_batches"
+            )
         unused = c.model.vocab_size - self.data.vocab_size
         if unused > max(128, c.model.vocab_size // 100):
             lines.append(

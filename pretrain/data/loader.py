@@ -358,6 +358,13 @@ class Loader(Generic[BatchT]):
     def config(self) -> LoaderConfig:
         return self._plan.config
 
+    @property
+    def num_tokens(self) -> int | None:
+        """The tokens of all its sources (every rank's share), if each source knows its own."""
+        sizes = [s.num_tokens for s in self._plan.sources]
+        known = [n for n in sizes if n is not None]
+        return sum(known) if len(known) == len(sizes) else None
+
     def _initial_state(self) -> dict[str, Any]:
         plan = self._plan
         return {

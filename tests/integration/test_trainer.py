@@ -167,6 +167,28 @@ def test_a_refused_resume_names_the_run_and_a_sweep_jobs_way_out(
     )
 
 
+def test_a_held_out_split_smaller_than_an_evaluation_is_a_warning(
+    tiny_corpus: dict, tmp_path: Path
+) -> None:
+    from pretrain.trainer import Trainer
+
+    manifest = json.loads((tiny_corpus["shards"] / "manifest.json").read_text())
+    held_out = manifest["splits"]["valid"]["num_tokens"]
+    batches = held_out // (8 * 64) + 1  # one batch more than the split fills (micro 8 x 64)
+    lines = Trainer(make_config(tiny_corpus, tmp_path / "run", f"trainer.eval_batches={batches}"))
+    warned = [x for x in lines._start_lines(False, 6) if "held-out split has" in x]
+    assert warned == [
+        f"warning: the held-out split has {held_out} tokens, but an evaluation reads "
+        f"{batches * 8 * 64} (trainer.eval_batches x micro batch x ranks x data.seq_len): it "
+        "reads the same sequences again, so its numbers are noisier than they look; prepare "
+        "the corpus with a larger --valid-fraction, or lower trainer.eval_batches"
+    ]
+    fits = Trainer(
+        make_config(tiny_corpus, tmp_path / "run", f"trainer.eval_batches={batches - 1}")
+    )
+    assert not [x for x in fits._start_lines(False, 6) if "held-out split has" in x]
+
+
 def test_lr_warms_up_then_decays_linearly(tiny_corpus: dict, tmp_path: Path) -> None:
     records = [r for r in train(tiny_corpus, tmp_path / "lr") if r["split"] == "train"]
     lr = [r["lr"] for r in records]  # the rate that the *next* step will use
