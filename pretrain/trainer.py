@@ -146,6 +146,9 @@ class Trainer:
             )
         _set_determinism(t.deterministic)
         _seed_everything(t.seed)  # the same initial weights on every rank, for every ZeRO stage
+        # Where init_from's parts came from: said by fit() for a new run only (a resume loads
+        # the checkpoint over them).
+        self._init_notes: list[str] = []
         self.model = self._initial_model(config)
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
         if config.trainer.compile:
@@ -209,12 +212,13 @@ class Trainer:
             return RTDModel(config.model, config.rtd)
         from pretrain.export import ExportError, rtd_from_hf
 
+        self._init_notes.append(f"discriminator from {config.model.init_from}")
         try:
             return rtd_from_hf(
                 config.model.init_from,
                 config.model.init_generator_from,
                 config.rtd,
-                log=print if self.world.is_main else None,
+                log=self._init_notes.append,
             )
         except ExportError as e:
             raise ConfigError(f"model.init_from: {e}") from None
@@ -354,7 +358,7 @@ class Trainer:
             for line in self._resume_notes:
                 logger.write(line)
         self._log = logger.write if self.world.is_main else self._log
-        for line in self._start_lines(resumed, last):
+        for line in self._start_lines(resumed, last) + ([] if resumed else self._init_notes):
             self._log(line)
         if earlier:
             self._log(earlier)

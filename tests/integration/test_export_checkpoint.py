@@ -104,14 +104,17 @@ def test_continued_pretraining_starts_from_the_exported_model(
     train(tiny_corpus, tmp_path / "base", "trainer.max_steps=2", "trainer.eval_every=0")
     run = load_run_checkpoint(tmp_path / "base")
     to_hf(run.model, run.tokenizer_dir, tmp_path / "hf")
-    adapted = Trainer(
-        make_config(
-            tiny_corpus, tmp_path / "adapted", "trainer.max_steps=2", "trainer.eval_every=0",
+
+    def continued(*extra: str) -> Trainer:
+        return Trainer(make_config(
+            tiny_corpus, tmp_path / "adapted", "trainer.eval_every=0",
             f"model.init_from={tmp_path / 'hf/discriminator'}",
             f"model.init_generator_from={tmp_path / 'hf/generator'}",
             "model.hidden_size=32",  # ignored: the checkpoint's config.json sets the shape
-        )
-    )  # fmt: skip
+            *extra,
+        ))  # fmt: skip
+
+    adapted = continued("trainer.max_steps=2")
     assert adapted.config.model.hidden_size == 64
     out = capsys.readouterr().out.splitlines()
     warnings = [line for line in out if line.startswith("warning: model.init_from")]
@@ -128,6 +131,16 @@ def test_continued_pretraining_starts_from_the_exported_model(
         torch.testing.assert_close(got, value, rtol=0, atol=1e-6)
     records = adapted.fit()
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]
+    said = capsys.readouterr().out
+    assert f"discriminator from {tmp_path / 'hf/discriminator'}" in said
+    assert f"generator and MLM head from {tmp_path / 'hf/generator'}" in said
+    # Resumed, it goes on from its own checkpoint, and does not say it starts from init_from.
+    assert [r["step"] for r in continued("trainer.max_steps=3").fit() if r["split"] == "train"] == [
+        3
+    ]
+    said = capsys.readouterr().out
+    assert f"resumed from step 2 in {tmp_path / 'adapted'}" in said
+    assert "discriminator from" not in said and "MLM head from" not in said
 
 
 def test_a_run_without_data_tokenizer_uses_and_exports_its_corpus_copy(
