@@ -233,6 +233,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"error: --out {args.out} exists and is not a directory")
     if args.out.resolve() == args.tokenizer.resolve():
         raise SystemExit("error: --out must differ from --tokenizer (the old one stays as it is)")
+    for flag, path in (("--tokenizer", args.tokenizer), ("--out", args.out)):
+        if (path / "discriminator").is_dir() or (path / "generator").is_dir():
+            where = (
+                f"its tokenizer is {path / 'discriminator'}"
+                if flag == "--tokenizer"
+                else "write the new tokenizer to a directory of its own"
+            )
+            raise SystemExit(f"error: {flag} {path} is an export's directory; {where}")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -930,6 +930,7 @@ def extend_main(argv: Sequence[str]) -> int:
         "--generator", default=None, help="generator directory (default: generator/ beside)"
     )
     args = parser.parse_args(argv)
+    earlier = _export_in(args.out)
     try:
         written = extend_embeddings(
             args.source, args.old_tokenizer, args.new_tokenizer, args.out, args.generator
@@ -938,8 +939,15 @@ def extend_main(argv: Sequence[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     vocab = json.loads((written[DISCRIMINATOR] / CONFIG_FILE).read_text())["vocab_size"]
-    print(f"extended to {vocab} ids -> " + ", ".join(str(p) for p in written.values()))
+    print(f"extended to {vocab} ids -> " + ", ".join(str(p) for p in written.values()) + earlier)
     return 0
+
+
+def _export_in(out: str | Path) -> str:
+    """ " (replacing the export that was in OUT)" when OUT holds one, else ""."""
+    parts = (Path(out) / DISCRIMINATOR, Path(out) / GENERATOR)
+    held = any((d / CONFIG_FILE).is_file() for d in parts)
+    return f" (replacing the export that was in {out})" if held else ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -1006,10 +1014,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Consolidation runs on CPU; naming the accelerator spares DeepSpeed's detection (and its
     # warning) in this process of our own.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    earlier = [
-        d for d in (Path(args.out) / DISCRIMINATOR, Path(args.out) / GENERATOR)
-        if (d / CONFIG_FILE).is_file()
-    ]  # fmt: skip
+    earlier = _export_in(args.out)
     try:
         run, written = export_run(args.source, args.out, args.tokenizer, not args.no_generator)
     except ExportError as e:
@@ -1019,7 +1024,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"exported step {run.step} of {run.directory} ({sharing}) -> "
         + ", ".join(str(p) for p in written.values())
-        + (f" (replacing the export that was in {args.out})" if earlier else "")
+        + earlier
     )
     return 0
 

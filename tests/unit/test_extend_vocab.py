@@ -243,6 +243,19 @@ def test_clis_and_refusals(extended: dict, tmp_path: Path, capsys) -> None:
     argv += ["--old-tokenizer", str(extended["old"]), "--new-tokenizer", str(new_dir)]
     assert export_main(argv) == 0
     assert (out / "discriminator").is_dir() and (out / "generator").is_dir()
+    assert "replacing" not in capsys.readouterr().out
+    assert export_main(argv) == 0  # again, into the same directory: said
+    assert capsys.readouterr().out.endswith(f" (replacing the export that was in {out})\n")
+    # An export's directory where a tokenizer's belongs, as the old one or as --out.
+    base = ["--input", str(extended["corpus"]), "--add", "5", "--quiet"]
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--tokenizer", str(extended["export"]), "--out", str(tmp_path / "t2")])
+    assert str(e.value) == (
+        f"error: --tokenizer {extended['export']} is an export's directory; its tokenizer is "
+        f"{extended['export'] / 'discriminator'}"
+    )
+    with pytest.raises(SystemExit, match="--out .* is an export's directory; write the new"):
+        main([*base, "--tokenizer", str(extended["old"]), "--out", str(out)])
     # the extended tokenizer as the "old" one: refused for the tokenizer the export ships and,
     # in a directory without one, for the model's vocabulary
     with pytest.raises(ExportError, match="ships a different tokenizer"):
