@@ -16,6 +16,7 @@ from pretrain.checkpoint import CheckpointError
 from pretrain.config import (
     ConfigError,
     bad_override_value,
+    bad_sweep_value,
     register_schema,
     to_config,
     unknown_override_key,
@@ -141,8 +142,10 @@ def _drop_launcher_args(argv: list[str]) -> list[str]:
 if __name__ == "__main__":
     sys.argv = _drop_launcher_args(sys.argv)
     groups = {p.name for p in CONF.iterdir() if p.is_dir()}
-    if message := unknown_override_key(sys.argv[1:], groups) or bad_override_value(
-        sys.argv[1:], groups
+    if message := (
+        unknown_override_key(sys.argv[1:], groups)
+        or bad_override_value(sys.argv[1:], groups)
+        or bad_sweep_value(sys.argv[1:], CONF)
     ):
         sys.exit(f"error: {message}")
     try:

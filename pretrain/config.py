@@ -418,6 +418,61 @@ def bad_override_value(overrides: list[str], groups: set[str]) -> str | None:
     return None
 
 
+def bad_sweep_value(overrides: list[str], conf_dir: Path) -> str | None:
+    """The first value of a grid sweep (`-m key=a,b`, the basic sweeper) that the config's own
+    checks refuse (`rtd.embedding_sharing=GDES`), as one line; None when every value passes.
+    Each value is composed with the other overrides (other sweeps at their first value) and
+    checked as a job would check it at its start, so a bad value stops the sweep before its
+    first job instead of failing its own job hours later. Checks that need the job's ranks or
+    data (batch divisibility, the corpus) are still each job's."""
+    if not {"-m", "--multirun"} & set(overrides) or any(
+        o.startswith("hydra/sweeper=") for o in overrides
+    ):
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    fixed, sweeps = [], []
+    for arg in overrides:
+        if arg.startswith("-"):
+            continue
+        try:
+            (override,) = parser.parse_overrides([arg])
+        except Exception:  # Hydra reports its own syntax errors
+            return None
+        if not override.is_sweep_override():
+            fixed.append(arg)
+            continue
+        try:
+            values = _sweep_values(arg.split("=", 1)[1], list(override.sweep_iterator()))
+        except Exception:  # an interval or another sweep that is not a list of values
+            return None
+        typed = [text for text, _ in values]
+        if any(c in text for text in typed for c in "'\"()[]{}") or not typed:
+            return None  # not safely written back as overrides: left to each job
+        sweeps.append((override.key_or_group, typed))
+    firsts = [f"{key}={typed[0]}" for key, typed in sweeps]
+
+    def refusal(job: list[str]) -> str | None:
+        try:
+            to_config(compose("config", overrides=[*job, "run_dir=/sweep-value-check"]))
+        except ConfigError as e:
+            return str(e)
+        except Exception:  # composition errors: Hydra reports them in the job
+            pass
+        return None
+
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        if message := refusal([*fixed, *firsts]):  # the first job: every job would say it
+            return message
+        for i, (key, typed) in enumerate(sweeps):
+            for text in typed[1:]:
+                if message := refusal([*fixed, *firsts[:i], f"{key}={text}", *firsts[i + 1 :]]):
+                    return f"the sweep's value {key}={text}: {message}"
+    return None
+
+
 def _sweep_values(raw: str, parsed: list[Any]) -> list[tuple[str, Any]]:
     """(text as typed, parsed value) of each value of a sweep: `a,b` or `choice(a,b)` split
     where no quote or bracket makes that ambiguous, else the parsed value's text. A sweep

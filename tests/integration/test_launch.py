@@ -235,6 +235,23 @@ def test_a_failed_sweep_job_does_not_stop_the_others(tiny_corpus: dict, tmp_path
     assert last.startswith(f"error: 1 job(s) of the sweep failed; first: {sweep / '0'}: trainer.")
 
 
+def test_a_bad_sweep_value_stops_the_sweep_before_its_first_job(
+    tiny_corpus: dict, tmp_path: Path
+) -> None:
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain", "-m", *sweep_overrides(tiny_corpus, sweep),
+         "rtd.embedding_sharing=gdes,GDES"],
+        capture_output=True, text=True, env=child_env(), timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        "error: the sweep's value rtd.embedding_sharing=GDES: rtd.embedding_sharing='GDES'; "
+        "choose gdes, es or nes"
+    ]
+    assert not sweep.exists()  # job 0 (gdes) did not run either
+
+
 def test_optuna_sweep_example_runs_trials_and_reports_the_best(
     tiny_corpus: dict, tmp_path: Path
 ) -> None:

@@ -170,6 +170,30 @@ def test_each_value_of_a_sweep_is_checked(override: str, message: str) -> None:
     assert bad_override_value(["-m", override], GROUPS) == message
 
 
+def test_a_sweep_value_the_config_refuses_stops_the_sweep_before_its_first_job() -> None:
+    from pretrain.config import bad_sweep_value
+
+    base = ["-m", "experiment=quickstart"]
+    sweep = "rtd.embedding_sharing=gdes,es,GDES"
+    assert bad_sweep_value([*base, sweep, "trainer.seed=0,1"], CONF) == (
+        "the sweep's value rtd.embedding_sharing=GDES: rtd.embedding_sharing='GDES'; choose "
+        "gdes, es or nes"
+    )
+    # The second sweep's values are checked with the first's first value.
+    assert bad_sweep_value([*base, "trainer.seed=0,1", "optim.lr=1e-3,-1"], CONF) == (
+        "the sweep's value optim.lr=-1: optim.lr must be a finite number > 0, got -1.0"
+    )
+    # A setting bad for every job is said as a job would say it, not blamed on a value.
+    assert bad_sweep_value([*base, "optim.lr=-1", "trainer.seed=0,1"], CONF) == (
+        "optim.lr must be a finite number > 0, got -1.0"
+    )
+    good = [*base, "rtd.embedding_sharing=gdes,es,nes", "optim.lr=choice(1e-3, 2e-3)"]
+    assert bad_sweep_value(good, CONF) is None
+    assert bad_sweep_value([sweep], CONF) is None  # not a multirun: no sweep
+    # Another sweeper's search space is its own (Optuna's interval(...), tag(...)).
+    assert bad_sweep_value(["-m", "hydra/sweeper=optuna_lr", sweep], CONF) is None
+
+
 @pytest.mark.parametrize(
     "override",
     [
