@@ -535,18 +535,17 @@ def rtd_from_hf(
 def check_init_tokenizer(hf_dir: str | Path, tokenizer_dir: str | Path | None) -> None:
     """Refuse to continue pretraining a checkpoint on another tokenizer's ids. Checked when both
     directories hold an spm.model (a published checkpoint usually ships its tokenizer)."""
-    from data_prep.tokenizer import MODEL_FILE, sha256_file
+    from data_prep.tokenizer import EXTENSION_FILE, MODEL_FILE, sha256_file
 
     theirs = Path(hf_dir).expanduser() / MODEL_FILE
     if tokenizer_dir is None or not theirs.is_file():
         return
     ours = Path(tokenizer_dir).expanduser() / MODEL_FILE
-    if ours.is_file() and sha256_file(ours) != sha256_file(theirs):
-        from data_prep.extend_vocab import EXTENSION_FILE
-
+    their_sha = sha256_file(theirs) if ours.is_file() else None
+    if their_sha is not None and sha256_file(ours) != their_sha:
         extension = Path(tokenizer_dir).expanduser() / EXTENSION_FILE
         info = json.loads(extension.read_text()) if extension.is_file() else {}
-        if info.get("old_sha256") == sha256_file(theirs):  # extended, the model not yet grown
+        if info.get("old_sha256") == their_sha:  # extended, the model not yet grown
             export_dir = Path(hf_dir).parent
             raise ExportError(
                 f"data.tokenizer={tokenizer_dir} extends the tokenizer of {hf_dir} to "
