@@ -18,28 +18,14 @@ same runs' curves on one set of axes.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from pretrain.config import ConfigError
-from pretrain.metrics import find_runs, run_labels
+from pretrain.metrics import find_runs, read_logged, run_labels
 
 HELD_OUT = ("gen_loss", "gen_acc", "disc_acc", "disc_auc")
 MIN_VERDICT_STEPS = 5
-
-
-def read(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run}: no metrics.jsonl (is it a run directory?)")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line torn by a crash, as the trainer itself drops on resume
-    return records
 
 
 def smoothed_train_loss(records: list[dict], window: int) -> dict[int, float]:
@@ -74,10 +60,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipping {arg}: not a run directory", file=sys.stderr)
     try:
         found = find_runs([arg for arg in args.runs if not arg.is_file()])
-        runs = {str(run): read(run) for run in found}
-    except (ConfigError, FileNotFoundError) as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    runs = {str(run): read_logged(run) for run in found}  # each holds metrics.jsonl
     if len(runs) < 2 + args.seed_run:
         print(
             f"error: {len(runs)} run(s) found; give at least {2 + args.seed_run} run directories",

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain.metrics import METRICS_FILE
+from pretrain.metrics import METRICS_FILE, read_logged
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -410,15 +410,11 @@ def describe(run_dir: str | Path) -> list[str]:
     ]
     if not dirs:
         raise _no_checkpoint(run, root)
-    losses: dict[int, float] = {}
-    metrics = run / METRICS_FILE
-    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
-        try:
-            record = json.loads(line)
-            if record.get("split") == "train" and record.get("loss") is not None:
-                losses[int(record["step"])] = float(record["loss"])
-        except (ValueError, KeyError, TypeError, AttributeError):
-            continue  # a line torn by a crash
+    losses = {
+        int(r["step"]): float(r["loss"])
+        for r in read_logged(run)
+        if r.get("split") == "train" and r.get("loss") is not None and "step" in r
+    }
     latest = published_tag(root)
     lines = []
     for step, d in sorted(dirs):

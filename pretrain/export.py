@@ -66,6 +66,7 @@ from pretrain.checkpoint import (
     published_tag,
     verify,
 )
+from pretrain.metrics import job_order
 from pretrain.models.deberta import (
     DebertaConfig,
     DebertaModel,
@@ -603,10 +604,7 @@ def locate_checkpoint(path: str | Path) -> Path:
                 "checkpoint directory instead, or rerun the training to repair the run"
             )
         return root / tag
-    jobs = sorted(
-        (d for d in p.iterdir() if (d / "checkpoints" / LATEST).is_file()),
-        key=lambda d: (not d.name.isdigit(), d.name.zfill(12)),
-    )
+    jobs = sorted((d for d in p.iterdir() if (d / "checkpoints" / LATEST).is_file()), key=job_order)
     if jobs:  # a sweep's directory
         raise ExportError(
             f"{p} holds the runs of a sweep ({', '.join(d.name for d in jobs)}), not one run: "

@@ -273,6 +273,26 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def read_logged(run_dir: str | Path) -> list[dict[str, Any]]:
+    """`read_metrics` for reading a run that may have crashed: [] without a metrics.jsonl, and a
+    line a crash tore is left out (as the trainer drops it on resume)."""
+    path = Path(run_dir) / METRICS_FILE
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def job_order(job_dir: Path) -> tuple[bool, str]:
+    """Sort key of a sweep's job directories: 0, 1, ..., 10 in number order, other names after."""
+    return not job_dir.name.isdigit(), job_dir.name.zfill(12)
+
+
 def _points(records: list[dict[str, Any]], key: str, split: str) -> list[tuple[Any, Any]]:
     return [
         (r["step"], r[key])
@@ -354,7 +374,7 @@ def find_runs(paths: list[Path]) -> list[Path]:
                 f"{path}: no {METRICS_FILE} in it or in its subdirectories; pass run "
                 "directories or a sweep's directory"
             )
-        runs += sorted(jobs, key=lambda p: (not p.name.isdigit(), p.name.zfill(12)))
+        runs += sorted(jobs, key=job_order)
     return runs
 
 
