@@ -73,6 +73,18 @@ def _load_rows(PTR, b, h, s_b, s_h, s_l, s_d, offs, offs_d, ok):
 
 
 @triton.jit
+def _key_rows(
+    K, V, MASK, b, h, offs_n, offs_d, col_ok, kv_ok, s_kb, s_kh, s_kl, s_kd,
+    s_vb, s_vh, s_vl, s_vd, s_mb,
+):  # fmt: skip
+    """What every kernel reads of a block of keys: k, v, and which are real tokens."""
+    k = _load_rows(K, b, h, s_kb, s_kh, s_kl, s_kd, offs_n, offs_d, kv_ok)
+    v = _load_rows(V, b, h, s_vb, s_vh, s_vl, s_vd, offs_n, offs_d, kv_ok)
+    k_real = tl.load(MASK + b * s_mb + offs_n, mask=col_ok, other=0) != 0
+    return k, v, k_real
+
+
+@triton.jit
 def _query_rows(
     Q, DO, MASK, LSE, DELTA, b, h, pid_bh, offs_m, offs_d, row_ok, qd_ok, L,
     s_qb, s_qh, s_ql, s_qd,
@@ -195,9 +207,10 @@ def _forward_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < L
         kv_ok = col_ok[:, None] & d_ok[None, :]
-        k = _load_rows(K, b, h, s_kb, s_kh, s_kl, s_kd, offs_n, offs_d, kv_ok)
-        v = _load_rows(V, b, h, s_vb, s_vh, s_vl, s_vd, offs_n, offs_d, kv_ok)
-        k_real = tl.load(MASK + b * s_mb + offs_n, mask=col_ok, other=0) != 0
+        k, v, k_real = _key_rows(
+            K, V, MASK, b, h, offs_n, offs_d, col_ok, kv_ok, s_kb, s_kh, s_kl, s_kd,
+            s_vb, s_vh, s_vl, s_vd, s_mb,
+        )  # fmt: skip
 
         s, _ = _score_tile(
             q, k, offs_m, offs_n, row_ok[:, None] & col_ok[None, :], col_ok, q_real, k_real,
@@ -260,9 +273,10 @@ def _backward_kernel(
     d_ok = offs_d < D
     kv_ok = col_ok[:, None] & d_ok[None, :]
 
-    k = _load_rows(K, b, h, s_kb, s_kh, s_kl, s_kd, offs_n, offs_d, kv_ok)
-    v = _load_rows(V, b, h, s_vb, s_vh, s_vl, s_vd, offs_n, offs_d, kv_ok)
-    k_real = tl.load(MASK + b * s_mb + offs_n, mask=col_ok, other=0) != 0
+    k, v, k_real = _key_rows(
+        K, V, MASK, b, h, offs_n, offs_d, col_ok, kv_ok, s_kb, s_kh, s_kl, s_kd,
+        s_vb, s_vh, s_vl, s_vd, s_mb,
+    )  # fmt: skip
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     grad_base = pid_bh * L * D
@@ -361,9 +375,10 @@ def _backward_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < L
         kv_ok = col_ok[:, None] & d_ok[None, :]
-        k = _load_rows(K, b, h, s_kb, s_kh, s_kl, s_kd, offs_n, offs_d, kv_ok)
-        v = _load_rows(V, b, h, s_vb, s_vh, s_vl, s_vd, offs_n, offs_d, kv_ok)
-        k_real = tl.load(MASK + b * s_mb + offs_n, mask=col_ok, other=0) != 0
+        k, v, k_real = _key_rows(
+            K, V, MASK, b, h, offs_n, offs_d, col_ok, kv_ok, s_kb, s_kh, s_kl, s_kd,
+            s_vb, s_vh, s_vl, s_vd, s_mb,
+        )  # fmt: skip
         _, ds, _, _ = _grad_tile(
             q, k, v, do, lse, delta, offs_m, offs_n, row_ok, col_ok, q_real, k_real,
             IDX, QP, KP, b, h, s_pb, s_ph, s_pl, s_pc, s_rb, s_rh, s_rl, s_rc,
