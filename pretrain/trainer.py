@@ -19,6 +19,7 @@ Faults, and what the loop does about them:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 import signal
@@ -52,7 +53,7 @@ from pretrain.metrics import (
     device_peak_flops,
     rtd_train_flops_per_token,
 )
-from pretrain.models.rtd import RTDModel
+from pretrain.models.rtd import RTDModel, RTDOutput
 
 TRAIN_KEYS = (
     "loss",
@@ -512,13 +513,15 @@ class Trainer:
         for _ in range(self.engine.batch.accumulation):
             batch = self._next_batch(batches)
             out = self.engine.forward(batch)
-            while not _all_true(bool(torch.isfinite(out.loss.detach())), self.world):
-                self._skip_nonfinite(out.loss, batch)
+            loss, metrics = _read_off_device(out)
+            while not _all_true(math.isfinite(loss), self.world):
+                self._skip_nonfinite(loss, batch)
                 batch = self._next_batch(batches)
                 out = self.engine.forward(batch)
+                loss, metrics = _read_off_device(out)
             self.engine.backward_and_step(out.loss)
             for k in TRAIN_KEYS:
-                sums[k] += out.metrics[k].item()
+                sums[k] += metrics[k]
             tokens += int(batch["attention_mask"].sum())
             samples += batch["sample_index"].tolist()
         n = self.engine.batch.accumulation
@@ -550,13 +553,13 @@ class Trainer:
             )
         return batch
 
-    def _skip_nonfinite(self, loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+    def _skip_nonfinite(self, loss: float, batch: dict[str, torch.Tensor]) -> None:
         """Drop a micro batch whose loss is not finite on some rank, or stop the run."""
         self.nonfinite_skips += 1
         limit = self.config.trainer.max_nonfinite_skips
         index = batch["sample_index"].tolist()
         where = (
-            f"step {self.step + 1}: non-finite loss ({loss.item()} on rank {self.world.rank}'s "
+            f"step {self.step + 1}: non-finite loss ({loss} on rank {self.world.rank}'s "
             f"samples {index[0]}..{index[-1]}, or on another rank)"
         )
         if self.nonfinite_skips <= limit:
@@ -718,13 +721,25 @@ def _set_determinism(on: bool) -> None:
         # cuBLAS's reduction order depends on its workspace; a fixed one makes it repeatable.
         # Read when the first cuBLAS handle is made, which is after this on a fresh process.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(on, warn_only=True)
+    if on or torch.are_deterministic_algorithms_enabled():  # else there is nothing to undo,
+        # and the call imports dynamo (2 s) ahead of a refusal of model.init_from's checkpoint
+        torch.use_deterministic_algorithms(on, warn_only=True)
 
 
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _read_off_device(out: RTDOutput) -> tuple[float, dict[str, float]]:
+    """A micro batch's loss (the one to backpropagate) and `TRAIN_KEYS`, copied off the device
+    in one transfer. On one rank it is the micro batch's only wait for the device, and it comes
+    before the backward: reading the metrics after the backward would make the CPU wait for the backward
+    and the optimizer step before it could queue the next micro batch, idling the GPU."""
+    read = torch.stack([out.loss.detach().float()] + [out.metrics[k].float() for k in TRAIN_KEYS])
+    loss, *metrics = read.tolist()
+    return loss, dict(zip(TRAIN_KEYS, metrics, strict=True))
 
 
 def _all_reduce_mean(
