@@ -233,6 +233,26 @@ def test_cli_bad_corpus_path_is_one_clear_line(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+def test_a_refused_launch_does_not_wait_for_dynamo_deepspeed_or_triton(tmp_path: Path) -> None:
+    """Most mistakes are refused before training starts; their one line should come after the
+    import of torch alone, not after dynamo's (2 s, which torch's optimizers import when the
+    engine is built), DeepSpeed's or Triton's."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "pretrain", "experiment=quickstart",
+         f"data.corpus={tmp_path}/missing", f"hydra.run.dir={tmp_path}/run"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: data.corpus=")
+    timings = [line for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in timings}
+    assert {"torch", "hydra", "pretrain.config"} <= imported
+    assert not {"torch._dynamo", "torch._inductor", "deepspeed", "triton"} & imported
+
+
 def test_cli_misspelt_override_names_the_key(tmp_path: Path) -> None:
     import subprocess
     import sys

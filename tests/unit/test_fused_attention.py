@@ -281,6 +281,37 @@ def test_fused_fp16_error_is_eager_fp16_error() -> None:
     _assert_error_at_most_twice_eagers(reference, eager, fused, slack=1e-3)
 
 
+@interpreted
+def test_under_torch_compile_the_kernel_runs_outside_the_graph() -> None:
+    """trainer.compile=true compiles the layers that call the kernel. Dynamo must break the
+    graph at the kernel's disabled entry (whose module the dispatcher imports at first use, in
+    the traced code), not trace the launch code, and the result must be the kernel's."""
+    terms, buckets, max_rel = CORE_CASES["c2p_p2c_buckets"]
+    length = 16
+    config = _config(buckets, max_rel)
+    span = config.relative_span
+    idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
+    q, k, v, pos_k, pos_q, mask, weights = _inputs(length, span, terms, torch.float32)
+
+    def layer(q, k, v, pos_k, pos_q):  # graphed work on each side of the kernel
+        return disentangled_attention(
+            2 * q, k, v, pos_k, pos_q, idx, mask, 0.2, impl="triton"
+        ).sin()
+
+    explained = torch._dynamo.explain(layer)(q, k, v, pos_k, pos_q)
+    assert (explained.graph_count, explained.graph_break_count) == (2, 1)
+    reason = explained.break_reasons[0]
+    assert "fused_disentangled_attention" in reason.reason and "compiler.disable" in reason.reason
+
+    def run(fn):
+        out = fn(q, k, v, pos_k, pos_q)
+        return out, torch.autograd.grad((out * weights).sum(), [q, k, v, pos_k, pos_q])
+
+    (got, got_grads), (want, want_grads) = run(torch.compile(layer, backend="eager")), run(layer)
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(got_grads, want_grads, strict=True))
+
+
 # --------------------------------------------------------------------------------------------
 # Where the fused path may run, and what it refuses
 # --------------------------------------------------------------------------------------------

@@ -126,10 +126,9 @@ def disentangled_attention(
     return _fused(q, k, v, pos_k, pos_q, rel_index, token_mask, scale, deterministic)
 
 
-# Under torch.compile (trainer.compile) the kernel runs as it is, a graph break on each side:
-# the launch code reads tensor strides and Triton's mode, which dynamo need not trace.
-# Arguments as `disentangled_attention`'s, without dropout_p and impl.
-@torch.compiler.disable
+# Arguments as `disentangled_attention`'s, without dropout_p and impl. Imported at first use:
+# the kernel's module imports Triton, and dynamo (for its `torch.compiler.disable`), 2 s of
+# start-up that a run on the eager path, or a launch refused for its config, need not wait.
 def _fused(*args: Any) -> torch.Tensor:
     from pretrain.models.attention.fused import fused_disentangled_attention
 

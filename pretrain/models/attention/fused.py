@@ -208,6 +208,9 @@ class _FusedDisentangledAttention(torch.autograd.Function):
         )
 
 
+# Under torch.compile (trainer.compile) the kernel runs as it is, a graph break on each side:
+# the launch code reads tensor strides and Triton's mode, which dynamo need not trace.
+@torch.compiler.disable
 def fused_disentangled_attention(
     q: torch.Tensor,
     k: torch.Tensor,
