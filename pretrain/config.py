@@ -113,7 +113,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 1000
+    max_steps: int = 1000  # 0: evaluate the starting model on the held-out split, train nothing
     global_batch_size: int = 32  # sequences per optimizer step, all ranks and accumulation
     micro_batch_size: int = 32  # sequences per forward on one rank
     seed: int = 0
@@ -287,7 +287,6 @@ class Config:
         if d.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
         for name in (
-            "max_steps",
             "global_batch_size",
             "micro_batch_size",
             "log_every",
@@ -296,7 +295,14 @@ class Config:
         ):
             if getattr(t, name) < 1:
                 raise ConfigError(f"trainer.{name} must be >= 1, got {getattr(t, name)}")
-        for name in ("eval_every", "save_every", "max_nonfinite_skips", "max_save_failures"):
+        # max_steps=0: evaluate the starting model on the held-out split, and train nothing.
+        for name in (
+            "max_steps",
+            "eval_every",
+            "save_every",
+            "max_nonfinite_skips",
+            "max_save_failures",
+        ):
             if getattr(t, name) < 0:
                 raise ConfigError(f"trainer.{name} must be >= 0, got {getattr(t, name)}")
         if t.device not in ("auto", "cpu", "cuda"):

@@ -118,6 +118,12 @@ class Trainer:
                 "kernel where it can run)"
             )
         self.data: DataBundle = build_data(config, self.world)
+        if t.max_steps == 0 and self.data.valid is None:
+            raise ConfigError(
+                "trainer.max_steps=0 evaluates the starting model on the held-out split, but "
+                "the data has none (a prepared corpus has one when data_prep.corpus ran with "
+                "--valid-fraction above 0; a streamed source has none)"
+            )
         if config.model.init_from:
             config = self._shape_from_checkpoint(config)
         model_config = self.data.fit_model_config(config.model)
@@ -352,7 +358,7 @@ class Trainer:
             project=c.logging.project,
             run_name=c.name,
             config=_as_dict(c),
-            progress_bar=c.logging.progress_bar,
+            progress_bar=c.logging.progress_bar and t.max_steps > 0,
         )
         if resumed:
             logger.write(f"resumed from step {self.step} in {c.run_dir}")
@@ -366,6 +372,11 @@ class Trainer:
         if resumed and self.step >= last:  # a finished run run again: nothing to redo
             logger.close(plots=False)
             return []
+        if t.max_steps == 0:  # evaluation only: no training, no checkpoint
+            record = self.evaluate()
+            logger.log(record)
+            logger.close(plots=False)
+            return [record]
         trace = SampleTrace(c.run_dir, self.world.rank, self.step, c.logging.trace_samples)
         history: list[dict[str, Any]] = []
         if not resumed and t.eval_every and self.data.valid is not None:
@@ -459,20 +470,33 @@ class Trainer:
         c, t, o = self.config, self.config.trainer, self.config.optim
         if resumed and self.step >= last:
             past = f", past trainer.max_steps={t.max_steps}" if self.step > t.max_steps else ""
+            if t.max_steps == 0:
+                past += (
+                    "; trainer.max_steps=0 evaluates a new run's starting model: to evaluate "
+                    f"this run's, export it (python -m pretrain.export {c.run_dir} OUT) and "
+                    "give model.init_from=OUT/discriminator to a new run"
+                )
             return [
                 f"nothing to train: the run is at step {self.step}{past} (raise "
                 "trainer.max_steps to go on)"
             ]
         b, w = self.engine.batch, self.world
+        s = "s" if w.world_size > 1 else ""
         lines = [] if resumed else [f"new run in {c.run_dir}"]
         lines.append(
             f"{self.num_parameters / 1e6:.2f}M parameters (generator and discriminator), "
-            f"{w.world_size} rank{'s' if w.world_size > 1 else ''} on {w.device.type} "
-            f"({self.engine.precision}), global batch {b.global_} = micro {b.micro} x "
-            f"accumulation {b.accumulation} x {w.world_size} rank{'s' if w.world_size > 1 else ''}"
-            f" of {c.data.seq_len} tokens, to step {last}"
+            f"{w.world_size} rank{s} on {w.device.type} ({self.engine.precision}), "
+            + (
+                f"evaluation only (trainer.max_steps=0): {t.eval_batches} held-out batches of "
+                f"micro {b.micro} x {w.world_size} rank{s} of {c.data.seq_len} tokens"
+                if t.max_steps == 0
+                else f"global batch {b.global_} = micro {b.micro} x accumulation "
+                f"{b.accumulation} x {w.world_size} rank{s} of {c.data.seq_len} tokens, "
+                f"to step {last}"
+            )
         )
-        if o.warmup_steps >= t.max_steps:
+        evaluates = t.eval_every or t.max_steps == 0
+        if 0 < t.max_steps <= o.warmup_steps:
             lines.append(
                 f"warning: optim.warmup_steps={o.warmup_steps} >= trainer.max_steps={t.max_steps}: "
                 f"the learning rate never reaches optim.lr={o.lr:g}"
@@ -486,7 +510,7 @@ class Trainer:
             )
         held_out = self.data.valid.num_tokens if self.data.valid is not None else None
         read = t.eval_batches * b.micro * w.world_size * c.data.seq_len
-        if t.eval_every and held_out is not None and held_out < read:
+        if evaluates and held_out is not None and held_out < read:
             lines.append(
                 f"warning: the held-out split has {held_out} tokens, but an evaluation reads "
                 f"{read} (trainer.eval_batches x micro batch x ranks x data.seq_len): it reads "

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pretrain.metrics import read_metrics
 from tests.integration.test_trainer import make_config
 
 transformers = pytest.importorskip("transformers")
@@ -141,6 +142,40 @@ def test_continued_pretraining_starts_from_the_exported_model(
     said = capsys.readouterr().out
     assert f"resumed from step 2 in {tmp_path / 'adapted'}" in said
     assert "discriminator from" not in said and "MLM head from" not in said
+
+
+def test_evaluation_only_measures_an_export_as_its_run_did(
+    tiny_corpus: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """trainer.max_steps=0 evaluates the starting model, here an export, on the held-out split
+    and trains nothing: the numbers are the run's own evaluation at the exported step (the
+    held-out batches, masks and noise are the same whatever trainer.seed)."""
+    from pretrain.export import load_run_checkpoint, to_hf
+    from pretrain.trainer import Trainer
+    from tests.integration.test_trainer import train
+
+    base = train(tiny_corpus, tmp_path / "base", "trainer.max_steps=2", "trainer.eval_every=2")
+    [want] = [r for r in base if r["split"] == "valid" and r["step"] == 2]
+    run = load_run_checkpoint(tmp_path / "base")
+    to_hf(run.model, run.tokenizer_dir, tmp_path / "hf")
+    capsys.readouterr()
+    evaluated = Trainer(make_config(
+        tiny_corpus, tmp_path / "eval", "trainer.max_steps=0", "trainer.seed=5",
+        f"model.init_from={tmp_path / 'hf/discriminator'}",
+        f"model.init_generator_from={tmp_path / 'hf/generator'}",
+    )).fit()  # fmt: skip
+    assert evaluated == [{**want, "step": 0}]
+    assert read_metrics(tmp_path / "eval") == evaluated
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["config.yaml", "metrics.jsonl"]
+    said = capsys.readouterr().out
+    assert "evaluation only (trainer.max_steps=0): 2 held-out batches of micro 8 x 1 rank" in said
+    # The run directory of a trained run is not re-evaluated: it says how to evaluate it.
+    again = train(tiny_corpus, tmp_path / "base", "trainer.max_steps=0")
+    assert again == []
+    assert (
+        "trainer.max_steps=0 evaluates a new run's starting model: to evaluate this run's, "
+        f"export it (python -m pretrain.export {tmp_path / 'base'} OUT)" in capsys.readouterr().out
+    )
 
 
 def test_a_run_without_data_tokenizer_uses_and_exports_its_corpus_copy(

@@ -445,6 +445,13 @@ def test_a_corpus_without_a_held_out_split_is_warned_about(
     assert [r["split"] for r in records] == ["train"]
     assert ("warning: trainer.eval_every=1 but the data has no held-out split, so there are no "
             "evaluations") in capsys.readouterr().out  # fmt: skip
+    evaluate_only = make_config(tiny_corpus, tmp_path / "eval", f"data.corpus={no_valid}",
+                                "trainer.max_steps=0")  # fmt: skip
+    from pretrain.trainer import Trainer
+
+    with pytest.raises(ConfigError, match="trainer.max_steps=0 evaluates the starting model on "
+                       "the held-out split, but the data has none"):  # fmt: skip
+        Trainer(evaluate_only)
 
 
 def test_console_says_what_runs_and_logs_lines_without_a_bar(

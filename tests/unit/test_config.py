@@ -230,6 +230,7 @@ def test_wrong_type_fails_naming_key() -> None:
         ("model.attention_impl=fast", "attention_impl"),
         ("model.attention_impl=triton", "model.attention_probs_dropout_prob=0.1; set it to 0"),
         ("trainer.max_nonfinite_skips=-1", "trainer.max_nonfinite_skips"),
+        ("trainer.max_steps=-1", "trainer.max_steps must be >= 0, got -1"),
         ("rtd.emd_steps=0", "rtd.emd_steps must be >= 1"),
         ("optim.lr=nan", "optim.lr must be a finite number > 0, got nan"),
         ("optim.lr=inf", "optim.lr must be a finite number > 0, got inf"),
