@@ -452,6 +452,12 @@ class Trainer:
         run = Path(self.config.run_dir)
         pointer, metrics = run / "checkpoints" / "latest", run / METRICS_FILE
         logged = metrics.is_file() and metrics.stat().st_size > 0
+        if self.config.trainer.max_steps == 0 and (pointer.is_file() or logged):
+            raise ConfigError(
+                f"trainer.max_steps=0 (evaluation only) in {run}, the directory of an earlier "
+                "run, would clear its metrics.jsonl: give the evaluation a directory of its own "
+                "(another name= or run_dir=)"
+            )
         if self.world.is_main:
             metrics.unlink(missing_ok=True)
         if not (pointer.is_file() or logged):  # none, or one that failed before its first record

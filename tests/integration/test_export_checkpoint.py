@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pretrain.config import ConfigError
 from pretrain.metrics import read_metrics
 from tests.integration.test_trainer import make_config
 
@@ -176,6 +177,11 @@ def test_evaluation_only_measures_an_export_as_its_run_did(
         "trainer.max_steps=0 evaluates a new run's starting model: to evaluate this run's, "
         f"export it (python -m pretrain.export {tmp_path / 'base'} OUT)" in capsys.readouterr().out
     )
+    # Nor started over there (trainer.resume=false), which would clear the run's metrics.
+    kept = (tmp_path / "base/metrics.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match="would clear its metrics.jsonl: give the evaluation"):
+        train(tiny_corpus, tmp_path / "base", "trainer.max_steps=0", "trainer.resume=false")
+    assert (tmp_path / "base/metrics.jsonl").read_bytes() == kept
 
 
 def test_a_run_without_data_tokenizer_uses_and_exports_its_corpus_copy(
