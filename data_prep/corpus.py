@@ -353,7 +353,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_input_arguments(parser)
     parser.add_argument("--tokenizer", required=True, type=Path, help="tokenizer directory")
     parser.add_argument("--out", required=True, type=Path, help="output corpus directory")
-    parser.add_argument("--valid-fraction", type=float, default=0.01)
+    parser.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=0.01,
+        help="share of the documents held out for evaluation, chosen by a hash of each "
+        "document (default: 0.01)",
+    )
     parser.add_argument(
         "--workers", type=int, default=None, help="tokenizer processes (default: all cores)"
     )
@@ -403,7 +409,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
     if m["valid_fraction"] > 0 and sp["valid"]["num_docs"] == 0:
-        print("warning: the valid split is empty; raise --valid-fraction", file=sys.stderr)
+        docs, fraction = sp["train"]["num_docs"], m["valid_fraction"]
+        hint = f" (at {10 / docs:.2g}, about 10 of them would be)" if docs >= 40 else ""
+        print(
+            f"warning: the valid split is empty: none of the {docs} documents fell in the "
+            f"held-out --valid-fraction {fraction:g} (about {docs * fraction:.2g} expected), so "
+            f"runs on this corpus have no held-out evaluation; raise --valid-fraction{hint}",
+            file=sys.stderr,
+        )
     for split, fix in (
         ("train", "give it more text, or split it into more documents"),
         ("valid", "raise --valid-fraction, or train with trainer.eval_every=0"),

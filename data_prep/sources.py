@@ -500,5 +500,6 @@ def add_doc_unit_arguments(parser: Any) -> None:
         action="store_const",
         const="file",
         help="plain text: one document per file (source code, whose functions are separated "
-        "by blank lines; default: per blank-line-separated block)",
+        "by blank lines; default: per blank-line-separated block). Cleaning still turns each "
+        "whitespace run into one space, so code loses its indentation and line breaks",
     )

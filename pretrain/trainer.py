@@ -66,6 +66,12 @@ TRAIN_KEYS = (
     "replaced_frac",
 )
 
+# Why a run's data may have no held-out split.
+WHERE_HELD_OUT = (
+    "a prepared corpus has one when data_prep.corpus's --valid-fraction put documents in it: "
+    "its summary says how many, and a corpus of few documents, such as one per file, wants a "
+    "fraction above the default 0.01; a streamed source has none"
+)
 
 # Model settings a resumed run may change: they leave the weights' meaning alone (dropout, the
 # attention kernel) or only matter at the start (where the initial weights came from).
@@ -121,8 +127,7 @@ class Trainer:
         if t.max_steps == 0 and self.data.valid is None:
             raise ConfigError(
                 "trainer.max_steps=0 evaluates the starting model on the held-out split, but "
-                "the data has none (a prepared corpus has one when data_prep.corpus ran with "
-                "--valid-fraction above 0; a streamed source has none)"
+                f"the data has none ({WHERE_HELD_OUT})"
             )
         if config.model.init_from:
             config = self._shape_from_checkpoint(config)
@@ -386,6 +391,7 @@ class Trainer:
         batches = iter(self.data.train)
         window_start, window_tokens = time.perf_counter(), 0
         previous_handlers = self._install_signal_handlers()
+        stopped = False  # by a signal (on any rank), after saving
         try:
             while self.step < last:
                 sums, samples = self._train_step(batches)
@@ -415,6 +421,7 @@ class Trainer:
                     )
                     logger.write(f"{why}: saving step {self.step} and exiting")
                     self._save_or_carry_on(final=True)
+                    stopped = True
                     break
                 if t.save_every and self.step % t.save_every == 0:
                     self._save_or_carry_on()
@@ -438,7 +445,7 @@ class Trainer:
             trace.close()
             logger.close(plots=c.logging.plots)
         latest = self.checkpointer.latest()
-        if latest is not None and self.step >= last:
+        if latest is not None and (self.step >= last or stopped):
             self._log(
                 f"step {self.step}: checkpoint {Path(c.run_dir) / 'checkpoints' / latest}; to load it "
                 f"in transformers: python -m pretrain.export {c.run_dir} OUT_DIR"
@@ -501,6 +508,8 @@ class Trainer:
                 f"to step {last}"
             )
         )
+        if t.max_steps == 0 and c.model.init_from:
+            lines += self._untrained_heads_warnings()
         evaluates = t.eval_every or t.max_steps == 0
         if 0 < t.max_steps <= o.warmup_steps:
             lines.append(
@@ -510,9 +519,8 @@ class Trainer:
         if t.eval_every and self.data.valid is None:
             lines.append(
                 f"warning: trainer.eval_every={t.eval_every} but the data has no held-out split, "
-                "so there are no evaluations and a sweep's objective is the training loss (a "
-                "prepared corpus has one when data_prep.corpus ran with --valid-fraction above 0; "
-                "a streamed source has none)"
+                "so there are no evaluations and a sweep's objective is the training loss "
+                f"({WHERE_HELD_OUT})"
             )
         held_out = self.data.valid.num_tokens if self.data.valid is not None else None
         read = t.eval_batches * b.micro * w.world_size * c.data.seq_len
@@ -529,6 +537,29 @@ class Trainer:
                 f"warning: model.vocab_size={c.model.vocab_size} but the tokenizer has "
                 f"{self.data.vocab_size} ids: {unused} embedding rows are never used (set "
                 f"model.vocab_size={self.data.vocab_size})"
+            )
+        return lines
+
+    def _untrained_heads_warnings(self) -> list[str]:
+        """Evaluation only, of a model.init_from: the figures that a newly initialised head
+        leaves meaningless, where they would read as the checkpoint's."""
+        from pretrain.export import RTD_HEAD_FILE
+
+        m, lines = self.config.model, []
+        assert m.init_from
+        if not m.init_generator_from:
+            lines.append(
+                "warning: evaluation only, without model.init_generator_from: the MLM head is "
+                "new, so gen_loss and gen_acc (and a sweep's objective) measure an untrained "
+                "generator, and the discriminator is scored on its random replacements; give "
+                "the checkpoint's generator (an export's generator/ is beside its "
+                "discriminator/: in a sweep over model.init_from, add "
+                "'model.init_generator_from=${model.init_from}/../generator')"
+            )
+        if not (Path(m.init_from).expanduser() / RTD_HEAD_FILE).is_file():
+            lines.append(
+                f"warning: evaluation only, {m.init_from} has no {RTD_HEAD_FILE}, so the RTD "
+                "head is new and disc_acc and disc_auc measure an untrained discriminator head"
             )
         return lines
 

@@ -170,6 +170,21 @@ def test_evaluation_only_measures_an_export_as_its_run_did(
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["config.yaml", "metrics.jsonl"]
     said = capsys.readouterr().out
     assert "evaluation only (trainer.max_steps=0): 2 held-out batches of micro 8 x 1 rank" in said
+    assert "warning: evaluation only" not in said
+    # Heads the checkpoint does not give are new: the figures they leave meaningless are named.
+    (tmp_path / "hf/discriminator/rtd_head.safetensors").unlink()
+    alone = Trainer(make_config(tiny_corpus, tmp_path / "alone", "trainer.max_steps=0",
+                                f"model.init_from={tmp_path / 'hf/discriminator'}"))  # fmt: skip
+    assert alone.fit()[0]["gen_loss"] != want["gen_loss"]  # a new MLM head, not the trained one
+    warned = [line for line in capsys.readouterr().out.splitlines() if "evaluation only," in line]
+    assert len(warned) == 2
+    assert warned[0].startswith(
+        "warning: evaluation only, without model.init_generator_from: the MLM head is new"
+    )
+    assert warned[1] == (
+        f"warning: evaluation only, {tmp_path / 'hf/discriminator'} has no rtd_head.safetensors, "
+        "so the RTD head is new and disc_acc and disc_auc measure an untrained discriminator head"
+    )
     # The run directory of a trained run is not re-evaluated: it says how to evaluate it.
     again = train(tiny_corpus, tmp_path / "base", "trainer.max_steps=0")
     assert again == []

@@ -148,6 +148,10 @@ def test_sigterm_to_the_whole_process_group_saves_and_exits_0(
     assert rc == 0 and "Traceback" not in log.read_text(), tail(log)
     stopped = assert_saved_at_stop(run, world_size=1)
     assert f"SIGTERM: saving step {stopped} and exiting" in log.read_text()
+    assert (  # what a stopped run ends with, as a finished one does
+        f"step {stopped}: checkpoint {run / 'checkpoints' / f'step_{stopped:08d}'}; to load it in "
+        f"transformers: python -m pretrain.export {run} OUT_DIR"
+    ) in log.read_text().splitlines()
 
 
 def test_preempting_a_sweep_saves_the_job_and_starts_no_other(

@@ -295,6 +295,11 @@ def test_text_the_tokenizer_does_not_cover_is_counted_and_warned_about(
     ok = _run("data_prep.corpus", "--input", str(tmp_path / "english.txt"), "--tokenizer",
               str(tok_dir), "--out", str(tmp_path / "ok"))  # fmt: skip
     assert ok.returncode == 0 and "[UNK]" not in ok.stderr, ok.stderr
+    assert (  # two documents at the default 1%: no held-out split, and the warning says why
+        "warning: the valid split is empty: none of the 2 documents fell in the held-out "
+        "--valid-fraction 0.01 (about 0.02 expected), so runs on this corpus have no held-out "
+        "evaluation; raise --valid-fraction"
+    ) in ok.stderr.splitlines()
     (tmp_path / "greek.txt").write_text(
         "Καλημέρα κόσμε, τι κάνεις σήμερα;\n\nΑυτό είναι ελληνικά.\n"
     )
