@@ -4,7 +4,8 @@ per argument (a sweep's directory stands for its jobs), the first being the refe
     python bench/compare_runs.py runs/eager runs/triton runs/eager_seed1 [--seed-run]
 
 Names each run by the config values that set it apart (`rtd.embedding_sharing=es`), prints
-the held-out numbers of every run at each evaluation step side by side, then, for each run
+the held-out numbers of every run at each evaluation step side by side (all there is for
+evaluation-only runs, trainer.max_steps=0), then, for each run
 against the reference, the mean absolute difference of the training loss (smoothed over
 `--window` logged records) over the steps both logged. With --seed-run the last run differs
 from the reference only in its seed: its difference is the noise floor, and each other run
@@ -24,7 +25,7 @@ from pathlib import Path
 from pretrain.config import ConfigError
 from pretrain.metrics import find_runs, read_logged, run_labels
 
-HELD_OUT = ("gen_loss", "gen_acc", "disc_acc", "disc_auc")
+HELD_OUT = ("gen_loss", "gen_acc", "gen_acc_unigram", "disc_acc", "disc_auc")
 MIN_VERDICT_STEPS = 5
 
 
@@ -88,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
 
     smoothed = {name: smoothed_train_loss(recs, args.window) for name, recs in runs.items()}
     reference = smoothed[names[0]]
+    if not any(smoothed.values()):  # trainer.max_steps=0 runs: their evaluations are all
+        print("training loss: none logged (evaluation-only runs, trainer.max_steps=0)")
+        if args.seed_run:
+            print("verdict: none: --seed-run judges training curves")
+        return 1 if args.seed_run else 0
 
     def mean_diff(name: str, steps: list[int]) -> float:
         return sum(abs(smoothed[name][s] - reference[s]) for s in steps) / len(steps)

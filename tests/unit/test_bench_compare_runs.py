@@ -20,7 +20,7 @@ def write_run(run: Path, losses: list[float], auc: float) -> None:
     run.mkdir()
     lines = [{"step": i + 1, "split": "train", "loss": x} for i, x in enumerate(losses)]
     lines.append({"step": len(losses), "split": "valid", "gen_loss": 5.0, "gen_acc": 0.1,
-                  "disc_acc": 0.8, "disc_auc": auc})  # fmt: skip
+                  "gen_acc_unigram": 0.05, "disc_acc": 0.8, "disc_auc": auc})  # fmt: skip
     text = "\n".join(json.dumps(r) for r in lines) + "\n{torn"
     (run / "metrics.jsonl").write_text(text)
 
@@ -35,9 +35,27 @@ def test_differences_of_smoothed_training_loss_and_side_by_side_evals(
     # smoothed a: 4, 3.5, 2.5, 1.5; b: 4, 3.75, 2.75, 2.0 -> |diff| 0, .25, .25, .5
     assert "mean |diff| 0.2500, max 0.5000 over 4 steps; at step 4: 2.0000 vs 1.5000" in out
     assert (
-        f"{tmp_path / 'b'}: gen_loss 5.0000  gen_acc 0.1000  disc_acc 0.8000  disc_auc 0.7000"
-        in out
+        f"{tmp_path / 'b'}: gen_loss 5.0000  gen_acc 0.1000  gen_acc_unigram 0.0500  "
+        "disc_acc 0.8000  disc_auc 0.7000" in out
     )
+
+
+def test_evaluation_only_runs_are_compared_by_their_evaluations_alone(
+    bench, tmp_path: Path, capsys
+) -> None:
+    for name, auc in (("base", 0.55), ("trained", 0.6)):
+        write_run(tmp_path / name, [], auc=auc)  # trainer.max_steps=0: one step-0 evaluation
+    runs = [str(tmp_path / "base"), str(tmp_path / "trained")]
+    assert bench.main(runs) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-4:] == [
+        "  step 0",
+        f"    {runs[0]}: gen_loss 5.0000  gen_acc 0.1000  gen_acc_unigram 0.0500  disc_acc 0.8000"
+        "  disc_auc 0.5500",
+        f"    {runs[1]}: gen_loss 5.0000  gen_acc 0.1000  gen_acc_unigram 0.0500  disc_acc 0.8000"
+        "  disc_auc 0.6000",
+        "training loss: none logged (evaluation-only runs, trainer.max_steps=0)",
+    ]
 
 
 def test_a_directory_without_metrics_is_one_line(bench, tmp_path: Path, capsys) -> None:
