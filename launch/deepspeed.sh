@@ -14,12 +14,22 @@
 #
 # Arguments are Hydra overrides; the launcher's own `--local_rank=N` is dropped by our entry point.
 # Environment: HOSTFILE (none: this node only), NUM_GPUS (per node; default every GPU, or every
-# hostfile slot), MASTER_ADDR (default: the first host), MASTER_PORT=29500.
+# hostfile slot), MASTER_ADDR (default: the first host), MASTER_PORT=29500, PYTHON (default:
+# the repository's .venv/bin/python, as install.sh makes it; else python).
+#
+# Signals: DeepSpeed's launcher does not pass SIGTERM or SIGUSR1 on to the ranks (a SIGTERM to
+# it leaves them training, without it), and on Ctrl-C it gives them 30 s to save, then kills
+# them, and exits 1. For jobs that are preempted or stopped, use launch/torchrun.sh (or
+# slurm.sbatch), whose ranks get the signal, finish their step, save and exit.
 set -euo pipefail
+
+venv_python="$(dirname "$0")/../.venv/bin/python"
+[[ -x "$venv_python" ]] || venv_python=python
+PYTHON=${PYTHON:-$venv_python}
 
 args=(--master_port "${MASTER_PORT:-29500}")
 [[ -n "${HOSTFILE:-}" ]] && args+=(--hostfile "$HOSTFILE")
 [[ -n "${NUM_GPUS:-}" ]] && args+=(--num_gpus "$NUM_GPUS")
 [[ -n "${MASTER_ADDR:-}" ]] && args+=(--master_addr "$MASTER_ADDR")
 
-exec deepspeed "${args[@]}" --module pretrain "$@"
+exec "$PYTHON" -m deepspeed.launcher.runner "${args[@]}" --module pretrain "$@"

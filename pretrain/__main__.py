@@ -92,21 +92,28 @@ def _is_sweep_job() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+# Rank 0 alone records a launch in .hydra/<time>/: the others, started in the same second,
+# would write the same files at once (or, a second later, records of their own).
+RANK_RECORD = "hydra.output_subdir=null"
+
+
 def _drop_launch_record() -> None:
-    """A single-process launch refused at start-up leaves no trace: in a new directory, no
-    directory (Hydra's record of the launch, `.hydra/<time>/`, and an empty log go with it);
-    in an earlier run's directory, not its own `.hydra/<time>/` record, which would claim a
-    configuration that never trained."""
+    """A launch refused at start-up leaves no trace: in an earlier run's directory, not its
+    `.hydra/<time>/` record, which would claim a configuration that never trained; in a new
+    directory, single-process, no directory (the record and an empty log go with it)."""
     from hydra.core.hydra_config import HydraConfig
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # ranks would race: one deleting while
-        return  # another still writes its record; a multi-rank launch keeps the directory
     hydra_config = HydraConfig.get()
     out = Path(hydra_config.runtime.output_dir)
     log = out / f"{hydra_config.job.name}.log"
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
-        if {p.name for p in out.iterdir()} <= {".hydra", log.name} and not (
-            log.is_file() and log.stat().st_size
+        # Several ranks keep the directory (one would delete it while another writes its log);
+        # rank 0 removes its record, the only one (see RANK_RECORD).
+        if (
+            not several
+            and {p.name for p in out.iterdir()} <= {".hydra", log.name}
+            and not (log.is_file() and log.stat().st_size)
         ):
             shutil.rmtree(out)
         elif hydra_config.output_subdir and (record := out / hydra_config.output_subdir).is_dir():
@@ -148,6 +155,8 @@ if __name__ == "__main__":
         or bad_sweep_value(sys.argv[1:], CONF)
     ):
         sys.exit(f"error: {message}")
+    if int(os.environ.get("RANK", "0")) > 0:
+        sys.argv.append(RANK_RECORD)
     try:
         main()
         if FAILED_JOBS:

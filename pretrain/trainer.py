@@ -78,10 +78,15 @@ WHERE_HELD_OUT = (
 # What a sweep's jobs differ in (besides `model`, checked for every resume): a job resumed with
 # other values there is another job.
 SWEPT_SECTIONS = ("optim", "rtd", "masking")
-# Settings outside `model` that shape the weights or the optimizer state a checkpoint holds.
+# Other settings a resume applies from its next step, said like those; one a sweep's job is
+# resumed with another value of is another job too.
+RETUNED_ON_RESUME = {"trainer": ("global_batch_size",)}
+# Settings outside `model` that shape the weights or the optimizer state a checkpoint holds
+# (the ZeRO stage: how DeepSpeed lays out the optimizer state and weights it saves).
 FIXED_ON_RESUME = {
     "rtd": ("embedding_sharing", "generator_depth_ratio", "enhanced_mask_decoder"),
     "optim": ("name",),
+    "deepspeed": ("zero_stage",),
 }
 FREE_ON_RESUME = frozenset(
     {
@@ -277,9 +282,10 @@ class Trainer:
                 f"{section}.{k}={was[section][k]} (now {v})",
                 f"{section}.{k} {was[section][k]} -> {v}",
             )
-            for section in SWEPT_SECTIONS
+            for section, keys in [(s, None) for s in SWEPT_SECTIONS]
+            + list(RETUNED_ON_RESUME.items())
             for k, v in ours[section].items()
-            if k in was.get(section, {}) and was[section][k] != v
+            if (keys is None or k in keys) and k in was.get(section, {}) and was[section][k] != v
         ]
         if retuned and self.sweep_job:
             raise ConfigError(

@@ -158,6 +158,11 @@ CASES = [
              "or a global batch that divides evenly", ranks=2, keeps_dir=True),
         id="global-batch-not-divisible-by-2-ranks",
     ),
+    pytest.param(  # and no rank adds a .hydra/<time>/ record of the refused launch
+        Case(("trainer.global_batch_size=24",),
+             "error: trainer.global_batch_size=24 is not a multiple of", ranks=2, resume=True),
+        id="resume-refused-on-2-ranks",
+    ),
     pytest.param(
         Case(("model.hidden_size=96",),
              "error: cannot resume <run>: it was trained with model.hidden_size=64 (now 96), "

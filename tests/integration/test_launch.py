@@ -163,6 +163,31 @@ def test_torchrun_script_ends_a_failed_launch_with_one_line_not_a_traceback(
     )
 
 
+@pytest.mark.parametrize(
+    ("env", "error"),
+    [
+        ({"NPROC_PER_NODE": "two"}, "error: NPROC_PER_NODE=two: give the processes per node"),
+        ({"NPROC_PER_NODE": "0"}, "error: NPROC_PER_NODE=0: give the processes per node"),
+        # Without them each node would wait, as node 0 on 127.0.0.1, for the others forever.
+        (
+            {"NNODES": "2", "NODE_RANK": "1"},
+            "error: NNODES=2 needs NODE_RANK (this node's, 0 to 1)",
+        ),
+        ({"NNODES": "two"}, "error: NNODES=two: give the number of nodes"),
+    ],
+)
+def test_torchrun_script_refuses_a_bad_environment_in_one_line(
+    env: dict, error: str, tmp_path: Path
+) -> None:
+    base = {k: v for k, v in child_env().items() if k not in ("MASTER_ADDR", "NODE_RANK")}
+    proc = subprocess.run(
+        [str(LAUNCH / "torchrun.sh"), f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, env={**base, **env}, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.startswith(error), proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
 def sweep_overrides(corpus: dict, sweep: Path) -> list[str]:
     """short_run's overrides for the jobs of a sweep in `sweep`: run_dir is left to its default,
     Hydra's output directory, which in a sweep is each job's directory."""

@@ -401,6 +401,14 @@ def test_a_changed_learning_rate_applies_on_resume(
         assert g["weight_decay"] == f["weight_decay"]
         assert g["initial_lr"] == f["initial_lr"]
     assert again.engine.lr() == pytest.approx(expected)
+    # A larger global batch applies too, and is said; another ZeRO stage, whose checkpoint
+    # DeepSpeed lays out otherwise, is refused in one line (it was DeepSpeed's traceback).
+    capsys.readouterr()
+    assert [r["step"] for r in train(tiny_corpus, tmp_path / "again", "trainer.max_steps=4",
+            "trainer.global_batch_size=32") if r["split"] == "train"] == [4]  # fmt: skip
+    assert "changed on resume: trainer.global_batch_size 16 -> 32" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"it was trained with deepspeed.zero_stage=0 \(now 1\)"):
+        train(tiny_corpus, tmp_path / "again", "trainer.max_steps=5", "deepspeed.zero_stage=1")
 
 
 def test_resume_false_starts_over_and_says_so(
