@@ -242,6 +242,9 @@ class Checkpointer:
             (tmp / "done").touch()
             shutil.rmtree(self.root / universal, ignore_errors=True)
             tmp.rename(self.root / universal)
+            pointer = self.root / "latest_universal"  # DeepSpeed's, which named `tmp`
+            if pointer.is_file():
+                _write_atomic(pointer, universal)
         self._barrier()
         return universal
 

@@ -311,6 +311,17 @@ class Trainer:
                     f"cannot resume {self.config.run_dir} on {self.world.world_size} ranks: {e}"
                 ) from None
             self._load_data_state(states[self.world.rank])
+            converted = (
+                f" from its universal form ({self.engine_tag}, kept beside it until it is pruned)"
+                if self.engine_tag != tag
+                else ""
+            )
+            self._resume_notes.append(
+                f"saved on {self.saved_world_size} rank(s), resumed on {self.world.world_size}: "
+                f"weights and optimizer state loaded{converted}, each data partition moved to "
+                "its new rank; dropout draws from fresh random streams (the masks and sampled "
+                "replacements are keyed by sample, so unchanged)"
+            )
         self.step = trainer_state["step"]
         self.tokens_seen = trainer_state["tokens_seen"]
         self.nonfinite_skips = int(trainer_state.get("nonfinite_skips", 0))

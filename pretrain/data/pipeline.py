@@ -11,6 +11,7 @@ are several nodes).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -290,18 +291,18 @@ def build_data(config: Config, world) -> DataBundle:
     return bundle
 
 
-def _streams_for(world_size: int) -> int:
-    """64, which serves 1 to 64 ranks in powers of two, or the next multiple of world_size."""
-    return 64 if 64 % world_size == 0 else -(-64 // world_size) * world_size
-
-
 def streams_per_rank(streams: int, world_size: int, workers: int) -> int:
     """The corpus is cut into `data.streams` partitions whatever the world size, so a run sees
     the same samples (and masks) on 1 or N ranks and after resuming on another rank count."""
     if streams % world_size:
+        sizes = [n for n in range(1, streams + 1) if streams % n == 0]
+        shown = ", ".join(map(str, sizes[:-1][:9])) + (", ..." if len(sizes) > 10 else "")
+        where = f"{shown} or {sizes[-1]} ranks" if shown else "1 rank"
         raise ConfigError(
-            f"data.streams={streams} must be a multiple of the world size {world_size}: start "
-            f"the run with data.streams={_streams_for(world_size)} (it stays fixed for the run)"
+            f"data.streams={streams} must be a multiple of the world size {world_size}: a run "
+            f"with it starts or resumes on {where}; "
+            f"data.streams={math.lcm(streams, world_size)} serves those and {world_size} (set "
+            "it when a run starts: it stays fixed for the run)"
         )
     per_rank = streams // world_size
     if workers and per_rank % workers:

@@ -52,6 +52,7 @@ def launch(launcher: list[str], corpus: dict, run_dir: Path, *extra: str) -> lis
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "MPU is not provided" not in proc.stdout + proc.stderr  # DeepSpeed's noise, dropped
+    run_dir.with_suffix(".out").write_text(proc.stdout + proc.stderr)  # the latest launch's
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["split"] == "train"]
 
@@ -132,3 +133,13 @@ def test_resume_on_another_number_of_ranks(
     assert resumed[0]["tokens_seen"] == first[-1]["tokens_seen"] + 16 * 64
     # the optimizer state came back: the loss continues from where it was, not from scratch
     assert resumed[0]["loss"] < first[0]["loss"]
+    said = run.with_suffix(".out").read_text()
+    converted = (
+        " from its universal form (step_00000003_universal, kept beside it until it is pruned)"
+    )
+    assert (
+        f"saved on {before} rank(s), resumed on {after}: weights and optimizer state loaded"
+        f"{converted}, each data partition moved to its new rank"
+    ) in said
+    # DeepSpeed's own pointer to the conversion named its temporary directory.
+    assert (run / "checkpoints/latest_universal").read_text().strip() == "step_00000003_universal"

@@ -262,10 +262,13 @@ def test_batch_and_stream_refusals_say_what_fits() -> None:
         BatchSizes.compute(global_batch=256, micro_batch=32, world_size=16)
     with pytest.raises(ConfigError, match=r"size 32 = 256; use a global batch"):  # none fits
         BatchSizes.compute(global_batch=8, micro_batch=8, world_size=32)
-    with pytest.raises(ConfigError, match=r"world size 16: start the run with data.streams=64 "):
+    with pytest.raises(ConfigError, match=r"world size 16: a run with it starts or resumes on "
+                       r"1, 2, 4 or 8 ranks; data.streams=16 serves those and 16 "):  # fmt: skip
         streams_per_rank(8, 16, 1)
-    with pytest.raises(ConfigError, match=r"start the run with data.streams=72 "):
-        streams_per_rank(8, 24, 1)
+    with pytest.raises(ConfigError, match=r"size 3: .* 1, 2, 4 or 8 ranks; data.streams=24 serves"):
+        streams_per_rank(8, 3, 1)  # the least that also keeps every world size 8 allowed
+    with pytest.raises(ConfigError, match=r"on 1 rank; data.streams=2 serves those and 2 "):
+        streams_per_rank(1, 2, 1)
     assert streams_per_rank(64, 16, 2) == 4
 
 
