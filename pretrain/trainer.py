@@ -73,14 +73,15 @@ WHERE_HELD_OUT = (
     "fraction above the default 0.01; a streamed source has none"
 )
 
-# Model settings a resumed run may change: they leave the weights' meaning alone (dropout, the
-# attention kernel) or only matter at the start (where the initial weights came from).
-# What a sweep's jobs differ in (besides `model`, checked for every resume): a job resumed with
-# other values there is another job.
-SWEPT_SECTIONS = ("optim", "rtd", "masking")
-# Other settings a resume applies from its next step, said like those; one a sweep's job is
-# resumed with another value of is another job too.
-RETUNED_ON_RESUME = {"trainer": ("global_batch_size",)}
+# Settings a resume applies from its next step and names as changed (None: every key of the
+# section). They are what a sweep's jobs differ in (besides `model`, checked for every
+# resume): a sweep's job resumed with another value there is another job.
+RETUNED_ON_RESUME: dict[str, tuple[str, ...] | None] = {
+    "optim": None,
+    "rtd": None,
+    "masking": None,
+    "trainer": ("global_batch_size",),
+}
 # Settings outside `model` that shape the weights or the optimizer state a checkpoint holds
 # (the ZeRO stage: how DeepSpeed lays out the optimizer state and weights it saves).
 FIXED_ON_RESUME = {
@@ -88,6 +89,8 @@ FIXED_ON_RESUME = {
     "optim": ("name",),
     "deepspeed": ("zero_stage",),
 }
+# Model settings a resumed run may change: they leave the weights' meaning alone (dropout, the
+# attention kernel) or only matter at the start (where the initial weights came from).
 FREE_ON_RESUME = frozenset(
     {
         "hidden_dropout_prob",
@@ -276,14 +279,14 @@ class Trainer:
                 f"{self._new_run_hint()}"
             )
         # Values a resume applies from its next step: optim by Engine.load (the checkpoint's
-        # optimizer keeps its moments, not its settings), rtd and masking as read each step.
+        # optimizer keeps its moments, not its settings), rtd and masking as read each step,
+        # the global batch by the engine, built for this run's.
         retuned = [
             (
                 f"{section}.{k}={was[section][k]} (now {v})",
                 f"{section}.{k} {was[section][k]} -> {v}",
             )
-            for section, keys in [(s, None) for s in SWEPT_SECTIONS]
-            + list(RETUNED_ON_RESUME.items())
+            for section, keys in RETUNED_ON_RESUME.items()
             for k, v in ours[section].items()
             if (keys is None or k in keys) and k in was.get(section, {}) and was[section][k] != v
         ]
@@ -813,8 +816,9 @@ def _seed_everything(seed: int) -> None:
 def _read_off_device(out: RTDOutput) -> tuple[float, dict[str, float]]:
     """A micro batch's loss (the one to backpropagate) and `TRAIN_KEYS`, copied off the device
     in one transfer. On one rank it is the micro batch's only wait for the device, and it comes
-    before the backward: reading the metrics after the backward would make the CPU wait for the backward
-    and the optimizer step before it could queue the next micro batch, idling the GPU."""
+    before the backward: reading the metrics after the backward would make the CPU wait for
+    the backward and the optimizer step before it could queue the next micro batch, idling the
+    GPU."""
     read = torch.stack([out.loss.detach().float()] + [out.metrics[k].float() for k in TRAIN_KEYS])
     loss, *metrics = read.tolist()
     return loss, dict(zip(TRAIN_KEYS, metrics, strict=True))
