@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from pretrain.config import ConfigError
-from pretrain.metrics import find_runs, read_logged, run_labels
+from pretrain.metrics import find_runs, held_out_set_differences, read_logged, run_labels
 
 HELD_OUT = ("gen_loss", "gen_acc", "gen_acc_unigram", "disc_acc", "disc_auc")
 MIN_VERDICT_STEPS = 5
@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {run}: {label or '(same config)'}")
     names = list(runs)
     print("held-out evaluation (" + ", ".join(HELD_OUT) + ")")
+    if apart := held_out_set_differences(found):
+        print(
+            f"  note: not one held-out set: the runs differ in {', '.join(apart)}, so these "
+            "numbers compare other sequences or masks, not only the models"
+        )
     evals = {
         n: {r["step"]: r for r in recs if r.get("split") == "valid"} for n, recs in runs.items()
     }

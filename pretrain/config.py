@@ -120,7 +120,9 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10
     eval_every: int = 200  # 0 disables periodic evaluation
-    eval_batches: int = 20
+    # Held-out sequences per evaluation, all ranks together: the first
+    # ceil(eval_sequences / data.streams) of each partition, whatever the micro batch and ranks.
+    eval_sequences: int = 640
     save_every: int = 500  # 0 saves only at the end (and on preemption)
     keep_last: int = 3
     resume: bool = True  # continue from the run directory's latest checkpoint if there is one
@@ -290,7 +292,7 @@ class Config:
             "global_batch_size",
             "micro_batch_size",
             "log_every",
-            "eval_batches",
+            "eval_sequences",
             "keep_last",
         ):
             if getattr(t, name) < 1:
@@ -534,6 +536,15 @@ def _schema_type(arg: str, groups: set[str]) -> Any:
     return None  # a dataclass, a dict, a list of dataclasses
 
 
+# Keys that were renamed, with what to write instead (said instead of "did you mean").
+RENAMED_KEYS = {
+    "trainer.eval_batches": (
+        "trainer.eval_sequences: held-out sequences per evaluation, all ranks together (it "
+        "was eval_batches x micro batch x ranks), the same set whatever the micro batch and ranks"
+    ),
+}
+
+
 def unknown_override_key(overrides: list[str], groups: set[str]) -> str | None:
     """The first `key=value` command-line override whose key the schema does not have, as a
     one-line message with the nearest keys; None when all are known. Hydra would refuse it too,
@@ -547,6 +558,8 @@ def unknown_override_key(overrides: list[str], groups: set[str]) -> str | None:
         parts = key.split(".")
         if parts[0] == "hydra" or (len(parts) == 1 and key in groups):
             continue
+        if key in RENAMED_KEYS:
+            return f"config key {key!r} is now {RENAMED_KEYS[key]}"
         node: Any = Config
         for depth, part in enumerate(parts):
             hints = typing.get_type_hints(node)

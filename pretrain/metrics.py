@@ -390,9 +390,9 @@ def _flatten(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
         yield prefix[:-1], tree
 
 
-def run_labels(runs: list[Path]) -> dict[Path, str]:
-    """Each run's name in a comparison: the values of its config.yaml that not every run
-    shares, as overrides (`rtd.embedding_sharing=es trainer.seed=1`); "" where none differ."""
+def config_differences(runs: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Each run's config.yaml, flattened (`rtd.embedding_sharing`: value), and the keys whose
+    values not every run shares."""
     import yaml
 
     configs = []
@@ -401,7 +401,25 @@ def run_labels(runs: list[Path]) -> dict[Path, str]:
         tree = yaml.safe_load(path.read_text()) if path.is_file() else {}
         configs.append(dict(_flatten(tree or {})))
     keys = sorted({k for c in configs for k in c} - _NOT_A_DIFFERENCE)
-    differ = [k for k in keys if len({json.dumps(c.get(k)) for c in configs}) > 1]
+    return configs, [k for k in keys if len({json.dumps(c.get(k)) for c in configs}) > 1]
+
+
+# The settings that choose the held-out sequences, their masks and noise (see
+# Trainer.evaluate): runs that differ in one are not measured on one held-out set.
+_HELD_OUT_SET = ("data.", "masking.", "trainer.eval_sequences")
+_NOT_THE_HELD_OUT_SET = {"data.num_workers"}
+
+
+def held_out_set_differences(runs: list[Path]) -> list[str]:
+    """The config keys, differing among `runs`, that give them different held-out sets."""
+    _, differ = config_differences(runs)
+    return [k for k in differ if k.startswith(_HELD_OUT_SET) and k not in _NOT_THE_HELD_OUT_SET]
+
+
+def run_labels(runs: list[Path]) -> dict[Path, str]:
+    """Each run's name in a comparison: the values of its config.yaml that not every run
+    shares, as overrides (`rtd.embedding_sharing=es trainer.seed=1`); "" where none differ."""
+    configs, differ = config_differences(runs)
 
     def value(v: Any) -> str:
         return json.dumps(v) if isinstance(v, list | dict) else "null" if v is None else str(v)

@@ -42,7 +42,7 @@ from pretrain.data.loader import (
     LoaderStateError,
     reshard_states,
 )
-from pretrain.data.pipeline import DataBundle, build_data
+from pretrain.data.pipeline import DataBundle, build_data, held_out_per_partition
 from pretrain.data.sources import SourceError
 from pretrain.engine import Engine, World, convert_to_universal, init_distributed
 from pretrain.metrics import (
@@ -498,6 +498,12 @@ class Trainer:
             )
         return f"warning: no checkpoint to resume from in {run}: starting over (metrics cleared)"
 
+    @property
+    def _held_out_sequences(self) -> int:
+        """What an evaluation reads: trainer.eval_sequences rounded up to whole partitions."""
+        streams = self.config.data.streams
+        return held_out_per_partition(self.config.trainer.eval_sequences, streams) * streams
+
     def _start_lines(self, resumed: bool, last: int) -> list[str]:
         """What this run is, before its first step; warnings for settings that waste it."""
         c, t, o = self.config, self.config.trainer, self.config.optim
@@ -520,8 +526,8 @@ class Trainer:
             f"{self.num_parameters / 1e6:.2f}M parameters (generator and discriminator), "
             f"{w.world_size} rank{s} on {w.device.type} ({self.engine.precision}), "
             + (
-                f"evaluation only (trainer.max_steps=0): {t.eval_batches} held-out batches of "
-                f"micro {b.micro} x {w.world_size} rank{s} of {c.data.seq_len} tokens"
+                f"evaluation only (trainer.max_steps=0): {self._held_out_sequences} held-out "
+                f"sequences of {c.data.seq_len} tokens, in micro batches of {b.micro}"
                 if t.max_steps == 0
                 else f"global batch {b.global_} = micro {b.micro} x accumulation "
                 f"{b.accumulation} x {w.world_size} rank{s} of {c.data.seq_len} tokens, "
@@ -543,13 +549,13 @@ class Trainer:
                 f"({WHERE_HELD_OUT})"
             )
         held_out = self.data.valid.num_tokens if self.data.valid is not None else None
-        read = t.eval_batches * b.micro * w.world_size * c.data.seq_len
+        read = self._held_out_sequences * c.data.seq_len
         if evaluates and held_out is not None and held_out < read:
             lines.append(
                 f"warning: the held-out split has {held_out} tokens, but an evaluation reads "
-                f"{read} (trainer.eval_batches x micro batch x ranks x data.seq_len): it reads "
-                "the same sequences again, so its numbers are noisier than they look; prepare "
-                "the corpus with a larger --valid-fraction, or lower trainer.eval_batches"
+                f"{read} ({self._held_out_sequences} sequences x data.seq_len): it reads the "
+                "same sequences again, so its numbers are noisier than they look; prepare the "
+                "corpus with a larger --valid-fraction, or lower trainer.eval_sequences"
             )
         unused = c.model.vocab_size - self.data.vocab_size
         if unused > max(128, c.model.vocab_size // 100):
@@ -691,9 +697,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Held-out generator accuracy and discriminator accuracy / AUC. The held-out batches,
+        """Held-out generator accuracy and discriminator accuracy / AUC. The held-out sequences,
         their masks and sampling noise are the same at every evaluation, and in every run of
-        the corpus whatever its trainer.seed (`HELD_OUT_SEED`): only the model moves."""
+        the corpus with the same trainer.eval_sequences and data settings, whatever its
+        trainer.seed (`HELD_OUT_SEED`), micro batch or number of ranks: only the model moves."""
         assert self.data.valid is not None
         module = self.engine.module
         module.eval()
@@ -708,8 +715,8 @@ class Trainer:
         # How often each token is the answer at the masked positions: the best constant guess
         # (a unigram model that knew these very positions) scores max(counts) / sum(counts).
         answers = torch.zeros(self.data.vocab_size, dtype=torch.float64)
-        batches = self.data.valid_batches()  # cycles: never runs out
-        for _ in range(self.config.trainer.eval_batches):
+        batches = self.data.valid_batches()
+        for _ in range(self.data.valid_batch_count):
             # A read error stops every rank, as in training.
             batch = self._next_batch(batches, f"evaluation at step {self.step}")
             out = self.engine.forward(batch)
@@ -732,7 +739,10 @@ class Trainer:
             answers = answers.to(self.world.device)
             torch.distributed.all_reduce(answers)
         unigram = float(answers.max() / answers.sum().clamp(min=1))
-        auc = binary_auc(torch.cat(scores), torch.cat(labels)) if scores else float("nan")
+        # AUC ranks every held-out position against every other: gathered, not averaged.
+        scores_all = _all_gather_cat(torch.cat(scores), self.world)
+        labels_all = _all_gather_cat(torch.cat(labels).to(torch.uint8), self.world).bool()
+        auc = binary_auc(scores_all, labels_all)
         return {
             "step": self.step,
             "split": "valid",
@@ -740,7 +750,7 @@ class Trainer:
             "gen_acc": round(totals["gen_correct"] / max(totals["masked"], 1), 6),
             "gen_acc_unigram": round(unigram, 6),  # the baseline gen_acc must beat
             "disc_acc": round(totals["disc_correct"] / max(totals["valid"], 1), 6),
-            "disc_auc": round(auc, 6),  # rank 0's batches; AUC does not average across ranks
+            "disc_auc": round(auc, 6),
         }
 
     @property
@@ -834,6 +844,21 @@ def _all_reduce_mean(
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=world.device)
     torch.distributed.all_reduce(t)
     return {k: t[i].item() / (1 if k in sum_keys else world.world_size) for i, k in enumerate(keys)}
+
+
+def _all_gather_cat(tensor: torch.Tensor, world: World) -> torch.Tensor:
+    """Every rank's 1-D `tensor` (their lengths may differ), concatenated in rank order."""
+    if world.world_size == 1:
+        return tensor
+    n = torch.tensor([tensor.numel()], dtype=torch.int64, device=world.device)
+    sizes = [torch.zeros_like(n) for _ in range(world.world_size)]
+    torch.distributed.all_gather(sizes, n)
+    lengths = [int(x) for x in sizes]
+    padded = torch.zeros(max(lengths), dtype=tensor.dtype, device=world.device)
+    padded[: tensor.numel()] = tensor.to(world.device)
+    parts = [torch.empty_like(padded) for _ in lengths]
+    torch.distributed.all_gather(parts, padded)
+    return torch.cat([p[:k] for p, k in zip(parts, lengths, strict=True)]).cpu()
 
 
 def _all_true(flag: bool, world: World) -> bool:

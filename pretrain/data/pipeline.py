@@ -47,6 +47,7 @@ class DataBundle:
     special: SpecialTokens
     vocab_size: int
     tokenizer_dir: Path | None
+    valid_micro: int = 1  # sequences per evaluation forward (the micro batch)
     _valid_start: dict[str, Any] = field(default_factory=dict)
 
     def fit_model_config(self, model: ModelT) -> ModelT:
@@ -63,10 +64,47 @@ class DataBundle:
         return model
 
     def valid_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """The held-out batches from the start, the same ones at every evaluation."""
+        """This rank's share of the held-out set, in `valid_batch_count` micro batches: the
+        same at every evaluation. The valid loader's batch b is the first `batch_size`
+        sequences of stream b, so one batch per stream is the set (see `held_out_per_partition`)."""
         assert self.valid is not None
         self.valid.load_state_dict(self._valid_start)
-        return iter(self.valid)
+        streams = iter(self.valid)
+        per_stream = (next(streams) for _ in range(self.valid.config.streams_per_rank))
+        return _rebatch(per_stream, self.valid_micro)
+
+    @property
+    def valid_batch_count(self) -> int:
+        """Micro batches per evaluation, the same on every rank (ZeRO-3 gathers in each)."""
+        assert self.valid is not None
+        c = self.valid.config
+        return -(-(c.streams_per_rank * c.batch_size) // self.valid_micro)
+
+
+def held_out_per_partition(eval_sequences: int, streams: int) -> int:
+    """Held-out sequences read from each of the corpus's `data.streams` partitions: the
+    evaluation set is the first this many of every partition, fixed by trainer.eval_sequences
+    and data.streams alone, so runs with another micro batch or number of ranks (each rank
+    reads its own partitions) are measured on the same sequences, masks and noise."""
+    return -(-eval_sequences // streams)
+
+
+def _rebatch(
+    batches: Iterator[dict[str, torch.Tensor]], size: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The rows of `batches`, in order, regrouped into batches of `size` (the last may be short)."""
+    held: list[dict[str, torch.Tensor]] = []
+    rows = 0
+    for batch in batches:
+        held.append(batch)
+        rows += len(batch["input_ids"])
+        while rows >= size:
+            joined = {k: torch.cat([b[k] for b in held]) for k in held[0]}
+            yield {k: v[:size] for k, v in joined.items()}
+            rows -= size
+            held = [{k: v[size:] for k, v in joined.items()}] if rows else []
+    if rows:
+        yield {k: torch.cat([b[k] for b in held]) for k in held[0]}
 
 
 def default_corpus_paths(cache_dir: str, vocab_size: int) -> tuple[Path, Path, Path]:
@@ -271,10 +309,13 @@ def build_data(config: Config, world) -> DataBundle:
             ),
             special=special,
             collate_fn=MaskingCollator(masker, HELD_OUT_SEED),
-            # Cycling, not one epoch: every rank must get trainer.eval_batches batches, or a
-            # rank that ran out would leave the others waiting in a collective (ZeRO-3).
+            # Cycling, not one epoch: every stream gives its share, however small its part of
+            # the split (it then reads sequences again, with new masks), so every rank has the
+            # same number of batches and none waits alone in a collective (ZeRO-3).
             config=LoaderConfig(
-                batch_size=config.trainer.micro_batch_size,
+                batch_size=held_out_per_partition(
+                    config.trainer.eval_sequences, config.data.streams
+                ),
                 seed=HELD_OUT_SEED,
                 streams_per_rank=streams_per_rank(config.data.streams, world.world_size, 0),
             ),
@@ -285,7 +326,9 @@ def build_data(config: Config, world) -> DataBundle:
                 alpha=config.data.mixing_alpha,
             ),
         )
-    bundle = DataBundle(train, valid, special, vocab_size, tokenizer_dir)
+    bundle = DataBundle(
+        train, valid, special, vocab_size, tokenizer_dir, config.trainer.micro_batch_size
+    )
     if valid is not None:
         bundle._valid_start = valid.state_dict()
     return bundle

@@ -29,7 +29,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(launcher: list[str], corpus: dict, run_dir: Path, *extra: str) -> list[dict]:
+def launch(
+    launcher: list[str], corpus: dict, run_dir: Path, *extra: str, split: str = "train"
+) -> list[dict]:
     overrides = overrides_for(
         corpus,
         run_dir,
@@ -54,7 +56,7 @@ def launch(launcher: list[str], corpus: dict, run_dir: Path, *extra: str) -> lis
     assert "MPU is not provided" not in proc.stdout + proc.stderr  # DeepSpeed's noise, dropped
     run_dir.with_suffix(".out").write_text(proc.stdout + proc.stderr)  # the latest launch's
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == "train"]
+    return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
 def torchrun(nproc: int) -> list[str]:
@@ -143,3 +145,18 @@ def test_resume_on_another_number_of_ranks(
     ) in said
     # DeepSpeed's own pointer to the conversion named its temporary directory.
     assert (run / "checkpoints/latest_universal").read_text().strip() == "step_00000003_universal"
+
+
+@pytest.mark.slow
+def test_an_evaluation_on_two_ranks_matches_one_rank(tiny_corpus: dict, tmp_path: Path) -> None:
+    # The held-out set is fixed by trainer.eval_sequences, not by micro batch x ranks, and AUC
+    # ranks every rank's positions: 2 ranks of micro 3 measure what 1 rank of micro 8 does.
+    common = ("trainer.max_steps=0", "trainer.eval_sequences=24", "deepspeed=zero3")
+    one = launch(torchrun(1), tiny_corpus, tmp_path / "one", *common, split="valid")
+    two = launch(
+        torchrun(2), tiny_corpus, tmp_path / "two", *common, "trainer.micro_batch_size=3",
+        "trainer.global_batch_size=6", split="valid",
+    )  # fmt: skip
+    assert len(one) == len(two) == 1
+    for key in ("gen_loss", "gen_acc", "gen_acc_unigram", "disc_acc", "disc_auc"):
+        assert two[0][key] == pytest.approx(one[0][key], rel=REL_TOL, abs=1e-6), key

@@ -169,7 +169,7 @@ def test_evaluation_only_measures_an_export_as_its_run_did(
     assert read_metrics(tmp_path / "eval") == evaluated
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["config.yaml", "metrics.jsonl"]
     said = capsys.readouterr().out
-    assert "evaluation only (trainer.max_steps=0): 2 held-out batches of micro 8 x 1 rank" in said
+    assert "evaluation only (trainer.max_steps=0): 16 held-out sequences of 64 tokens" in said
     assert "warning: evaluation only" not in said
     # Heads the checkpoint does not give are new: the figures they leave meaningless are named.
     (tmp_path / "hf/discriminator/rtd_head.safetensors").unlink()

@@ -244,8 +244,9 @@ def test_a_data_error_on_one_rank_stops_every_rank_with_one_line(
     from tests.integration.test_bad_input import launch as launch_ranks
 
     run = tmp_path / "run"
-    # The evaluation case: step 0's evaluation reads held-out batches 1-2, step 3's 3-4.
-    bad = 5 if fault == "unreadable_batch" else 3
+    # The evaluation case: step 0's evaluation reads held-out batches 1-4 (one per stream of
+    # the rank: 8 streams on 2 ranks), step 3's 5-8.
+    bad = 5
     results = launch_ranks(  # bounded by its timeout: a rank left waiting fails the test
         fault_run(tiny_corpus, run, "deepspeed=zero2", *extra),
         ranks=2,

@@ -37,7 +37,7 @@ def overrides_for(corpus: dict, run_dir: Path, *extra: str) -> list[str]:
         "trainer.max_steps=6",
         "trainer.log_every=1",
         "trainer.eval_every=3",
-        "trainer.eval_batches=2",
+        "trainer.eval_sequences=16",  # 2 of each of the 8 partitions
         "trainer.save_every=3",
         "optim.warmup_steps=2",
         "optim.schedule=linear",  # the published recipes' schedule (the quick start's is constant)
@@ -133,16 +133,54 @@ def test_held_out_batches_do_not_depend_on_the_seed(tiny_corpus: dict, tmp_path:
         for seed in (0, 5)
     ]
 
-    def first(batches, n: int = 3) -> list[dict]:
+    def first(batches, n: int = 2) -> list[dict]:
         return [next(batches) for _ in range(n)]
 
-    valid = [first(b.valid_batches()) for b in bundles]
+    valid = [list(b.valid_batches()) for b in bundles]
+    assert [len(v) for v in valid] == [2, 2]  # 16 sequences in micro batches of 8
     train = [first(iter(b.train)) for b in bundles]
     for key in ("input_ids", "labels", "sampling_noise"):
         assert all(torch.equal(a[key], b[key]) for a, b in zip(*valid, strict=True)), key
     assert not all(torch.equal(a["labels"], b["labels"]) for a, b in zip(*train, strict=True)), (
         "the training batches should move with the seed"
     )
+
+
+@pytest.mark.parametrize("micro, ranks", [(3, 1), (8, 2), (5, 4)])
+def test_the_held_out_set_does_not_depend_on_micro_batch_or_ranks(
+    micro: int, ranks: int, tiny_corpus: dict, tmp_path: Path
+) -> None:
+    # Runs that differ in micro batch or number of ranks (a sweep over the batch size, a run
+    # resumed on more GPUs) must be measured on the same held-out sequences, masks and noise.
+    from pretrain.data.pipeline import build_data
+    from pretrain.engine import World
+
+    def rows(micro: int, ranks: int) -> tuple[list[tuple], list[int]]:
+        config = make_config(
+            tiny_corpus, tmp_path / "run", f"trainer.micro_batch_size={micro}",
+            "trainer.global_batch_size=24", "trainer.eval_sequences=21",
+        )  # fmt: skip
+        found, counts = [], []
+        for rank in range(ranks):
+            world = World(rank=rank, local_rank=rank, world_size=ranks, device=torch.device("cpu"))
+            data = build_data(config, world)
+            batches = list(data.valid_batches())
+            assert len(batches) == data.valid_batch_count
+            assert all(len(b["input_ids"]) <= micro for b in batches)
+            counts.append(len(batches))
+            keys = ("sample_index", "input_ids", "labels", "attention_mask", "sampling_noise")
+            found += [
+                tuple(b[k][i].numpy().tobytes() for k in keys)
+                for b in batches
+                for i in range(len(b["input_ids"]))
+            ]
+        return sorted(found), counts
+
+    reference, _ = rows(8, 1)
+    assert len(reference) == 24  # 21 rounded up to 3 sequences of each of the 8 partitions
+    found, counts = rows(micro, ranks)
+    assert found == reference
+    assert len(set(counts)) == 1  # every rank runs as many forwards (ZeRO-3 gathers in each)
 
 
 def test_a_refused_resume_names_the_run_and_a_sweep_jobs_way_out(
@@ -174,17 +212,20 @@ def test_a_held_out_split_smaller_than_an_evaluation_is_a_warning(
 
     manifest = json.loads((tiny_corpus["shards"] / "manifest.json").read_text())
     held_out = manifest["splits"]["valid"]["num_tokens"]
-    batches = held_out // (8 * 64) + 1  # one batch more than the split fills (micro 8 x 64)
-    lines = Trainer(make_config(tiny_corpus, tmp_path / "run", f"trainer.eval_batches={batches}"))
+    # Whole partitions: one more sequence for each of the 8 than the split fills (x 64 tokens).
+    sequences = (held_out // (8 * 64) + 1) * 8
+    lines = Trainer(
+        make_config(tiny_corpus, tmp_path / "run", f"trainer.eval_sequences={sequences - 7}")
+    )
     warned = [x for x in lines._start_lines(False, 6) if "held-out split has" in x]
-    assert warned == [
+    assert warned == [  # rounded up to whole partitions: 8 x (sequences / 8)
         f"warning: the held-out split has {held_out} tokens, but an evaluation reads "
-        f"{batches * 8 * 64} (trainer.eval_batches x micro batch x ranks x data.seq_len): it "
-        "reads the same sequences again, so its numbers are noisier than they look; prepare "
-        "the corpus with a larger --valid-fraction, or lower trainer.eval_batches"
+        f"{sequences * 64} ({sequences} sequences x data.seq_len): it reads the same sequences "
+        "again, so its numbers are noisier than they look; prepare the corpus with a larger "
+        "--valid-fraction, or lower trainer.eval_sequences"
     ]
     fits = Trainer(
-        make_config(tiny_corpus, tmp_path / "run", f"trainer.eval_batches={batches - 1}")
+        make_config(tiny_corpus, tmp_path / "run", f"trainer.eval_sequences={sequences - 8}")
     )
     assert not [x for x in fits._start_lines(False, 6) if "held-out split has" in x]
 

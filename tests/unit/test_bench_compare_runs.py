@@ -124,3 +124,23 @@ def test_a_sweep_directory_stands_for_its_jobs_named_by_what_differs(
         out = capsys.readouterr().out
         assert f"  {sweep / '0'}: rtd.embedding_sharing=gdes\n" in out
         assert f"  {sweep / '1'}: rtd.embedding_sharing=es\n" in out
+
+
+def test_runs_measured_on_other_held_out_sets_are_told_apart(bench, tmp_path: Path, capsys) -> None:
+    def config(run: Path, seq_len: int, workers: int, micro: int) -> None:
+        (run / "config.yaml").write_text(
+            f"data:\n  seq_len: {seq_len}\n  num_workers: {workers}\n"
+            f"trainer:\n  micro_batch_size: {micro}\n  eval_sequences: 640\n"
+        )
+
+    for name in ("a", "b", "c"):
+        write_run(tmp_path / name, [4.0, 3.0], auc=0.5)
+    config(tmp_path / "a", 128, 0, 32)
+    config(tmp_path / "b", 128, 2, 8)  # workers and micro batch do not move the held-out set
+    config(tmp_path / "c", 512, 0, 32)
+    assert bench.main([str(tmp_path / "a"), str(tmp_path / "b"), "--window", "1"]) == 0
+    assert "not one held-out set" not in capsys.readouterr().out
+    assert bench.main([str(tmp_path / "a"), str(tmp_path / "c"), "--window", "1"]) == 0
+    assert "  note: not one held-out set: the runs differ in data.seq_len, so " in (
+        capsys.readouterr().out
+    )

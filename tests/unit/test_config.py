@@ -80,6 +80,11 @@ GROUPS = {p.name for p in CONF.iterdir() if p.is_dir()}
         ),  # a field of the component's own dataclass
         ("masking.probabilty=0.1", "did you mean probability?"),
         ("trainr.seed=1", "'trainr.seed'; did you mean trainer? (the top level has: data,"),
+        (  # a renamed key says what replaced it
+            "trainer.eval_batches=8",
+            "config key 'trainer.eval_batches' is now trainer.eval_sequences: held-out "
+            "sequences per evaluation, all ranks together (it was eval_batches x micro batch x ",
+        ),
     ],
 )
 def test_unknown_override_key_names_it_and_the_nearest(override: str, fragment: str) -> None:
@@ -222,7 +227,7 @@ def test_wrong_type_fails_naming_key() -> None:
         ("rtd.embedding_sharing=shared", "embedding_sharing"),
         ("masking.strategy=words", "masking.strategy='words'; choose span, whole_word or token"),
         ("trainer.save_every=-1", "trainer.save_every must be >= 0, got -1"),
-        ("trainer.eval_batches=0", "trainer.eval_batches must be >= 1, got 0"),
+        ("trainer.eval_sequences=0", "trainer.eval_sequences must be >= 1, got 0"),
         ("data.seq_len=4096", "data.seq_len"),
         ("deepspeed.zero_stage=4", "zero_stage"),
         ("optim.name=sgd", "optim.name"),
