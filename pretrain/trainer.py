@@ -51,6 +51,7 @@ from pretrain.metrics import (
     SampleTrace,
     binary_auc,
     device_peak_flops,
+    read_logged,
     rtd_train_flops_per_token,
 )
 from pretrain.models.rtd import RTDModel, RTDOutput
@@ -479,6 +480,17 @@ class Trainer:
         run = Path(self.config.run_dir)
         pointer, metrics = run / "checkpoints" / "latest", run / METRICS_FILE
         logged = metrics.is_file() and metrics.stat().st_size > 0
+        if self.config.trainer.max_steps == 0 and not pointer.is_file() and logged:
+            records = read_logged(run)
+            if all(r.get("step") == 0 and r.get("split") == "valid" for r in records):
+                # An earlier evaluation-only run's directory (or a run that stopped before its
+                # first step): its config.yaml is rewritten for this one, so its record goes too.
+                if self.world.is_main:
+                    metrics.unlink(missing_ok=True)
+                return (
+                    f"replacing the earlier evaluation in {metrics} "
+                    f"({len(records)} record{'s' * (len(records) != 1)})"
+                )
         if self.config.trainer.max_steps == 0 and (pointer.is_file() or logged):
             raise ConfigError(
                 f"trainer.max_steps=0 (evaluation only) in {run}, the directory of an earlier "

@@ -160,17 +160,24 @@ def test_evaluation_only_measures_an_export_as_its_run_did(
     run = load_run_checkpoint(tmp_path / "base")
     to_hf(run.model, run.tokenizer_dir, tmp_path / "hf")
     capsys.readouterr()
-    evaluated = Trainer(make_config(
+    evaluation = make_config(
         tiny_corpus, tmp_path / "eval", "trainer.max_steps=0", "trainer.seed=5",
         f"model.init_from={tmp_path / 'hf/discriminator'}",
         f"model.init_generator_from={tmp_path / 'hf/generator'}",
-    )).fit()  # fmt: skip
+    )  # fmt: skip
+    evaluated = Trainer(evaluation).fit()
     assert evaluated == [{**want, "step": 0}]
     assert read_metrics(tmp_path / "eval") == evaluated
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["config.yaml", "metrics.jsonl"]
     said = capsys.readouterr().out
     assert "evaluation only (trainer.max_steps=0): 16 held-out sequences of 64 tokens" in said
     assert "warning: evaluation only" not in said
+    # Run again in its own directory, an evaluation replaces the one there.
+    assert Trainer(evaluation).fit() == evaluated
+    assert read_metrics(tmp_path / "eval") == evaluated
+    assert f"replacing the earlier evaluation in {tmp_path / 'eval/metrics.jsonl'} (1 record)" in (
+        capsys.readouterr().out
+    )
     # Heads the checkpoint does not give are new: the figures they leave meaningless are named.
     (tmp_path / "hf/discriminator/rtd_head.safetensors").unlink()
     alone = Trainer(make_config(tiny_corpus, tmp_path / "alone", "trainer.max_steps=0",
