@@ -33,7 +33,9 @@ actually used.
 Measured in the reference venv (Python 3.11.7, torch 2.13 CPU, 2 cores): 68 sources, 22,814
 documents, 18.1 MB of UTF-8 text (torch 4.3, sympy 2.7, pandas 2.2, networkx 1.6, numpy 1.3,
 stdlib 1.2, help topics 0.45 MB), in 28-47 s with 2 workers (warm or cold file cache); an 8k
-unigram tokenizer trained on it turns it into about 4.2M tokens.
+unigram tokenizer trained on it turns it into about 4.2M tokens. The versions pip resolves move:
+a later fresh install (pandas 3.1, numpy 2.4) gave 74 sources, 25,306 documents, 20.0 MB, 4.7M
+tokens.
 """
 
 from __future__ import annotations
