@@ -37,7 +37,8 @@ class ModelConfig(DebertaConfig):
     """The backbone's shape, plus where to start from when continuing pretraining."""
 
     # A local Hugging Face DebertaV2 directory (e.g. our export's discriminator/): its
-    # config.json sets the shape and its weights initialise the discriminator.
+    # config.json sets the shape and its weights initialise the discriminator. An export's
+    # own directory stands for its discriminator/ and generator/ (see `resolve_export_root`).
     init_from: str | None = None
     # Its generator (a DebertaV2ForMaskedLM directory); without it the generator starts from
     # the discriminator's embeddings and lower layers.
@@ -374,8 +375,29 @@ def to_config(cfg: DictConfig | Config) -> Config:
         except ValueError as e:
             raise ConfigError(str(e).splitlines()[0]) from None
     assert isinstance(config, Config)
+    config = resolve_export_root(config)
     config.validate()
     return config
+
+
+def resolve_export_root(config: Config) -> Config:
+    """`model.init_from=EXPORT` (what `python -m pretrain.export RUN EXPORT` wrote) continues
+    the pair: EXPORT/discriminator, and EXPORT/generator unless model.init_generator_from
+    names another. One value per checkpoint, so a sweep over exports (null, the untrained
+    baseline, included) needs no interpolation."""
+    m = config.model
+    if m.init_from is None:
+        return config
+    given = Path(m.init_from)
+    if not (given.expanduser() / "discriminator" / "config.json").is_file():
+        return config
+    generator = m.init_generator_from
+    if generator is None and (given.expanduser() / "generator" / "config.json").is_file():
+        generator = str(given / "generator")
+    model = dataclasses.replace(
+        m, init_from=str(given / "discriminator"), init_generator_from=generator
+    )
+    return dataclasses.replace(config, model=model)
 
 
 def register_schema() -> None:

@@ -553,8 +553,8 @@ def check_init_tokenizer(hf_dir: str | Path, tokenizer_dir: str | Path | None) -
                 f"{info.get('vocab_size')} ids, but the model still has the old "
                 f"{info.get('old_vocab_size')}: grow it first with `python -m pretrain.export "
                 f"extend {export_dir} OUT --old-tokenizer {hf_dir} --new-tokenizer "
-                f"{tokenizer_dir}` and pass model.init_from=OUT/discriminator (and "
-                "model.init_generator_from=OUT/generator)"
+                f"{tokenizer_dir}` and pass model.init_from=OUT (its discriminator and "
+                "generator)"
             )
         raise ExportError(
             f"data.tokenizer={tokenizer_dir} is not the tokenizer of {hf_dir}: its embeddings "

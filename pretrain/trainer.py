@@ -525,7 +525,7 @@ class Trainer:
                 past += (
                     "; trainer.max_steps=0 evaluates a new run's starting model: to evaluate "
                     f"this run's, export it (python -m pretrain.export {c.run_dir} OUT) and "
-                    "give model.init_from=OUT/discriminator to a new run"
+                    "give model.init_from=OUT to a new run"
                 )
             return [
                 f"nothing to train: the run is at step {self.step}{past} (raise "
@@ -590,9 +590,8 @@ class Trainer:
                 "warning: evaluation only, without model.init_generator_from: the MLM head is "
                 "new, so gen_loss and gen_acc (and a sweep's objective) measure an untrained "
                 "generator, and the discriminator is scored on its random replacements; give "
-                "the checkpoint's generator (an export's generator/ is beside its "
-                "discriminator/: in a sweep over model.init_from, add "
-                "'model.init_generator_from=${model.init_from}/../generator')"
+                "the checkpoint's generator, or an export's own directory as model.init_from "
+                "(its discriminator/ and generator/ both load)"
             )
         if not (Path(m.init_from).expanduser() / RTD_HEAD_FILE).is_file():
             lines.append(

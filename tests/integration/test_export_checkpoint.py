@@ -172,6 +172,11 @@ def test_evaluation_only_measures_an_export_as_its_run_did(
     said = capsys.readouterr().out
     assert "evaluation only (trainer.max_steps=0): 16 held-out sequences of 64 tokens" in said
     assert "warning: evaluation only" not in said
+    # The export's own directory loads the same pair.
+    root = make_config(
+        tiny_corpus, tmp_path / "eval_root", "trainer.max_steps=0", f"model.init_from={tmp_path / 'hf'}"
+    )  # fmt: skip
+    assert Trainer(root).fit() == evaluated
     # Run again in its own directory, an evaluation replaces the one there.
     assert Trainer(evaluation).fit() == evaluated
     assert read_metrics(tmp_path / "eval") == evaluated

@@ -352,11 +352,21 @@ def test_init_from_names_what_is_there_instead(tmp_path: Path) -> None:
     for part in ("discriminator", "generator"):
         (hf / part).mkdir(parents=True)
         (hf / part / "config.json").write_text("{}")
-    with pytest.raises(ConfigError) as e:  # the export's root
-        composed(f"model.init_from={hf}")
+    # The export's own directory stands for its pair; a generator named beside it wins.
+    pair = composed(f"model.init_from={hf}").model
+    assert (pair.init_from, pair.init_generator_from) == (
+        str(hf / "discriminator"), str(hf / "generator"),
+    )  # fmt: skip
+    other = tmp_path / "other_generator"
+    (other / "config.json").parent.mkdir()
+    (other / "config.json").write_text("{}")
+    pair = composed(f"model.init_from={hf}", f"model.init_generator_from={other}").model
+    assert (pair.init_from, pair.init_generator_from) == (str(hf / "discriminator"), str(other))
+    with pytest.raises(ConfigError) as e:  # an export's root where its generator belongs
+        composed(f"model.init_from={hf / 'discriminator'}", f"model.init_generator_from={hf}")
     assert str(e.value) == (
-        f"model.init_from={hf} is an export's directory; pass its discriminator: "
-        f"model.init_from={hf / 'discriminator'}"
+        f"model.init_generator_from={hf} is an export's directory; pass its generator: "
+        f"model.init_generator_from={hf / 'generator'}"
     )
     with pytest.raises(ConfigError, match="no config.json there"):
         composed(f"model.init_from={tmp_path}")

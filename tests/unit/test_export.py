@@ -292,8 +292,8 @@ def test_exported_tokenizer_gives_our_ids(tiny_corpus: dict, tmp_path: Path) -> 
         f"data.tokenizer={other} extends the tokenizer of {tmp_path / 'discriminator'} to 450 "
         f"ids, but the model still has the old 400: grow it first with `python -m "
         f"pretrain.export extend {tmp_path} OUT --old-tokenizer {tmp_path / 'discriminator'} "
-        f"--new-tokenizer {other}` and pass model.init_from=OUT/discriminator (and "
-        "model.init_generator_from=OUT/generator)"
+        f"--new-tokenizer {other}` and pass model.init_from=OUT (its discriminator and "
+        "generator)"
     )
 
 
