@@ -18,6 +18,7 @@ from pretrain.config import (
     bad_override_value,
     bad_sweep_value,
     register_schema,
+    swept_keys,
     to_config,
     unknown_override_key,
 )
@@ -39,7 +40,7 @@ def main(cfg: DictConfig) -> float | None:
         from pretrain.trainer import Trainer, TrainingStopped
 
         try:
-            trainer = Trainer(config, sweep_job=_is_sweep_job())
+            trainer = Trainer(config, sweep_job=_is_sweep_job(), swept=_swept())
             records = trainer.fit()
         except TrainingStopped as e:
             return _job_failed(e)
@@ -83,6 +84,17 @@ def _job_failed(error: Exception) -> float:
     print(f"error: {error}", file=sys.stderr)
     FAILED_JOBS.append(f"{HydraConfig.get().runtime.output_dir}: {error}")
     return float("nan")
+
+
+def _swept() -> tuple[str, ...]:
+    """What this sweep varies: its command line's sweeps and the sweeper's own `params`
+    (`hydra.sweeper.params`, where a config file may set them)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not _is_sweep_job():
+        return ()
+    params = HydraConfig.get().sweeper.get("params") or {}
+    return tuple(dict.fromkeys([*swept_keys(sys.argv[1:]), *params]))
 
 
 def _is_sweep_job() -> bool:

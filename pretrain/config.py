@@ -448,6 +448,25 @@ def bad_override_value(overrides: list[str], groups: set[str]) -> str | None:
     return None
 
 
+def swept_keys(overrides: list[str]) -> tuple[str, ...]:
+    """The config keys (or groups) a multirun command line sweeps (`optim.lr=1e-3,3e-3`,
+    `masking=span,token`, an interval for a sweeper): the values that tell its jobs apart."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    keys = []
+    for arg in overrides:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            (override,) = parser.parse_overrides([arg])
+        except Exception:  # Hydra reports its own syntax errors
+            continue
+        if override.is_sweep_override() and not override.key_or_group.startswith("hydra"):
+            keys.append(override.key_or_group)
+    return tuple(keys)
+
+
 def bad_sweep_value(overrides: list[str], conf_dir: Path) -> str | None:
     """The first value of a grid sweep (`-m key=a,b`, the basic sweeper) that the config's own
     checks refuse (`rtd.embedding_sharing=GDES`), as one line; None when every value passes.

@@ -81,7 +81,7 @@ RETUNED_ON_RESUME: dict[str, tuple[str, ...] | None] = {
     "optim": None,
     "rtd": None,
     "masking": None,
-    "trainer": ("global_batch_size",),
+    "trainer": ("global_batch_size", "eval_sequences"),
 }
 # Settings outside `model` that shape the weights or the optimizer state a checkpoint holds
 # (the ZeRO stage: how DeepSpeed lays out the optimizer state and weights it saves).
@@ -114,11 +114,20 @@ class TrainingStopped(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, config: Config, world: World | None = None, sweep_job: bool = False):
+    def __init__(
+        self,
+        config: Config,
+        world: World | None = None,
+        sweep_job: bool = False,
+        swept: tuple[str, ...] = (),
+    ):
         """`sweep_job`: this run is a job of a sweep, found again by its number alone, so a
-        resume with other hyper-parameters is another job's values and is refused."""
+        resume with other hyper-parameters is another job's values and is refused: the
+        RETUNED_ON_RESUME ones, and whatever the sweep varies (`swept`, its config keys or
+        groups, `config.swept_keys`), micro batch and attention kernel included."""
         self.config = config
         self.sweep_job = sweep_job
+        self.swept = swept
         self.world = world or init_distributed(config.trainer.device)
         t = config.trainer
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # the kernel tests, on CPU
@@ -291,12 +300,17 @@ class Trainer:
             for k, v in ours[section].items()
             if (keys is None or k in keys) and k in was.get(section, {}) and was[section][k] != v
         ]
-        if retuned and self.sweep_job:
+        moved = [old for old, _ in retuned]
+        for key in self.swept if self.sweep_job else ():
+            before, now = _lookup(was, key), _lookup(ours, key)
+            if before != now and not any(m.startswith(f"{key}=") for m in moved):
+                scalar = not isinstance(now, dict)
+                moved.append(f"{key}={before} (now {now})" if scalar else f"other {key} settings")
+        if moved and self.sweep_job:
             raise ConfigError(
-                f"sweep job {self.config.run_dir} was trained with "
-                f"{', '.join(old for old, _ in retuned)}: a sweep finds its jobs again by number, "
-                "so resume it with the same values, or give the new values another "
-                "hydra.sweep.dir"
+                f"sweep job {self.config.run_dir} was trained with {', '.join(moved)}: a sweep "
+                "finds its jobs again by number, so resume it with the same values, or give the "
+                "new values another hydra.sweep.dir"
             )
         if retuned:
             self._resume_notes.append(f"changed on resume: {', '.join(c for _, c in retuned)}")
@@ -843,6 +857,15 @@ def _read_off_device(out: RTDOutput) -> tuple[float, dict[str, float]]:
     read = torch.stack([out.loss.detach().float()] + [out.metrics[k].float() for k in TRAIN_KEYS])
     loss, *metrics = read.tolist()
     return loss, dict(zip(TRAIN_KEYS, metrics, strict=True))
+
+
+def _lookup(config: dict[str, Any], key: str) -> Any:
+    """A dotted key's value (`optim.lr`; a group, `masking`, is its section) in a config dict;
+    None where it has none."""
+    node: Any = config
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def _all_reduce_mean(

@@ -243,6 +243,14 @@ def test_multirun_sweep_writes_one_run_per_learning_rate(tiny_corpus: dict, tmp_
         .startswith(f"error: 2 job(s) of the sweep failed; first: {sweep / '0'}: sweep job")
     )
     assert (sweep / "0" / "config.yaml").read_text() == config
+    # A value the sweep varies identifies the job, even one a plain resume may change.
+    micro = [*proc.args, "trainer.micro_batch_size=4,8"]
+    refused = subprocess.run(micro, capture_output=True, text=True, env=child_env(), timeout=180)
+    assert refused.returncode == 1
+    assert (
+        f"error: sweep job {sweep / '0'} was trained with trainer.micro_batch_size=8 (now 4): a "
+        "sweep finds"
+    ) in refused.stderr
 
 
 def test_a_failed_sweep_job_does_not_stop_the_others(tiny_corpus: dict, tmp_path: Path) -> None:

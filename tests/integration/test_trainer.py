@@ -203,6 +203,21 @@ def test_a_refused_resume_names_the_run_and_a_sweep_jobs_way_out(
     assert str(job.value) == (
         said + "resume with trainer.seed=0 or give the new values another hydra.sweep.dir"
     )
+    # What a sweep varies tells its jobs apart, even where a plain resume may change it: a
+    # sweep over the micro batch, its list reordered, would report one job's result as another's.
+    other_micro = make_config(tiny_corpus, run, "trainer.max_steps=4", "trainer.micro_batch_size=4")
+    for swept in (("trainer.micro_batch_size",), ("trainer",)):
+        with pytest.raises(ConfigError) as refused:
+            Trainer(other_micro, sweep_job=True, swept=("optim.lr", *swept)).fit()
+        moved = (
+            "trainer.micro_batch_size=8 (now 4)" if "." in swept[0] else "other trainer settings"
+        )
+        assert str(refused.value) == (
+            f"sweep job {run} was trained with {moved}: a sweep finds its jobs again by number, "
+            "so resume it with the same values, or give the new values another hydra.sweep.dir"
+        )
+    resumed = Trainer(other_micro, sweep_job=True, swept=("optim.lr",)).fit()  # not swept
+    assert [r["step"] for r in resumed if r["split"] == "train"] == [3, 4]
 
 
 def test_a_held_out_split_smaller_than_an_evaluation_is_a_warning(

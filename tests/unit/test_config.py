@@ -415,3 +415,17 @@ def test_data_files_that_match_nothing_are_named(tmp_path: Path) -> None:
     ):
         composed(source.format(tmp_path / "b*.jsonl"), f"data.tokenizer={tok}")
     assert composed(source.format(tmp_path / "a*.jsonl"), f"data.tokenizer={tok}").data.sources
+
+
+def test_swept_keys_are_what_tells_a_sweeps_jobs_apart() -> None:
+    from pretrain.config import swept_keys
+
+    argv = [
+        "-m", "experiment=quickstart", "optim.lr=1e-3,3e-3", "trainer.micro_batch_size=16,32",
+        "masking=span,token", "trainer.max_steps=40", "hydra.sweep.dir=/tmp/s",
+        "optim.warmup_steps=range(10,30,10)", "+model.hidden_size=64",
+    ]  # fmt: skip
+    assert swept_keys(argv) == (
+        "optim.lr", "trainer.micro_batch_size", "masking", "optim.warmup_steps",
+    )  # fmt: skip
+    assert swept_keys(["trainer.max_steps=4"]) == ()
