@@ -201,10 +201,12 @@ class Config:
             # A run directory, its checkpoints/ or one checkpoint: what pretrain.export reads.
             run_files = ("checkpoints", "metrics.jsonl", "latest", "trainer_state.json")
             if any((hf_dir / name).exists() for name in run_files):
+                # The export's own directory continues both halves (resolve_export_root).
+                export = "OUT_DIR" if key == "init_from" else f"OUT_DIR/{part}"
                 raise ConfigError(
                     f"model.{key}={path} is a training run, not a Hugging Face directory; export "
                     f"it first with `python -m pretrain.export {path} OUT_DIR` and pass "
-                    f"model.{key}=OUT_DIR/{part}"
+                    f"model.{key}={export}"
                 )
             raise ConfigError(
                 f"model.{key}={path}: no config.json there (a Hugging Face DebertaV2 directory)"

@@ -161,6 +161,14 @@ class Trainer:
             log=print,
         )
         self.resume_tag = self.checkpointer.latest() if t.resume else None
+        if t.max_steps == 0 and self.resume_tag is not None:
+            step = self.checkpointer.trainer_state(self.resume_tag)["step"]
+            raise ConfigError(
+                f"trainer.max_steps=0 evaluates a new run's starting model, but {config.run_dir} "
+                f"holds a run trained to step {step}: to evaluate it, export it (python -m "
+                f"pretrain.export {config.run_dir} OUT) and give model.init_from=OUT to a new "
+                "run (another name= or run_dir=)"
+            )
         self.engine_tag = self.resume_tag
         self.saved_world_size = self.world.world_size
         if self.resume_tag is not None:
@@ -535,12 +543,6 @@ class Trainer:
         c, t, o = self.config, self.config.trainer, self.config.optim
         if resumed and self.step >= last:
             past = f", past trainer.max_steps={t.max_steps}" if self.step > t.max_steps else ""
-            if t.max_steps == 0:
-                past += (
-                    "; trainer.max_steps=0 evaluates a new run's starting model: to evaluate "
-                    f"this run's, export it (python -m pretrain.export {c.run_dir} OUT) and "
-                    "give model.init_from=OUT to a new run"
-                )
             return [
                 f"nothing to train: the run is at step {self.step}{past} (raise "
                 "trainer.max_steps to go on)"

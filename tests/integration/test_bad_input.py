@@ -137,7 +137,7 @@ CASES = [
         Case(("model.init_from=<old_run>",),
              "error: model.init_from=<old_run> is a training run, not a Hugging Face directory; "
              "export it first with `python -m pretrain.export <old_run> OUT_DIR` and pass "
-             "model.init_from=OUT_DIR/discriminator"),
+             "model.init_from=OUT_DIR"),
         id="init-from-a-run-directory",
     ),
     pytest.param(

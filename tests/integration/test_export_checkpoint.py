@@ -198,14 +198,17 @@ def test_evaluation_only_measures_an_export_as_its_run_did(
         "so the RTD head is new and disc_acc and disc_auc measure an untrained discriminator head"
     )
     # The run directory of a trained run is not re-evaluated: it says how to evaluate it.
-    again = train(tiny_corpus, tmp_path / "base", "trainer.max_steps=0")
-    assert again == []
-    assert (
-        "trainer.max_steps=0 evaluates a new run's starting model: to evaluate this run's, "
-        f"export it (python -m pretrain.export {tmp_path / 'base'} OUT)" in capsys.readouterr().out
-    )
-    # Nor started over there (trainer.resume=false), which would clear the run's metrics.
     kept = (tmp_path / "base/metrics.jsonl").read_bytes()
+    with pytest.raises(ConfigError) as refused:
+        train(tiny_corpus, tmp_path / "base", "trainer.max_steps=0")
+    assert str(refused.value) == (
+        f"trainer.max_steps=0 evaluates a new run's starting model, but {tmp_path / 'base'} "
+        f"holds a run trained to step 2: to evaluate it, export it (python -m pretrain.export "
+        f"{tmp_path / 'base'} OUT) and give model.init_from=OUT to a new run (another name= or "
+        "run_dir=)"
+    )
+    assert (tmp_path / "base/metrics.jsonl").read_bytes() == kept
+    # Nor started over there (trainer.resume=false), which would clear the run's metrics.
     with pytest.raises(ConfigError, match="would clear its metrics.jsonl: give the evaluation"):
         train(tiny_corpus, tmp_path / "base", "trainer.max_steps=0", "trainer.resume=false")
     assert (tmp_path / "base/metrics.jsonl").read_bytes() == kept

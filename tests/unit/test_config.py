@@ -346,7 +346,7 @@ def test_init_from_names_what_is_there_instead(tmp_path: Path) -> None:
         assert str(e.value) == (
             f"model.init_from={given} is a training run, not a Hugging Face directory; export "
             f"it first with `python -m pretrain.export {given} OUT_DIR` and pass "
-            "model.init_from=OUT_DIR/discriminator"
+            "model.init_from=OUT_DIR"
         )
     hf = tmp_path / "hf"
     for part in ("discriminator", "generator"):
