@@ -32,7 +32,7 @@ CONF = Path(__file__).resolve().parent.parent / "conf"
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Returns the objective a Hydra sweeper minimises: the last held-out generator MLM loss,
-    else the last training loss."""
+    else the last logged training generator MLM loss."""
     trainer = None
     try:
         config = to_config(cfg)
@@ -60,7 +60,9 @@ def main(cfg: DictConfig) -> float | None:
 
         if (Path(config.run_dir) / METRICS_FILE).is_file():
             records = read_metrics(config.run_dir)
-    for split, key in (("valid", "gen_loss"), ("train", "loss")):
+    # Without evaluations, the training generator loss: the total (MLM + rtd_weight x RTD)
+    # would favour a small rtd.rtd_weight in a sweep over it.
+    for split, key in (("valid", "gen_loss"), ("train", "gen_loss")):
         found = [r for r in records if r.get("split") == split and r.get(key) is not None]
         if found:
             objective = float(found[-1][key])

@@ -573,7 +573,8 @@ class Trainer:
         if t.eval_every and self.data.valid is None:
             lines.append(
                 f"warning: trainer.eval_every={t.eval_every} but the data has no held-out split, "
-                "so there are no evaluations and a sweep's objective is the training loss "
+                "so there are no evaluations and a sweep's objective is the last training "
+                "generator loss "
                 f"({WHERE_HELD_OUT})"
             )
         held_out = self.data.valid.num_tokens if self.data.valid is not None else None

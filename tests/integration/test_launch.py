@@ -214,10 +214,10 @@ def test_multirun_sweep_writes_one_run_per_learning_rate(tiny_corpus: dict, tmp_
         # warmup is 2 steps, so the rate logged after step 1 (the next step's) is the peak
         assert records[0]["lr"] == pytest.approx(lr)
         assert (sweep / job / "checkpoints/latest").read_text().strip() == "step_00000002"
-    # Each job says what it returns to a sweeper: here (no evaluation) its last training loss.
+    # Each job says what it returns to a sweeper: here (no evaluation) its last training generator loss.
     objectives = [line for line in proc.stdout.splitlines() if line.startswith("objective: ")]
     assert objectives == [
-        f"objective: train loss {train_records(sweep / job)[-1]['loss']:.6g} at step 2"
+        f"objective: train gen_loss {train_records(sweep / job)[-1]['gen_loss']:.6g} at step 2"
         for job in ("0", "1")
     ]
     # Jobs are found again by number: the same sweep again finds them finished (and reports
