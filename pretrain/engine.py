@@ -271,9 +271,10 @@ class Engine:
     def __init__(self, model: nn.Module, config: Config, world: World):
         ds = _import_deepspeed()
         self.world = world
-        self.batch = BatchSizes.compute(
-            config.trainer.global_batch_size, config.trainer.micro_batch_size, world.world_size
-        )
+        t = config.trainer
+        # Evaluation only forms no training batch: the global batch is one micro batch per rank.
+        global_batch = t.global_batch_size if t.max_steps else t.micro_batch_size * world.world_size
+        self.batch = BatchSizes.compute(global_batch, t.micro_batch_size, world.world_size)
         self.precision = resolve_precision(config.deepspeed.precision, world.device)
         ds_config = deepspeed_config(config, self.batch, self.precision)
         if config.deepspeed.zero_stage == 3:
