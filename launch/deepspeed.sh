@@ -26,6 +26,11 @@ set -euo pipefail
 venv_python="$(dirname "$0")/../.venv/bin/python"
 [[ -x "$venv_python" ]] || venv_python=python
 PYTHON=${PYTHON:-$venv_python}
+if ! "$PYTHON" -c 'import pretrain' 2>/dev/null; then  # it brings deepspeed
+  echo "error: $PYTHON cannot import this project: run bash install.sh, or set" \
+    "PYTHON to the interpreter it was installed into" >&2
+  exit 2
+fi
 
 args=(--master_port "${MASTER_PORT:-29500}")
 [[ -n "${HOSTFILE:-}" ]] && args+=(--hostfile "$HOSTFILE")

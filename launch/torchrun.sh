@@ -31,8 +31,15 @@ if (( NNODES > 1 )) && [[ -z "${NODE_RANK:-}" || -z "${MASTER_ADDR:-}" ]]; then
   exit 2
 fi
 NODE_RANK=${NODE_RANK:-0}
+# One import of torch, to check the interpreter (a clone without .venv falls back to python)
+# and to count the GPUs.
+if ! gpus=$("$PYTHON" -c 'import pretrain, torch; print(max(torch.cuda.device_count(), 1))' 2>/dev/null); then
+  echo "error: $PYTHON cannot import torch and this project: run bash install.sh, or set" \
+    "PYTHON to the interpreter it was installed into" >&2
+  exit 2
+fi
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
-  NPROC_PER_NODE=$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')
+  NPROC_PER_NODE=$gpus
 elif [[ ! "$NPROC_PER_NODE" =~ ^[1-9][0-9]*$ ]]; then
   echo "error: NPROC_PER_NODE=$NPROC_PER_NODE: give the processes per node, a whole number" \
     "from 1 (unset: one per GPU, or 1 without any)" >&2

@@ -174,6 +174,8 @@ def test_torchrun_script_ends_a_failed_launch_with_one_line_not_a_traceback(
             "error: NNODES=2 needs NODE_RANK (this node's, 0 to 1)",
         ),
         ({"NNODES": "two"}, "error: NNODES=two: give the number of nodes"),
+        # A clone without .venv falls back to `python`, which may have neither.
+        ({"PYTHON": "false"}, "error: false cannot import torch and this project: run bash"),
     ],
 )
 def test_torchrun_script_refuses_a_bad_environment_in_one_line(
