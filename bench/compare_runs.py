@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     evals = {
         n: {r["step"]: r for r in recs if r.get("split") == "valid"} for n, recs in runs.items()
     }
+    if not any(evals.values()):
+        print("  none logged (trainer.eval_every=0, or no held-out split)")
     for step in sorted(set().union(*(e.keys() for e in evals.values()))):
         print(f"  step {step}")
         for name in names:
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     def mean_diff(name: str, steps: list[int]) -> float:
         return sum(abs(smoothed[name][s] - reference[s]) for s in steps) / len(steps)
 
-    print(f"training loss, smoothed over {args.window} records, against {names[0]}")
+    records = "record" if args.window == 1 else f"{args.window} records"
+    print(f"training loss, smoothed over the last {records}, against {names[0]}")
     short = [name for name in names if len(smoothed[name]) < 2 * args.window]
     if short:  # the trailing mean then blurs most of the run
         print(f"  note: {len(short)} run(s) logged fewer than {2 * args.window} records; "
@@ -118,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         last = common[-1]
         print(
             f"  {name}: mean |diff| {mean_diff(name, common):.4f}, max {max(diffs):.4f} over "
-            f"{len(common)} steps; at step {last}: {other[last]:.4f} vs {reference[last]:.4f}"
+            f"{len(common)} steps; smoothed at step {last}: {other[last]:.4f} vs "
+            f"{reference[last]:.4f}"
         )
     if not args.seed_run:
         return 0

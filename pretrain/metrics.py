@@ -379,7 +379,7 @@ def find_runs(paths: list[Path]) -> list[Path]:
 
 
 # Config values that differ between any two runs and say nothing about how they trained.
-_NOT_A_DIFFERENCE = {"run_dir"}
+_NOT_A_DIFFERENCE = {"run_dir", "logging.progress_bar", "logging.plots"}
 
 
 def _flatten(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:

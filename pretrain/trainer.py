@@ -577,6 +577,16 @@ class Trainer:
                 "generator loss "
                 f"({WHERE_HELD_OUT})"
             )
+        if (
+            evaluates
+            and self.data.valid is not None
+            and self._held_out_sequences != t.eval_sequences
+        ):
+            lines.append(
+                f"note: trainer.eval_sequences={t.eval_sequences} reads {self._held_out_sequences} "
+                f"held-out sequences, a whole number from each of the data.streams="
+                f"{c.data.streams} partitions"
+            )
         held_out = self.data.valid.num_tokens if self.data.valid is not None else None
         read = self._held_out_sequences * c.data.seq_len
         if evaluates and held_out is not None and held_out < read:

@@ -232,7 +232,12 @@ def test_a_held_out_split_smaller_than_an_evaluation_is_a_warning(
     lines = Trainer(
         make_config(tiny_corpus, tmp_path / "run", f"trainer.eval_sequences={sequences - 7}")
     )
-    warned = [x for x in lines._start_lines(False, 6) if "held-out split has" in x]
+    said = lines._start_lines(False, 6)
+    assert (  # the rounding to whole partitions is said
+        f"note: trainer.eval_sequences={sequences - 7} reads {sequences} held-out sequences, a "
+        "whole number from each of the data.streams=8 partitions" in said
+    )
+    warned = [x for x in said if "held-out split has" in x]
     assert warned == [  # rounded up to whole partitions: 8 x (sequences / 8)
         f"warning: the held-out split has {held_out} tokens, but an evaluation reads "
         f"{sequences * 64} ({sequences} sequences x data.seq_len): it reads the same sequences "
@@ -242,7 +247,7 @@ def test_a_held_out_split_smaller_than_an_evaluation_is_a_warning(
     fits = Trainer(
         make_config(tiny_corpus, tmp_path / "run", f"trainer.eval_sequences={sequences - 8}")
     )
-    assert not [x for x in fits._start_lines(False, 6) if "held-out split has" in x]
+    assert not [x for x in fits._start_lines(False, 6) if "held-out split has" in x or "note:" in x]
 
 
 def test_lr_warms_up_then_decays_linearly(tiny_corpus: dict, tmp_path: Path) -> None:

@@ -33,7 +33,9 @@ def test_differences_of_smoothed_training_loss_and_side_by_side_evals(
     assert bench.main([str(tmp_path / "a"), str(tmp_path / "b"), "--window", "2"]) == 0
     out = capsys.readouterr().out
     # smoothed a: 4, 3.5, 2.5, 1.5; b: 4, 3.75, 2.75, 2.0 -> |diff| 0, .25, .25, .5
-    assert "mean |diff| 0.2500, max 0.5000 over 4 steps; at step 4: 2.0000 vs 1.5000" in out
+    assert (
+        "mean |diff| 0.2500, max 0.5000 over 4 steps; smoothed at step 4: 2.0000 vs 1.5000" in out
+    )
     assert (
         f"{tmp_path / 'b'}: gen_loss 5.0000  gen_acc 0.1000  gen_acc_unigram 0.0500  "
         "disc_acc 0.8000  disc_auc 0.7000" in out
@@ -144,3 +146,16 @@ def test_runs_measured_on_other_held_out_sets_are_told_apart(bench, tmp_path: Pa
     assert "  note: not one held-out set: the runs differ in data.seq_len, so " in (
         capsys.readouterr().out
     )
+
+
+def test_runs_without_evaluations_say_so(bench, tmp_path: Path, capsys) -> None:
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(
+            "\n".join(json.dumps({"step": s, "split": "train", "loss": 3.0}) for s in (1, 2))
+        )
+    assert bench.main([str(tmp_path / "a"), str(tmp_path / "b"), "--window", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out evaluation (gen_loss, gen_acc, gen_acc_unigram, disc_acc, disc_auc)\n" in out
+    assert "  none logged (trainer.eval_every=0, or no held-out split)\n" in out
+    assert "training loss, smoothed over the last record, against" in out
