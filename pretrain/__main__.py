@@ -49,7 +49,14 @@ def main(cfg: DictConfig) -> float | None:
                 print("interrupted: saved; the same command resumes", file=sys.stderr)
             sys.exit(130)
         if trainer.stop_signal is not None:  # preempted (SIGTERM, SIGUSR1): saved; a sweep's
-            sys.exit(0)  # next job must not start, nor a sweeper count this one as finished
+            # next job must not start, nor a sweeper count this one as finished
+            if trainer.world.is_main and _is_sweep_job():
+                print(
+                    f"stopped by {signal.Signals(trainer.stop_signal).name}: saved; the same "
+                    "command resumes this job, then runs the sweep's next ones",
+                    file=sys.stderr,
+                )
+            sys.exit(0)
     # SourceError: data read mid-run; LoaderStateError: a resume with other data settings.
     except (ConfigError, CheckpointError, SourceError, LoaderStateError) as e:
         if trainer is None or not trainer.wrote_run_dir:  # refused: leave no trace of it
@@ -162,6 +169,12 @@ def _drop_launcher_args(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     sys.argv = _drop_launcher_args(sys.argv)
+    if {"-m", "--multirun"} & set(sys.argv) and {"-c", "--cfg"} & set(sys.argv):
+        # Hydra's own refusal is a traceback.
+        sys.exit(
+            "error: --cfg prints one run's config: drop -m (--multirun) and give each swept key "
+            "one of its values"
+        )
     groups = {p.name for p in CONF.iterdir() if p.is_dir()}
     if message := (
         unknown_override_key(sys.argv[1:], groups)

@@ -51,6 +51,10 @@ class Case:
 
 CASES = [
     pytest.param(
+        Case(("-m", "--cfg", "job"), "error: --cfg prints one run's config: drop -m (--multirun)"),
+        id="cfg-of-a-sweep",
+    ),
+    pytest.param(
         Case(("trainer.max_stepz=3",),
              "error: unknown config key 'trainer.max_stepz'; did you mean max_steps?"),
         id="misspelt-key",

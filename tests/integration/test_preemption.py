@@ -168,6 +168,14 @@ def test_preempting_a_sweep_saves_the_job_and_starts_no_other(
     assert rc == 0, tail(log)
     assert_saved_at_stop(sweep / "0", world_size=1)
     assert not (sweep / "1").exists()  # the sweep stopped with its preempted job
+    assert (
+        tail(log)
+        .rstrip()
+        .endswith(
+            "stopped by SIGTERM: saved; the same command resumes this job, then runs the sweep's "
+            "next ones"
+        )
+    )
 
 
 FAKE_SRUN = """#!/bin/bash
