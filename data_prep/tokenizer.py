@@ -83,7 +83,8 @@ SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 REQUIRED_FILES = (MODEL_FILE, TOKENIZER_CONFIG_FILE)
 # Written by data_prep.extend_vocab: which tokenizer this one extends, and the added pieces.
 EXTENSION_FILE = "extension.json"
-OPTIONAL_FILES = (SPECIAL_TOKENS_MAP_FILE, SPECIAL_TOKENS_FILE, "tokenizer.json", EXTENSION_FILE)
+HF_TOKENIZER_FILE = "tokenizer.json"  # transformers' fast tokenizer
+OPTIONAL_FILES = (SPECIAL_TOKENS_MAP_FILE, SPECIAL_TOKENS_FILE, HF_TOKENIZER_FILE, EXTENSION_FILE)
 PAD, CLS, SEP, UNK, MASK = "[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"
 PAD_ID, CLS_ID, SEP_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 4
 SPECIAL_PIECES = (PAD, CLS, SEP, UNK, MASK)
@@ -146,6 +147,18 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
             shutil.copyfile(src / name, dst / name)
 
 
+def no_spm_model_hint(directory: Path) -> str:
+    """What to do about a tokenizer directory without spm.model: a checkpoint's directory that
+    transformers 5 saved holds tokenizer.json alone, and a new tokenizer would not fit it."""
+    if (directory / HF_TOKENIZER_FILE).is_file():
+        return (
+            f"it holds {HF_TOKENIZER_FILE} only (as transformers 5 saves a tokenizer): this "
+            f"project tokenizes with the SentencePiece model, so put the checkpoint's original "
+            f"{MODEL_FILE} beside it"
+        )
+    return "train one with python -m data_prep.tokenizer"
+
+
 def _model_path(path: str | Path) -> Path:
     p = Path(path)
     return p / MODEL_FILE if p.is_dir() else p
@@ -158,8 +171,7 @@ class Tokenizer:
         self.path = _model_path(model_path)
         if not self.path.is_file():
             raise TokenizerError(
-                f"no SentencePiece model at {self.path}; "
-                "train one with python -m data_prep.tokenizer"
+                f"no SentencePiece model at {self.path}; {no_spm_model_hint(self.path.parent)}"
             )
         self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
         self.sha256 = sha256_file(self.path)

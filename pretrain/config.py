@@ -258,9 +258,14 @@ class Config:
                     f"{where}.dataset={s.dataset} is raw text: set data.tokenizer to tokenize it"
                 )
         if d.tokenizer is not None:
-            from data_prep.tokenizer import MODEL_FILE
+            from data_prep.tokenizer import HF_TOKENIZER_FILE, MODEL_FILE, no_spm_model_hint
 
             tokenizer = Path(d.tokenizer).expanduser()
+            if (tokenizer / HF_TOKENIZER_FILE).is_file() and not (tokenizer / MODEL_FILE).is_file():
+                raise ConfigError(
+                    f"data.tokenizer={d.tokenizer}: no {MODEL_FILE} there; "
+                    f"{no_spm_model_hint(tokenizer)}"
+                )
             if not (tokenizer / MODEL_FILE).is_file():
                 problem = f"no {MODEL_FILE} there" if tokenizer.is_dir() else "no such directory"
                 if tokenizer.is_file():

@@ -533,34 +533,60 @@ def rtd_from_hf(
     return model
 
 
-def check_init_tokenizer(hf_dir: str | Path, tokenizer_dir: str | Path | None) -> None:
-    """Refuse to continue pretraining a checkpoint on another tokenizer's ids. Checked when both
-    directories hold an spm.model (a published checkpoint usually ships its tokenizer)."""
-    from data_prep.tokenizer import EXTENSION_FILE, MODEL_FILE, sha256_file
+def check_init_tokenizer(hf_dir: str | Path, tokenizer_dir: str | Path | None) -> str | None:
+    """Refuse to continue pretraining a checkpoint on another tokenizer's ids: compared with the
+    checkpoint's spm.model, or, where transformers 5 saved only its tokenizer.json, with that
+    file's vocabulary, piece by piece. Returns a warning when the checkpoint has neither."""
+    from data_prep.tokenizer import EXTENSION_FILE, MODEL_FILE, load_tokenizer, sha256_file
 
-    theirs = Path(hf_dir).expanduser() / MODEL_FILE
-    if tokenizer_dir is None or not theirs.is_file():
-        return
+    hf = Path(hf_dir).expanduser()
+    if tokenizer_dir is None or not (Path(tokenizer_dir).expanduser() / MODEL_FILE).is_file():
+        return None  # data.tokenizer's own checks speak for it
     ours = Path(tokenizer_dir).expanduser() / MODEL_FILE
-    their_sha = sha256_file(theirs) if ours.is_file() else None
-    if their_sha is not None and sha256_file(ours) != their_sha:
-        extension = Path(tokenizer_dir).expanduser() / EXTENSION_FILE
-        info = json.loads(extension.read_text()) if extension.is_file() else {}
-        if info.get("old_sha256") == their_sha:  # extended, the model not yet grown
-            export_dir = Path(hf_dir).parent
-            raise ExportError(
-                f"data.tokenizer={tokenizer_dir} extends the tokenizer of {hf_dir} to "
-                f"{info.get('vocab_size')} ids, but the model still has the old "
-                f"{info.get('old_vocab_size')}: grow it first with `python -m pretrain.export "
-                f"extend {export_dir} OUT --old-tokenizer {hf_dir} --new-tokenizer "
-                f"{tokenizer_dir}` and pass model.init_from=OUT (its discriminator and "
-                "generator)"
+    their_sha = None
+    if (hf / MODEL_FILE).is_file():
+        their_sha = sha256_file(hf / MODEL_FILE)
+        if sha256_file(ours) == their_sha:
+            return None
+    else:
+        pieces = _tokenizer_json_pieces(hf)
+        if pieces is None:
+            return (
+                f"warning: {hf_dir} holds no tokenizer ({MODEL_FILE} or tokenizer.json), so "
+                f"data.tokenizer={tokenizer_dir} cannot be checked against it: its embeddings "
+                "are indexed by the ids of the tokenizer it was trained with"
             )
+        tok = load_tokenizer(Path(tokenizer_dir).expanduser())
+        if pieces == [tok.id_to_piece(i) for i in range(tok.vocab_size)]:
+            return None
+    extension = Path(tokenizer_dir).expanduser() / EXTENSION_FILE
+    info = json.loads(extension.read_text()) if extension.is_file() else {}
+    if their_sha is not None and info.get("old_sha256") == their_sha:  # model not grown yet
+        export_dir = Path(hf_dir).parent
         raise ExportError(
-            f"data.tokenizer={tokenizer_dir} is not the tokenizer of {hf_dir}: its embeddings "
-            f"are indexed by that tokenizer's ids; use data.tokenizer={Path(hf_dir)} and a "
-            "corpus prepared with it"
+            f"data.tokenizer={tokenizer_dir} extends the tokenizer of {hf_dir} to "
+            f"{info.get('vocab_size')} ids, but the model still has the old "
+            f"{info.get('old_vocab_size')}: grow it first with `python -m pretrain.export "
+            f"extend {export_dir} OUT --old-tokenizer {hf_dir} --new-tokenizer "
+            f"{tokenizer_dir}` and pass model.init_from=OUT (its discriminator and "
+            "generator)"
         )
+    raise ExportError(
+        f"data.tokenizer={tokenizer_dir} is not the tokenizer of {hf_dir}: its embeddings "
+        f"are indexed by that tokenizer's ids; use data.tokenizer={Path(hf_dir)} and a "
+        "corpus prepared with it"
+    )
+
+
+def _tokenizer_json_pieces(hf_dir: Path) -> list[str] | None:
+    """The pieces of a transformers tokenizer.json's Unigram model (what transformers makes of
+    a DeBERTa-v2 SentencePiece model), id by id; None where there is no such file."""
+    path = hf_dir / "tokenizer.json"
+    try:
+        model = json.loads(path.read_text())["model"]
+        return [str(entry[0]) for entry in model["vocab"]] if model["type"] == "Unigram" else None
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -219,28 +219,34 @@ class Trainer:
         m = config.model
         assert m.init_from is not None
         try:
-            check_init_tokenizer(m.init_from, self.data.tokenizer_dir)
+            unchecked = check_init_tokenizer(m.init_from, self.data.tokenizer_dir)
             shape = read_hf_config(m.init_from)
         except ExportError as e:
             raise ConfigError(f"model.init_from: {e}") from None
-        model = ModelConfig(
-            **{**dataclasses.asdict(shape), "attention_impl": m.attention_impl},
-            init_from=m.init_from,
-            init_generator_from=m.init_generator_from,
-        )
+        if self.data.vocab_size > shape.vocab_size:
+            raise ConfigError(
+                f"model.init_from={m.init_from} has {shape.vocab_size} embeddings, fewer than "
+                f"the {self.data.vocab_size} ids of data.tokenizer={self.data.tokenizer_dir}: it "
+                "was not trained with that tokenizer; use the checkpoint's own, or one that "
+                "extends it (python -m data_prep.extend_vocab) with the model grown to it"
+            )
+        # The shape is the checkpoint's; dropout and the attention kernel stay the run's own
+        # choice, as on a resume (FREE_ON_RESUME): published configs say dropout 0.1, which the
+        # fused kernel does not do.
+        own = {k: getattr(m, k) for k in FREE_ON_RESUME}
+        model = ModelConfig(**{**dataclasses.asdict(shape), **own})
         overridden = [
             f"{f.name} {getattr(shape, f.name)} (model.{f.name}={getattr(m, f.name)})"
             for f in dataclasses.fields(shape)
-            if f.name != "attention_impl" and getattr(shape, f.name) != getattr(m, f.name)
+            if f.name not in own and getattr(shape, f.name) != getattr(m, f.name)
         ]
         if overridden and self.world.is_main:  # e.g. a model.vocab_size meant to match
-            shown = ", ".join(overridden[:6]) + (
-                f" and {len(overridden) - 6} more" if len(overridden) > 6 else ""
-            )
             print(
-                f"warning: model.init_from: the model's shape and dropout are those of "
-                f"{m.init_from}/config.json, not the model.* settings: {shown}"
+                f"warning: model.init_from: the model's shape is that of "
+                f"{m.init_from}/config.json, not the model.* settings: {', '.join(overridden)}"
             )
+        if unchecked and self.world.is_main:
+            print(unchecked)
         config = dataclasses.replace(config, model=model)
         config.validate()  # data.seq_len against the checkpoint's max_position_embeddings
         return config

@@ -38,6 +38,11 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "tanh": torch.tanh,
     "silu": F.silu,
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    # transformers' other names for the same functions (published configs use them)
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_python": F.gelu,
+    "swish": F.silu,
 }
 POSITION_TERMS = ("c2p", "p2c")
 
@@ -98,6 +103,15 @@ class DebertaConfig:
             raise ValueError(
                 f"model.hidden_size ({self.hidden_size}) must be a multiple of "
                 f"model.num_attention_heads ({self.num_attention_heads})"
+            )
+        heads_width = (self.attention_head_size or 0) * self.num_attention_heads
+        if self.attention_head_size is not None and heads_width != self.hidden_size:
+            # transformers' DebertaV2 maps the heads' output back with a hidden x hidden layer:
+            # another width would train here and export a checkpoint it cannot load.
+            raise ValueError(
+                f"model.attention_head_size ({self.attention_head_size}) x "
+                f"model.num_attention_heads ({self.num_attention_heads}) must equal "
+                f"model.hidden_size ({self.hidden_size}), as transformers' DebertaV2 needs"
             )
         unknown = [t for t in self.pos_att_type if t not in POSITION_TERMS]
         if unknown:

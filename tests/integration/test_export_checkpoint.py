@@ -8,6 +8,7 @@ group. Agreement of the two is what says the ZeRO-3 consolidation is right.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -113,15 +114,20 @@ def test_continued_pretraining_starts_from_the_exported_model(
             f"model.init_from={tmp_path / 'hf/discriminator'}",
             f"model.init_generator_from={tmp_path / 'hf/generator'}",
             "model.hidden_size=32",  # ignored: the checkpoint's config.json sets the shape
+            "model.hidden_dropout_prob=0.0",  # kept: dropout is the run's (0.1 in the export)
             *extra,
         ))  # fmt: skip
 
     adapted = continued("trainer.max_steps=2")
     assert adapted.config.model.hidden_size == 64
+    assert adapted.config.model.hidden_dropout_prob == 0.0
+    assert json.loads((tmp_path / "hf/discriminator/config.json").read_text())[
+        "hidden_dropout_prob"
+    ] == pytest.approx(0.1)
     out = capsys.readouterr().out.splitlines()
     warnings = [line for line in out if line.startswith("warning: model.init_from")]
     assert warnings == [  # the setting the checkpoint overrides is named, and only it
-        f"warning: model.init_from: the model's shape and dropout are those of "
+        f"warning: model.init_from: the model's shape is that of "
         f"{tmp_path / 'hf/discriminator'}/config.json, not the model.* settings: hidden_size "
         "64 (model.hidden_size=32)"
     ]
@@ -233,3 +239,23 @@ def test_a_run_without_data_tokenizer_uses_and_exports_its_corpus_copy(
     _, written = export_run(run, tmp_path / "hf")
     spm = (tiny_corpus["tokenizer"] / "spm.model").read_bytes()
     assert (written["discriminator"] / "spm.model").read_bytes() == spm
+
+
+def test_a_checkpoint_with_fewer_embeddings_than_the_tokenizer_is_refused(
+    tiny_corpus: dict, tmp_path: Path
+) -> None:
+    from pretrain.export import to_hf
+    from pretrain.models.deberta import DebertaConfig
+    from pretrain.models.rtd import RTDModel
+    from pretrain.trainer import Trainer
+
+    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    to_hf(RTDModel(DebertaConfig(vocab_size=300, **shape)), None, tmp_path / "hf")
+    with pytest.raises(ConfigError) as refused:  # model.vocab_size cannot fix it: init_from sets it
+        Trainer(make_config(tiny_corpus, tmp_path / "run", f"model.init_from={tmp_path / 'hf'}"))
+    assert str(refused.value) == (
+        f"model.init_from={tmp_path / 'hf/discriminator'} has 300 embeddings, fewer than the "
+        f"{tiny_corpus['vocab_size']} ids of data.tokenizer={tiny_corpus['tokenizer']}: it was "
+        "not trained with that tokenizer; use the checkpoint's own, or one that extends it "
+        "(python -m data_prep.extend_vocab) with the model grown to it"
+    )

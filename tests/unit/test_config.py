@@ -224,6 +224,11 @@ def test_wrong_type_fails_naming_key() -> None:
     "override, fragment",
     [
         ("model.hidden_size=100", "num_attention_heads"),
+        (  # a shape transformers' DebertaV2 could not load once exported
+            "model.attention_head_size=32",
+            "model.attention_head_size (32) x model.num_attention_heads (12) must equal "
+            "model.hidden_size (768), as transformers' DebertaV2 needs",
+        ),
         ("rtd.embedding_sharing=shared", "embedding_sharing"),
         ("masking.strategy=words", "masking.strategy='words'; choose span, whole_word or token"),
         ("trainer.save_every=-1", "trainer.save_every must be >= 0, got -1"),
@@ -429,3 +434,16 @@ def test_swept_keys_are_what_tells_a_sweeps_jobs_apart() -> None:
         "optim.lr", "trainer.micro_batch_size", "masking", "optim.warmup_steps",
     )  # fmt: skip
     assert swept_keys(["trainer.max_steps=4"]) == ()
+
+
+def test_a_tokenizer_directory_with_tokenizer_json_alone_says_what_is_missing(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "tokenizer.json").write_text("{}")  # what transformers 5 saves
+    with pytest.raises(ConfigError) as e:
+        composed(f"data.tokenizer={tmp_path}")
+    assert str(e.value) == (
+        f"data.tokenizer={tmp_path}: no spm.model there; it holds tokenizer.json only (as "
+        "transformers 5 saves a tokenizer): this project tokenizes with the SentencePiece model, "
+        "so put the checkpoint's original spm.model beside it"
+    )

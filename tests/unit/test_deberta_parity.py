@@ -37,6 +37,10 @@ SMALL = dict(
 # positions; the last ones add an embedding projection, token types and no relative attention.
 CONFIGS = {
     "v3_buckets_shared_both": dict(position_buckets=8, max_relative_positions=32),
+    # transformers' other names for our activations, as published configs spell them
+    "gelu_fast_swish_conv": dict(
+        position_buckets=8, hidden_act="gelu_fast", conv_kernel_size=3, conv_act="swish"
+    ),
     "no_buckets_own_keys": dict(
         position_buckets=-1, share_att_key=False, max_relative_positions=16
     ),

@@ -297,6 +297,44 @@ def test_exported_tokenizer_gives_our_ids(tiny_corpus: dict, tmp_path: Path) -> 
     )
 
 
+def test_a_checkpoint_with_tokenizer_json_alone_is_checked_piece_by_piece(
+    tiny_corpus: dict, tmp_path: Path
+) -> None:
+    """transformers 5 saves a tokenizer as tokenizer.json alone (no spm.model): continuing such
+    a checkpoint on another tokenizer must still be refused, and its own must pass."""
+    pytest.importorskip("google.protobuf")
+    from transformers import AutoTokenizer
+
+    from data_prep.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
+
+    torch.manual_seed(0)
+    model = RTDModel(DebertaConfig(**{**BASE, "vocab_size": tiny_corpus["vocab_size"]}))
+    to_hf(model, tiny_corpus["tokenizer"], tmp_path / "hf", generator=False)
+    saved = tmp_path / "saved"  # the checkpoint as transformers 5 saves it again
+    AutoTokenizer.from_pretrained(tmp_path / "hf/discriminator").save_pretrained(saved)
+    assert (saved / "tokenizer.json").is_file() and not (saved / "spm.model").exists()
+    assert check_init_tokenizer(saved, tiny_corpus["tokenizer"]) is None
+    inputs = sorted((tiny_corpus["shards"].parent / "text").glob("*.jsonl"))
+    train_tokenizer(tmp_path / "other", inputs, vocab_size=300, num_threads=1, progress=False)
+    with pytest.raises(ExportError, match=f"data.tokenizer={tmp_path / 'other'} is not the "):
+        check_init_tokenizer(saved, tmp_path / "other")
+    # No tokenizer at all: nothing to compare, said.
+    (saved / "tokenizer.json").unlink()
+    warning = check_init_tokenizer(saved, tiny_corpus["tokenizer"])
+    assert warning is not None and warning.startswith(
+        f"warning: {saved} holds no tokenizer (spm.model or tokenizer.json), so data.tokenizer="
+    )
+    # As data.tokenizer or data_prep's --tokenizer: what is missing, not "train one".
+    AutoTokenizer.from_pretrained(tmp_path / "hf/discriminator").save_pretrained(saved)
+    with pytest.raises(TokenizerError) as e:
+        load_tokenizer(saved)
+    assert str(e.value) == (
+        f"no SentencePiece model at {saved / 'spm.model'}; it holds tokenizer.json only (as "
+        "transformers 5 saves a tokenizer): this project tokenizes with the SentencePiece "
+        "model, so put the checkpoint's original spm.model beside it"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Import: ours -> HF -> ours, and models transformers made
 # --------------------------------------------------------------------------------------------
