@@ -262,6 +262,13 @@ def check_tokenizer_dir(tokenizer_dir: str | Path, vocab_size: int) -> Path:
             f"tokenizer {d} has {tok.vocab_size} ids but the model only {vocab_size} embeddings: "
             "not the tokenizer this model was trained with"
         )
+    pieces = _tokenizer_json_pieces(d)
+    if pieces is not None and pieces != [tok.id_to_piece(i) for i in range(tok.vocab_size)]:
+        raise ExportError(
+            f"{d / 'tokenizer.json'} does not hold the vocabulary of {tok.path}, and transformers "
+            "loads tokenizer.json first: the export would tokenize otherwise than training did; "
+            "delete it (transformers builds it again from spm.model)"
+        )
     return d
 
 

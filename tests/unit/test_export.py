@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -318,6 +319,16 @@ def test_a_checkpoint_with_tokenizer_json_alone_is_checked_piece_by_piece(
     train_tokenizer(tmp_path / "other", inputs, vocab_size=300, num_threads=1, progress=False)
     with pytest.raises(ExportError, match=f"data.tokenizer={tmp_path / 'other'} is not the "):
         check_init_tokenizer(saved, tmp_path / "other")
+    # A tokenizer.json that disagrees with the spm.model beside it is not exported:
+    # transformers would load it first.
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tiny_corpus["tokenizer"], mixed)
+    AutoTokenizer.from_pretrained(tmp_path / "other").save_pretrained(tmp_path / "other_saved")
+    (mixed / "tokenizer.json").write_bytes((tmp_path / "other_saved/tokenizer.json").read_bytes())
+    with pytest.raises(ExportError, match=r"tokenizer.json does not hold the vocabulary of "):
+        to_hf(model, mixed, tmp_path / "hf2", generator=False)
+    (mixed / "tokenizer.json").write_bytes((saved / "tokenizer.json").read_bytes())
+    to_hf(model, mixed, tmp_path / "hf2", generator=False)  # its own: exported
     # No tokenizer at all: nothing to compare, said.
     (saved / "tokenizer.json").unlink()
     warning = check_init_tokenizer(saved, tiny_corpus["tokenizer"])
