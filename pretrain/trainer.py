@@ -489,7 +489,13 @@ class Trainer:
                 if not saved:
                     self._save_or_carry_on(final=True)
         finally:
-            for sig, previous in previous_handlers.items():  # the next job of a sweep, a test
+            # The loader's workers stop while the handlers still stand: a Ctrl-C forwarded late
+            # (torchrun's, a loaded machine's) would otherwise raise KeyboardInterrupt inside
+            # the generator's shutdown, where it can only print a traceback.
+            getattr(batches, "close", lambda: None)()
+            # Put back for the next job of a sweep, or a test; after a stop signal the process
+            # exits (a sweep too), and ours keep treating that Ctrl-C's late echo as the same.
+            for sig, previous in previous_handlers.items() if self._stop_signal is None else ():
                 signal.signal(sig, previous)
             trace.close()
             logger.close(plots=c.logging.plots)
