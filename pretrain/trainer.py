@@ -430,6 +430,11 @@ class Trainer:
             record = self.evaluate()
             logger.log(record)
             logger.close(plots=False)
+            if self.world.world_size > 1:
+                # Every rank done before any exits: without it, rank 0 of a 2-rank ZeRO-3
+                # evaluation on CPU aborted at exit in 2 runs of 5 (gloo: "terminate called
+                # without an active exception"); a training run ends in the save's collectives.
+                torch.distributed.barrier()
             return [record]
         trace = SampleTrace(c.run_dir, self.world.rank, self.step, c.logging.trace_samples)
         history: list[dict[str, Any]] = []
