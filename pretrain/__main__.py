@@ -169,7 +169,8 @@ def _drop_launcher_args(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     sys.argv = _drop_launcher_args(sys.argv)
-    if {"-m", "--multirun"} & set(sys.argv) and {"-c", "--cfg"} & set(sys.argv):
+    cfg_flag = any(a in ("-c", "--cfg") or a.startswith("--cfg=") for a in sys.argv)
+    if {"-m", "--multirun"} & set(sys.argv) and cfg_flag:
         # Hydra's own refusal is a traceback.
         sys.exit(
             "error: --cfg prints one run's config: drop -m (--multirun) and give each swept key "
