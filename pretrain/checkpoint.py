@@ -401,7 +401,7 @@ def _free_name(path: Path) -> Path:
 
 def describe(run_dir: str | Path) -> list[str]:
     """A line per checkpoint directory of a run, oldest first: its step, tokens seen, the train
-    loss logged at that step, and whether it is the latest or set aside; for choosing where to
+    loss logged at that step (or the last before it), and whether it is the latest or set aside; for choosing where to
     rewind to. Reads no weights and hashes nothing (rewind verifies the one chosen)."""
     run, root = _run_and_root(run_dir)
     dirs = [  # (step, dir): step_X, step_X.abandoned, step_X.2.abandoned, step_X.damaged
@@ -425,8 +425,12 @@ def describe(run_dir: str | Path) -> list[str]:
             tokens = f"{int(json.loads((d / TRAINER_STATE).read_text())['tokens_seen']):,}"
         except (OSError, ValueError, KeyError, TypeError):
             tokens = "?"
-        loss = f"{losses[step]:.4g}" if step in losses else "-"
-        note = "  (latest)" if d.name == latest else ""
+        # A step between two logged ones (save_every not a multiple of log_every) shows the
+        # last logged before it, saying which.
+        logged = max((s for s in losses if s <= step), default=None)
+        loss = "-" if logged is None else f"{losses[logged]:.4g}"
+        note = "" if logged in (None, step) else f"  (logged at step {logged})"
+        note += "  (latest)" if d.name == latest else ""
         if d.name != tag_for(step):  # metrics.jsonl holds the losses of the branch kept
             loss, note = "-", f"  set aside: {d.name}"
         lines.append(f"step {step:>8}  tokens {tokens:>14}  train loss {loss:>8}{note}")

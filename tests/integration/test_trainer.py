@@ -576,3 +576,20 @@ def test_cli_help_says_what_it_is_and_how_to_start() -> None:
     assert proc.stdout.startswith("python -m pretrain [key=value ...]: pretrain a DeBERTa-v3")
     assert "experiment: deberta_v3_base, deberta_v3_large" in proc.stdout  # Hydra's groups
     assert "python -m pretrain experiment=quickstart trainer.max_steps=100" in proc.stdout
+
+
+def test_checkpoint_list_shows_the_last_loss_logged_before_an_unlogged_step(
+    tiny_corpus: dict, tmp_path: Path
+) -> None:
+    from pretrain.checkpoint import describe
+
+    run = tmp_path / "run"
+    records = train(tiny_corpus, run, "trainer.max_steps=4", "trainer.log_every=2",
+                    "trainer.save_every=3", "trainer.eval_every=0")  # fmt: skip
+    loss = {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+    assert sorted(loss) == [2, 4]  # step 3 is saved but not logged
+    lines = describe(run)
+    assert [line.split("  train loss ")[1] for line in lines] == [
+        f"{loss[2]:>8.4g}  (logged at step 2)",
+        f"{loss[4]:>8.4g}  (latest)",
+    ]
