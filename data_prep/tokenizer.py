@@ -213,6 +213,11 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
 
+    @property
+    def pieces(self) -> list[str]:
+        """The vocabulary, id by id."""
+        return [self.sp.id_to_piece(i) for i in range(self.vocab_size)]
+
     def __repr__(self) -> str:
         return (
             f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, "

@@ -401,8 +401,9 @@ def _free_name(path: Path) -> Path:
 
 def describe(run_dir: str | Path) -> list[str]:
     """A line per checkpoint directory of a run, oldest first: its step, tokens seen, the train
-    loss logged at that step (or the last before it), and whether it is the latest or set aside; for choosing where to
-    rewind to. Reads no weights and hashes nothing (rewind verifies the one chosen)."""
+    loss logged at that step (or the last before it), and whether it is the latest or set
+    aside; for choosing where to rewind to. Reads no weights and hashes nothing (rewind
+    verifies the one chosen)."""
     run, root = _run_and_root(run_dir)
     dirs = [  # (step, dir): step_X, step_X.abandoned, step_X.2.abandoned, step_X.damaged
         (step_of(d.name.split(".")[0]), d)

@@ -261,21 +261,16 @@ class Config:
             from data_prep.tokenizer import HF_TOKENIZER_FILE, MODEL_FILE, no_spm_model_hint
 
             tokenizer = Path(d.tokenizer).expanduser()
-            if (tokenizer / HF_TOKENIZER_FILE).is_file() and not (tokenizer / MODEL_FILE).is_file():
-                raise ConfigError(
-                    f"data.tokenizer={d.tokenizer}: no {MODEL_FILE} there; "
-                    f"{no_spm_model_hint(tokenizer)}"
-                )
             if not (tokenizer / MODEL_FILE).is_file():
                 problem = f"no {MODEL_FILE} there" if tokenizer.is_dir() else "no such directory"
                 if tokenizer.is_file():
                     problem = "a file, not the tokenizer directory"
                     if (tokenizer.parent / MODEL_FILE).is_file():
                         problem += f" (data.tokenizer={Path(d.tokenizer).parent} holds it)"
-                raise ConfigError(
-                    f"data.tokenizer={d.tokenizer}: {problem}; pass the directory that "
-                    "`python -m data_prep.tokenizer --out DIR` wrote"
-                )
+                hint = "pass the directory that `python -m data_prep.tokenizer --out DIR` wrote"
+                if (tokenizer / HF_TOKENIZER_FILE).is_file():  # a checkpoint transformers saved
+                    hint = no_spm_model_hint(tokenizer)
+                raise ConfigError(f"data.tokenizer={d.tokenizer}: {problem}; {hint}")
         weighted = [s.weight is not None for s in d.sources]
         if any(weighted) and not all(weighted):
             raise ConfigError("data.sources: give a weight to every source or to none")

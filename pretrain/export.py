@@ -244,7 +244,12 @@ def _write_model_dir(
 
 def check_tokenizer_dir(tokenizer_dir: str | Path, vocab_size: int) -> Path:
     """The tokenizer directory, checked: HF files present, every id has an embedding row."""
-    from data_prep.tokenizer import REQUIRED_FILES, TokenizerError, load_tokenizer
+    from data_prep.tokenizer import (
+        HF_TOKENIZER_FILE,
+        REQUIRED_FILES,
+        TokenizerError,
+        load_tokenizer,
+    )
 
     d = Path(tokenizer_dir).expanduser()
     missing = [n for n in REQUIRED_FILES if not (d / n).is_file()]
@@ -263,9 +268,9 @@ def check_tokenizer_dir(tokenizer_dir: str | Path, vocab_size: int) -> Path:
             "not the tokenizer this model was trained with"
         )
     pieces = _tokenizer_json_pieces(d)
-    if pieces is not None and pieces != [tok.id_to_piece(i) for i in range(tok.vocab_size)]:
+    if pieces is not None and pieces != tok.pieces:
         raise ExportError(
-            f"{d / 'tokenizer.json'} does not hold the vocabulary of {tok.path}, and transformers "
+            f"{d / HF_TOKENIZER_FILE} does not hold the vocabulary of {tok.path}, and transformers "
             "loads tokenizer.json first: the export would tokenize otherwise than training did; "
             "delete it (transformers builds it again from spm.model)"
         )
@@ -544,29 +549,34 @@ def check_init_tokenizer(hf_dir: str | Path, tokenizer_dir: str | Path | None) -
     """Refuse to continue pretraining a checkpoint on another tokenizer's ids: compared with the
     checkpoint's spm.model, or, where transformers 5 saved only its tokenizer.json, with that
     file's vocabulary, piece by piece. Returns a warning when the checkpoint has neither."""
-    from data_prep.tokenizer import EXTENSION_FILE, MODEL_FILE, load_tokenizer, sha256_file
+    from data_prep.tokenizer import (
+        EXTENSION_FILE,
+        HF_TOKENIZER_FILE,
+        MODEL_FILE,
+        load_tokenizer,
+        sha256_file,
+    )
 
     hf = Path(hf_dir).expanduser()
-    if tokenizer_dir is None or not (Path(tokenizer_dir).expanduser() / MODEL_FILE).is_file():
+    tok_dir = Path(tokenizer_dir).expanduser() if tokenizer_dir is not None else None
+    if tok_dir is None or not (tok_dir / MODEL_FILE).is_file():
         return None  # data.tokenizer's own checks speak for it
-    ours = Path(tokenizer_dir).expanduser() / MODEL_FILE
     their_sha = None
     if (hf / MODEL_FILE).is_file():
         their_sha = sha256_file(hf / MODEL_FILE)
-        if sha256_file(ours) == their_sha:
+        if sha256_file(tok_dir / MODEL_FILE) == their_sha:
             return None
     else:
         pieces = _tokenizer_json_pieces(hf)
         if pieces is None:
             return (
-                f"warning: {hf_dir} holds no tokenizer ({MODEL_FILE} or tokenizer.json), so "
+                f"warning: {hf_dir} holds no tokenizer ({MODEL_FILE} or {HF_TOKENIZER_FILE}), so "
                 f"data.tokenizer={tokenizer_dir} cannot be checked against it: its embeddings "
                 "are indexed by the ids of the tokenizer it was trained with"
             )
-        tok = load_tokenizer(Path(tokenizer_dir).expanduser())
-        if pieces == [tok.id_to_piece(i) for i in range(tok.vocab_size)]:
+        if pieces == load_tokenizer(tok_dir).pieces:
             return None
-    extension = Path(tokenizer_dir).expanduser() / EXTENSION_FILE
+    extension = tok_dir / EXTENSION_FILE
     info = json.loads(extension.read_text()) if extension.is_file() else {}
     if their_sha is not None and info.get("old_sha256") == their_sha:  # model not grown yet
         export_dir = Path(hf_dir).parent
@@ -588,7 +598,9 @@ def check_init_tokenizer(hf_dir: str | Path, tokenizer_dir: str | Path | None) -
 def _tokenizer_json_pieces(hf_dir: Path) -> list[str] | None:
     """The pieces of a transformers tokenizer.json's Unigram model (what transformers makes of
     a DeBERTa-v2 SentencePiece model), id by id; None where there is no such file."""
-    path = hf_dir / "tokenizer.json"
+    from data_prep.tokenizer import HF_TOKENIZER_FILE
+
+    path = hf_dir / HF_TOKENIZER_FILE
     try:
         model = json.loads(path.read_text())["model"]
         return [str(entry[0]) for entry in model["vocab"]] if model["type"] == "Unigram" else None

@@ -305,19 +305,16 @@ class Trainer:
         # Values a resume applies from its next step: optim by Engine.load (the checkpoint's
         # optimizer keeps its moments, not its settings), rtd and masking as read each step,
         # the global batch by the engine, built for this run's.
-        retuned = [
-            (
-                f"{section}.{k}={was[section][k]} (now {v})",
-                f"{section}.{k} {was[section][k]} -> {v}",
-            )
+        retuned = {  # key: (old value, new value)
+            f"{section}.{k}": (was[section][k], v)
             for section, keys in RETUNED_ON_RESUME.items()
             for k, v in ours[section].items()
             if (keys is None or k in keys) and k in was.get(section, {}) and was[section][k] != v
-        ]
-        moved = [old for old, _ in retuned]
+        }
+        moved = [f"{key}={old} (now {new})" for key, (old, new) in retuned.items()]
         for key in self.swept if self.sweep_job else ():
             before, now = _lookup(was, key), _lookup(ours, key)
-            if before != now and not any(m.startswith(f"{key}=") for m in moved):
+            if before != now and key not in retuned:
                 scalar = not isinstance(now, dict)
                 moved.append(f"{key}={before} (now {now})" if scalar else f"other {key} settings")
         if moved and self.sweep_job:
@@ -327,7 +324,8 @@ class Trainer:
                 "new values another hydra.sweep.dir"
             )
         if retuned:
-            self._resume_notes.append(f"changed on resume: {', '.join(c for _, c in retuned)}")
+            named = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in retuned.items())
+            self._resume_notes.append(f"changed on resume: {named}")
         if self.saved_world_size == self.world.world_size:
             rank_state = self.checkpointer.load(self.engine, tag, self.engine_tag)
             self._load_data_state(rank_state["data"])
@@ -795,9 +793,9 @@ class Trainer:
             torch.distributed.all_reduce(answers)
         unigram = float(answers.max() / answers.sum().clamp(min=1))
         # AUC ranks every held-out position against every other: gathered, not averaged.
-        scores_all = _all_gather_cat(torch.cat(scores), self.world)
-        labels_all = _all_gather_cat(torch.cat(labels).to(torch.uint8), self.world).bool()
-        auc = binary_auc(scores_all, labels_all)
+        pairs = torch.stack([torch.cat(scores), torch.cat(labels).float()], dim=1)
+        gathered = _all_gather_rows(pairs, self.world)
+        auc = binary_auc(gathered[:, 0], gathered[:, 1].bool())
         return {
             "step": self.step,
             "split": "valid",
@@ -910,16 +908,16 @@ def _all_reduce_mean(
     return {k: t[i].item() / (1 if k in sum_keys else world.world_size) for i, k in enumerate(keys)}
 
 
-def _all_gather_cat(tensor: torch.Tensor, world: World) -> torch.Tensor:
-    """Every rank's 1-D `tensor` (their lengths may differ), concatenated in rank order."""
+def _all_gather_rows(tensor: torch.Tensor, world: World) -> torch.Tensor:
+    """Every rank's rows of `tensor` (their numbers may differ), concatenated in rank order."""
     if world.world_size == 1:
         return tensor
-    n = torch.tensor([tensor.numel()], dtype=torch.int64, device=world.device)
+    n = torch.tensor([len(tensor)], dtype=torch.int64, device=world.device)
     sizes = [torch.zeros_like(n) for _ in range(world.world_size)]
     torch.distributed.all_gather(sizes, n)
     lengths = [int(x) for x in sizes]
-    padded = torch.zeros(max(lengths), dtype=tensor.dtype, device=world.device)
-    padded[: tensor.numel()] = tensor.to(world.device)
+    padded = tensor.new_zeros((max(lengths), *tensor.shape[1:]), device=world.device)
+    padded[: len(tensor)] = tensor.to(world.device)
     parts = [torch.empty_like(padded) for _ in lengths]
     torch.distributed.all_gather(parts, padded)
     return torch.cat([p[:k] for p, k in zip(parts, lengths, strict=True)]).cpu()

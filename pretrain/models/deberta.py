@@ -104,8 +104,8 @@ class DebertaConfig:
                 f"model.hidden_size ({self.hidden_size}) must be a multiple of "
                 f"model.num_attention_heads ({self.num_attention_heads})"
             )
-        heads_width = (self.attention_head_size or 0) * self.num_attention_heads
-        if self.attention_head_size is not None and heads_width != self.hidden_size:
+        head_size = self.attention_head_size
+        if head_size is not None and head_size * self.num_attention_heads != self.hidden_size:
             # transformers' DebertaV2 maps the heads' output back with a hidden x hidden layer:
             # another width would train here and export a checkpoint it cannot load.
             raise ValueError(
