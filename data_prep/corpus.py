@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from collections import deque
@@ -36,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
+from data_prep.progress import progress as progress_of
 from data_prep.shards import (
     FORMAT,
     FORMAT_VERSION,
@@ -54,8 +55,10 @@ from data_prep.sources import (
     ReadStats,
     add_input_arguments,
     clean_text,
+    exit_interrupted,
     file_warnings,
     iter_documents,
+    sigint_set_to,
 )
 from data_prep.tokenizer import (
     MODEL_FILE,
@@ -201,7 +204,9 @@ def _ordered_results(
         return
     # spawn: a clean interpreter per worker, safe whatever threads the parent has started.
     ctx = get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok.path), tok.sha256)) as pool:
+    with sigint_set_to(signal.SIG_IGN):
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok.path), tok.sha256))
+    with pool:
         pending: deque = deque()
         for batch in batches:
             pending.append(pool.apply_async(process_batch, (batch, dtype.str)))
@@ -253,7 +258,7 @@ def prepare_corpus(
     writers = {s: _SplitWriter(out, s, dtype, shard_tokens) for s in SPLITS}
     seen: set[bytes] = set()
     empty = duplicate = unknown = 0
-    bar = tqdm(desc="tokenizing", unit="doc", disable=None if progress else True)
+    bar = progress_of("tokenizing", "document", enabled=progress)
     try:
         for results in _ordered_results(_batched(chained, BATCH_DOCS), dtype, tok, workers):
             for digest, ids in results:
@@ -266,9 +271,12 @@ def prepare_corpus(
                     unknown += int(np.count_nonzero(ids == UNK_ID))
                     writers["valid" if is_valid(digest, valid_fraction) else "train"].add(ids)
             bar.update(len(results))
-    finally:
+    except BaseException:  # interrupted or failed: leave no half corpus (the old one stands)
         bar.close()
-        split_entries = {s: w.close() for s, w in writers.items()}
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    bar.close()
+    split_entries = {s: w.close() for s, w in writers.items()}
 
     kept = sum(e["num_docs"] for e in split_entries.values())
     if kept == 0:  # publishing nothing would replace a good corpus at out_dir with an empty one
@@ -392,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"error: {exc}") from None
     except OSError as exc:
         raise SystemExit(f"error: {exc.strerror or exc} ({exc.filename or args.out})") from None
+    except KeyboardInterrupt:
+        exit_interrupted(f"{args.out} is as it was; the same command starts over")
     seconds = time.perf_counter() - start
     d, sp = m["dropped"], m["splits"]
     for line in file_warnings(

@@ -47,6 +47,7 @@ import importlib.metadata as md
 import json
 import os
 import re
+import signal
 import sys
 import sysconfig
 import time
@@ -56,9 +57,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from tqdm import tqdm
-
-from data_prep.sources import InputError
+from data_prep.progress import progress as progress_of
+from data_prep.sources import InputError, exit_interrupted, sigint_set_to
 
 # The project's own runtime requirements, used when `pretrain` itself is not installed (running
 # from a source checkout). Kept in step with pyproject.toml's `dependencies`.
@@ -470,8 +470,9 @@ def build_default_corpus(
 
     # spawn: workers import only this light module, and the parent's threads (tqdm's monitor,
     # torch's pools when called from a test) cannot leave a forked child holding a lock.
-    pool = get_context("spawn").Pool(workers) if workers > 1 else None
-    bar = tqdm(total=n_files, unit="file", desc="docstrings", disable=None if progress else True)
+    with sigint_set_to(signal.SIG_IGN):
+        pool = get_context("spawn").Pool(workers) if workers > 1 else None
+    bar = progress_of("docstrings", "file", total=n_files, enabled=progress)
     try:
         going = True
         for stats, files, extra in streams:
@@ -596,6 +597,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"error: {exc}") from None
     except OSError as exc:
         raise SystemExit(f"error: cannot write the corpus to {args.out}: {exc}") from None
+    except KeyboardInterrupt:
+        exit_interrupted(f"the corpus in {args.out} is incomplete; the same command starts over")
     print(
         f"wrote {report.documents} documents, {report.megabytes:.2f} MB of text in "
         f"{len(report.shards)} shard(s) to {args.out} from {len(report.sources)} sources "

@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_prep.sources import InputError, add_doc_unit_arguments
+from data_prep.sources import InputError, add_doc_unit_arguments, exit_interrupted
 from data_prep.tokenizer import (
+    DEFAULT_MAX_CHARS,
     EXTENSION_FILE,
     MODEL_FILE,
     SPECIAL_TOKENS_FILE,
@@ -100,6 +101,7 @@ def extend_tokenizer(
     *,
     train_vocab_size: int | None = None,
     max_sentences: int | None = 2_000_000,
+    max_chars: int | None = DEFAULT_MAX_CHARS,
     text_field: str = "text",
     doc_unit: str = "block",
     num_threads: int = 2,
@@ -139,6 +141,7 @@ def extend_tokenizer(
                 character_coverage=spec.character_coverage or 0.9995,
                 byte_fallback=spec.byte_fallback,
                 max_sentences=max_sentences,
+                max_chars=max_chars,
                 text_field=text_field,
                 doc_unit=doc_unit,
                 num_threads=num_threads,
@@ -225,6 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--text-field", default="text", help="jsonl/parquet text field")
     add_doc_unit_arguments(parser)
     parser.add_argument("--max-sentences", type=int, default=2_000_000, help="0: all lines")
+    parser.add_argument(
+        "--max-chars", type=int, default=DEFAULT_MAX_CHARS,
+        help="and at most this many characters (0: all; default 100,000,000: about 2.5 GB)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="SentencePiece trainer threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -251,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.out,
                 train_vocab_size=args.train_vocab_size,
                 max_sentences=args.max_sentences or None,
+                max_chars=args.max_chars or None,
                 text_field=args.text_field,
                 doc_unit=args.doc_unit,
                 num_threads=args.threads,
@@ -259,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     except (InputError, TokenizerError) as exc:
         raise SystemExit(f"error: {exc}") from None
+    except KeyboardInterrupt:
+        exit_interrupted(f"nothing written to {args.out}; the same command starts over")
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     first = ", ".join(p for _, p, _ in result.added[:8])

@@ -17,13 +17,18 @@ import gzip
 import io
 import itertools
 import json
+import os
 import re
+import signal
+import sys
+import threading
 import unicodedata
 import zlib
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 
 class InputError(ValueError):
@@ -115,6 +120,31 @@ def clean_text(text: str) -> str:
     return text.strip(WHITESPACE_CHARS)
 
 
+def exit_interrupted(outcome: str) -> NoReturn:
+    """Ctrl-C in a data_prep command: one line saying what was left, exit status 130 (a
+    shell's for SIGINT), not a KeyboardInterrupt traceback."""
+    print(f"interrupted: {outcome}", file=sys.stderr)
+    raise SystemExit(130)
+
+
+@contextmanager
+def sigint_set_to(handler: Any) -> Iterator[None]:
+    """SIGINT's handler inside the block (the main thread's only; elsewhere left as it is).
+    - SIG_IGN, around starting pool workers: they ignore it from birth (an ignored signal
+      stays ignored across exec, and Python leaves it so). Ctrl-C reaches the whole process
+      group; the parent alone handles it and stops the pool, and no worker prints a traceback.
+    - SIG_DFL, around minutes in C++ that run no Python signal handler: Ctrl-C stops the
+      process at once instead of when the call returns."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     """Files named by `inputs`: directories walked recursively in sorted order, skipping hidden
     files and our own metadata (OWN_METADATA); files named explicitly are always kept."""
@@ -126,17 +156,28 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
         if not path.exists():
             raise InputError(f"input not found: {path} (check the path passed to --input)")
         if path.is_dir():
-            found = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file()
-                and p.name not in OWN_METADATA
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-            files.extend(found)
+            files.extend(sorted(_walk(path)))
         else:
             files.append(path)
     return files
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    """The files below `root`, through symlinked folders too (a corpus assembled from links
+    is common), each folder once: a link back up the tree or a second link to a folder
+    already read is not followed again. Hidden files and folders and OWN_METADATA are left."""
+    seen: set[str] = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))  # a fixed order
+        for name in names:
+            p = Path(folder, name)
+            if not name.startswith(".") and name not in OWN_METADATA and p.is_file():
+                yield p
 
 
 def _open_binary(path: Path) -> IO[bytes]:

@@ -47,11 +47,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import heapq
 import io
 import json
 import random
 import re
 import shutil
+import signal
 import sys
 import time
 import unicodedata
@@ -59,11 +61,12 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
-from tqdm import tqdm
 
+from data_prep.progress import progress as progress_of
 from data_prep.sources import (
     WHITESPACE_CHARS,
     WHITESPACE_RUN,
@@ -71,7 +74,9 @@ from data_prep.sources import (
     ReadStats,
     add_input_arguments,
     clean_text,
+    exit_interrupted,
     iter_documents,
+    sigint_set_to,
 )
 
 MODEL_FILE = "spm.model"
@@ -92,6 +97,8 @@ WORD_START = "\u2581"  # SentencePiece's "▁", marking a piece that begins a wo
 
 # SentencePiece rejects longer "sentences"; long lines are cut at spaces below this size.
 _MAX_SENTENCE_CHARS = 4000
+# The training sample's default bound in characters: SentencePiece then peaks near 2.5 GB.
+DEFAULT_MAX_CHARS = 100_000_000
 
 
 class TokenizerError(ValueError):
@@ -269,41 +276,70 @@ class TrainResult:
     tokenizer: Tokenizer
     sentences: int
     sentences_seen: int
+    chars: int  # characters trained on
     seconds: float
     read_stats: ReadStats
 
 
 def _sentences(doc: str) -> Iterator[str]:
-    """Training sentences of one raw document: its cleaned lines, long ones cut at spaces."""
+    """Training sentences of one raw document: its cleaned lines, long ones cut at spaces.
+    Linear in the line's length: a 50 MB line with no newline is cut in a second (copying the
+    rest of the line at each cut took minutes)."""
     for line in doc.splitlines():
         line = clean_text(line)
-        while len(line) > _MAX_SENTENCE_CHARS:
-            cut = line.rfind(" ", 0, _MAX_SENTENCE_CHARS)
-            cut = cut if cut > 0 else _MAX_SENTENCE_CHARS
-            yield line[:cut]
-            line = line[cut:].lstrip()
-        if line:
-            yield line
+        start, end = 0, len(line)
+        while end - start > _MAX_SENTENCE_CHARS:
+            cut = line.rfind(" ", start, start + _MAX_SENTENCE_CHARS)
+            cut = cut if cut > start else start + _MAX_SENTENCE_CHARS
+            yield line[start:cut]
+            start = cut
+            while start < end and line[start].isspace():
+                start += 1
+        if start < end:
+            yield line[start:]
 
 
-def _sample(sentences: Iterator[str], limit: int | None, seed: int) -> tuple[list[str], int]:
-    """Keep at most `limit` sentences: a seeded reservoir sample, in input order."""
-    if limit is None:
-        kept = list(sentences)
-        return kept, len(kept)
+@dataclass
+class Sample:
+    sentences: list[str]
+    seen: int  # sentences offered
+    chars: int  # characters kept
+
+
+def _counted(docs: Iterator[str], bar: Any) -> Iterator[str]:
+    for doc in docs:
+        bar.update(1)
+        yield doc
+    bar.close()
+
+
+def _sample(
+    sentences: Iterable[str], limit: int | None, max_chars: int | None, seed: int
+) -> Sample:
+    """Keep at most `limit` sentences and `max_chars` characters (None: no bound), a seeded
+    uniform sample in input order: each sentence draws a random key, and the lowest keys that
+    fit both bounds are kept. SentencePiece's memory grows with the characters it is given
+    (about 20 bytes each), so a bound in sentences alone lets long lines take all the RAM."""
     rng = random.Random(seed)
-    reservoir: list[tuple[int, str]] = []
-    seen = 0
+    heap: list[tuple[float, int, str]] = []  # (-key, index, sentence): the highest key on top
+    chars = seen = 0
     for i, s in enumerate(sentences):
         seen += 1
-        if i < limit:
-            reservoir.append((i, s))
-        else:
-            j = rng.randrange(i + 1)
-            if j < limit:
-                reservoir[j] = (i, s)
-    reservoir.sort()
-    return [s for _, s in reservoir], seen
+        key = rng.random()
+        full = (limit is not None and len(heap) >= limit) or (
+            max_chars is not None and chars + len(s) > max_chars
+        )
+        if full and heap and key >= -heap[0][0]:
+            continue  # it would be the first to go
+        heapq.heappush(heap, (-key, i, s))
+        chars += len(s)
+        while heap and (
+            (limit is not None and len(heap) > limit)
+            or (max_chars is not None and chars > max_chars)
+        ):
+            chars -= len(heapq.heappop(heap)[2])
+    heap.sort(key=lambda entry: entry[1])
+    return Sample([s for _, _, s in heap], seen, chars)
 
 
 def hf_compatibility_warnings(model_type: str, byte_fallback: bool) -> list[str]:
@@ -330,6 +366,7 @@ def train_tokenizer(
     character_coverage: float = 0.9995,
     byte_fallback: bool = False,
     max_sentences: int | None = 2_000_000,
+    max_chars: int | None = DEFAULT_MAX_CHARS,
     dataset: str | None = None,
     split: str = "train",
     text_field: str = "text",
@@ -359,38 +396,45 @@ def train_tokenizer(
         dataset=dataset,
         split=split,
     )
-    docs = tqdm(docs, desc="reading", unit="doc", disable=None if progress else True)
-    sentences, seen = _sample((s for d in docs for s in _sentences(d)), max_sentences, seed)
+    docs = _counted(docs, progress_of("reading", "document", enabled=progress))
+    sample = _sample((s for d in docs for s in _sentences(d)), max_sentences, max_chars, seed)
+    sentences, seen = sample.sentences, sample.seen
     if not sentences:
         raise InputError("the inputs hold no text to train on (all files empty, binary or skipped)")
+    if progress:  # the long, silent part
+        print(
+            f"training SentencePiece on {len(sentences):,} lines ({sample.chars:,} characters)",
+            file=sys.stderr,
+        )
 
     out = Path(out_dir)
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
     try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences),
-            model_writer=model,
-            model_type=model_type,
-            vocab_size=vocab_size,
-            character_coverage=character_coverage,
-            byte_fallback=byte_fallback,
-            pad_id=PAD_ID,
-            bos_id=CLS_ID,
-            eos_id=SEP_ID,
-            unk_id=UNK_ID,
-            pad_piece=PAD,
-            bos_piece=CLS,
-            eos_piece=SEP,
-            unk_piece=UNK,
-            control_symbols=[MASK],
-            # transformers ignores the model's normaliser (see the module docstring); the
-            # identity rule makes SentencePiece add nothing to what Tokenizer.encode does.
-            normalization_rule_name="identity",
-            max_sentence_length=4 * _MAX_SENTENCE_CHARS + 16,
-            num_threads=num_threads,
-            minloglevel=2,
-        )
+        with sigint_set_to(signal.SIG_DFL):  # nothing is written before training ends
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(sentences),
+                model_writer=model,
+                model_type=model_type,
+                vocab_size=vocab_size,
+                character_coverage=character_coverage,
+                byte_fallback=byte_fallback,
+                pad_id=PAD_ID,
+                bos_id=CLS_ID,
+                eos_id=SEP_ID,
+                unk_id=UNK_ID,
+                pad_piece=PAD,
+                bos_piece=CLS,
+                eos_piece=SEP,
+                unk_piece=UNK,
+                control_symbols=[MASK],
+                # transformers ignores the model's normaliser (see the module docstring); the
+                # identity rule makes SentencePiece add nothing to what Tokenizer.encode does.
+                normalization_rule_name="identity",
+                max_sentence_length=4 * _MAX_SENTENCE_CHARS + 16,
+                num_threads=num_threads,
+                minloglevel=2,
+            )
     except RuntimeError as exc:
         raise _training_failure(str(exc), vocab_size) from None
     out.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves no empty --out
@@ -405,7 +449,9 @@ def train_tokenizer(
         "character_coverage": character_coverage,
         "byte_fallback": byte_fallback,
         "max_sentences": max_sentences,
+        "max_chars": max_chars,
         "sentences_used": len(sentences),
+        "chars_used": sample.chars,
         "sentences_seen": seen,
         "seed": seed,
         "num_threads": num_threads,
@@ -418,7 +464,7 @@ def train_tokenizer(
         "sha256": tok.sha256,
     }
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
-    return TrainResult(tok, len(sentences), seen, seconds, stats)
+    return TrainResult(tok, len(sentences), seen, sample.chars, seconds, stats)
 
 
 def _write_hf_files(out: Path, tok: Tokenizer, model_max_length: int) -> None:
@@ -486,7 +532,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--max-sentences",
         type=int,
         default=2_000_000,
-        help="train on a seeded sample of at most this many lines (0: all)",
+        help="train on a seeded sample of at most this many lines (0: no bound; default: "
+        "2,000,000)",
+    )
+    parser.add_argument(
+        "--max-chars",
+        type=int,
+        default=DEFAULT_MAX_CHARS,
+        help="and of at most this many characters: SentencePiece needs about 20 bytes of RAM "
+        "per character it trains on (0: no bound; default: 100,000,000, about 2.5 GB)",
     )
     parser.add_argument("--threads", type=int, default=2, help="SentencePiece trainer threads")
     parser.add_argument("--seed", type=int, default=0, help="seed of the line sample")
@@ -501,6 +555,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give --input FILES_OR_DIRS and/or --dataset NAME_OR_PATH")
     if args.out.exists() and not args.out.is_dir():
         raise SystemExit(f"error: --out {args.out} exists and is not a directory")
+    if args.max_sentences < 0 or args.max_chars < 0:
+        raise SystemExit("error: --max-sentences and --max-chars must be 0 (no bound) or positive")
     if not 0 < args.character_coverage <= 1:
         raise SystemExit("error: --character-coverage must be in (0, 1]")
     for msg in hf_compatibility_warnings(args.model_type, args.byte_fallback):
@@ -516,6 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 character_coverage=args.character_coverage,
                 byte_fallback=args.byte_fallback,
                 max_sentences=args.max_sentences or None,
+                max_chars=args.max_chars or None,
                 dataset=args.dataset,
                 split=args.split,
                 text_field=args.text_field,
@@ -527,13 +584,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     except (InputError, TokenizerError) as exc:
         raise SystemExit(f"error: {exc}") from None
+    except KeyboardInterrupt:
+        exit_interrupted(f"nothing written to {args.out}; the same command starts over")
     s = result.read_stats
     skipped = s.binary_files + s.undecodable_files
     for line in s.warnings():
         print(f"warning: {line}", file=sys.stderr)
     print(
         f"trained {result.tokenizer.vocab_size}-piece {args.model_type} tokenizer on "
-        f"{result.sentences} of {result.sentences_seen} lines from {s.documents} documents "
+        f"{result.sentences} of {result.sentences_seen} lines ({result.chars:,} characters) from "
+        f"{s.documents} documents "
         f"({s.files} file(s) read, {skipped} skipped as binary/undecodable, {s.bad_records} bad "
         f"records) in {result.seconds:.1f} s -> {args.out} (sha256 {result.tokenizer.sha256[:12]})"
     )

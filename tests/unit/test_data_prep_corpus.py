@@ -18,9 +18,10 @@ import pytest
 from data_prep.corpus import TRAINING_PARTITIONS, prepare_corpus
 from data_prep.default_corpus import build_default_corpus
 from data_prep.shards import ShardError, dtype_for_vocab, open_shards
-from data_prep.sources import clean_text
+from data_prep.sources import clean_text, expand_inputs
 from data_prep.tokenizer import load_tokenizer, train_tokenizer
 from pretrain.config import DataConfig
+from tests.unit.test_data_prep_tokenizer import interrupted_while_reading
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -415,3 +416,43 @@ def test_doc_per_file_makes_each_source_file_one_document(tok_dir: Path, tmp_pat
     both = _run("data_prep.corpus", "--input", str(code), "--tokenizer", str(tok_dir), "--out",
                 str(tmp_path / "x"), "--doc-per-file", "--doc-per-line")  # fmt: skip
     assert both.returncode != 0 and "not allowed with argument" in both.stderr
+
+
+def test_input_folders_are_walked_through_symlinked_folders_each_once(tmp_path: Path) -> None:
+    """A corpus assembled from links: linked folders are read (they were skipped without a
+    word), a link back up the tree or a second link to a folder is not read twice, hidden
+    files and folders and our own metadata are left, and the order is fixed."""
+    store, corpus = tmp_path / "store", tmp_path / "corpus"
+    for name in ("legal/a.txt", "legal/deep/b.txt", "news/c.jsonl", ".cache/x.txt"):
+        (store / name).parent.mkdir(parents=True, exist_ok=True)
+        (store / name).write_text("text\n")
+    (corpus / "own" / ".hidden").mkdir(parents=True)
+    (corpus / "own" / "d.txt").write_text("text\n")
+    (corpus / "own" / ".hidden" / "e.txt").write_text("text\n")
+    (corpus / "own" / "manifest.json").write_text("{}")
+    (corpus / "legal").symlink_to(store / "legal")
+    (corpus / "news").symlink_to(store / "news")
+    (corpus / "z_news_again").symlink_to(store / "news")  # the same folder, a second time
+    (corpus / "own" / "up").symlink_to(corpus)  # a cycle
+    (corpus / "c_link.jsonl").symlink_to(store / "news" / "c.jsonl")  # a linked file: kept
+    found = [str(p.relative_to(corpus)) for p in expand_inputs([corpus])]
+    assert found == sorted(found) == [
+        "c_link.jsonl", "legal/a.txt", "legal/deep/b.txt", "news/c.jsonl", "own/d.txt",
+    ]  # fmt: skip
+    assert expand_inputs([corpus]) == expand_inputs([corpus])
+
+
+def test_ctrl_c_with_workers_is_one_line_and_leaves_the_old_corpus(
+    raw_dir: Path, tok_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "corpus"
+    prepare_corpus(out, tok_dir, [raw_dir], progress=False)
+    before = _files(out)
+    rc, err = interrupted_while_reading(
+        tmp_path, "data_prep.corpus", "--tokenizer", str(tok_dir), "--out", str(out),
+        "--workers", "2",
+    )  # fmt: skip
+    assert rc == 130, err
+    assert err.strip() == f"interrupted: {out} is as it was; the same command starts over"
+    assert _files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "stream.txt"]  # no .partial

@@ -7,8 +7,11 @@ The reference is transformers itself: its `DebertaV2Tokenizer` and `AutoTokenize
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +19,15 @@ import pytest
 import sentencepiece as spm
 
 from data_prep.default_corpus import build_default_corpus
+from data_prep.progress import progress
 from data_prep.sources import WHITESPACE_CHARS, InputError, clean_text
 from data_prep.tokenizer import (
+    _MAX_SENTENCE_CHARS,
     MASK_ID,
     SPECIAL_PIECES,
     TokenizerError,
+    _sample,
+    _sentences,
     hf_normalize,
     load_tokenizer,
     train_tokenizer,
@@ -188,6 +195,118 @@ def test_cli_trains(text_dir: Path, tmp_path: Path) -> None:
     assert "trained 400-piece unigram tokenizer" in r.stdout
     for name in ("spm.model", "tokenizer_config.json", "special_tokens.json"):
         assert (tmp_path / name).is_file()
+
+
+def test_a_long_line_is_cut_at_spaces_into_sentences_sentencepiece_accepts() -> None:
+    rng = np.random.default_rng(0)
+    words = ["a" * int(n) for n in rng.integers(1, 30, size=20_000)]
+    words[5_000] = "b" * 9_000  # no space to cut at: cut inside it
+    line = " ".join(words)
+    pieces = list(_sentences(f"short line\n{line}\n"))
+    assert pieces[0] == "short line"
+    assert all(0 < len(p) <= _MAX_SENTENCE_CHARS for p in pieces)
+    assert all(p == p.strip() for p in pieces)
+    assert "".join(pieces[1:]).replace(" ", "") == line.replace(" ", "")  # nothing lost
+
+    def copying_cut(line: str) -> list[str]:  # the earlier cut, which copied the rest each time
+        out = []
+        while len(line) > _MAX_SENTENCE_CHARS:
+            cut = line.rfind(" ", 0, _MAX_SENTENCE_CHARS)
+            cut = cut if cut > 0 else _MAX_SENTENCE_CHARS
+            out.append(line[:cut])
+            line = line[cut:].lstrip()
+        return out + [line] * bool(line)
+
+    assert pieces[1:] == copying_cut(line)
+
+
+def test_the_training_sample_is_bounded_in_lines_and_in_characters() -> None:
+    rng = np.random.default_rng(1)
+    lines = [f"{i} " + "x" * int(n) for i, n in enumerate(rng.choice([10, 1000], size=4000))]
+    total = sum(map(len, lines))
+    everything = _sample(iter(lines), None, None, seed=0)
+    assert everything.sentences == lines and everything.seen == 4000 and everything.chars == total
+    assert _sample(iter(lines), 4000, total, seed=0).sentences == lines  # bounds not reached
+
+    by_chars = _sample(iter(lines), None, total // 4, seed=0)
+    kept = by_chars.sentences
+    assert by_chars.chars == sum(map(len, kept)) <= total // 4
+    assert by_chars.chars > total // 4 - 1100  # filled: no more than one long line short
+    assert [int(s.split()[0]) for s in kept] == sorted(int(s.split()[0]) for s in kept)  # order
+    assert set(kept) <= set(lines) and by_chars.seen == 4000
+    # No bias for short lines: both lengths kept at about the same rate.
+    longs = sum(len(s) > 100 for s in lines)
+    long_rate = sum(len(s) > 100 for s in kept) / longs
+    short_rate = sum(len(s) <= 100 for s in kept) / (len(lines) - longs)
+    assert abs(long_rate - short_rate) < 0.05, (long_rate, short_rate)
+
+    by_lines = _sample(iter(lines), 500, None, seed=0)
+    assert len(by_lines.sentences) == 500
+    assert by_lines.sentences == _sample(iter(lines), 500, None, seed=0).sentences  # seeded
+    assert by_lines.sentences != _sample(iter(lines), 500, None, seed=1).sentences
+    both = _sample(iter(lines), 500, total // 10, seed=0)
+    assert len(both.sentences) <= 500 and both.chars <= total // 10
+
+
+def test_cli_max_chars_bounds_the_sample_and_is_recorded(text_dir: Path, tmp_path: Path) -> None:
+    r = _run(
+        "data_prep.tokenizer", "--input", str(text_dir), "--out", str(tmp_path),
+        "--vocab-size", str(VOCAB), "--max-chars", "100000", "--quiet",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    info = json.loads((tmp_path / "training.json").read_text())
+    assert info["max_chars"] == 100_000 and 99_000 < info["chars_used"] <= 100_000
+    assert info["sentences_used"] < info["sentences_seen"]
+    assert f"({info['chars_used']:,} characters)" in r.stdout
+    bad = _run("data_prep.tokenizer", "--input", str(text_dir), "--out", str(tmp_path / "b"),
+               "--max-chars", "-1")  # fmt: skip
+    assert bad.returncode != 0 and bad.stderr.strip().startswith("error: --max-sentences and")
+
+
+def interrupted_while_reading(tmp_path: Path, module: str, *args: str) -> tuple[int, str]:
+    """Run `python -m module --input FIFO *args`, feed it some text through the FIFO, then
+    press Ctrl-C (SIGINT to its process group, as a terminal does) while it waits for more.
+    Returns the exit status and stderr."""
+    fifo = tmp_path / "stream.txt"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, "--input", str(fifo), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        with open(fifo, "w") as writer:  # open returns once the command opens it to read
+            for i in range(2000):
+                writer.write(f"document {i} says something of its own.\n\n")
+            writer.flush()
+            time.sleep(3)  # the corpus tool starts its workers meanwhile
+            os.killpg(proc.pid, signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, err
+
+
+def test_ctrl_c_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "tok"
+    rc, err = interrupted_while_reading(tmp_path, "data_prep.tokenizer", "--out", str(out))
+    assert rc == 130, err
+    assert err.strip() == f"interrupted: nothing written to {out}; the same command starts over"
+    assert not out.exists()
+
+
+def test_progress_in_a_log_file_is_a_plain_line_now_and_then(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bar = progress("tokenizing", "document", total=5000, every=0.0)  # stderr: not a terminal
+    bar.update(1200)
+    bar.close()
+    line = capsys.readouterr().err
+    assert line.startswith("tokenizing: 1,200 of 5,000 documents, 0 min ") and "\r" not in line
+    quiet = progress("tokenizing", "document", enabled=False, every=0.0)
+    quiet.update(10)
+    quiet.close()
+    assert capsys.readouterr().err == ""
 
 
 # Characters NFKC would fold and transformers' tokenizer does not: ligatures, full-width forms,
