@@ -58,6 +58,9 @@ class SourceConfig:
     text_field: str = "text"
     weight: float | None = None  # sampling weight; give all or none (then data.mixing_alpha)
     num_tokens: int | None = None  # size estimate of a text stream, for temperature mixing
+    # dataset "text" only: a record (a document) per line (datasets' default), per
+    # blank-line-separated paragraph, or per file ("line" | "paragraph" | "document")
+    sample_by: str | None = None
 
 
 @dataclass
@@ -253,6 +256,14 @@ class Config:
                 local = "://" not in pattern  # hf://, s3://... are for datasets to resolve
                 if local and not glob.glob(str(Path(pattern).expanduser()), recursive=True):
                     raise ConfigError(f"{where}.data_files: no file matches {pattern}")
+            if s.sample_by is not None and (
+                s.dataset != "text" or s.sample_by not in ("line", "paragraph", "document")
+            ):
+                raise ConfigError(
+                    f"{where}.sample_by={s.sample_by}: with dataset: text only, and one of line "
+                    "(a document per line), paragraph (per blank-line-separated block), "
+                    "document (per file)"
+                )
             if s.dataset is not None and d.tokenizer is None:
                 raise ConfigError(
                     f"{where}.dataset={s.dataset} is raw text: set data.tokenizer to tokenize it"

@@ -221,6 +221,7 @@ def build_sources(config: Config, is_main: bool, barrier):
                         text_field=e.text_field,
                         name=name,
                         num_tokens=e.num_tokens,
+                        load_kwargs={"sample_by": e.sample_by} if e.sample_by else None,
                     )  # fmt: skip
                 )
     except ValueError as err:  # ShardError / SourceError: one line that says what is wrong

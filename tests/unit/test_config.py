@@ -409,6 +409,20 @@ def test_mixing_by_size_needs_the_size_of_a_streamed_source(tmp_path: Path) -> N
     assert composed(sized, f"data.tokenizer={tok}").data.sources[1].num_tokens == 1000
 
 
+def test_sample_by_is_for_text_sources_only(tiny_corpus: dict, tmp_path: Path) -> None:
+    from pretrain.data.pipeline import build_sources
+
+    tok = tiny_corpus["tokenizer"]
+    (tmp_path / "x.txt").write_text("a\n")
+    text = f"{{dataset: text, data_files: ['{tmp_path}/x.txt'], sample_by: paragraph}}"
+    config = composed(f"data.sources=[{text}]", f"data.tokenizer={tok}")
+    (source,), *_ = build_sources(config, True, lambda: None)
+    assert source.load_kwargs == {"sample_by": "paragraph"}  # what datasets is given
+    for bad in (text.replace("paragraph", "block"), text.replace("dataset: text", "dataset: json")):
+        with pytest.raises(ConfigError, match=r"data.sources\[0\].sample_by=\w+: with dataset"):
+            composed(f"data.sources=[{bad}]", f"data.tokenizer={tok}")
+
+
 def test_data_files_that_match_nothing_are_named(tmp_path: Path) -> None:
     tok = tmp_path / "tok"
     tok.mkdir()

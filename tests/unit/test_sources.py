@@ -274,6 +274,12 @@ def test_text_source_reads_text_and_parquet(tmp_path: Path) -> None:
     src = TextSource("text", data_files=[str(tmp_path / "a.txt")], tokenizer=ByteTokenizer())
     got = list(src.texts(seed=0, epoch=0, num_partitions=1, partition=0))
     assert sorted(got) == ["", "alpha", "beta", "gamma"]
+    paragraphs = TextSource(  # data.sources' sample_by
+        "text", data_files=[str(tmp_path / "a.txt")], tokenizer=ByteTokenizer(),
+        load_kwargs={"sample_by": "paragraph"},
+    )  # fmt: skip
+    got = list(paragraphs.texts(seed=0, epoch=0, num_partitions=1, partition=0))
+    assert sorted(got) == ["alpha\nbeta", "gamma\n"]  # raw; cleaned when tokenized
 
     import pyarrow as pa
     import pyarrow.parquet as pq
