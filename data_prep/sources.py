@@ -13,6 +13,7 @@ and counted in `ReadStats`, never fatal, because real crawls always contain a fe
 from __future__ import annotations
 
 import codecs
+import glob
 import gzip
 import io
 import itertools
@@ -193,6 +194,21 @@ def _base_suffix(path: Path) -> str:
     if suffixes and suffixes[-1] == ".gz":
         suffixes = suffixes[:-1]
     return suffixes[-1] if suffixes else ""
+
+
+def first_undecodable(patterns: Sequence[str]) -> str | None:
+    """The first local file matched by `patterns` (globs, in sorted order) that is not clean
+    UTF-8, as "PATH (why)"; None when all are. For an error message that must name the file
+    (datasets' own names none); a read of every file up to it."""
+    for pattern in patterns:
+        if "://" in pattern:
+            continue
+        for name in sorted(glob.glob(os.path.expanduser(pattern), recursive=True)):
+            stats = ReadStats()
+            if Path(name).is_file() and _check_utf8_text(Path(name), stats) != "strict":
+                why = stats.repaired_files or ["binary, or not UTF-8"]
+                return why[0] if stats.repaired_files else f"{name} ({why[0]})"
+    return None
 
 
 def _check_utf8_text(path: Path, stats: ReadStats) -> str | None:

@@ -34,7 +34,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from data_prep.shards import ShardError, ShardSet, open_shards
-from data_prep.sources import clean_text
+from data_prep.sources import clean_text, first_undecodable
 from pretrain.data.packing import SpecialTokens
 
 ShardBy = Literal["records", "files"]
@@ -353,9 +353,16 @@ class TextSource:
         except (UnicodeDecodeError, ArrowInvalid) as e:  # past the heads open_dataset checked
             files = "" if self.data_files is None else f" (data_files={self.data_files!r})"
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            bad = None
+            if isinstance(e, UnicodeDecodeError) and self.data_files is not None:
+                bad = first_undecodable(self.data_files)  # datasets names no file
             raise SourceError(
                 f"cannot read {self.path!r}{files}: {type(e).__name__}: {first}; "
-                "fix or remove the bad file"
+                + (
+                    f"the bad file: {bad}; fix or remove it"
+                    if bad
+                    else "fix or remove the bad file"
+                )
             ) from None
 
     def _records(self, num_partitions: int, partition: int) -> Iterator[str]:

@@ -347,3 +347,13 @@ def test_text_source_bad_data_past_the_checked_head_is_one_line(tmp_path: Path) 
         ) as err:
             list(src.texts(seed=0, epoch=0, num_partitions=1, partition=0))
         assert "\n" not in str(err.value)
+    # Through a glob, among good files: datasets names no file, the message does.
+    for good_name in ("a.txt", "c.txt"):
+        (tmp_path / good_name).write_text(good)
+    src = TextSource("text", data_files=[f"{tmp_path}/*.txt"], tokenizer=ByteTokenizer())
+    with pytest.raises(SourceError) as err:
+        list(src.texts(seed=0, epoch=0, num_partitions=1, partition=0))
+    bad_byte = len(good.encode())
+    assert f"the bad file: {tmp_path / 'b.txt'} (2 bytes, first at byte {bad_byte}); fix or " in (
+        str(err.value)
+    )
