@@ -206,8 +206,8 @@ def first_undecodable(patterns: Sequence[str]) -> str | None:
         for name in sorted(glob.glob(os.path.expanduser(pattern), recursive=True)):
             stats = ReadStats()
             if Path(name).is_file() and _check_utf8_text(Path(name), stats) != "strict":
-                why = stats.repaired_files or ["binary, or not UTF-8"]
-                return why[0] if stats.repaired_files else f"{name} ({why[0]})"
+                # "PATH (N bytes, first at byte K)" for a few bad bytes, else the path alone
+                return stats.repaired_files[0] if stats.repaired_files else f"{name} (not UTF-8)"
     return None
 
 
