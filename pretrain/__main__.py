@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -167,6 +168,28 @@ def _drop_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
+def _exit(status: str | int | None) -> NoReturn:
+    """Leave the process with `status` (sys.exit's argument). A process that started a process
+    group runs Python's exit handlers (the group closed, logs flushed, loader workers stopped),
+    then ends with os._exit, skipping C++'s static destructors: gloo's threads outlive
+    destroy_process_group (DeepSpeed keeps references to the groups), and a normal exit raced
+    them, so that now and then a rank of a finished, saved run aborted ("terminate called
+    without an active exception", SIGABRT: exit 134 through torchrun, a failed job to a
+    scheduler)."""
+    engine = sys.modules.get("pretrain.engine")
+    if engine is None or not engine.GROUP_STARTED:
+        sys.exit(status)
+    if status is None or isinstance(status, int):
+        code = status or 0
+    else:  # sys.exit's message
+        print(status, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
     sys.argv = _drop_launcher_args(sys.argv)
     cfg_flag = any(a in ("-c", "--cfg") or a.startswith("--cfg=") for a in sys.argv)
@@ -185,14 +208,18 @@ if __name__ == "__main__":
         sys.exit(f"error: {message}")
     if int(os.environ.get("RANK", "0")) > 0:
         sys.argv.append(RANK_RECORD)
+    status: str | int | None = 0
     try:
         main()
         if FAILED_JOBS:
-            sys.exit(
+            status = (
                 f"error: {len(FAILED_JOBS)} job(s) of the sweep failed; first: {FAILED_JOBS[0]}"
             )
+    except SystemExit as stop:  # a failed job (Hydra's, ours), Ctrl-C, preemption
+        status = stop.code
     except KeyboardInterrupt:  # Ctrl-C before training started (the trainer handles it after)
         # The trainer's QUIT_WITHOUT_SAVING, not imported: it may be what was being imported.
         print("\ninterrupted: quit without saving (the last checkpoint, if any, stays)",
               file=sys.stderr)  # fmt: skip
-        sys.exit(130)
+        status = 130
+    _exit(status)

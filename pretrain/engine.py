@@ -83,6 +83,11 @@ def _drop_expected_warnings(record: logging.LogRecord) -> bool:
 _GROUP_HYPERPARAMETERS = ("initial_lr", "weight_decay", "betas", "eps")
 
 
+# True once this process has started a process group: then it leaves by `pretrain.__main__`'s
+# os._exit (see _exit there).
+GROUP_STARTED = False
+
+
 def close_process_group() -> None:
     """Shut the process group down. A rank that exits with it open can abort at interpreter
     shutdown, its work done and saved: gloo's threads still hold tensors while Python is torn
@@ -94,6 +99,7 @@ def close_process_group() -> None:
 def init_distributed(device: str = "auto") -> World:
     """Start (or join) the process group. Works under torchrun, the deepspeed launcher, SLURM
     via torchrun, or as a plain single process."""
+    global GROUP_STARTED
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -115,6 +121,7 @@ def init_distributed(device: str = "auto") -> World:
         torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
         ds.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
+        GROUP_STARTED = True
         # At exit, not after each run: the jobs of a Hydra sweep share this process and its
         # group (DeepSpeed keeps references to it).
         atexit.register(close_process_group)

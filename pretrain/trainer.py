@@ -429,9 +429,9 @@ class Trainer:
             logger.log(record)
             logger.close(plots=False)
             if self.world.world_size > 1:
-                # Every rank done before any exits: without it, rank 0 of a 2-rank ZeRO-3
-                # evaluation on CPU aborted at exit in 2 runs of 5 (gloo: "terminate called
-                # without an active exception"); a training run ends in the save's collectives.
+                # Every rank done before any exits, as a training run's final save does. (It
+                # made a gloo abort at exit rarer; its cause, C++ teardown racing gloo's
+                # threads, is avoided by pretrain.__main__._exit.)
                 torch.distributed.barrier()
             return [record]
         trace = SampleTrace(c.run_dir, self.world.rank, self.step, c.logging.trace_samples)
