@@ -206,6 +206,7 @@ class Trainer:
         self._save_failures = 0  # in a row
         self._fp16_skipped = 0
         self._stop_signal: int | None = None
+        self._evaluating = False  # in a held-out evaluation between steps (for the Ctrl-C line)
         self._resume_notes: list[str] = []  # lines for the console once the logger exists
         # Whether this launch has written to the run directory: until then, a refusal leaves
         # it as it was (the entry point also removes Hydra's record of the launch).
@@ -462,9 +463,14 @@ class Trainer:
                     logger.advance(self.step, record)
                     history.append(record)
                 if t.eval_every and self.step % t.eval_every == 0 and self.data.valid is not None:
+                    self._evaluating = True
                     record = self.evaluate()
+                    self._evaluating = False
                     logger.log(record)
                     history.append(record)
+                    # A signal during the evaluation: save this step, not after one more. Every
+                    # rank asks, so all agree (one small collective per evaluation).
+                    stop = stop or not _all_true(self._stop_signal is None, self.world)
                 if stop:
                     why = (
                         signal.Signals(self._stop_signal).name  # SIGTERM, not "signal 15"
@@ -832,8 +838,13 @@ class Trainer:
                 os._exit(130)
             self._stop_signal, stopping_since[0] = signum, time.monotonic()
             if signum == signal.SIGINT and self.world.is_main:
+                doing = (
+                    f"the evaluation of step {self.step}"
+                    if self._evaluating
+                    else f"step {self.step + 1}"
+                )
                 _write_stderr(
-                    f"\ninterrupted: finishing step {self.step + 1}, then saving and exiting "
+                    f"\ninterrupted: finishing {doing}, then saving and exiting "
                     "(Ctrl-C again to quit without saving)\n"
                 )
 

@@ -10,6 +10,8 @@ fault would strike, then run the unmodified CLI. `FAULTS` (JSON, in the environm
     {"nan_forward": [N..]}  the N-th training forward of this process (1-based) has a NaN loss
     {"unreadable_batch": N} reading the N-th training batch (1-based) fails with a SourceError
     {"unreadable_valid": N} the same for the N-th held-out batch
+    {"signal_in_valid": [N, "SIGINT"]}  reading the N-th held-out batch, the process gets the
+                            signal: Ctrl-C or a preemption in the middle of an evaluation
     {"rank": R, ...}        only rank R (its RANK variable) suffers the faults
 
 Usage: FAULTS='{"torn_save": 4}' python tests/integration/faulty_run.py [overrides]
@@ -102,6 +104,21 @@ def install(faults: dict) -> None:
                 yield batch
 
         Loader.__iter__ = unreadable  # type: ignore[method-assign]
+
+    if "signal_in_valid" in faults:
+        at, name = int(faults["signal_in_valid"][0]), faults["signal_in_valid"][1]
+        held_out_read = [0]
+        inner_iter = Loader.__iter__
+
+        def signalled(self):
+            for batch in inner_iter(self):
+                if self._plan.packing.remainder == "pad":  # the held-out loader
+                    held_out_read[0] += 1
+                    if held_out_read[0] == at:
+                        os.kill(os.getpid(), getattr(signal, name))
+                yield batch
+
+        Loader.__iter__ = signalled  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

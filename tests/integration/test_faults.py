@@ -264,6 +264,30 @@ def test_a_data_error_on_one_rank_stops_every_rank_with_one_line(
     assert latest(run) == kept and verify(run / "checkpoints" / kept) is None
 
 
+def test_ctrl_c_during_an_evaluation_saves_that_step_on_every_rank(
+    tiny_corpus: dict, tmp_path: Path
+) -> None:
+    """Not one more step after the evaluation: the step evaluated is the one saved, and the
+    rank that was not signalled agrees (rank 0 alone gets the Ctrl-C here)."""
+    from tests.integration.test_bad_input import launch as launch_ranks
+
+    run = tmp_path / "run"
+    # Rank 0 reads held-out batches 1-4 at step 0's evaluation, 5-8 at step 3's.
+    results = launch_ranks(
+        fault_run(tiny_corpus, run, "trainer.eval_every=3", "trainer.save_every=100"),
+        ranks=2,
+        program=(str(FAULTY_RUN),),
+        env={"FAULTS": json.dumps({"signal_in_valid": [6, "SIGINT"], "rank": 0})},
+    )
+    (rc0, out0), (rc1, out1) = results
+    assert (rc0, rc1) == (130, 0), out0[-3000:] + out1[-3000:]
+    assert "interrupted: finishing the evaluation of step 3, then saving and exiting" in out0
+    assert "SIGINT: saving step 3 and exiting" in out0 and "Traceback" not in out0 + out1
+    assert latest(run) == "step_00000003" and verify(run / "checkpoints/step_00000003") is None
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 3  # no step 4 was trained
+
+
 def test_non_finite_losses_are_skipped_with_a_warning_naming_step_and_samples(
     tiny_corpus: dict, reference: Path, tmp_path: Path
 ) -> None:
