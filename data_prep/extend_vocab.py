@@ -230,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-sentences", type=int, default=2_000_000, help="0: all lines")
     parser.add_argument(
         "--max-chars", type=int, default=DEFAULT_MAX_CHARS,
-        help="and at most this many characters (0: all; default 100,000,000: about 2.5 GB)",
+        help="and at most this many characters (0: all; default 100,000,000: about 2 GB)",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="SentencePiece trainer threads")
     parser.add_argument("--seed", type=int, default=0)
