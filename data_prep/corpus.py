@@ -56,6 +56,7 @@ from data_prep.sources import (
     add_input_arguments,
     clean_text,
     exit_interrupted,
+    expand_inputs,
     file_warnings,
     iter_documents,
     sigint_set_to,
@@ -169,6 +170,13 @@ class _SplitWriter:
         }
 
 
+def _earlier_manifest(final: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((final / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _check_replaceable(final: Path) -> None:
     """The finished corpus replaces what is at `--out`: that must be nothing, an empty directory
     or an earlier corpus, never a directory of someone's files."""
@@ -229,8 +237,12 @@ def prepare_corpus(
     workers: int = 1,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     progress: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Prepare shards in `out_dir` and return the manifest (also written as manifest.json)."""
+    """Prepare shards in `out_dir` and return the manifest (also written as manifest.json).
+    When `out_dir` holds a corpus made from the same input files (paths, sizes, modification
+    times), tokenizer and settings, nothing is done unless `force`: its manifest is returned,
+    with "up_to_date": True."""
     if not 0.0 <= valid_fraction < 1.0:
         raise InputError(f"--valid-fraction must be in [0, 1), not {valid_fraction}")
     if shard_tokens <= 0:
@@ -239,6 +251,19 @@ def prepare_corpus(
     _check_replaceable(final)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     dtype = dtype_for_vocab(tok.vocab_size)
+    made_from = None  # a `datasets` input cannot be fingerprinted cheaply: always prepared
+    if dataset is None:
+        made_from = {
+            "format_version": FORMAT_VERSION,
+            "tokenizer_sha256": tok.sha256,
+            "settings": {"text_field": text_field, "documents": doc_unit,
+                         "valid_fraction": valid_fraction, "shard_tokens": shard_tokens},
+            "files": [[str(p), st.st_size, st.st_mtime_ns]
+                      for p in expand_inputs(inputs) for st in [p.stat()]],
+        }  # fmt: skip
+        earlier = _earlier_manifest(final)
+        if not force and earlier is not None and earlier.get("made_from") == made_from:
+            return {**earlier, "up_to_date": True}
     stats = ReadStats()
     docs = iter_documents(
         inputs,
@@ -316,6 +341,7 @@ def prepare_corpus(
         },
         "reader": {"text_field": text_field, "documents": doc_unit},
         "inputs": [str(p) for p in inputs],
+        "made_from": made_from,  # what a rerun compares to be up to date
         "dataset": None if dataset is None else {"name": dataset, "split": split},
         "splits": split_entries,
         "totals": {
@@ -373,6 +399,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--force", action="store_true",
+        help="prepare again even when --out is up to date (the same input files, sizes and "
+        "modification times, tokenizer and settings)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     if not args.input and not args.dataset:
@@ -395,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers,
             shard_tokens=args.shard_tokens,
             progress=not args.quiet,
+            force=args.force,
         )
     except (InputError, TokenizerError, ShardError) as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -403,6 +435,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         exit_interrupted(f"{args.out} is as it was; the same command starts over")
     seconds = time.perf_counter() - start
+    if m.get("up_to_date"):
+        print(
+            f"up to date: {args.out} was prepared from the same {len(m['made_from']['files'])} "
+            "input file(s) (paths, sizes, modification times), tokenizer and settings; nothing "
+            "done (--force prepares it again)"
+        )
+        return 0
     d, sp = m["dropped"], m["splits"]
     for line in file_warnings(
         d["binary_files"], d["undecodable_files"], m["skipped_files"], m["repaired_files"]

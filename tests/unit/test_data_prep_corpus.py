@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -284,8 +286,8 @@ def test_a_failed_rerun_leaves_the_previous_corpus_intact(
         raise OSError("disk full")
 
     monkeypatch.setattr(corpus._SplitWriter, "add", crash)
-    with pytest.raises(OSError, match="disk full"):
-        corpus.prepare_corpus(out, tok_dir, [raw_dir], progress=False)
+    with pytest.raises(OSError, match="disk full"):  # forced: the corpus is up to date
+        corpus.prepare_corpus(out, tok_dir, [raw_dir], progress=False, force=True)
     assert _files(out) == before  # byte for byte, manifest included
 
 
@@ -456,3 +458,30 @@ def test_ctrl_c_with_workers_is_one_line_and_leaves_the_old_corpus(
     assert err.strip() == f"interrupted: {out} is as it was; the same command starts over"
     assert _files(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "stream.txt"]  # no .partial
+
+
+def test_a_rerun_on_an_up_to_date_corpus_does_nothing_unless_forced(
+    raw_dir: Path, tok_dir: Path, tmp_path: Path
+) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "corpus"
+    shutil.copytree(raw_dir, raw)
+    args = ("--input", str(raw), "--tokenizer", str(tok_dir), "--out", str(out), "--quiet")
+    assert _run("data_prep.corpus", *args, "--workers", "1").returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    again = _run("data_prep.corpus", *args, "--workers", "1")
+    assert again.returncode == 0, again.stderr
+    files = len([p for p in raw.rglob("*") if p.is_file()])
+    assert again.stdout.startswith(f"up to date: {out} was prepared from the same {files} input")
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # not rewritten
+    # Another setting, a touched input file, or --force: prepared again.
+    for changed in (
+        ["--valid-fraction", "0.02"],
+        ["--force"],
+    ):
+        r = _run("data_prep.corpus", *args, "--workers", "1", *changed)
+        assert r.returncode == 0 and "documents read" in r.stdout, (changed, r.stdout)
+    assert "up to date" in _run("data_prep.corpus", *args, "--workers", "1").stdout
+    first = sorted(p for p in raw.rglob("*") if p.is_file())[0]
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
+    r = _run("data_prep.corpus", *args, "--workers", "1")
+    assert "documents read" in r.stdout, r.stdout
