@@ -252,21 +252,23 @@ def prepare_corpus(
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     dtype = dtype_for_vocab(tok.vocab_size)
     made_from = None  # a `datasets` input cannot be fingerprinted cheaply: always prepared
+    to_read: Sequence[str | Path] = inputs
     if dataset is None:
+        to_read = expand_inputs(inputs)  # walked once: read below as the files it found
         made_from = {
             "format_version": FORMAT_VERSION,
             "tokenizer_sha256": tok.sha256,
             "settings": {"text_field": text_field, "documents": doc_unit,
                          "valid_fraction": valid_fraction, "shard_tokens": shard_tokens},
             "files": [[str(p), st.st_size, st.st_mtime_ns]
-                      for p in expand_inputs(inputs) for st in [p.stat()]],
+                      for p in to_read for st in [Path(p).stat()]],
         }  # fmt: skip
         earlier = _earlier_manifest(final)
         if not force and earlier is not None and earlier.get("made_from") == made_from:
             return {**earlier, "up_to_date": True}
     stats = ReadStats()
     docs = iter_documents(
-        inputs,
+        to_read,
         stats,
         text_field=text_field,
         doc_unit=doc_unit,
