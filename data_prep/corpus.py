@@ -95,16 +95,13 @@ def process_batch(raw_docs: list[str], dtype_str: str) -> list[Processed]:
     """Clean, hash and tokenize one batch; pure, so any worker gives the same answer."""
     assert _worker_tokenizer is not None
     dtype = np.dtype(dtype_str)
-    texts = [clean_text(d) for d in raw_docs]
-    keep = [t for t in texts if t]
-    encoded = iter(_worker_tokenizer.encode_batch(keep))
     out: list[Processed] = []
-    for text in texts:
+    for text in map(clean_text, raw_docs):
         if not text:
             out.append((None, np.empty(0, dtype=dtype)))
             continue
         digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-        out.append((digest, np.asarray(next(encoded), dtype=dtype)))
+        out.append((digest, _worker_tokenizer.encode_array(text, dtype)))
     return out
 
 

@@ -97,6 +97,11 @@ WORD_START = "\u2581"  # SentencePiece's "▁", marking a piece that begins a wo
 
 # SentencePiece rejects longer "sentences"; long lines are cut at spaces below this size.
 _MAX_SENTENCE_CHARS = 4000
+# SentencePiece's working memory while encoding is about 25 bytes per character (1.15 GB for one
+# 47 MB document), so a longer text is encoded in pieces cut at spaces. The ids are the same: a
+# model trained with split_by_whitespace (checked at load) never makes a piece across a space,
+# and transformers splits at every space before its model.
+ENCODE_CHUNK_CHARS = 1 << 20
 # The training sample's default bound in characters: SentencePiece then peaked at 2.1 GB (32k
 # pieces, measured on 400 MB of jsonl).
 DEFAULT_MAX_CHARS = 100_000_000
@@ -167,6 +172,21 @@ def no_spm_model_hint(directory: Path) -> str:
     return "train one with python -m data_prep.tokenizer"
 
 
+def _pieces_stop_at_spaces(sp: spm.SentencePieceProcessor) -> bool:
+    """Whether the model encodes a text as the concatenation of its words' encodings, each word
+    with its mark: then a text may be encoded in pieces cut at spaces."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]
+    proto.ParseFromString(sp.serialized_model_proto())
+    trainer, normalizer = proto.trainer_spec, proto.normalizer_spec
+    return bool(
+        trainer.split_by_whitespace
+        and not trainer.treat_whitespace_as_suffix
+        and normalizer.add_dummy_prefix
+    )
+
+
 def _model_path(path: str | Path) -> Path:
     p = Path(path)
     return p / MODEL_FILE if p.is_dir() else p
@@ -184,6 +204,7 @@ class Tokenizer:
         self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
         self.sha256 = sha256_file(self.path)
         self.vocab_size: int = self.sp.get_piece_size()
+        self.chunk_chars = ENCODE_CHUNK_CHARS if _pieces_stop_at_spaces(self.sp) else None
         self.pad_id, self.cls_id, self.sep_id, self.unk_id, self.mask_id = (
             PAD_ID,
             CLS_ID,
@@ -210,10 +231,30 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Ids without [CLS]/[SEP] (packing adds those), identical to transformers' ids."""
-        return self.sp.encode(hf_normalize(text))
+        ids: list[int] = []
+        for chunk in self._chunks(hf_normalize(text)):
+            ids.extend(self.sp.encode(chunk))
+        return ids
 
-    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
-        return self.sp.encode([hf_normalize(t) for t in texts], num_threads=num_threads)
+    def encode_array(self, text: str, dtype: Any = np.int64) -> np.ndarray:
+        """`encode` as an array: a long text costs memory for its ids, not for a Python list."""
+        chunks = self._chunks(hf_normalize(text))
+        parts = [np.asarray(self.sp.encode(c), dtype=dtype) for c in chunks]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _chunks(self, text: str) -> Iterator[str]:
+        """`text` (normalised) in pieces of at most chunk_chars, each cut at a space that it
+        drops (SentencePiece puts the word mark back), or past the end of a longer word."""
+        start, size = 0, self.chunk_chars
+        while size is not None and len(text) - start > size:
+            cut = text.rfind(" ", start + 1, start + size + 1)
+            if cut < 0:
+                cut = text.find(" ", start + size + 1)
+                if cut < 0:
+                    break
+            yield text[start:cut]
+            start = cut + 1
+        yield text[start:]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])

@@ -98,8 +98,7 @@ def test_text_never_produces_special_ids(tok_dir: Path) -> None:
     # Literal special-token strings are ordinary text to us (see the module docstring).
     ids = tok.encode("a [MASK] b [CLS] c [SEP] [PAD]")
     assert not set(ids) & {0, 1, 2, 4}
-    batch = tok.encode_batch(STRINGS)
-    assert batch == [tok.encode(s) for s in STRINGS]
+    assert [tok.encode_array(s).tolist() for s in STRINGS] == [tok.encode(s) for s in STRINGS]
 
 
 def test_transformers_tokenizers_give_our_ids(tok_dir: Path) -> None:
@@ -122,6 +121,45 @@ def test_transformers_tokenizers_give_our_ids(tok_dir: Path) -> None:
         s = STRINGS[0]
         assert hf(s)["input_ids"] == [tok.cls_id, *tok.encode(s), tok.sep_id]
         assert hf.decode(tok.encode(s)) == s
+
+
+def _long_text() -> str:
+    """Text of every kind in STRINGS, words longer than the chunks of the test below among
+    them, and leading and trailing whitespace."""
+    rng = np.random.default_rng(0)
+    words = [w for s in STRINGS for w in s.split(" ")] + ["x" * 70, "y" * 130 + "\u00a0z"]
+    return " \t" + " ".join(rng.choice(words, 3000)) + " \n "
+
+
+def test_a_long_text_is_encoded_in_chunks_with_the_same_ids(
+    tok_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    tok = load_tokenizer(tok_dir)
+    text = _long_text()
+    whole = tok.sp.encode(hf_normalize(text))
+    monkeypatch.setattr(tok, "chunk_chars", 64)
+    chunks = list(tok._chunks(hf_normalize(text)))
+    assert len(chunks) > 100  # cut, and cut at spaces: the pieces and the spaces make the text
+    assert " ".join(chunks) == hf_normalize(text)
+    assert all(len(c) <= 64 or " " not in c for c in chunks)
+    assert tok.encode(text) == whole
+    assert tok.encode_array(text, np.uint16).tolist() == whole
+    hf = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
+    assert hf.encode(text, add_special_tokens=False) == whole
+
+
+def test_a_model_whose_pieces_cross_spaces_is_not_chunked(tok_dir: Path, tmp_path: Path) -> None:
+    from sentencepiece import sentencepiece_model_pb2
+
+    assert load_tokenizer(tok_dir).chunk_chars
+    for field in ("split_by_whitespace", "treat_whitespace_as_suffix", "add_dummy_prefix"):
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString((tok_dir / "spm.model").read_bytes())
+        spec = proto.normalizer_spec if field == "add_dummy_prefix" else proto.trainer_spec
+        setattr(spec, field, not getattr(spec, field))
+        (tmp_path / "spm.model").write_bytes(proto.SerializeToString())
+        assert load_tokenizer(tmp_path).chunk_chars is None, field
 
 
 def test_normaliser_matches_transformers(tok_dir: Path) -> None:
