@@ -148,6 +148,7 @@ class MetricsLogger:
                     id=_wandb_id(Path(run_dir)),
                 )
             except Exception as e:  # wandb raises many types (no API key, no network, ...)
+                self._file.close()
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise ConfigError(
                     f"logging.wandb={wandb_mode}: wandb could not start ({first}); run `wandb "

@@ -22,6 +22,7 @@ import dataclasses
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -147,6 +148,15 @@ class Trainer:
                 "trainer.max_steps=0 evaluates the starting model on the held-out split, but "
                 f"the data has none ({WHERE_HELD_OUT})"
             )
+        if (t.eval_every or t.max_steps == 0) and self.data.valid is not None:
+            if short := self.data.valid.short_sources():
+                name, docs = short[0]
+                raise SourceError(
+                    f"the held-out split of source {name!r} has {docs} document(s), fewer than "
+                    f"data.streams={config.data.streams}, and an evaluation reads from every "
+                    "partition: prepare the corpus with a larger --valid-fraction, use fewer "
+                    "data.streams, or set trainer.eval_every=0 (no evaluations)"
+                )
         if config.model.init_from:
             config = self._shape_from_checkpoint(config)
         model_config = self.data.fit_model_config(config.model)
@@ -167,7 +177,7 @@ class Trainer:
                 f"trainer.max_steps=0 evaluates a new run's starting model, but {config.run_dir} "
                 f"holds a run trained to step {step}: to evaluate it, export it (python -m "
                 f"pretrain.export {config.run_dir} OUT) and give model.init_from=OUT to a new "
-                "run (another name= or run_dir=)"
+                "run (another name= or hydra.run.dir=)"
             )
         self.engine_tag = self.resume_tag
         self.saved_world_size = self.world.world_size
@@ -398,21 +408,34 @@ class Trainer:
         last = t.max_steps if until_step is None else min(until_step, t.max_steps)
         resumed = self.resume()
         earlier = None if resumed else self._clear_earlier_run()
+        run_dir = Path(c.run_dir)
+        found = set(run_dir.iterdir()) if run_dir.is_dir() else set()
+        refused: ConfigError | None = None
+        try:
+            logger = MetricsLogger(
+                c.run_dir,
+                enabled=self.world.is_main,
+                total_steps=t.max_steps,
+                start_step=self.step,
+                wandb_mode=c.logging.wandb,
+                project=c.logging.project,
+                run_name=c.name,
+                config=_as_dict(c),
+                progress_bar=c.logging.progress_bar and t.max_steps > 0,
+            )
+        except ConfigError as e:  # wandb could not start: a refused launch, so leave no trace
+            refused = e
+            for path in set(run_dir.iterdir()) - found:  # the new log and wandb's files
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        # Rank 0 alone starts wandb: the others must not go on to wait for it in a collective.
+        if not _all_true(refused is None, self.world):
+            raise refused or ConfigError(
+                f"logging.wandb={c.logging.wandb}: wandb could not start on rank 0"
+            )
         if self.world.is_main and not (resumed and self.step >= last):  # not if nothing to do
             self.wrote_run_dir = True
-            Path(c.run_dir).mkdir(parents=True, exist_ok=True)
-            (Path(c.run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(c)))
-        logger = MetricsLogger(
-            c.run_dir,
-            enabled=self.world.is_main,
-            total_steps=t.max_steps,
-            start_step=self.step,
-            wandb_mode=c.logging.wandb,
-            project=c.logging.project,
-            run_name=c.name,
-            config=_as_dict(c),
-            progress_bar=c.logging.progress_bar and t.max_steps > 0,
-        )
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(c)))
         if resumed:
             logger.write(f"resumed from step {self.step} in {c.run_dir}")
             for line in self._resume_notes:
@@ -538,7 +561,7 @@ class Trainer:
             raise ConfigError(
                 f"trainer.max_steps=0 (evaluation only) in {run}, the directory of an earlier "
                 "run, would clear its metrics.jsonl: give the evaluation a directory of its own "
-                "(another name= or run_dir=)"
+                "(another name= or hydra.run.dir=)"
             )
         if self.world.is_main:
             metrics.unlink(missing_ok=True)

@@ -365,6 +365,17 @@ class Loader(Generic[BatchT]):
         known = [n for n in sizes if n is not None]
         return sum(known) if len(known) == len(sizes) else None
 
+    def short_sources(self) -> list[tuple[str, int]]:
+        """(name, documents) of each source known to hold fewer documents than the loader has
+        partitions: one of its partitions is empty, so reading it would fail (after all the
+        partitions before it) with EmptyPartitionError."""
+        plan = self._plan
+        return [
+            (name, docs)
+            for name, src in zip(plan.names, plan.sources, strict=True)
+            if (docs := getattr(src, "num_docs", None)) is not None and docs < plan.num_partitions
+        ]
+
     def _initial_state(self) -> dict[str, Any]:
         plan = self._plan
         return {

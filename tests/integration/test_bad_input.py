@@ -47,7 +47,13 @@ class Case:
     keeps_dir: bool = False
     # What the other ranks say when one rank's data fails (they name no file of theirs).
     elsewhere: str = ""
+    # Environment variables set for the launch; None removes one.
+    env: tuple[tuple[str, str | None], ...] = ()
 
+
+# No API key anywhere wandb looks (HOME holds its ~/.netrc), so logging.wandb=online fails
+# before it reaches for the network.
+NO_WANDB_KEY = (("WANDB_API_KEY", None), ("WANDB_MODE", None), ("HOME", "<home>"))
 
 CASES = [
     pytest.param(
@@ -124,11 +130,23 @@ CASES = [
     ),
     pytest.param(
         Case(("data.corpus=<small_valid_shards>", "trainer.eval_every=1"),
-             "error: evaluation at step 0, held-out split: source '<small_valid_shards>' has "
-             "no sequence for partition", also="or prepare the corpus with a larger "
-             "--valid-fraction, or set trainer.eval_every=0", ranks=2, keeps_dir=True,
-             elsewhere="error: evaluation at step 0: another rank could not read its data"),
-        id="held-out-split-too-small-for-2-ranks",
+             "error: the held-out split of source '<small_valid_shards>' has 2 document(s), "
+             "fewer than data.streams=8, and an evaluation reads from every partition: prepare "
+             "the corpus with a larger --valid-fraction, use fewer data.streams, or set "
+             "trainer.eval_every=0 (no evaluations)"),
+        id="held-out-split-smaller-than-the-streams",
+    ),
+    pytest.param(
+        Case(("logging.wandb=online",),
+             "error: logging.wandb=online: wandb could not start (", env=NO_WANDB_KEY),
+        id="wandb-without-an-api-key",
+    ),
+    pytest.param(
+        Case(("logging.wandb=online",),
+             "error: logging.wandb=online: wandb could not start (", env=NO_WANDB_KEY, ranks=2,
+             keeps_dir=True,
+             elsewhere="error: logging.wandb=online: wandb could not start on rank 0"),
+        id="wandb-without-an-api-key-on-2-ranks",
     ),
     pytest.param(
         Case(("model.init_from=/nonexistent/hf",),
@@ -219,15 +237,22 @@ def launch(
     ranks: int = 1,
     program: tuple[str, ...] = ("-m", "pretrain"),
     env: dict[str, str] | None = None,
+    unset: tuple[str, ...] = (),
 ) -> list[tuple[int, str]]:
-    """(exit code, stdout + stderr) of each rank of `python -m pretrain` (or `program`). Several
-    ranks get the environment torchrun gives its workers; unlike torchrun, nothing kills a rank
-    when another exits, so every rank has to stop by itself."""
+    """(exit code, stdout + stderr) of each rank of `python -m pretrain` (or `program`), with
+    `env` set and `unset` removed from the environment. Several ranks get the environment
+    torchrun gives its workers; unlike torchrun, nothing kills a rank when another exits, so
+    every rank has to stop by itself."""
     cmd = [sys.executable, *program, *overrides]
+
+    def environment(**world: str) -> dict[str, str]:
+        made = child_env(**world, **(env or {}))
+        return {k: v for k, v in made.items() if k not in unset}
+
     if ranks == 1:
         proc = subprocess.run(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=child_env(**(env or {})), timeout=TIMEOUT,
+            env=environment(), timeout=TIMEOUT,
         )  # fmt: skip
         return [(proc.returncode, proc.stdout)]
     world = {"WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
@@ -237,7 +262,7 @@ def launch(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=child_env(RANK=str(r), LOCAL_RANK=str(r), **world, **(env or {})),
+            env=environment(RANK=str(r), LOCAL_RANK=str(r), **world),
         )
         for r in range(ranks)
     ]
@@ -288,7 +313,7 @@ def inputs(tiny_corpus: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[
     (root / "three.txt").write_text("A first document.\n\nA second one.\n\nAnd a third.\n")
     prepare_corpus(root / "valid_only_shards", tiny_corpus["tokenizer"], [root / "three.txt"],
                    valid_fraction=0.999, progress=False)  # fmt: skip
-    # Held-out text for one rank's streams but not for two ranks' (the held-out split is small).
+    # Two held-out documents, fewer than the 8 streams an evaluation reads from.
     prepare_corpus(root / "small_valid_shards", tiny_corpus["tokenizer"], [root / "three.txt",
                    *json.loads((shards / "manifest.json").read_text())["inputs"]],
                    valid_fraction=0.002, progress=False)  # fmt: skip
@@ -343,7 +368,9 @@ def test_bad_input_fails_at_once_with_one_line_and_no_damage(
     if before is not None:
         assert {"config.yaml", "metrics.jsonl", "checkpoints/latest"} <= set(before)
     overrides = [fill(o, paths) for o in case.overrides]
-    results = launch(tiny_run(tiny_corpus, run, *overrides), case.ranks)
+    env = {k: fill(v, {**paths, "home": tmp_path / "home"}) for k, v in case.env if v is not None}
+    unset = tuple(k for k, v in case.env if v is None)
+    results = launch(tiny_run(tiny_corpus, run, *overrides), case.ranks, env=env, unset=unset)
 
     assert len(results) == case.ranks
     named = 0  # ranks whose line names the problem (the others may say `elsewhere`)

@@ -211,7 +211,7 @@ def test_evaluation_only_measures_an_export_as_its_run_did(
         f"trainer.max_steps=0 evaluates a new run's starting model, but {tmp_path / 'base'} "
         f"holds a run trained to step 2: to evaluate it, export it (python -m pretrain.export "
         f"{tmp_path / 'base'} OUT) and give model.init_from=OUT to a new run (another name= or "
-        "run_dir=)"
+        "hydra.run.dir=)"
     )
     assert (tmp_path / "base/metrics.jsonl").read_bytes() == kept
     # Nor started over there (trainer.resume=false), which would clear the run's metrics.
