@@ -22,6 +22,7 @@ from pretrain.config import (
     swept_keys,
     to_config,
     unknown_override_key,
+    unparsable_config_file,
 )
 from pretrain.data.loader import LoaderStateError
 from pretrain.data.sources import SourceError
@@ -201,7 +202,8 @@ if __name__ == "__main__":
         )
     groups = {p.name for p in CONF.iterdir() if p.is_dir()}
     if message := (
-        unknown_override_key(sys.argv[1:], groups)
+        unparsable_config_file(sys.argv[1:], CONF)
+        or unknown_override_key(sys.argv[1:], groups)
         or bad_override_value(sys.argv[1:], groups)
         or bad_sweep_value(sys.argv[1:], CONF)
     ):

@@ -480,6 +480,43 @@ def swept_keys(overrides: list[str]) -> tuple[str, ...]:
     return tuple(keys)
 
 
+def unparsable_config_file(overrides: list[str], conf_dir: Path) -> str | None:
+    """The first config file of this launch that is not valid YAML, as one line naming the file
+    and the place; None when all parse. Hydra would report it in a traceback of about 90 lines,
+    for a file a user wrote (conf/data/my_mix.yaml) as for ours. The files read: config.yaml,
+    the group options the command line selects (`data=my_mix`, each value of a sweep), and the
+    options their defaults lists select, recursively; a file no launch selects is not read."""
+    import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    todo = [conf_dir / "config.yaml"]
+    for arg in overrides:
+        group, _, options = arg.lstrip("+").partition("=")
+        if options and (conf_dir / group).is_dir():
+            todo += [conf_dir / group / f"{option}.yaml" for option in options.split(",")]
+    seen: set[Path] = set()
+    while todo:
+        path = todo.pop(0)
+        if path in seen or not path.is_file():
+            continue  # a missing option is Hydra's to report (it lists the ones there are)
+        seen.add(path)
+        try:
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)  # noqa: S506
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            return f"{path} is not valid YAML: {e.problem or e.context}{where}"
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            return f"{path} is not valid YAML: {e}"
+        defaults = data.get("defaults") if isinstance(data, dict) else None
+        for entry in defaults if isinstance(defaults, list) else []:
+            for key, option in entry.items() if isinstance(entry, dict) else ():
+                group = str(key).removeprefix("override ").strip().lstrip("/")
+                if isinstance(option, str):
+                    todo.append(conf_dir / group / f"{option}.yaml")
+    return None
+
+
 def bad_sweep_value(overrides: list[str], conf_dir: Path) -> str | None:
     """The first value of a grid sweep (`-m key=a,b`, the basic sweeper) that the config's own
     checks refuse (`rtd.embedding_sharing=GDES`), as one line; None when every value passes.

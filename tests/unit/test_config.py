@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from pretrain.config import (
     register_schema,
     to_config,
     unknown_override_key,
+    unparsable_config_file,
 )
 from pretrain.models.deberta import PRESETS
 
@@ -460,4 +462,28 @@ def test_a_tokenizer_directory_with_tokenizer_json_alone_says_what_is_missing(
         f"data.tokenizer={tmp_path}: no spm.model there; it holds tokenizer.json only (as "
         "transformers 5 saves a tokenizer): this project tokenizes with the SentencePiece model, "
         "so put the checkpoint's original spm.model beside it"
+    )
+
+
+def test_a_config_file_that_does_not_parse_is_one_line_naming_it(tmp_path: Path) -> None:
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    assert unparsable_config_file(["experiment=quickstart", "-m", "optim.lr=1,2"], conf) is None
+    (conf / "data/broken.yaml").write_text("sources:\n  - {name: a, corpus: x\n")
+    # Selected by no launch: not read.
+    assert unparsable_config_file(["experiment=quickstart"], conf) is None
+    expected = (
+        f"{conf / 'data/broken.yaml'} is not valid YAML: did not find expected ',' or '}}' at "
+        "line 3, column 1"
+    )
+    assert unparsable_config_file(["data=broken"], conf) == expected
+    assert unparsable_config_file(["-m", "data=default,broken"], conf) == expected
+    # Selected by an experiment's defaults list.
+    (conf / "experiment/mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /data: broken\n"
+    )
+    assert unparsable_config_file(["experiment=mine"], conf) == expected
+    (conf / "data/latin1.yaml").write_bytes(b"seq_len: 128 # caf\xe9\n")
+    assert unparsable_config_file(["data=latin1"], conf).startswith(  # type: ignore[union-attr]
+        f"{conf / 'data/latin1.yaml'} is not valid YAML: 'utf-8' codec can't decode byte 0xe9"
     )
