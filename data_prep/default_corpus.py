@@ -573,8 +573,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--min-mb",
         type=float,
-        default=10.0,
-        help="fail when less text than this was found (0 disables; default 10)",
+        default=None,
+        help="fail when less text than this was found, the sign of a broken install (0 "
+        "disables; default 10, or 0 with --packages)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -604,9 +605,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{len(report.shards)} shard(s) to {args.out} from {len(report.sources)} sources "
         f"in {report.seconds:.1f} s ({report.duplicates} duplicates dropped)"
     )
-    if args.min_mb and report.megabytes < args.min_mb:
+    min_mb = args.min_mb if args.min_mb is not None else 0.0 if args.packages else 10.0
+    if min_mb and report.megabytes < min_mb:
         raise SystemExit(
-            f"error: only {report.megabytes:.2f} MB of text found, below --min-mb {args.min_mb}; "
+            f"error: only {report.megabytes:.2f} MB of text found, below --min-mb {min_mb:g}; "
             "install the project's runtime dependencies or pass --min-mb 0"
         )
     return 0

@@ -128,7 +128,7 @@ def build_default_corpus(cache_dir: str, vocab_size: int, log=print) -> tuple[Pa
         return shards, tokenizer
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    log(f"building the default corpus once (about 3 minutes on 2 cores) into {root}")
+    log(f"building the default corpus once (about a minute on 2 cores) into {root}")
     text = tmp / "text"
     extract_text(text)
     inputs = sorted(text.glob("*.jsonl"))

@@ -135,6 +135,17 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
         assert len(lines) == 1 and message in lines[0], r.stderr
 
 
+def test_the_size_check_guards_the_default_set_only(tmp_path: Path) -> None:
+    """Less than 10 MB from the default packages means a broken install; a few packages that a
+    user names are expected to give less, unless --min-mb says otherwise."""
+    few = ["--packages", "tqdm", "--no-stdlib", "--quiet"]
+    r = _run("data_prep.default_corpus", "--out", str(tmp_path / "a"), *few)
+    assert r.returncode == 0 and r.stdout.startswith("wrote "), r.stderr
+    r = _run("data_prep.default_corpus", "--out", str(tmp_path / "b"), *few, "--min-mb", "10")
+    assert r.returncode == 1
+    assert r.stderr.strip().startswith("error: only ") and "below --min-mb 10;" in r.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     not os.environ.get("DATA_PREP_FULL_CORPUS"),
