@@ -216,8 +216,9 @@ def layer_depth(name: str, layers: dict[str, int]) -> int:
 
 def parameter_groups(model: nn.Module, config: Config) -> list[dict[str, Any]]:
     """AdamW groups: (family x decay x depth). Families get the lr multipliers of `optim`;
-    biases, LayerNorm weights and embedding tables are not decayed (BERT/DeBERTa practice);
-    with `optim.layer_decay` < 1 a parameter d layers below the top gets lr x layer_decay^d."""
+    biases and LayerNorm weights are not decayed, everything else is, embedding tables and
+    GDES's delta included (microsoft/DeBERTa's optimizer groups, as BERT's); with
+    `optim.layer_decay` < 1 a parameter d layers below the top gets lr x layer_decay^d."""
     o = config.optim
     layers = {}
     for tower in ("generator", "discriminator"):
@@ -238,7 +239,7 @@ def parameter_groups(model: nn.Module, config: Config) -> list[dict[str, Any]]:
             family = "generator"
         else:
             family = "discriminator"
-        decay = not (name.endswith(".bias") or id(p) in norm_ids or family == "embedding")
+        decay = not (name.endswith(".bias") or id(p) in norm_ids)
         depth = layer_depth(name, layers) if o.layer_decay != 1.0 else 0
         groups.setdefault((family, decay, depth), []).append(p)
     mult = {

@@ -80,6 +80,10 @@ GENERATOR = "generator"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 RTD_HEAD_FILE = "rtd_head.safetensors"
+# The RTD head's form, in its file's metadata: "deberta" is LayerNorm(h + h_[CLS]) first. Files
+# without it hold the earlier form (its LayerNorm after the activation), whose weights have the
+# same names but another meaning, so they are not loaded.
+RTD_HEAD_FORM = {"rtd_head": "deberta"}
 
 WORD = "embeddings.word_embeddings.weight"
 POSITION = "embeddings.position_embeddings.weight"
@@ -212,12 +216,21 @@ def read_hf_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     )
 
 
+def _head_form(path: Path) -> dict[str, str]:
+    """The RTD_HEAD_FORM keys of an RTD head file's metadata (none in an earlier export's)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: v for k, v in (f.metadata() or {}).items() if k in RTD_HEAD_FORM}
+
+
 def _write_model_dir(
     out: Path,
     config: dict[str, Any],
     state: dict[str, torch.Tensor],
     tokenizer_dir: Path | None,
     extra_files: dict[str, dict[str, torch.Tensor]] | None = None,
+    extra_metadata: dict[str, str] | None = None,
 ) -> None:
     from safetensors.torch import save_file
 
@@ -229,7 +242,9 @@ def _write_model_dir(
 
     save_file(plain(state), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     for name, tensors in (extra_files or {}).items():
-        save_file(plain(tensors), str(out / name), metadata={"format": "pt"})
+        save_file(
+            plain(tensors), str(out / name), metadata={"format": "pt", **(extra_metadata or {})}
+        )
     # safetensors writes owner-only files; give them the mode of every other file written here
     umask = os.umask(0)
     os.umask(umask)
@@ -344,6 +359,7 @@ def to_hf(
             to_hf_state_dict(discriminator_state_dict(model)),
             tok,
             extra_files={RTD_HEAD_FILE: dict(model.rtd_head.state_dict())},
+            extra_metadata=RTD_HEAD_FORM,
         )
         written[DISCRIMINATOR] = out / DISCRIMINATOR
         if generator:
@@ -538,8 +554,15 @@ def rtd_from_hf(
     if head_file.is_file():
         from safetensors.torch import load_file
 
-        _load_strict(model.rtd_head, load_file(head_file), f"{head_file}")
-        say(f"RTD head from {head_file}")
+        if _head_form(head_file) == RTD_HEAD_FORM:
+            _load_strict(model.rtd_head, load_file(head_file), f"{head_file}")
+            say(f"RTD head from {head_file}")
+        else:
+            warnings.warn(
+                f"{head_file} holds the RTD head of an earlier version of this project (another "
+                "form: its LayerNorm after the activation); the RTD head is newly initialised",
+                stacklevel=2,
+            )
     else:
         say("RTD head newly initialised")
     return model
@@ -875,11 +898,13 @@ def _extend_model_dir(
         state[k] = grow_rows(state[k], sources)
     config["vocab_size"] = old_vocab + len(sources)
     extra: dict[str, dict[str, torch.Tensor]] = {}
+    form: dict[str, str] = {}
     if (src / RTD_HEAD_FILE).is_file():
         from safetensors.torch import load_file
 
         extra[RTD_HEAD_FILE] = load_file(src / RTD_HEAD_FILE)
-    _write_model_dir(out, config, state, new_tokenizer_dir, extra)  # extension.json too
+        form = _head_form(src / RTD_HEAD_FILE)
+    _write_model_dir(out, config, state, new_tokenizer_dir, extra, form)  # extension.json too
 
 
 def extend_embeddings(

@@ -26,6 +26,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -201,6 +202,13 @@ class Trainer:
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
         if config.trainer.compile:
             self.model.compile_layers()
+            # Inductor's own lowering calls a torch helper that torch deprecates (torch 2.13),
+            # once per compile: nothing a user can act on.
+            warnings.filterwarnings(
+                "ignore",
+                message=r"`torch\._prims_common\.check` is deprecated",
+                category=FutureWarning,
+            )
         self.engine = Engine(self.model, config, self.world)
         _seed_everything(t.seed + 7919 * self.world.rank)  # dropout differs across ranks
         self.flops_per_token = rtd_train_flops_per_token(

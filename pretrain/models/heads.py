@@ -243,7 +243,9 @@ class EnhancedMaskDecoder(nn.Module):
 
 
 class RTDHead(nn.Module):
-    """dense -> activation -> LayerNorm -> one logit, as DeBERTa's replaced-token detector."""
+    """DeBERTa-v3's replaced-token detector (microsoft/DeBERTa's LMMaskPredictionHead): each
+    token's state plus the sequence's first ([CLS]) state, LayerNorm, dense, activation, one
+    logit. The [CLS] term gives every token the sequence's context; the norm comes first."""
 
     def __init__(self, config: DebertaConfig):
         super().__init__()
@@ -256,5 +258,6 @@ class RTDHead(nn.Module):
             nn.init.zeros_(linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [B, L, H] -> logits [B, L]."""
-        return self.classifier(self.norm(self.act(self.dense(hidden)))).squeeze(-1)
+        """hidden: [B, L, H], position 0 each sequence's [CLS] -> logits [B, L]."""
+        states = self.norm(hidden + hidden[:, :1])
+        return self.classifier(self.act(self.dense(states))).squeeze(-1)

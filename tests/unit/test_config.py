@@ -487,3 +487,38 @@ def test_a_config_file_that_does_not_parse_is_one_line_naming_it(tmp_path: Path)
     assert unparsable_config_file(["data=latin1"], conf).startswith(  # type: ignore[union-attr]
         f"{conf / 'data/latin1.yaml'} is not valid YAML: 'utf-8' codec can't decode byte 0xe9"
     )
+
+
+# microsoft/DeBERTa's experiments/language_model: rtd.sh (lr, warmup, batch, 1M steps, seq
+# 512), rtd_{xsmall,base,large}.json (shapes), and the code defaults rtd.sh runs with (Adam
+# betas (0.9, 0.999), eps 1e-6, weight decay 0.01, clip 1.0, rtd_lambda 10, and single tokens
+# masked at 15%, all [MASK]: rtd_task.py's NGramMaskGenerator(max_gram=1, keep_prob=0,
+# mask_prob=1)). Small has no from-scratch run there: it takes xsmall's lr and batch.
+PUBLISHED_RTD = {
+    "xsmall": ((384, 12, 6, 1536), 3e-4, 64),
+    "small": ((768, 6, 12, 3072), 3e-4, 64),
+    "base": ((768, 12, 12, 3072), 1e-4, 256),
+    "large": ((1024, 24, 16, 4096), 1e-4, 256),
+}
+
+
+@pytest.mark.parametrize("size", sorted(PUBLISHED_RTD))
+def test_the_deberta_v3_recipes_are_rtd_sh(size: str) -> None:
+    (shape, lr, batch) = PUBLISHED_RTD[size]
+    c = composed(f"experiment=deberta_v3_{size}")
+    m, o, t = c.model, c.optim, c.trainer
+    assert (m.hidden_size, m.num_hidden_layers, m.num_attention_heads, m.intermediate_size) == shape
+    assert (m.vocab_size, m.position_buckets, m.max_position_embeddings) == (128100, 256, 512)
+    assert (o.lr, t.global_batch_size, o.warmup_steps, t.max_steps) == (lr, batch, 10000, 10**6)
+    assert (tuple(o.betas), o.eps, o.weight_decay, o.clip_grad) == ((0.9, 0.999), 1e-6, 0.01, 1.0)
+    assert o.schedule == "linear" and c.data.seq_len == 512
+    assert (c.masking.strategy, c.masking.probability, c.masking.replacement) == (
+        "token",
+        0.15,
+        "mask",
+    )
+    assert (c.rtd.embedding_sharing, c.rtd.rtd_weight, c.rtd.generator_depth_ratio) == (
+        "gdes",
+        10.0,
+        0.5,
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from pretrain.config import Config, OptimConfig
 from pretrain.engine import parameter_groups
@@ -30,14 +31,29 @@ def groups_by_param(optim: OptimConfig) -> tuple[RTDModel, dict[str, dict]]:
     return model, named
 
 
-def test_no_decay_for_biases_norms_and_embeddings_and_multipliers_apply() -> None:
-    _, g = groups_by_param(
+def test_no_decay_for_biases_and_norms_only_and_multipliers_apply() -> None:
+    """microsoft/DeBERTa's groups (training/optimizer_utils.py): no decay for `bias` and
+    `LayerNorm.weight`, decay for the rest, embedding tables included."""
+    model, g = groups_by_param(
         OptimConfig(lr=1.0, weight_decay=0.01, generator_lr_mult=0.5, embedding_lr_mult=2.0)
     )
     assert g["discriminator.encoder.layer.0.ffn_in.weight"]["weight_decay"] == 0.01
     assert g["discriminator.encoder.layer.0.ffn_in.bias"]["weight_decay"] == 0.0
     assert g["discriminator.encoder.layer.0.attention_norm.weight"]["weight_decay"] == 0.0
-    assert g["generator.embeddings.word_embeddings.weight"]["weight_decay"] == 0.0
+    assert g["discriminator.encoder.layer.0.attention_norm.bias"]["weight_decay"] == 0.0
+    for table in (
+        "generator.embeddings.word_embeddings.weight",
+        "word_embeddings_delta",
+        "discriminator.encoder.rel_embeddings.weight",
+    ):
+        assert g[table]["weight_decay"] == 0.01, table
+    undecayed = {n for n, group in g.items() if group["weight_decay"] == 0.0}
+    expected = set()
+    for module_name, module in model.named_modules():
+        for name, _ in module.named_parameters(recurse=False):
+            if name == "bias" or isinstance(module, torch.nn.LayerNorm):
+                expected.add(f"{module_name}.{name}")
+    assert undecayed == expected
     assert g["word_embeddings_delta"]["lr"] == 2.0
     assert g["generator.encoder.layer.1.ffn_in.weight"]["lr"] == 0.5
     assert g["mlm_head.dense.weight"]["lr"] == 0.5

@@ -515,6 +515,24 @@ def test_rtd_head_travels_with_our_export(exported: dict) -> None:
         assert torch.equal(back.rtd_head.state_dict()[k], v)
 
 
+def test_an_rtd_head_of_the_earlier_form_is_not_loaded(exported: dict, tmp_path: Path) -> None:
+    """Exports from before the head took DeBERTa's form hold weights of the same names and
+    another meaning, and no form in their metadata: not loaded, with a warning."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model, directory = exported["nes_token_types_conv"]
+    old = tmp_path / "discriminator"
+    shutil.copytree(directory / "discriminator", old)
+    save_file(load_file(old / RTD_HEAD_FILE), str(old / RTD_HEAD_FILE), metadata={"format": "pt"})
+    log: list[str] = []
+    with pytest.warns(UserWarning, match="holds the RTD head of an earlier version"):
+        back = rtd_from_hf(old, rtd_config=model.rtd, log=log.append)
+    assert not any("RTD head from" in m for m in log)
+    assert not torch.equal(back.rtd_head.dense.weight, model.rtd_head.dense.weight)
+
+
 def test_exported_files_share_one_mode(exported: dict) -> None:
     """safetensors writes owner-only files; an export shared on a cluster needs the weights as
     readable as its config.json."""

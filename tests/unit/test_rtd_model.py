@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pretrain.models.deberta import DebertaConfig
-from pretrain.models.heads import EnhancedMaskDecoder, sample_replacements
+from pretrain.models.heads import EnhancedMaskDecoder, RTDHead, sample_replacements
 from pretrain.models.rtd import (
     IGNORE_INDEX,
     RTDConfig,
@@ -217,3 +217,29 @@ def test_sampling_noise_in_the_batch_makes_corruption_independent_of_rng() -> No
     # ... and a row's corruption depends only on its own noise, not on the rest of the batch
     c = model(ids[:1], mask[:1], labels[:1], sampling_noise=noise[:1])
     assert torch.equal(c.disc_ids[0], a.disc_ids[0])
+
+
+def test_rtd_head_is_debertas_replaced_token_detector() -> None:
+    """microsoft/DeBERTa's LMMaskPredictionHead, written out: LayerNorm(h_cls + h_i), dense,
+    activation, classifier; every parameter perturbed so that none is the identity."""
+    torch.manual_seed(0)
+    config = DebertaConfig(
+        hidden_size=16, num_attention_heads=2, hidden_act="gelu", layer_norm_eps=1e-7
+    )
+    head = RTDHead(config)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    hidden = torch.randn(3, 7, 16)
+    states = hidden[:, :1] + hidden
+    normed = (states - states.mean(-1, keepdim=True)) / torch.sqrt(
+        states.var(-1, unbiased=False, keepdim=True) + 1e-7
+    ) * head.norm.weight + head.norm.bias
+    inner = normed @ head.dense.weight.T + head.dense.bias
+    activated = 0.5 * inner * (1 + torch.erf(inner / math.sqrt(2)))
+    expected = (activated @ head.classifier.weight.T + head.classifier.bias).squeeze(-1)
+    torch.testing.assert_close(head(hidden), expected, rtol=1e-5, atol=1e-5)
+    # The [CLS] state reaches every token's logit.
+    moved = hidden.clone()
+    moved[:, 0] += torch.randn(16)  # not a constant, which LayerNorm would remove
+    assert (head(moved)[:, 1:] - head(hidden)[:, 1:]).abs().min() > 1e-4
