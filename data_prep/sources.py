@@ -13,6 +13,7 @@ and counted in `ReadStats`, never fatal, because real crawls always contain a fe
 from __future__ import annotations
 
 import codecs
+import csv
 import glob
 import gzip
 import io
@@ -78,6 +79,7 @@ def file_warnings(
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet",)
+CSV_DELIMITERS = {".csv": ",", ".tsv": "\t"}  # a header row names the columns
 # Metadata this package writes next to data; skipped when walking a directory so that pointing
 # --input at a corpus directory reads only the corpus.
 OWN_METADATA = frozenset(
@@ -156,6 +158,11 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
         path = Path(item)
         if not path.exists():
             raise InputError(f"input not found: {path} (check the path passed to --input)")
+        if path.is_dir() and any((path / f).is_file() for f in SAVED_DATASET_FILES):
+            raise InputError(
+                f"{path} is a dataset saved by `datasets` (save_to_disk): pass it as --dataset "
+                f"{path}"
+            )
         if path.is_dir():
             files.extend(sorted(_walk(path)))
         else:
@@ -265,6 +272,9 @@ codecs.register_error(_COUNTING, lambda exc: _counters[-1](exc))
 
 # `datasets` builders that read data_files as text; their files are checked before streaming.
 TEXT_BUILDERS = ("text", "json", "csv")
+# Builders that read files they are given: without data_files they would read the current
+# directory, whatever is in it.
+FILE_BUILDERS = (*TEXT_BUILDERS, "parquet", "arrow", "pandas")
 
 
 def check_data_files(builder: str, data_files: Any) -> None:
@@ -302,13 +312,14 @@ def check_data_files(builder: str, data_files: Any) -> None:
         raise InputError(f"data_files are empty ({shown}); give files that hold documents")
 
 
-def _iter_lines(path: Path, errors: str = "strict") -> Iterator[str]:
+def _iter_lines(path: Path, errors: str = "strict", ends: bool = False) -> Iterator[str]:
+    """The file's lines, newlines made "\n" and dropped (kept with `ends`: csv needs them)."""
     with (
         _open_binary(path) as raw,
         io.TextIOWrapper(raw, encoding="utf-8-sig", errors=errors, newline=None) as fh,
     ):
         for line in fh:
-            yield line.rstrip("\n")
+            yield line if ends else line.rstrip("\n")
 
 
 def iter_text_file(path: Path, stats: ReadStats, doc_unit: str = "block") -> Iterator[str]:
@@ -367,6 +378,33 @@ def iter_jsonl_file(path: Path, stats: ReadStats, text_field: str = "text") -> I
             f"{path}: no record has a string field {text_field!r} (fields: "
             f"{', '.join(sorted(fields)[:20])}); pass the right --text-field"
         )
+
+
+def iter_csv_file(path: Path, stats: ReadStats, text_field: str = "text") -> Iterator[str]:
+    """CSV or TSV with a header row: the text field's column, a document per row."""
+    if (errors := _check_utf8_text(path, stats)) is None:
+        return
+    csv.field_size_limit(sys.maxsize)  # a document may be longer than csv's 128 KB default
+    rows = csv.DictReader(
+        _iter_lines(path, errors, ends=True), delimiter=CSV_DELIMITERS[_base_suffix(path)]
+    )
+    try:
+        columns = rows.fieldnames or []
+        if text_field not in columns:
+            raise InputError(
+                f"{path}: no column {text_field!r} (columns: {', '.join(columns[:20])}); pass "
+                "the right --text-field"
+            )
+        stats.files += 1
+        for row in rows:
+            value = row.get(text_field)
+            if not isinstance(value, str):  # a short row
+                stats.bad_records += 1
+                continue
+            stats.documents += 1
+            yield value
+    except csv.Error as exc:
+        raise InputError(f"{path}: not valid CSV ({exc}, line {rows.line_num})") from None
 
 
 def _json_records(path: Path, errors: str, stats: ReadStats) -> Iterator[Any]:
@@ -432,6 +470,8 @@ def iter_file_documents(
         yield from iter_jsonl_file(path, stats, text_field)
     elif suffix in PARQUET_SUFFIXES:
         yield from iter_parquet_file(path, stats, text_field)
+    elif suffix in CSV_DELIMITERS:
+        yield from iter_csv_file(path, stats, text_field)
     else:
         yield from iter_text_file(path, stats, doc_unit)
 
@@ -451,42 +491,104 @@ def open_dataset(
     """
     import datasets
 
+    path = Path(name_or_path)
     if data_files is not None:
         check_data_files(name_or_path, data_files)
-    path = Path(name_or_path)
+    elif name_or_path in FILE_BUILDERS and not path.exists():
+        raise InputError(
+            f"dataset {name_or_path!r} is a `datasets` builder that reads files, and no files "
+            "were given (it would read the current directory): give data_files in a source, or "
+            "the files as --input to data_prep"
+        )
+    elif path.is_file():
+        raise InputError(
+            f"dataset {name_or_path!r} is a file; a dataset is a name or a directory: read a "
+            "file with its builder (dataset: parquet, json, csv or text, with data_files) or as "
+            "--input to data_prep"
+        )
+    saved = path.is_dir() and any((path / f).exists() for f in SAVED_DATASET_FILES)
     try:
-        if (
-            data_files is None
-            and path.is_dir()
-            and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists())
-        ):
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds[split]
+        if data_files is None and saved:
+            ds = _load_saved(path, split)
         else:
             ds = datasets.load_dataset(
                 name_or_path, data_files=data_files, split=split, streaming=True, **load_kwargs
             )
+    except InputError:
+        raise
     except Exception as exc:  # datasets raises many types; all mean "cannot use this source"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         files = "" if data_files is None else f" (data_files={data_files!r})"
+        hint = "" if path.exists() else " (a hub name needs the network or a local cache)"
         raise InputError(
             f"cannot stream dataset {name_or_path!r}{files} split {split!r}: "
-            f"{type(exc).__name__}: {first} (a hub name needs the network or a local cache; "
-            "a path must exist)"
+            f"{type(exc).__name__}: {first}{hint}"
         ) from None
     names = getattr(ds, "column_names", None)
+    if names is None and data_files is not None:  # json, csv: known from the first record
+        try:
+            names = list(next(iter(ds), {}))
+        except Exception:  # a bad file: reported, naming it, where the stream meets it
+            names = None
     if names is not None and text_field not in names:
         raise InputError(
             f"dataset {name_or_path!r} has no field {text_field!r} (fields: {', '.join(names)}); "
             "set the text field"
         )
+    feature = (getattr(ds, "features", None) or {}).get(text_field)
+    if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise InputError(
+            f"dataset {name_or_path!r}: field {text_field!r} holds {feature}, not text; set the "
+            "text field to a column of strings"
+        )
+    return ds
+
+
+# What `save_to_disk` writes: a Dataset's dataset_info.json and state.json, a DatasetDict's
+# dataset_dict.json.
+SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def _load_saved(path: Path, split: str) -> Any:
+    """A `save_to_disk` directory: a Dataset (one split, whatever `split` says, so only the
+    default is accepted) or a DatasetDict (the split named)."""
+    import datasets
+
+    state = path / "state.json"
+    if state.is_file() and not json.loads(state.read_text()).get("_data_files", [None]):
+        raise InputError(f"dataset {str(path)!r} is empty (a saved dataset with no records)")
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise InputError(
+                f"dataset {str(path)!r} has no split {split!r} (splits: {', '.join(ds)}); "
+                "choose one of them"
+            )
+        ds = ds[split]
+    elif split != "train":
+        raise InputError(
+            f"dataset {str(path)!r} is a single saved Dataset, with no splits to choose from: "
+            f"drop the split ({split!r}), or save a DatasetDict"
+        )
+    if len(ds) == 0:
+        raise InputError(f"dataset {str(path)!r} is empty (a saved dataset with no records)")
     return ds
 
 
 def iter_dataset_documents(ds: Any, stats: ReadStats, text_field: str = "text") -> Iterator[str]:
     stats.files += 1
-    for record in ds:
+    records = iter(ds)
+    while True:
+        try:
+            record = next(records)
+        except StopIteration:
+            return
+        except Exception as exc:  # a bad file met mid-stream: pyarrow, json, decode errors
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise InputError(
+                f"cannot read the dataset after {stats.documents} documents: "
+                f"{type(exc).__name__}: {first}; fix or remove the bad file"
+            ) from None
         value = record.get(text_field)
         if not isinstance(value, str):
             stats.bad_records += 1
@@ -533,10 +635,21 @@ def _iter_all(
 
 def add_input_arguments(parser: Any) -> None:
     """The input options every data_prep command reads text with (see `iter_documents`)."""
-    parser.add_argument("--input", nargs="+", default=[], help="text/jsonl/parquet files or dirs")
-    parser.add_argument("--dataset", default=None, help="a `datasets` name or saved dataset dir")
+    parser.add_argument(
+        "--input", nargs="+", default=[], help="text/jsonl/json/parquet/csv/tsv files or dirs"
+    )
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="a `datasets` name, a dataset folder (save_to_disk's, or data files in a hub "
+        "layout); not a file (give files to --input)",
+    )
     parser.add_argument("--split", default="train", help="dataset split to read (default: train)")
-    parser.add_argument("--text-field", default="text", help="jsonl/parquet/dataset text field")
+    parser.add_argument(
+        "--text-field",
+        default="text",
+        help="jsonl/parquet/csv/dataset text field (a top-level one: no dotted paths)",
+    )
     add_doc_unit_arguments(parser)
 
 

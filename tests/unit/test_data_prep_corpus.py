@@ -20,7 +20,7 @@ import pytest
 from data_prep.corpus import TRAINING_PARTITIONS, prepare_corpus
 from data_prep.default_corpus import build_default_corpus
 from data_prep.shards import ShardError, dtype_for_vocab, open_shards
-from data_prep.sources import clean_text, expand_inputs
+from data_prep.sources import InputError, clean_text, expand_inputs
 from data_prep.tokenizer import load_tokenizer, train_tokenizer
 from pretrain.config import DataConfig
 from tests.unit.test_data_prep_tokenizer import interrupted_while_reading
@@ -235,6 +235,72 @@ def test_datasets_source(tok_dir: Path, tmp_path: Path) -> None:
     )
     tok = load_tokenizer(tok_dir)
     assert [d.tolist() for d in open_shards(tmp_path / "c")] == [tok.encode(d) for d in docs]
+
+
+def test_csv_and_tsv_inputs_read_their_text_column(tok_dir: Path, tmp_path: Path) -> None:
+    """They used to be read as plain text, header and commas included, with --text-field
+    silently ignored."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in/a.csv").write_text('id,body\n1,"First, with a comma."\n2,"Two\nlines."\n3\n')
+    (tmp_path / "in/b.tsv").write_text("id\tbody\n4\tA tab separated one.\n")
+    prepare_corpus(tmp_path / "c", tok_dir, [tmp_path / "in"], text_field="body",
+                   valid_fraction=0.0, progress=False)  # fmt: skip
+    tok = load_tokenizer(tok_dir)
+    expected = ["First, with a comma.", "Two lines.", "A tab separated one."]
+    assert [d.tolist() for d in open_shards(tmp_path / "c")] == [tok.encode(d) for d in expected]
+    with pytest.raises(InputError, match=r"a.csv: no column 'text' \(columns: id, body\); pass"):
+        prepare_corpus(tmp_path / "c2", tok_dir, [tmp_path / "in/a.csv"], progress=False)
+
+
+def test_datasets_inputs_that_cannot_be_read_as_asked_are_one_line(
+    tok_dir: Path, tmp_path: Path
+) -> None:
+    """A walkthrough's mistakes with `datasets` inputs: each used to end in a traceback, be
+    read as something else, or be misdiagnosed."""
+    datasets = pytest.importorskip("datasets")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def saved(name: str, data: object) -> str:
+        data.save_to_disk(str(tmp_path / name))  # type: ignore[attr-defined]
+        return str(tmp_path / name)
+
+    one = saved("one", datasets.Dataset.from_dict({"text": ["a b", "c"]}))
+    both = saved("both", datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"text": ["a b"]}),
+        "validation": datasets.Dataset.from_dict({"text": ["c"]}),
+    }))  # fmt: skip
+    lists = saved("lists", datasets.Dataset.from_dict({"text": [["a", "b"], ["c"]]}))
+    empty = saved("empty", datasets.Dataset.from_dict({"text": []}))
+    hub = tmp_path / "hub/data"
+    hub.mkdir(parents=True)
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), hub / "train-0.parquet")
+    cases = [
+        (dict(dataset="json"), "dataset 'json' is a `datasets` builder that reads files, and "
+         "no files were given"),
+        (dict(dataset=one, split="validation"), f"dataset {one!r} is a single saved Dataset"),
+        (dict(dataset=both, split="valid"), f"dataset {both!r} has no split 'valid' (splits: "
+         "train, validation)"),
+        (dict(dataset=lists), f"dataset {lists!r}: field 'text' holds List(Value('string')), "
+         "not text"),
+        (dict(dataset=empty), f"dataset {empty!r} is empty"),
+        (dict(dataset=str(hub / "train-0.parquet")), "is a file; a dataset is a name or a "
+         "directory"),
+        (dict(dataset=str(tmp_path / "hub")), "cannot read the dataset after 0 documents: "
+         "ArrowInvalid"),
+        (dict(inputs=[one]), f"{one} is a dataset saved by `datasets` (save_to_disk): pass it "
+         f"as --dataset {one}"),
+    ]  # fmt: skip
+    for kwargs, message in cases:
+        with pytest.raises(InputError) as refused:
+            prepare_corpus(tmp_path / "out", tok_dir, progress=False, **kwargs)  # type: ignore[arg-type]
+        assert message in str(refused.value), (kwargs, str(refused.value))
+        assert not (tmp_path / "out").exists()
+    prepare_corpus(tmp_path / "out", tok_dir, dataset=both, split="validation",
+                   valid_fraction=0.0, progress=False)  # fmt: skip
+    assert [d.tolist() for d in open_shards(tmp_path / "out")] == [
+        load_tokenizer(tok_dir).encode("c")
+    ]
 
 
 def test_cli_errors_are_one_line(tok_dir: Path, tmp_path: Path) -> None:
