@@ -179,13 +179,10 @@ class HFRTD(nn.Module):
         self.generator = DebertaV2ForMaskedLM(hf_config(gen))
         self.discriminator = DebertaV2Model(hf_config(config))
         h = config.hidden_size
-        self.rtd_head = nn.Sequential(  # the shape of our RTDHead
-            nn.Linear(h, h),
-            ACT2FN[config.hidden_act],
-            nn.LayerNorm(h, eps=config.layer_norm_eps),
-            nn.Linear(h, 1),
-        )
-        for linear in (self.rtd_head[0], self.rtd_head[3]):  # as ours, so first losses compare
+        # DeBERTa's RTD head, as ours: LayerNorm(h + h_[CLS]) -> dense -> act -> one logit.
+        self.rtd_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.rtd_head = nn.Sequential(nn.Linear(h, h), ACT2FN[config.hidden_act], nn.Linear(h, 1))
+        for linear in (self.rtd_head[0], self.rtd_head[2]):  # as ours, so first losses compare
             assert isinstance(linear, nn.Linear)
             nn.init.normal_(linear.weight, std=config.initializer_range)
             nn.init.zeros_(linear.bias)
@@ -228,7 +225,8 @@ class HFRTD(nn.Module):
                 table = gen_table
             embeds = F.embedding(disc_ids, table, padding_idx=PAD_ID)
             hidden = self.discriminator(inputs_embeds=embeds, attention_mask=attention_mask)
-        logits = self.rtd_head(hidden.last_hidden_state).squeeze(-1)
+        states = hidden.last_hidden_state
+        logits = self.rtd_head(self.rtd_norm(states + states[:, :1])).squeeze(-1)
         scores = logits[valid].float()
         rtd_loss = F.binary_cross_entropy_with_logits(scores, replaced[valid].float())
         return mlm_loss + self.rtd.rtd_weight * rtd_loss, mlm_loss, rtd_loss
