@@ -60,6 +60,7 @@ from data_prep.sources import (
     file_warnings,
     iter_documents,
     sigint_set_to,
+    split_files_warning,
 )
 from data_prep.tokenizer import (
     MODEL_FILE,
@@ -360,6 +361,7 @@ def prepare_corpus(
         },
         "skipped_files": stats.skipped_files,
         "repaired_files": stats.repaired_files,
+        "split_files": stats.split_files,
     }
     copy_tokenizer_files(tok.path.parent, out / TOKENIZER_DIR)
     shutil.copyfile(tok.path, out / TOKENIZER_DIR / MODEL_FILE)  # the model given, by any name
@@ -446,6 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         d["binary_files"], d["undecodable_files"], m["skipped_files"], m["repaired_files"]
     ):
         print(f"warning: {line}", file=sys.stderr)
+    if mixed := split_files_warning(m.get("split_files", {})):
+        print(f"warning: {mixed}", file=sys.stderr)
     unk = m["totals"]["unk_tokens"] / max(m["totals"]["num_tokens"], 1)
     if unk > UNK_WARN_FRACTION:
         print(

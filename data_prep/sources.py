@@ -48,15 +48,47 @@ class ReadStats:
     skipped_files: list[str] = field(default_factory=list)  # binary or undecodable, in order
     # Files read with a few invalid UTF-8 bytes dropped: "path (N bytes, first at byte B)".
     repaired_files: list[str] = field(default_factory=list)
+    # Input files named for a dataset split, per split ("train-00000-of-00002.parquet").
+    split_files: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
     def warnings(self) -> list[str]:
-        """What a CLI says about the files it skipped or repaired, naming them."""
-        return file_warnings(
+        """What a CLI says about the files it skipped or repaired, naming them, and about
+        inputs that mix the files of several splits."""
+        out = file_warnings(
             self.binary_files, self.undecodable_files, self.skipped_files, self.repaired_files
         )
+        return out + ([line] if (line := split_files_warning(self.split_files)) else [])
+
+
+def split_files_warning(split_files: dict[str, int]) -> str | None:
+    """Inputs that hold the files of several splits (a hub-layout folder given as --input) are
+    read as one text: held-out text would be trained on."""
+    if len(split_files) < 2:
+        return None
+    counts = ", ".join(f"{n} {split}" for split, n in split_files.items())
+    return (
+        f"the inputs hold the files of several splits ({counts}), read as one text, held-out "
+        "ones included: give only the training files, or the folder as --dataset DIR with "
+        "--split"
+    )
+
+
+# A file named for a split, as the hub's layout names them: "validation-00000-of-00001.parquet".
+_SPLIT_FILE = re.compile(r"(train|validation|valid|dev|test)(?=[-_.\d])", re.IGNORECASE)
+_SPLIT_NAMES = {"valid": "validation", "dev": "validation"}
+
+
+def count_split_files(files: Sequence[Path]) -> dict[str, int]:
+    """How many of `files` are named for each split (only files whose names begin with one)."""
+    counts: dict[str, int] = {}
+    for path in files:
+        if m := _SPLIT_FILE.match(path.name):
+            split = _SPLIT_NAMES.get(m.group(1).lower(), m.group(1).lower())
+            counts[split] = counts.get(split, 0) + 1
+    return counts
 
 
 def file_warnings(
@@ -616,6 +648,7 @@ def iter_documents(
         )
     stats = stats if stats is not None else ReadStats()
     files = expand_inputs(inputs) if inputs or dataset is None else []
+    stats.split_files = count_split_files(files)
     ds = open_dataset(dataset, split, text_field) if dataset is not None else None
     return _iter_all(files, stats, text_field, doc_unit, ds)
 

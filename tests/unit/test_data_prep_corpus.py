@@ -303,6 +303,29 @@ def test_datasets_inputs_that_cannot_be_read_as_asked_are_one_line(
     ]
 
 
+def test_a_folder_of_several_splits_files_is_read_with_a_warning(
+    tok_dir: Path, tmp_path: Path
+) -> None:
+    """A hub-layout folder given to --input: its validation files would be trained on."""
+    hub = tmp_path / "hub/data"
+    hub.mkdir(parents=True)
+    (hub / "train-00000-of-00001.jsonl").write_text('{"text": "A training document."}\n')
+    (hub / "validation-00000-of-00001.jsonl").write_text('{"text": "A held-out one."}\n')
+    (hub / "test.jsonl").write_text('{"text": "A test one."}\n')
+    (hub / "notes_training.jsonl").write_text('{"text": "Not named for a split."}\n')
+    r = _run("data_prep.corpus", "--input", str(tmp_path / "hub"), "--tokenizer", str(tok_dir),
+             "--out", str(tmp_path / "c"), "--workers", "1", "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (
+        "warning: the inputs hold the files of several splits (1 test, 1 train, 1 validation), "
+        "read as one text, held-out ones included: give only the training files, or the folder "
+        "as --dataset DIR with --split"
+    ) in r.stderr
+    r = _run("data_prep.corpus", "--input", str(hub / "train-00000-of-00001.jsonl"),
+             "--tokenizer", str(tok_dir), "--out", str(tmp_path / "c2"), "--quiet")  # fmt: skip
+    assert r.returncode == 0 and "several splits" not in r.stderr, r.stderr
+
+
 def test_cli_errors_are_one_line(tok_dir: Path, tmp_path: Path) -> None:
     records = tmp_path / "records.jsonl"
     records.write_text('{"id": 1, "text": "A document."}\n{"id": 2, "text": "Another one."}\n')
