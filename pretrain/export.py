@@ -243,7 +243,11 @@ def _write_model_dir(
     save_file(plain(state), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     for name, tensors in (extra_files or {}).items():
         save_file(
-            plain(tensors), str(out / name), metadata={"format": "pt", **(extra_metadata or {})}
+            # One key at most: safetensors writes its metadata in hash order, so a second key
+            # would make the same export's bytes differ from run to run.
+            plain(tensors),
+            str(out / name),
+            metadata=extra_metadata or {"format": "pt"},
         )
     # safetensors writes owner-only files; give them the mode of every other file written here
     umask = os.umask(0)
