@@ -155,6 +155,13 @@ def clean_text(text: str) -> str:
     return text.strip(WHITESPACE_CHARS)
 
 
+def error_line(exc: BaseException) -> str:
+    """`Type: first line of the message`, for one-line reports of errors raised by libraries
+    (datasets, pyarrow) whose messages run to several lines."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def exit_interrupted(outcome: str) -> NoReturn:
     """Ctrl-C in a data_prep command: one line saying what was left, exit status 130 (a
     shell's for SIGINT), not a KeyboardInterrupt traceback."""
@@ -190,7 +197,7 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
         path = Path(item)
         if not path.exists():
             raise InputError(f"input not found: {path} (check the path passed to --input)")
-        if path.is_dir() and any((path / f).is_file() for f in SAVED_DATASET_FILES):
+        if is_saved_dataset(path):
             raise InputError(
                 f"{path} is a dataset saved by `datasets` (save_to_disk): pass it as --dataset "
                 f"{path}"
@@ -538,9 +545,8 @@ def open_dataset(
             "file with its builder (dataset: parquet, json, csv or text, with data_files) or as "
             "--input to data_prep"
         )
-    saved = path.is_dir() and any((path / f).exists() for f in SAVED_DATASET_FILES)
     try:
-        if data_files is None and saved:
+        if data_files is None and is_saved_dataset(path):
             ds = _load_saved(path, split)
         else:
             ds = datasets.load_dataset(
@@ -549,12 +555,11 @@ def open_dataset(
     except InputError:
         raise
     except Exception as exc:  # datasets raises many types; all mean "cannot use this source"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         files = "" if data_files is None else f" (data_files={data_files!r})"
         hint = "" if path.exists() else " (a hub name needs the network or a local cache)"
         raise InputError(
             f"cannot stream dataset {name_or_path!r}{files} split {split!r}: "
-            f"{type(exc).__name__}: {first}{hint}"
+            f"{error_line(exc)}{hint}"
         ) from None
     names = getattr(ds, "column_names", None)
     if names is None and data_files is not None:  # json, csv: known from the first record
@@ -577,8 +582,13 @@ def open_dataset(
 
 
 # What `save_to_disk` writes: a Dataset's dataset_info.json and state.json, a DatasetDict's
-# dataset_dict.json.
+# dataset_dict.json (and a Dataset's files in a folder per split).
 SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """Whether `path` is a folder that `datasets`' save_to_disk wrote."""
+    return path.is_dir() and any((path / f).is_file() for f in SAVED_DATASET_FILES)
 
 
 def _load_saved(path: Path, split: str) -> Any:
@@ -586,7 +596,10 @@ def _load_saved(path: Path, split: str) -> Any:
     default is accepted) or a DatasetDict (the split named)."""
     import datasets
 
-    state = path / "state.json"
+    # A Dataset saved with no records has no data file, and load_from_disk fails on it with an
+    # IndexError; a DatasetDict keeps each split's Dataset in a folder of its own.
+    one = path / split if (path / "dataset_dict.json").is_file() else path
+    state = one / "state.json"
     if state.is_file() and not json.loads(state.read_text()).get("_data_files", [None]):
         raise InputError(f"dataset {str(path)!r} is empty (a saved dataset with no records)")
     ds = datasets.load_from_disk(str(path))
@@ -616,10 +629,9 @@ def iter_dataset_documents(ds: Any, stats: ReadStats, text_field: str = "text") 
         except StopIteration:
             return
         except Exception as exc:  # a bad file met mid-stream: pyarrow, json, decode errors
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise InputError(
                 f"cannot read the dataset after {stats.documents} documents: "
-                f"{type(exc).__name__}: {first}; fix or remove the bad file"
+                f"{error_line(exc)}; fix or remove the bad file"
             ) from None
         value = record.get(text_field)
         if not isinstance(value, str):

@@ -34,7 +34,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from data_prep.shards import ShardError, ShardSet, open_shards
-from data_prep.sources import clean_text, first_undecodable
+from data_prep.sources import clean_text, error_line, first_undecodable
 from pretrain.data.packing import SpecialTokens
 
 ShardBy = Literal["records", "files"]
@@ -352,12 +352,11 @@ class TextSource:
                     yield value if isinstance(value, str) else ""  # null text: an empty document
         except (UnicodeDecodeError, ArrowInvalid) as e:  # past the heads open_dataset checked
             files = "" if self.data_files is None else f" (data_files={self.data_files!r})"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             bad = None
             if isinstance(e, UnicodeDecodeError) and self.data_files is not None:
                 bad = first_undecodable(self.data_files)  # datasets names no file
             raise SourceError(
-                f"cannot read {self.path!r}{files}: {type(e).__name__}: {first}; "
+                f"cannot read {self.path!r}{files}: {error_line(e)}; "
                 + (
                     f"the bad file: {bad}; fix or remove it"
                     if bad

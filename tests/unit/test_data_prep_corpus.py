@@ -272,6 +272,10 @@ def test_datasets_inputs_that_cannot_be_read_as_asked_are_one_line(
     }))  # fmt: skip
     lists = saved("lists", datasets.Dataset.from_dict({"text": [["a", "b"], ["c"]]}))
     empty = saved("empty", datasets.Dataset.from_dict({"text": []}))
+    empty_split = saved("empty_split", datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"text": ["a b"]}),
+        "validation": datasets.Dataset.from_dict({"text": []}),
+    }))  # fmt: skip
     hub = tmp_path / "hub/data"
     hub.mkdir(parents=True)
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), hub / "train-0.parquet")
@@ -284,6 +288,7 @@ def test_datasets_inputs_that_cannot_be_read_as_asked_are_one_line(
         (dict(dataset=lists), f"dataset {lists!r}: field 'text' holds List(Value('string')), "
          "not text"),
         (dict(dataset=empty), f"dataset {empty!r} is empty"),
+        (dict(dataset=empty_split, split="validation"), f"dataset {empty_split!r} is empty"),
         (dict(dataset=str(hub / "train-0.parquet")), "is a file; a dataset is a name or a "
          "directory"),
         (dict(dataset=str(tmp_path / "hub")), "cannot read the dataset after 0 documents: "
