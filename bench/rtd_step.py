@@ -585,7 +585,13 @@ def run(
     ratios: list[str] = []
     for seq_len, b in zip(args.seq_len, args.batch, strict=True):
         batch = make_batch(b, seq_len, config.vocab_size, args.padding, args.seed, device)
-        ours: list[Row] = []
+        # HF first, and each ratio as soon as its row is in: a run cut short by a time limit
+        # still has the comparison for every row it measured.
+        hf: Row | None = None
+        if args.impl in ("both", "hf"):
+            hf = measure_or_oom("hf", config, rtd, batch, device, args.warmup, args.steps)
+            print(progress_line(hf), flush=True)
+            rows.append(hf)
         if args.impl in ("both", "ours"):
             for attention, compiled in variants:
                 row = measure_or_oom(
@@ -594,13 +600,10 @@ def run(
                 )  # fmt: skip
                 row.impl = f"ours {attention}{'+compile' if compiled else ''}"
                 print(progress_line(row), flush=True)
-                ours.append(row)
-        rows += ours
-        if args.impl in ("both", "hf"):
-            hf = measure_or_oom("hf", config, rtd, batch, device, args.warmup, args.steps)
-            print(progress_line(hf), flush=True)
-            rows.append(hf)
-            ratios += [ratio_line(row, hf) for row in ours]
+                rows.append(row)
+                if hf is not None:
+                    ratios.append(ratio_line(row, hf))
+                    print(ratios[-1], flush=True)
         del batch
     print_table(rows)
     print()

@@ -33,7 +33,7 @@ def test_prints_both_rows_the_ratio_and_the_uniform_first_loss(bench, capsys):
         [c.strip() for c in line.split("|")] for line in out.splitlines() if line.count("|") == 8
     ]
     assert rows[0][:3] == ["impl", "L", "B"]
-    assert [r[:3] for r in rows[1:]] == [["ours eager", "32", "2"], ["hf", "32", "2"]]
+    assert [r[:3] for r in rows[1:]] == [["hf", "32", "2"], ["ours eager", "32", "2"]]
     for r in rows[1:]:
         # "total = mlm + w*rtd": at init the MLM loss is about ln V (near-uniform softmax) and
         # the RTD loss about ln 2 (logits near 0), whichever side computes them.
