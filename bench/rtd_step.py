@@ -3,6 +3,7 @@
     python bench/rtd_step.py [--preset base] [--seq-len 512 2048] [--batch 32 8] [--steps N]
                              [--warmup N] [--device auto|cpu|cuda]
                              [--attention eager|triton|auto ...] [--compile off|on|both]
+                             [--profile]
 
 A step is generator + discriminator forward, backward and an AdamW step (fused on CUDA), bf16
 autocast on CUDA and fp32 on CPU, for both sides alike. Both see the same random ids, the same
@@ -280,6 +281,7 @@ def measure(
     warmup: int,
     steps: int,
     compile_ours: bool = False,
+    profile: bool = False,
 ) -> Row:
     cuda = device.type == "cuda"
     b, seq_len = batch.input_ids.shape
@@ -325,12 +327,30 @@ def measure(
         total_s = time.perf_counter() - t0
     row.step_ms = total_s / steps * 1e3
     row.tokens_per_s = batch.tokens * steps / total_s
+    if profile:
+        variant = f" {config.attention_impl}" if impl == "ours" else ""
+        compiled = " compiled" if compile_ours else ""
+        print_profile(f"{impl}{variant} L={seq_len} B={b}{compiled}", step, cuda)
     peak = device_peak_flops(device)
     if peak:
         gen = generator_config(config, rtd.generator_depth_ratio)
         flops = rtd_train_flops_per_token(config, gen, seq_len, batch.mask_rate)
         row.mfu = row.tokens_per_s * flops / peak
     return row
+
+
+def print_profile(label: str, step: Callable[[], Losses], cuda: bool) -> None:
+    """Where one step's time goes: torch profiler's busiest kernels (operators on CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(f"\nprofile: {label}, one step", flush=True)
+    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70))
 
 
 def measure_or_oom(
@@ -342,13 +362,14 @@ def measure_or_oom(
     warmup: int,
     steps: int,
     compile_ours: bool = False,
+    profile: bool = False,
 ) -> Row:
     """`measure`, with an out-of-memory or any other failure (a compile or kernel error in one
     variant) reported as a row, so the other rows still come; the memory freed for the next."""
     b, seq_len = batch.input_ids.shape
     row = Row(impl, seq_len, b, status="OOM")
     try:
-        row = measure(impl, config, rtd, batch, device, warmup, steps, compile_ours)
+        row = measure(impl, config, rtd, batch, device, warmup, steps, compile_ours, profile)
     except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError since 2.5
         pass  # freed below, once the handler has dropped the traceback and its frames
     except Exception as e:
@@ -470,6 +491,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--impl", choices=["both", "ours", "hf"], default="both")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after each row's timed steps, torch profiler's table of one more step's kernels",
+    )
     return p.parse_args(argv)
 
 
@@ -589,14 +615,16 @@ def run(
         # still has the comparison for every row it measured.
         hf: Row | None = None
         if args.impl in ("both", "hf"):
-            hf = measure_or_oom("hf", config, rtd, batch, device, args.warmup, args.steps)
+            hf = measure_or_oom(
+                "hf", config, rtd, batch, device, args.warmup, args.steps, False, args.profile
+            )
             print(progress_line(hf), flush=True)
             rows.append(hf)
         if args.impl in ("both", "ours"):
             for attention, compiled in variants:
                 row = measure_or_oom(
                     "ours", configs[attention], rtd, batch, device, args.warmup, args.steps,
-                    compiled,
+                    compiled, args.profile,
                 )  # fmt: skip
                 row.impl = f"ours {attention}{'+compile' if compiled else ''}"
                 print(progress_line(row), flush=True)

@@ -82,3 +82,11 @@ def test_a_failing_variant_is_a_row_and_a_failed_exit(bench, capsys, monkeypatch
     assert "error: hf L=32 B=2: RuntimeError: simulated compile error" in out
     assert "measured ours eager L=32 B=2: " in out and "measured hf L=32 B=2: failed" in out
     assert "ours eager/HF L=32 B=2: n/a (ours ok, HF failed)" in out
+
+
+def test_profile_prints_each_rows_table(bench, capsys):
+    assert bench.main(TINY + ["--profile"]) == 0
+    out = capsys.readouterr().out
+    for label in ("hf L=32 B=2", "ours eager L=32 B=2"):
+        start = out.index(f"profile: {label}, one step")
+        assert "aten::" in out[start : start + 4000], label

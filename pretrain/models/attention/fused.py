@@ -63,12 +63,14 @@ def _launch_settings(q: torch.Tensor) -> dict[str, Any]:
         precision = "ieee"  # what an fp32 torch.matmul does unless TF32 is allowed
     else:
         precision = "tf32"  # only fp32 operands read this
-    # (BLOCK_M, BLOCK_N): the largest tiles that ptxas compiles for sm_90 in bf16 with 8 warps
-    # and (almost) no register spills; not yet timed on a GPU.
+    # (BLOCK_M, BLOCK_N). Head size 64: the fastest of five tile pairs on an H100 in bf16,
+    # forward + backward at L=512 B=32 and L=2048 B=8 (`bench/attention.py --tiles`; README).
+    # Larger head sizes: the largest tiles ptxas compiles for sm_90 without register spills,
+    # not timed on a GPU.
     if interpret:  # small tiles: the interpreter is slow, and tests should cross tile edges
         fwd, bwd = (16, 16), (16, 16)
     elif block_d <= 64:
-        fwd, bwd = (64, 64), (32, 64)
+        fwd, bwd = (128, 64), (64, 64)
     else:
         fwd, bwd = (64, 32), (32, 32)
     # The deterministic backward's dq kernel mirrors the key-block kernel: the same tile, the
@@ -188,13 +190,9 @@ class _FusedDisentangledAttention(torch.autograd.Function):
         dpos_k = dpos_q = None
         with torch.autocast(q.device.type, enabled=False):
             if pos_k is not None:
-                dq += torch.matmul(dqp, pos_k.float())
-                if ctx.needs_input_grad[3]:
-                    dpos_k = torch.einsum("bhlc,bhld->hcd", dqp, q.float()).to(pos_k.dtype)
+                dq, dpos_k = _position_grads(dq, dqp, q, pos_k, ctx.needs_input_grad[3])
             if pos_q is not None:
-                dk += torch.matmul(dkp, pos_q.float())
-                if ctx.needs_input_grad[4]:
-                    dpos_q = torch.einsum("bhlc,bhld->hcd", dkp, k.float()).to(pos_q.dtype)
+                dk, dpos_q = _position_grads(dk, dkp, k, pos_q, ctx.needs_input_grad[4])
         return (
             dq.to(q.dtype),
             dk.to(k.dtype),
@@ -206,6 +204,24 @@ class _FusedDisentangledAttention(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _position_grads(
+    dx: torch.Tensor, dxp: torch.Tensor, x: torch.Tensor, pos: torch.Tensor, want_dpos: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """From the kernel's fp32 dXP ([B, h, L, 2S], XP = x @ pos^T): dx + dXP @ pos, and
+    dpos = sum over batch and rows of dXP^T @ x ([h, 2S, d]), or None when not wanted.
+
+    The two matmuls run in x's dtype, as the eager path's under autocast do: dXP is rounded
+    once (in bf16 it is as large as the scores at L = 2S), and cuBLAS reads dXP^T and the
+    per-(batch, head) products without a copy. In fp32 this is the fp32 arithmetic as before.
+    """
+    dxp = dxp.to(x.dtype)
+    dx = dx.add_(torch.matmul(dxp, pos.to(x.dtype)))
+    if not want_dpos:
+        return dx, None
+    dpos = torch.matmul(dxp.transpose(-1, -2), x).sum(0, dtype=torch.float32)
+    return dx, dpos.to(pos.dtype)
 
 
 # Under torch.compile (trainer.compile) the kernel runs as it is, a graph break on each side:
