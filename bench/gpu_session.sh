@@ -114,13 +114,15 @@ bench=("$py" bench/rtd_step.py --attention triton eager --compile both --warmup 
 stage env 20 "$py" -c "import subprocess, torch, triton, transformers
 print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())
 subprocess.run(['nvidia-smi', '--query-gpu=name,memory.total,driver_version', '--format=csv'])"
-stage rtd_512 150 "${bench[@]}" --seq-len 512 --batch 32
+# --profile: the busiest kernels of one step of each row, for the next round of speed work.
+stage rtd_512 150 "${bench[@]}" --seq-len 512 --batch 32 --profile
 stage rtd_2048 170 "${bench[@]}" --seq-len 2048 --batch 8
 # HF's step may not fit at L=2048, B=8 on an 80 GB card (the issue measured 49 GiB for its
-# encoder alone); then compare at B=4 too, with the fused kernel only, to keep within time.
+# encoder alone; on an H100 it did not); then compare at B=4 too, with the fused kernel only
+# (compiled and not), to keep within time.
 if grep -qE "^(measured )?hf .*OOM" "$out/rtd_2048.log" 2>/dev/null; then
-    stage rtd_2048_b4 80 "$py" bench/rtd_step.py --attention triton --seq-len 2048 --batch 4 \
-        --warmup 2 --steps 5
+    stage rtd_2048_b4 80 "$py" bench/rtd_step.py --attention triton --compile both --seq-len 2048 \
+        --batch 4 --warmup 2 --steps 5
 fi
 # The gpu-marked tests: the files that hold them (collecting the whole suite costs time, and
 # modules that need packages the image lacks would only fail to collect).
