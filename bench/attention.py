@@ -1,7 +1,7 @@
 """The disentangled-attention core alone, forward + backward: eager vs the fused kernel (at
 several tile sizes) vs plain scaled-dot-product attention of the same shape, in one run.
 
-    python bench/attention.py [--seq-len 512 2048] [--batch 32 8] [--tiles 64x64/32x64 ...]
+    python bench/attention.py [--seq-len 512 2048] [--batch 32 8] [--tiles 64x64/32x64+runs ...]
 
 Plain SDPA has no position terms, so it is a floor, not a competitor: it says how far the
 fused kernel is from ordinary FlashAttention. Each fused row also prints its largest error
@@ -12,7 +12,9 @@ small fp32 case of eager and SDPA only (the fused kernel needs CUDA), so the scr
 checked anywhere.
 
 Tiles are FWD_MxN/BWD_MxN (BLOCK_M x BLOCK_N of the forward and the backward kernels);
-"default" is what `fused._launch_settings` picks. The "triton deterministic" row is the
+"default" is what `fused._launch_settings` picks. A `+runs` suffix runs the backward with one
+atomic per run of pairs that share a position row (`fused.RUN_SUMS`), `+pairs` with one per
+pair; without a suffix, the default. The "triton deterministic" row is the
 kernel with its atomics-free backward (default tiles), what `trainer.deterministic=true` runs:
 its cost over the default backward. `--profile` adds, per length, torch
 profiler's kernel table for one call of eager and of the fused kernel (default tiles): where
@@ -100,19 +102,36 @@ def sdpa(c: Case) -> tuple[torch.Tensor, torch.Tensor]:
     return out, q.grad
 
 
+def parse_tiles(spec: str) -> dict | None:
+    """`FWD_MxN/BWD_MxN` or `default`, optionally `+runs` or `+pairs`: the launch settings to
+    override, or None when the spec is malformed."""
+    tile_part, _, form = spec.partition("+")
+    if form not in ("", "runs", "pairs"):
+        return None
+    override: dict = {} if not form else {"run_sums": form == "runs"}
+    if tile_part == "default":
+        return override
+    parts = [p.split("x") for p in tile_part.split("/")]
+    if len(parts) != 2 or not all(len(p) == 2 and all(x.isdigit() for x in p) for p in parts):
+        return None
+    fwd, bwd = (tuple(int(x) for x in p) for p in parts)
+    return {**override, "fwd": fwd, "bwd": bwd}
+
+
 @contextlib.contextmanager
 def tiles(spec: str) -> Iterator[None]:
-    """Run the fused kernel with the tiles of `spec` ("default" leaves them alone)."""
-    if spec == "default":
+    """Run the fused kernel with the launch settings of `spec` (see `parse_tiles`)."""
+    override = parse_tiles(spec)
+    assert override is not None, spec
+    if not override:
         yield
         return
     from pretrain.models.attention import fused
 
-    fwd, bwd = (tuple(int(x) for x in part.split("x")) for part in spec.split("/"))
     original = fused._launch_settings
 
     def patched(q: torch.Tensor) -> dict:
-        return {**original(q), "fwd": fwd, "bwd": bwd}
+        return {**original(q), **override}
 
     fused._launch_settings = patched
     try:
@@ -186,12 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --batch takes one value, or one per --seq-len", file=sys.stderr)
         return 2
     for spec in args.tiles:
-        parts = spec.split("/")
-        if spec != "default" and (
-            len(parts) != 2 or not all(len(x.split("x")) == 2 for x in parts)
-        ):
+        if parse_tiles(spec) is None:
             print(
-                f"error: --tiles {spec!r}: write FWD_MxN/BWD_MxN, e.g. 64x64/32x64", file=sys.stderr
+                f"error: --tiles {spec!r}: write FWD_MxN/BWD_MxN or default, optionally with "
+                "+runs or +pairs, e.g. 128x64/64x64+runs",
+                file=sys.stderr,
             )
             return 2
     dtype = torch.bfloat16 if cuda else torch.float32

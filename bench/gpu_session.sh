@@ -8,11 +8,12 @@
 #   bash bench/gpu_session.sh [OUT_DIR [STAGE ...]]
 #
 # OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env rtd_512 rtd_2048 rtd_2048_b4 tests
-# curves attention mlm_head trainer_512 (default: all, in that order, the most needed first;
-# rtd_2048_b4 runs only when HF ran out of memory in rtd_2048; trainer_512 is the real trainer,
-# DeepSpeed and data loading included, on the v3-base shape at L=512, for its tokens/s and MFU
-# beside rtd_step's bare step). Each stage has its own time limit, cut to
-# what is left of BUDGET_S (580 s, inside the device tool's 10-minute command), and writes
+# curves attention rtd_runs mlm_head trainer_512 (default: all, in that order, the most needed
+# first; rtd_2048_b4 runs only when HF ran out of memory in rtd_2048; rtd_runs is the step with
+# the backward's other form of atomics; trainer_512 is the real trainer, DeepSpeed and data
+# loading included, on the v3-base shape at L=512, for its tokens/s and MFU beside rtd_step's
+# bare step). Each stage has its own time limit, cut to what is left of BUDGET_S (580 s, inside
+# the device tool's 10-minute command; all stages took 451 s on an H100), and writes
 # OUT_DIR/<stage>.log as it goes, so a stage that overruns leaves the others' results; run the
 # missing ones again (the machine stays warm for 30 s after a call, so a second call right
 # away starts no new one). Exits 1 when a stage failed or was skipped.
@@ -75,7 +76,7 @@ fi
 
 out=${1:-${OUT:-gpu_session}}
 shift || true
-stages=${*:-env rtd_512 rtd_2048 rtd_2048_b4 tests curves attention mlm_head trainer_512}
+stages=${*:-env rtd_512 rtd_2048 rtd_2048_b4 tests curves attention rtd_runs mlm_head trainer_512}
 mkdir -p "$out"
 # Stages stop here at the latest, inside the device tool's 10-minute command.
 deadline=$((SECONDS + ${BUDGET_S:-580}))
@@ -129,8 +130,14 @@ fi
 stage tests 100 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/unit/test_fused_attention.py \
     tests/unit/test_deberta_parity.py tests/unit/test_mlm_objective.py
 stage curves 150 bash "$0" --curves "$out"
-stage attention 50 "$py" bench/attention.py --steps 5 --profile \
-    --tiles default 128x64/64x64 64x32/32x32 128x32/64x64 32x64/32x32
+# The backward's two forms of the position gradients' atomics (+runs: one per run of pairs that
+# share a position row; fused.RUN_SUMS), at the default tiles and at a backward tile that
+# compiles without register spills, then the full step with +runs (ours only; compare with the
+# fused rows of rtd_512 / rtd_2048).
+stage attention 60 "$py" bench/attention.py --steps 5 --profile \
+    --tiles default default+runs 128x64/32x64+pairs 128x64/32x64+runs
+stage rtd_runs 70 "$py" bench/rtd_step.py --impl ours --attention triton --run-sums --warmup 2 \
+    --steps 5 --seq-len 512 2048 --batch 32 8
 stage mlm_head 40 "$py" bench/mlm_head.py
 # 40 steps of python -m pretrain on the base preset (fused attention, bf16, ZeRO-1) over the
 # quick start's corpus; metrics.jsonl's tokens_per_s and mfu at steps 20-40 are the figures.

@@ -35,9 +35,10 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -492,6 +493,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--impl", choices=["both", "ours", "hf"], default="both")
     p.add_argument(
+        "--run-sums",
+        action="store_true",
+        help="the fused backward with one atomic per run of pairs sharing a position row "
+        "(pretrain.models.attention.fused.RUN_SUMS) instead of one per pair",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="after each row's timed steps, torch profiler's table of one more step's kernels",
@@ -535,6 +542,8 @@ def resolve(args: argparse.Namespace) -> torch.device:
         )
     if "triton" in args.attention and not cuda:
         raise UsageError("--attention triton needs CUDA; use eager or auto on CPU")
+    if args.run_sums and not fused:
+        raise UsageError("--run-sums is a setting of the fused kernel: add --attention triton")
     return torch.device("cuda" if cuda else "cpu")
 
 
@@ -563,10 +572,27 @@ def main(argv: list[str] | None = None) -> int:
         # Oversubscribed cores (other jobs, more threads than cores) make CPU timings
         # meaningless, so one thread by default: per-core figures, as bench/data.py gives.
         torch.set_num_threads(args.threads)
+    restore: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if args.run_sums:
+        from pretrain.models.attention import fused
+
+        restore = _setting(fused, "RUN_SUMS", True)
     try:
-        return run(args, command, device, configs, rtd)
+        with restore:
+            return run(args, command, device, configs, rtd)
     finally:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _setting(module: Any, name: str, value: Any) -> Iterator[None]:
+    """module.name = value for the duration."""
+    before = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, before)
 
 
 def run(
@@ -598,6 +624,8 @@ def run(
         + ", ".join(our_attention(c, device) for c in configs.values())
         + f", HF eager; compiled layers: ours {args.compile}, HF off"
     )
+    if args.run_sums:
+        print("fused attention backward: one atomic per run of pairs sharing a position row")
     if config.position_biased_input and rtd.embedding_sharing != "nes":
         print("note: HF side shares word embeddings only; its absolute position table is its own")
     print(

@@ -31,3 +31,30 @@ def test_cpu_run_prints_eager_and_sdpa_rows(bench, capsys) -> None:
 def test_bad_tiles_are_one_line(bench, capsys) -> None:
     assert bench.main(["--device", "cpu", "--tiles", "64x64"]) == 2
     assert "write FWD_MxN/BWD_MxN" in capsys.readouterr().err
+
+
+def test_tile_specs_name_the_launch_settings_they_override(bench) -> None:
+    assert bench.parse_tiles("default") == {}
+    assert bench.parse_tiles("default+runs") == {"run_sums": True}
+    assert bench.parse_tiles("128x64/64x64") == {"fwd": (128, 64), "bwd": (64, 64)}
+    assert bench.parse_tiles("128x64/32x64+pairs") == {
+        "run_sums": False,
+        "fwd": (128, 64),
+        "bwd": (32, 64),
+    }
+    for bad in ("64x64", "128x64/64x64+sums", "ax64/64x64", "128x64/64x64/32x32"):
+        assert bench.parse_tiles(bad) is None, bad
+
+
+def test_a_spec_overrides_the_kernels_launch_settings_only_inside(bench, monkeypatch) -> None:
+    pytest.importorskip("triton")
+    from pretrain.models.attention import fused
+
+    def stub(q):  # the real one refuses CPU tensors outside the interpreter
+        return {"fwd": (64, 64), "bwd": (32, 64), "run_sums": False, "warps": 8}
+
+    monkeypatch.setattr(fused, "_launch_settings", stub)
+    with bench.tiles("128x64/64x64+runs"):
+        got = fused._launch_settings(None)
+    assert got == {"fwd": (128, 64), "bwd": (64, 64), "run_sums": True, "warps": 8}
+    assert fused._launch_settings is stub

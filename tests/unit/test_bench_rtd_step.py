@@ -90,3 +90,8 @@ def test_profile_prints_each_rows_table(bench, capsys):
     for label in ("hf L=32 B=2", "ours eager L=32 B=2"):
         start = out.index(f"profile: {label}, one step")
         assert "aten::" in out[start : start + 4000], label
+
+
+def test_run_sums_needs_the_fused_kernel(bench, capsys):
+    assert bench.main(TINY + ["--run-sums"]) == 2
+    assert "--run-sums is a setting of the fused kernel" in capsys.readouterr().err

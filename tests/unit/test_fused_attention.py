@@ -224,9 +224,15 @@ def _grad_names(terms) -> list[str]:
 
 
 @interpreted
+@pytest.mark.parametrize("run_sums", [False, True], ids=["atomic_per_pair", "atomic_per_run"])
 @pytest.mark.parametrize("length", [16, 37])
 @pytest.mark.parametrize("case", sorted(CORE_CASES))
-def test_fused_matches_eager_fp32(case: str, length: int) -> None:
+def test_fused_matches_eager_fp32(
+    case: str, length: int, run_sums: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pretrain.models.attention import fused
+
+    monkeypatch.setattr(fused, "RUN_SUMS", run_sums)
     terms, buckets, max_rel = CORE_CASES[case]
     config = _config(buckets, max_rel)
     span = config.relative_span
@@ -502,7 +508,13 @@ def _gpu_case(dtype: torch.dtype, seed: int = 0):
 
 @compiled
 @pytest.mark.gpu
-def test_gpu_bf16_fused_error_is_eager_bf16_error() -> None:
+@pytest.mark.parametrize("run_sums", [False, True], ids=["atomic_per_pair", "atomic_per_run"])
+def test_gpu_bf16_fused_error_is_eager_bf16_error(
+    run_sums: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pretrain.models.attention import fused
+
+    monkeypatch.setattr(fused, "RUN_SUMS", run_sums)
     run = _gpu_case(torch.bfloat16)
     reference, eager = run("eager", torch.float32), run("eager", torch.bfloat16)
     fused = run("triton", torch.bfloat16)

@@ -9,7 +9,8 @@ usual FlashAttention trick; the saved logsumexp `LSE` is in the same units.
 
 The backward comes in two forms. The default is one program per key block, which adds the
 gradients of q and of both position products (QP, KP) with fp32 atomics: fast, but the order
-of those additions (so the last bits) changes from run to run. The deterministic form
+of those additions (so the last bits) changes from run to run. With RUN_SUMS it sums the pairs
+of a tile that share a position row first (`_run_sums`) and adds each sum with one atomic. The deterministic form
 has no atomics: the key-block program keeps only what it owns (dk, dv, the rows of dKP of its
 keys), a second kernel, one program per query block, makes dq and the rows of dQP of its
 queries, and each program sums the several (i, j) of a tile that share a position row c in a
@@ -148,25 +149,43 @@ def _segment_add(v1, start1, v2, start2):
 
 
 @triton.jit
+def _run_sums(c, c_before, c_after, last, vals, AXIS: tl.constexpr):
+    """Along AXIS, c is monotone (the relative index is a monotone function of i - j), so the
+    pairs of one destination row that share a c are one contiguous run. Returns each run's sum
+    (a segmented scan, in a fixed order) at the run's last pair, and where those last pairs
+    are. c_before / c_after are c one pair back / on along AXIS; `last` flags the tile's last
+    index along AXIS."""
+    starts = (c_before != c).to(tl.int32)
+    ends = last | (c_after != c)
+    sums, _ = tl.associative_scan((vals, starts), AXIS, _segment_add)
+    return sums, ends
+
+
+@triton.jit
 def _add_runs(ROW_PTRS, dest_ok, c, c_before, c_after, last, vals, AXIS: tl.constexpr):
     """ROW_PTRS[c] += vals, summed over the pairs of a tile that share an address, without
     atomics and in a fixed order.
 
     ROW_PTRS broadcasts to the tile: one destination row per index across AXIS (a query's or a
-    key's row of dQP / dKP), owned by this program alone. Along AXIS, c is monotone (the
-    relative index is a monotone function of i - j), so the pairs of a destination row with
-    one c are one contiguous run: a segmented scan sums each run and its last pair adds the
-    sum, so no two lanes of one store share an address. c_before / c_after are c one pair
-    back / on along AXIS; `last` flags the tile's last index along AXIS. The barrier orders the
-    previous tile's stores (by any thread of this program) before these loads.
+    key's row of dQP / dKP), owned by this program alone. Each run of equal c is summed
+    (`_run_sums`) and its last pair adds the sum, so no two lanes of one store share an
+    address. The barrier orders the previous tile's stores (by any thread of this program)
+    before these loads.
     """
-    starts = (c_before != c).to(tl.int32)
-    ends = last | (c_after != c)
-    sums, _ = tl.associative_scan((vals, starts), AXIS, _segment_add)
+    sums, ends = _run_sums(c, c_before, c_after, last, vals, AXIS)
     ptrs = ROW_PTRS + c
     ok = ends & dest_ok
     tl.debug_barrier()
     tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + sums, mask=ok)
+
+
+@triton.jit
+def _atomic_add_runs(ROW_PTRS, dest_ok, c, c_before, c_after, last, vals, AXIS: tl.constexpr):
+    """ROW_PTRS[c] += vals with one atomic per run of equal c (`_run_sums`) instead of one per
+    pair: in the log-bucket and clamped regions many pairs of a row share one address, and
+    atomics on one address wait for each other."""
+    sums, ends = _run_sums(c, c_before, c_after, last, vals, AXIS)
+    tl.atomic_add(ROW_PTRS + c, sums, mask=ends & dest_ok, sem="relaxed")
 
 
 @triton.jit
@@ -251,12 +270,14 @@ def _backward_kernel(
     HAS_QP: tl.constexpr,
     HAS_KP: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
+    RUN_SUMS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One program per key block: dk, dv in registers. dq, dQP, dKP by fp32 atomics; or, if
+    """One program per key block: dk, dv in registers. dq, dQP, dKP by fp32 atomics (with
+    RUN_SUMS, one per run of pairs that share a position row c rather than one per pair); or, if
     DETERMINISTIC, only dKP (its own rows, by `_add_runs`), dq and dQP being left to
     `_backward_dq_kernel`.
 
@@ -317,14 +338,45 @@ def _backward_kernel(
                 mask=qd_ok,
                 sem="relaxed",
             )
-            if HAS_QP:
-                tl.atomic_add(
-                    DQP + pos_grad_base + offs_m[:, None] * C + c, ds, mask=grad_ok, sem="relaxed"
-                )
-            if HAS_KP:
-                tl.atomic_add(
-                    DKP + pos_grad_base + offs_n[None, :] * C + c, ds, mask=grad_ok, sem="relaxed"
-                )
+            if RUN_SUMS:  # one atomic per run of equal c: along j for dQP, along i for dKP
+                c_all = _index_tile(IDX, offs_m, offs_n, L)
+                if HAS_QP:
+                    _atomic_add_runs(
+                        DQP + pos_grad_base + offs_m[:, None] * C,
+                        row_ok[:, None],
+                        c_all,
+                        _index_tile(IDX, offs_m, offs_n - 1, L),
+                        _index_tile(IDX, offs_m, offs_n + 1, L),
+                        (offs_n == pid_n * BLOCK_N + BLOCK_N - 1)[None, :],
+                        ds,
+                        1,
+                    )
+                if HAS_KP:
+                    _atomic_add_runs(
+                        DKP + pos_grad_base + offs_n[None, :] * C,
+                        col_ok[None, :],
+                        c_all,
+                        _index_tile(IDX, offs_m - 1, offs_n, L),
+                        _index_tile(IDX, offs_m + 1, offs_n, L),
+                        (offs_m == start_m + BLOCK_M - 1)[:, None],
+                        ds,
+                        0,
+                    )
+            else:  # one atomic per pair
+                if HAS_QP:
+                    tl.atomic_add(
+                        DQP + pos_grad_base + offs_m[:, None] * C + c,
+                        ds,
+                        mask=grad_ok,
+                        sem="relaxed",
+                    )
+                if HAS_KP:
+                    tl.atomic_add(
+                        DKP + pos_grad_base + offs_n[None, :] * C + c,
+                        ds,
+                        mask=grad_ok,
+                        sem="relaxed",
+                    )
 
     out_ptrs = grad_base + offs_n[:, None] * D + offs_d[None, :]
     tl.store(DK + out_ptrs, dk, mask=kv_ok)

@@ -5,8 +5,10 @@ QP = q @ pos_k^T and KP = k @ pos_q^T ([B, h, L, 2S]); the kernel gathers QP[i, 
 KP[j, c(i, j)] per tile, so the [L, L] scores are never stored. QP and KP are not saved for
 the backward either: it recomputes them (one small matmul each), gets dQP / dKP from the
 kernel (fp32; in the log-bucket and clamped regions many (i, j) share one c) and turns them
-into q, k, pos_k, pos_q gradients with two more matmuls. The backward adds dq and dQP with
-atomics, or, `deterministic`, runs a second kernel that makes them without (see `_kernels`).
+into q, k, pos_k, pos_q gradients with two more matmuls in the inputs' dtype. The backward
+adds dq, dQP and dKP with atomics (one per pair, or with `RUN_SUMS` one per run of pairs that
+share a position row), or, `deterministic`, runs a second kernel that makes dq and dQP without
+(see `_kernels`).
 
 Where it runs: compiled on CUDA; on CPU only under Triton's interpreter, which the tests use.
 Triton picks interpreted or compiled when a `triton.jit` function is defined, its own library
@@ -27,6 +29,12 @@ from triton.runtime.interpreter import InterpretedFunction
 from pretrain.models.attention import _kernels
 
 LOG2E = 1.0 / math.log(2.0)
+
+# The default backward's position gradients: one atomic per run of pairs that share a position
+# row (True) or one per pair (False, the form timed on an H100 so far; see the README's Speed).
+# In the log-bucket and clamped regions a run spans many pairs: at L=2048 with v3's 512
+# relative positions, most pairs of a row share the clamped end's one address.
+RUN_SUMS = False
 
 
 def _interpreting() -> bool:
@@ -75,7 +83,15 @@ def _launch_settings(q: torch.Tensor) -> dict[str, Any]:
         fwd, bwd = (64, 32), (32, 32)
     # The deterministic backward's dq kernel mirrors the key-block kernel: the same tile, the
     # roles of its two sides swapped.
-    return dict(block_d=block_d, precision=precision, fwd=fwd, bwd=bwd, bwd_dq=bwd[::-1], warps=8)
+    return dict(
+        block_d=block_d,
+        precision=precision,
+        fwd=fwd,
+        bwd=bwd,
+        bwd_dq=bwd[::-1],
+        warps=8,
+        run_sums=RUN_SUMS,
+    )
 
 
 def _project(x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor | None:
@@ -179,7 +195,8 @@ class _FusedDisentangledAttention(torch.autograd.Function):
         grid = (triton.cdiv(length, block_n), batch * heads)
         _kernels._backward_kernel[grid](
             *inputs, dq, dk, dv, dqp, dkp, *sizes,
-            DETERMINISTIC=deterministic, BLOCK_M=block_m, BLOCK_N=block_n, **common,
+            DETERMINISTIC=deterministic, RUN_SUMS=cfg["run_sums"], BLOCK_M=block_m,
+            BLOCK_N=block_n, **common,
         )  # fmt: skip
         if deterministic:
             block_m, block_n = cfg["bwd_dq"]
