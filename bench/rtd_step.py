@@ -341,17 +341,21 @@ def measure(
 
 
 def print_profile(label: str, step: Callable[[], Losses], cuda: bool) -> None:
-    """Where one step's time goes: torch profiler's busiest kernels (operators on CPU)."""
+    """Where one step's time goes: torch profiler's busiest kernels (operators on CPU), then
+    the busiest operators by input shape (which copies, which matmuls)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         step()
         if cuda:
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     print(f"\nprofile: {label}, one step", flush=True)
     print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70))
+    print(f"profile: {label}, one step, by input shape", flush=True)
+    by_shape = prof.key_averages(group_by_input_shape=True)
+    print(by_shape.table(sort_by=key, row_limit=25, max_name_column_width=40))
 
 
 def measure_or_oom(

@@ -89,6 +89,7 @@ def test_profile_prints_each_rows_table(bench, capsys):
     out = capsys.readouterr().out
     for label in ("hf L=32 B=2", "ours eager L=32 B=2"):
         start = out.index(f"profile: {label}, one step")
+        assert f"profile: {label}, one step, by input shape" in out
         assert "aten::" in out[start : start + 4000], label
 
 
