@@ -164,8 +164,12 @@ class RTDModel(nn.Module):
         """input_ids: [B, L] with masked positions already corrupted (usually [MASK]);
         labels: [B, L] original ids at the masked positions, IGNORE_INDEX elsewhere;
         sampling_noise: [B, L] uniforms that decide the replacements (else `sampling_generator`)."""
+        # The masked rows' flat indices, found once: this is the step's one wait for the GPU
+        # (their count sets shapes). Every later selection indexes with them or multiplies by
+        # a mask, so the host can queue the rest of the step while the GPU works.
         masked = labels != IGNORE_INDEX
-        targets = labels[masked]
+        rows = masked.flatten().nonzero().squeeze(1)
+        targets = labels.flatten()[rows]
 
         # 1. Generator: MLM at the masked rows only. `mlm_objective` decodes them in chunks and
         #    also does step 2's sampling, so the [N, V] logits never exist whole.
@@ -176,11 +180,11 @@ class RTDModel(nn.Module):
             gen_hidden = gen_states[-1]
         gen_word, _ = self.generator_embedding_weights()
         if sampling_noise is not None:
-            uniforms = sampling_noise[masked]
+            uniforms = sampling_noise.flatten()[rows]
         else:
             uniforms = torch.rand(len(targets), generator=sampling_generator, device=labels.device)
         mlm = mlm_objective(
-            self.mlm_head.transform(gen_hidden[masked]),
+            self.mlm_head.transform(gen_hidden.flatten(0, 1)[rows]),
             gen_word,
             self.mlm_head.bias,
             targets,
@@ -196,7 +200,7 @@ class RTDModel(nn.Module):
         with torch.no_grad():
             original = torch.where(masked, labels, input_ids)
             disc_ids = original.clone()
-            disc_ids[masked] = mlm.sampled
+            disc_ids.view(-1)[rows] = mlm.sampled
             valid = attention_mask.bool()
             replaced = (disc_ids != original) & valid
 
@@ -204,10 +208,11 @@ class RTDModel(nn.Module):
         word, pos = self.discriminator_embedding_weights()
         disc_hidden = self.discriminator(disc_ids, attention_mask, token_type_ids, word, pos)
         disc_logits = self.rtd_head(disc_hidden)
-        disc_scores = at_least_fp32(disc_logits[valid])
-        disc_loss = F.binary_cross_entropy_with_logits(
-            disc_scores, replaced[valid].to(disc_scores.dtype)
+        disc_scores = at_least_fp32(disc_logits)
+        per_token = F.binary_cross_entropy_with_logits(
+            disc_scores, replaced.to(disc_scores.dtype), reduction="none"
         )
+        disc_loss = (per_token * valid).sum() / valid.sum().clamp(min=1)
 
         loss = gen_loss + self.rtd.rtd_weight * disc_loss
         metrics = rtd_metrics(mlm.predicted, targets, disc_logits, replaced, valid, masked)
@@ -236,7 +241,7 @@ def rtd_metrics(
     true_pos = (predicted & replaced).sum()
     return {
         "gen_acc": ratio((gen_predicted == targets).sum(), targets.numel()),
-        "disc_acc": ratio(((disc_logits > 0) == replaced)[valid].sum(), valid.sum()),
+        "disc_acc": ratio((((disc_logits > 0) == replaced) & valid).sum(), valid.sum()),
         "disc_precision": ratio(true_pos, predicted.sum()),
         "disc_recall": ratio(true_pos, replaced.sum()),
         "replaced_frac": ratio(replaced.sum(), masked.sum()),

@@ -243,3 +243,39 @@ def test_rtd_head_is_debertas_replaced_token_detector() -> None:
     moved = hidden.clone()
     moved[:, 0] += torch.randn(16)  # not a constant, which LayerNorm would remove
     assert (head(moved)[:, 1:] - head(hidden)[:, 1:]).abs().min() > 1e-4
+
+
+@pytest.mark.parametrize("mode", ["gdes", "es", "nes"])
+def test_a_training_step_waits_for_the_device_once(mode: str) -> None:
+    """On a GPU every op that must read a device value on the host (a boolean mask's nonzero,
+    `.item()`, ...) stalls the host until the queued work is done, and the GPU then idles
+    while the host launches the next kernels. The step's one such wait is the masked rows'
+    count at the start (it sets shapes); the losses and metrics must not add more. Counted
+    on CPU at the dispatcher, forward and backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    waits = {"aten::nonzero", "aten::_local_scalar_dense", "aten::masked_select", "aten::item"}
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name
+            if name in waits:
+                self.seen.append(name)
+            elif name.startswith(("aten::index", "aten::_index_put")):
+                # x[mask] and x[mask] = y find the mask's nonzero entries inside the op
+                indices = args[1] if len(args) > 1 else ()
+                if any(getattr(i, "dtype", None) == torch.bool for i in indices):
+                    self.seen.append(f"{name} with a boolean mask")
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_model(mode)
+    ids, mask, labels = tiny_batch()
+    noise = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0))
+    with Count() as count:
+        out = model(ids, mask, labels, sampling_noise=noise)
+        (out.loss + sum(v.float().sum() for v in out.metrics.values())).backward()
+    assert count.seen == ["aten::nonzero"], count.seen
