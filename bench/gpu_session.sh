@@ -8,13 +8,14 @@
 #   bash bench/gpu_session.sh [OUT_DIR [STAGE ...]]
 #
 # OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env rtd_512 rtd_2048 rtd_2048_b4 tests
-# curves attention rtd_runs mlm_head trainer_512 (default: all, in that order, the most needed
-# first; rtd_2048_b4 runs only when HF ran out of memory in rtd_2048; rtd_runs is the step with
-# the backward's other form of atomics; trainer_512 is the real trainer, DeepSpeed and data
-# loading included, on the v3-base shape at L=512, for its tokens/s and MFU beside rtd_step's
-# bare step). Each stage has its own time limit, cut to what is left of BUDGET_S (580 s, inside
-# the device tool's 10-minute command; all stages took 451 s on an H100), and writes
-# OUT_DIR/<stage>.log as it goes, so a stage that overruns leaves the others' results; run the
+# curves attention rtd_runs ncu mlm_head trainer_512 (default: all, in that order, the most
+# needed first; rtd_2048_b4 runs only when HF ran out of memory in rtd_2048; rtd_runs is the
+# step with the backward's other form of atomics; ncu profiles the fused kernels; trainer_512
+# is the real trainer, DeepSpeed and data loading included, on the v3-base shape at L=512, for
+# its tokens/s and MFU beside rtd_step's bare step). Each stage has its own time limit, cut to
+# what is left of BUDGET_S (580 s, inside the device tool's 10-minute command; the stages of
+# 7a09b79, without rtd_runs and ncu, took 451 s on an H100), and writes OUT_DIR/<stage>.log as
+# it goes, so a stage that overruns leaves the others' results; run the
 # missing ones again (the machine stays warm for 30 s after a call, so a second call right
 # away starts no new one). Exits 1 when a stage failed or was skipped.
 #
@@ -76,7 +77,7 @@ fi
 
 out=${1:-${OUT:-gpu_session}}
 shift || true
-stages=${*:-env rtd_512 rtd_2048 rtd_2048_b4 tests curves attention rtd_runs mlm_head trainer_512}
+stages=${*:-env rtd_512 rtd_2048 rtd_2048_b4 tests curves attention rtd_runs ncu mlm_head trainer_512}
 mkdir -p "$out"
 # Stages stop here at the latest, inside the device tool's 10-minute command.
 deadline=$((SECONDS + ${BUDGET_S:-580}))
@@ -138,6 +139,16 @@ stage attention 60 "$py" bench/attention.py --steps 5 --profile \
     --tiles default default+runs 128x64/32x64+pairs 128x64/32x64+runs
 stage rtd_runs 70 "$py" bench/rtd_step.py --impl ours --attention triton --run-sums --warmup 2 \
     --steps 5 --seq-len 512 2048 --batch 32 8
+# Nsight Compute on the fused kernels' first launches at L=512 B=32 (forward and backward, the
+# default form): whether they are bound by memory, atomics or the tensor cores. Skipped where
+# ncu is not installed.
+if command -v ncu >/dev/null; then
+    stage ncu 60 ncu --clock-control none --kernel-name "regex:_forward_kernel|_backward_kernel" \
+        --launch-count 2 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
+        --section WarpStateStats "$py" bench/attention.py --seq-len 512 --batch 32 --warmup 1 \
+        --steps 1
+fi
 stage mlm_head 40 "$py" bench/mlm_head.py
 # 40 steps of python -m pretrain on the base preset (fused attention, bf16, ZeRO-1) over the
 # quick start's corpus; metrics.jsonl's tokens_per_s and mfu at steps 20-40 are the figures.

@@ -9,12 +9,12 @@ usual FlashAttention trick; the saved logsumexp `LSE` is in the same units.
 
 The backward comes in two forms. The default is one program per key block, which adds the
 gradients of q and of both position products (QP, KP) with fp32 atomics: fast, but the order
-of those additions (so the last bits) changes from run to run. With RUN_SUMS it sums the pairs
-of a tile that share a position row first (`_run_sums`) and adds each sum with one atomic. The deterministic form
-has no atomics: the key-block program keeps only what it owns (dk, dv, the rows of dKP of its
-keys), a second kernel, one program per query block, makes dq and the rows of dQP of its
-queries, and each program sums the several (i, j) of a tile that share a position row c in a
-fixed order (`_add_runs`).
+of those additions (so the last bits) changes from run to run. With RUN_SUMS it first sums the
+pairs of a tile that share a position row (`_run_sums`) and adds each sum with one atomic.
+The deterministic form has no atomics: the key-block program keeps only what it owns (dk, dv,
+the rows of dKP of its keys), a second kernel, one program per query block, makes dq and the
+rows of dQP of its queries, and each program sums the several (i, j) of a tile that share a
+position row c in a fixed order (`_add_runs`).
 """
 
 import triton
