@@ -546,7 +546,7 @@ def resolve(args: argparse.Namespace) -> torch.device:
         )
     if "triton" in args.attention and not cuda:
         raise UsageError("--attention triton needs CUDA; use eager or auto on CPU")
-    if args.run_sums and not fused:
+    if args.run_sums and not ("triton" in args.attention or ("auto" in args.attention and cuda)):
         raise UsageError("--run-sums is a setting of the fused kernel: add --attention triton")
     return torch.device("cuda" if cuda else "cpu")
 

@@ -16,6 +16,7 @@ choice, not part of the checkpoint's shape, and so is never exported.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -213,11 +214,17 @@ def log_bucket_position(
     # Inside the exact band the log is never used; give it a harmless argument.
     near = (relative_pos < mid) & (relative_pos > -mid)
     abs_pos = torch.where(near, torch.full_like(relative_pos, mid - 1), relative_pos.abs())
-    # float32 throughout, as HF computes it: a float64 log moves a few distances across a
-    # bucket boundary (the ceil below), which would break parity with exported checkpoints.
-    log_base = torch.log(torch.tensor((max_position - 1) / mid, device=relative_pos.device))
-    log_pos = torch.ceil(torch.log(abs_pos / mid) / log_base * (mid - 1)) + mid
+    log_pos = torch.ceil(torch.log(abs_pos / mid) / _log_base(max_position, mid) * (mid - 1)) + mid
     return torch.where(abs_pos <= mid, relative_pos.to(log_pos.dtype), log_pos * sign).long()
+
+
+@functools.cache
+def _log_base(max_position: int, mid: int) -> float:
+    """log((max_position - 1) / mid) in float32, on the CPU, as transformers computes it: a
+    float64 log moves a few distances across a bucket boundary (the ceil in
+    `log_bucket_position`), which would break parity with exported checkpoints. A Python
+    number, so that no host value is copied to the GPU (a copy that waits for the device)."""
+    return torch.log(torch.tensor((max_position - 1) / mid, dtype=torch.float32)).item()
 
 
 def relative_positions(length: int, config: DebertaConfig, device: torch.device) -> torch.Tensor:

@@ -199,7 +199,7 @@ class RTDModel(nn.Module):
         #    see `sample_replacements`); nothing flows back through this.
         with torch.no_grad():
             original = torch.where(masked, labels, input_ids)
-            disc_ids = original.clone()
+            disc_ids = original.clone(memory_format=torch.contiguous_format)  # for view(-1)
             disc_ids.view(-1)[rows] = mlm.sampled
             valid = attention_mask.bool()
             replaced = (disc_ids != original) & valid
@@ -235,7 +235,9 @@ def rtd_metrics(
     fools the corruption (falls as the generator learns)."""
 
     def ratio(num: torch.Tensor, den: torch.Tensor | int) -> torch.Tensor:
-        return num.float() / torch.as_tensor(den, device=num.device).float().clamp(min=1)
+        if isinstance(den, int):  # a host number stays one: copied to a GPU, it would wait
+            return num.float() / max(den, 1)
+        return num.float() / den.float().clamp(min=1)
 
     predicted = (disc_logits > 0) & valid
     true_pos = (predicted & replaced).sum()

@@ -95,4 +95,6 @@ def test_profile_prints_each_rows_table(bench, capsys):
 
 def test_run_sums_needs_the_fused_kernel(bench, capsys):
     assert bench.main(TINY + ["--run-sums"]) == 2
-    assert "--run-sums is a setting of the fused kernel" in capsys.readouterr().err
+    assert bench.main(TINY + ["--attention", "auto", "--run-sums"]) == 2  # auto is eager here
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all("--run-sums is a setting of the fused kernel" in e for e in err)

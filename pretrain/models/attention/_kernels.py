@@ -338,8 +338,8 @@ def _backward_kernel(
                 mask=qd_ok,
                 sem="relaxed",
             )
-            if RUN_SUMS:  # one atomic per run of equal c: along j for dQP, along i for dKP
-                c_all = _index_tile(IDX, offs_m, offs_n, L)
+            if RUN_SUMS and (HAS_QP or HAS_KP):  # one atomic per run of equal c: along j
+                c_all = _index_tile(IDX, offs_m, offs_n, L)  # for dQP, along i for dKP
                 if HAS_QP:
                     _atomic_add_runs(
                         DQP + pos_grad_base + offs_m[:, None] * C,
