@@ -10,7 +10,7 @@ usual FlashAttention trick; the saved logsumexp `LSE` is in the same units.
 The backward comes in two forms. The default is one program per key block, which adds the
 gradients of q and of both position products (QP, KP) with fp32 atomics: fast, but the order
 of those additions (so the last bits) changes from run to run. With RUN_SUMS it first sums the
-pairs of a tile that share a position row (`_run_sums`) and adds each sum with one atomic.
+pairs of a tile that share a position row and adds each sum with one atomic (`_add_runs`).
 The deterministic form has no atomics: the key-block program keeps only what it owns (dk, dv,
 the rows of dKP of its keys), a second kernel, one program per query block, makes dq and the
 rows of dQP of its queries, and each program sums the several (i, j) of a tile that share a
@@ -149,43 +149,35 @@ def _segment_add(v1, start1, v2, start2):
 
 
 @triton.jit
-def _run_sums(c, c_before, c_after, last, vals, AXIS: tl.constexpr):
-    """Along AXIS, c is monotone (the relative index is a monotone function of i - j), so the
-    pairs of one destination row that share a c are one contiguous run. Returns each run's sum
-    (a segmented scan, in a fixed order) at the run's last pair, and where those last pairs
-    are. c_before / c_after are c one pair back / on along AXIS; `last` flags the tile's last
-    index along AXIS."""
+def _add_runs(
+    ROW_PTRS, dest_ok, c, c_before, c_after, last, vals, AXIS: tl.constexpr, ATOMIC: tl.constexpr
+):
+    """ROW_PTRS[c] += vals, the pairs of a tile that share an address summed first.
+
+    ROW_PTRS broadcasts to the tile: one destination row per index across AXIS (a query's or a
+    key's row of dQP / dKP). Along AXIS, c is monotone (the relative index is a monotone
+    function of i - j), so the pairs of a destination row with one c are one contiguous run: a
+    segmented scan sums each run (in a fixed order) and its last pair adds the sum, so no two
+    lanes of one addition share an address. c_before / c_after are c one pair back / on along
+    AXIS; `last` flags the tile's last index along AXIS.
+
+    ATOMIC: one atomic per run, for rows other programs add to as well (or to keep the software
+    pipelining that the plain stores rule out); in the log-bucket and clamped regions many
+    pairs of a row share one address, and atomics on one address wait for each other. Else the
+    rows must be this program's alone: a plain load and store, in a fixed order, after a
+    barrier that orders the previous tile's stores (by any thread of this program) before
+    these loads.
+    """
     starts = (c_before != c).to(tl.int32)
     ends = last | (c_after != c)
     sums, _ = tl.associative_scan((vals, starts), AXIS, _segment_add)
-    return sums, ends
-
-
-@triton.jit
-def _add_runs(ROW_PTRS, dest_ok, c, c_before, c_after, last, vals, AXIS: tl.constexpr):
-    """ROW_PTRS[c] += vals, summed over the pairs of a tile that share an address, without
-    atomics and in a fixed order.
-
-    ROW_PTRS broadcasts to the tile: one destination row per index across AXIS (a query's or a
-    key's row of dQP / dKP), owned by this program alone. Each run of equal c is summed
-    (`_run_sums`) and its last pair adds the sum, so no two lanes of one store share an
-    address. The barrier orders the previous tile's stores (by any thread of this program)
-    before these loads.
-    """
-    sums, ends = _run_sums(c, c_before, c_after, last, vals, AXIS)
     ptrs = ROW_PTRS + c
     ok = ends & dest_ok
-    tl.debug_barrier()
-    tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + sums, mask=ok)
-
-
-@triton.jit
-def _atomic_add_runs(ROW_PTRS, dest_ok, c, c_before, c_after, last, vals, AXIS: tl.constexpr):
-    """ROW_PTRS[c] += vals with one atomic per run of equal c (`_run_sums`) instead of one per
-    pair: in the log-bucket and clamped regions many pairs of a row share one address, and
-    atomics on one address wait for each other."""
-    sums, ends = _run_sums(c, c_before, c_after, last, vals, AXIS)
-    tl.atomic_add(ROW_PTRS + c, sums, mask=ends & dest_ok, sem="relaxed")
+    if ATOMIC:
+        tl.atomic_add(ptrs, sums, mask=ok, sem="relaxed")
+    else:
+        tl.debug_barrier()
+        tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + sums, mask=ok)
 
 
 @triton.jit
@@ -318,19 +310,7 @@ def _backward_kernel(
         )  # fmt: skip
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
-        if DETERMINISTIC:
-            if HAS_KP:  # along i (axis 0) for each key j: c(i - 1, j) and c(i + 1, j)
-                _add_runs(
-                    DKP + pos_grad_base + offs_n[None, :] * C,
-                    col_ok[None, :],
-                    _index_tile(IDX, offs_m, offs_n, L),
-                    _index_tile(IDX, offs_m - 1, offs_n, L),
-                    _index_tile(IDX, offs_m + 1, offs_n, L),
-                    (offs_m == start_m + BLOCK_M - 1)[:, None],
-                    ds,
-                    0,
-                )
-        else:
+        if not DETERMINISTIC:
             dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
             tl.atomic_add(
                 DQ + grad_base + offs_m[:, None] * D + offs_d[None, :],
@@ -338,45 +318,47 @@ def _backward_kernel(
                 mask=qd_ok,
                 sem="relaxed",
             )
-            if RUN_SUMS and (HAS_QP or HAS_KP):  # one atomic per run of equal c: along j
-                c_all = _index_tile(IDX, offs_m, offs_n, L)  # for dQP, along i for dKP
-                if HAS_QP:
-                    _atomic_add_runs(
-                        DQP + pos_grad_base + offs_m[:, None] * C,
-                        row_ok[:, None],
-                        c_all,
-                        _index_tile(IDX, offs_m, offs_n - 1, L),
-                        _index_tile(IDX, offs_m, offs_n + 1, L),
-                        (offs_n == pid_n * BLOCK_N + BLOCK_N - 1)[None, :],
-                        ds,
-                        1,
-                    )
-                if HAS_KP:
-                    _atomic_add_runs(
-                        DKP + pos_grad_base + offs_n[None, :] * C,
-                        col_ok[None, :],
-                        c_all,
-                        _index_tile(IDX, offs_m - 1, offs_n, L),
-                        _index_tile(IDX, offs_m + 1, offs_n, L),
-                        (offs_m == start_m + BLOCK_M - 1)[:, None],
-                        ds,
-                        0,
-                    )
-            else:  # one atomic per pair
-                if HAS_QP:
-                    tl.atomic_add(
-                        DQP + pos_grad_base + offs_m[:, None] * C + c,
-                        ds,
-                        mask=grad_ok,
-                        sem="relaxed",
-                    )
-                if HAS_KP:
-                    tl.atomic_add(
-                        DKP + pos_grad_base + offs_n[None, :] * C + c,
-                        ds,
-                        mask=grad_ok,
-                        sem="relaxed",
-                    )
+        if (DETERMINISTIC or RUN_SUMS) and (HAS_QP or HAS_KP):
+            c_tile = _index_tile(IDX, offs_m, offs_n, L)
+            if HAS_QP and not DETERMINISTIC:
+                # Along j (axis 1) for each query i: c(i, j - 1) and c(i, j + 1). Other key
+                # blocks add to these rows too: atomics.
+                _add_runs(
+                    DQP + pos_grad_base + offs_m[:, None] * C,
+                    row_ok[:, None],
+                    c_tile,
+                    _index_tile(IDX, offs_m, offs_n - 1, L),
+                    _index_tile(IDX, offs_m, offs_n + 1, L),
+                    (offs_n == pid_n * BLOCK_N + BLOCK_N - 1)[None, :],
+                    ds,
+                    1,
+                    True,
+                )
+            if HAS_KP:
+                # Along i (axis 0) for each key j: c(i - 1, j) and c(i + 1, j). These rows are
+                # this program's; RUN_SUMS still adds them with atomics, which keep the
+                # pipelining that the deterministic form gives up (num_stages=1) for its plain
+                # stores.
+                _add_runs(
+                    DKP + pos_grad_base + offs_n[None, :] * C,
+                    col_ok[None, :],
+                    c_tile,
+                    _index_tile(IDX, offs_m - 1, offs_n, L),
+                    _index_tile(IDX, offs_m + 1, offs_n, L),
+                    (offs_m == start_m + BLOCK_M - 1)[:, None],
+                    ds,
+                    0,
+                    not DETERMINISTIC,
+                )
+        if not (DETERMINISTIC or RUN_SUMS):  # one atomic per pair
+            if HAS_QP:
+                tl.atomic_add(
+                    DQP + pos_grad_base + offs_m[:, None] * C + c, ds, mask=grad_ok, sem="relaxed"
+                )
+            if HAS_KP:
+                tl.atomic_add(
+                    DKP + pos_grad_base + offs_n[None, :] * C + c, ds, mask=grad_ok, sem="relaxed"
+                )
 
     out_ptrs = grad_base + offs_n[:, None] * D + offs_d[None, :]
     tl.store(DK + out_ptrs, dk, mask=kv_ok)
@@ -447,6 +429,7 @@ def _backward_dq_kernel(
                 (offs_n == start_n + BLOCK_N - 1)[None, :],
                 ds,
                 1,
+                False,
             )
 
     tl.store(DQ + pid_bh * L * D + offs_m[:, None] * D + offs_d[None, :], dq, mask=qd_ok)
