@@ -35,10 +35,11 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -576,27 +577,16 @@ def main(argv: list[str] | None = None) -> int:
         # Oversubscribed cores (other jobs, more threads than cores) make CPU timings
         # meaningless, so one thread by default: per-core figures, as bench/data.py gives.
         torch.set_num_threads(args.threads)
-    restore: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    run_sums: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if args.run_sums:
         from pretrain.models.attention import fused
 
-        restore = _setting(fused, "RUN_SUMS", True)
+        run_sums = mock.patch.object(fused, "RUN_SUMS", True)
     try:
-        with restore:
+        with run_sums:
             return run(args, command, device, configs, rtd)
     finally:
         torch.set_num_threads(threads)
-
-
-@contextlib.contextmanager
-def _setting(module: Any, name: str, value: Any) -> Iterator[None]:
-    """module.name = value for the duration."""
-    before = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, before)
 
 
 def run(
