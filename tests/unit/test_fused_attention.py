@@ -186,16 +186,29 @@ CORE_CASES = {
 }
 
 
-def _inputs(length: int, span: int, terms, dtype: torch.dtype, seed: int = 0, heads: int = 2):
-    """q, k, v, pos_k, pos_q (leaves, None for an absent term), a padded token mask, and
-    weights for a loss that reads every output row."""
+def _inputs(
+    length: int,
+    span: int,
+    terms,
+    dtype: torch.dtype,
+    seed: int = 0,
+    heads: int = 2,
+    split_heads: bool = False,
+):
+    """q, k, v, pos_k, pos_q (None for an absent term), a padded token mask, and weights for a
+    loss that reads every output row. q, k, v are [B, h, L, d] leaves, or with split_heads
+    views of [B, L, h, d] leaves, the layout the model's attention makes (and the fused glue
+    reads without copies)."""
     g = torch.Generator().manual_seed(seed)
     batch, d = 2, 16
 
     def leaf(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(dtype).requires_grad_()
 
-    q, k, v = (leaf(batch, heads, length, d) for _ in range(3))
+    if split_heads:
+        q, k, v = (leaf(batch, length, heads, d).transpose(1, 2) for _ in range(3))
+    else:
+        q, k, v = (leaf(batch, heads, length, d) for _ in range(3))
     pos_k = leaf(heads, 2 * span, d) if "c2p" in terms else None
     pos_q = leaf(heads, 2 * span, d) if "p2c" in terms else None
     mask = torch.ones(batch, length, dtype=torch.bool)
@@ -225,10 +238,12 @@ def _grad_names(terms) -> list[str]:
 
 @interpreted
 @pytest.mark.parametrize("run_sums", [False, True], ids=["atomic_per_pair", "atomic_per_run"])
-@pytest.mark.parametrize("length", [16, 37])
+@pytest.mark.parametrize(
+    "length, split_heads", [(16, False), (37, False), (37, True)], ids=["16", "37", "37_split"]
+)
 @pytest.mark.parametrize("case", sorted(CORE_CASES))
 def test_fused_matches_eager_fp32(
-    case: str, length: int, run_sums: bool, monkeypatch: pytest.MonkeyPatch
+    case: str, length: int, split_heads: bool, run_sums: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pretrain.models.attention import fused
 
@@ -237,7 +252,9 @@ def test_fused_matches_eager_fp32(
     config = _config(buckets, max_rel)
     span = config.relative_span
     idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
-    q, k, v, pos_k, pos_q, mask, weights = _inputs(length, span, terms, torch.float32)
+    q, k, v, pos_k, pos_q, mask, weights = _inputs(
+        length, span, terms, torch.float32, split_heads=split_heads
+    )
     scale = (16 * (1 + len(terms))) ** -0.5
     args = (q, k, v, pos_k, pos_q, idx, mask, scale, weights)
     want, want_grads = _run("eager", *args)
@@ -316,6 +333,71 @@ def test_under_torch_compile_the_kernel_runs_outside_the_graph() -> None:
     (got, got_grads), (want, want_grads) = run(torch.compile(layer, backend="eager")), run(layer)
     assert torch.equal(got, want)
     assert all(torch.equal(a, b) for a, b in zip(got_grads, want_grads, strict=True))
+
+
+@compiled
+def test_glue_makes_no_layout_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Around the kernels (stubbed out here), forward and backward move no data but the casts
+    and zero-fills they need: q, k, v in the model's layout are read in place, and the
+    gradients come back in that layout. Logged at the dispatcher, where an op is what it will
+    be on CUDA (a CPU bmm's own copy of strided operands, which cuBLAS reads in place, is not
+    seen). The glue before this test made 20 more here: copies of q, k and the gradients
+    between layouts, B-fold copies of the tables for batched matmuls, and fp32 copies of dO
+    and O."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pretrain.models.attention import _kernels, fused
+
+    class Stub:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    for name in ("_forward_kernel", "_backward_kernel", "_backward_dq_kernel", "_row_dot_kernel"):
+        monkeypatch.setattr(_kernels, name, Stub())
+    tiles = dict(block_d=16, precision="ieee", fwd=(16, 16), bwd=(16, 16), bwd_dq=(16, 16))
+    monkeypatch.setattr(
+        fused, "_launch_settings", lambda q: {**tiles, "warps": 4, "run_sums": False}
+    )
+
+    class Log(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.moves: list[tuple[str, tuple[int, ...]]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name in ("clone", "copy_", "_to_copy", "contiguous", "zeros", "zero_", "fill_"):
+                self.moves.append((name, tuple(out.shape)))
+            return out
+
+    batch, length, heads, d, width = 2, 40, 3, 16, 24
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float16).requires_grad_()
+
+    q, k, v = (leaf(batch, length, heads, d) for _ in range(3))  # as split from projections
+    pos_k, pos_q = (leaf(width, heads, d) for _ in range(2))
+    index = torch.randint(0, width, (2 * length - 1,), generator=g, dtype=torch.int32)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    grad = torch.randn(batch, length, heads * d, generator=g, dtype=torch.float16)
+    with Log() as log:
+        out = fused.fused_disentangled_attention(
+            *(x.transpose(1, 2) for x in (q, k, v)),
+            *(p.transpose(0, 1) for p in (pos_k, pos_q)),
+            index, mask, 0.1,
+        )  # fmt: skip
+        out.transpose(1, 2).flatten(2).backward(grad)
+    rows = (heads, batch * length, width)
+    assert sorted(log.moves) == sorted(
+        [("_to_copy", (batch, length))]  # the token mask, to int8
+        + [("zeros", (heads, batch, length, width))] * 2  # dQP, dKP
+        + [("_to_copy", rows)] * 2  # dQP, dKP rounded for their GEMMs
+        + [("zeros", (batch, length, heads, d))]  # dq, for the atomics
+        + [("_to_copy", (batch, heads, length, d))] * 2  # dq, dk rounded once
+        + [("copy_", (width, heads, d))] * 2  # the tables' gradients into their leaves
+    ), log.moves
 
 
 # --------------------------------------------------------------------------------------------

@@ -256,6 +256,8 @@ def _backward_kernel(
     s_rb, s_rh, s_rl, s_rc,
     s_ob, s_oh, s_ol, s_od,
     s_mb,
+    s_gb, s_gh, s_gl,
+    s_xb, s_xh,
     H, L, D, C,
     SCALE,
     QK_SCALE,
@@ -273,8 +275,9 @@ def _backward_kernel(
     DETERMINISTIC, only dKP (its own rows, by `_add_runs`), dq and dQP being left to
     `_backward_dq_kernel`.
 
-    DQ, DK, DV are contiguous fp32 [B, H, L, D]; DQP, DKP contiguous fp32 [B, H, L, C]
-    (C = 2 * span); LSE and DELTA contiguous fp32 [B, H, L].
+    DQ, DK, DV: [B, H, L, D] of one layout (strides s_g*, the last 1); DQ fp32, DK and DV fp32
+    or the inputs' dtype (stored as rounded there). DQP, DKP: fp32 [B, H, L, C] (C = 2 * span)
+    of one layout, strides s_xb, s_xh, C, 1. LSE and DELTA contiguous fp32 [B, H, L].
     """
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -292,8 +295,8 @@ def _backward_kernel(
     )  # fmt: skip
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    grad_base = pid_bh * L * D
-    pos_grad_base = pid_bh * L * C
+    grad_base = b * s_gb + h * s_gh
+    pos_grad_base = b * s_xb + h * s_xh
 
     for start_m in range(0, L, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -313,7 +316,7 @@ def _backward_kernel(
         if not DETERMINISTIC:
             dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
             tl.atomic_add(
-                DQ + grad_base + offs_m[:, None] * D + offs_d[None, :],
+                DQ + grad_base + offs_m[:, None] * s_gl + offs_d[None, :],
                 dq,
                 mask=qd_ok,
                 sem="relaxed",
@@ -360,9 +363,9 @@ def _backward_kernel(
                     DKP + pos_grad_base + offs_n[None, :] * C + c, ds, mask=grad_ok, sem="relaxed"
                 )
 
-    out_ptrs = grad_base + offs_n[:, None] * D + offs_d[None, :]
-    tl.store(DK + out_ptrs, dk, mask=kv_ok)
-    tl.store(DV + out_ptrs, dv, mask=kv_ok)
+    out_ptrs = grad_base + offs_n[:, None] * s_gl + offs_d[None, :]
+    tl.store(DK + out_ptrs, dk.to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + out_ptrs, dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
 @triton.jit
@@ -376,6 +379,8 @@ def _backward_dq_kernel(
     s_rb, s_rh, s_rl, s_rc,
     s_ob, s_oh, s_ol, s_od,
     s_mb,
+    s_gb, s_gh, s_gl,
+    s_xb, s_xh,
     H, L, D, C,
     SCALE,
     QK_SCALE,
@@ -403,7 +408,7 @@ def _backward_dq_kernel(
         s_qb, s_qh, s_ql, s_qd, s_ob, s_oh, s_ol, s_od, s_mb,
     )  # fmt: skip
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    pos_grad_base = pid_bh * L * C
+    pos_grad_base = b * s_xb + h * s_xh
 
     for start_n in range(0, L, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -432,4 +437,28 @@ def _backward_dq_kernel(
                 False,
             )
 
-    tl.store(DQ + pid_bh * L * D + offs_m[:, None] * D + offs_d[None, :], dq, mask=qd_ok)
+    tl.store(DQ + b * s_gb + h * s_gh + offs_m[:, None] * s_gl + offs_d[None, :], dq, mask=qd_ok)
+
+
+@triton.jit
+def _row_dot_kernel(
+    OUT, DO, DELTA,
+    s_ob, s_oh, s_ol, s_od,
+    s_db, s_dh, s_dl, s_dd,
+    H, L, D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """The backward's rowsum(dO * O) in fp32 ([B, H, L] contiguous), from O and dO of any
+    layout and dtype, read once each."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < L
+    ok = row_ok[:, None] & (offs_d < D)[None, :]
+    o = _load_rows(OUT, b, h, s_ob, s_oh, s_ol, s_od, offs_m, offs_d, ok).to(tl.float32)
+    do = _load_rows(DO, b, h, s_db, s_dh, s_dl, s_dd, offs_m, offs_d, ok).to(tl.float32)
+    tl.store(DELTA + pid_bh * L + offs_m, tl.sum(o * do, 1), mask=row_ok)

@@ -5,7 +5,13 @@ QP = q @ pos_k^T and KP = k @ pos_q^T ([B, h, L, 2S]); the kernel gathers QP[i, 
 KP[j, c(i, j)] per tile, so the [L, L] scores are never stored. QP and KP are not saved for
 the backward either: it recomputes them (one small matmul each), gets dQP / dKP from the
 kernel (fp32; in the log-bucket and clamped regions many (i, j) share one c) and turns them
-into q, k, pos_k, pos_q gradients with two more matmuls in the inputs' dtype. The backward
+into q, k, pos_k, pos_q gradients with two more matmuls in the inputs' dtype.
+
+Layouts: the kernels take strides, so the glue moves no data between layouts. q, k, v are
+read as the model splits them from its projections ([B, L, h, d] memory); dq, dk, dv are
+written in that layout, so their way back through the split needs no copy; the position
+products and their gradients are [h, B, L, 2S] memory, one GEMM per head over all B * L
+rows (see `_project`, `_position_grads`). The backward
 adds dq, dQP and dKP with atomics (one per pair, or with `RUN_SUMS` one per run of pairs that
 share a position row), or, `deterministic`, runs a second kernel that makes dq and dQP without
 (see `_kernels`).
@@ -94,13 +100,24 @@ def _launch_settings(q: torch.Tensor) -> dict[str, Any]:
     )
 
 
+def _by_head(x: torch.Tensor) -> torch.Tensor:
+    """[B, h, L, n] -> [h, B * L, n]: a view when x's memory is [B, L, h, n] (the model's q and
+    k, split from one projection) or [h, B, L, n] (position products made here), else a copy."""
+    batch, heads, length, n = x.shape
+    return x.transpose(0, 1).reshape(heads, batch * length, n)
+
+
 def _project(x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor | None:
-    """x: [B, h, L, d], pos: [h, 2S, d] -> [B, h, L, 2S] in x's dtype, autocast or not, so
-    that the backward's recomputation is bit for bit the forward's."""
+    """x: [B, h, L, d], pos: [h, 2S, d] -> x @ pos^T, [B, h, L, 2S] in x's dtype (autocast or
+    not, so that the backward's recomputation is bit for bit the forward's), a view of
+    [h, B, L, 2S] memory: one GEMM per head over all B * L rows, which reads x and pos in place
+    (a batch over both B and h would copy x and B copies of pos)."""
     if pos is None:
         return None
+    batch, heads, length, _ = x.shape
     with torch.autocast(x.device.type, enabled=False):
-        return torch.matmul(x, pos.to(x.dtype).transpose(-1, -2))
+        xp = torch.bmm(_by_head(x), pos.to(x.dtype).transpose(1, 2))
+    return xp.view(heads, batch, length, -1).transpose(0, 1)
 
 
 def _strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
@@ -160,16 +177,27 @@ class _FusedDisentangledAttention(torch.autograd.Function):
         batch, heads, length, d = q.shape
         dout = dout.to(q.dtype)
         qp, kp = _project(q, pos_k), _project(k, pos_q)
-        delta = (dout.float() * out.float()).sum(-1).contiguous()  # rowsum(dO * O)
+        delta = _row_dots(out, dout, cfg)
         deterministic = ctx.deterministic
         f32 = dict(dtype=torch.float32, device=q.device)
-        # The deterministic dq kernel writes every row of dq; atomics add into zeros.
-        dq = (torch.empty if deterministic else torch.zeros)(batch, heads, length, d, **f32)
-        dk = torch.empty(batch, heads, length, d, **f32)
-        dv = torch.empty(batch, heads, length, d, **f32)
+
+        def grad(dtype: torch.dtype, make: Any = torch.empty) -> torch.Tensor:
+            # [B, L, h, d] memory, as the caller's split of heads from one projection: the
+            # gradient flows back through its transpose and view without a copy.
+            return make(batch, length, heads, d, dtype=dtype, device=q.device).transpose(1, 2)
+
+        # The deterministic dq kernel writes every row of dq; atomics add into zeros. dk stays
+        # fp32 while the p2c term's gradient is still to be added to it; dv is final.
+        dq = grad(torch.float32, torch.empty if deterministic else torch.zeros)
+        dk = grad(torch.float32 if pos_q is not None else k.dtype)
+        dv = grad(v.dtype)
         width = next((p.shape[-2] for p in (pos_k, pos_q) if p is not None), 0)  # 2 * span
-        dqp = torch.zeros(batch, heads, length, width, **f32) if qp is not None else dq
-        dkp = torch.zeros(batch, heads, length, width, **f32) if kp is not None else dq
+
+        def pos_grad() -> torch.Tensor:  # [h, B, L, 2S] memory, as _project's products
+            return torch.zeros(heads, batch, length, width, **f32).transpose(0, 1)
+
+        dqp = pos_grad() if qp is not None else dq
+        dkp = pos_grad() if kp is not None else dq
         inputs = (
             q, k, v, qp if qp is not None else q, kp if kp is not None else q,
             rel_index, mask, dout, lse, delta,
@@ -177,6 +205,7 @@ class _FusedDisentangledAttention(torch.autograd.Function):
         sizes = (
             *q.stride(), *k.stride(), *v.stride(), *_strides(qp, 4), *_strides(kp, 4),
             *dout.stride(), mask.stride(0),
+            *dq.stride()[:3], *(dqp if qp is not None else dkp).stride()[:2],
             heads, length, d, width,
             scale,
             scale * LOG2E,
@@ -223,22 +252,37 @@ class _FusedDisentangledAttention(torch.autograd.Function):
         )
 
 
+def _row_dots(out: torch.Tensor, dout: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:
+    """rowsum(dO * O) in fp32, [B, h, L] contiguous: one read of each, no fp32 copies."""
+    batch, heads, length, d = out.shape
+    delta = torch.empty(batch, heads, length, dtype=torch.float32, device=out.device)
+    block_m = cfg["fwd"][0]
+    grid = (triton.cdiv(length, block_m), batch * heads)
+    _kernels._row_dot_kernel[grid](
+        out, dout, delta, *out.stride(), *dout.stride(), heads, length, d,
+        BLOCK_M=block_m, BLOCK_D=cfg["block_d"],
+    )  # fmt: skip
+    return delta
+
+
 def _position_grads(
     dx: torch.Tensor, dxp: torch.Tensor, x: torch.Tensor, pos: torch.Tensor, want_dpos: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """From the kernel's fp32 dXP ([B, h, L, 2S], XP = x @ pos^T): dx + dXP @ pos, and
-    dpos = sum over batch and rows of dXP^T @ x ([h, 2S, d]), or None when not wanted.
+    """From the kernel's fp32 dXP ([B, h, L, 2S] of [h, B, L, 2S] memory, XP = x @ pos^T):
+    dx + dXP @ pos, and dpos = sum over batch and rows of dXP^T @ x ([h, 2S, d]), or None when
+    not wanted.
 
-    The two matmuls run in x's dtype, as the eager path's under autocast do: dXP is rounded
-    once (in bf16 it is as large as the scores at L = 2S), and cuBLAS reads dXP^T and the
-    per-(batch, head) products without a copy. In fp32 this is the fp32 arithmetic as before.
+    Both are one GEMM per head over all B * L rows, in x's dtype as the eager path's under
+    autocast are: dXP is rounded once (in bf16 it is as large as the scores at L = 2S), the
+    GEMMs read it, x and pos in place, and dpos's sum over the batch happens inside its GEMM,
+    accumulated in fp32 and rounded once. In fp32 this is fp32 arithmetic throughout.
     """
-    dxp = dxp.to(x.dtype)
-    dx = dx.add_(torch.matmul(dxp, pos.to(x.dtype)))
+    batch, heads, length, d = x.shape
+    dxp = _by_head(dxp).to(x.dtype)  # [h, B * L, 2S]
+    dx.add_(torch.bmm(dxp, pos.to(x.dtype)).view(heads, batch, length, d).transpose(0, 1))
     if not want_dpos:
         return dx, None
-    dpos = torch.matmul(dxp.transpose(-1, -2), x).sum(0, dtype=torch.float32)
-    return dx, dpos.to(pos.dtype)
+    return dx, torch.bmm(dxp.transpose(1, 2), _by_head(x)).to(pos.dtype)
 
 
 # Under torch.compile (trainer.compile) the kernel runs as it is, a graph break on each side:
