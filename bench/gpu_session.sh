@@ -7,10 +7,10 @@
 #
 #   bash bench/gpu_session.sh [OUT_DIR [STAGE ...]]
 #
-# OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env rtd_512 rtd_2048 rtd_2048_b4 tests
-# curves attention rtd_runs ncu mlm_head trainer_512 (default: all, in that order, the most
-# needed first; rtd_2048_b4 runs only when HF ran out of memory in rtd_2048; rtd_runs is the
-# step with the backward's other form of atomics; ncu profiles the fused kernels; trainer_512
+# OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env rtd_512 rtd_options attention
+# mlm_head tests rtd_2048 rtd_2048_b4 ncu curves trainer_512 (default: all, in that order, the
+# most needed first; rtd_2048_b4 runs only when HF ran out of memory in rtd_2048; rtd_options is
+# the step with the options not yet on by default; ncu profiles the fused kernels; trainer_512
 # is the real trainer, DeepSpeed and data loading included, on the v3-base shape at L=512, for
 # its tokens/s and MFU beside rtd_step's bare step). Each stage has its own time limit, cut to
 # what is left of BUDGET_S (580 s, inside the device tool's 10-minute command; the stages of
@@ -77,7 +77,7 @@ fi
 
 out=${1:-${OUT:-gpu_session}}
 shift || true
-stages=${*:-env rtd_512 rtd_2048 rtd_2048_b4 tests curves attention rtd_runs ncu mlm_head trainer_512}
+stages=${*:-env rtd_512 rtd_options attention mlm_head tests rtd_2048 rtd_2048_b4 ncu curves trainer_512}
 mkdir -p "$out"
 # Stages stop here at the latest, inside the device tool's 10-minute command.
 deadline=$((SECONDS + ${BUDGET_S:-580}))
@@ -118,6 +118,21 @@ print(torch.__version__, triton.__version__, transformers.__version__, torch.cud
 subprocess.run(['nvidia-smi', '--query-gpu=name,memory.total,driver_version', '--format=csv'])"
 # --profile: the busiest kernels of one step of each row, for the next round of speed work.
 stage rtd_512 150 "${bench[@]}" --seq-len 512 --batch 32 --profile
+# The backward's two forms of the position gradients' atomics (+runs: one per run of pairs that
+# share a position row; fused.RUN_SUMS), at the default tiles and at a backward tile that
+# compiles without register spills; then (rtd_options) the full step with the options not yet
+# on by default, +runs and the MLM head's Triton kernel (heads.MLM_IMPL; timed alone by
+# mlm_head), ours only: compare with the fused rows of rtd_512 / rtd_2048.
+stage attention 60 "$py" bench/attention.py --steps 5 --profile \
+    --tiles default default+runs 128x64/32x64+pairs 128x64/32x64+runs
+stage rtd_options 70 "$py" bench/rtd_step.py --impl ours --attention triton --run-sums \
+    --mlm-kernel --warmup 2 --steps 5 --seq-len 512 2048 --batch 32 8
+# The MLM head alone: plain, chunked with torch ops, chunked with the Triton kernel.
+stage mlm_head 40 "$py" bench/mlm_head.py
+# The gpu-marked tests: the files that hold them (collecting the whole suite costs time, and
+# modules that need packages the image lacks would only fail to collect).
+stage tests 100 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/unit/test_fused_attention.py \
+    tests/unit/test_deberta_parity.py tests/unit/test_mlm_objective.py
 stage rtd_2048 170 "${bench[@]}" --seq-len 2048 --batch 8
 # HF's step may not fit at L=2048, B=8 on an 80 GB card (the issue measured 49 GiB for its
 # encoder alone; on an H100 it did not); then compare at B=4 too, with the fused kernel only
@@ -126,19 +141,6 @@ if grep -qE "^(measured )?hf .*OOM" "$out/rtd_2048.log" 2>/dev/null; then
     stage rtd_2048_b4 80 "$py" bench/rtd_step.py --attention triton --compile both --seq-len 2048 \
         --batch 4 --warmup 2 --steps 5
 fi
-# The gpu-marked tests: the files that hold them (collecting the whole suite costs time, and
-# modules that need packages the image lacks would only fail to collect).
-stage tests 100 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/unit/test_fused_attention.py \
-    tests/unit/test_deberta_parity.py tests/unit/test_mlm_objective.py
-stage curves 150 bash "$0" --curves "$out"
-# The backward's two forms of the position gradients' atomics (+runs: one per run of pairs that
-# share a position row; fused.RUN_SUMS), at the default tiles and at a backward tile that
-# compiles without register spills, then the full step with +runs (ours only; compare with the
-# fused rows of rtd_512 / rtd_2048).
-stage attention 60 "$py" bench/attention.py --steps 5 --profile \
-    --tiles default default+runs 128x64/32x64+pairs 128x64/32x64+runs
-stage rtd_runs 70 "$py" bench/rtd_step.py --impl ours --attention triton --run-sums --warmup 2 \
-    --steps 5 --seq-len 512 2048 --batch 32 8
 # Nsight Compute on the fused kernels' first launches at L=512 B=32 (forward and backward, the
 # default form): whether they are bound by memory, atomics or the tensor cores. Skipped where
 # ncu is not installed.
@@ -149,7 +151,7 @@ if command -v ncu >/dev/null; then
         --section WarpStateStats "$py" bench/attention.py --seq-len 512 --batch 32 --warmup 1 \
         --steps 1
 fi
-stage mlm_head 40 "$py" bench/mlm_head.py
+stage curves 150 bash "$0" --curves "$out"
 # 40 steps of python -m pretrain on the base preset (fused attention, bf16, ZeRO-1) over the
 # quick start's corpus; metrics.jsonl's tokens_per_s and mfu at steps 20-40 are the figures.
 stage trainer_512 100 "$py" -m pretrain experiment=deberta_v3_base model.attention_impl=triton \

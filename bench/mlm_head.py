@@ -5,7 +5,9 @@ and time of a forward + backward.
 
 plain: the whole [N, V] logits from the tied decoder, `F.cross_entropy(reduction="sum")`,
 argmax, and `sample_replacements` on them (what `RTDModel` did before `mlm_objective`).
-chunked: `mlm_objective`, the same results from row chunks. Defaults: v3-base's vocabulary
+chunked: `mlm_objective`, the same results from row chunks, reduced by torch ops.
+fused (CUDA only): the same chunks reduced by one Triton kernel (`impl="triton"`, see
+`pretrain/models/mlm_kernel.py`). Defaults: v3-base's vocabulary
 and width, and the masked rows of a B=32, L=512 batch at 15%. On CUDA in bf16 autocast, peak
 is torch.cuda.max_memory_allocated above the inputs after a warm-up step; on CPU in fp32, each
 variant runs once in a fresh process and peak is the growth of its resident set (ru_maxrss)
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 
 from pretrain.models.heads import mlm_objective, sample_replacements
 
-VARIANTS = ("plain", "chunked")
+VARIANTS = ("plain", "chunked", "fused")
 
 
 def run_variant(variant: str, rows: int, vocab: int, dim: int, device: torch.device) -> dict:
@@ -50,7 +52,8 @@ def run_variant(variant: str, rows: int, vocab: int, dim: int, device: torch.dev
                     sample_replacements(logits, uniforms=uniforms)
                     logits.argmax(-1)
             else:
-                loss = mlm_objective(states, weight, bias, targets, uniforms).loss_sum
+                impl = "triton" if variant == "fused" else "torch"
+                loss = mlm_objective(states, weight, bias, targets, uniforms, impl=impl).loss_sum
         loss.backward()
         return loss.item()
 
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     shape = ["--rows", str(args.rows), "--vocab", str(args.vocab), "--dim", str(args.dim)]
     results = []
-    for variant in VARIANTS:
+    for variant in VARIANTS if cuda else VARIANTS[:2]:  # Triton only interprets on a CPU
         if cuda:
             results.append(run_variant(variant, args.rows, args.vocab, args.dim, device))
             torch.cuda.empty_cache()
@@ -116,11 +119,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['variant']:<8} {r['ms']:>9.1f} ms  peak {r['peak'] / 2**30:>6.2f} GiB  "
             f"loss {r['loss']:.4f}"
         )
-    plain, chunked = results
-    print(
-        f"chunked/plain: memory x{chunked['peak'] / max(plain['peak'], 1):.2f}, "
-        f"time x{chunked['ms'] / plain['ms']:.2f}"
-    )
+    plain = results[0]
+    for r in results[1:]:
+        print(
+            f"{r['variant']}/plain: memory x{r['peak'] / max(plain['peak'], 1):.2f}, "
+            f"time x{r['ms'] / plain['ms']:.2f}"
+        )
+    if not cuda:
+        print("fused: CUDA only (on a CPU, Triton only interprets)")
     return 0
 
 

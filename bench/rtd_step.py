@@ -38,7 +38,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from unittest import mock
 
 import torch
@@ -504,6 +503,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(pretrain.models.attention.fused.RUN_SUMS) instead of one per pair",
     )
     p.add_argument(
+        "--mlm-kernel",
+        action="store_true",
+        help="our MLM head reduces its logits with one Triton kernel "
+        "(pretrain.models.heads.MLM_IMPL = 'triton'; CUDA) instead of torch ops",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="after each row's timed steps, torch profiler's table of one more step's kernels",
@@ -549,6 +554,8 @@ def resolve(args: argparse.Namespace) -> torch.device:
         raise UsageError("--attention triton needs CUDA; use eager or auto on CPU")
     if args.run_sums and not ("triton" in args.attention or ("auto" in args.attention and cuda)):
         raise UsageError("--run-sums is a setting of the fused kernel: add --attention triton")
+    if args.mlm_kernel and not cuda:
+        raise UsageError("--mlm-kernel runs on CUDA only (on CPU, Triton only interprets)")
     return torch.device("cuda" if cuda else "cpu")
 
 
@@ -577,13 +584,17 @@ def main(argv: list[str] | None = None) -> int:
         # Oversubscribed cores (other jobs, more threads than cores) make CPU timings
         # meaningless, so one thread by default: per-core figures, as bench/data.py gives.
         torch.set_num_threads(args.threads)
-    run_sums: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    settings = contextlib.ExitStack()
     if args.run_sums:
         from pretrain.models.attention import fused
 
-        run_sums = mock.patch.object(fused, "RUN_SUMS", True)
+        settings.enter_context(mock.patch.object(fused, "RUN_SUMS", True))
+    if args.mlm_kernel:
+        from pretrain.models import heads
+
+        settings.enter_context(mock.patch.object(heads, "MLM_IMPL", "triton"))
     try:
-        with run_sums:
+        with settings:
             return run(args, command, device, configs, rtd)
     finally:
         torch.set_num_threads(threads)
@@ -620,6 +631,8 @@ def run(
     )
     if args.run_sums:
         print("fused attention backward: one atomic per run of pairs sharing a position row")
+    if args.mlm_kernel:
+        print("our MLM head: logits reduced by one Triton kernel (heads.MLM_IMPL = 'triton')")
     if config.position_biased_input and rtd.embedding_sharing != "nes":
         print("note: HF side shares word embeddings only; its absolute position table is its own")
     print(

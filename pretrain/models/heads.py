@@ -78,6 +78,11 @@ def sample_replacements(
 # B=32, L=512 when all ~2,500 masked rows are decoded at once. Rows per chunk = this // V.
 MLM_CHUNK_ELEMENTS = 2**26
 
+# How `mlm_objective` reduces each chunk's rows by default: "torch", or "triton", one kernel
+# that reads the logits twice where torch makes about fifteen fp32 passes over them
+# (`mlm_kernel`). Not yet timed on a GPU, so not yet the default there (README, Speed).
+MLM_IMPL = "torch"
+
 
 class MLMOutput(NamedTuple):
     loss_sum: torch.Tensor  # summed (not averaged) cross-entropy over the rows, fp32 or wider
@@ -124,6 +129,7 @@ class _ChunkedMLM(torch.autograd.Function):
         exclude_original: bool,
         chunk_rows: int,
         grad_enabled: bool,
+        kernel: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         device, dtype = states.device.type, _matmul_dtype(states)
         wide = _accumulate_dtype(dtype)
@@ -141,25 +147,20 @@ class _ChunkedMLM(torch.autograd.Function):
         predicted = torch.empty(n, dtype=torch.long, device=states.device)
         with torch.autocast(device, enabled=False):
             w = weight.to(dtype)
+            want_grad = bool(need_states or need_weight or need_bias)
+            rows_of = _chunk_rows_kernel if kernel else _chunk_rows_torch
             for start in range(0, n, chunk_rows):
                 rows = slice(start, start + chunk_rows)
                 x, t = states[rows].to(dtype), targets[rows]
-                logits = at_least_fp32(torch.matmul(x, w.t()) + bias)
-                lse = torch.logsumexp(logits, dim=-1)
-                target_logit = logits.gather(1, t.unsqueeze(1)).squeeze(1)
-                loss_sum += (lse - target_logit).sum()
-                predicted[rows] = logits.argmax(-1)
-                exclude = t if exclude_original else None
-                sampled[rows] = sample_replacements(
-                    logits, temperature, exclude, uniforms=uniforms[rows]
-                )
-                if not (need_states or need_weight or need_bias):
+                loss_rows, predicted[rows], sampled[rows], d_logits = rows_of(
+                    torch.matmul(x, w.t()), bias, t, uniforms[rows], temperature,
+                    exclude_original, want_grad,
+                )  # fmt: skip
+                loss_sum += loss_rows.sum()
+                if d_logits is None:
                     continue
-                # d(sum of CE)/d(logits) = softmax - one_hot(target)
-                d_logits = torch.exp(logits - lse.unsqueeze(1))
-                d_logits[torch.arange(len(t), device=t.device), t] -= 1.0
                 if d_bias is not None:
-                    d_bias += d_logits.sum(0)
+                    d_bias += d_logits.sum(0, dtype=wide)
                 d_logits = d_logits.to(dtype)
                 if d_states is not None:
                     d_states[rows] = torch.matmul(d_logits, w)
@@ -177,7 +178,43 @@ class _ChunkedMLM(torch.autograd.Function):
             None if g is None else (g * d_loss).to(dtype)
             for g, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True)
         ]
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+ChunkRows = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def _chunk_rows_torch(
+    products: torch.Tensor,
+    bias: torch.Tensor,
+    targets: torch.Tensor,
+    uniforms: torch.Tensor,
+    temperature: float,
+    exclude_original: bool,
+    want_grad: bool,
+) -> ChunkRows:
+    """One chunk's rows from the decoder's matmul output [R, V] (before the bias): per-row
+    cross-entropy, argmax, draws, and d(CE)/d(logits) = softmax - one_hot (at least fp32;
+    None unless want_grad)."""
+    logits = at_least_fp32(products + bias)
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = lse - logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+    predicted = logits.argmax(-1)
+    exclude = targets if exclude_original else None
+    sampled = sample_replacements(logits, temperature, exclude, uniforms=uniforms)
+    if not want_grad:
+        return loss, predicted, sampled, None
+    d_logits = torch.exp(logits - lse.unsqueeze(1))
+    d_logits[torch.arange(len(targets), device=targets.device), targets] -= 1.0
+    return loss, predicted, sampled, d_logits
+
+
+def _chunk_rows_kernel(*args: Any) -> ChunkRows:
+    """`_chunk_rows_torch` as one Triton kernel (`mlm_kernel`); d(CE)/d(logits) comes in the
+    matmul's dtype. Imported at first use, as the attention kernels are."""
+    from pretrain.models.mlm_kernel import mlm_rows
+
+    return mlm_rows(*args)
 
 
 def mlm_objective(
@@ -189,20 +226,28 @@ def mlm_objective(
     temperature: float = 1.0,
     exclude_original: bool = False,
     chunk_rows: int | None = None,
+    impl: str | None = None,
 ) -> MLMOutput:
     """Decode `states` [N, E] against the tied table `word_weight` [V, E] (+ `bias` [V]) and
     return the summed cross-entropy against `targets` [N], the argmax, and one replacement per
     row drawn with `uniforms` [N] (see `sample_replacements`; `exclude_original` never draws the
     target). Equal to `MLMHead.forward`'s logits fed to cross_entropy(reduction="sum"), argmax
     and `sample_replacements`, without ever holding more than `chunk_rows` rows of logits
-    (default: MLM_CHUNK_ELEMENTS // V)."""
+    (default: MLM_CHUNK_ELEMENTS // V).
+
+    impl: how each chunk's rows are reduced, "torch" or "triton" (one kernel, `mlm_kernel`:
+    CUDA, or Triton's interpreter in the tests; it computes in fp32, so a float64 model
+    reduces in torch); None takes `MLM_IMPL`."""
     if chunk_rows is None:
         chunk_rows = max(1, MLM_CHUNK_ELEMENTS // word_weight.shape[0])
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    impl = MLM_IMPL if impl is None else impl
+    if impl not in ("torch", "triton"):
+        raise ValueError(f"impl must be 'torch' or 'triton', got {impl!r}")
     loss_sum, sampled, predicted = _ChunkedMLM.apply(
         states, word_weight, bias, targets, uniforms, temperature, exclude_original, chunk_rows,
-        torch.is_grad_enabled(),
+        torch.is_grad_enabled(), impl == "triton" and _matmul_dtype(states) != torch.float64,
     )  # fmt: skip
     return MLMOutput(loss_sum, sampled, predicted)
 

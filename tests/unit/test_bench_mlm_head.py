@@ -1,5 +1,6 @@
-"""Smoke test of bench/mlm_head.py on a tiny CPU shape: both variants run (each in its own
-process) and reach the same loss. Never a timing or memory assertion."""
+"""Smoke test of bench/mlm_head.py on a tiny CPU shape: both CPU variants run (each in its own
+process) and reach the same loss; the kernel's is CUDA-only. Never a timing or memory
+assertion."""
 
 from __future__ import annotations
 
@@ -25,3 +26,4 @@ def test_both_variants_report_the_same_loss(bench, capsys) -> None:
     assert set(losses) == {"plain", "chunked"}
     assert losses["chunked"] == pytest.approx(losses["plain"], rel=1e-5)
     assert "chunked/plain: memory x" in out
+    assert "fused: CUDA only" in out and not re.search(r"^fused ", out, re.M)

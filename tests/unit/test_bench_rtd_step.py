@@ -98,3 +98,10 @@ def test_run_sums_needs_the_fused_kernel(bench, capsys):
     assert bench.main(TINY + ["--attention", "auto", "--run-sums"]) == 2  # auto is eager here
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and all("--run-sums is a setting of the fused kernel" in e for e in err)
+
+
+def test_mlm_kernel_needs_cuda(bench, capsys):
+    assert bench.main(TINY + ["--mlm-kernel"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --mlm-kernel runs on CUDA only (on CPU, Triton only interprets)"
+    )

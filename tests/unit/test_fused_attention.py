@@ -1,12 +1,9 @@
 """The fused (Triton) disentangled-attention core against the eager reference.
 
-On CPU the kernels run under Triton's interpreter, which triton chooses when a `triton.jit`
-function is defined (its own `tl.max`, `tl.zeros`, ... included), i.e. at import: the variable
-must be set before anything imports triton, and in one pytest process other modules may have
-imported it first. So `test_kernels_under_triton_interpreter` runs this file again in a
-subprocess with TRITON_INTERPRET=1, where the tests marked `interpreted` run; in the parent
-process they skip. `pytest tests/unit/test_fused_attention.py` with TRITON_INTERPRET=1 set
-runs them directly. The interpreter cannot run bf16 matmuls (triton-lang/triton#11584), so the
+On CPU the kernels run under Triton's interpreter: `test_kernels_under_triton_interpreter`
+runs this file again in a subprocess with TRITON_INTERPRET=1, where the tests marked
+`interpreted` run (see `interpreter.py` for why a subprocess); in the parent process they skip.
+The interpreter cannot run bf16 matmuls (triton-lang/triton#11584), so the
 low-precision case here is fp16; bf16 is covered by the GPU tests at the end.
 
 The oracles are independent of the code under test: transformers' `build_relative_position`
@@ -31,11 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -55,6 +48,7 @@ from pretrain.models.deberta import (  # noqa: E402
     relative_positions,
 )
 from pretrain.models.heads import EnhancedMaskDecoder  # noqa: E402
+from tests.unit.interpreter import INTERPRETED, compiled, interpreted, run_interpreted  # noqa: E402
 
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 MODEL_TOL = 2e-5
@@ -70,27 +64,9 @@ INDEX_CASES = {
 }
 
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(
-    not INTERPRETED, reason="runs in test_kernels_under_triton_interpreter's subprocess"
-)
-compiled = pytest.mark.skipif(INTERPRETED, reason="the kernels are interpreted in this process")
-
-
 @pytest.mark.skipif(INTERPRETED, reason="this is that subprocess")
 def test_kernels_under_triton_interpreter() -> None:
-    root = Path(__file__).resolve().parents[2]
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu"]
-        + [str(Path(__file__).resolve())],
-        cwd=root,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout and " failed" not in result.stdout, result.stdout[-2000:]
+    run_interpreted(__file__)
 
 
 def _config(buckets: int, max_rel: int, max_pos: int = 64, **kw) -> DebertaConfig:

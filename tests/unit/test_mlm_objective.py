@@ -170,8 +170,10 @@ def test_frozen_table_gets_no_gradient_and_no_rows_is_zero() -> None:
 
 
 @pytest.mark.gpu
-def test_gpu_bf16_autocast_matches_the_plain_ops_at_v3_vocabulary() -> None:
-    # v3's 128100-token vocabulary, several chunks of rows: the shape the chunking is for.
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_gpu_bf16_autocast_matches_the_plain_ops_at_v3_vocabulary(impl: str) -> None:
+    # v3's 128100-token vocabulary, several chunks of rows: the shape the chunking is for;
+    # each chunk reduced by torch ops or by the Triton kernel (`mlm_kernel`).
     g = torch.Generator(device="cuda").manual_seed(0)
     n, vocab, e = 3000, 128100, 768
     x = {
@@ -184,8 +186,9 @@ def test_gpu_bf16_autocast_matches_the_plain_ops_at_v3_vocabulary() -> None:
     with torch.autocast("cuda", dtype=torch.bfloat16):
         ref_loss, _, ref_predicted = reference(x, 1.0, False)
         out = mlm_objective(
-            x["states"], x["weight"], x["bias"], x["targets"], x["uniforms"], chunk_rows=512
-        )
+            x["states"], x["weight"], x["bias"], x["targets"], x["uniforms"], chunk_rows=512,
+            impl=impl,
+        )  # fmt: skip
     torch.testing.assert_close(out.loss_sum, ref_loss, rtol=1e-4, atol=0)
     assert (out.predicted == ref_predicted).float().mean() > 0.99
     for got, want in zip(grads(out.loss_sum, x), grads(ref_loss, x), strict=True):

@@ -1,0 +1,40 @@
+"""Running a test file's Triton kernels on CPU, under Triton's interpreter, in a subprocess.
+
+Triton picks interpreted or compiled when a `triton.jit` function is defined (its own
+`tl.max`, `tl.zeros`, ... included), i.e. at import: TRITON_INTERPRET=1 must be set before
+anything imports triton, and in one pytest process other modules may have imported it first.
+So a kernel test file marks its kernel tests `interpreted` and has one test that runs the file
+again in a subprocess with the variable set (`run_interpreted`), where they run; in the parent
+process they skip. `TRITON_INTERPRET=1 pytest FILE` runs them directly.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(
+    not INTERPRETED, reason="runs in its file's interpreter subprocess (run_interpreted)"
+)
+compiled = pytest.mark.skipif(INTERPRETED, reason="the kernels are interpreted in this process")
+
+
+def run_interpreted(test_file: str) -> None:
+    """Run `test_file`'s non-gpu tests with TRITON_INTERPRET=1; assert they all pass."""
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu"]
+        + [str(Path(test_file).resolve())],
+        cwd=root,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout, result.stdout[-2000:]

@@ -1,0 +1,143 @@
+"""The MLM row kernel (`mlm_kernel`, `mlm_objective(impl="triton")`) against the torch path.
+
+The oracle is the torch path of `mlm_objective`, itself checked against the plain ops (full
+logits, `F.cross_entropy`, autograd, `argmax`, `sample_replacements`) in test_mlm_objective.py;
+float64 references where the kernel's fp32 rounding would otherwise decide a draw.
+
+On CPU the kernel runs under Triton's interpreter, in a subprocess (see `interpreter.py`).
+Tolerances: fp32, 1e-5 relative on the loss and 1e-5 (abs + rel) on gradients (measured
+<= 1e-6); fp16 parameters, 2e-2 of each gradient's largest entry, as test_mlm_objective's
+half-precision case. Argmax and draws: equal.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from pretrain.models import heads  # noqa: E402
+from pretrain.models.heads import mlm_objective  # noqa: E402
+from tests.unit.interpreter import INTERPRETED, interpreted, run_interpreted  # noqa: E402
+
+E = 8
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is that subprocess")
+def test_kernel_under_triton_interpreter() -> None:
+    run_interpreted(__file__)
+
+
+def _inputs(n: int, vocab: int, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "states": torch.randn(n, E, generator=g).to(dtype).requires_grad_(True),
+        "weight": (0.5 * torch.randn(vocab, E, generator=g)).to(dtype).requires_grad_(True),
+        "bias": (0.1 * torch.randn(vocab, generator=g)).to(dtype).requires_grad_(True),
+        "targets": torch.randint(0, vocab, (n,), generator=g),
+        "uniforms": torch.rand(n, generator=g),
+    }
+
+
+def _run(x: dict[str, torch.Tensor], impl: str, **kw):
+    out = mlm_objective(
+        x["states"], x["weight"], x["bias"], x["targets"], x["uniforms"], impl=impl, **kw
+    )
+    leaves = [x["states"], x["weight"], x["bias"]]
+    return out, torch.autograd.grad(2.5 * out.loss_sum, leaves)
+
+
+@interpreted
+@pytest.mark.parametrize("vocab", [50, 300])  # one block of 64; several, the last partial
+@pytest.mark.parametrize("chunk_rows", [1, 7, 100])
+@pytest.mark.parametrize(("temperature", "exclude"), [(1.0, False), (0.7, True)])
+def test_fp32_matches_the_torch_path(
+    vocab: int, chunk_rows: int, temperature: float, exclude: bool
+) -> None:
+    x = _inputs(37, vocab, torch.float32)
+    kw = dict(temperature=temperature, exclude_original=exclude, chunk_rows=chunk_rows)
+    want, want_grads = _run(x, "torch", **kw)
+    got, got_grads = _run(x, "triton", **kw)
+    torch.testing.assert_close(got.loss_sum, want.loss_sum, rtol=1e-5, atol=0)
+    assert torch.equal(got.predicted, want.predicted)
+    assert torch.equal(got.sampled, want.sampled)
+    if exclude:
+        assert not (got.sampled == x["targets"]).any()
+    for name, a, b in zip(("states", "weight", "bias"), got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@interpreted
+def test_fp16_parameters_match_the_torch_path() -> None:
+    # How DeepSpeed runs fp16: half parameters, no autocast. The kernel stores softmax - one_hot
+    # in fp16 for the two gradient matmuls, as the torch path casts it before them.
+    x = _inputs(64, 300, torch.float16)
+    want, want_grads = _run(x, "torch", chunk_rows=16)
+    got, got_grads = _run(x, "triton", chunk_rows=16)
+    assert got.loss_sum.dtype == torch.float32
+    torch.testing.assert_close(got.loss_sum, want.loss_sum, rtol=1e-5, atol=1e-4)
+    assert torch.equal(got.predicted, want.predicted)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert a.dtype == torch.float16
+        tol = 2e-2 * b.abs().max().item()
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=tol)
+
+
+def _fixed_logits(logits: torch.Tensor, targets: list[int], uniforms: list[float]):
+    """States and a table whose products are 0, so the bias alone sets the logits."""
+    n, vocab = logits.shape
+    assert n == 1
+    return {
+        "states": torch.zeros(n, E, requires_grad=True),
+        "weight": torch.zeros(vocab, E, requires_grad=True),
+        "bias": logits[0].clone().requires_grad_(True),
+        "targets": torch.tensor(targets),
+        "uniforms": torch.tensor(uniforms),
+    }
+
+
+@interpreted
+def test_argmax_takes_the_first_of_tied_maxima_across_blocks() -> None:
+    logits = torch.zeros(1, 300)
+    logits[0, [70, 150, 250]] = 3.0  # three blocks of 64 apart
+    got, _ = _run(_fixed_logits(logits, [0], [0.5]), "triton")
+    assert got.predicted.tolist() == [70]
+
+
+@interpreted
+@pytest.mark.parametrize(
+    ("u", "exclude", "want"),
+    [
+        (0.0, False, 0),  # the first token with mass
+        (0.0, True, 1),  # the target (0) excluded
+        (0.999999, False, 299),  # the last token
+        (0.999999, True, 298),  # ... unless it is the excluded target
+        (0.501, False, 150),  # uniform over 300: past 150 of them
+        (1.0, False, 299),  # u past all the mass (torch.rand never draws 1): the last token
+    ],
+)
+def test_draws_at_the_ends_and_never_the_excluded_target(u: float, exclude: bool, want: int):
+    target = 299 if exclude and u > 0.5 else 0
+    x = _fixed_logits(torch.zeros(1, 300), [target], [u])
+    got, _ = _run(x, "triton", exclude_original=exclude)
+    want_torch, _ = _run(_fixed_logits(torch.zeros(1, 300), [target], [u]), "torch",
+                         exclude_original=exclude)  # fmt: skip
+    assert got.sampled.tolist() == [want] == want_torch.sampled.tolist()
+
+
+@interpreted
+def test_float64_model_reduces_in_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The kernel computes in fp32; a float64 model keeps float64 through the torch path.
+    monkeypatch.setattr(heads, "MLM_IMPL", "triton")
+    x = _inputs(37, 50, torch.float64)
+    got, _ = _run(x, None)  # type: ignore[arg-type]
+    want, _ = _run(x, "torch")
+    assert got.loss_sum.dtype == torch.float64
+    torch.testing.assert_close(got.loss_sum, want.loss_sum, rtol=1e-12, atol=0)
+
+
+def test_unknown_impl_is_refused() -> None:
+    x = _inputs(3, 50, torch.float32)
+    with pytest.raises(ValueError, match="impl must be 'torch' or 'triton'"):
+        _run(x, "cuda")
