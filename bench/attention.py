@@ -14,7 +14,8 @@ checked anywhere.
 Tiles are FWD_MxN/BWD_MxN (BLOCK_M x BLOCK_N of the forward and the backward kernels);
 "default" is what `fused._launch_settings` picks. A `+runs` suffix runs the backward with one
 atomic per run of pairs that share a position row (`fused.RUN_SUMS`), `+pairs` with one per
-pair; without a suffix, the default. The "triton deterministic" row is the
+pair, `+half` with run sums and the position gradients in bf16 but for the clamped ends
+(`fused.HALF_POSITION_GRADS`); without a suffix, the default. The "triton deterministic" row is the
 kernel with its atomics-free backward (default tiles), what `trainer.deterministic=true` runs:
 its cost over the default backward. `--profile` adds, per length, torch
 profiler's kernel table for one call of eager and of the fused kernel (default tiles): where
@@ -102,13 +103,21 @@ def sdpa(c: Case) -> tuple[torch.Tensor, torch.Tensor]:
     return out, q.grad
 
 
+FORMS = {  # a spec's +suffix: the backward's launch settings it sets
+    "": {},
+    "runs": {"run_sums": True},
+    "pairs": {"run_sums": False},
+    "half": {"half_position_grads": True},
+}
+
+
 def parse_tiles(spec: str) -> dict | None:
-    """`FWD_MxN/BWD_MxN` or `default`, optionally `+runs` or `+pairs`: the launch settings to
-    override, or None when the spec is malformed."""
+    """`FWD_MxN/BWD_MxN` or `default`, optionally `+runs`, `+pairs` or `+half` (`FORMS`): the
+    launch settings to override, or None when the spec is malformed."""
     tile_part, _, form = spec.partition("+")
-    if form not in ("", "runs", "pairs"):
+    if form not in FORMS:
         return None
-    override: dict = {} if not form else {"run_sums": form == "runs"}
+    override: dict = dict(FORMS[form])
     if tile_part == "default":
         return override
     parts = [p.split("x") for p in tile_part.split("/")]
@@ -208,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         if parse_tiles(spec) is None:
             print(
                 f"error: --tiles {spec!r}: write FWD_MxN/BWD_MxN or default, optionally with "
-                "+runs or +pairs, e.g. 128x64/64x64+runs",
+                "+runs, +pairs or +half, e.g. 128x64/64x64+runs",
                 file=sys.stderr,
             )
             return 2

@@ -120,13 +120,15 @@ subprocess.run(['nvidia-smi', '--query-gpu=name,memory.total,driver_version', '-
 stage rtd_512 150 "${bench[@]}" --seq-len 512 --batch 32 --profile
 # The backward's two forms of the position gradients' atomics (+runs: one per run of pairs that
 # share a position row; fused.RUN_SUMS), at the default tiles and at a backward tile that
-# compiles without register spills; then (rtd_options) the full step with the options not yet
-# on by default, +runs and the MLM head's Triton kernel (heads.MLM_IMPL; timed alone by
-# mlm_head), ours only: compare with the fused rows of rtd_512 / rtd_2048.
+# compiles without register spills, and +half (fused.HALF_POSITION_GRADS: run sums into bf16
+# position gradients, fp32 for the clamped ends); then (rtd_options) the full step with the
+# options not yet on by default, those two and the MLM head's Triton kernel (heads.MLM_IMPL;
+# timed alone by mlm_head), ours only: compare with the fused rows of rtd_512 / rtd_2048.
 stage attention 60 "$py" bench/attention.py --steps 5 --profile \
-    --tiles default default+runs 128x64/32x64+pairs 128x64/32x64+runs
+    --tiles default default+runs default+half 128x64/32x64+pairs 128x64/32x64+runs \
+    128x64/32x64+half
 stage rtd_options 70 "$py" bench/rtd_step.py --impl ours --attention triton --run-sums \
-    --mlm-kernel --warmup 2 --steps 5 --seq-len 512 2048 --batch 32 8
+    --half-position-grads --mlm-kernel --warmup 2 --steps 5 --seq-len 512 2048 --batch 32 8
 # The MLM head alone: plain, chunked with torch ops, chunked with the Triton kernel.
 stage mlm_head 40 "$py" bench/mlm_head.py
 # The gpu-marked tests: the files that hold them (collecting the whole suite costs time, and

@@ -503,6 +503,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(pretrain.models.attention.fused.RUN_SUMS) instead of one per pair",
     )
     p.add_argument(
+        "--half-position-grads",
+        action="store_true",
+        help="the fused backward's position gradients in bf16 but for the clamped ends "
+        "(pretrain.models.attention.fused.HALF_POSITION_GRADS) instead of fp32 then cast",
+    )
+    p.add_argument(
         "--mlm-kernel",
         action="store_true",
         help="our MLM head reduces its logits with one Triton kernel "
@@ -552,8 +558,13 @@ def resolve(args: argparse.Namespace) -> torch.device:
         )
     if "triton" in args.attention and not cuda:
         raise UsageError("--attention triton needs CUDA; use eager or auto on CPU")
-    if args.run_sums and not ("triton" in args.attention or ("auto" in args.attention and cuda)):
-        raise UsageError("--run-sums is a setting of the fused kernel: add --attention triton")
+    fused_runs = "triton" in args.attention or ("auto" in args.attention and cuda)
+    for flag, value in (
+        ("--run-sums", args.run_sums),
+        ("--half-position-grads", args.half_position_grads),
+    ):
+        if value and not fused_runs:
+            raise UsageError(f"{flag} is a setting of the fused kernel: add --attention triton")
     if args.mlm_kernel and not cuda:
         raise UsageError("--mlm-kernel runs on CUDA only (on CPU, Triton only interprets)")
     return torch.device("cuda" if cuda else "cpu")
@@ -585,10 +596,13 @@ def main(argv: list[str] | None = None) -> int:
         # meaningless, so one thread by default: per-core figures, as bench/data.py gives.
         torch.set_num_threads(args.threads)
     settings = contextlib.ExitStack()
-    if args.run_sums:
+    if args.run_sums or args.half_position_grads:
         from pretrain.models.attention import fused
 
-        settings.enter_context(mock.patch.object(fused, "RUN_SUMS", True))
+        settings.enter_context(mock.patch.object(fused, "RUN_SUMS", args.run_sums))
+        settings.enter_context(
+            mock.patch.object(fused, "HALF_POSITION_GRADS", args.half_position_grads)
+        )
     if args.mlm_kernel:
         from pretrain.models import heads
 
@@ -631,6 +645,8 @@ def run(
     )
     if args.run_sums:
         print("fused attention backward: one atomic per run of pairs sharing a position row")
+    if args.half_position_grads:
+        print("fused attention backward: position gradients in bf16, the clamped ends in fp32")
     if args.mlm_kernel:
         print("our MLM head: logits reduced by one Triton kernel (heads.MLM_IMPL = 'triton')")
     if config.position_biased_input and rtd.embedding_sharing != "nes":

@@ -36,6 +36,7 @@ def test_bad_tiles_are_one_line(bench, capsys) -> None:
 def test_tile_specs_name_the_launch_settings_they_override(bench) -> None:
     assert bench.parse_tiles("default") == {}
     assert bench.parse_tiles("default+runs") == {"run_sums": True}
+    assert bench.parse_tiles("default+half") == {"half_position_grads": True}
     assert bench.parse_tiles("128x64/64x64") == {"fwd": (128, 64), "bwd": (64, 64)}
     assert bench.parse_tiles("128x64/32x64+pairs") == {
         "run_sums": False,

@@ -96,8 +96,10 @@ def test_profile_prints_each_rows_table(bench, capsys):
 def test_run_sums_needs_the_fused_kernel(bench, capsys):
     assert bench.main(TINY + ["--run-sums"]) == 2
     assert bench.main(TINY + ["--attention", "auto", "--run-sums"]) == 2  # auto is eager here
+    assert bench.main(TINY + ["--half-position-grads"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 2 and all("--run-sums is a setting of the fused kernel" in e for e in err)
+    assert len(err) == 3 and all("is a setting of the fused kernel" in e for e in err)
+    assert err[2].startswith("error: --half-position-grads is a setting")
 
 
 def test_mlm_kernel_needs_cuda(bench, capsys):

@@ -260,8 +260,22 @@ def _assert_error_at_most_twice_eagers(reference, eager, fused, slack: float) ->
 
 
 @interpreted
-def test_fused_fp16_error_is_eager_fp16_error() -> None:
-    terms, buckets, max_rel = CORE_CASES["c2p_p2c_buckets"]
+@pytest.mark.parametrize(
+    "case, half_position_grads",
+    [
+        ("c2p_p2c_buckets", False),
+        ("c2p_p2c_buckets", True),
+        # clamped beyond 16: the ends' runs span tiles, and go to the fp32 end columns
+        ("c2p_p2c_unbucketed_clamped", True),
+    ],
+)
+def test_fused_fp16_error_is_eager_fp16_error(
+    case: str, half_position_grads: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pretrain.models.attention import fused
+
+    monkeypatch.setattr(fused, "HALF_POSITION_GRADS", half_position_grads)
+    terms, buckets, max_rel = CORE_CASES[case]
     length = 37
     config = _config(buckets, max_rel)
     span = config.relative_span
@@ -332,7 +346,9 @@ def test_glue_makes_no_layout_copies(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(_kernels, name, Stub())
     tiles = dict(block_d=16, precision="ieee", fwd=(16, 16), bwd=(16, 16), bwd_dq=(16, 16))
     monkeypatch.setattr(
-        fused, "_launch_settings", lambda q: {**tiles, "warps": 4, "run_sums": False}
+        fused,
+        "_launch_settings",
+        lambda q: {**tiles, "warps": 4, "run_sums": False, "half_position_grads": False},
     )
 
     class Log(TorchDispatchMode):
@@ -543,8 +559,8 @@ def test_model_with_fused_attention_matches_eager() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _gpu_case(dtype: torch.dtype, seed: int = 0):
-    length, heads, d = 512, 12, 64
+def _gpu_case(dtype: torch.dtype, seed: int = 0, length: int = 512):
+    heads, d = 12, 64
     config = DebertaConfig(position_buckets=256, max_position_embeddings=512)
     span = config.relative_span  # 256
     device = torch.device("cuda")
@@ -566,14 +582,20 @@ def _gpu_case(dtype: torch.dtype, seed: int = 0):
 
 @compiled
 @pytest.mark.gpu
-@pytest.mark.parametrize("run_sums", [False, True], ids=["atomic_per_pair", "atomic_per_run"])
+@pytest.mark.parametrize(
+    "run_sums, half_position_grads, length",
+    [(False, False, 512), (True, False, 512), (False, True, 512), (False, True, 1024)],
+    # 1024: past v3's 512 relative positions, so the clamped ends' long runs
+    ids=["atomic_per_pair", "atomic_per_run", "half_position_grads", "half_position_grads_1024"],
+)
 def test_gpu_bf16_fused_error_is_eager_bf16_error(
-    run_sums: bool, monkeypatch: pytest.MonkeyPatch
+    run_sums: bool, half_position_grads: bool, length: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pretrain.models.attention import fused
 
     monkeypatch.setattr(fused, "RUN_SUMS", run_sums)
-    run = _gpu_case(torch.bfloat16)
+    monkeypatch.setattr(fused, "HALF_POSITION_GRADS", half_position_grads)
+    run = _gpu_case(torch.bfloat16, length=length)
     reference, eager = run("eager", torch.float32), run("eager", torch.bfloat16)
     fused = run("triton", torch.bfloat16)
     _assert_error_at_most_twice_eagers(reference, eager, fused, slack=1e-2)

@@ -150,8 +150,9 @@ def _segment_add(v1, start1, v2, start2):
 
 @triton.jit
 def _add_runs(
-    ROW_PTRS, dest_ok, c, c_before, c_after, last, vals, AXIS: tl.constexpr, ATOMIC: tl.constexpr
-):
+    ROW_PTRS, dest_ok, c, c_before, c_after, last, vals, AXIS: tl.constexpr, ATOMIC: tl.constexpr,
+    END_PTRS, C, SPLIT_ENDS: tl.constexpr,
+):  # fmt: skip
     """ROW_PTRS[c] += vals, the pairs of a tile that share an address summed first.
 
     ROW_PTRS broadcasts to the tile: one destination row per index across AXIS (a query's or a
@@ -167,13 +168,24 @@ def _add_runs(
     rows must be this program's alone: a plain load and store, in a fixed order, after a
     barrier that orders the previous tile's stores (by any thread of this program) before
     these loads.
+
+    SPLIT_ENDS (atomic only): the rows are in a half dtype, and the sums are rounded to it,
+    except those for c = 0 and c = C - 1, which go in fp32 to END_PTRS[0] / END_PTRS[1]. Those
+    two are the clamped ends, where a run spans every tile past the table's reach (hundreds of
+    pairs at L=2048); elsewhere a run is one log bucket wide, so an address takes a sum from at
+    most two tiles, and rounds about as often as the fp32 result's one cast would.
     """
     starts = (c_before != c).to(tl.int32)
     ends = last | (c_after != c)
     sums, _ = tl.associative_scan((vals, starts), AXIS, _segment_add)
     ptrs = ROW_PTRS + c
     ok = ends & dest_ok
-    if ATOMIC:
+    if ATOMIC and SPLIT_ENDS:
+        at_end = (c == 0) | (c == C - 1)
+        tl.atomic_add(END_PTRS + (c != 0).to(tl.int32), sums, mask=ok & at_end, sem="relaxed")
+        half = sums.to(ROW_PTRS.dtype.element_ty)
+        tl.atomic_add(ptrs, half, mask=ok & (c != 0) & (c != C - 1), sem="relaxed")
+    elif ATOMIC:
         tl.atomic_add(ptrs, sums, mask=ok, sem="relaxed")
     else:
         tl.debug_barrier()
@@ -261,10 +273,12 @@ def _backward_kernel(
     H, L, D, C,
     SCALE,
     QK_SCALE,
+    DQP_END, DKP_END, s_eb, s_eh,
     HAS_QP: tl.constexpr,
     HAS_KP: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     RUN_SUMS: tl.constexpr,
+    HALF_POSITION_GRADS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -278,6 +292,9 @@ def _backward_kernel(
     DQ, DK, DV: [B, H, L, D] of one layout (strides s_g*, the last 1); DQ fp32, DK and DV fp32
     or the inputs' dtype (stored as rounded there). DQP, DKP: fp32 [B, H, L, C] (C = 2 * span)
     of one layout, strides s_xb, s_xh, C, 1. LSE and DELTA contiguous fp32 [B, H, L].
+    HALF_POSITION_GRADS (never with DETERMINISTIC; sums runs as RUN_SUMS does): DQP and DKP are in the
+    inputs' half dtype, and their columns 0 and C - 1 go to the fp32 DQP_END / DKP_END
+    ([B, H, L, 2], strides s_eb, s_eh, 2, 1) instead (see `_add_runs`).
     """
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -297,6 +314,7 @@ def _backward_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     grad_base = b * s_gb + h * s_gh
     pos_grad_base = b * s_xb + h * s_xh
+    end_base = b * s_eb + h * s_eh
 
     for start_m in range(0, L, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -321,7 +339,7 @@ def _backward_kernel(
                 mask=qd_ok,
                 sem="relaxed",
             )
-        if (DETERMINISTIC or RUN_SUMS) and (HAS_QP or HAS_KP):
+        if (DETERMINISTIC or RUN_SUMS or HALF_POSITION_GRADS) and (HAS_QP or HAS_KP):
             c_tile = _index_tile(IDX, offs_m, offs_n, L)
             if HAS_QP and not DETERMINISTIC:
                 # Along j (axis 1) for each query i: c(i, j - 1) and c(i, j + 1). Other key
@@ -336,6 +354,9 @@ def _backward_kernel(
                     ds,
                     1,
                     True,
+                    DQP_END + end_base + offs_m[:, None] * 2,
+                    C,
+                    HALF_POSITION_GRADS,
                 )
             if HAS_KP:
                 # Along i (axis 0) for each key j: c(i - 1, j) and c(i + 1, j). These rows are
@@ -352,8 +373,11 @@ def _backward_kernel(
                     ds,
                     0,
                     not DETERMINISTIC,
+                    DKP_END + end_base + offs_n[None, :] * 2,
+                    C,
+                    HALF_POSITION_GRADS,
                 )
-        if not (DETERMINISTIC or RUN_SUMS):  # one atomic per pair
+        if not (DETERMINISTIC or RUN_SUMS or HALF_POSITION_GRADS):  # one atomic per pair
             if HAS_QP:
                 tl.atomic_add(
                     DQP + pos_grad_base + offs_m[:, None] * C + c, ds, mask=grad_ok, sem="relaxed"
@@ -434,6 +458,9 @@ def _backward_dq_kernel(
                 (offs_n == start_n + BLOCK_N - 1)[None, :],
                 ds,
                 1,
+                False,
+                DQP,
+                C,
                 False,
             )
 
