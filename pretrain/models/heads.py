@@ -152,7 +152,7 @@ class _ChunkedMLM(torch.autograd.Function):
             for start in range(0, n, chunk_rows):
                 rows = slice(start, start + chunk_rows)
                 x, t = states[rows].to(dtype), targets[rows]
-                loss_rows, predicted[rows], sampled[rows], d_logits = rows_of(
+                loss_rows, predicted[rows], sampled[rows], d_logits, d_bias_rows = rows_of(
                     torch.matmul(x, w.t()), bias, t, uniforms[rows], temperature,
                     exclude_original, want_grad,
                 )  # fmt: skip
@@ -160,7 +160,8 @@ class _ChunkedMLM(torch.autograd.Function):
                 if d_logits is None:
                     continue
                 if d_bias is not None:
-                    d_bias += d_logits.sum(0, dtype=wide)
+                    assert d_bias_rows is not None
+                    d_bias += d_bias_rows
                 d_logits = d_logits.to(dtype)
                 if d_states is not None:
                     d_states[rows] = torch.matmul(d_logits, w)
@@ -181,7 +182,11 @@ class _ChunkedMLM(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None)
 
 
-ChunkRows = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
+# Per-row loss, argmax and draws, then (None without a gradient) d(CE)/d(logits) and its sum
+# over the rows, the bias gradient, in fp32 or wider.
+ChunkRows = tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None
+]
 
 
 def _chunk_rows_torch(
@@ -194,8 +199,8 @@ def _chunk_rows_torch(
     want_grad: bool,
 ) -> ChunkRows:
     """One chunk's rows from the decoder's matmul output [R, V] (before the bias): per-row
-    cross-entropy, argmax, draws, and d(CE)/d(logits) = softmax - one_hot (at least fp32;
-    None unless want_grad)."""
+    cross-entropy, argmax, draws, and d(CE)/d(logits) = softmax - one_hot (at least fp32) with
+    its sum over rows (both None unless want_grad)."""
     logits = at_least_fp32(products + bias)
     lse = torch.logsumexp(logits, dim=-1)
     loss = lse - logits.gather(1, targets.unsqueeze(1)).squeeze(1)
@@ -203,15 +208,15 @@ def _chunk_rows_torch(
     exclude = targets if exclude_original else None
     sampled = sample_replacements(logits, temperature, exclude, uniforms=uniforms)
     if not want_grad:
-        return loss, predicted, sampled, None
+        return loss, predicted, sampled, None, None
     d_logits = torch.exp(logits - lse.unsqueeze(1))
     d_logits[torch.arange(len(targets), device=targets.device), targets] -= 1.0
-    return loss, predicted, sampled, d_logits
+    return loss, predicted, sampled, d_logits, d_logits.sum(0)
 
 
 def _chunk_rows_kernel(*args: Any) -> ChunkRows:
     """`_chunk_rows_torch` as one Triton kernel (`mlm_kernel`); d(CE)/d(logits) comes in the
-    matmul's dtype. Imported at first use, as the attention kernels are."""
+    matmul's dtype, its row sum in fp32. Imported at first use, as the attention kernels are."""
     from pretrain.models.mlm_kernel import mlm_rows
 
     return mlm_rows(*args)

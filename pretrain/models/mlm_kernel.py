@@ -43,7 +43,7 @@ def _logits(ROW, BIAS, offs, ok, HALF_SUM: tl.constexpr):
 @triton.jit
 def _mlm_rows_kernel(
     LOGITS, BIAS, TARGETS, UNIFORMS, GRAD,
-    LOSS, PREDICTED, SAMPLED,
+    LOSS, PREDICTED, SAMPLED, TARGET_REST,
     V, s_l, s_g,
     TEMPERATURE,
     EXCLUDE: tl.constexpr,
@@ -92,6 +92,7 @@ def _mlm_rows_kernel(
     # Pass 2: the draw is the first token whose cumulative probability exceeds u (as
     # searchsorted(cdf, u * cdf[-1], right=True)); the gradient, if wanted.
     threshold = u * s_t
+    rest = tl.zeros([], tl.float32)
     below = tl.zeros([], tl.float32)  # the unnormalised mass before this block
     drawn = tl.full([], V, tl.int64)
     last = tl.zeros([], tl.int64)  # the last token with mass, should rounding leave u past all
@@ -109,8 +110,15 @@ def _mlm_rows_kernel(
         below += tl.sum(mass, 0)
         if WANT_GRAD:
             grad = tl.exp(x - lse) - (offs == t).to(tl.float32)
-            tl.store(GRAD + r * s_g + offs, grad.to(GRAD.dtype.element_ty), mask=ok)
+            stored = grad.to(GRAD.dtype.element_ty)
+            tl.store(GRAD + r * s_g + offs, stored, mask=ok)
+            # What rounding took from the target's entry, p - 1 (steps of 2^-8 in bf16 there):
+            # the bias gradient adds it back, so its sum over rows sharing a target does not
+            # inherit a rounding of the same sign from each.
+            rest += tl.sum(tl.where(ok & (offs == t), grad - stored.to(tl.float32), 0.0), 0)
     tl.store(SAMPLED + r, tl.where(drawn < V, drawn, last))
+    if WANT_GRAD:
+        tl.store(TARGET_REST + r, rest)
 
 
 def mlm_rows(
@@ -121,23 +129,26 @@ def mlm_rows(
     temperature: float,
     exclude_original: bool,
     want_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """logits: [R, V] (the matmul's output, before `bias` [V]). Returns per-row cross-entropy
-    (fp32) [R], argmax [R], draws [R], and softmax - one_hot in logits' dtype [R, V] (None
-    unless want_grad)."""
+    (fp32) [R], argmax [R], draws [R], and, when want_grad, softmax - one_hot in logits' dtype
+    [R, V] and its sum over rows in fp32 [V] (the bias gradient; the target entries' rounding
+    added back), else None twice."""
     rows, vocab = logits.shape
     assert logits.stride(1) == 1 and bias.shape == (vocab,), (logits.stride(), bias.shape)
+    bias, targets, uniforms = bias.contiguous(), targets.contiguous(), uniforms.contiguous()
     device = logits.device
     loss = torch.empty(rows, dtype=torch.float32, device=device)
     predicted = torch.empty(rows, dtype=torch.long, device=device)
     sampled = torch.empty(rows, dtype=torch.long, device=device)
     grad = torch.empty_like(logits) if want_grad else None
+    target_rest = torch.empty(rows, dtype=torch.float32, device=device)
     interpreted = device.type != "cuda"  # the tests; small blocks cross block edges
     block = 64 if interpreted else 2048
     if rows:
         _mlm_rows_kernel[(rows,)](
             logits, bias, targets, uniforms, grad if grad is not None else logits,
-            loss, predicted, sampled,
+            loss, predicted, sampled, target_rest,
             vocab, logits.stride(0), grad.stride(0) if grad is not None else 0,
             float(temperature),
             EXCLUDE=exclude_original,
@@ -146,4 +157,7 @@ def mlm_rows(
             BLOCK_V=block,
             num_warps=1 if interpreted else 8,
         )  # fmt: skip
-    return loss, predicted, sampled, grad
+    if grad is None:
+        return loss, predicted, sampled, None, None
+    bias_grad = grad.sum(0, dtype=torch.float32).index_add_(0, targets, target_rest)
+    return loss, predicted, sampled, grad, bias_grad

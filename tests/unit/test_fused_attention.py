@@ -265,8 +265,9 @@ def _assert_error_at_most_twice_eagers(reference, eager, fused, slack: float) ->
     [
         ("c2p_p2c_buckets", False),
         ("c2p_p2c_buckets", True),
-        # clamped beyond 16: the ends' runs span tiles, and go to the fp32 end columns
-        ("c2p_p2c_unbucketed_clamped", True),
+        ("c2p_p2c_unbucketed_clamped", True),  # clamped beyond 16
+        ("c2p_only_buckets", True),
+        ("p2c_only_unbucketed", True),
     ],
 )
 def test_fused_fp16_error_is_eager_fp16_error(
@@ -280,18 +281,56 @@ def test_fused_fp16_error_is_eager_fp16_error(
     config = _config(buckets, max_rel)
     span = config.relative_span
     idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
-    base = _inputs(length, span, terms, torch.float64)
+    base = _inputs(length, span, terms, torch.float64, split_heads=half_position_grads)
     mask, weights = base[5], base[6]
     scale = (16 * 3) ** -0.5
 
     def run(impl: str, dtype: torch.dtype):
-        leaves = [t.detach().to(dtype).requires_grad_() for t in base[:5]]
+        leaves = [None if t is None else t.detach().to(dtype).requires_grad_() for t in base[:5]]
         return _run(impl, *leaves, idx, mask, scale, weights)
 
     reference = run("eager", torch.float64)
     assert sorted(reference[1]) == sorted(_grad_names(terms))
     eager, fused = run("eager", torch.float16), run("triton", torch.float16)
     _assert_error_at_most_twice_eagers(reference, eager, fused, slack=1e-3)
+
+
+@interpreted
+def test_half_position_grads_round_once_at_the_clamped_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Unbucketed and clamped beyond 4, L=128: each inner position row of dQP / dKP takes one
+    pair per query (key), while the two clamped ends take up to 124 pairs across 8 key (query)
+    tiles. In half precision, the ends must still be fp32 sums rounded once, and, with one
+    pair per address, so must every other entry: the half form's dQP and dKP equal the fp32
+    form's (same run sums, same order in the interpreter) rounded to fp16, bit for bit."""
+    from pretrain.models.attention import fused
+
+    length, max_rel = 128, 4
+    config = _config(-1, max_rel, max_pos=length)
+    span = config.relative_span
+    idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
+    q, k, v, pos_k, pos_q, mask, weights = _inputs(length, span, ("c2p", "p2c"), torch.float16)
+    seen: list[torch.Tensor] = []
+    original = fused._position_grads
+
+    def record(dx, dxp, x, pos, want_dpos):
+        seen.append(dxp.float().clone())
+        return original(dx, dxp, x, pos, want_dpos)
+
+    monkeypatch.setattr(fused, "_position_grads", record)
+    monkeypatch.setattr(fused, "RUN_SUMS", True)
+    made = {}
+    for half in (False, True):
+        monkeypatch.setattr(fused, "HALF_POSITION_GRADS", half)
+        seen.clear()
+        _run("triton", q, k, v, pos_k, pos_q, idx, mask, 0.2, weights)
+        made[half] = list(seen)
+    assert len(made[True]) == 2  # dQP, dKP
+    for fp32, half in zip(made[False], made[True], strict=True):
+        assert torch.equal(half, fp32.half().float())
+        ends = half[..., [0, -1]]
+        assert ends.abs().max() > 0  # the ends take gradient here
 
 
 @interpreted

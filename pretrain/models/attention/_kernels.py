@@ -172,8 +172,10 @@ def _add_runs(
     SPLIT_ENDS (atomic only): the rows are in a half dtype, and the sums are rounded to it,
     except those for c = 0 and c = C - 1, which go in fp32 to END_PTRS[0] / END_PTRS[1]. Those
     two are the clamped ends, where a run spans every tile past the table's reach (hundreds of
-    pairs at L=2048); elsewhere a run is one log bucket wide, so an address takes a sum from at
-    most two tiles, and rounds about as often as the fp32 result's one cast would.
+    pairs at L=2048). Elsewhere a run is one log bucket wide: at most 6 pairs with v3's 256
+    buckets over 512 positions, so an address takes sums from at most two tiles and rounds
+    about as often as the fp32 result's one cast would. Few buckets over many positions make
+    wider buckets, and a rounding per tile a bucket spans.
     """
     starts = (c_before != c).to(tl.int32)
     ends = last | (c_after != c)

@@ -4,8 +4,9 @@ The position terms enter the kernel as two small projections computed here in to
 QP = q @ pos_k^T and KP = k @ pos_q^T ([B, h, L, 2S]); the kernel gathers QP[i, c(i, j)] and
 KP[j, c(i, j)] per tile, so the [L, L] scores are never stored. QP and KP are not saved for
 the backward either: it recomputes them (one small matmul each), gets dQP / dKP from the
-kernel (fp32; in the log-bucket and clamped regions many (i, j) share one c) and turns them
-into q, k, pos_k, pos_q gradients with two more matmuls in the inputs' dtype.
+kernel (fp32, or with `HALF_POSITION_GRADS` the inputs' half dtype; in the log-bucket and
+clamped regions many (i, j) share one c) and turns them into q, k, pos_k, pos_q gradients
+with two more matmuls in the inputs' dtype.
 
 Layouts: the kernels take strides, so the glue moves no data between layouts. q, k, v are
 read as the model splits them from its projections ([B, L, h, d] memory); dq, dk, dv are
@@ -287,12 +288,13 @@ def _row_dots(out: torch.Tensor, dout: torch.Tensor, cfg: dict[str, Any]) -> tor
 def _position_grads(
     dx: torch.Tensor, dxp: torch.Tensor, x: torch.Tensor, pos: torch.Tensor, want_dpos: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """From the kernel's fp32 dXP ([B, h, L, 2S] of [h, B, L, 2S] memory, XP = x @ pos^T):
+    """From the kernel's dXP ([B, h, L, 2S] of [h, B, L, 2S] memory, XP = x @ pos^T; fp32, or
+    already in x's half dtype):
     dx + dXP @ pos, and dpos = sum over batch and rows of dXP^T @ x ([h, 2S, d]), or None when
     not wanted.
 
     Both are one GEMM per head over all B * L rows, in x's dtype as the eager path's under
-    autocast are: dXP is rounded once (in bf16 it is as large as the scores at L = 2S), the
+    autocast are: an fp32 dXP is rounded once (in bf16 it is as large as the scores at L = 2S), the
     GEMMs read it, x and pos in place, and dpos's sum over the batch happens inside its GEMM,
     accumulated in fp32 and rounded once. In fp32 this is fp32 arithmetic throughout.
     """
