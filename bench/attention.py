@@ -2,6 +2,7 @@
 several tile sizes) vs plain scaled-dot-product attention of the same shape, in one run.
 
     python bench/attention.py [--seq-len 512 2048] [--batch 32 8] [--tiles 64x64/32x64+runs ...]
+                              [--dropout P] [--profile]
 
 Plain SDPA has no position terms, so it is a floor, not a competitor: it says how far the
 fused kernel is from ordinary FlashAttention. Each fused row also prints its largest error
@@ -50,10 +51,17 @@ class Case:
     token_mask: torch.Tensor
     scale: float
     grad_out: torch.Tensor
+    dropout: float = 0.0
 
 
 def make_case(
-    batch: int, length: int, heads: int, d: int, dtype: torch.dtype, device: torch.device
+    batch: int,
+    length: int,
+    heads: int,
+    d: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    dropout: float = 0.0,
 ) -> Case:
     config = DebertaConfig(num_attention_heads=heads, hidden_size=heads * d)
     span = config.relative_span
@@ -74,6 +82,7 @@ def make_case(
         token_mask=mask,
         scale=(d * 3) ** -0.5,
         grad_out=randn(batch, heads, length, d),
+        dropout=dropout,
     )
 
 
@@ -85,8 +94,8 @@ def disentangled(impl: str, deterministic: bool = False) -> Run:
         q, k, v = (t.detach().requires_grad_() for t in (c.q, c.k, c.v))
         pos_k, pos_q = (t.detach().requires_grad_() for t in (c.pos_k, c.pos_q))
         out = disentangled_attention(
-            q, k, v, pos_k, pos_q, c.rel_index, c.token_mask, c.scale, impl=impl,
-            deterministic=deterministic,
+            q, k, v, pos_k, pos_q, c.rel_index, c.token_mask, c.scale, dropout_p=c.dropout,
+            impl=impl, deterministic=deterministic,
         )  # fmt: skip
         out.backward(c.grad_out)
         assert q.grad is not None
@@ -97,7 +106,7 @@ def disentangled(impl: str, deterministic: bool = False) -> Run:
 
 def sdpa(c: Case) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (t.detach().requires_grad_() for t in (c.q, c.k, c.v))
-    out = F.scaled_dot_product_attention(q, k, v)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=c.dropout)
     out.backward(c.grad_out)
     assert q.grad is not None
     return out, q.grad
@@ -200,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--profile", action="store_true", help="kernel tables of eager and fused")
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=0.0,
+        help="attention-probability dropout in every row (DeBERTa's configs: 0.1); the rows draw "
+        "different masks, so no errors against eager are printed",
+    )
     args = p.parse_args(argv)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -212,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         batches = batches * len(seq_lens)
     if len(batches) != len(seq_lens):
         print("error: --batch takes one value, or one per --seq-len", file=sys.stderr)
+        return 2
+    if not 0.0 <= args.dropout < 1.0:
+        print(f"error: --dropout must be in [0, 1), got {args.dropout}", file=sys.stderr)
         return 2
     for spec in args.tiles:
         if parse_tiles(spec) is None:
@@ -226,7 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "command: python bench/attention.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     )
-    print(f"device: {name} | torch {torch.__version__} | {dtype} | c2p + p2c, 256 buckets")
+    print(
+        f"device: {name} | torch {torch.__version__} | {dtype} | c2p + p2c, 256 buckets"
+        + (f" | dropout {args.dropout:g}" if args.dropout else "")
+    )
     print(
         f"{args.warmup} warm-up + {args.steps} timed forward+backward calls; peak is above inputs"
     )
@@ -237,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     for length, batch in zip(seq_lens, batches, strict=True):
-        case = make_case(batch, length, args.heads, args.head_size, dtype, device)
+        case = make_case(batch, length, args.heads, args.head_size, dtype, device, args.dropout)
         runs: list[tuple[str, Run, str]] = [("eager", disentangled("eager"), "default")]
         if cuda:
             runs += [(f"triton {spec}", disentangled("triton"), spec) for spec in args.tiles]
@@ -258,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             if label == "eager":
                 reference = r
             errs = ("", "") if label.startswith("sdpa") or label == "eager" else ("n/a", "n/a")
-            if label.startswith("triton") and reference is not None:
+            if label.startswith("triton") and reference is not None and not args.dropout:
                 errs = (
                     f"{rel_err(r['out'], reference['out']):.1e}",
                     f"{rel_err(r['dq'], reference['dq']):.1e}",

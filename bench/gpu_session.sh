@@ -8,9 +8,10 @@
 #   bash bench/gpu_session.sh [OUT_DIR [STAGE ...]]
 #
 # OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env rtd_512 rtd_options attention
-# mlm_head tests rtd_2048 rtd_2048_b4 ncu curves trainer_512 (default: all, in that order, the
-# most needed first; rtd_2048_b4 runs only when HF ran out of memory in rtd_2048; rtd_options is
-# the step with the options not yet on by default; ncu profiles the fused kernels; trainer_512
+# rtd_dropout attention_dropout mlm_head tests rtd_2048 rtd_2048_b4 ncu curves trainer_512
+# (default: all, in that order, the most needed first; rtd_2048_b4 runs only when HF ran out of
+# memory in rtd_2048; rtd_options is the step with the options not yet on by default;
+# *_dropout run DeBERTa's attention dropout 0.1; ncu profiles the fused kernels; trainer_512
 # is the real trainer, DeepSpeed and data loading included, on the v3-base shape at L=512, for
 # its tokens/s and MFU beside rtd_step's bare step). Each stage has its own time limit, cut to
 # what is left of BUDGET_S (580 s, inside the device tool's 10-minute command; the stages of
@@ -77,7 +78,7 @@ fi
 
 out=${1:-${OUT:-gpu_session}}
 shift || true
-stages=${*:-env rtd_512 rtd_options attention mlm_head tests rtd_2048 rtd_2048_b4 ncu curves trainer_512}
+stages=${*:-env rtd_512 rtd_options attention rtd_dropout attention_dropout mlm_head tests rtd_2048 rtd_2048_b4 ncu curves trainer_512}
 mkdir -p "$out"
 # Stages stop here at the latest, inside the device tool's 10-minute command.
 deadline=$((SECONDS + ${BUDGET_S:-580}))
@@ -129,6 +130,13 @@ stage attention 60 "$py" bench/attention.py --steps 5 --profile \
     128x64/32x64+half
 stage rtd_options 70 "$py" bench/rtd_step.py --impl ours --attention triton --run-sums \
     --half-position-grads --mlm-kernel --warmup 2 --steps 5 --seq-len 512 2048 --batch 32 8
+# DeBERTa's published attention dropout, 0.1, on both sides: the fused kernel's in-kernel
+# dropout (tested on CPU only so far; auto still takes eager under dropout) against eager and
+# HF; then the attention core alone with it, at the default and the spill-free backward tile.
+stage rtd_dropout 110 "$py" bench/rtd_step.py --attention triton eager --attention-dropout 0.1 \
+    --warmup 2 --steps 5 --seq-len 512 --batch 32
+stage attention_dropout 40 "$py" bench/attention.py --steps 5 --dropout 0.1 --seq-len 512 \
+    --batch 32 --tiles default 128x64/32x64
 # The MLM head alone: plain, chunked with torch ops, chunked with the Triton kernel.
 stage mlm_head 40 "$py" bench/mlm_head.py
 # The gpu-marked tests: the files that hold them (collecting the whole suite costs time, and

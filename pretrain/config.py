@@ -221,12 +221,6 @@ class Config:
                 "rtd.enhanced_mask_decoder=true needs model.position_biased_input=false: with "
                 "absolute positions already in the input, the decoder has nothing to add"
             )
-        if m.attention_impl == "triton" and m.attention_probs_dropout_prob > 0:
-            raise ConfigError(
-                "model.attention_impl=triton has no attention dropout, but "
-                f"model.attention_probs_dropout_prob={m.attention_probs_dropout_prob}; set it to "
-                "0, or use attention_impl=auto (eager while that dropout is on)"
-            )
         if t.compile and ds.zero_stage == 3:
             raise ConfigError(
                 "trainer.compile=true with deepspeed.zero_stage=3 is not supported (ZeRO-3 "

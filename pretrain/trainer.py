@@ -250,8 +250,7 @@ class Trainer:
                 "extends it (python -m data_prep.extend_vocab) with the model grown to it"
             )
         # The shape is the checkpoint's; dropout and the attention kernel stay the run's own
-        # choice, as on a resume (FREE_ON_RESUME): published configs say dropout 0.1, which the
-        # fused kernel does not do.
+        # choice, as on a resume (FREE_ON_RESUME): published configs say dropout 0.1.
         own = {k: getattr(m, k) for k in FREE_ON_RESUME}
         model = ModelConfig(**{**dataclasses.asdict(shape), **own})
         overridden = [

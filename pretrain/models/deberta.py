@@ -82,8 +82,8 @@ class DebertaConfig:
     embedding_size: int | None = None
     attention_head_size: int | None = None
     # Not a DebertaV2Config key: how attention runs, not what it computes. eager | triton (the
-    # fused kernel; needs CUDA and attention_probs_dropout_prob=0 in training) | auto (triton
-    # on CUDA when it is installed and dropout is off, eager otherwise).
+    # fused kernel; needs CUDA; its dropout draws its own mask) | auto (triton on CUDA when it
+    # is installed and attention dropout is off, eager otherwise).
     attention_impl: str = "eager"
 
     def __post_init__(self) -> None:

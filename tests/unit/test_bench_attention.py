@@ -59,3 +59,12 @@ def test_a_spec_overrides_the_kernels_launch_settings_only_inside(bench, monkeyp
         got = fused._launch_settings(None)
     assert got == {"fwd": (128, 64), "bwd": (64, 64), "run_sums": True, "warps": 8}
     assert fused._launch_settings is stub
+
+
+def test_dropout_runs_and_bad_dropout_is_one_line(bench, capsys) -> None:
+    args = ["--device", "cpu", "--seq-len", "32", "--batch", "2", "--steps", "1", "--warmup", "1"]
+    assert bench.main(args + ["--dropout", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "dropout 0.1" in out and "eager" in out
+    assert bench.main(args + ["--dropout", "1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --dropout must be in [0, 1), got 1.0"

@@ -240,7 +240,6 @@ def test_wrong_type_fails_naming_key() -> None:
         ("optim.name=sgd", "optim.name"),
         ("trainer.device=tpu", "trainer.device"),
         ("model.attention_impl=fast", "attention_impl"),
-        ("model.attention_impl=triton", "model.attention_probs_dropout_prob=0.1; set it to 0"),
         ("trainer.max_nonfinite_skips=-1", "trainer.max_nonfinite_skips"),
         ("trainer.max_steps=-1", "trainer.max_steps must be >= 0, got -1"),
         ("rtd.emd_steps=0", "rtd.emd_steps must be >= 1"),

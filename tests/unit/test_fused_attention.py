@@ -194,9 +194,11 @@ def _inputs(
     return q, k, v, pos_k, pos_q, mask, weights
 
 
-def _run(impl: str, q, k, v, pos_k, pos_q, idx, mask, scale, weights, deterministic=False):
+def _run(
+    impl: str, q, k, v, pos_k, pos_q, idx, mask, scale, weights, deterministic=False, dropout_p=0.0
+):
     out = disentangled_attention(
-        q, k, v, pos_k, pos_q, idx, mask, scale, impl=impl, deterministic=deterministic
+        q, k, v, pos_k, pos_q, idx, mask, scale, dropout_p, impl=impl, deterministic=deterministic
     )
     named = {"q": q, "k": k, "v": v, "pos_k": pos_k, "pos_q": pos_q}
     leaves = {n: t for n, t in named.items() if t is not None}
@@ -333,6 +335,116 @@ def test_half_position_grads_round_once_at_the_clamped_ends(
         assert ends.abs().max() > 0  # the ends take gradient here
 
 
+# --------------------------------------------------------------------------------------------
+# Dropout: the kernels draw their own mask; eager given that same mask is the reference
+# --------------------------------------------------------------------------------------------
+
+
+def _eager_with_mask(monkeypatch: pytest.MonkeyPatch, keep: torch.Tensor) -> None:
+    """Make the eager path's dropout apply `keep` (bool [B, h, L, L]) instead of a random mask."""
+    import types
+
+    from pretrain.models.attention import eager
+
+    def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+        assert training and x.shape == keep.shape
+        return x * keep.to(x.dtype) / (1 - p)
+
+    monkeypatch.setattr(eager, "F", types.SimpleNamespace(dropout=dropout))
+
+
+@interpreted
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
+@pytest.mark.parametrize("case", ["c2p_p2c_buckets", "p2c_only_unbucketed", "no_position_terms"])
+def test_dropout_matches_eager_given_the_kernels_mask(
+    case: str, deterministic: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pretrain.models.attention import fused
+
+    terms, buckets, max_rel = CORE_CASES[case]
+    length, rate, seed = 37, 0.3, 12345
+    config = _config(buckets, max_rel)
+    span = config.relative_span
+    idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
+    q, k, v, pos_k, pos_q, mask, weights = _inputs(length, span, terms, torch.float32)
+    keep = fused.dropout_keep(seed, 2, 2, length, rate, torch.device("cpu"))
+    assert 0.6 < keep.float().mean() < 0.8  # 2 x 2 x 37 x 37 draws at 0.7
+    _eager_with_mask(monkeypatch, keep)
+    named = {"q": q, "k": k, "v": v, "pos_k": pos_k, "pos_q": pos_q}
+    leaves = {n: t for n, t in named.items() if t is not None}
+    scale = 0.25
+
+    def run(impl: str):
+        if impl == "eager":
+            out = disentangled_attention(
+                q, k, v, pos_k, pos_q, idx, mask, scale, dropout_p=rate, impl="eager"
+            )
+        else:
+            out = fused.fused_disentangled_attention(
+                q, k, v, pos_k, pos_q, idx, mask, scale, deterministic, rate, seed
+            )
+        grads = torch.autograd.grad((out * weights).sum(), list(leaves.values()))
+        return out, dict(zip(leaves, grads, strict=True))
+
+    (want, want_grads), (got, got_grads) = run("eager"), run("triton")
+    torch.testing.assert_close(got, want, **FP32_TOL)
+    for name in leaves:
+        torch.testing.assert_close(got_grads[name], want_grads[name], **FP32_TOL, msg=name)
+    # and the mask mattered: without dropout the output is another one
+    plain = fused.fused_disentangled_attention(q, k, v, pos_k, pos_q, idx, mask, scale)
+    assert (plain - got).abs().max() > 0.1
+
+
+@interpreted
+def test_dropout_mask_is_per_seed_and_head_and_the_same_for_any_tiles(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pretrain.models.attention import fused
+
+    cpu = torch.device("cpu")
+    keep = fused.dropout_keep(7, 2, 3, 64, 0.1, cpu)
+    assert keep.shape == (2, 3, 64, 64)
+    assert abs(keep.float().mean().item() - 0.9) < 0.01  # 24,576 draws
+    flat = keep.flatten(0, 1)
+    assert all(not torch.equal(flat[a], flat[b]) for a in range(6) for b in range(a))
+    assert torch.equal(keep, fused.dropout_keep(7, 2, 3, 64, 0.1, cpu))
+    assert not torch.equal(keep, fused.dropout_keep(8, 2, 3, 64, 0.1, cpu))
+
+    # The forward at other tiles draws the same mask: the same output, to rounding.
+    config = _config(8, 32)
+    span = config.relative_span
+    idx = relative_index(relative_positions(40, config, cpu), span)
+    q, k, v, pos_k, pos_q, mask, _ = _inputs(40, span, ("c2p", "p2c"), torch.float32)
+    args = (q, k, v, pos_k, pos_q, idx, mask, 0.25, False, 0.2, 99)
+    first = fused.fused_disentangled_attention(*args)
+    original = fused._launch_settings
+    monkeypatch.setattr(
+        fused, "_launch_settings", lambda q: {**original(q), "fwd": (32, 16), "bwd": (16, 32)}
+    )
+    torch.testing.assert_close(fused.fused_disentangled_attention(*args), first, **FP32_TOL)
+
+
+@interpreted
+def test_dropout_seed_follows_torch_manual_seed() -> None:
+    from pretrain.models.attention import fused
+
+    config = _config(8, 32)
+    span = config.relative_span
+    idx = relative_index(relative_positions(16, config, torch.device("cpu")), span)
+    q, k, v, pos_k, pos_q, mask, _ = _inputs(16, span, ("c2p", "p2c"), torch.float32)
+
+    def run(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return disentangled_attention(
+            q, k, v, pos_k, pos_q, idx, mask, 0.25, dropout_p=0.5, impl="triton"
+        )
+
+    assert torch.equal(run(0), run(0))
+    assert not torch.equal(run(0), run(1))
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        fused.fused_disentangled_attention(q, k, v, pos_k, pos_q, idx, mask, 0.25, False, 1.0)
+
+
 @interpreted
 def test_under_torch_compile_the_kernel_runs_outside_the_graph() -> None:
     """trainer.compile=true compiles the layers that call the kernel. Dynamo must break the
@@ -459,8 +571,7 @@ def test_choose_impl(monkeypatch: pytest.MonkeyPatch) -> None:
     assert choose_impl("auto", cpu, 64, 0.0) == "eager"
     assert choose_impl("auto", cuda, 64, 0.0) == "triton"
     assert choose_impl("auto", cuda, 256, 0.0) == "eager"
-    with pytest.raises(ValueError, match="attention_probs_dropout_prob"):
-        choose_impl("triton", cuda, 64, 0.1)
+    assert choose_impl("triton", cuda, 64, 0.1) == "triton"
     with pytest.warns(RuntimeWarning, match="dropout"):
         assert choose_impl("auto", cuda, 64, 0.1) == "eager"
     with pytest.raises(ValueError, match="attention_impl"):
@@ -523,7 +634,7 @@ def test_deterministic_backward_matches_eager_in_any_program_order(case: str) ->
 
 def test_deterministic_follows_torch_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[bool] = []
-    monkeypatch.setattr(attention, "_fused", lambda *args: seen.append(args[-1]))
+    monkeypatch.setattr(attention, "_fused", lambda *args: seen.append(args[8]))
     q, k, v, pos_k, pos_q, mask, _ = _inputs(16, 8, ("c2p",), torch.float32)
     idx = torch.arange(31, dtype=torch.int32).clamp(0, 15)
     call = (q, k, v, pos_k, pos_q, idx, mask, 0.1)
@@ -598,7 +709,7 @@ def test_model_with_fused_attention_matches_eager() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _gpu_case(dtype: torch.dtype, seed: int = 0, length: int = 512):
+def _gpu_case(dtype: torch.dtype, seed: int = 0, length: int = 512, dropout: float = 0.0):
     heads, d = 12, 64
     config = DebertaConfig(position_buckets=256, max_position_embeddings=512)
     span = config.relative_span  # 256
@@ -614,7 +725,7 @@ def _gpu_case(dtype: torch.dtype, seed: int = 0, length: int = 512):
 
     def run(impl: str, run_dtype: torch.dtype, deterministic: bool = False):
         leaves = [t.to(run_dtype).requires_grad_() for t in base]
-        return _run(impl, *leaves, idx, mask, scale, weights, deterministic)
+        return _run(impl, *leaves, idx, mask, scale, weights, deterministic, dropout)
 
     return run
 
@@ -638,6 +749,26 @@ def test_gpu_bf16_fused_error_is_eager_bf16_error(
     reference, eager = run("eager", torch.float32), run("eager", torch.bfloat16)
     fused = run("triton", torch.bfloat16)
     _assert_error_at_most_twice_eagers(reference, eager, fused, slack=1e-2)
+
+
+@compiled
+@pytest.mark.gpu
+def test_gpu_bf16_dropout_error_is_eager_bf16_error_with_the_same_mask(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pretrain.models.attention import fused
+
+    rate = 0.1
+    torch.manual_seed(5)
+    seed = int(torch.randint(fused.SEED_LIMIT, ()))  # what the fused call below draws
+    keep = fused.dropout_keep(seed, 2, 12, 512, rate, torch.device("cuda"))
+    assert abs(keep.float().mean().item() - 0.9) < 0.005
+    _eager_with_mask(monkeypatch, keep)
+    run = _gpu_case(torch.bfloat16, dropout=rate)
+    reference, eager = run("eager", torch.float32), run("eager", torch.bfloat16)
+    torch.manual_seed(5)
+    fused_out = run("triton", torch.bfloat16)
+    _assert_error_at_most_twice_eagers(reference, eager, fused_out, slack=1e-2)
 
 
 @compiled

@@ -66,6 +66,16 @@ def _score_tile(
 
 
 @triton.jit
+def _dropped(p, SEED, pid_bh, offs_m, offs_n, L, DROP_P, DROP_SCALE):
+    """p with attention dropout applied: each pair kept with probability 1 - DROP_P and then
+    scaled by DROP_SCALE = 1 / (1 - DROP_P), else 0. The draw is Philox keyed on SEED + the
+    (batch, head) program and counted by i * L + j, so the forward and both backward kernels
+    regenerate the same mask for any tiling; `dropout_keep` materialises it for tests."""
+    keep = tl.rand(SEED + pid_bh, offs_m[:, None] * L + offs_n[None, :]) >= DROP_P
+    return tl.where(keep, p * DROP_SCALE, 0.0)
+
+
+@triton.jit
 def _load_rows(PTR, b, h, s_b, s_h, s_l, s_d, offs, offs_d, ok):
     """Rows `offs` of head h of batch b of a [B, H, L, D] tensor, zeros where not `ok`."""
     return tl.load(
@@ -109,15 +119,19 @@ def _grad_tile(
     s_pb, s_ph, s_pl, s_pc,
     s_rb, s_rh, s_rl, s_rc,
     L, SCALE, QK_SCALE,
+    SEED, pid_bh, DROP_P, DROP_SCALE,
     HAS_QP: tl.constexpr,
     HAS_KP: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """The probabilities of one tile, recomputed exactly as the forward made them, and
-    ds = d(loss)/d(raw score term), zero where a pair is masked; both backward kernels call it.
-    Also returns each pair's position index c and where ds may be non-zero."""
+    """The probabilities of one tile, recomputed exactly as the forward made them (after
+    dropout, as they multiplied v), and ds = d(loss)/d(raw score term), zero where a pair is
+    masked; both backward kernels call it. Also returns each pair's position index c and where
+    ds may be non-zero. With dropout, O = (P * Z) V for the mask-and-scale Z, so
+    d(loss)/dP = (dO V^T) * Z, and rowsum(P * d(loss)/dP) is still rowsum(dO * O) = delta."""
     pair_ok = row_ok[:, None] & col_ok[None, :]
     s, c = _score_tile(
         q, k, offs_m, offs_n, pair_ok, col_ok, q_real, k_real,
@@ -127,11 +141,15 @@ def _grad_tile(
     p = tl.exp2(s - lse[:, None])
     p = tl.where(row_ok[:, None], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    p_v = p
+    if DROPOUT:
+        p_v = _dropped(p, SEED, pid_bh, offs_m, offs_n, L, DROP_P, DROP_SCALE)
+        dp = _dropped(dp, SEED, pid_bh, offs_m, offs_n, L, DROP_P, DROP_SCALE)
     # d(loss)/d(raw term) = scale * softmax grad; a padding query's scores are a constant.
     ds = p * (dp - delta[:, None]) * SCALE
     grad_ok = pair_ok & q_real[:, None] & k_real[None, :]
     ds = tl.where(grad_ok, ds, 0.0)
-    return p, ds, c, grad_ok
+    return p_v, ds, c, grad_ok
 
 
 @triton.jit
@@ -206,8 +224,10 @@ def _forward_kernel(
     s_mb,
     H, L, D,
     QK_SCALE,
+    SEED, DROP_P, DROP_SCALE,
     HAS_QP: tl.constexpr,
     HAS_KP: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -246,7 +266,9 @@ def _forward_kernel(
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax's normaliser: before dropout
+        if DROPOUT:
+            p = _dropped(p, SEED, pid_bh, offs_m, offs_n, L, DROP_P, DROP_SCALE)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -275,9 +297,11 @@ def _backward_kernel(
     H, L, D, C,
     SCALE,
     QK_SCALE,
+    SEED, DROP_P, DROP_SCALE,
     DQP_END, DKP_END, s_eb, s_eh,
     HAS_QP: tl.constexpr,
     HAS_KP: tl.constexpr,
+    DROPOUT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     RUN_SUMS: tl.constexpr,
     HALF_POSITION_GRADS: tl.constexpr,
@@ -329,7 +353,8 @@ def _backward_kernel(
         p, ds, c, grad_ok = _grad_tile(
             q, k, v, do, lse, delta, offs_m, offs_n, row_ok, col_ok, q_real, k_real,
             IDX, QP, KP, b, h, s_pb, s_ph, s_pl, s_pc, s_rb, s_rh, s_rl, s_rc,
-            L, SCALE, QK_SCALE, HAS_QP, HAS_KP, BLOCK_M, BLOCK_N, DOT_PRECISION,
+            L, SCALE, QK_SCALE, SEED, pid_bh, DROP_P, DROP_SCALE,
+            HAS_QP, HAS_KP, DROPOUT, BLOCK_M, BLOCK_N, DOT_PRECISION,
         )  # fmt: skip
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
@@ -410,8 +435,10 @@ def _backward_dq_kernel(
     H, L, D, C,
     SCALE,
     QK_SCALE,
+    SEED, DROP_P, DROP_SCALE,
     HAS_QP: tl.constexpr,
     HAS_KP: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -447,7 +474,8 @@ def _backward_dq_kernel(
         _, ds, _, _ = _grad_tile(
             q, k, v, do, lse, delta, offs_m, offs_n, row_ok, col_ok, q_real, k_real,
             IDX, QP, KP, b, h, s_pb, s_ph, s_pl, s_pc, s_rb, s_rh, s_rl, s_rc,
-            L, SCALE, QK_SCALE, HAS_QP, HAS_KP, BLOCK_M, BLOCK_N, DOT_PRECISION,
+            L, SCALE, QK_SCALE, SEED, pid_bh, DROP_P, DROP_SCALE,
+            HAS_QP, HAS_KP, DROPOUT, BLOCK_M, BLOCK_N, DOT_PRECISION,
         )  # fmt: skip
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         if HAS_QP:  # along j (axis 1) for each query i: c(i, j - 1) and c(i, j + 1)
@@ -491,3 +519,16 @@ def _row_dot_kernel(
     o = _load_rows(OUT, b, h, s_ob, s_oh, s_ol, s_od, offs_m, offs_d, ok).to(tl.float32)
     do = _load_rows(DO, b, h, s_db, s_dh, s_dl, s_dd, offs_m, offs_d, ok).to(tl.float32)
     tl.store(DELTA + pid_bh * L + offs_m, tl.sum(o * do, 1), mask=row_ok)
+
+
+@triton.jit
+def _keep_kernel(KEEP, SEED, L, DROP_P, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The dropout mask `_dropped` applies, as int8 [B * H, L, L] (1 = kept): for tests."""
+    pid_bh = tl.program_id(2)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ones = tl.full([BLOCK_M, BLOCK_N], 1.0, tl.float32)
+    kept = _dropped(ones, SEED, pid_bh, offs_m, offs_n, L, DROP_P, 1.0) != 0
+    ok = (offs_m < L)[:, None] & (offs_n < L)[None, :]
+    ptrs = KEEP + pid_bh * L * L + offs_m[:, None] * L + offs_n[None, :]
+    tl.store(ptrs, kept.to(tl.int8), mask=ok)

@@ -146,6 +146,8 @@ class _FusedDisentangledAttention(torch.autograd.Function):
         mask: torch.Tensor,
         scale: float,
         deterministic: bool,
+        dropout_p: float,
+        seed: int,
     ) -> torch.Tensor:
         cfg = _launch_settings(q)
         batch, heads, length, d = q.shape
@@ -163,8 +165,10 @@ class _FusedDisentangledAttention(torch.autograd.Function):
             *out.stride(), mask.stride(0),
             heads, length, d,
             scale * LOG2E,
+            *_dropout_args(dropout_p, seed),
             HAS_QP=qp is not None,
             HAS_KP=kp is not None,
+            DROPOUT=dropout_p > 0,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_D=cfg["block_d"],
@@ -175,6 +179,7 @@ class _FusedDisentangledAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, pos_k, pos_q, rel_index, mask, out, lse)
         ctx.scale = scale
         ctx.deterministic = deterministic
+        ctx.dropout = (dropout_p, seed)
         return out
 
     @staticmethod
@@ -225,10 +230,12 @@ class _FusedDisentangledAttention(torch.autograd.Function):
             heads, length, d, width,
             scale,
             scale * LOG2E,
+            *_dropout_args(*ctx.dropout),
         )  # fmt: skip
         common = dict(
             HAS_QP=qp is not None,
             HAS_KP=kp is not None,
+            DROPOUT=ctx.dropout[0] > 0,
             BLOCK_D=cfg["block_d"],
             DOT_PRECISION=cfg["precision"],
             num_warps=cfg["warps"],
@@ -269,7 +276,30 @@ class _FusedDisentangledAttention(torch.autograd.Function):
             None,
             None,
             None,
+            None,
+            None,
         )
+
+
+def _dropout_args(dropout_p: float, seed: int) -> tuple[int, float, float]:
+    """The kernels' SEED, DROP_P, DROP_SCALE."""
+    return seed, dropout_p, 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
+
+
+# Dropout seeds stay below 2^30: the kernels key Philox on seed + (batch, head) program, in
+# int32.
+SEED_LIMIT = 2**30
+
+
+def dropout_keep(seed: int, batch: int, heads: int, length: int, dropout_p: float,
+                 device: torch.device) -> torch.Tensor:  # fmt: skip
+    """The dropout mask the kernels apply for `seed`, bool [B, h, L, L] (True = kept), so a
+    test can give the eager path the same one."""
+    keep = torch.empty(batch, heads, length, length, dtype=torch.int8, device=device)
+    block = 16
+    grid = (triton.cdiv(length, block), triton.cdiv(length, block), batch * heads)
+    _kernels._keep_kernel[grid](keep, seed, length, dropout_p, BLOCK_M=block, BLOCK_N=block)
+    return keep.bool()
 
 
 def _row_dots(out: torch.Tensor, dout: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:
@@ -319,11 +349,21 @@ def fused_disentangled_attention(
     token_mask: torch.Tensor,
     scale: float,
     deterministic: bool = False,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
 ) -> torch.Tensor:
     """The fused core; arguments as `pretrain.models.attention.disentangled_attention`.
 
     deterministic: a backward without atomics, whose gradients are the same bits on every run
-    (it recomputes the scores once more, in a second kernel)."""
+    (it recomputes the scores once more, in a second kernel).
+    dropout_p: attention dropout on the probabilities, its mask drawn in the kernels from
+    `seed` (default: one drawn from torch's CPU generator, so `torch.manual_seed` and a
+    checkpoint's RNG state make it repeatable); the backward regenerates the same mask."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if seed is None:
+        seed = int(torch.randint(SEED_LIMIT, ())) if dropout_p > 0 else 0
+    assert 0 <= seed < SEED_LIMIT, seed
     batch, heads, length, d = q.shape
     assert k.shape == v.shape == q.shape, "self-attention: q, k, v of one shape"
     assert token_mask.shape == (batch, length), token_mask.shape
@@ -338,5 +378,5 @@ def fused_disentangled_attention(
         index = rel_index.to(device=q.device, dtype=torch.int32).contiguous()
     mask = token_mask.to(device=q.device, dtype=torch.int8).contiguous()
     return _FusedDisentangledAttention.apply(
-        q, k, v, pos_k, pos_q, index, mask, scale, deterministic
+        q, k, v, pos_k, pos_q, index, mask, scale, deterministic, dropout_p, seed
     )
