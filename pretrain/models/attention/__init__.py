@@ -71,6 +71,11 @@ def choose_impl(requested: str, device: torch.device, head_size: int, dropout_p:
     if requested == "eager":
         return "eager"
     if requested == "triton":
+        if dropout_p > 0:
+            _warn_once(
+                "attention_impl=triton with attention dropout: the fused kernel's own dropout "
+                "is tested on CPU (under Triton's interpreter), not yet on a GPU"
+            )
         return "triton"
     if requested != "auto":
         raise ValueError(f"attention_impl must be one of {IMPLS}, got {requested!r}")

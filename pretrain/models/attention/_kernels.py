@@ -68,10 +68,13 @@ def _score_tile(
 @triton.jit
 def _dropped(p, SEED, pid_bh, offs_m, offs_n, L, DROP_P, DROP_SCALE):
     """p with attention dropout applied: each pair kept with probability 1 - DROP_P and then
-    scaled by DROP_SCALE = 1 / (1 - DROP_P), else 0. The draw is Philox keyed on SEED + the
-    (batch, head) program and counted by i * L + j, so the forward and both backward kernels
-    regenerate the same mask for any tiling; `dropout_keep` materialises it for tests."""
-    keep = tl.rand(SEED + pid_bh, offs_m[:, None] * L + offs_n[None, :]) >= DROP_P
+    scaled by DROP_SCALE = 1 / (1 - DROP_P), else 0. The draw is Philox keyed on (SEED, the
+    (batch, head) program) as the key's low and high words, so no two calls or heads share a
+    stream, and counted by i * L + j (distinct below L = 65536), so the forward and both
+    backward kernels regenerate the same mask for any tiling; `dropout_keep` materialises it
+    for tests."""
+    key = SEED.to(tl.int64) + (pid_bh.to(tl.int64) << 32)
+    keep = tl.rand(key, offs_m[:, None] * L + offs_n[None, :]) >= DROP_P
     return tl.where(keep, p * DROP_SCALE, 0.0)
 
 
@@ -212,7 +215,8 @@ def _add_runs(
         tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + sums, mask=ok)
 
 
-@triton.jit
+# SEED takes any value: not specialised (a seed divisible by 16 would compile another copy).
+@triton.jit(do_not_specialize=["SEED"])
 def _forward_kernel(
     Q, K, V, QP, KP, IDX, MASK, OUT, LSE,
     s_qb, s_qh, s_ql, s_qd,
@@ -281,7 +285,8 @@ def _forward_kernel(
     tl.store(LSE + pid_bh * L + offs_m, m_i + tl.log2(l_i), mask=row_ok)
 
 
-@triton.jit
+# SEED takes any value: not specialised (a seed divisible by 16 would compile another copy).
+@triton.jit(do_not_specialize=["SEED"])
 def _backward_kernel(
     Q, K, V, QP, KP, IDX, MASK, DO, LSE, DELTA,
     DQ, DK, DV, DQP, DKP,
@@ -419,7 +424,8 @@ def _backward_kernel(
     tl.store(DV + out_ptrs, dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
-@triton.jit
+# SEED takes any value: not specialised (a seed divisible by 16 would compile another copy).
+@triton.jit(do_not_specialize=["SEED"])
 def _backward_dq_kernel(
     Q, K, V, QP, KP, IDX, MASK, DO, LSE, DELTA,
     DQ, DQP,
@@ -521,7 +527,8 @@ def _row_dot_kernel(
     tl.store(DELTA + pid_bh * L + offs_m, tl.sum(o * do, 1), mask=row_ok)
 
 
-@triton.jit
+# SEED takes any value: not specialised (a seed divisible by 16 would compile another copy).
+@triton.jit(do_not_specialize=["SEED"])
 def _keep_kernel(KEEP, SEED, L, DROP_P, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The dropout mask `_dropped` applies, as int8 [B * H, L, L] (1 = kept): for tests."""
     pid_bh = tl.program_id(2)
@@ -530,5 +537,5 @@ def _keep_kernel(KEEP, SEED, L, DROP_P, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
     ones = tl.full([BLOCK_M, BLOCK_N], 1.0, tl.float32)
     kept = _dropped(ones, SEED, pid_bh, offs_m, offs_n, L, DROP_P, 1.0) != 0
     ok = (offs_m < L)[:, None] & (offs_n < L)[None, :]
-    ptrs = KEEP + pid_bh * L * L + offs_m[:, None] * L + offs_n[None, :]
+    ptrs = KEEP + pid_bh.to(tl.int64) * L * L + offs_m[:, None] * L + offs_n[None, :]
     tl.store(ptrs, kept.to(tl.int8), mask=ok)

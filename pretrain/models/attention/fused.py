@@ -286,9 +286,8 @@ def _dropout_args(dropout_p: float, seed: int) -> tuple[int, float, float]:
     return seed, dropout_p, 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
 
 
-# Dropout seeds stay below 2^30: the kernels key Philox on seed + (batch, head) program, in
-# int32.
-SEED_LIMIT = 2**30
+# Dropout seeds: an int32 kernel argument, the low word of the kernels' Philox key.
+SEED_LIMIT = 2**31 - 1
 
 
 def dropout_keep(seed: int, batch: int, heads: int, length: int, dropout_p: float,
