@@ -79,6 +79,18 @@ def _dropped(p, SEED, pid_bh, offs_m, offs_n, L, DROP_P, DROP_SCALE):
 
 
 @triton.jit
+def _program_block(H, L, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What a program of a (row blocks, B * H) grid works on: its block's first row, its
+    (batch, head) as pid_bh, b and h, the block's rows and the head's columns, and which of
+    each exist."""
+    start = tl.program_id(0) * BLOCK
+    pid_bh = tl.program_id(1)
+    offs = start + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    return start, pid_bh, pid_bh // H, pid_bh % H, offs, offs_d, offs < L, offs_d < D
+
+
+@triton.jit
 def _load_rows(PTR, b, h, s_b, s_h, s_l, s_d, offs, offs_d, ok):
     """Rows `offs` of head h of batch b of a [B, H, L, D] tensor, zeros where not `ok`."""
     return tl.load(
@@ -237,14 +249,7 @@ def _forward_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < L
-    d_ok = offs_d < D
+    _, pid_bh, b, h, offs_m, offs_d, row_ok, d_ok = _program_block(H, L, D, BLOCK_M, BLOCK_D)
 
     q = _load_rows(Q, b, h, s_qb, s_qh, s_ql, s_qd, offs_m, offs_d, row_ok[:, None] & d_ok[None, :])
     q_real = tl.load(MASK + b * s_mb + offs_m, mask=row_ok, other=0) != 0
@@ -327,14 +332,7 @@ def _backward_kernel(
     inputs' half dtype, and their columns 0 and C - 1 go to the fp32 DQP_END / DKP_END
     ([B, H, L, 2], strides s_eb, s_eh, 2, 1) instead (see `_add_runs`).
     """
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    col_ok = offs_n < L
-    d_ok = offs_d < D
+    start_n, pid_bh, b, h, offs_n, offs_d, col_ok, d_ok = _program_block(H, L, D, BLOCK_N, BLOCK_D)
     kv_ok = col_ok[:, None] & d_ok[None, :]
 
     k, v, k_real = _key_rows(
@@ -382,7 +380,7 @@ def _backward_kernel(
                     c_tile,
                     _index_tile(IDX, offs_m, offs_n - 1, L),
                     _index_tile(IDX, offs_m, offs_n + 1, L),
-                    (offs_n == pid_n * BLOCK_N + BLOCK_N - 1)[None, :],
+                    (offs_n == start_n + BLOCK_N - 1)[None, :],
                     ds,
                     1,
                     True,
@@ -452,14 +450,7 @@ def _backward_dq_kernel(
 ):  # fmt: skip
     """The deterministic backward's other half: one program per query block, dq in registers
     and the rows of dQP of its queries by `_add_runs`; buffers as `_backward_kernel`'s."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < L
-    d_ok = offs_d < D
+    _, pid_bh, b, h, offs_m, offs_d, row_ok, d_ok = _program_block(H, L, D, BLOCK_M, BLOCK_D)
     qd_ok = row_ok[:, None] & d_ok[None, :]
 
     q, do, q_real, lse, delta = _query_rows(
@@ -514,14 +505,8 @@ def _row_dot_kernel(
 ):  # fmt: skip
     """The backward's rowsum(dO * O) in fp32 ([B, H, L] contiguous), from O and dO of any
     layout and dtype, read once each."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < L
-    ok = row_ok[:, None] & (offs_d < D)[None, :]
+    _, pid_bh, b, h, offs_m, offs_d, row_ok, d_ok = _program_block(H, L, D, BLOCK_M, BLOCK_D)
+    ok = row_ok[:, None] & d_ok[None, :]
     o = _load_rows(OUT, b, h, s_ob, s_oh, s_ol, s_od, offs_m, offs_d, ok).to(tl.float32)
     do = _load_rows(DO, b, h, s_db, s_dh, s_dl, s_dd, offs_m, offs_d, ok).to(tl.float32)
     tl.store(DELTA + pid_bh * L + offs_m, tl.sum(o * do, 1), mask=row_ok)
