@@ -41,6 +41,23 @@ def _logits(ROW, BIAS, offs, ok, HALF_SUM: tl.constexpr):
 
 
 @triton.jit
+def _draw_logits(x, offs, ok, t, TEMPERATURE, EXCLUDE: tl.constexpr):
+    """The logits the draw samples from: x / temperature, NEG for the target if excluded and
+    for out-of-range entries."""
+    scaled = x / TEMPERATURE
+    if EXCLUDE:
+        scaled = tl.where(offs == t, NEG, scaled)
+    return tl.where(ok, scaled, NEG)
+
+
+@triton.jit
+def _online_logsumexp(m, s, x):
+    """Running max m and sum s of exp(. - m), updated with a block x."""
+    m_new = tl.maximum(m, tl.max(x, 0))
+    return m_new, s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+
+
+@triton.jit
 def _mlm_rows_kernel(
     LOGITS, BIAS, TARGETS, UNIFORMS, GRAD,
     LOSS, PREDICTED, SAMPLED, TARGET_REST,
@@ -69,22 +86,14 @@ def _mlm_rows_kernel(
         offs = start + tl.arange(0, BLOCK_V)
         ok = offs < V
         x = tl.where(ok, _logits(row, BIAS, offs, ok, HALF_SUM), NEG)
+        m, s = _online_logsumexp(m, s, x)
         block_max = tl.max(x, 0)
-        m_new = tl.maximum(m, block_max)
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
-        m = m_new
         at = tl.argmax(x, 0, tie_break_left=True)
         # Strictly greater: on a tie the earlier block's index stays, as torch.argmax's first.
         best_at = tl.where(block_max > best, start + at, best_at)
         best = tl.maximum(best, block_max)
         target_logit += tl.sum(tl.where(offs == t, x, 0.0), 0)
-        scaled = x / TEMPERATURE
-        if EXCLUDE:
-            scaled = tl.where(offs == t, NEG, scaled)
-        scaled = tl.where(ok, scaled, NEG)
-        m_t_new = tl.maximum(m_t, tl.max(scaled, 0))
-        s_t = s_t * tl.exp(m_t - m_t_new) + tl.sum(tl.exp(scaled - m_t_new), 0)
-        m_t = m_t_new
+        m_t, s_t = _online_logsumexp(m_t, s_t, _draw_logits(x, offs, ok, t, TEMPERATURE, EXCLUDE))
     lse = m + tl.log(s)
     tl.store(LOSS + r, lse - target_logit)
     tl.store(PREDICTED + r, best_at)
@@ -100,9 +109,7 @@ def _mlm_rows_kernel(
         offs = start + tl.arange(0, BLOCK_V)
         ok = offs < V
         x = _logits(row, BIAS, offs, ok, HALF_SUM)
-        scaled = x / TEMPERATURE
-        if EXCLUDE:
-            scaled = tl.where(offs == t, NEG, scaled)
+        scaled = _draw_logits(x, offs, ok, t, TEMPERATURE, EXCLUDE)
         mass = tl.where(ok, tl.exp(scaled - m_t), 0.0)
         cumulative = below + tl.cumsum(mass, 0)
         drawn = tl.minimum(drawn, tl.min(tl.where(cumulative > threshold, offs, V), 0))

@@ -66,16 +66,20 @@ def _score_tile(
 
 
 @triton.jit
-def _dropped(p, SEED, pid_bh, offs_m, offs_n, L, DROP_P, DROP_SCALE):
-    """p with attention dropout applied: each pair kept with probability 1 - DROP_P and then
-    scaled by DROP_SCALE = 1 / (1 - DROP_P), else 0. The draw is Philox keyed on (SEED, the
-    (batch, head) program) as the key's low and high words, so no two calls or heads share a
-    stream, and counted by i * L + j (distinct below L = 65536), so the forward and both
-    backward kernels regenerate the same mask for any tiling; `dropout_keep` materialises it
-    for tests."""
+def _keep(SEED, pid_bh, offs_m, offs_n, L, DROP_P):
+    """Which pairs of a tile attention dropout keeps, each with probability 1 - DROP_P. The
+    draw is Philox keyed on (SEED, the (batch, head) program) as the key's low and high words,
+    so no two calls or heads share a stream, and counted by i * L + j (distinct below
+    L = 65536), so the forward and both backward kernels regenerate the same mask for any
+    tiling; `dropout_keep` materialises it for tests."""
     key = SEED.to(tl.int64) + (pid_bh.to(tl.int64) << 32)
-    keep = tl.rand(key, offs_m[:, None] * L + offs_n[None, :]) >= DROP_P
-    return tl.where(keep, p * DROP_SCALE, 0.0)
+    return tl.rand(key, offs_m[:, None] * L + offs_n[None, :]) >= DROP_P
+
+
+@triton.jit
+def _dropped(x, keep, DROP_SCALE):
+    """x where a pair is kept, scaled by DROP_SCALE = 1 / (1 - DROP_P); 0 where dropped."""
+    return tl.where(keep, x * DROP_SCALE, 0.0)
 
 
 @triton.jit
@@ -157,9 +161,10 @@ def _grad_tile(
     p = tl.where(row_ok[:, None], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     p_v = p
-    if DROPOUT:
-        p_v = _dropped(p, SEED, pid_bh, offs_m, offs_n, L, DROP_P, DROP_SCALE)
-        dp = _dropped(dp, SEED, pid_bh, offs_m, offs_n, L, DROP_P, DROP_SCALE)
+    if DROPOUT:  # one draw of the mask for both
+        keep = _keep(SEED, pid_bh, offs_m, offs_n, L, DROP_P)
+        p_v = _dropped(p, keep, DROP_SCALE)
+        dp = _dropped(dp, keep, DROP_SCALE)
     # d(loss)/d(raw term) = scale * softmax grad; a padding query's scores are a constant.
     ds = p * (dp - delta[:, None]) * SCALE
     grad_ok = pair_ok & q_real[:, None] & k_real[None, :]
@@ -277,7 +282,7 @@ def _forward_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax's normaliser: before dropout
         if DROPOUT:
-            p = _dropped(p, SEED, pid_bh, offs_m, offs_n, L, DROP_P, DROP_SCALE)
+            p = _dropped(p, _keep(SEED, pid_bh, offs_m, offs_n, L, DROP_P), DROP_SCALE)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -515,12 +520,11 @@ def _row_dot_kernel(
 # SEED takes any value: not specialised (a seed divisible by 16 would compile another copy).
 @triton.jit(do_not_specialize=["SEED"])
 def _keep_kernel(KEEP, SEED, L, DROP_P, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The dropout mask `_dropped` applies, as int8 [B * H, L, L] (1 = kept): for tests."""
+    """The dropout mask `_keep` draws, as int8 [B * H, L, L] (1 = kept): for tests."""
     pid_bh = tl.program_id(2)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ones = tl.full([BLOCK_M, BLOCK_N], 1.0, tl.float32)
-    kept = _dropped(ones, SEED, pid_bh, offs_m, offs_n, L, DROP_P, 1.0) != 0
+    kept = _keep(SEED, pid_bh, offs_m, offs_n, L, DROP_P)
     ok = (offs_m < L)[:, None] & (offs_n < L)[None, :]
     ptrs = KEEP + pid_bh.to(tl.int64) * L * L + offs_m[:, None] * L + offs_n[None, :]
     tl.store(ptrs, kept.to(tl.int8), mask=ok)
