@@ -47,7 +47,14 @@ from torch import nn
 
 from pretrain.metrics import device_peak_flops, rtd_train_flops_per_token
 from pretrain.models.deberta import PRESETS, DebertaConfig, preset
-from pretrain.models.rtd import IGNORE_INDEX, SHARING_MODES, RTDConfig, RTDModel, generator_config
+from pretrain.models.rtd import (
+    IGNORE_INDEX,
+    SHARING_MODES,
+    RTDConfig,
+    RTDModel,
+    generator_config,
+    masked_rows_of,
+)
 
 try:
     import transformers
@@ -133,6 +140,9 @@ class Batch:
     attention_mask: torch.Tensor  # [B, L]
     labels: torch.Tensor  # [B, L], original id at masked positions, IGNORE_INDEX elsewhere
     sampling_noise: torch.Tensor  # [B, L] uniforms, ours draws its replacements from them
+    # Ours: the masked rows' flat indices, found on the host as the trainer's engine finds them
+    # (no wait for the device in the step); None: ours finds them on the device (a wait).
+    masked_rows: torch.Tensor | None
 
     @property
     def tokens(self) -> int:
@@ -144,7 +154,13 @@ class Batch:
 
 
 def make_batch(
-    batch: int, seq_len: int, vocab: int, padding: float, seed: int, device: torch.device
+    batch: int,
+    seq_len: int,
+    vocab: int,
+    padding: float,
+    seed: int,
+    device: torch.device,
+    host_rows: bool = True,
 ) -> Batch:
     """Random ids; row lengths uniform in [(1 - padding) L, L]; 15% of real tokens masked."""
     g = torch.Generator().manual_seed(seed)
@@ -156,11 +172,13 @@ def make_batch(
     masked = (torch.rand(batch, seq_len, generator=g) < MASK_RATE) & valid
     masked[:, 0] = True  # never an empty mask
     original = original.masked_fill(~valid, PAD_ID)
+    labels = original.masked_fill(~masked, IGNORE_INDEX)
     return Batch(
         input_ids=original.masked_fill(masked, vocab - 1).to(device),
         attention_mask=valid.long().to(device),
-        labels=original.masked_fill(~masked, IGNORE_INDEX).to(device),
+        labels=labels.to(device),
         sampling_noise=torch.rand(batch, seq_len, generator=g).to(device),
+        masked_rows=masked_rows_of(labels).to(device) if host_rows else None,
     )
 
 
@@ -265,7 +283,13 @@ def build(
             ours.compile_layers()  # what trainer.compile=true does
 
         def run_ours(b: Batch) -> Losses:
-            out = ours(b.input_ids, b.attention_mask, b.labels, sampling_noise=b.sampling_noise)
+            out = ours(
+                b.input_ids,
+                b.attention_mask,
+                b.labels,
+                sampling_noise=b.sampling_noise,
+                masked_rows=b.masked_rows,
+            )
             return out.loss, out.gen_loss, out.disc_loss
 
         return ours, run_ours
@@ -331,7 +355,7 @@ def measure(
     if profile:
         variant = f" {config.attention_impl}" if impl == "ours" else ""
         compiled = " compiled" if compile_ours else ""
-        print_profile(f"{impl}{variant} L={seq_len} B={b}{compiled}", step, cuda)
+        print_profile(f"{impl}{variant} L={seq_len} B={b}{compiled}", step, cuda, row.step_ms)
     peak = device_peak_flops(device)
     if peak:
         gen = generator_config(config, rtd.generator_depth_ratio)
@@ -340,9 +364,22 @@ def measure(
     return row
 
 
-def print_profile(label: str, step: Callable[[], Losses], cuda: bool) -> None:
+def busy_ms(spans: list[tuple[float, float]]) -> float:
+    """The time covered by the union of (start, end) spans in microseconds, in ms."""
+    busy, covered_to = 0.0, -math.inf
+    for start, end in sorted(spans):
+        if end > covered_to:
+            busy += end - max(start, covered_to)
+            covered_to = end
+    return busy / 1e3
+
+
+def print_profile(label: str, step: Callable[[], Losses], cuda: bool, step_ms: float) -> None:
     """Where one step's time goes: torch profiler's busiest kernels (operators on CPU), then
-    the busiest operators by input shape (which copies, which matmuls)."""
+    the busiest operators by input shape (which copies, which matmuls). On CUDA, also how much
+    of the (unprofiled) step time the GPU was busy: the rest it waited for the host, which
+    then bounds the step, not the kernels."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -356,6 +393,19 @@ def print_profile(label: str, step: Callable[[], Losses], cuda: bool) -> None:
     print(f"profile: {label}, one step, by input shape", flush=True)
     by_shape = prof.key_averages(group_by_input_shape=True)
     print(by_shape.table(sort_by=key, row_limit=25, max_name_column_width=40))
+    if cuda:
+        spans = [
+            (e.time_range.start, e.time_range.end)
+            for e in prof.events()
+            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+        ]  # kernels, copies and fills; a user annotation's span may cover idle gaps
+        busy = busy_ms(spans)
+        print(
+            f"profile: {label}: GPU busy {busy:.1f} ms (kernels and copies, union of their "
+            f"spans) of the timed {step_ms:.1f} ms step: "
+            f"{max(0.0, 1 - busy / step_ms):.0%} of the step it waits for the host",
+            flush=True,
+        )
 
 
 def measure_or_oom(
@@ -515,6 +565,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(pretrain.models.heads.MLM_IMPL = 'triton'; CUDA) instead of torch ops",
     )
     p.add_argument(
+        "--device-rows",
+        action="store_true",
+        help="ours finds the masked rows on the device, a wait for it each step, instead of "
+        "taking them found on the host with the batch (as the trainer's engine does)",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="after each row's timed steps, torch profiler's table of one more step's kernels",
@@ -644,6 +700,8 @@ def run(
         print("fused attention backward: position gradients in bf16, the clamped ends in fp32")
     if args.mlm_kernel:
         print("our MLM head: logits reduced by one Triton kernel (heads.MLM_IMPL = 'triton')")
+    if args.device_rows:
+        print("ours: masked rows found on the device in the step (a wait for it), not given")
     if config.position_biased_input and rtd.embedding_sharing != "nes":
         print("note: HF side shares word embeddings only; its absolute position table is its own")
     print(
@@ -656,7 +714,9 @@ def run(
     rows: list[Row] = []
     ratios: list[str] = []
     for seq_len, b in zip(args.seq_len, args.batch, strict=True):
-        batch = make_batch(b, seq_len, config.vocab_size, args.padding, args.seed, device)
+        batch = make_batch(
+            b, seq_len, config.vocab_size, args.padding, args.seed, device, not args.device_rows
+        )
         # HF first, and each ratio as soon as its row is in: a run cut short by a time limit
         # still has the comparison for every row it measured.
         hf: Row | None = None

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from pretrain.config import BatchSizes, Config, ConfigError
+from pretrain.models.rtd import masked_rows_of
 
 # Imported lazily by `init_distributed` so that `import pretrain.engine` stays cheap.
 deepspeed: Any = None
@@ -324,13 +325,17 @@ class Engine:
 
     def forward(self, batch: dict[str, torch.Tensor]):
         """One micro batch through the model. The sampling noise travels with the batch (keyed
-        by sample), so no RNG state decides the corruption."""
+        by sample), so no RNG state decides the corruption. The masked rows are found here, on
+        the host, from the loader's CPU labels: found on the GPU they would make the step wait
+        for the device's queued work."""
+        rows = masked_rows_of(batch["labels"])
         batch = {k: v.to(self.world.device, non_blocking=True) for k, v in batch.items()}
         return self.engine(
             batch["input_ids"],
             batch["attention_mask"],
             batch["labels"],
             sampling_noise=batch.get("sampling_noise"),
+            masked_rows=rows.to(self.world.device, non_blocking=True),
         )
 
     def backward_and_step(self, loss: torch.Tensor) -> None:

@@ -160,15 +160,19 @@ class RTDModel(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         sampling_generator: torch.Generator | None = None,
         sampling_noise: torch.Tensor | None = None,
+        masked_rows: torch.Tensor | None = None,
     ) -> RTDOutput:
         """input_ids: [B, L] with masked positions already corrupted (usually [MASK]);
         labels: [B, L] original ids at the masked positions, IGNORE_INDEX elsewhere;
-        sampling_noise: [B, L] uniforms that decide the replacements (else `sampling_generator`)."""
-        # The masked rows' flat indices, found once: this is the step's one wait for the GPU
-        # (their count sets shapes). Every later selection indexes with them or multiplies by
-        # a mask, so the host can queue the rest of the step while the GPU works.
+        sampling_noise: [B, L] uniforms that decide the replacements (else `sampling_generator`);
+        masked_rows: `masked_rows(labels)` on labels' device, made on the host beforehand (as
+        `Engine.forward` does), or None to find them here."""
+        # The masked rows' flat indices. Found here on a GPU, they are the step's one wait for
+        # the device (their count sets shapes); given, the step has none. Every later selection
+        # indexes with them or multiplies by a mask, so the host can queue the whole step (and
+        # the next) while the GPU works.
         masked = labels != IGNORE_INDEX
-        rows = masked.flatten().nonzero().squeeze(1)
+        rows = masked_rows_of(labels) if masked_rows is None else masked_rows
         targets = labels.flatten()[rows]
 
         # 1. Generator: MLM at the masked rows only. `mlm_objective` decodes them in chunks and
@@ -220,6 +224,13 @@ class RTDModel(nn.Module):
         return RTDOutput(
             loss, gen_loss, disc_loss, metrics, disc_logits.detach(), disc_ids, replaced
         )
+
+
+def masked_rows_of(labels: torch.Tensor) -> torch.Tensor:
+    """The flat indices (row-major, int64 [N]) of the masked positions of labels [B, L]: the
+    rows the MLM head decodes. On a GPU, finding them waits for the device; found on the host
+    from a batch's CPU labels and copied over with the batch, they cost the step no wait."""
+    return (labels != IGNORE_INDEX).flatten().nonzero().squeeze(1)
 
 
 @torch.no_grad()

@@ -107,3 +107,22 @@ def test_mlm_kernel_needs_cuda(bench, capsys):
     assert capsys.readouterr().err.strip() == (
         "error: --mlm-kernel runs on CUDA only (on CPU, Triton only interprets)"
     )
+
+
+def test_busy_time_is_the_union_of_the_spans(bench):
+    # overlapping, nested, touching and disjoint spans, in microseconds, out of order
+    spans = [(50.0, 60.0), (0.0, 10.0), (5.0, 20.0), (6.0, 7.0), (20.0, 30.0)]
+    assert bench.busy_ms(spans) == pytest.approx(0.040)
+    assert bench.busy_ms([]) == 0.0
+
+
+def test_rows_found_on_the_device_give_ours_the_same_step(bench, capsys):
+    # --device-rows is the same step with the wait for the device back in: same first losses.
+    first = {}
+    for extra in ([], ["--device-rows"]):
+        assert bench.main(TINY + ["--impl", "ours"] + extra) == 0
+        out = capsys.readouterr().out
+        row = next(line for line in out.splitlines() if line.startswith("ours eager "))
+        first[bool(extra)] = row.split("|")[-1].strip()
+    assert first[True] == first[False]
+    assert "masked rows found on the device" in out

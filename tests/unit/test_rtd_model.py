@@ -14,6 +14,7 @@ from pretrain.models.rtd import (
     RTDConfig,
     RTDModel,
     generator_config,
+    masked_rows_of,
     rtd_metrics,
 )
 from tests.unit.tiny_rtd import MASK_ID, VOCAB, tiny_batch, tiny_model
@@ -245,13 +246,17 @@ def test_rtd_head_is_debertas_replaced_token_detector() -> None:
     assert (head(moved)[:, 1:] - head(hidden)[:, 1:]).abs().min() > 1e-4
 
 
+@pytest.mark.parametrize("given", [False, True])
 @pytest.mark.parametrize("mode", ["gdes", "es", "nes"])
-def test_a_training_step_waits_for_the_device_once(mode: str) -> None:
+def test_a_training_step_waits_for_the_device_only_for_rows_not_given(
+    mode: str, given: bool
+) -> None:
     """On a GPU every op that must read a device value on the host (a boolean mask's nonzero,
     `.item()`, ...) stalls the host until the queued work is done, and the GPU then idles
-    while the host launches the next kernels. The step's one such wait is the masked rows'
-    count at the start (it sets shapes); the losses and metrics must not add more. Counted
-    on CPU at the dispatcher, forward and backward."""
+    while the host launches the next kernels. The masked rows' count sets shapes: found in the
+    step, they are its one such wait; given (found on the host, as `Engine.forward` does), the
+    step has none. The losses and metrics must not add any. Counted on CPU at the
+    dispatcher, forward and backward."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     # lift_fresh: a tensor made from host data (torch.tensor, as_tensor), on a GPU a copy that
@@ -279,11 +284,34 @@ def test_a_training_step_waits_for_the_device_once(mode: str) -> None:
     model = tiny_model(mode)
     ids, mask, labels = tiny_batch()
     noise = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0))
+    rows = masked_rows_of(labels) if given else None
     model(ids, mask, labels, sampling_noise=noise)  # first call: fills the models' caches
     with Count() as count:
-        out = model(ids, mask, labels, sampling_noise=noise)
+        out = model(ids, mask, labels, sampling_noise=noise, masked_rows=rows)
         (out.loss + sum(v.float().sum() for v in out.metrics.values())).backward()
-    assert count.seen == ["aten::nonzero"], count.seen
+    assert count.seen == ([] if given else ["aten::nonzero"]), count.seen
+
+
+@pytest.mark.parametrize("mode", ["gdes", "es", "nes"])
+def test_masked_rows_given_or_found_give_the_same_step(mode: str) -> None:
+    model = tiny_model(mode)
+    ids, mask, labels = tiny_batch()
+    noise = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0))
+    rows = masked_rows_of(labels)
+    assert torch.equal(rows, (labels.flatten() != IGNORE_INDEX).nonzero().flatten())
+    assert torch.equal(masked_rows_of(labels.t().contiguous().t()), rows)  # row-major order
+    outs, grads = [], []
+    for given in (None, rows):
+        torch.manual_seed(0)  # the same hidden dropout
+        out = model(ids, mask, labels, sampling_noise=noise, masked_rows=given)
+        model.zero_grad(set_to_none=True)
+        out.loss.backward()
+        outs.append(out)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert torch.equal(outs[0].disc_ids, outs[1].disc_ids)
+    assert torch.equal(outs[0].loss, outs[1].loss)
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
 
 
 def test_labels_of_any_memory_layout_give_the_same_step() -> None:
