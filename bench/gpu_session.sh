@@ -7,9 +7,10 @@
 #
 #   bash bench/gpu_session.sh [OUT_DIR [STAGE ...]]
 #
-# OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env rtd_512 rtd_options attention
-# rtd_dropout attention_dropout mlm_head tests rtd_2048 rtd_2048_b4 ncu curves trainer_512
-# (default: all, in that order, the most needed first; rtd_2048_b4 runs only when HF ran out of
+# OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env rtd_512 rtd_host rtd_rows
+# rtd_options attention rtd_dropout attention_dropout mlm_head tests rtd_2048 rtd_2048_b4 ncu
+# curves trainer_512 (default: all, in that order, the most needed first; rtd_host is the
+# step's host-or-GPU account, rtd_rows its A/B; rtd_2048_b4 runs only when HF ran out of
 # memory in rtd_2048; rtd_options is the step with the options not yet on by default;
 # *_dropout run DeBERTa's attention dropout 0.1; ncu profiles the fused kernels; trainer_512
 # is the real trainer, DeepSpeed and data loading included, on the v3-base shape at L=512, for
@@ -78,7 +79,7 @@ fi
 
 out=${1:-${OUT:-gpu_session}}
 shift || true
-stages=${*:-env rtd_512 rtd_options attention rtd_dropout attention_dropout mlm_head tests rtd_2048 rtd_2048_b4 ncu curves trainer_512}
+stages=${*:-env rtd_512 rtd_host rtd_rows rtd_options attention rtd_dropout attention_dropout mlm_head tests rtd_2048 rtd_2048_b4 ncu curves trainer_512}
 mkdir -p "$out"
 # Stages stop here at the latest, inside the device tool's 10-minute command.
 deadline=$((SECONDS + ${BUDGET_S:-580}))
@@ -119,6 +120,15 @@ print(torch.__version__, triton.__version__, transformers.__version__, torch.cud
 subprocess.run(['nvidia-smi', '--query-gpu=name,memory.total,driver_version', '--format=csv'])"
 # --profile: the busiest kernels of one step of each row, for the next round of speed work.
 stage rtd_512 150 "${bench[@]}" --seq-len 512 --batch 32 --profile
+# Is the step bound by the host or by its kernels? The profiled step's GPU-busy share (each
+# profile above prints it too) and where the GPU idles, with what the host was doing then
+# (bench/trace_gaps.py, on the chrome trace kept in traces/); then the masked rows found on the
+# device again (--device-rows, the wait for the GPU each step that 9729a9e removed), to
+# compare with rtd_512's uncompiled fused row.
+stage rtd_host 90 "$py" bench/rtd_step.py --impl ours --attention triton --compile on \
+    --seq-len 512 --batch 32 --warmup 2 --steps 5 --profile --trace "$out/traces"
+stage rtd_rows 45 "$py" bench/rtd_step.py --impl ours --attention triton --device-rows \
+    --seq-len 512 --batch 32 --warmup 2 --steps 5 --profile
 # The backward's two forms of the position gradients' atomics (+runs: one per run of pairs that
 # share a position row; fused.RUN_SUMS), at the default tiles and at a backward tile that
 # compiles without register spills, and +half (fused.HALF_POSITION_GRADS: run sums into bf16

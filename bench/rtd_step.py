@@ -30,14 +30,19 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import gzip
+import importlib.util
 import math
 import platform
+import re
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import torch
@@ -307,6 +312,7 @@ def measure(
     steps: int,
     compile_ours: bool = False,
     profile: bool = False,
+    trace_dir: Path | None = None,
 ) -> Row:
     cuda = device.type == "cuda"
     b, seq_len = batch.input_ids.shape
@@ -355,7 +361,8 @@ def measure(
     if profile:
         variant = f" {config.attention_impl}" if impl == "ours" else ""
         compiled = " compiled" if compile_ours else ""
-        print_profile(f"{impl}{variant} L={seq_len} B={b}{compiled}", step, cuda, row.step_ms)
+        label = f"{impl}{variant} L={seq_len} B={b}{compiled}"
+        print_profile(label, step, cuda, row.step_ms, trace_dir)
     peak = device_peak_flops(device)
     if peak:
         gen = generator_config(config, rtd.generator_depth_ratio)
@@ -374,11 +381,14 @@ def busy_ms(spans: list[tuple[float, float]]) -> float:
     return busy / 1e3
 
 
-def print_profile(label: str, step: Callable[[], Losses], cuda: bool, step_ms: float) -> None:
+def print_profile(
+    label: str, step: Callable[[], Losses], cuda: bool, step_ms: float, trace_dir: Path | None
+) -> None:
     """Where one step's time goes: torch profiler's busiest kernels (operators on CPU), then
     the busiest operators by input shape (which copies, which matmuls). On CUDA, also how much
     of the (unprofiled) step time the GPU was busy: the rest it waited for the host, which
-    then bounds the step, not the kernels."""
+    then bounds the step, not the kernels. With a trace_dir, the step's chrome trace is
+    written there (gzipped) and bench/trace_gaps.py's account of the GPU's idle gaps printed."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -406,6 +416,31 @@ def print_profile(label: str, step: Callable[[], Losses], cuda: bool, step_ms: f
             f"{max(0.0, 1 - busy / step_ms):.0%} of the step it waits for the host",
             flush=True,
         )
+    if trace_dir is not None:
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        path = trace_dir / (re.sub(r"[^A-Za-z0-9_.-]+", "_", label) + ".json")
+        prof.export_chrome_trace(str(path))
+        with open(path, "rb") as raw, gzip.open(f"{path}.gz", "wb") as packed:
+            shutil.copyfileobj(raw, packed)
+        path.unlink()
+        print(f"profile: {label}: chrome trace {path}.gz", flush=True)
+        if cuda:
+            try:
+                gaps = _load_sibling("trace_gaps")
+                lines = gaps.summary(gaps.analyse(gaps.load(Path(f"{path}.gz"))))
+            except Exception as e:  # the row's timing stands; the trace is there to read
+                lines = [f"trace_gaps failed: {type(e).__name__}: {e}"]
+            for line in lines:
+                print(f"profile: {label}: {line}", flush=True)
+
+
+def _load_sibling(name: str) -> Any:
+    """bench/<name>.py as a module (bench/ is no package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def measure_or_oom(
@@ -418,13 +453,16 @@ def measure_or_oom(
     steps: int,
     compile_ours: bool = False,
     profile: bool = False,
+    trace_dir: Path | None = None,
 ) -> Row:
     """`measure`, with an out-of-memory or any other failure (a compile or kernel error in one
     variant) reported as a row, so the other rows still come; the memory freed for the next."""
     b, seq_len = batch.input_ids.shape
     row = Row(impl, seq_len, b, status="OOM")
     try:
-        row = measure(impl, config, rtd, batch, device, warmup, steps, compile_ours, profile)
+        row = measure(
+            impl, config, rtd, batch, device, warmup, steps, compile_ours, profile, trace_dir
+        )
     except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError since 2.5
         pass  # freed below, once the handler has dropped the traceback and its frames
     except Exception as e:
@@ -575,6 +613,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="after each row's timed steps, torch profiler's table of one more step's kernels",
     )
+    p.add_argument(
+        "--trace",
+        type=Path,
+        metavar="DIR",
+        help="with --profile: write each profiled step's chrome trace to DIR (gzipped) and, on "
+        "CUDA, print where the GPU idles in it (bench/trace_gaps.py)",
+    )
     return p.parse_args(argv)
 
 
@@ -603,6 +648,8 @@ def resolve(args: argparse.Namespace) -> torch.device:
         raise UsageError("--padding must be in [0, 1)")
     if args.threads < 1:
         raise UsageError("--threads must be >= 1")
+    if args.trace is not None and not args.profile:
+        raise UsageError("--trace writes the profiled step's trace: add --profile")
     args.attention = args.attention or ["eager"]
     fused = {"triton", "auto"} & set(args.attention)
     if fused and args.attention_dropout is None:
@@ -722,7 +769,16 @@ def run(
         hf: Row | None = None
         if args.impl in ("both", "hf"):
             hf = measure_or_oom(
-                "hf", config, rtd, batch, device, args.warmup, args.steps, False, args.profile
+                "hf",
+                config,
+                rtd,
+                batch,
+                device,
+                args.warmup,
+                args.steps,
+                False,
+                args.profile,
+                args.trace,
             )
             print(progress_line(hf), flush=True)
             rows.append(hf)
@@ -730,7 +786,7 @@ def run(
             for attention, compiled in variants:
                 row = measure_or_oom(
                     "ours", configs[attention], rtd, batch, device, args.warmup, args.steps,
-                    compiled, args.profile,
+                    compiled, args.profile, args.trace,
                 )  # fmt: skip
                 row.impl = f"ours {attention}{'+compile' if compiled else ''}"
                 print(progress_line(row), flush=True)

@@ -126,3 +126,13 @@ def test_rows_found_on_the_device_give_ours_the_same_step(bench, capsys):
         first[bool(extra)] = row.split("|")[-1].strip()
     assert first[True] == first[False]
     assert "masked rows found on the device" in out
+
+
+def test_trace_writes_the_profiled_steps_chrome_traces(bench, capsys, tmp_path):
+    assert bench.main(TINY + ["--profile", "--trace", str(tmp_path / "traces")]) == 0
+    out = capsys.readouterr().out
+    written = sorted(p.name for p in (tmp_path / "traces").iterdir())
+    assert written == ["hf_L_32_B_2.json.gz", "ours_eager_L_32_B_2.json.gz"]
+    assert f"chrome trace {tmp_path / 'traces' / written[0]}" in out
+    assert bench.main(TINY + ["--trace", str(tmp_path)]) == 2  # without --profile
+    assert "add --profile" in capsys.readouterr().err
