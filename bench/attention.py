@@ -16,7 +16,9 @@ Tiles are FWD_MxN/BWD_MxN (BLOCK_M x BLOCK_N of the forward and the backward ker
 "default" is what `fused._launch_settings` picks. A `+runs` suffix runs the backward with one
 atomic per run of pairs that share a position row (`fused.RUN_SUMS`), `+pairs` with one per
 pair, `+half` with run sums and the position gradients in bf16 but for the clamped ends
-(`fused.HALF_POSITION_GRADS`); without a suffix, the default. The "triton deterministic" row is the
+(`fused.HALF_POSITION_GRADS`), `+singles` with a pair alone at its position address stored
+rather than added (`fused.STORE_SINGLES`); suffixes combine (`default+half+singles`); without
+one, the default. The "triton deterministic" row is the
 kernel with its atomics-free backward (default tiles), what `trainer.deterministic=true` runs:
 its cost over the default backward. `--profile` adds, per length, torch
 profiler's kernel table for one call of eager and of the fused kernel (default tiles): where
@@ -112,21 +114,23 @@ def sdpa(c: Case) -> tuple[torch.Tensor, torch.Tensor]:
     return out, q.grad
 
 
-FORMS = {  # a spec's +suffix: the backward's launch settings it sets
-    "": {},
+FORMS = {  # a spec's +suffixes: the backward's launch settings each sets
     "runs": {"run_sums": True},
     "pairs": {"run_sums": False},
     "half": {"half_position_grads": True},
+    "singles": {"store_singles": True},
 }
 
 
 def parse_tiles(spec: str) -> dict | None:
-    """`FWD_MxN/BWD_MxN` or `default`, optionally `+runs`, `+pairs` or `+half` (`FORMS`): the
-    launch settings to override, or None when the spec is malformed."""
-    tile_part, _, form = spec.partition("+")
-    if form not in FORMS:
+    """`FWD_MxN/BWD_MxN` or `default`, then any of `+runs`, `+pairs`, `+half`, `+singles`
+    (`FORMS`): the launch settings to override, or None when the spec is malformed."""
+    tile_part, *forms = spec.split("+")
+    if not all(f in FORMS for f in forms):
         return None
-    override: dict = dict(FORMS[form])
+    override: dict = {}
+    for form in forms:
+        override.update(FORMS[form])
     if tile_part == "default":
         return override
     parts = [p.split("x") for p in tile_part.split("/")]

@@ -131,15 +131,18 @@ stage rtd_rows 45 "$py" bench/rtd_step.py --impl ours --attention triton --devic
     --seq-len 512 --batch 32 --warmup 2 --steps 5 --profile
 # The backward's two forms of the position gradients' atomics (+runs: one per run of pairs that
 # share a position row; fused.RUN_SUMS), at the default tiles and at a backward tile that
-# compiles without register spills, and +half (fused.HALF_POSITION_GRADS: run sums into bf16
-# position gradients, fp32 for the clamped ends); then (rtd_options) the full step with the
-# options not yet on by default, those two and the MLM head's Triton kernel (heads.MLM_IMPL;
-# timed alone by mlm_head), ours only: compare with the fused rows of rtd_512 / rtd_2048.
-stage attention 60 "$py" bench/attention.py --steps 5 --profile \
-    --tiles default default+runs default+half 128x64/32x64+pairs 128x64/32x64+runs \
-    128x64/32x64+half
+# compiles without register spills, +half (fused.HALF_POSITION_GRADS: run sums into bf16
+# position gradients, fp32 for the clamped ends) and +singles (fused.STORE_SINGLES: a pair
+# alone at its address stores); then (rtd_options) the full step with the options not yet on
+# by default, those three and the MLM head's Triton kernel (heads.MLM_IMPL; timed alone by
+# mlm_head), ours only: compare with the fused rows of rtd_512 / rtd_2048.
+stage attention 75 "$py" bench/attention.py --steps 5 --profile \
+    --tiles default default+runs default+half default+singles default+half+singles \
+    128x64/32x64+pairs 128x64/32x64+runs 128x64/32x64+half 128x64/32x64+runs+singles \
+    128x64/32x64+half+singles
 stage rtd_options 70 "$py" bench/rtd_step.py --impl ours --attention triton --run-sums \
-    --half-position-grads --mlm-kernel --warmup 2 --steps 5 --seq-len 512 2048 --batch 32 8
+    --half-position-grads --store-singles --mlm-kernel --warmup 2 --steps 5 --seq-len 512 2048 \
+    --batch 32 8
 # DeBERTa's published attention dropout, 0.1, on both sides: the fused kernel's in-kernel
 # dropout (tested on CPU only so far; auto still takes eager under dropout) against eager and
 # HF; then the attention core alone with it, at the default and the spill-free backward tile.

@@ -597,6 +597,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(pretrain.models.attention.fused.HALF_POSITION_GRADS) instead of fp32 then cast",
     )
     p.add_argument(
+        "--store-singles",
+        action="store_true",
+        help="the fused backward stores the position gradient of a pair alone at its address "
+        "(pretrain.models.attention.fused.STORE_SINGLES) instead of adding it atomically",
+    )
+    p.add_argument(
         "--mlm-kernel",
         action="store_true",
         help="our MLM head reduces its logits with one Triton kernel "
@@ -660,6 +666,7 @@ def resolve(args: argparse.Namespace) -> torch.device:
     for flag, value in (
         ("--run-sums", args.run_sums),
         ("--half-position-grads", args.half_position_grads),
+        ("--store-singles", args.store_singles),
     ):
         if value and not fused_runs:
             raise UsageError(f"{flag} is a setting of the fused kernel: add --attention triton")
@@ -694,13 +701,14 @@ def main(argv: list[str] | None = None) -> int:
         # meaningless, so one thread by default: per-core figures, as bench/data.py gives.
         torch.set_num_threads(args.threads)
     settings = contextlib.ExitStack()
-    if args.run_sums or args.half_position_grads:
+    if args.run_sums or args.half_position_grads or args.store_singles:
         from pretrain.models.attention import fused
 
         settings.enter_context(mock.patch.object(fused, "RUN_SUMS", args.run_sums))
         settings.enter_context(
             mock.patch.object(fused, "HALF_POSITION_GRADS", args.half_position_grads)
         )
+        settings.enter_context(mock.patch.object(fused, "STORE_SINGLES", args.store_singles))
     if args.mlm_kernel:
         from pretrain.models import heads
 
@@ -745,6 +753,8 @@ def run(
         print("fused attention backward: one atomic per run of pairs sharing a position row")
     if args.half_position_grads:
         print("fused attention backward: position gradients in bf16, the clamped ends in fp32")
+    if args.store_singles:
+        print("fused attention backward: a pair alone at its position address stores, not adds")
     if args.mlm_kernel:
         print("our MLM head: logits reduced by one Triton kernel (heads.MLM_IMPL = 'triton')")
     if args.device_rows:

@@ -10,9 +10,11 @@ process they skip. `TRITON_INTERPRET=1 pytest FILE` runs them directly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,3 +40,29 @@ def run_interpreted(test_file: str) -> None:
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and " failed" not in result.stdout, result.stdout[-2000:]
+
+
+@contextlib.contextmanager
+def programs_in_reverse() -> Iterator[None]:
+    """Run each launch's programs in the reverse of the interpreter's grid order. The
+    interpreter runs programs one after another, in order; a kernel whose programs race (a
+    store where another program adds) can pass in one order and fail in the other, as it
+    would on a GPU, where programs run at once."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    dims: list[int] = [1, 1, 1]
+    set_dim, set_idx = builder.set_grid_dim, builder.set_grid_idx
+
+    def record_dims(x: int, y: int, z: int) -> None:
+        dims[:] = [x, y, z]
+        set_dim(x, y, z)
+
+    def reverse(x: int, y: int, z: int) -> None:
+        set_idx(dims[0] - 1 - x, dims[1] - 1 - y, dims[2] - 1 - z)
+
+    builder.set_grid_dim, builder.set_grid_idx = record_dims, reverse
+    try:
+        yield
+    finally:
+        builder.set_grid_dim, builder.set_grid_idx = set_dim, set_idx

@@ -43,7 +43,17 @@ def test_tile_specs_name_the_launch_settings_they_override(bench) -> None:
         "fwd": (128, 64),
         "bwd": (32, 64),
     }
-    for bad in ("64x64", "128x64/64x64+sums", "ax64/64x64", "128x64/64x64/32x32"):
+    assert bench.parse_tiles("128x64/32x64+runs+singles") == {
+        "run_sums": True,
+        "store_singles": True,
+        "fwd": (128, 64),
+        "bwd": (32, 64),
+    }
+    assert bench.parse_tiles("default+half+singles") == {
+        "half_position_grads": True,
+        "store_singles": True,
+    }
+    for bad in ("64x64", "128x64/64x64+sums", "ax64/64x64", "128x64/64x64/32x32", "default+"):
         assert bench.parse_tiles(bad) is None, bad
 
 

@@ -48,7 +48,13 @@ from pretrain.models.deberta import (  # noqa: E402
     relative_positions,
 )
 from pretrain.models.heads import EnhancedMaskDecoder  # noqa: E402
-from tests.unit.interpreter import INTERPRETED, compiled, interpreted, run_interpreted  # noqa: E402
+from tests.unit.interpreter import (  # noqa: E402
+    INTERPRETED,
+    compiled,
+    interpreted,
+    programs_in_reverse,
+    run_interpreted,
+)
 
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 MODEL_TOL = 2e-5
@@ -215,17 +221,37 @@ def _grad_names(terms) -> list[str]:
 
 
 @interpreted
-@pytest.mark.parametrize("run_sums", [False, True], ids=["atomic_per_pair", "atomic_per_run"])
 @pytest.mark.parametrize(
-    "length, split_heads", [(16, False), (37, False), (37, True)], ids=["16", "37", "37_split"]
-)
+    "length, split_heads, run_sums, store_singles",
+    [
+        (16, False, False, False),
+        (37, False, False, False),
+        (37, True, False, False),
+        (16, False, True, False),
+        (37, False, True, False),
+        (37, True, True, False),
+        (37, False, False, True),
+        (37, True, True, True),
+    ],
+    ids=[
+        "16-atomic_per_pair", "37-atomic_per_pair", "37_split-atomic_per_pair",
+        "16-atomic_per_run", "37-atomic_per_run", "37_split-atomic_per_run",
+        "37-per_pair_singles_stored", "37_split-per_run_singles_stored",
+    ],
+)  # fmt: skip
 @pytest.mark.parametrize("case", sorted(CORE_CASES))
 def test_fused_matches_eager_fp32(
-    case: str, length: int, split_heads: bool, run_sums: bool, monkeypatch: pytest.MonkeyPatch
+    case: str,
+    length: int,
+    split_heads: bool,
+    run_sums: bool,
+    store_singles: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from pretrain.models.attention import fused
 
     monkeypatch.setattr(fused, "RUN_SUMS", run_sums)
+    monkeypatch.setattr(fused, "STORE_SINGLES", store_singles)
     terms, buckets, max_rel = CORE_CASES[case]
     config = _config(buckets, max_rel)
     span = config.relative_span
@@ -236,7 +262,10 @@ def test_fused_matches_eager_fp32(
     scale = (16 * (1 + len(terms))) ** -0.5
     args = (q, k, v, pos_k, pos_q, idx, mask, scale, weights)
     want, want_grads = _run("eager", *args)
-    got, got_grads = _run("triton", *args)
+    # A store where another program adds would pass in one program order only: the stored
+    # forms run in the order that puts a run's later pairs first.
+    with programs_in_reverse() if store_singles else contextlib.nullcontext():
+        got, got_grads = _run("triton", *args)
 
     # Every row agrees, padding queries too (both give them uniform weights over all keys).
     torch.testing.assert_close(got, want, **FP32_TOL)
@@ -263,21 +292,24 @@ def _assert_error_at_most_twice_eagers(reference, eager, fused, slack: float) ->
 
 @interpreted
 @pytest.mark.parametrize(
-    "case, half_position_grads",
+    "case, half_position_grads, store_singles",
     [
-        ("c2p_p2c_buckets", False),
-        ("c2p_p2c_buckets", True),
-        ("c2p_p2c_unbucketed_clamped", True),  # clamped beyond 16
-        ("c2p_only_buckets", True),
-        ("p2c_only_unbucketed", True),
+        ("c2p_p2c_buckets", False, False),
+        ("c2p_p2c_buckets", True, False),
+        ("c2p_p2c_unbucketed_clamped", True, False),  # clamped beyond 16
+        ("c2p_only_buckets", True, False),
+        ("p2c_only_unbucketed", True, False),
+        ("c2p_p2c_buckets", False, True),
+        ("c2p_p2c_unbucketed_clamped", True, True),
     ],
 )
 def test_fused_fp16_error_is_eager_fp16_error(
-    case: str, half_position_grads: bool, monkeypatch: pytest.MonkeyPatch
+    case: str, half_position_grads: bool, store_singles: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pretrain.models.attention import fused
 
     monkeypatch.setattr(fused, "HALF_POSITION_GRADS", half_position_grads)
+    monkeypatch.setattr(fused, "STORE_SINGLES", store_singles)
     terms, buckets, max_rel = CORE_CASES[case]
     length = 37
     config = _config(buckets, max_rel)
@@ -293,7 +325,9 @@ def test_fused_fp16_error_is_eager_fp16_error(
 
     reference = run("eager", torch.float64)
     assert sorted(reference[1]) == sorted(_grad_names(terms))
-    eager, fused = run("eager", torch.float16), run("triton", torch.float16)
+    eager = run("eager", torch.float16)
+    with programs_in_reverse() if store_singles else contextlib.nullcontext():
+        fused = run("triton", torch.float16)
     _assert_error_at_most_twice_eagers(reference, eager, fused, slack=1e-3)
 
 
@@ -323,16 +357,20 @@ def test_half_position_grads_round_once_at_the_clamped_ends(
     monkeypatch.setattr(fused, "_position_grads", record)
     monkeypatch.setattr(fused, "RUN_SUMS", True)
     made = {}
-    for half in (False, True):
+    # With STORE_SINGLES the inner entries (one pair each) are stored in fp16, not added: the
+    # same bits again.
+    for half, singles in ((False, False), (True, False), (True, True)):
         monkeypatch.setattr(fused, "HALF_POSITION_GRADS", half)
+        monkeypatch.setattr(fused, "STORE_SINGLES", singles)
         seen.clear()
         _run("triton", q, k, v, pos_k, pos_q, idx, mask, 0.2, weights)
-        made[half] = list(seen)
-    assert len(made[True]) == 2  # dQP, dKP
-    for fp32, half in zip(made[False], made[True], strict=True):
-        assert torch.equal(half, fp32.half().float())
-        ends = half[..., [0, -1]]
-        assert ends.abs().max() > 0  # the ends take gradient here
+        made[half, singles] = list(seen)
+    assert len(made[True, False]) == 2  # dQP, dKP
+    for fp32, *halves in zip(made[False, False], made[True, False], made[True, True], strict=True):
+        for half in halves:
+            assert torch.equal(half, fp32.half().float())
+            ends = half[..., [0, -1]]
+            assert ends.abs().max() > 0  # the ends take gradient here
 
 
 # --------------------------------------------------------------------------------------------
@@ -778,18 +816,33 @@ def _gpu_case(dtype: torch.dtype, seed: int = 0, length: int = 512, dropout: flo
 @compiled
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "run_sums, half_position_grads, length",
-    [(False, False, 512), (True, False, 512), (False, True, 512), (False, True, 1024)],
+    "run_sums, half_position_grads, store_singles, length",
+    [
+        (False, False, False, 512),
+        (True, False, False, 512),
+        (False, True, False, 512),
+        (False, True, False, 1024),
+        (False, False, True, 512),
+        (False, True, True, 1024),
+    ],
     # 1024: past v3's 512 relative positions, so the clamped ends' long runs
-    ids=["atomic_per_pair", "atomic_per_run", "half_position_grads", "half_position_grads_1024"],
-)
+    ids=[
+        "atomic_per_pair", "atomic_per_run", "half_position_grads", "half_position_grads_1024",
+        "singles_stored", "half_position_grads_singles_stored_1024",
+    ],
+)  # fmt: skip
 def test_gpu_bf16_fused_error_is_eager_bf16_error(
-    run_sums: bool, half_position_grads: bool, length: int, monkeypatch: pytest.MonkeyPatch
+    run_sums: bool,
+    half_position_grads: bool,
+    store_singles: bool,
+    length: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from pretrain.models.attention import fused
 
     monkeypatch.setattr(fused, "RUN_SUMS", run_sums)
     monkeypatch.setattr(fused, "HALF_POSITION_GRADS", half_position_grads)
+    monkeypatch.setattr(fused, "STORE_SINGLES", store_singles)
     run = _gpu_case(torch.bfloat16, length=length)
     reference, eager = run("eager", torch.float32), run("eager", torch.bfloat16)
     fused = run("triton", torch.bfloat16)

@@ -11,6 +11,8 @@ The backward comes in two forms. The default is one program per key block, which
 gradients of q and of both position products (QP, KP) with fp32 atomics: fast, but the order
 of those additions (so the last bits) changes from run to run. With RUN_SUMS it first sums the
 pairs of a tile that share a position row and adds each sum with one atomic (`_add_runs`).
+With STORE_SINGLES, a position address that only one pair ever reaches (every pair of the
+unbucketed middle, |i - j| < span / 2 with v3's buckets) is stored, not added atomically.
 The deterministic form has no atomics: the key-block program keeps only what it owns (dk, dv,
 the rows of dKP of its keys), a second kernel, one program per query block, makes dq and the
 rows of dQP of its queries, and each program sums the several (i, j) of a tile that share a
@@ -187,9 +189,34 @@ def _segment_add(v1, start1, v2, start2):
 
 
 @triton.jit
+def _alone(c, c_before, c_after):
+    """Whether a pair is the only one ever to reach its position address: c is monotone along
+    the axis, so the pairs of a destination row sharing c are one contiguous run, and a pair
+    whose two neighbours along the axis (in the tile or not, inside the sequence or not) have
+    another c is a run of one. No other program adds to that address, so it may be stored.
+    Neighbours past the sequence's ends are counted by their clamped index: at worst a lone
+    pair looks shared and is added atomically, which is still right."""
+    return (c_before != c) & (c_after != c)
+
+
+@triton.jit
+def _add_pairs(ptrs, vals, ok, c, c_before, c_after, STORE_SINGLES: tl.constexpr):
+    """ptrs += vals per pair with fp32 atomics; with STORE_SINGLES, a pair alone at its address
+    (`_alone`) stores its value instead."""
+    if STORE_SINGLES:
+        # Atomics first: were a pair wrongly taken for alone, its store would then overwrite a
+        # tile-mate's sum under Triton's interpreter too, where the tests run.
+        single = _alone(c, c_before, c_after)
+        tl.atomic_add(ptrs, vals, mask=ok & ~single, sem="relaxed")
+        tl.store(ptrs, vals, mask=ok & single)
+    else:
+        tl.atomic_add(ptrs, vals, mask=ok, sem="relaxed")
+
+
+@triton.jit
 def _add_runs(
     ROW_PTRS, dest_ok, c, c_before, c_after, last, vals, AXIS: tl.constexpr, ATOMIC: tl.constexpr,
-    END_PTRS, C, SPLIT_ENDS: tl.constexpr,
+    END_PTRS, C, SPLIT_ENDS: tl.constexpr, STORE_SINGLES: tl.constexpr,
 ):  # fmt: skip
     """ROW_PTRS[c] += vals, the pairs of a tile that share an address summed first.
 
@@ -214,6 +241,10 @@ def _add_runs(
     buckets over 512 positions, so an address takes sums from at most two tiles and rounds
     about as often as the fp32 result's one cast would. Few buckets over many positions make
     wider buckets, and a rounding per tile a bucket spans.
+
+    STORE_SINGLES (atomic only): a run of one pair alone at its address (`_alone`) is stored,
+    rounded once as the fp32 result's cast would round it (the clamped ends still go to
+    END_PTRS).
     """
     starts = (c_before != c).to(tl.int32)
     ends = last | (c_after != c)
@@ -224,9 +255,15 @@ def _add_runs(
         at_end = (c == 0) | (c == C - 1)
         tl.atomic_add(END_PTRS + (c != 0).to(tl.int32), sums, mask=ok & at_end, sem="relaxed")
         half = sums.to(ROW_PTRS.dtype.element_ty)
-        tl.atomic_add(ptrs, half, mask=ok & (c != 0) & (c != C - 1), sem="relaxed")
+        inner = ok & ~at_end
+        if STORE_SINGLES:  # atomics first, as in `_add_pairs`
+            single = _alone(c, c_before, c_after)
+            tl.atomic_add(ptrs, half, mask=inner & ~single, sem="relaxed")
+            tl.store(ptrs, half, mask=inner & single)
+        else:
+            tl.atomic_add(ptrs, half, mask=inner, sem="relaxed")
     elif ATOMIC:
-        tl.atomic_add(ptrs, sums, mask=ok, sem="relaxed")
+        _add_pairs(ptrs, sums, ok, c, c_before, c_after, STORE_SINGLES)
     else:
         tl.debug_barrier()
         tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + sums, mask=ok)
@@ -320,6 +357,7 @@ def _backward_kernel(
     DETERMINISTIC: tl.constexpr,
     RUN_SUMS: tl.constexpr,
     HALF_POSITION_GRADS: tl.constexpr,
+    STORE_SINGLES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -336,6 +374,8 @@ def _backward_kernel(
     HALF_POSITION_GRADS (never with DETERMINISTIC; sums runs as RUN_SUMS does): DQP and DKP are in the
     inputs' half dtype, and their columns 0 and C - 1 go to the fp32 DQP_END / DKP_END
     ([B, H, L, 2], strides s_eb, s_eh, 2, 1) instead (see `_add_runs`).
+    STORE_SINGLES (not with DETERMINISTIC, whose stores are plain already): a pair alone at its
+    dQP / dKP address stores there rather than adding atomically (`_alone`).
     """
     start_n, pid_bh, b, h, offs_n, offs_d, col_ok, d_ok = _program_block(H, L, D, BLOCK_N, BLOCK_D)
     kv_ok = col_ok[:, None] & d_ok[None, :]
@@ -392,6 +432,7 @@ def _backward_kernel(
                     DQP_END + end_base + offs_m[:, None] * 2,
                     C,
                     HALF_POSITION_GRADS,
+                    STORE_SINGLES,
                 )
             if HAS_KP:
                 # Along i (axis 0) for each key j: c(i - 1, j) and c(i + 1, j). These rows are
@@ -411,16 +452,27 @@ def _backward_kernel(
                     DKP_END + end_base + offs_n[None, :] * 2,
                     C,
                     HALF_POSITION_GRADS,
+                    STORE_SINGLES and not DETERMINISTIC,
                 )
         if not (DETERMINISTIC or RUN_SUMS or HALF_POSITION_GRADS):  # one atomic per pair
+            # (c is 0 where a pair is out of range; grad_ok masks those. The neighbours' c are
+            # only read to find lone pairs.)
             if HAS_QP:
-                tl.atomic_add(
-                    DQP + pos_grad_base + offs_m[:, None] * C + c, ds, mask=grad_ok, sem="relaxed"
-                )
+                ptrs = DQP + pos_grad_base + offs_m[:, None] * C + c
+                if STORE_SINGLES:  # along j (axis 1) for each query i
+                    c_before = _index_tile(IDX, offs_m, offs_n - 1, L)
+                    c_after = _index_tile(IDX, offs_m, offs_n + 1, L)
+                    _add_pairs(ptrs, ds, grad_ok, c, c_before, c_after, True)
+                else:
+                    _add_pairs(ptrs, ds, grad_ok, c, c, c, False)
             if HAS_KP:
-                tl.atomic_add(
-                    DKP + pos_grad_base + offs_n[None, :] * C + c, ds, mask=grad_ok, sem="relaxed"
-                )
+                ptrs = DKP + pos_grad_base + offs_n[None, :] * C + c
+                if STORE_SINGLES:  # along i (axis 0) for each key j
+                    c_before = _index_tile(IDX, offs_m - 1, offs_n, L)
+                    c_after = _index_tile(IDX, offs_m + 1, offs_n, L)
+                    _add_pairs(ptrs, ds, grad_ok, c, c_before, c_after, True)
+                else:
+                    _add_pairs(ptrs, ds, grad_ok, c, c, c, False)
 
     out_ptrs = grad_base + offs_n[:, None] * s_gl + offs_d[None, :]
     tl.store(DK + out_ptrs, dk.to(DK.dtype.element_ty), mask=kv_ok)
@@ -493,6 +545,7 @@ def _backward_dq_kernel(
                 False,
                 DQP,
                 C,
+                False,
                 False,
             )
 
