@@ -203,6 +203,14 @@ def _deep_update(base: dict, extra: dict) -> None:
 _LAYER = re.compile(r"^(generator|discriminator)\.encoder\.layer\.(\d+)\.")
 
 
+def fused_adamw(device: torch.device) -> bool:
+    """Whether torch's AdamW runs fused: one kernel per parameter group (DeepSpeed's ZeRO hands
+    it one flat fp32 tensor per group) where the default on CUDA, foreach, launches several
+    per group and reads the state more often. On CPU the default loop, whose numbers the
+    README's quick start table records."""
+    return device.type == "cuda"
+
+
 def layer_depth(name: str, layers: dict[str, int]) -> int:
     """How many layers sit above parameter `name` in its own encoder: 0 for the heads and the
     top layer's, the layer count + 1 for embeddings. Drives layer-wise lr decay."""
@@ -299,7 +307,11 @@ class Engine:
         if config.optim.name == "adamw":
             o = config.optim
             optimizer = torch.optim.AdamW(
-                groups, lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps
+                groups,
+                lr=o.lr,
+                betas=(o.betas[0], o.betas[1]),
+                eps=o.eps,
+                fused=fused_adamw(world.device),
             )
         elif world.device.type == "cpu":
             raise ConfigError(
