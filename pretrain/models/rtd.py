@@ -123,10 +123,16 @@ class RTDModel(nn.Module):
     def compile_layers(self) -> None:
         """torch.compile every transformer layer of both towers, in place (parameter names
         and checkpoints unchanged). The layers are the repeated block and nearly all the
-        work, and compiling them region by region keeps compile time to one layer's."""
+        work, and compiling them region by region keeps compile time to one layer's.
+
+        Static shapes: each batch shape gets its own graph. By default a second shape (the
+        held-out set's short last batch) makes dynamo recompile with a symbolic batch size,
+        and the training step's graph, compiled after the first evaluation, would then be the
+        symbolic one too, with generic kernels; there are only a few shapes (training,
+        evaluation, its last batch)."""
         for tower in (self.generator, self.discriminator):
             for layer in tower.encoder.layer:
-                layer.compile()
+                layer.compile(dynamic=False)
 
     def generator_embedding_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(word, position) tables of the generator: E_gen, tied to its MLM decoder."""

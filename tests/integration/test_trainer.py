@@ -444,6 +444,43 @@ def test_compiled_layers_train_like_eager_ones(tiny_corpus: dict, tmp_path: Path
                 assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], a["split"], key)
 
 
+def test_a_short_evaluation_batch_leaves_the_compiled_training_graph_static(
+    tiny_corpus: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 24 held-out sequences in micro batches of 5: the last has 4. Dynamo's default would then
+    # recompile with a symbolic batch size and compile the training graph (after the first
+    # evaluation) symbolic too. A recording backend sees each graph's example inputs.
+    from pretrain.trainer import Trainer
+
+    graphs: list[tuple[bool, tuple]] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        # A symbolic size shows in the placeholders' example values (and as an extra input).
+        values = [n.meta.get("example_value") for n in gm.graph.find_nodes(op="placeholder")]
+        shapes = tuple(tuple(v.shape) for v in values if isinstance(v, torch.Tensor))
+        graphs.append((torch.is_grad_enabled(), shapes))
+        return gm.forward
+
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(
+        torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend=record, **kw)
+    )
+    config = make_config(
+        tiny_corpus, tmp_path / "run", "trainer.compile=true", "trainer.micro_batch_size=5",
+        "trainer.global_batch_size=5", "trainer.eval_sequences=20", "trainer.max_steps=2",
+        "trainer.eval_every=2", "model.hidden_dropout_prob=0.0",
+    )  # fmt: skip
+    trainer = Trainer(config)
+    assert trainer.data.valid_batch_count == 5
+    trainer.fit()
+    torch._dynamo.reset()
+    symbolic = [g for g in graphs if any(isinstance(d, torch.SymInt) for s in g[1] for d in s)]
+    assert not symbolic, symbolic
+    # The hidden states are the graphs' only 3-D inputs: [B, L, hidden].
+    batch_sizes = {(grad, s[0]) for grad, shapes in graphs for s in shapes if len(s) == 3}
+    assert batch_sizes == {(False, 5), (False, 4), (True, 5)}, (batch_sizes, graphs)
+
+
 def test_compile_with_zero3_is_refused(tiny_corpus: dict, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="trainer.compile=true with deepspeed.zero_stage=3"):
         make_config(
