@@ -658,5 +658,35 @@ def unknown_override_key(overrides: list[str], groups: set[str]) -> str | None:
                 return f"unknown config key {key!r}{hint} ({scope}: {', '.join(known)})"
             node = hints[part]
             if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
-                break  # a value, or a dict / list whose entries Hydra checks itself
+                if depth == len(parts) - 1:
+                    return _unknown_entry_key(arg, key, node)
+                break  # below a dict or list: Hydra checks
+    return None
+
+
+def _unknown_entry_key(arg: str, key: str, node: Any) -> str | None:
+    """For a list-of-dataclasses field set whole (`data.sources=[{...}, ...]`): the first entry
+    key its dataclass does not have, as `unknown_override_key` says it (Hydra's own message
+    spans lines and suggests `+data.sources=...`, which fails the same way)."""
+    args = typing.get_args(node)
+    if typing.get_origin(node) is not list or not args or not dataclasses.is_dataclass(args[0]):
+        return None
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        value = OverridesParser.create().parse_override(arg).value()
+    except Exception:  # not one list (a sweep, a syntax error): Hydra's to report
+        return None
+    if not isinstance(value, list):
+        return None
+    known = sorted(f.name for f in dataclasses.fields(args[0]))
+    for i, entry in enumerate(value):
+        for name in entry if isinstance(entry, dict) else ():
+            if name not in known:
+                close = difflib.get_close_matches(str(name), known, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                return (
+                    f"unknown key {name!r} in entry {i} of {key}{hint} (an entry has: "
+                    f"{', '.join(known)})"
+                )
     return None

@@ -82,6 +82,11 @@ GROUPS = {p.name for p in CONF.iterdir() if p.is_dir()}
         ),  # a field of the component's own dataclass
         ("masking.probabilty=0.1", "did you mean probability?"),
         ("trainr.seed=1", "'trainr.seed'; did you mean trainer? (the top level has: data,"),
+        (  # a key inside an entry of a list of dataclasses
+            "data.sources=[{name: a, corpus: x}, {name: b, corpus: y, wieght: 2.0}]",
+            "unknown key 'wieght' in entry 1 of data.sources; did you mean weight? (an entry "
+            "has: corpus, data_files,",
+        ),
         (  # a renamed key says what replaced it
             "trainer.eval_batches=8",
             "config key 'trainer.eval_batches' is now trainer.eval_sequences: held-out "
@@ -111,6 +116,8 @@ def test_unknown_override_key_names_it_and_the_nearest(override: str, fragment: 
         "~trainer.seed",  # deletions
         "+deepspeed.extra.wall_clock_breakdown=true",  # below a dict: Hydra checks
         "data.sources=[{corpus: x}]",
+        "data.sources=[{corpus: x, weight: 1}],[{corpus: y}]",  # a sweep: Hydra's
+        "data.sources=[]",
         "--config-name=config",  # flags
         "trainer.seed=1,2",  # sweeps
     ],
@@ -208,7 +215,9 @@ def test_a_sweep_value_the_config_refuses_stops_the_sweep_before_its_first_job()
         "trainer.seed=range(0,3)",
         "optim.lr=interval(1e-4,1e-2)",  # Optuna's: no values to check
         "~trainer.seed",  # deletions
-        "data.sources=[{corpus: x}]",  # a list of dataclasses: Hydra checks
+        "data.sources=[{corpus: x}]",
+        "data.sources=[{corpus: x, weight: 1}],[{corpus: y}]",  # a sweep: Hydra's
+        "data.sources=[]",  # a list of dataclasses: Hydra checks
     ],
 )
 def test_good_sweeps_deletions_and_structured_lists_pass(override: str) -> None:
