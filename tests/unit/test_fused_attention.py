@@ -581,7 +581,13 @@ def test_glue_makes_no_layout_copies(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         fused,
         "_launch_settings",
-        lambda q: {**tiles, "warps": 4, "run_sums": False, "half_position_grads": False},
+        lambda q: {
+            **tiles,
+            "warps": 4,
+            "run_sums": False,
+            "half_position_grads": False,
+            "store_singles": False,
+        },
     )
 
     class Log(TorchDispatchMode):
