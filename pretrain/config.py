@@ -658,9 +658,9 @@ def unknown_override_key(overrides: list[str], groups: set[str]) -> str | None:
                 return f"unknown config key {key!r}{hint} ({scope}: {', '.join(known)})"
             node = hints[part]
             if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
-                if depth == len(parts) - 1:
-                    return _unknown_entry_key(arg, key, node)
-                break  # below a dict or list: Hydra checks
+                if depth == len(parts) - 1 and (message := _unknown_entry_key(arg, key, node)):
+                    return message
+                break  # a value, or below a dict or list: Hydra checks
     return None
 
 

@@ -97,6 +97,9 @@ GROUPS = {p.name for p in CONF.iterdir() if p.is_dir()}
 def test_unknown_override_key_names_it_and_the_nearest(override: str, fragment: str) -> None:
     message = unknown_override_key(["experiment=quickstart", override], GROUPS)
     assert message is not None and fragment in message and "\n" not in message
+    # Known keys before it, a value and a list of entries, do not hide it.
+    before = ["trainer.seed=1", "data.sources=[{corpus: x}]"]
+    assert unknown_override_key(before + [override], GROUPS) == message
     if override.startswith("+"):  # Hydra adds it and the dataclass drops it: a silent no-op
         assert "foo" not in str(composed(override).trainer)
     else:  # Hydra refuses it too, but hints at `+key=value`
