@@ -8,10 +8,12 @@ per row) and prints:
 - how long the GPU was busy (kernels, copies and fills: the union of their spans) over the
   span from its first to its last activity, and the idle rest;
 - the idle gaps of at least --min-gap-us, split by cause: the work after the gap was launched
-  only after the GPU had gone idle (the host was late: host-bound), or was already queued
-  (the GPU waited on something else);
-- host calls that wait for the device (cudaStreamSynchronize, cudaMemcpy, cudaMalloc, ...)
-  that overlap the gaps, with the time they overlap;
+  only after the GPU had gone idle (the host was late: host-bound), was already queued (the
+  GPU waited on something else), or its launch is not in the trace (unknown);
+- the gaps that begin as a host call waiting for the device (cudaStreamSynchronize,
+  cudaMemcpy, cudaMalloc, ...) returns: the GPU drained for that wait and idles while the host
+  queues work again, so those gaps are the wait's cost; and the waiting calls' own overlap
+  with the gaps;
 - the idle time by the host operator that launched the late work, innermost and outermost
   (what to make cheaper or fewer), and the largest gaps one by one.
 
@@ -49,12 +51,24 @@ WAITING_CALLS = (
 )
 
 
+# A waiting call under way as a gap begins, returning at most this long before (or during
+# it), is its cause: the host was waiting for the device to drain.
+WAIT_SLACK_US = 5.0
+
+
 @dataclass
 class Gap:
     start: float  # microseconds
     end: float
-    late: bool  # the work after it was launched after it began: the host was late
+    # "late": the work after it was launched after it began, the host was late; "queued": it
+    # was launched before; "unknown": its launch is not in the trace
+    cause: str
     launcher: list[str] = field(default_factory=list)  # host ops around that launch, outer first
+    after_wait: str | None = None  # the waiting host call that returned as it began
+
+    @property
+    def late(self) -> bool:
+        return self.cause == "late"
 
     @property
     def us(self) -> float:
@@ -83,7 +97,9 @@ def _correlation(event: dict[str, Any]) -> Any:
 
 
 class HostOps:
-    """One host thread's ops (nested spans), to ask which of them span a moment."""
+    """One host thread's ops, to ask which of them span a moment. Ops of one thread nest
+    (a profiler's records of calls do); one that only partly overlaps another is seen as
+    having ended before it."""
 
     def __init__(self, ops: list[dict[str, Any]]):
         self.ops = sorted(ops, key=lambda e: (float(e["ts"]), -float(e["dur"])))
@@ -136,8 +152,10 @@ def analyse(events: list[dict[str, Any]], min_gap_us: float = 20.0) -> Report:
         start, end = float(e["ts"]), float(e["ts"]) + float(e["dur"])
         if start - covered_to >= min_gap_us:
             launch = launches.get(_correlation(e))
-            late = launch is not None and float(launch["ts"]) >= covered_to
-            gap = Gap(covered_to, start, late)
+            cause = "unknown" if launch is None else "queued"
+            if launch is not None and float(launch["ts"]) >= covered_to:
+                cause = "late"
+            gap = Gap(covered_to, start, cause)
             if launch is not None:
                 thread = threads.get((launch.get("pid"), launch.get("tid")))
                 gap.launcher = thread.spanning(float(launch["ts"])) if thread else []
@@ -148,15 +166,19 @@ def analyse(events: list[dict[str, Any]], min_gap_us: float = 20.0) -> Report:
     span = covered_to - float(device[0]["ts"])
 
     waiting: dict[str, float] = defaultdict(float)
-    calls = [e for e in events if e.get("cat") in LAUNCH_CATEGORIES]
-    for call in calls:
-        if not call["name"].startswith(WAITING_CALLS):
-            continue
+    calls = [
+        e
+        for e in events
+        if e.get("cat") in LAUNCH_CATEGORIES and e["name"].startswith(WAITING_CALLS)
+    ]
+    for call in sorted(calls, key=lambda e: float(e["ts"]) + float(e["dur"])):
         a, b = float(call["ts"]), float(call["ts"]) + float(call["dur"])
         for gap in gaps:
             overlap = min(b, gap.end) - max(a, gap.start)
             if overlap > 0:
                 waiting[call["name"]] += overlap
+            if a < gap.start and gap.start - WAIT_SLACK_US <= b <= gap.end:
+                gap.after_wait = call["name"]  # the last to return, as they are sorted
     return Report(busy, span, gaps, dict(waiting))
 
 
@@ -167,17 +189,29 @@ def _ms(us: float) -> str:
 def summary(report: Report, top: int = 12) -> list[str]:
     gaps = report.gaps
     idle = report.span_us - report.busy_us
-    late = sum(g.us for g in gaps if g.late)
+
+    def total(cause: str) -> str:
+        return _ms(sum(g.us for g in gaps if g.cause == cause))
+
     lines = [
         f"GPU busy {_ms(report.busy_us)} of its {_ms(report.span_us)} span: idle {_ms(idle)} "
         f"({idle / max(report.span_us, 1e-9):.0%})",
         f"{len(gaps)} gaps of at least the minimum, {_ms(sum(g.us for g in gaps))} in all: "
-        f"{_ms(late)} with the next work launched late (host-bound), "
-        f"{_ms(sum(g.us for g in gaps if not g.late))} with it already queued",
+        f"{total('late')} with the next work launched late (host-bound), "
+        f"{total('queued')} with it already queued, {total('unknown')} with its launch unknown",
     ]
+    after: dict[str, list[float]] = defaultdict(list)
+    for g in gaps:
+        if g.after_wait is not None:
+            after[g.after_wait].append(g.us)
+    if after:
+        ranked = sorted(after.items(), key=lambda kv: -sum(kv[1]))
+        lines.append("gaps that begin as a host wait for the device returns: " + ", ".join(
+            f"{name} {_ms(sum(us))} in {len(us)}" for name, us in ranked
+        ))  # fmt: skip
     if report.waiting_us:
         calls = sorted(report.waiting_us.items(), key=lambda kv: -kv[1])
-        lines.append("waiting host calls during the gaps: " + ", ".join(
+        lines.append("waiting host calls overlapping the gaps: " + ", ".join(
             f"{name} {_ms(us)}" for name, us in calls
         ))  # fmt: skip
     for which, pick in (("innermost", -1), ("outermost", 0)):
@@ -194,9 +228,9 @@ def summary(report: Report, top: int = 12) -> list[str]:
                 lines.append(f"  {_ms(us):>10}  {counts[name]:>5} gaps  {name[:100]}")
     lines.append("largest gaps:")
     for g in sorted(gaps, key=lambda g: -g.us)[:top]:
-        how = "late" if g.late else "queued"
         where = " > ".join(g.launcher[-3:]) if g.launcher else "?"
-        lines.append(f"  {_ms(g.us):>10}  {how:<6}  {where[:140]}")
+        wait = f" (after {g.after_wait})" if g.after_wait else ""
+        lines.append(f"  {_ms(g.us):>10}  {g.cause:<7}  {where[:140]}{wait}")
     return lines
 
 

@@ -138,3 +138,7 @@ def test_trace_writes_the_profiled_steps_chrome_traces(bench, capsys, tmp_path):
     assert f"chrome trace {tmp_path / 'traces' / written[0]}" in out
     assert bench.main(TINY + ["--trace", str(tmp_path)]) == 2  # without --profile
     assert "add --profile" in capsys.readouterr().err
+    # On CUDA the trace is then analysed by bench/trace_gaps.py, loaded beside the script.
+    gaps = bench._load_sibling("trace_gaps")
+    with pytest.raises(ValueError, match="no GPU activity"):  # a CPU trace
+        gaps.analyse(gaps.load(tmp_path / "traces" / written[1]))

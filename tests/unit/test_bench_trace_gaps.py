@@ -52,6 +52,14 @@ TRACE = [
     work(5, 900, 950),  # gap 850-900: late, from the autograd thread
     launch(6, 955, tid=2),
     work(6, 960, 970),  # gap of 10: under the minimum
+    launch(7, 956, tid=2),
+    work(7, 970, 1100),
+    op("aten::item", 985, 120),
+    op("cudaStreamSynchronize", 990, 113, cat="cuda_runtime"),  # returns at 1103
+    op("aten::add", 1290, 10),
+    launch(8, 1295),
+    work(8, 1305, 1400),  # gap 1100-1305: late, and right after the host's wait
+    work(9, 1420, 1450),  # gap 1400-1420: its launch is not in the trace
     {"ph": "i", "name": "instant", "ts": 5},  # not a complete event: ignored
 ]
 
@@ -63,12 +71,14 @@ def gaps():
 
 def test_busy_idle_and_the_gaps_causes(gaps):
     report = gaps.analyse(TRACE, min_gap_us=20)
-    assert report.busy_us == pytest.approx(294 + 80 + 50 + 50 + 10)
-    assert report.span_us == pytest.approx(970 - 106)
-    assert [(g.start, g.end, g.late) for g in report.gaps] == [
-        (400, 520, True),
-        (600, 800, False),
-        (850, 900, True),
+    assert report.busy_us == pytest.approx(294 + 80 + 50 + 50 + 10 + 130 + 95 + 30)
+    assert report.span_us == pytest.approx(1450 - 106)
+    assert [(g.start, g.end, g.cause) for g in report.gaps] == [
+        (400, 520, "late"),
+        (600, 800, "queued"),
+        (850, 900, "late"),
+        (1100, 1305, "late"),
+        (1400, 1420, "unknown"),
     ]
     assert report.gaps[0].launcher == ["outer", "aten::mul"]
     assert report.gaps[1].launcher == ["outer", "aten::sum"]
@@ -76,9 +86,12 @@ def test_busy_idle_and_the_gaps_causes(gaps):
         "autograd::engine::evaluate_function: MmBackward0",
         "aten::mm",
     ]
-    # The synchronize overlaps the queued gap for 180 us; the memcpy launch is outside all gaps.
-    assert report.waiting_us == {"cudaStreamSynchronize": pytest.approx(180)}
-    assert len(gaps.analyse(TRACE, min_gap_us=5).gaps) == 4
+    assert report.gaps[3].launcher == ["aten::add"]
+    # Gap 3 begins as a synchronize under way returns (3 us into it). The one inside gap 1 began
+    # after the GPU went idle, and the memcpy launch returned before gap 0: neither caused one.
+    assert [g.after_wait for g in report.gaps] == [None, None, None, "cudaStreamSynchronize", None]
+    assert report.waiting_us == {"cudaStreamSynchronize": pytest.approx(180 + 3)}
+    assert len(gaps.analyse(TRACE, min_gap_us=5).gaps) == 6
 
 
 def test_summary_and_command_line(gaps, tmp_path: Path, capsys):
@@ -87,16 +100,23 @@ def test_summary_and_command_line(gaps, tmp_path: Path, capsys):
         json.dump({"traceEvents": TRACE}, f)
     assert gaps.main([str(path)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "GPU busy 0.48 ms of its 0.86 ms span: idle 0.38 ms (44%)"
+    assert out[0] == "GPU busy 0.74 ms of its 1.34 ms span: idle 0.60 ms (45%)"
     assert out[1] == (
-        "3 gaps of at least the minimum, 0.37 ms in all: 0.17 ms with the next work launched "
-        "late (host-bound), 0.20 ms with it already queued"
+        "5 gaps of at least the minimum, 0.59 ms in all: 0.38 ms with the next work launched "
+        "late (host-bound), 0.20 ms with it already queued, 0.02 ms with its launch unknown"
     )
-    assert out[2] == "waiting host calls during the gaps: cudaStreamSynchronize 0.18 ms"
+    assert out[2] == (
+        "gaps that begin as a host wait for the device returns: cudaStreamSynchronize 0.20 ms in 1"
+    )
+    assert out[3] == "waiting host calls overlapping the gaps: cudaStreamSynchronize 0.18 ms"
     text = "\n".join(out)
-    assert "0.12 ms      1 gaps  aten::mul" in text and "0.12 ms      1 gaps  outer" in text
-    assert text.index("aten::mul") < text.index("0.05 ms      1 gaps  aten::mm")
-    assert out[-3].split() == ["0.20", "ms", "queued", "outer", ">", "aten::sum"]
+    assert "0.20 ms      1 gaps  aten::add" in text and "0.12 ms      1 gaps  outer" in text
+    assert text.index("aten::add") < text.index("0.12 ms      1 gaps  aten::mul")
+    largest = out[out.index("largest gaps:") + 1 :]
+    assert largest[0].split() == [
+        "0.20", "ms", "late", "aten::add", "(after", "cudaStreamSynchronize)",
+    ]  # fmt: skip
+    assert largest[1].split()[:4] == ["0.20", "ms", "queued", "outer"]
 
 
 def test_refusals_are_one_line(gaps, tmp_path: Path, capsys):
