@@ -262,20 +262,26 @@ def test_fused_matches_eager_fp32(
     scale = (16 * (1 + len(terms))) ** -0.5
     args = (q, k, v, pos_k, pos_q, idx, mask, scale, weights)
     want, want_grads = _run("eager", *args)
-    # A store where another program adds would pass in one program order only: the stored
-    # forms run in the order that puts a run's later pairs first.
-    with programs_in_reverse() if store_singles else contextlib.nullcontext():
-        got, got_grads = _run("triton", *args)
+    for order in _program_orders(store_singles):
+        with order():
+            got, got_grads = _run("triton", *args)
 
-    # Every row agrees, padding queries too (both give them uniform weights over all keys).
-    torch.testing.assert_close(got, want, **FP32_TOL)
-    names = _grad_names(terms)
-    assert sorted(got_grads) == sorted(names)
-    for name in names:
-        torch.testing.assert_close(got_grads[name], want_grads[name], **FP32_TOL, msg=name)
-    # A padding query's scores are a constant: its q gets no gradient, in either path.
-    assert got_grads["q"][1, :, length - 5 :].abs().max() == 0
-    assert got_grads["q"][0, :, 3].abs().max() == 0
+        # Every row agrees, padding queries too (both give them uniform weights over all keys).
+        torch.testing.assert_close(got, want, **FP32_TOL)
+        names = _grad_names(terms)
+        assert sorted(got_grads) == sorted(names)
+        for name in names:
+            torch.testing.assert_close(got_grads[name], want_grads[name], **FP32_TOL, msg=name)
+        # A padding query's scores are a constant: its q gets no gradient, in either path.
+        assert got_grads["q"][1, :, length - 5 :].abs().max() == 0
+        assert got_grads["q"][0, :, 3].abs().max() == 0
+
+
+def _program_orders(stores: bool) -> list:
+    """The program orders to run the kernels in: a store where another program adds passes in
+    one order only (the interpreter runs programs one after another), so the forms that store
+    run in both."""
+    return [contextlib.nullcontext, programs_in_reverse] if stores else [contextlib.nullcontext]
 
 
 def _assert_error_at_most_twice_eagers(reference, eager, fused, slack: float) -> None:
@@ -326,9 +332,10 @@ def test_fused_fp16_error_is_eager_fp16_error(
     reference = run("eager", torch.float64)
     assert sorted(reference[1]) == sorted(_grad_names(terms))
     eager = run("eager", torch.float16)
-    with programs_in_reverse() if store_singles else contextlib.nullcontext():
-        fused = run("triton", torch.float16)
-    _assert_error_at_most_twice_eagers(reference, eager, fused, slack=1e-3)
+    for order in _program_orders(store_singles):
+        with order():
+            fused = run("triton", torch.float16)
+        _assert_error_at_most_twice_eagers(reference, eager, fused, slack=1e-3)
 
 
 @interpreted

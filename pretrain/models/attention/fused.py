@@ -54,8 +54,10 @@ HALF_POSITION_GRADS = False
 # The backward's position gradients: a pair alone at its dQP / dKP address (no other pair of
 # any tile shares its row and position index: all of the unbucketed middle, |i - j| < span / 2)
 # stores its value rather than adding it with an atomic (True), or every pair adds (False).
-# About 44% of the pairs at L=512 with v3's buckets, 12% at L=2048. Not timed on a GPU yet.
-# The deterministic backward's stores are plain already.
+# With v3's buckets that is 47% of the pairs at L=512 and 13% at L=2048 (the middle, 44% and
+# 12%, and the log buckets one position wide beside it). Not timed on a GPU yet. Relies on the
+# relative index being monotone (see `relative_index`). The deterministic backward's stores
+# are plain already.
 STORE_SINGLES = False
 
 
