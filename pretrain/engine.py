@@ -81,7 +81,10 @@ def _drop_expected_warnings(record: logging.LogRecord) -> bool:
 
 
 # Per parameter group, what the config sets and a resume keeps from it (see Engine.load).
-_GROUP_HYPERPARAMETERS = ("initial_lr", "weight_decay", "betas", "eps")
+# Kept from this run's optimizer when a checkpoint's state is loaded over it: the optim.*
+# settings, and how torch's AdamW runs (a checkpoint saved before it ran fused would turn
+# fusing off again).
+_GROUP_HYPERPARAMETERS = ("initial_lr", "weight_decay", "betas", "eps", "fused", "foreach")
 
 
 # True once this process has started a process group: then it leaves by `pretrain.__main__`'s
@@ -203,10 +206,28 @@ def _deep_update(base: dict, extra: dict) -> None:
 _LAYER = re.compile(r"^(generator|discriminator)\.encoder\.layer\.(\d+)\.")
 
 
+def _steps_where_fused_wants_them(optimizer: Any) -> None:
+    """After a load: torch keeps a saved AdamW state's step counts on the CPU unless the saved
+    groups ran fused; for groups that run fused now, put them on their parameters' device in
+    fp32, as torch's own load does for fused groups."""
+    inner = optimizer
+    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+        inner = inner.optimizer  # DeepSpeed's wrappers around the torch optimizer
+    if not isinstance(inner, torch.optim.Optimizer):
+        return
+    for group in inner.param_groups:
+        if group.get("fused"):
+            for p in group["params"]:
+                state = inner.state.get(p, {})
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+
+
 def fused_adamw(device: torch.device) -> bool:
-    """Whether torch's AdamW runs fused: one kernel per parameter group (DeepSpeed's ZeRO hands
-    it one flat fp32 tensor per group) where the default on CUDA, foreach, launches several
-    per group and reads the state more often. On CPU the default loop, whose numbers the
+    """Whether torch's AdamW runs fused: one kernel per parameter group (DeepSpeed's ZeRO
+    stages and bf16 hand it one flat fp32 tensor per group; plain fp32 stage 0, the model's
+    parameters) where the default on CUDA, foreach, launches several per group and reads the
+    state more often. On CPU the default loop, whose numbers the
     README's quick start table records."""
     return device.type == "cuda"
 
@@ -341,6 +362,8 @@ class Engine:
         the host, from the loader's CPU labels: found on the GPU they would make the step wait
         for the device's queued work."""
         rows = masked_rows_of(batch["labels"])
+        if self.world.device.type == "cuda":  # page-locked, as the loader's batches are
+            rows = rows.pin_memory()
         batch = {k: v.to(self.world.device, non_blocking=True) for k, v in batch.items()}
         return self.engine(
             batch["input_ids"],
@@ -433,6 +456,7 @@ class Engine:
         groups = scheduler.optimizer.param_groups  # new dicts: loading a state replaces them
         for group, values in zip(groups, ours, strict=True):
             group.update(values)
+        _steps_where_fused_wants_them(self.optimizer)
         scheduler.base_lrs = [values["initial_lr"] for values in ours]
         # What LambdaLR's step sets, at the restored step: the rate of the next update.
         lrs = [

@@ -128,8 +128,10 @@ class RTDModel(nn.Module):
         Static shapes: each batch shape gets its own graph. By default a second shape (the
         held-out set's short last batch) makes dynamo recompile with a symbolic batch size,
         and the training step's graph, compiled after the first evaluation, would then be the
-        symbolic one too, with generic kernels; there are only a few shapes (training,
-        evaluation, its last batch)."""
+        symbolic one too, with generic kernels. There are few shapes: training, evaluation
+        and its last batch, each twice with the enhanced mask decoder (its extra pass gives the
+        layers query states), 6 graphs shared by all layers of one width, under dynamo's
+        limit of 8 per function (past it, new shapes would run eagerly)."""
         for tower in (self.generator, self.discriminator):
             for layer in tower.encoder.layer:
                 layer.compile(dynamic=False)
@@ -171,8 +173,8 @@ class RTDModel(nn.Module):
         """input_ids: [B, L] with masked positions already corrupted (usually [MASK]);
         labels: [B, L] original ids at the masked positions, IGNORE_INDEX elsewhere;
         sampling_noise: [B, L] uniforms that decide the replacements (else `sampling_generator`);
-        masked_rows: `masked_rows(labels)` on labels' device, made on the host beforehand (as
-        `Engine.forward` does), or None to find them here."""
+        masked_rows: `masked_rows_of(labels)` on labels' device, made on the host beforehand
+        (as `Engine.forward` does), or None to find them here."""
         # The masked rows' flat indices. Found here on a GPU, they are the step's one wait for
         # the device (their count sets shapes); given, the step has none. Every later selection
         # indexes with them or multiplies by a mask, so the host can queue the whole step (and
@@ -202,8 +204,9 @@ class RTDModel(nn.Module):
             self.rtd.temperature,
             self.rtd.exclude_original,
         )
-        # Sum / count rather than mean, so a batch with nothing masked gives 0, not NaN.
-        gen_loss = mlm.loss_sum / masked.sum().clamp(min=1)
+        # Sum / count rather than mean, so a batch with nothing masked gives 0, not NaN. The
+        # count is the rows' (a host number, no reduction on the device).
+        gen_loss = mlm.loss_sum / max(len(rows), 1)
 
         # 2. Corrupt with the replacements sampled from the generator's softmax (inverse CDF,
         #    see `sample_replacements`); nothing flows back through this.

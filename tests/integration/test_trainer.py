@@ -373,6 +373,29 @@ def test_fused_adamw_under_deepspeed_trains_as_the_default_loop(
     assert fused == pytest.approx(loop, rel=1e-4)
 
 
+def test_a_run_resumed_from_an_unfused_checkpoint_runs_fused(
+    tiny_corpus: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Loading a checkpoint replaces the optimizer's groups with the saved ones, which said
+    # fused=False before runs on a GPU ran fused; the resumed run must run fused all the same.
+    import pretrain.engine
+    from pretrain.trainer import Trainer
+
+    run = tmp_path / "run"
+    common = ("deepspeed=zero1", "deepspeed.precision=bf16", "trainer.eval_every=0")
+    monkeypatch.setattr(pretrain.engine, "fused_adamw", lambda device: False)
+    train(tiny_corpus, run, *common, "trainer.max_steps=2")
+    monkeypatch.setattr(pretrain.engine, "fused_adamw", lambda device: True)
+    trainer = Trainer(make_config(tiny_corpus, run, *common, "trainer.max_steps=3"))
+    assert [r["step"] for r in trainer.fit() if r["split"] == "train"] == [3]
+    inner = trainer.engine.optimizer
+    while not isinstance(inner, torch.optim.AdamW):
+        inner = inner.optimizer
+    assert all(group["fused"] for group in inner.param_groups)
+    steps = [state["step"] for state in inner.state.values()]
+    assert steps and all(s.dtype == torch.float32 and float(s) == 3 for s in steps)
+
+
 def test_two_weighted_sources_mix_as_configured(tiny_corpus: dict, tmp_path: Path) -> None:
     # The same shards under two names, weighted 3:1, plus the raw text of a jsonl file streamed
     # through `datasets` and tokenized on the fly: a domain corpus beside a general one.
