@@ -475,8 +475,9 @@ def swept_keys(overrides: list[str]) -> tuple[str, ...]:
 
 
 def unparsable_config_file(overrides: list[str], conf_dir: Path) -> str | None:
-    """The first config file of this launch that is not valid YAML, as one line naming the file
-    and the place; None when all parse. Hydra would report it in a traceback of about 90 lines,
+    """The first config file of this launch that is not valid YAML, or holds a `data.sources`
+    entry with a key `SourceConfig` does not have, as one line naming the file and the place
+    (or the key and the nearest known ones); None when all parse. Hydra would report it in a traceback of about 90 lines,
     for a file a user wrote (conf/data/my_mix.yaml) as for ours. The files read: config.yaml,
     the group options the command line selects (`data=my_mix`, each value of a sweep), and the
     options their defaults lists select, recursively; a file no launch selects is not read."""
@@ -502,6 +503,16 @@ def unparsable_config_file(overrides: list[str], conf_dir: Path) -> str | None:
             return f"{path} is not valid YAML: {e.problem or e.context}{where}"
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             return f"{path} is not valid YAML: {e}"
+        # data.sources entries: Hydra would name the key in several lines, without the nearest.
+        # A data option holds them at its top level; a global one (an experiment) under data.
+        if isinstance(data, dict):
+            scope = data if path.parent.name == "data" else data.get("data")
+            if isinstance(scope, dict) and (
+                message := _unknown_key_in_entries(
+                    scope.get("sources"), "data.sources", SourceConfig
+                )
+            ):
+                return f"{path}: {message}"
         defaults = data.get("defaults") if isinstance(data, dict) else None
         for entry in defaults if isinstance(defaults, list) else []:
             for key, option in entry.items() if isinstance(entry, dict) else ():
@@ -677,10 +688,15 @@ def _unknown_entry_key(arg: str, key: str, node: Any) -> str | None:
         value = OverridesParser.create().parse_override(arg).value()
     except Exception:  # not one list (a sweep, a syntax error): Hydra's to report
         return None
-    if not isinstance(value, list):
-        return None
-    known = sorted(f.name for f in dataclasses.fields(args[0]))
-    for i, entry in enumerate(value):
+    return _unknown_key_in_entries(value, key, args[0])
+
+
+def _unknown_key_in_entries(entries: Any, key: str, schema: Any) -> str | None:
+    """The first key of a dict in the list `entries` (the value of field `key`) that the
+    dataclass `schema` has no field for, as one line with the nearest; None if all are known
+    (or entries is no list)."""
+    known = sorted(f.name for f in dataclasses.fields(schema))
+    for i, entry in enumerate(entries if isinstance(entries, list) else ()):
         for name in entry if isinstance(entry, dict) else ():
             if name not in known:
                 close = difflib.get_close_matches(str(name), known, n=3)

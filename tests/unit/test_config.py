@@ -500,6 +500,36 @@ def test_a_config_file_that_does_not_parse_is_one_line_naming_it(tmp_path: Path)
     )
 
 
+def test_an_unknown_key_in_a_config_files_sources_entry_is_one_line(tmp_path: Path) -> None:
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    # A data option holds the sources at its top level; an experiment (global) under data.
+    (conf / "data/mix.yaml").write_text(
+        "sources:\n  - {name: a, corpus: x, weight: 1}\n  - {name: b, corpus: y, wieght: 2}\n"
+    )
+    (conf / "experiment/mine.yaml").write_text(
+        "# @package _global_\ndata:\n  sources:\n    - {corpus: x, text_feild: body}\n"
+    )
+    message = unparsable_config_file(["data=mix"], conf)
+    assert message == (
+        f"{conf / 'data/mix.yaml'}: unknown key 'wieght' in entry 1 of data.sources; did you "
+        "mean weight? (an entry has: corpus, data_files, dataset, name, num_tokens, sample_by, "
+        "split, text_field, weight)"
+    )
+    message = unparsable_config_file(["experiment=mine"], conf)
+    assert message is not None and message.startswith(
+        f"{conf / 'experiment/mine.yaml'}: unknown key 'text_feild' in entry 0 of data.sources; "
+        "did you mean text_field?"
+    )
+    # Hydra refuses both too, in several lines.
+    for override in ("data=mix", "experiment=mine"):
+        with pytest.raises(ConfigCompositionException):
+            with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+                compose("config", overrides=[override])
+    (conf / "data/mix.yaml").write_text("sources:\n  - {name: a, corpus: x, weight: 1}\n")
+    assert unparsable_config_file(["data=mix"], conf) is None
+
+
 # microsoft/DeBERTa's experiments/language_model: rtd.sh (lr, warmup, batch, 1M steps, seq
 # 512), rtd_{xsmall,base,large}.json (shapes), and the code defaults rtd.sh runs with (Adam
 # betas (0.9, 0.999), eps 1e-6, weight decay 0.01, clip 1.0, rtd_lambda 10, and single tokens
