@@ -30,13 +30,11 @@ import argparse
 import contextlib
 import dataclasses
 import gc
-import gzip
 import importlib.util
 import math
 import platform
 import re
 import shlex
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -371,16 +369,6 @@ def measure(
     return row
 
 
-def busy_ms(spans: list[tuple[float, float]]) -> float:
-    """The time covered by the union of (start, end) spans in microseconds, in ms."""
-    busy, covered_to = 0.0, -math.inf
-    for start, end in sorted(spans):
-        if end > covered_to:
-            busy += end - max(start, covered_to)
-            covered_to = end
-    return busy / 1e3
-
-
 def print_profile(
     label: str, step: Callable[[], Losses], cuda: bool, step_ms: float, trace_dir: Path | None
 ) -> None:
@@ -403,13 +391,14 @@ def print_profile(
     print(f"profile: {label}, one step, by input shape", flush=True)
     by_shape = prof.key_averages(group_by_input_shape=True)
     print(by_shape.table(sort_by=key, row_limit=25, max_name_column_width=40))
+    gaps = _load_sibling("trace_gaps")
     if cuda:
         spans = [
             (e.time_range.start, e.time_range.end)
             for e in prof.events()
             if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
         ]  # kernels, copies and fills; a user annotation's span may cover idle gaps
-        busy = busy_ms(spans)
+        busy = gaps.covered_us(spans) / 1e3
         print(
             f"profile: {label}: GPU busy {busy:.1f} ms (kernels and copies, union of their "
             f"spans) of the timed {step_ms:.1f} ms step: "
@@ -418,16 +407,12 @@ def print_profile(
         )
     if trace_dir is not None:
         trace_dir.mkdir(parents=True, exist_ok=True)
-        path = trace_dir / (re.sub(r"[^A-Za-z0-9_.-]+", "_", label) + ".json")
-        prof.export_chrome_trace(str(path))
-        with open(path, "rb") as raw, gzip.open(f"{path}.gz", "wb") as packed:
-            shutil.copyfileobj(raw, packed)
-        path.unlink()
-        print(f"profile: {label}: chrome trace {path}.gz", flush=True)
+        path = trace_dir / (re.sub(r"[^A-Za-z0-9_.-]+", "_", label) + ".json.gz")
+        prof.export_chrome_trace(str(path))  # gzipped, for the .gz
+        print(f"profile: {label}: chrome trace {path}", flush=True)
         if cuda:
             try:
-                gaps = _load_sibling("trace_gaps")
-                lines = gaps.summary(gaps.analyse(gaps.load(Path(f"{path}.gz"))))
+                lines = gaps.summary(gaps.analyse(gaps.load(path)))
             except Exception as e:  # the row's timing stands; the trace is there to read
                 lines = [f"trace_gaps failed: {type(e).__name__}: {e}"]
             for line in lines:

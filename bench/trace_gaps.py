@@ -27,6 +27,7 @@ import argparse
 import bisect
 import gzip
 import json
+import math
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -96,6 +97,22 @@ def _correlation(event: dict[str, Any]) -> Any:
     return (event.get("args") or {}).get("correlation")
 
 
+def _span(event: dict[str, Any]) -> tuple[float, float]:
+    """An event's (start, end) in microseconds."""
+    start = float(event["ts"])
+    return start, start + float(event["dur"])
+
+
+def covered_us(spans: list[tuple[float, float]]) -> float:
+    """The time covered by the union of (start, end) spans."""
+    covered, covered_to = 0.0, -math.inf
+    for start, end in sorted(spans):
+        if end > covered_to:
+            covered += end - max(start, covered_to)
+            covered_to = end
+    return covered
+
+
 class HostOps:
     """One host thread's ops, to ask which of them span a moment. Ops of one thread nest
     (a profiler's records of calls do); one that only partly overlaps another is seen as
@@ -107,14 +124,13 @@ class HostOps:
         self.parent: list[int] = []
         stack: list[int] = []
         for i, op in enumerate(self.ops):
-            end = float(op["ts"]) + float(op["dur"])
-            while stack and self._end(stack[-1]) < end:  # an op ends before this one does
+            while stack and self._end(stack[-1]) < _span(op)[1]:  # it ends before this one
                 stack.pop()
             self.parent.append(stack[-1] if stack else -1)
             stack.append(i)
 
     def _end(self, i: int) -> float:
-        return float(self.ops[i]["ts"]) + float(self.ops[i]["dur"])
+        return _span(self.ops[i])[1]
 
     def spanning(self, t: float) -> list[str]:
         """Names of the ops that span time t, outermost first. Every op spanning t contains
@@ -145,11 +161,10 @@ def analyse(events: list[dict[str, Any]], min_gap_us: float = 20.0) -> Report:
             grouped[(e.get("pid"), e.get("tid"))].append(e)
     threads = {key: HostOps(ops) for key, ops in grouped.items()}
 
-    busy = 0.0
     covered_to = float(device[0]["ts"])
     gaps: list[Gap] = []
     for e in device:
-        start, end = float(e["ts"]), float(e["ts"]) + float(e["dur"])
+        start, end = _span(e)
         if start - covered_to >= min_gap_us:
             launch = launches.get(_correlation(e))
             cause = "unknown" if launch is None else "queued"
@@ -160,9 +175,8 @@ def analyse(events: list[dict[str, Any]], min_gap_us: float = 20.0) -> Report:
                 thread = threads.get((launch.get("pid"), launch.get("tid")))
                 gap.launcher = thread.spanning(float(launch["ts"])) if thread else []
             gaps.append(gap)
-        if end > covered_to:
-            busy += end - max(start, covered_to)
-            covered_to = end
+        covered_to = max(covered_to, end)
+    busy = covered_us([_span(e) for e in device])
     span = covered_to - float(device[0]["ts"])
 
     waiting: dict[str, float] = defaultdict(float)
@@ -171,8 +185,8 @@ def analyse(events: list[dict[str, Any]], min_gap_us: float = 20.0) -> Report:
         for e in events
         if e.get("cat") in LAUNCH_CATEGORIES and e["name"].startswith(WAITING_CALLS)
     ]
-    for call in sorted(calls, key=lambda e: float(e["ts"]) + float(e["dur"])):
-        a, b = float(call["ts"]), float(call["ts"]) + float(call["dur"])
+    for call in sorted(calls, key=lambda e: _span(e)[1]):
+        a, b = _span(call)
         for gap in gaps:
             overlap = min(b, gap.end) - max(a, gap.start)
             if overlap > 0:

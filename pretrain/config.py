@@ -477,8 +477,8 @@ def swept_keys(overrides: list[str]) -> tuple[str, ...]:
 def unparsable_config_file(overrides: list[str], conf_dir: Path) -> str | None:
     """The first config file of this launch that is not valid YAML, or holds a `data.sources`
     entry with a key `SourceConfig` does not have, as one line naming the file and the place
-    (or the key and the nearest known ones); None when all parse. Hydra would report it in a traceback of about 90 lines,
-    for a file a user wrote (conf/data/my_mix.yaml) as for ours. The files read: config.yaml,
+    (or the key and the nearest known ones); None when all parse. Hydra would report it in a
+    traceback of about 90 lines, for a file a user wrote (conf/data/my_mix.yaml) as for ours. The files read: config.yaml,
     the group options the command line selects (`data=my_mix`, each value of a sweep), and the
     options their defaults lists select, recursively; a file no launch selects is not read."""
     import yaml
@@ -662,9 +662,7 @@ def unknown_override_key(overrides: list[str], groups: set[str]) -> str | None:
             if part not in hints:
                 where = ".".join(parts[:depth])
                 known = sorted(hints)
-                close = difflib.get_close_matches(part, known, n=3)
-                close += [k for k in known if part in k and k not in close][:2]
-                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                hint = _nearest_hint(part, known)
                 scope = f"{where} has" if where else "the top level has"
                 return f"unknown config key {key!r}{hint} ({scope}: {', '.join(known)})"
             node = hints[part]
@@ -699,10 +697,17 @@ def _unknown_key_in_entries(entries: Any, key: str, schema: Any) -> str | None:
     for i, entry in enumerate(entries if isinstance(entries, list) else ()):
         for name in entry if isinstance(entry, dict) else ():
             if name not in known:
-                close = difflib.get_close_matches(str(name), known, n=3)
-                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                hint = _nearest_hint(str(name), known)
                 return (
                     f"unknown key {name!r} in entry {i} of {key}{hint} (an entry has: "
                     f"{', '.join(known)})"
                 )
     return None
+
+
+def _nearest_hint(name: str, known: list[str]) -> str:
+    """`; did you mean a, b?` with the known keys nearest a misspelt one (close spellings,
+    then keys that contain it), or "" when none is near."""
+    close = difflib.get_close_matches(name, known, n=3)
+    close += [k for k in known if name in k and k not in close][:2]
+    return f"; did you mean {', '.join(close)}?" if close else ""

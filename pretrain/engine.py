@@ -80,10 +80,9 @@ def _drop_expected_warnings(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith(_EXPECTED_WARNINGS)
 
 
-# Per parameter group, what the config sets and a resume keeps from it (see Engine.load).
-# Kept from this run's optimizer when a checkpoint's state is loaded over it: the optim.*
-# settings, and how torch's AdamW runs (a checkpoint saved before it ran fused would turn
-# fusing off again).
+# Per parameter group, what the config sets and a resume keeps from it (see Engine.load): the
+# optim.* settings, and how torch's AdamW runs (a checkpoint saved before it ran fused would
+# turn fusing off again).
 _GROUP_HYPERPARAMETERS = ("initial_lr", "weight_decay", "betas", "eps", "fused", "foreach")
 
 
@@ -227,8 +226,8 @@ def fused_adamw(device: torch.device) -> bool:
     """Whether torch's AdamW runs fused: one kernel per parameter group (DeepSpeed's ZeRO
     stages and bf16 hand it one flat fp32 tensor per group; plain fp32 stage 0, the model's
     parameters) where the default on CUDA, foreach, launches several per group and reads the
-    state more often. On CPU the default loop, whose numbers the
-    README's quick start table records."""
+    state more often. On CPU the default loop, whose numbers the README's quick start table
+    records."""
     return device.type == "cuda"
 
 

@@ -20,9 +20,14 @@ attention kernels (see `attention/fused.py`).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
+
+if TYPE_CHECKING:
+    from pretrain.models.heads import ChunkRows
 
 # Finite, so that a block of excluded or out-of-range entries never makes (-inf) - (-inf).
 NEG = tl.constexpr(-1.0e30)
@@ -136,7 +141,7 @@ def mlm_rows(
     temperature: float,
     exclude_original: bool,
     want_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+) -> ChunkRows:
     """logits: [R, V] (the matmul's output, before `bias` [V]). Returns per-row cross-entropy
     (fp32) [R], argmax [R], draws [R], and, when want_grad, softmax - one_hot in logits' dtype
     [R, V] and its sum over rows in fp32 [V] (the bias gradient; the target entries' rounding

@@ -111,13 +111,6 @@ def test_mlm_kernel_needs_cuda(bench, capsys):
     )
 
 
-def test_busy_time_is_the_union_of_the_spans(bench):
-    # overlapping, nested, touching and disjoint spans, in microseconds, out of order
-    spans = [(50.0, 60.0), (0.0, 10.0), (5.0, 20.0), (6.0, 7.0), (20.0, 30.0)]
-    assert bench.busy_ms(spans) == pytest.approx(0.040)
-    assert bench.busy_ms([]) == 0.0
-
-
 def test_rows_found_on_the_device_give_ours_the_same_step(bench, capsys):
     # --device-rows is the same step with the wait for the device back in: same first losses.
     first = {}

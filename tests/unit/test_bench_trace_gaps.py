@@ -69,6 +69,13 @@ def gaps():
     return load_bench("trace_gaps")
 
 
+def test_covered_time_is_the_union_of_the_spans(gaps):
+    # overlapping, nested, touching and disjoint spans, in microseconds, out of order
+    spans = [(50.0, 60.0), (0.0, 10.0), (5.0, 20.0), (6.0, 7.0), (20.0, 30.0)]
+    assert gaps.covered_us(spans) == pytest.approx(40.0)
+    assert gaps.covered_us([]) == 0.0
+
+
 def test_busy_idle_and_the_gaps_causes(gaps):
     report = gaps.analyse(TRACE, min_gap_us=20)
     assert report.busy_us == pytest.approx(294 + 80 + 50 + 50 + 10 + 130 + 95 + 30)

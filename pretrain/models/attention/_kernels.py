@@ -452,7 +452,7 @@ def _backward_kernel(
                     DKP_END + end_base + offs_n[None, :] * 2,
                     C,
                     HALF_POSITION_GRADS,
-                    STORE_SINGLES and not DETERMINISTIC,
+                    STORE_SINGLES,
                 )
         if not (DETERMINISTIC or RUN_SUMS or HALF_POSITION_GRADS):  # one atomic per pair
             # (c is 0 where a pair is out of range; grad_ok masks those. The neighbours' c are
