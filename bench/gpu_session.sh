@@ -7,10 +7,10 @@
 #
 #   bash bench/gpu_session.sh [OUT_DIR [STAGE ...]]
 #
-# OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env rtd_512 rtd_host rtd_rows
+# OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env rtd_512 rtd_host rtd_bf16 rtd_rows
 # rtd_options attention rtd_dropout attention_dropout mlm_head tests rtd_2048 rtd_2048_b4 ncu
 # curves trainer_512 (default: all, in that order, the most needed first; rtd_host is the
-# step's host-or-GPU account, rtd_rows its A/B; rtd_2048_b4 runs only when HF ran out of
+# step's host-or-GPU account, rtd_rows its A/B; rtd_bf16 both sides in bf16 weights; rtd_2048_b4 runs only when HF ran out of
 # memory in rtd_2048; rtd_options is the step with the options not yet on by default;
 # *_dropout run DeBERTa's attention dropout 0.1; ncu profiles the fused kernels; trainer_512
 # is the real trainer, DeepSpeed and data loading included, on the v3-base shape at L=512, for
@@ -79,7 +79,7 @@ fi
 
 out=${1:-${OUT:-gpu_session}}
 shift || true
-stages=${*:-env rtd_512 rtd_host rtd_rows rtd_options attention rtd_dropout attention_dropout mlm_head tests rtd_2048 rtd_2048_b4 ncu curves trainer_512}
+stages=${*:-env rtd_512 rtd_host rtd_bf16 rtd_rows rtd_options attention rtd_dropout attention_dropout mlm_head tests rtd_2048 rtd_2048_b4 ncu curves trainer_512}
 mkdir -p "$out"
 # Stages stop here at the latest, inside the device tool's 10-minute command.
 deadline=$((SECONDS + ${BUDGET_S:-580}))
@@ -127,6 +127,10 @@ stage rtd_512 150 "${bench[@]}" --seq-len 512 --batch 32 --profile
 # compare with rtd_512's uncompiled fused row.
 stage rtd_host 90 "$py" bench/rtd_step.py --impl ours --attention triton --compile on \
     --seq-len 512 --batch 32 --warmup 2 --steps 5 --profile --trace "$out/traces"
+# Both sides again with bf16 weights and fp32 master weights (--precision bf16, what our
+# trainer's DeepSpeed bf16 runs: no autocast casts), beside both in autocast, in one run.
+stage rtd_bf16 100 "$py" bench/rtd_step.py --attention triton --compile on --precision autocast \
+    bf16 --seq-len 512 --batch 32 --warmup 2 --steps 5
 stage rtd_rows 45 "$py" bench/rtd_step.py --impl ours --attention triton --device-rows \
     --seq-len 512 --batch 32 --warmup 2 --steps 5 --profile
 # The backward's two forms of the position gradients' atomics (+runs: one per run of pairs that

@@ -3,10 +3,12 @@
     python bench/rtd_step.py [--preset base] [--seq-len 512 2048] [--batch 32 8] [--steps N]
                              [--warmup N] [--device auto|cpu|cuda]
                              [--attention eager|triton|auto ...] [--compile off|on|both]
-                             [--profile]
+                             [--precision autocast|bf16|fp32 ...] [--profile]
 
-A step is generator + discriminator forward, backward and an AdamW step (fused on CUDA), bf16
-autocast on CUDA and fp32 on CPU, for both sides alike. Both see the same random ids, the same
+A step is generator + discriminator forward, backward and an AdamW step (fused on CUDA), for
+both sides alike in each `--precision`: bf16 autocast over fp32 weights (the CUDA default, what
+transformers' Trainer does with bf16=True), bf16 weights with fp32 master copies that AdamW
+updates (what our trainer's DeepSpeed bf16 does), or fp32 (the CPU default). Both see the same random ids, the same
 15% of positions replaced by [MASK], and the same shapes; each side is built fresh, warmed up,
 then timed. Prints tokens/s, step time, peak memory and MFU per side and the ratios ours/HF.
 Ours runs once per variant (each `--attention` impl, compiled or not per `--compile`), each
@@ -262,11 +264,44 @@ class HFRTD(nn.Module):
 Losses = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # total, mlm, rtd
 
 
+PRECISIONS = ("autocast", "bf16", "fp32")
+PRECISION_NAMES = {
+    "autocast": "bf16 autocast (fp32 weights)",
+    "bf16": "bf16 weights (fp32 master weights for AdamW)",
+    "fp32": "fp32",
+}
+
+
+class MasterWeights:
+    """DeepSpeed's bf16 mode in small, as our trainer runs it: the model holds bf16 weights and
+    gradients; AdamW updates one flat fp32 master copy of them, and the model's weights are
+    then copied back from it, rounded to bf16. Only its `zero_grad` and `step` are used."""
+
+    def __init__(self, params: list[nn.Parameter], fused: bool, **hyper: Any):
+        self.params = params
+        self.master = nn.Parameter(torch.cat([p.detach().float().flatten() for p in params]))
+        flat = self.master.detach().split([p.numel() for p in params])
+        self.views = [v.view_as(p) for v, p in zip(flat, params, strict=True)]
+        self.optimizer = torch.optim.AdamW([self.master], fused=fused, **hyper)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
+        self.master.grad = torch.cat([g.flatten() for g in grads]).float()
+        self.optimizer.step()
+        with torch.no_grad():
+            torch._foreach_copy_([p.data for p in self.params], self.views)
+
+
 @dataclass
 class Row:
     impl: str
     seq_len: int
     batch: int
+    precision: str = "fp32"
     status: str = "ok"  # ok | OOM
     params: int = 0
     step_ms: float = float("nan")
@@ -311,10 +346,11 @@ def measure(
     compile_ours: bool = False,
     profile: bool = False,
     trace_dir: Path | None = None,
+    precision: str = "fp32",
 ) -> Row:
     cuda = device.type == "cuda"
     b, seq_len = batch.input_ids.shape
-    row = Row(impl, seq_len, b)
+    row = Row(impl, seq_len, b, precision=precision)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)  # same init and dropout/multinomial streams on every run
@@ -322,8 +358,18 @@ def measure(
     model.to(device).train()  # built on the CPU: the plain route, ties survive `.to`
     params = [p for p in model.parameters() if p.requires_grad]
     row.params = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=cuda)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    hyper: dict[str, Any] = dict(lr=1e-4, weight_decay=0.01)
+    optimizer: torch.optim.Optimizer | MasterWeights
+    if precision == "bf16":
+        model.to(torch.bfloat16)
+        optimizer = MasterWeights(params, fused=cuda, **hyper)
+    else:
+        optimizer = torch.optim.AdamW(params, fused=cuda, **hyper)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if precision == "autocast"
+        else contextlib.nullcontext()
+    )
 
     def step() -> Losses:
         optimizer.zero_grad(set_to_none=True)
@@ -359,7 +405,7 @@ def measure(
     if profile:
         variant = f" {config.attention_impl}" if impl == "ours" else ""
         compiled = " compiled" if compile_ours else ""
-        label = f"{impl}{variant} L={seq_len} B={b}{compiled}"
+        label = f"{impl}{variant} L={seq_len} B={b}{compiled}{precision_label(precision, device)}"
         print_profile(label, step, cuda, row.step_ms, trace_dir)
     peak = device_peak_flops(device)
     if peak:
@@ -440,19 +486,21 @@ def measure_or_oom(
     compile_ours: bool = False,
     profile: bool = False,
     trace_dir: Path | None = None,
+    precision: str = "fp32",
 ) -> Row:
     """`measure`, with an out-of-memory or any other failure (a compile or kernel error in one
     variant) reported as a row, so the other rows still come; the memory freed for the next."""
     b, seq_len = batch.input_ids.shape
-    row = Row(impl, seq_len, b, status="OOM")
+    row = Row(impl, seq_len, b, precision=precision, status="OOM")
     try:
         row = measure(
-            impl, config, rtd, batch, device, warmup, steps, compile_ours, profile, trace_dir
-        )
+            impl, config, rtd, batch, device, warmup, steps, compile_ours, profile, trace_dir,
+            precision,
+        )  # fmt: skip
     except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError since 2.5
         pass  # freed below, once the handler has dropped the traceback and its frames
     except Exception as e:
-        row = Row(impl, seq_len, b, status="failed")
+        row = Row(impl, seq_len, b, precision=precision, status="failed")
         print(f"error: {impl} L={seq_len} B={b}: {type(e).__name__}: {e}"[:2000], flush=True)
     if compile_ours:
         torch._dynamo.reset()  # drop the compiled graphs (and what they hold) before the next row
@@ -514,8 +562,21 @@ def print_table(rows: list[Row]) -> None:
             print("-+-".join("-" * w for w in widths))
 
 
+def precision_label(precision: str, device: torch.device) -> str:
+    """What a row's name adds for its precision: nothing for the device's default."""
+    if precision == "bf16":
+        return " bf16-weights"
+    default = "autocast" if device.type == "cuda" else "fp32"
+    return "" if precision == default else f" {precision}"
+
+
 def ratio_line(ours: Row, hf: Row) -> str:
-    where = f"{ours.impl}/HF L={ours.seq_len} B={ours.batch}"
+    """Ours against HF, HF's precision named where it differs from ours and its label is
+    silent on it."""
+    hf_name = "HF" + hf.impl.removeprefix("hf")
+    if hf.precision != ours.precision and hf_name == "HF":
+        hf_name += f" {hf.precision}"
+    where = f"{ours.impl}/{hf_name} L={ours.seq_len} B={ours.batch}"
     if ours.status != "ok" or hf.status != "ok":
         return f"{where}: n/a (ours {ours.status}, HF {hf.status})"
     speed = f"speed-up x{hf.step_ms / ours.step_ms:.2f} (step time HF / ours)"
@@ -562,6 +623,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["off", "on", "both"],
         default="off",
         help="torch.compile our layers, as trainer.compile=true; both: a row each (HF: eager)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        nargs="+",
+        help="rows of both sides for each (CUDA default: autocast, CPU: fp32): autocast = bf16 "
+        "autocast over fp32 weights (transformers' Trainer with bf16=True); bf16 = bf16 weights "
+        "and fp32 master weights for AdamW (our trainer's DeepSpeed bf16); with autocast and "
+        "bf16 both, ours in bf16 is also compared with HF in autocast, each as its trainer runs",
     )
     p.add_argument("--sharing", choices=SHARING_MODES, default="gdes")
     p.add_argument("--padding", type=float, default=0.0, help="pad up to this fraction of a row")
@@ -621,9 +691,15 @@ def resolve(args: argparse.Namespace) -> torch.device:
         raise UsageError("--device cuda: no CUDA device is visible; use --device cpu")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if cuda:
-        defaults = dict(preset="base", seq_len=[512, 2048], batch=[32, 8], steps=10, warmup=3)
+        defaults = dict(
+            preset="base", seq_len=[512, 2048], batch=[32, 8], steps=10, warmup=3,
+            precision=["autocast"],
+        )  # fmt: skip
     else:
-        defaults = dict(preset="tiny", vocab_size=8000, seq_len=[128], batch=[8], steps=3, warmup=1)
+        defaults = dict(
+            preset="tiny", vocab_size=8000, seq_len=[128], batch=[8], steps=3, warmup=1,
+            precision=["fp32"],
+        )  # fmt: skip
     explicit_preset = args.preset is not None
     for key, value in defaults.items():
         if key == "vocab_size" and explicit_preset:
@@ -640,6 +716,7 @@ def resolve(args: argparse.Namespace) -> torch.device:
         raise UsageError("--padding must be in [0, 1)")
     if args.threads < 1:
         raise UsageError("--threads must be >= 1")
+    args.precision = list(dict.fromkeys(args.precision))  # each once, in the order given
     if args.trace is not None and not args.profile:
         raise UsageError("--trace writes the profiled step's trace: add --profile")
     args.attention = args.attention or ["eager"]
@@ -722,8 +799,8 @@ def run(
     print(
         f"device: {device_name(device)} | torch {torch.__version__} | "
         f"transformers {transformers.__version__} | "
-        f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'} | AdamW"
-        f"{' fused' if device.type == 'cuda' else ''}"
+        + ", ".join(PRECISION_NAMES[p] for p in args.precision)
+        + f" | AdamW{' fused' if device.type == 'cuda' else ''}"
     )
     print(
         f"model: {args.preset}, discriminator {config.num_hidden_layers}x{config.hidden_size}, "
@@ -762,34 +839,36 @@ def run(
         )
         # HF first, and each ratio as soon as its row is in: a run cut short by a time limit
         # still has the comparison for every row it measured.
-        hf: Row | None = None
-        if args.impl in ("both", "hf"):
-            hf = measure_or_oom(
-                "hf",
-                config,
-                rtd,
-                batch,
-                device,
-                args.warmup,
-                args.steps,
-                False,
-                args.profile,
-                args.trace,
-            )
-            print(progress_line(hf), flush=True)
-            rows.append(hf)
-        if args.impl in ("both", "ours"):
+        hf_rows: dict[str, Row] = {}
+        for precision in args.precision:
+            weights = precision_label(precision, device)
+            hf: Row | None = None
+            if args.impl in ("both", "hf"):
+                hf = measure_or_oom(
+                    "hf", config, rtd, batch, device, args.warmup, args.steps, False,
+                    args.profile, args.trace, precision,
+                )  # fmt: skip
+                hf.impl += weights
+                hf_rows[precision] = hf
+                print(progress_line(hf), flush=True)
+                rows.append(hf)
+            if args.impl not in ("both", "ours"):
+                continue
             for attention, compiled in variants:
                 row = measure_or_oom(
                     "ours", configs[attention], rtd, batch, device, args.warmup, args.steps,
-                    compiled, args.profile, args.trace,
+                    compiled, args.profile, args.trace, precision,
                 )  # fmt: skip
-                row.impl = f"ours {attention}{'+compile' if compiled else ''}"
+                row.impl = f"ours {attention}{'+compile' if compiled else ''}{weights}"
                 print(progress_line(row), flush=True)
                 rows.append(row)
-                if hf is not None:
-                    ratios.append(ratio_line(row, hf))
-                    print(ratios[-1], flush=True)
+                # Against HF in the same precision and, for ours in bf16 weights, against HF
+                # in autocast too: each side as its own trainer runs it.
+                against = [hf] + ([hf_rows.get("autocast")] if precision == "bf16" else [])
+                for other in against:
+                    if other is not None:
+                        ratios.append(ratio_line(row, other))
+                        print(ratios[-1], flush=True)
         del batch
     print_table(rows)
     print()

@@ -135,3 +135,41 @@ def test_trace_writes_the_profiled_steps_chrome_traces(bench, capsys, tmp_path):
     gaps = bench._load_sibling("trace_gaps")
     with pytest.raises(ValueError, match="no GPU activity"):  # a CPU trace
         gaps.analyse(gaps.load(tmp_path / "traces" / written[1]))
+
+
+def test_bf16_weights_rows_compare_with_hf_in_both_precisions(bench, capsys):
+    assert bench.main(TINY + ["--precision", "autocast", "bf16"]) == 0
+    out = capsys.readouterr().out
+    names = [line.split("|")[0].strip() for line in out.splitlines() if line.count("|") == 8]
+    assert names[1:] == [
+        "hf autocast",
+        "ours eager autocast",
+        "hf bf16-weights",
+        "ours eager bf16-weights",
+    ]
+    assert "ours eager autocast/HF autocast L=32 B=2: speed-up x" in out
+    assert "ours eager bf16-weights/HF bf16-weights L=32 B=2: speed-up x" in out
+    assert "ours eager bf16-weights/HF autocast L=32 B=2: speed-up x" in out
+
+
+def test_master_weights_step_is_adamw_on_fp32_copies_rounded_to_bf16(bench):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4).to(torch.bfloat16)
+    params = list(model.parameters())
+    reference = [p.detach().float().clone().requires_grad_() for p in params]
+    hyper = dict(lr=1e-2, weight_decay=0.01)
+    ours = bench.MasterWeights(params, fused=False, **hyper)
+    adamw = torch.optim.AdamW(reference, **hyper)
+    for _ in range(3):
+        ours.zero_grad()
+        model(torch.randn(5, 8, dtype=torch.bfloat16)).square().sum().backward()
+        for r, p in zip(reference, params, strict=True):
+            r.grad = p.grad.float()
+        ours.step()
+        adamw.step()
+        for r, p in zip(reference, params, strict=True):
+            assert p.dtype == torch.bfloat16
+            assert torch.equal(p.detach(), r.detach().to(torch.bfloat16))
+    # The master copy keeps what bf16 rounds away: updates smaller than bf16's step survive.
+    assert torch.equal(ours.master.detach(), torch.cat([r.detach().flatten() for r in reference]))
+    assert ours.master.dtype == torch.float32
