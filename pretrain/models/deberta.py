@@ -311,6 +311,18 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.transpose(-3, -2)
 
 
+def _joint_linear(x: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tensor]:
+    """Several projections of one input as one matmul: [m(x) for m in linears], as views of
+    one output. One GEMM (and one backward GEMM for x's gradient, summing the projections'
+    contributions inside it) instead of one each, and under autocast one cast of x. The weights
+    stay separate parameters, as transformers names them."""
+    if len(linears) == 1:
+        return [linears[0](x)]
+    weight = torch.cat([m.weight for m in linears])
+    bias = torch.cat([m.bias for m in linears])
+    return list(F.linear(x, weight, bias).split([m.out_features for m in linears], dim=-1))
+
+
 class DisentangledSelfAttention(nn.Module):
     """Attention whose score is content->content + content->position + position->content.
 
@@ -352,10 +364,12 @@ class DisentangledSelfAttention(nn.Module):
     ) -> torch.Tensor:
         """hidden: [B, L, H]; pair_mask: [B, 1, L, L] bool (tokens i and j both real; its diagonal
         says which are); rel_pos: [L, L]; returns [B, L, H]."""
-        query_states = hidden if query_states is None else query_states
-        q = _split_heads(self.query_proj(query_states), self.heads)  # [B, h, L, d]
-        k = _split_heads(self.key_proj(hidden), self.heads)
-        v = _split_heads(self.value_proj(hidden), self.heads)
+        if query_states is None:
+            q, k, v = _joint_linear(hidden, [self.query_proj, self.key_proj, self.value_proj])
+        else:  # the enhanced mask decoder's queries
+            q = self.query_proj(query_states)
+            k, v = _joint_linear(hidden, [self.key_proj, self.value_proj])
+        q, k, v = (_split_heads(x, self.heads) for x in (q, k, v))  # [B, h, L, d]
 
         pos_k = pos_q = rel_index = None
         if self.config.relative_attention and self.terms:
@@ -375,15 +389,16 @@ class DisentangledSelfAttention(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The relative-position table projected for c2p (pos_k) and p2c (pos_q): [h, 2*span, d]."""
         table = self.pos_dropout(rel_embeddings[: 2 * self.span])  # [2*span, H]
-        pos_k = pos_q = None
+        share = self.config.share_att_key
+        linears = []
         if "c2p" in self.terms:
-            proj = self.key_proj if self.config.share_att_key else self.pos_key_proj
-            assert proj is not None
-            pos_k = _split_heads(proj(table), self.heads)
+            linears.append(self.key_proj if share else self.pos_key_proj)
         if "p2c" in self.terms:
-            proj = self.query_proj if self.config.share_att_key else self.pos_query_proj
-            assert proj is not None
-            pos_q = _split_heads(proj(table), self.heads)
+            linears.append(self.query_proj if share else self.pos_query_proj)
+        assert all(m is not None for m in linears)
+        tables = iter(_joint_linear(table, linears))  # type: ignore[arg-type]
+        pos_k = _split_heads(next(tables), self.heads) if "c2p" in self.terms else None
+        pos_q = _split_heads(next(tables), self.heads) if "p2c" in self.terms else None
         return pos_k, pos_q
 
 

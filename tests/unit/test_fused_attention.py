@@ -566,14 +566,16 @@ def test_under_torch_compile_the_kernel_runs_outside_the_graph() -> None:
 
 
 @compiled
-def test_glue_makes_no_layout_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("projection", ["separate", "joint"])
+def test_glue_makes_no_layout_copies(projection: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Around the kernels (stubbed out here), forward and backward move no data but the casts
     and zero-fills they need: q, k, v in the model's layout are read in place, and the
     gradients come back in that layout. Logged at the dispatcher, where an op is what it will
     be on CUDA (a CPU bmm's own copy of strided operands, which cuBLAS reads in place, is not
     seen). The glue before this test made 20 more here: copies of q, k and the gradients
     between layouts, B-fold copies of the tables for batched matmuls, and fp32 copies of dO
-    and O."""
+    and O. "joint": q, k, v are the three column blocks of one projection's output, as the
+    model makes them (rows 3x as far apart)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from pretrain.models.attention import _kernels, fused
@@ -615,7 +617,11 @@ def test_glue_makes_no_layout_copies(monkeypatch: pytest.MonkeyPatch) -> None:
     def leaf(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g, dtype=torch.float16).requires_grad_()
 
-    q, k, v = (leaf(batch, length, heads, d) for _ in range(3))  # as split from projections
+    if projection == "joint":
+        qkv = leaf(batch, length, 3 * heads * d)
+        q, k, v = (x.unflatten(-1, (heads, d)) for x in qkv.split(heads * d, dim=-1))
+    else:
+        q, k, v = (leaf(batch, length, heads, d) for _ in range(3))  # each split from its own
     pos_k, pos_q = (leaf(width, heads, d) for _ in range(2))
     index = torch.randint(0, width, (2 * length - 1,), generator=g, dtype=torch.int32)
     mask = torch.ones(batch, length, dtype=torch.bool)
