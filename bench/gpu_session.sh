@@ -7,11 +7,13 @@
 #
 #   bash bench/gpu_session.sh [OUT_DIR [STAGE ...]]
 #
-# OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env rtd_512 rtd_host rtd_bf16 rtd_rows
-# rtd_options attention rtd_dropout attention_dropout mlm_head tests rtd_2048 rtd_2048_b4 ncu
-# curves trainer_512 (default: all, in that order, the most needed first; rtd_host is the
-# step's host-or-GPU account, rtd_rows its A/B; rtd_bf16 both sides in bf16 weights; rtd_2048_b4 runs only when HF ran out of
-# memory in rtd_2048; rtd_options is the step with the options not yet on by default;
+# OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env rtd_512 rtd_host rtd_bf16
+# rtd_2048_b4 rtd_options tests rtd_rows attention rtd_dropout attention_dropout mlm_head
+# rtd_2048 ncu curves trainer_512 (default: all, in that order, the most needed first; one
+# 10-minute call reaches about tests; rtd_host is the step's host-or-GPU account, rtd_rows
+# its A/B; rtd_bf16 both sides in bf16 weights; rtd_2048_b4 the comparison at L=2048 at the
+# batch HF fits on an 80 GB card, rtd_2048 ours at B=8; rtd_options is the step with the
+# options not yet on by default;
 # *_dropout run DeBERTa's attention dropout 0.1; ncu profiles the fused kernels; trainer_512
 # is the real trainer, DeepSpeed and data loading included, on the v3-base shape at L=512, for
 # its tokens/s and MFU beside rtd_step's bare step). Each stage has its own time limit, cut to
@@ -79,7 +81,7 @@ fi
 
 out=${1:-${OUT:-gpu_session}}
 shift || true
-stages=${*:-env rtd_512 rtd_host rtd_bf16 rtd_rows rtd_options attention rtd_dropout attention_dropout mlm_head tests rtd_2048 rtd_2048_b4 ncu curves trainer_512}
+stages=${*:-env rtd_512 rtd_host rtd_bf16 rtd_2048_b4 rtd_options tests rtd_rows attention rtd_dropout attention_dropout mlm_head rtd_2048 ncu curves trainer_512}
 mkdir -p "$out"
 # Stages stop here at the latest, inside the device tool's 10-minute command.
 deadline=$((SECONDS + ${BUDGET_S:-580}))
@@ -122,31 +124,42 @@ subprocess.run(['nvidia-smi', '--query-gpu=name,memory.total,driver_version', '-
 stage rtd_512 150 "${bench[@]}" --seq-len 512 --batch 32 --profile
 # Is the step bound by the host or by its kernels? The profiled step's GPU-busy share (each
 # profile above prints it too) and where the GPU idles, with what the host was doing then
-# (bench/trace_gaps.py, on the chrome trace kept in traces/); then the masked rows found on the
-# device again (--device-rows, the wait for the GPU each step that 9729a9e removed), to
-# compare with rtd_512's uncompiled fused row.
+# (bench/trace_gaps.py, on the chrome trace kept in traces/).
 stage rtd_host 90 "$py" bench/rtd_step.py --impl ours --attention triton --compile on \
     --seq-len 512 --batch 32 --warmup 2 --steps 5 --profile --trace "$out/traces"
 # Both sides again with bf16 weights and fp32 master weights (--precision bf16, what our
 # trainer's DeepSpeed bf16 runs: no autocast casts), beside both in autocast, in one run.
 stage rtd_bf16 100 "$py" bench/rtd_step.py --attention triton --compile on --precision autocast \
     bf16 --seq-len 512 --batch 32 --warmup 2 --steps 5
+# L=2048 at B=4: HF's step does not fit at B=8 on an 80 GB card (the issue measured 49 GiB for
+# its encoder alone; on an H100 it ran out of memory), so the comparison is at B=4, with the
+# fused kernel only (compiled and not), to keep within time.
+stage rtd_2048_b4 80 "$py" bench/rtd_step.py --attention triton --compile both --seq-len 2048 \
+    --batch 4 --warmup 2 --steps 5
+# The full step with the options not yet on by default: the backward's position-gradient
+# forms (fused.RUN_SUMS, HALF_POSITION_GRADS, STORE_SINGLES; each alone in the attention
+# stage) and the MLM head's Triton kernel (heads.MLM_IMPL; alone in mlm_head), ours only:
+# compare with the fused rows of rtd_512 / rtd_2048_b4.
+stage rtd_options 70 "$py" bench/rtd_step.py --impl ours --attention triton --run-sums \
+    --half-position-grads --store-singles --mlm-kernel --warmup 2 --steps 5 --seq-len 512 2048 \
+    --batch 32 4
+# The gpu-marked tests: the files that hold them (collecting the whole suite costs time, and
+# modules that need packages the image lacks would only fail to collect).
+stage tests 100 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/unit/test_fused_attention.py \
+    tests/unit/test_deberta_parity.py tests/unit/test_mlm_objective.py
+# The masked rows found on the device again (--device-rows, the wait for the GPU each step that
+# 9729a9e removed), to compare with rtd_512's uncompiled fused row.
 stage rtd_rows 45 "$py" bench/rtd_step.py --impl ours --attention triton --device-rows \
     --seq-len 512 --batch 32 --warmup 2 --steps 5 --profile
 # The backward's two forms of the position gradients' atomics (+runs: one per run of pairs that
 # share a position row; fused.RUN_SUMS), at the default tiles and at a backward tile that
 # compiles without register spills, +half (fused.HALF_POSITION_GRADS: run sums into bf16
 # position gradients, fp32 for the clamped ends) and +singles (fused.STORE_SINGLES: a pair
-# alone at its address stores); then (rtd_options) the full step with the options not yet on
-# by default, those three and the MLM head's Triton kernel (heads.MLM_IMPL; timed alone by
-# mlm_head), ours only: compare with the fused rows of rtd_512 / rtd_2048.
+# alone at its address stores).
 stage attention 75 "$py" bench/attention.py --steps 5 --profile \
     --tiles default default+runs default+half default+singles default+half+singles \
     128x64/32x64+pairs 128x64/32x64+runs 128x64/32x64+half 128x64/32x64+runs+singles \
     128x64/32x64+half+singles
-stage rtd_options 70 "$py" bench/rtd_step.py --impl ours --attention triton --run-sums \
-    --half-position-grads --store-singles --mlm-kernel --warmup 2 --steps 5 --seq-len 512 2048 \
-    --batch 32 8
 # DeBERTa's published attention dropout, 0.1, on both sides: the fused kernel's in-kernel
 # dropout (tested on CPU only so far; auto still takes eager under dropout) against eager and
 # HF; then the attention core alone with it, at the default and the spill-free backward tile.
@@ -156,18 +169,8 @@ stage attention_dropout 40 "$py" bench/attention.py --steps 5 --dropout 0.1 --se
     --batch 32 --tiles default 128x64/32x64
 # The MLM head alone: plain, chunked with torch ops, chunked with the Triton kernel.
 stage mlm_head 40 "$py" bench/mlm_head.py
-# The gpu-marked tests: the files that hold them (collecting the whole suite costs time, and
-# modules that need packages the image lacks would only fail to collect).
-stage tests 100 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/unit/test_fused_attention.py \
-    tests/unit/test_deberta_parity.py tests/unit/test_mlm_objective.py
+# Ours at L=2048, B=8, fused and eager (HF's row runs out of memory on an 80 GB card).
 stage rtd_2048 170 "${bench[@]}" --seq-len 2048 --batch 8
-# HF's step may not fit at L=2048, B=8 on an 80 GB card (the issue measured 49 GiB for its
-# encoder alone; on an H100 it did not); then compare at B=4 too, with the fused kernel only
-# (compiled and not), to keep within time.
-if grep -qE "^(measured )?hf .*OOM" "$out/rtd_2048.log" 2>/dev/null; then
-    stage rtd_2048_b4 80 "$py" bench/rtd_step.py --attention triton --compile both --seq-len 2048 \
-        --batch 4 --warmup 2 --steps 5
-fi
 # Nsight Compute on the fused kernels' first launches at L=512 B=32 (forward and backward, the
 # default form): whether they are bound by memory, atomics or the tensor cores. Skipped where
 # ncu is not installed.
