@@ -17,8 +17,9 @@ Tiles are FWD_MxN/BWD_MxN (BLOCK_M x BLOCK_N of the forward and the backward ker
 atomic per run of pairs that share a position row (`fused.RUN_SUMS`), `+pairs` with one per
 pair, `+half` with run sums and the position gradients in bf16 but for the clamped ends
 (`fused.HALF_POSITION_GRADS`), `+singles` with a pair alone at its position address stored
-rather than added (`fused.STORE_SINGLES`); suffixes combine (`default+half+singles`); without
-one, the default. The "triton deterministic" row is the
+rather than added (`fused.STORE_SINGLES`), `+uniform` with the tiles whose pairs share one
+position index read and summed per row and column (`fused.UNIFORM_TILES`); suffixes combine
+(`default+half+singles`); without one, the default. The "triton deterministic" row is the
 kernel with its atomics-free backward (default tiles), what `trainer.deterministic=true` runs:
 its cost over the default backward. `--profile` adds, per length, torch
 profiler's kernel table for one call of eager and of the fused kernel (default tiles): where
@@ -119,12 +120,13 @@ FORMS = {  # a spec's +suffixes: the backward's launch settings each sets
     "pairs": {"run_sums": False},
     "half": {"half_position_grads": True},
     "singles": {"store_singles": True},
+    "uniform": {"uniform_tiles": True},
 }
 
 
 def parse_tiles(spec: str) -> dict | None:
-    """`FWD_MxN/BWD_MxN` or `default`, then any of `+runs`, `+pairs`, `+half`, `+singles`
-    (`FORMS`): the launch settings to override, or None when the spec is malformed."""
+    """`FWD_MxN/BWD_MxN` or `default`, then any of `+runs`, `+pairs`, `+half`, `+singles`,
+    `+uniform` (`FORMS`): the launch settings to override, or None when the spec is malformed."""
     tile_part, *forms = spec.split("+")
     if not all(f in FORMS for f in forms):
         return None
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         if parse_tiles(spec) is None:
             print(
                 f"error: --tiles {spec!r}: write FWD_MxN/BWD_MxN or default, optionally with "
-                "+runs, +pairs or +half, e.g. 128x64/64x64+runs",
+                f"any of {', '.join('+' + f for f in FORMS)}, e.g. 128x64/64x64+runs",
                 file=sys.stderr,
             )
             return 2

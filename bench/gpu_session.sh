@@ -137,12 +137,12 @@ stage rtd_bf16 100 "$py" bench/rtd_step.py --attention triton --compile on --pre
 stage rtd_2048_b4 80 "$py" bench/rtd_step.py --attention triton --compile both --seq-len 2048 \
     --batch 4 --warmup 2 --steps 5
 # The full step with the options not yet on by default: the backward's position-gradient
-# forms (fused.RUN_SUMS, HALF_POSITION_GRADS, STORE_SINGLES; each alone in the attention
-# stage) and the MLM head's Triton kernel (heads.MLM_IMPL; alone in mlm_head), ours only:
+# forms (fused.RUN_SUMS, HALF_POSITION_GRADS, STORE_SINGLES, UNIFORM_TILES; each alone in the
+# attention stage) and the MLM head's Triton kernel (heads.MLM_IMPL; alone in mlm_head), ours only:
 # compare with the fused rows of rtd_512 / rtd_2048_b4.
 stage rtd_options 70 "$py" bench/rtd_step.py --impl ours --attention triton --run-sums \
-    --half-position-grads --store-singles --mlm-kernel --warmup 2 --steps 5 --seq-len 512 2048 \
-    --batch 32 4
+    --half-position-grads --store-singles --uniform-tiles --mlm-kernel --warmup 2 --steps 5 \
+    --seq-len 512 2048 --batch 32 4
 # The gpu-marked tests: the files that hold them (collecting the whole suite costs time, and
 # modules that need packages the image lacks would only fail to collect).
 stage tests 100 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/unit/test_fused_attention.py \
@@ -154,12 +154,14 @@ stage rtd_rows 45 "$py" bench/rtd_step.py --impl ours --attention triton --devic
 # The backward's two forms of the position gradients' atomics (+runs: one per run of pairs that
 # share a position row; fused.RUN_SUMS), at the default tiles and at a backward tile that
 # compiles without register spills, +half (fused.HALF_POSITION_GRADS: run sums into bf16
-# position gradients, fp32 for the clamped ends) and +singles (fused.STORE_SINGLES: a pair
-# alone at its address stores).
+# position gradients, fp32 for the clamped ends), +singles (fused.STORE_SINGLES: a pair
+# alone at its address stores) and +uniform (fused.UNIFORM_TILES: tiles of one position
+# index read and summed per row and column).
 stage attention 75 "$py" bench/attention.py --steps 5 --profile \
     --tiles default default+runs default+half default+singles default+half+singles \
-    128x64/32x64+pairs 128x64/32x64+runs 128x64/32x64+half 128x64/32x64+runs+singles \
-    128x64/32x64+half+singles
+    default+uniform default+half+uniform 128x64/32x64+pairs 128x64/32x64+runs \
+    128x64/32x64+half 128x64/32x64+runs+singles 128x64/32x64+half+singles \
+    64x64/32x64+uniform 64x64/32x64+runs+uniform 64x64/32x64+half+singles+uniform
 # DeBERTa's published attention dropout, 0.1, on both sides: the fused kernel's in-kernel
 # dropout (tested on CPU only so far; auto still takes eager under dropout) against eager and
 # HF; then the attention core alone with it, at the default and the spill-free backward tile.

@@ -659,6 +659,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(pretrain.models.attention.fused.STORE_SINGLES) instead of adding it atomically",
     )
     p.add_argument(
+        "--uniform-tiles",
+        action="store_true",
+        help="the fused kernels read the position terms of a tile whose pairs share one "
+        "position index per row and column, and sum its gradients so "
+        "(pretrain.models.attention.fused.UNIFORM_TILES; past max_relative_positions)",
+    )
+    p.add_argument(
         "--mlm-kernel",
         action="store_true",
         help="our MLM head reduces its logits with one Triton kernel "
@@ -730,6 +737,7 @@ def resolve(args: argparse.Namespace) -> torch.device:
         ("--run-sums", args.run_sums),
         ("--half-position-grads", args.half_position_grads),
         ("--store-singles", args.store_singles),
+        ("--uniform-tiles", args.uniform_tiles),
     ):
         if value and not fused_runs:
             raise UsageError(f"{flag} is a setting of the fused kernel: add --attention triton")
@@ -764,14 +772,17 @@ def main(argv: list[str] | None = None) -> int:
         # meaningless, so one thread by default: per-core figures, as bench/data.py gives.
         torch.set_num_threads(args.threads)
     settings = contextlib.ExitStack()
-    if args.run_sums or args.half_position_grads or args.store_singles:
+    kernel_options = {
+        "RUN_SUMS": args.run_sums,
+        "HALF_POSITION_GRADS": args.half_position_grads,
+        "STORE_SINGLES": args.store_singles,
+        "UNIFORM_TILES": args.uniform_tiles,
+    }
+    if any(kernel_options.values()):
         from pretrain.models.attention import fused
 
-        settings.enter_context(mock.patch.object(fused, "RUN_SUMS", args.run_sums))
-        settings.enter_context(
-            mock.patch.object(fused, "HALF_POSITION_GRADS", args.half_position_grads)
-        )
-        settings.enter_context(mock.patch.object(fused, "STORE_SINGLES", args.store_singles))
+        for name, value in kernel_options.items():
+            settings.enter_context(mock.patch.object(fused, name, value))
     if args.mlm_kernel:
         from pretrain.models import heads
 
@@ -818,6 +829,8 @@ def run(
         print("fused attention backward: position gradients in bf16, the clamped ends in fp32")
     if args.store_singles:
         print("fused attention backward: a pair alone at its position address stores, not adds")
+    if args.uniform_tiles:
+        print("fused attention: tiles of one position index read and summed per row and column")
     if args.mlm_kernel:
         print("our MLM head: logits reduced by one Triton kernel (heads.MLM_IMPL = 'triton')")
     if args.device_rows:

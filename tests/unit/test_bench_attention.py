@@ -53,6 +53,7 @@ def test_tile_specs_name_the_launch_settings_they_override(bench) -> None:
         "half_position_grads": True,
         "store_singles": True,
     }
+    assert bench.parse_tiles("default+runs+uniform") == {"run_sums": True, "uniform_tiles": True}
     for bad in ("64x64", "128x64/64x64+sums", "ax64/64x64", "128x64/64x64/32x32", "default+"):
         assert bench.parse_tiles(bad) is None, bad
 

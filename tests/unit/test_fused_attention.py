@@ -220,23 +220,40 @@ def _grad_names(terms) -> list[str]:
     )
 
 
+def _uniform_tiles(idx: torch.Tensor, length: int, block: int = 16) -> int:
+    """How many of the interpreter's block x block tiles have one position index c for all
+    their pairs (inside the sequence), counted pair by pair."""
+    i = torch.arange(length)
+    c = idx[(i[:, None] - i[None, :] + length - 1)]  # [L, L]
+    return sum(
+        c[m : m + block, n : n + block].unique().numel() == 1
+        for m in range(0, length, block)
+        for n in range(0, length, block)
+    )
+
+
 @interpreted
 @pytest.mark.parametrize(
-    "length, split_heads, run_sums, store_singles",
+    "length, split_heads, run_sums, store_singles, uniform_tiles",
     [
-        (16, False, False, False),
-        (37, False, False, False),
-        (37, True, False, False),
-        (16, False, True, False),
-        (37, False, True, False),
-        (37, True, True, False),
-        (37, False, False, True),
-        (37, True, True, True),
+        (16, False, False, False, False),
+        (37, False, False, False, False),
+        (37, True, False, False, False),
+        (16, False, True, False, False),
+        (37, False, True, False, False),
+        (37, True, True, False, False),
+        (37, False, False, True, False),
+        (37, True, True, True, False),
+        (64, False, False, False, True),
+        (64, True, True, False, True),
+        (64, True, False, True, True),
     ],
     ids=[
         "16-atomic_per_pair", "37-atomic_per_pair", "37_split-atomic_per_pair",
         "16-atomic_per_run", "37-atomic_per_run", "37_split-atomic_per_run",
         "37-per_pair_singles_stored", "37_split-per_run_singles_stored",
+        "64-uniform_tiles_per_pair", "64_split-uniform_tiles_per_run",
+        "64_split-uniform_tiles_singles_stored",
     ],
 )  # fmt: skip
 @pytest.mark.parametrize("case", sorted(CORE_CASES))
@@ -246,16 +263,20 @@ def test_fused_matches_eager_fp32(
     split_heads: bool,
     run_sums: bool,
     store_singles: bool,
+    uniform_tiles: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from pretrain.models.attention import fused
 
     monkeypatch.setattr(fused, "RUN_SUMS", run_sums)
     monkeypatch.setattr(fused, "STORE_SINGLES", store_singles)
+    monkeypatch.setattr(fused, "UNIFORM_TILES", uniform_tiles)
     terms, buckets, max_rel = CORE_CASES[case]
     config = _config(buckets, max_rel)
     span = config.relative_span
     idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
+    if uniform_tiles:  # the case has such tiles: at L=64 both tables clamp before 32
+        assert _uniform_tiles(idx, length) >= 4
     q, k, v, pos_k, pos_q, mask, weights = _inputs(
         length, span, terms, torch.float32, split_heads=split_heads
     )
@@ -336,6 +357,41 @@ def test_fused_fp16_error_is_eager_fp16_error(
         with order():
             fused = run("triton", torch.float16)
         _assert_error_at_most_twice_eagers(reference, eager, fused, slack=1e-3)
+
+
+@interpreted
+@pytest.mark.parametrize("case", ["c2p_p2c_buckets", "c2p_p2c_unbucketed_clamped"])
+def test_uniform_tiles_keep_the_output_bits_and_fp16_error(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The uniform tiles read the same position terms as the gathers and add them in the same
+    order: the forward's output is the same bits. Their gradients (row and column sums, fp32,
+    or with the half position gradients fp32 at the clamped ends) meet the fp16 criterion."""
+    from pretrain.models.attention import fused
+
+    terms, buckets, max_rel = CORE_CASES[case]
+    length = 64
+    config = _config(buckets, max_rel)
+    span = config.relative_span
+    idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
+    assert _uniform_tiles(idx, length) >= 4
+    base = _inputs(length, span, terms, torch.float64, split_heads=True)
+    mask, weights = base[5], base[6]
+    scale = (16 * 3) ** -0.5
+
+    def run(impl: str, dtype: torch.dtype, uniform: bool = False, half: bool = False):
+        monkeypatch.setattr(fused, "UNIFORM_TILES", uniform)
+        monkeypatch.setattr(fused, "HALF_POSITION_GRADS", half)
+        leaves = [None if t is None else t.detach().to(dtype).requires_grad_() for t in base[:5]]
+        return _run(impl, *leaves, idx, mask, scale, weights)
+
+    reference = run("eager", torch.float64)
+    eager = run("eager", torch.float16)
+    gathered = run("triton", torch.float16)
+    for half in (False, True):
+        uniform = run("triton", torch.float16, uniform=True, half=half)
+        assert torch.equal(uniform[0], gathered[0])
+        _assert_error_at_most_twice_eagers(reference, eager, uniform, slack=1e-3)
 
 
 @interpreted
@@ -596,6 +652,7 @@ def test_glue_makes_no_layout_copies(projection: str, monkeypatch: pytest.Monkey
             "run_sums": False,
             "half_position_grads": False,
             "store_singles": False,
+            "uniform_tiles": False,
         },
     )
 
@@ -939,3 +996,23 @@ def test_gpu_model_auto_under_bf16_autocast() -> None:
     eager_err = (eager_bf16 - ref)[real].abs().max().item()
     fused_err = (fused_bf16 - ref)[real].abs().max().item()
     assert fused_err <= 2 * eager_err + 1e-2, (fused_err, eager_err)
+
+
+def test_kernels_use_no_chained_boolean_operators() -> None:
+    """`A or B or C` is one ast.BoolOp of three values, which Triton 3.0 and 3.1 refuse
+    ("chained boolean operators (A or B or C) are not supported") when they compile the
+    kernel, on the GPU: a kernel that would not build there while the interpreter of the
+    Triton here runs it. Nested pairs, `(A or B) or C`, build in every version."""
+    import ast
+    import inspect
+
+    from pretrain.models import mlm_kernel
+    from pretrain.models.attention import _kernels
+
+    chained = [
+        f"{module.__name__}:{node.lineno}: {ast.unparse(node)}"
+        for module in (_kernels, mlm_kernel)
+        for node in ast.walk(ast.parse(inspect.getsource(module)))
+        if isinstance(node, ast.BoolOp) and len(node.values) > 2
+    ]
+    assert chained == []

@@ -13,6 +13,9 @@ of those additions (so the last bits) changes from run to run. With RUN_SUMS it 
 pairs of a tile that share a position row and adds each sum with one atomic (`_add_runs`).
 With STORE_SINGLES, a position address that only one pair ever reaches (every pair of the
 unbucketed middle, |i - j| < span / 2 with v3's buckets) is stored, not added atomically.
+With UNIFORM_TILES, a tile whose pairs all share one position index (past
+max_relative_positions) reads the position terms per row and column and adds its row and
+column sums, one atomic per row or column (`_tile_ends`, `_add_uniform`).
 The deterministic form has no atomics: the key-block program keeps only what it owns (dk, dv,
 the rows of dKP of its keys), a second kernel, one program per query block, makes dq and the
 rows of dQP of its queries, and each program sums the several (i, j) of a tile that share a
@@ -28,37 +31,76 @@ NEG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
+def _tile_ends(IDX, start_m, start_n, L, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """c at a tile's least and greatest i - j, clamped into the table (the pairs past the
+    sequence's ends are masked). c is monotone in i - j, so every pair of the tile has one c
+    exactly when the two are equal: past max_relative_positions, where c is clamped to the
+    table's end (about half of the tiles at L=2048 with v3's 512), or inside one wide bucket."""
+    lo = start_m - start_n - (BLOCK_N - 1) + L - 1
+    hi = start_m + (BLOCK_M - 1) - start_n + L - 1
+    lo = tl.minimum(tl.maximum(lo, 0), 2 * L - 2)
+    hi = tl.minimum(tl.maximum(hi, 0), 2 * L - 2)
+    return tl.load(IDX + lo), tl.load(IDX + hi)
+
+
+@triton.jit
 def _score_tile(
-    q, k, offs_m, offs_n, pair_ok, col_ok, q_real, k_real,
+    q, k, offs_m, offs_n, pair_ok, row_ok, col_ok, q_real, k_real,
     IDX, QP, KP, b, h,
     s_pb, s_ph, s_pl, s_pc,
     s_rb, s_rh, s_rl, s_rc,
-    L, QK_SCALE,
+    L, QK_SCALE, c_first, c_last,
     HAS_QP: tl.constexpr,
     HAS_KP: tl.constexpr,
+    UNIFORM_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One (query block, key block) tile of scores in base-2 units, masked as the eager pair
     mask masks them, and each pair's position index c. The forward and the backward's
-    recomputation both call it, so they make the same scores bit for bit."""
+    recomputation both call it, so they make the same scores bit for bit.
+
+    UNIFORM_TILES: where the tile's pairs all have one c (c_first == c_last, `_tile_ends`), the
+    position terms are one value per row (QP[i, c]) plus one per column (KP[j, c]): BLOCK_M +
+    BLOCK_N loads instead of two gathers of BLOCK_M * BLOCK_N, added in the same order, so the
+    same scores bit for bit."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     c = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    uniform = False
+    if UNIFORM_TILES:
+        uniform = c_first == c_last
     if HAS_QP or HAS_KP:
-        c = tl.load(IDX + (offs_m[:, None] - offs_n[None, :] + L - 1), mask=pair_ok, other=0)
-        if HAS_QP:  # c2p: q_i . pos_k[c], row i of QP
-            s += tl.load(
-                QP + b * s_pb + h * s_ph + offs_m[:, None] * s_pl + c * s_pc,
-                mask=pair_ok,
-                other=0.0,
-            ).to(tl.float32)
-        if HAS_KP:  # p2c: k_j . pos_q[c], row j of KP
-            s += tl.load(
-                KP + b * s_rb + h * s_rh + offs_n[None, :] * s_rl + c * s_rc,
-                mask=pair_ok,
-                other=0.0,
-            ).to(tl.float32)
+        if uniform:
+            c += c_first
+            if HAS_QP:  # c2p: q_i . pos_k[c], the same c for the whole row
+                qp = tl.load(
+                    QP + b * s_pb + h * s_ph + offs_m * s_pl + c_first * s_pc,
+                    mask=row_ok,
+                    other=0.0,
+                )
+                s += qp.to(tl.float32)[:, None]
+            if HAS_KP:  # p2c: k_j . pos_q[c], the same c for the whole column
+                kp = tl.load(
+                    KP + b * s_rb + h * s_rh + offs_n * s_rl + c_first * s_rc,
+                    mask=col_ok,
+                    other=0.0,
+                )
+                s += kp.to(tl.float32)[None, :]
+        else:
+            c = tl.load(IDX + (offs_m[:, None] - offs_n[None, :] + L - 1), mask=pair_ok, other=0)
+            if HAS_QP:  # c2p: q_i . pos_k[c], row i of QP
+                s += tl.load(
+                    QP + b * s_pb + h * s_ph + offs_m[:, None] * s_pl + c * s_pc,
+                    mask=pair_ok,
+                    other=0.0,
+                ).to(tl.float32)
+            if HAS_KP:  # p2c: k_j . pos_q[c], row j of KP
+                s += tl.load(
+                    KP + b * s_rb + h * s_rh + offs_n[None, :] * s_rl + c * s_rc,
+                    mask=pair_ok,
+                    other=0.0,
+                ).to(tl.float32)
     s = s * QK_SCALE
     # A padding query attends uniformly to all L keys, as the eager pair mask makes it.
     s = tl.where(k_real[None, :], s, NEG)
@@ -139,11 +181,12 @@ def _grad_tile(
     IDX, QP, KP, b, h,
     s_pb, s_ph, s_pl, s_pc,
     s_rb, s_rh, s_rl, s_rc,
-    L, SCALE, QK_SCALE,
+    L, SCALE, QK_SCALE, c_first, c_last,
     SEED, pid_bh, DROP_P, DROP_SCALE,
     HAS_QP: tl.constexpr,
     HAS_KP: tl.constexpr,
     DROPOUT: tl.constexpr,
+    UNIFORM_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -155,9 +198,9 @@ def _grad_tile(
     d(loss)/dP = (dO V^T) * Z, and rowsum(P * d(loss)/dP) is still rowsum(dO * O) = delta."""
     pair_ok = row_ok[:, None] & col_ok[None, :]
     s, c = _score_tile(
-        q, k, offs_m, offs_n, pair_ok, col_ok, q_real, k_real,
+        q, k, offs_m, offs_n, pair_ok, row_ok, col_ok, q_real, k_real,
         IDX, QP, KP, b, h, s_pb, s_ph, s_pl, s_pc, s_rb, s_rh, s_rl, s_rc, L, QK_SCALE,
-        HAS_QP, HAS_KP, BLOCK_M, BLOCK_N, DOT_PRECISION,
+        c_first, c_last, HAS_QP, HAS_KP, UNIFORM_TILES, BLOCK_M, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
     p = tl.exp2(s - lse[:, None])
     p = tl.where(row_ok[:, None], p, 0.0)
@@ -269,6 +312,23 @@ def _add_runs(
         tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + sums, mask=ok)
 
 
+@triton.jit
+def _add_uniform(ROW_PTRS, c, sums, ok, END_PTRS, C, SPLIT_ENDS: tl.constexpr):
+    """ROW_PTRS[c] += sums for a tile whose pairs all have the position index c: one sum per
+    destination row (ROW_PTRS, one pointer each: the tile's row sums of ds for dQP, its column
+    sums for dKP), one atomic each, as other tiles add to the same addresses. With SPLIT_ENDS
+    the rows are in a half dtype and the clamped ends, c = 0 and c = C - 1, go in fp32 to
+    END_PTRS[0] / END_PTRS[1], as `_add_runs` does."""
+    if SPLIT_ENDS:
+        if (c == 0) | (c == C - 1):
+            tl.atomic_add(END_PTRS + (c != 0).to(tl.int32), sums, mask=ok, sem="relaxed")
+        else:
+            half = sums.to(ROW_PTRS.dtype.element_ty)
+            tl.atomic_add(ROW_PTRS + c, half, mask=ok, sem="relaxed")
+    else:
+        tl.atomic_add(ROW_PTRS + c, sums, mask=ok, sem="relaxed")
+
+
 # SEED takes any value: not specialised (a seed divisible by 16 would compile another copy).
 @triton.jit(do_not_specialize=["SEED"])
 def _forward_kernel(
@@ -286,12 +346,13 @@ def _forward_kernel(
     HAS_QP: tl.constexpr,
     HAS_KP: tl.constexpr,
     DROPOUT: tl.constexpr,
+    UNIFORM_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    _, pid_bh, b, h, offs_m, offs_d, row_ok, d_ok = _program_block(H, L, D, BLOCK_M, BLOCK_D)
+    start_m, pid_bh, b, h, offs_m, offs_d, row_ok, d_ok = _program_block(H, L, D, BLOCK_M, BLOCK_D)
 
     q = _load_rows(Q, b, h, s_qb, s_qh, s_ql, s_qd, offs_m, offs_d, row_ok[:, None] & d_ok[None, :])
     q_real = tl.load(MASK + b * s_mb + offs_m, mask=row_ok, other=0) != 0
@@ -308,10 +369,14 @@ def _forward_kernel(
             s_vb, s_vh, s_vl, s_vd, s_mb,
         )  # fmt: skip
 
+        c_first, c_last = 0, 1  # IDX may be a one-entry dummy when it is not needed
+        if UNIFORM_TILES and (HAS_QP or HAS_KP):
+            c_first, c_last = _tile_ends(IDX, start_m, start_n, L, BLOCK_M, BLOCK_N)
         s, _ = _score_tile(
-            q, k, offs_m, offs_n, row_ok[:, None] & col_ok[None, :], col_ok, q_real, k_real,
-            IDX, QP, KP, b, h, s_pb, s_ph, s_pl, s_pc, s_rb, s_rh, s_rl, s_rc, L, QK_SCALE,
-            HAS_QP, HAS_KP, BLOCK_M, BLOCK_N, DOT_PRECISION,
+            q, k, offs_m, offs_n, row_ok[:, None] & col_ok[None, :], row_ok, col_ok, q_real,
+            k_real, IDX, QP, KP, b, h, s_pb, s_ph, s_pl, s_pc, s_rb, s_rh, s_rl, s_rc, L,
+            QK_SCALE, c_first, c_last, HAS_QP, HAS_KP, UNIFORM_TILES, BLOCK_M, BLOCK_N,
+            DOT_PRECISION,
         )  # fmt: skip
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -358,6 +423,7 @@ def _backward_kernel(
     RUN_SUMS: tl.constexpr,
     HALF_POSITION_GRADS: tl.constexpr,
     STORE_SINGLES: tl.constexpr,
+    UNIFORM_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -376,6 +442,10 @@ def _backward_kernel(
     ([B, H, L, 2], strides s_eb, s_eh, 2, 1) instead (see `_add_runs`).
     STORE_SINGLES (not with DETERMINISTIC, whose stores are plain already): a pair alone at its
     dQP / dKP address stores there rather than adding atomically (`_alone`).
+    UNIFORM_TILES (not with DETERMINISTIC): a tile whose pairs all have one position index c
+    reads the position terms per row and column (`_score_tile`) and adds its row sums of ds to
+    dQP[:, c] and its column sums to dKP[:, c], one atomic per row or column
+    (`_add_uniform`), instead of one per pair or run.
     """
     start_n, pid_bh, b, h, offs_n, offs_d, col_ok, d_ok = _program_block(H, L, D, BLOCK_N, BLOCK_D)
     kv_ok = col_ok[:, None] & d_ok[None, :]
@@ -398,11 +468,17 @@ def _backward_kernel(
             Q, DO, MASK, LSE, DELTA, b, h, pid_bh, offs_m, offs_d, row_ok, qd_ok, L,
             s_qb, s_qh, s_ql, s_qd, s_ob, s_oh, s_ol, s_od, s_mb,
         )  # fmt: skip
+        uniform_tiles = (UNIFORM_TILES and not DETERMINISTIC) and (HAS_QP or HAS_KP)
+        c_first, c_last = 0, 1  # IDX may be a one-entry dummy when it is not needed
+        uniform = False
+        if uniform_tiles:
+            c_first, c_last = _tile_ends(IDX, start_m, start_n, L, BLOCK_M, BLOCK_N)
+            uniform = c_first == c_last
         p, ds, c, grad_ok = _grad_tile(
             q, k, v, do, lse, delta, offs_m, offs_n, row_ok, col_ok, q_real, k_real,
             IDX, QP, KP, b, h, s_pb, s_ph, s_pl, s_pc, s_rb, s_rh, s_rl, s_rc,
-            L, SCALE, QK_SCALE, SEED, pid_bh, DROP_P, DROP_SCALE,
-            HAS_QP, HAS_KP, DROPOUT, BLOCK_M, BLOCK_N, DOT_PRECISION,
+            L, SCALE, QK_SCALE, c_first, c_last, SEED, pid_bh, DROP_P, DROP_SCALE,
+            HAS_QP, HAS_KP, DROPOUT, uniform_tiles, BLOCK_M, BLOCK_N, DOT_PRECISION,
         )  # fmt: skip
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
@@ -414,65 +490,77 @@ def _backward_kernel(
                 mask=qd_ok,
                 sem="relaxed",
             )
-        if (DETERMINISTIC or RUN_SUMS or HALF_POSITION_GRADS) and (HAS_QP or HAS_KP):
-            c_tile = _index_tile(IDX, offs_m, offs_n, L)
-            if HAS_QP and not DETERMINISTIC:
-                # Along j (axis 1) for each query i: c(i, j - 1) and c(i, j + 1). Other key
-                # blocks add to these rows too: atomics.
-                _add_runs(
-                    DQP + pos_grad_base + offs_m[:, None] * C,
-                    row_ok[:, None],
-                    c_tile,
-                    _index_tile(IDX, offs_m, offs_n - 1, L),
-                    _index_tile(IDX, offs_m, offs_n + 1, L),
-                    (offs_n == start_n + BLOCK_N - 1)[None, :],
-                    ds,
-                    1,
-                    True,
-                    DQP_END + end_base + offs_m[:, None] * 2,
-                    C,
-                    HALF_POSITION_GRADS,
-                    STORE_SINGLES,
-                )
-            if HAS_KP:
-                # Along i (axis 0) for each key j: c(i - 1, j) and c(i + 1, j). These rows are
-                # this program's; RUN_SUMS still adds them with atomics, which keep the
-                # pipelining that the deterministic form gives up (num_stages=1) for its plain
-                # stores.
-                _add_runs(
-                    DKP + pos_grad_base + offs_n[None, :] * C,
-                    col_ok[None, :],
-                    c_tile,
-                    _index_tile(IDX, offs_m - 1, offs_n, L),
-                    _index_tile(IDX, offs_m + 1, offs_n, L),
-                    (offs_m == start_m + BLOCK_M - 1)[:, None],
-                    ds,
-                    0,
-                    not DETERMINISTIC,
-                    DKP_END + end_base + offs_n[None, :] * 2,
-                    C,
-                    HALF_POSITION_GRADS,
-                    STORE_SINGLES,
-                )
-        if not (DETERMINISTIC or RUN_SUMS or HALF_POSITION_GRADS):  # one atomic per pair
-            # (c is 0 where a pair is out of range; grad_ok masks those. The neighbours' c are
-            # only read to find lone pairs.)
+        if uniform:  # one c for the whole tile: its row and column sums
             if HAS_QP:
-                ptrs = DQP + pos_grad_base + offs_m[:, None] * C + c
-                if STORE_SINGLES:  # along j (axis 1) for each query i
-                    c_before = _index_tile(IDX, offs_m, offs_n - 1, L)
-                    c_after = _index_tile(IDX, offs_m, offs_n + 1, L)
-                    _add_pairs(ptrs, ds, grad_ok, c, c_before, c_after, True)
-                else:
-                    _add_pairs(ptrs, ds, grad_ok, c, c, c, False)
+                _add_uniform(
+                    DQP + pos_grad_base + offs_m * C, c_first, tl.sum(ds, 1), row_ok,
+                    DQP_END + end_base + offs_m * 2, C, HALF_POSITION_GRADS,
+                )  # fmt: skip
             if HAS_KP:
-                ptrs = DKP + pos_grad_base + offs_n[None, :] * C + c
-                if STORE_SINGLES:  # along i (axis 0) for each key j
-                    c_before = _index_tile(IDX, offs_m - 1, offs_n, L)
-                    c_after = _index_tile(IDX, offs_m + 1, offs_n, L)
-                    _add_pairs(ptrs, ds, grad_ok, c, c_before, c_after, True)
-                else:
-                    _add_pairs(ptrs, ds, grad_ok, c, c, c, False)
+                _add_uniform(
+                    DKP + pos_grad_base + offs_n * C, c_first, tl.sum(ds, 0), col_ok,
+                    DKP_END + end_base + offs_n * 2, C, HALF_POSITION_GRADS,
+                )  # fmt: skip
+        else:
+            if ((DETERMINISTIC or RUN_SUMS) or HALF_POSITION_GRADS) and (HAS_QP or HAS_KP):
+                c_tile = _index_tile(IDX, offs_m, offs_n, L)
+                if HAS_QP and not DETERMINISTIC:
+                    # Along j (axis 1) for each query i: c(i, j - 1) and c(i, j + 1). Other key
+                    # blocks add to these rows too: atomics.
+                    _add_runs(
+                        DQP + pos_grad_base + offs_m[:, None] * C,
+                        row_ok[:, None],
+                        c_tile,
+                        _index_tile(IDX, offs_m, offs_n - 1, L),
+                        _index_tile(IDX, offs_m, offs_n + 1, L),
+                        (offs_n == start_n + BLOCK_N - 1)[None, :],
+                        ds,
+                        1,
+                        True,
+                        DQP_END + end_base + offs_m[:, None] * 2,
+                        C,
+                        HALF_POSITION_GRADS,
+                        STORE_SINGLES,
+                    )
+                if HAS_KP:
+                    # Along i (axis 0) for each key j: c(i - 1, j) and c(i + 1, j). These rows are
+                    # this program's; RUN_SUMS still adds them with atomics, which keep the
+                    # pipelining that the deterministic form gives up (num_stages=1) for its plain
+                    # stores.
+                    _add_runs(
+                        DKP + pos_grad_base + offs_n[None, :] * C,
+                        col_ok[None, :],
+                        c_tile,
+                        _index_tile(IDX, offs_m - 1, offs_n, L),
+                        _index_tile(IDX, offs_m + 1, offs_n, L),
+                        (offs_m == start_m + BLOCK_M - 1)[:, None],
+                        ds,
+                        0,
+                        not DETERMINISTIC,
+                        DKP_END + end_base + offs_n[None, :] * 2,
+                        C,
+                        HALF_POSITION_GRADS,
+                        STORE_SINGLES,
+                    )
+            if not ((DETERMINISTIC or RUN_SUMS) or HALF_POSITION_GRADS):  # one atomic per pair
+                # (c is 0 where a pair is out of range; grad_ok masks those. The neighbours' c are
+                # only read to find lone pairs.)
+                if HAS_QP:
+                    ptrs = DQP + pos_grad_base + offs_m[:, None] * C + c
+                    if STORE_SINGLES:  # along j (axis 1) for each query i
+                        c_before = _index_tile(IDX, offs_m, offs_n - 1, L)
+                        c_after = _index_tile(IDX, offs_m, offs_n + 1, L)
+                        _add_pairs(ptrs, ds, grad_ok, c, c_before, c_after, True)
+                    else:
+                        _add_pairs(ptrs, ds, grad_ok, c, c, c, False)
+                if HAS_KP:
+                    ptrs = DKP + pos_grad_base + offs_n[None, :] * C + c
+                    if STORE_SINGLES:  # along i (axis 0) for each key j
+                        c_before = _index_tile(IDX, offs_m - 1, offs_n, L)
+                        c_after = _index_tile(IDX, offs_m + 1, offs_n, L)
+                        _add_pairs(ptrs, ds, grad_ok, c, c_before, c_after, True)
+                    else:
+                        _add_pairs(ptrs, ds, grad_ok, c, c, c, False)
 
     out_ptrs = grad_base + offs_n[:, None] * s_gl + offs_d[None, :]
     tl.store(DK + out_ptrs, dk.to(DK.dtype.element_ty), mask=kv_ok)
@@ -528,8 +616,8 @@ def _backward_dq_kernel(
         _, ds, _, _ = _grad_tile(
             q, k, v, do, lse, delta, offs_m, offs_n, row_ok, col_ok, q_real, k_real,
             IDX, QP, KP, b, h, s_pb, s_ph, s_pl, s_pc, s_rb, s_rh, s_rl, s_rc,
-            L, SCALE, QK_SCALE, SEED, pid_bh, DROP_P, DROP_SCALE,
-            HAS_QP, HAS_KP, DROPOUT, BLOCK_M, BLOCK_N, DOT_PRECISION,
+            L, SCALE, QK_SCALE, 0, 1, SEED, pid_bh, DROP_P, DROP_SCALE,
+            HAS_QP, HAS_KP, DROPOUT, False, BLOCK_M, BLOCK_N, DOT_PRECISION,
         )  # fmt: skip
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         if HAS_QP:  # along j (axis 1) for each query i: c(i, j - 1) and c(i, j + 1)

@@ -14,7 +14,8 @@ written in that layout, so their way back through the split needs no copy; the p
 products and their gradients are [h, B, L, 2S] memory, one GEMM per head over all B * L
 rows (see `_project`, `_position_grads`). The backward
 adds dq, dQP and dKP with atomics (one per pair, or with `RUN_SUMS` one per run of pairs that
-share a position row; with `STORE_SINGLES` a pair alone at its position address stores), or,
+share a position row; with `STORE_SINGLES` a pair alone at its position address stores; with
+`UNIFORM_TILES` a tile whose pairs share one position index adds its row and column sums), or,
 `deterministic`, runs a second kernel that makes dq and dQP without (see `_kernels`).
 
 Where it runs: compiled on CUDA; on CPU only under Triton's interpreter, which the tests use.
@@ -59,6 +60,16 @@ HALF_POSITION_GRADS = False
 # relative index being monotone (see `relative_index`). The deterministic backward's stores
 # are plain already.
 STORE_SINGLES = False
+
+# Tiles whose pairs all have one position index (c is monotone in i - j, so the c at the
+# tile's two extreme i - j tell): past max_relative_positions, where c is clamped to the
+# table's end. The forward and backward read the position terms there as one value per row and
+# one per column instead of gathering one per pair (the same scores bit for bit), and the
+# backward adds the tile's row and column sums of ds, one atomic per row or column, instead of
+# one per pair or run (True); or every tile gathers and scatters (False). With v3's 512
+# relative positions, 54% of the 64x64 tiles at L=2048, 22% at 1024, none at 512. Not timed on
+# a GPU yet. The deterministic backward's position gradients do not take it.
+UNIFORM_TILES = False
 
 
 def _interpreting() -> bool:
@@ -117,6 +128,7 @@ def _launch_settings(q: torch.Tensor) -> dict[str, Any]:
         run_sums=RUN_SUMS,
         half_position_grads=HALF_POSITION_GRADS,
         store_singles=STORE_SINGLES,
+        uniform_tiles=UNIFORM_TILES,
     )
 
 
@@ -180,6 +192,7 @@ class _FusedDisentangledAttention(torch.autograd.Function):
             HAS_QP=qp is not None,
             HAS_KP=kp is not None,
             DROPOUT=dropout_p > 0,
+            UNIFORM_TILES=cfg["uniform_tiles"],
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_D=cfg["block_d"],
@@ -260,6 +273,7 @@ class _FusedDisentangledAttention(torch.autograd.Function):
             *inputs, dq, dk, dv, dqp, dkp, *sizes, dqp_end, dkp_end, *end_strides,
             DETERMINISTIC=deterministic, RUN_SUMS=cfg["run_sums"], HALF_POSITION_GRADS=half,
             STORE_SINGLES=cfg["store_singles"] and not deterministic,
+            UNIFORM_TILES=cfg["uniform_tiles"] and not deterministic,
             BLOCK_M=block_m, BLOCK_N=block_n, **common,
         )  # fmt: skip
         for dxp, ends, xp in ((dqp, dqp_end, qp), (dkp, dkp_end, kp)):
