@@ -9,16 +9,17 @@
 #
 # OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env rtd_512 rtd_host rtd_bf16
 # rtd_2048_b4 rtd_options tests rtd_rows attention rtd_dropout attention_dropout mlm_head
-# rtd_2048 ncu curves trainer_512 (default: all, in that order, the most needed first; one
-# 10-minute call reaches about tests; rtd_host is the step's host-or-GPU account, rtd_rows
-# its A/B; rtd_bf16 both sides in bf16 weights; rtd_2048_b4 the comparison at L=2048 at the
-# batch HF fits on an 80 GB card, rtd_2048 ours at B=8; rtd_options is the step with the
-# options not yet on by default;
-# *_dropout run DeBERTa's attention dropout 0.1; ncu profiles the fused kernels; trainer_512
-# is the real trainer, DeepSpeed and data loading included, on the v3-base shape at L=512, for
-# its tokens/s and MFU beside rtd_step's bare step). Each stage has its own time limit, cut to
-# what is left of BUDGET_S (580 s, inside the device tool's 10-minute command; the stages of
-# 7a09b79, without rtd_runs and ncu, took 451 s on an H100), and writes OUT_DIR/<stage>.log as
+# rtd_2048 ncu curves trainer_512 trainer_gaps (default: all, in that order, the most needed
+# first; one 10-minute call reaches about tests). rtd_host is the step's host-or-GPU account,
+# rtd_rows its A/B; rtd_bf16 both sides in bf16 weights; rtd_2048_b4 the comparison at L=2048
+# at the batch HF fits on an 80 GB card, rtd_2048 ours at B=8; rtd_options is the step with
+# the options not yet on by default; *_dropout run DeBERTa's attention dropout 0.1; ncu
+# profiles the fused kernels; trainer_512 is the real trainer, DeepSpeed and data loading
+# included, on the v3-base shape at L=512, for its tokens/s and MFU beside rtd_step's bare
+# step, and trainer_gaps where its GPU idles in two profiled steps. Each stage has its own
+# time limit, cut to what is left of BUDGET_S (580 s, inside the device tool's 10-minute
+# command; the stages of 7a09b79, without rtd_runs and ncu, took 451 s on an H100), and
+# writes OUT_DIR/<stage>.log as
 # it goes, so a stage that overruns leaves the others' results; run the
 # missing ones again (the machine stays warm for 30 s after a call, so a second call right
 # away starts no new one). Exits 1 when a stage failed or was skipped.
@@ -81,7 +82,7 @@ fi
 
 out=${1:-${OUT:-gpu_session}}
 shift || true
-stages=${*:-env rtd_512 rtd_host rtd_bf16 rtd_2048_b4 rtd_options tests rtd_rows attention rtd_dropout attention_dropout mlm_head rtd_2048 ncu curves trainer_512}
+stages=${*:-env rtd_512 rtd_host rtd_bf16 rtd_2048_b4 rtd_options tests rtd_rows attention rtd_dropout attention_dropout mlm_head rtd_2048 ncu curves trainer_512 trainer_gaps}
 mkdir -p "$out"
 # Stages stop here at the latest, inside the device tool's 10-minute command.
 deadline=$((SECONDS + ${BUDGET_S:-580}))
@@ -191,7 +192,12 @@ stage trainer_512 100 "$py" -m pretrain experiment=deberta_v3_base model.attenti
     "data.tokenizer=$corpus/tokenizer" model.vocab_size=128100 trainer.max_steps=40 \
     trainer.global_batch_size=32 trainer.micro_batch_size=32 trainer.log_every=10 \
     trainer.eval_every=0 trainer.save_every=0 optim.warmup_steps=10 logging.progress_bar=false \
-    logging.plots=false "hydra.run.dir=$out/trainer_512_run"
+    logging.plots=false logging.profile_steps=2 logging.profile_from=30 \
+    "hydra.run.dir=$out/trainer_512_run"
+# Where the real trainer's GPU idles in steps 30-31 (DeepSpeed's step, data loading, the loss
+# read before each backward), from the trace trainer_512 wrote.
+stage trainer_gaps 30 "$py" bench/trace_gaps.py \
+    "$out/trainer_512_run/profile/rank00000_steps30-31.json.gz"
 
 if ((${#failed[@]})); then
     echo "not clean: ${failed[*]}"

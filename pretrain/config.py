@@ -155,6 +155,10 @@ class LoggingConfig:
     peak_tflops: float | None = None
     # Append each step's sample indices to samples_rank<5-digit rank>.jsonl (data debugging).
     trace_samples: bool = False
+    # torch's profiler over profile_steps optimizer steps from step profile_from (1-based): a
+    # chrome trace per rank in <run_dir>/profile/ (metrics.StepProfiler). 0: off.
+    profile_steps: int = 0
+    profile_from: int = 10
 
 
 @dataclass
@@ -338,6 +342,11 @@ class Config:
         if self.logging.wandb not in ("disabled", "offline", "online"):
             raise ConfigError(
                 f"logging.wandb={self.logging.wandb!r}; choose disabled, offline or online"
+            )
+        if self.logging.profile_steps < 0 or self.logging.profile_from < 1:
+            raise ConfigError(
+                "logging.profile_steps must be >= 0 and logging.profile_from >= 1 (the first "
+                "profiled optimizer step, counted from 1)"
             )
 
 

@@ -269,6 +269,63 @@ class SampleTrace:
             self._file.close()
 
 
+class StepProfiler:
+    """`logging.profile_steps`: torch's profiler over optimizer steps [first, first + steps)
+    (1-based, as logged), CPU and CUDA activity, written per rank as a gzipped chrome trace in
+    `<run_dir>/profile/`: what the step runs, and on a GPU where it idles waiting for the
+    host (`python bench/trace_gaps.py TRACE`). Steps before `first` are left out: the first
+    ones compile, warm the allocator and fill the loader's queue."""
+
+    def __init__(
+        self, run_dir: str | Path, rank: int, ranks: int, first: int, steps: int, cuda: bool
+    ):
+        self._dir = Path(run_dir) / "profile"
+        self._rank, self._ranks, self._cuda = rank, ranks, cuda
+        self._first, self._last, self._done = first, first + steps - 1, first - 1
+        self._profiler: torch.profiler.profile | None = None
+        self._enabled = steps > 0
+
+    def before(self, step: int) -> None:
+        """Called before optimizer step `step` runs."""
+        if self._enabled and step == self._first and self._profiler is None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self._cuda:
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+                torch.cuda.synchronize()  # the trace starts with no earlier work in flight
+            self._profiler = torch.profiler.profile(activities=activities)
+            self._profiler.__enter__()
+
+    def after(self, step: int) -> str | None:
+        """Called after optimizer step `step`; after the last profiled one, writes the trace and
+        returns a line saying where."""
+        if self._profiler is None:
+            return None
+        self._done = step
+        return self.close() if step >= self._last else None
+
+    def close(self) -> str | None:
+        """Stops a profile under way (a run that ended or stopped inside it) and writes what it
+        has; returns a line saying where, or None when nothing was profiled."""
+        if self._profiler is None:
+            return None
+        if self._cuda:
+            torch.cuda.synchronize()  # the steps' kernels end inside the trace
+        profiler, self._profiler = self._profiler, None
+        profiler.__exit__(None, None, None)
+        self._enabled = False
+        if self._done < self._first:
+            return None  # stopped before the first profiled step ended
+        self._dir.mkdir(parents=True, exist_ok=True)
+        path = self._dir / f"rank{self._rank:05d}_steps{self._first}-{self._done}.json.gz"
+        profiler.export_chrome_trace(str(path))
+        each = f", one file per rank in {self._dir}" if self._ranks > 1 else ""
+        return (
+            f"profile of steps {self._first}-{self._done}: {path}{each} (a chrome trace for "
+            f"Perfetto or chrome://tracing; where the GPU idles: python bench/trace_gaps.py "
+            f"{path})"
+        )
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

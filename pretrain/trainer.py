@@ -51,6 +51,7 @@ from pretrain.metrics import (
     METRICS_FILE,
     MetricsLogger,
     SampleTrace,
+    StepProfiler,
     binary_auc,
     device_peak_flops,
     read_logged,
@@ -466,6 +467,10 @@ class Trainer:
                 torch.distributed.barrier()
             return [record]
         trace = SampleTrace(c.run_dir, self.world.rank, self.step, c.logging.trace_samples)
+        profiler = StepProfiler(
+            c.run_dir, self.world.rank, self.world.world_size, c.logging.profile_from,
+            c.logging.profile_steps, self.world.device.type == "cuda",
+        )  # fmt: skip
         history: list[dict[str, Any]] = []
         if not resumed and t.eval_every and self.data.valid is not None:
             record = self.evaluate()  # the untrained baseline that later evaluations improve on
@@ -477,9 +482,13 @@ class Trainer:
         stopped = False  # by a signal (on any rank), after saving
         try:
             while self.step < last:
+                profiler.before(self.step + 1)
                 sums, samples = self._train_step(batches)
                 stop = sums.pop("stop") > 0  # any rank was signalled: all stop after this step
                 self.step += 1
+                profiled = profiler.after(self.step)
+                if profiled:
+                    self._log(profiled)
                 trace.log(self.step, samples)
                 self._note_fp16_overflow()
                 tokens = int(sums.pop("tokens"))
@@ -537,6 +546,9 @@ class Trainer:
             for sig, previous in previous_handlers.items() if self._stop_signal is None else ():
                 signal.signal(sig, previous)
             trace.close()
+            profiled = profiler.close()  # a run that ended inside the profiled steps
+            if profiled:
+                self._log(profiled)
             logger.close(plots=c.logging.plots)
         latest = self.checkpointer.latest()
         if latest is not None and (self.step >= last or stopped):

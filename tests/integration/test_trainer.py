@@ -705,3 +705,24 @@ def test_zero3_with_every_parameter_partitioned_trains_as_zero0(
     losses = [[r["loss"] for r in run if r["split"] == "train"] for run in (zero3, zero0)]
     assert len(losses[0]) == 3
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_profile_steps_write_a_chrome_trace_of_exactly_those_steps(
+    tiny_corpus: dict, tmp_path: Path
+) -> None:
+    import gzip
+
+    common = ("trainer.eval_every=0", "trainer.save_every=0", "logging.profile_from=2")
+    for max_steps, profiled in ((5, "2-3"), (2, "2-2")):  # the second ends inside the window
+        run = tmp_path / f"run{max_steps}"
+        train(
+            tiny_corpus, run, *common, "logging.profile_steps=2", f"trainer.max_steps={max_steps}"
+        )
+        (path,) = (run / "profile").iterdir()
+        assert path.name == f"rank00000_steps{profiled}.json.gz"
+        events = json.loads(gzip.decompress(path.read_bytes()))["traceEvents"]
+        # torch's optimizer marks each step: one per profiled optimizer step, none of the others
+        steps = [e for e in events if str(e.get("name", "")).startswith("Optimizer.step#")]
+        first, last = (int(x) for x in profiled.split("-"))
+        assert len(steps) == last - first + 1, [e["name"] for e in steps]
+        assert any(str(e.get("name", "")).startswith("aten::") for e in events)

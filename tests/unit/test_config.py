@@ -257,6 +257,8 @@ def test_wrong_type_fails_naming_key() -> None:
         ("rtd.emd_steps=0", "rtd.emd_steps must be >= 1"),
         ("optim.lr=nan", "optim.lr must be a finite number > 0, got nan"),
         ("optim.lr=inf", "optim.lr must be a finite number > 0, got inf"),
+        ("logging.profile_from=0", "logging.profile_from >= 1"),
+        ("logging.profile_steps=-2", "logging.profile_steps must be >= 0"),
         (
             "rtd.enhanced_mask_decoder=true model.position_biased_input=true",
             "rtd.enhanced_mask_decoder=true needs model.position_biased_input=false",
