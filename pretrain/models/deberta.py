@@ -357,13 +357,14 @@ class DisentangledSelfAttention(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        pair_mask: torch.Tensor,
-        rel_pos: torch.Tensor | None,
+        token_mask: torch.Tensor,
+        rel_index: torch.Tensor | None,
         rel_embeddings: torch.Tensor | None,
         query_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """hidden: [B, L, H]; pair_mask: [B, 1, L, L] bool (tokens i and j both real; its diagonal
-        says which are); rel_pos: [L, L]; returns [B, L, H]."""
+        """hidden: [B, L, H]; token_mask: [B, L] bool, True for real tokens; rel_index: [2L - 1]
+        (`relative_index`, made once per forward by `DebertaEncoder.attention_inputs`);
+        returns [B, L, H]."""
         if query_states is None:
             q, k, v = _joint_linear(hidden, [self.query_proj, self.key_proj, self.value_proj])
         else:  # the enhanced mask decoder's queries
@@ -371,12 +372,10 @@ class DisentangledSelfAttention(nn.Module):
             k, v = _joint_linear(hidden, [self.key_proj, self.value_proj])
         q, k, v = (_split_heads(x, self.heads) for x in (q, k, v))  # [B, h, L, d]
 
-        pos_k = pos_q = rel_index = None
+        pos_k = pos_q = None
         if self.config.relative_attention and self.terms:
-            assert rel_pos is not None and rel_embeddings is not None
+            assert rel_index is not None and rel_embeddings is not None
             pos_k, pos_q = self._position_tables(rel_embeddings)
-            rel_index = relative_index(rel_pos, self.span)
-        token_mask = pair_mask[:, 0].diagonal(dim1=-2, dim2=-1)  # pair (i, i): token i is real
         dropout_p = self.dropout.p if self.training else 0.0
         impl = choose_impl(self.config.attention_impl, q.device, q.shape[-1], dropout_p)
         context = disentangled_attention(
@@ -421,13 +420,13 @@ class DebertaLayer(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        pair_mask: torch.Tensor,
-        rel_pos: torch.Tensor | None,
+        token_mask: torch.Tensor,
+        rel_index: torch.Tensor | None,
         rel_embeddings: torch.Tensor | None,
         query_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
         residual = hidden if query_states is None else query_states
-        context = self.attention(hidden, pair_mask, rel_pos, rel_embeddings, query_states)
+        context = self.attention(hidden, token_mask, rel_index, rel_embeddings, query_states)
         x = self.attention_norm(self.dropout(self.attention_out(context)) + residual)
         return self.ffn_norm(self.dropout(self.ffn_out(self.act(self.ffn_in(x)))) + x)
 
@@ -489,25 +488,25 @@ class DebertaEncoder(nn.Module):
     def attention_inputs(
         self, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The [B,1,L,L] pair mask (both tokens real) and the [L,L] relative positions."""
-        m = attention_mask.bool()
-        pair_mask = m[:, None, :, None] & m[:, None, None, :]
-        rel_pos = (
-            relative_positions(attention_mask.shape[1], self.config, attention_mask.device)
-            if self.config.relative_attention
-            else None
-        )
-        return pair_mask, rel_pos
+        """What every layer's attention reads, made once per forward rather than per layer: the
+        [B, L] bool token mask and the [2L - 1] relative index (`relative_index`; None without
+        relative attention)."""
+        index = None
+        if self.config.relative_attention:
+            length = attention_mask.shape[1]
+            rel_pos = relative_positions(length, self.config, attention_mask.device)
+            index = relative_index(rel_pos, self.config.relative_span)
+        return attention_mask.bool(), index
 
     def forward(self, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         """Returns [embeddings, layer 1 output, ..., layer n output], as HF's hidden_states;
         the generator's enhanced mask decoder needs the second to last."""
-        pair_mask, rel_pos = self.attention_inputs(attention_mask)
+        token_mask, rel_index = self.attention_inputs(attention_mask)
         rel_table = self.relative_table()
         hidden = embeddings
         outputs = [embeddings]
         for i, layer in enumerate(self.layer):
-            hidden = layer(hidden, pair_mask, rel_pos, rel_table)
+            hidden = layer(hidden, token_mask, rel_index, rel_table)
             if i == 0 and self.conv is not None:
                 hidden = self.conv(embeddings, hidden, attention_mask)
             outputs.append(hidden)

@@ -283,12 +283,12 @@ class EnhancedMaskDecoder(nn.Module):
     ) -> torch.Tensor:
         """previous: the output of the encoder's second-to-last layer (its input when it has
         one layer); returns the states the MLM head decodes, [B, L, H]."""
-        pair_mask, rel_pos = encoder.attention_inputs(attention_mask)
+        token_mask, rel_index = encoder.attention_inputs(attention_mask)
         rel_table = encoder.relative_table()
         last = encoder.layer[-1]
         query = previous + self.position_embeddings.weight[: previous.shape[1]].unsqueeze(0)
         for _ in range(self.steps):
-            query = last(previous, pair_mask, rel_pos, rel_table, query_states=query)
+            query = last(previous, token_mask, rel_index, rel_table, query_states=query)
         return query
 
 
