@@ -160,9 +160,9 @@ stage rtd_rows 45 "$py" bench/rtd_step.py --impl ours --attention triton --devic
 # index read and summed per row and column).
 stage attention 75 "$py" bench/attention.py --steps 5 --profile \
     --tiles default default+runs default+half default+singles default+half+singles \
-    default+uniform default+half+uniform 128x64/32x64+pairs 128x64/32x64+runs \
-    128x64/32x64+half 128x64/32x64+runs+singles 128x64/32x64+half+singles \
-    64x64/32x64+uniform 64x64/32x64+runs+uniform 64x64/32x64+half+singles+uniform
+    default+uniform 128x64/32x64+pairs 128x64/32x64+runs 128x64/32x64+half \
+    128x64/32x64+runs+singles 128x64/32x64+half+singles 128x64/32x64+uniform \
+    128x64/32x64+runs+uniform 128x64/32x64+half+singles+uniform
 # DeBERTa's published attention dropout, 0.1, on both sides: the fused kernel's in-kernel
 # dropout (tested on CPU only so far; auto still takes eager under dropout) against eager and
 # HF; then the attention core alone with it, at the default and the spill-free backward tile.

@@ -275,7 +275,9 @@ PRECISION_NAMES = {
 class MasterWeights:
     """DeepSpeed's bf16 mode in small, as our trainer runs it: the model holds bf16 weights and
     gradients; AdamW updates one flat fp32 master copy of them, and the model's weights are
-    then copied back from it, rounded to bf16. Only its `zero_grad` and `step` are used."""
+    then copied back from it, rounded to bf16. A parameter without a gradient gets zeros (so
+    weight decay still moves it), as in DeepSpeed's flat buffers. Only its `zero_grad` and
+    `step` are used."""
 
     def __init__(self, params: list[nn.Parameter], fused: bool, **hyper: Any):
         self.params = params
@@ -631,7 +633,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="rows of both sides for each (CUDA default: autocast, CPU: fp32): autocast = bf16 "
         "autocast over fp32 weights (transformers' Trainer with bf16=True); bf16 = bf16 weights "
         "and fp32 master weights for AdamW (our trainer's DeepSpeed bf16); with autocast and "
-        "bf16 both, ours in bf16 is also compared with HF in autocast, each as its trainer runs",
+        "bf16 both, ours in bf16 weights (as our trainer runs) is also compared with HF in "
+        "autocast (as transformers' Trainer runs without DeepSpeed)",
     )
     p.add_argument("--sharing", choices=SHARING_MODES, default="gdes")
     p.add_argument("--padding", type=float, default=0.0, help="pad up to this fraction of a row")
@@ -876,7 +879,8 @@ def run(
                 print(progress_line(row), flush=True)
                 rows.append(row)
                 # Against HF in the same precision and, for ours in bf16 weights, against HF
-                # in autocast too: each side as its own trainer runs it.
+                # in autocast too (ours as our trainer runs, HF as transformers' Trainer runs
+                # without DeepSpeed).
                 against = [hf] + ([hf_rows.get("autocast")] if precision == "bf16" else [])
                 for other in against:
                     if other is not None:

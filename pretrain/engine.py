@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from pretrain.config import BatchSizes, Config, ConfigError
-from pretrain.models.deberta import DisentangledSelfAttention
 from pretrain.models.rtd import masked_rows_of
 
 # Imported lazily by `init_distributed` so that `import pretrain.engine` stays cheap.
@@ -323,12 +322,6 @@ class Engine:
             for m in model.modules():
                 if isinstance(m, nn.Embedding):
                     ds.zero.register_external_parameter(model, m.weight)
-                # The attention reads its projections' weights to make q, k, v (and the two
-                # position tables) in one matmul, without calling those modules. (DeepSpeed
-                # also registers a parameter on its first such access; this says it up front.)
-                if isinstance(m, DisentangledSelfAttention):
-                    for p in m.parameters():
-                        ds.zero.register_external_parameter(m, p)
         groups = parameter_groups(model, config)
         optimizer = None
         if config.optim.name == "adamw":

@@ -695,9 +695,9 @@ def test_zero3_with_every_parameter_partitioned_trains_as_zero0(
 ) -> None:
     # ZeRO-3 keeps small parameters whole (stage3_param_persistence_threshold, 1e5 elements by
     # default: every weight of the tiny model); at threshold 0 each is partitioned and gathered
-    # only by the hooks of the modules registered to use it. The attention reads its
-    # projections' weights without calling them (one matmul for q, k, v), so a missing
-    # registration shows here as a shape error, or as other numbers.
+    # by hooks. The attention reads its projections' weights without calling those modules
+    # (one matmul for q, k, v), which DeepSpeed gathers on that first access and registers as
+    # the attention's own; were they not gathered, this would fail on shapes or numbers.
     threshold = "+deepspeed.extra.zero_optimization.stage3_param_persistence_threshold=0"
     common = ("trainer.max_steps=3", "trainer.eval_every=0", "trainer.save_every=0")
     zero3 = train(tiny_corpus, tmp_path / "z3", "deepspeed=zero3", threshold, *common)

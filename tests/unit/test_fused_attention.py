@@ -220,16 +220,17 @@ def _grad_names(terms) -> list[str]:
     )
 
 
-def _uniform_tiles(idx: torch.Tensor, length: int, block: int = 16) -> int:
-    """How many of the interpreter's block x block tiles have one position index c for all
-    their pairs (inside the sequence), counted pair by pair."""
+def _uniform_tiles(idx: torch.Tensor, length: int, block: int = 16) -> list[int]:
+    """The position index c of each of the interpreter's block x block tiles that has one c
+    for all its pairs (inside the sequence), found pair by pair."""
     i = torch.arange(length)
     c = idx[(i[:, None] - i[None, :] + length - 1)]  # [L, L]
-    return sum(
-        c[m : m + block, n : n + block].unique().numel() == 1
+    tiles = [
+        c[m : m + block, n : n + block].unique()
         for m in range(0, length, block)
         for n in range(0, length, block)
-    )
+    ]
+    return [int(t) for t in tiles if t.numel() == 1]
 
 
 @interpreted
@@ -244,16 +245,16 @@ def _uniform_tiles(idx: torch.Tensor, length: int, block: int = 16) -> int:
         (37, True, True, False, False),
         (37, False, False, True, False),
         (37, True, True, True, False),
-        (64, False, False, False, True),
-        (64, True, True, False, True),
-        (64, True, False, True, True),
+        (70, False, False, False, True),
+        (70, True, True, False, True),
+        (70, True, False, True, True),
     ],
     ids=[
         "16-atomic_per_pair", "37-atomic_per_pair", "37_split-atomic_per_pair",
         "16-atomic_per_run", "37-atomic_per_run", "37_split-atomic_per_run",
         "37-per_pair_singles_stored", "37_split-per_run_singles_stored",
-        "64-uniform_tiles_per_pair", "64_split-uniform_tiles_per_run",
-        "64_split-uniform_tiles_singles_stored",
+        "70-uniform_tiles_per_pair", "70_split-uniform_tiles_per_run",
+        "70_split-uniform_tiles_singles_stored",
     ],
 )  # fmt: skip
 @pytest.mark.parametrize("case", sorted(CORE_CASES))
@@ -275,8 +276,9 @@ def test_fused_matches_eager_fp32(
     config = _config(buckets, max_rel)
     span = config.relative_span
     idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
-    if uniform_tiles:  # the case has such tiles: at L=64 both tables clamp before 32
-        assert _uniform_tiles(idx, length) >= 4
+    if uniform_tiles:  # the case has such tiles (past 32 the tables clamp), and L=70 ends
+        assert len(_uniform_tiles(idx, length)) >= 4  # inside a tile
+
     q, k, v, pos_k, pos_q, mask, weights = _inputs(
         length, span, terms, torch.float32, split_heads=split_heads
     )
@@ -360,21 +362,29 @@ def test_fused_fp16_error_is_eager_fp16_error(
 
 
 @interpreted
-@pytest.mark.parametrize("case", ["c2p_p2c_buckets", "c2p_p2c_unbucketed_clamped"])
+@pytest.mark.parametrize(
+    "buckets, max_rel, length",
+    [(8, 32, 70), (-1, 16, 70), (8, 128, 100)],
+    ids=["buckets_clamped", "unbucketed_clamped", "wide_buckets"],
+)
 def test_uniform_tiles_keep_the_output_bits_and_fp16_error(
-    case: str, monkeypatch: pytest.MonkeyPatch
+    buckets: int, max_rel: int, length: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The uniform tiles read the same position terms as the gathers and add them in the same
-    order: the forward's output is the same bits. Their gradients (row and column sums, fp32,
-    or with the half position gradients fp32 at the clamped ends) meet the fp16 criterion."""
+    """The uniform tiles read the same position terms as the gathers and go through the same
+    arithmetic: the forward's output is the same bits. Their gradients (row and column sums,
+    fp32, or with the half position gradients fp32 at the clamped ends and half inside) meet
+    the fp16 criterion. Tiles cross the sequence's end; with 8 buckets over 128 positions
+    whole tiles fall inside one log bucket, not at an end."""
     from pretrain.models.attention import fused
 
-    terms, buckets, max_rel = CORE_CASES[case]
-    length = 64
+    terms = ("c2p", "p2c")
     config = _config(buckets, max_rel)
     span = config.relative_span
     idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
-    assert _uniform_tiles(idx, length) >= 4
+    found = _uniform_tiles(idx, length)
+    assert len(found) >= 4
+    if max_rel == 128:
+        assert set(found) - {0, 2 * span - 1}, found  # inside a bucket
     base = _inputs(length, span, terms, torch.float64, split_heads=True)
     mask, weights = base[5], base[6]
     scale = (16 * 3) ** -0.5
@@ -923,6 +933,27 @@ def test_gpu_bf16_fused_error_is_eager_bf16_error(
     reference, eager = run("eager", torch.float32), run("eager", torch.bfloat16)
     fused = run("triton", torch.bfloat16)
     _assert_error_at_most_twice_eagers(reference, eager, fused, slack=1e-2)
+
+
+@compiled
+@pytest.mark.gpu
+@pytest.mark.parametrize("half_position_grads", [False, True])
+def test_gpu_uniform_tiles_keep_the_output_bits_and_bf16_error(
+    half_position_grads: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At L=1000 (past v3's 512 relative positions, and not a multiple of any tile) a fifth of
+    the tiles have one position index: compiled, the option must give the same output bits,
+    as under the interpreter, and gradients within the bf16 criterion."""
+    from pretrain.models.attention import fused
+
+    monkeypatch.setattr(fused, "HALF_POSITION_GRADS", half_position_grads)
+    run = _gpu_case(torch.bfloat16, length=1000)
+    reference, eager = run("eager", torch.float32), run("eager", torch.bfloat16)
+    gathered = run("triton", torch.bfloat16)
+    monkeypatch.setattr(fused, "UNIFORM_TILES", True)
+    uniform = run("triton", torch.bfloat16)
+    assert torch.equal(uniform[0], gathered[0])
+    _assert_error_at_most_twice_eagers(reference, eager, uniform, slack=1e-2)
 
 
 @compiled

@@ -54,9 +54,11 @@ def relative_index(rel_pos: torch.Tensor, span: int) -> torch.Tensor:
     """[L, L] relative positions (query - key, bucketed, as `deberta.relative_positions` makes
     them) -> [2L - 1] int32 table: entry i - j + L - 1 is clamp(span + rel_pos[i, j], 0, 2*span-1).
 
-    Reads the first row and column only: rel_pos depends on i - j alone. The fused backward
-    relies on the table being monotone in i - j (DeBERTa's log buckets and clamping are): the
-    pairs of a row that share an entry are then one contiguous run.
+    Reads the first row and column only: rel_pos depends on i - j alone. The fused kernels
+    rely on the table being monotone in i - j (DeBERTa's log buckets and clamping are): the
+    pairs of a row that share an entry are then one contiguous run (the backward's run sums and
+    stored singles), and a tile whose extreme i - j share an entry has it throughout
+    (`fused.UNIFORM_TILES`).
     """
     deltas = torch.cat([rel_pos[0].flip(0), rel_pos[1:, 0]])  # distances -(L-1) .. L-1
     return (deltas + span).clamp(0, 2 * span - 1).to(torch.int32)

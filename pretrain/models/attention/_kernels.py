@@ -62,45 +62,54 @@ def _score_tile(
     recomputation both call it, so they make the same scores bit for bit.
 
     UNIFORM_TILES: where the tile's pairs all have one c (c_first == c_last, `_tile_ends`), the
-    position terms are one value per row (QP[i, c]) plus one per column (KP[j, c]): BLOCK_M +
-    BLOCK_N loads instead of two gathers of BLOCK_M * BLOCK_N, added in the same order, so the
-    same scores bit for bit."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    position terms are one value per row (QP[i, c]) and one per column (KP[j, c]): BLOCK_M +
+    BLOCK_N loads instead of two gathers of BLOCK_M * BLOCK_N. Both kinds of tile then go
+    through one arithmetic, q k^T accumulated onto the c2p term and the p2c term added, so
+    they make the same scores bit for bit: had each branch added its terms to the dot, the
+    compiler would fold `dot + c2p` into the matmul's accumulator for gathered tiles only."""
     c = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    c2p = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # q_i . pos_k[c]: QP[i, c]
+    p2c = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # k_j . pos_q[c]: KP[j, c]
     uniform = False
     if UNIFORM_TILES:
         uniform = c_first == c_last
     if HAS_QP or HAS_KP:
-        if uniform:
+        if uniform:  # one c for the whole tile
             c += c_first
-            if HAS_QP:  # c2p: q_i . pos_k[c], the same c for the whole row
+            if HAS_QP:
                 qp = tl.load(
                     QP + b * s_pb + h * s_ph + offs_m * s_pl + c_first * s_pc,
                     mask=row_ok,
                     other=0.0,
                 )
-                s += qp.to(tl.float32)[:, None]
-            if HAS_KP:  # p2c: k_j . pos_q[c], the same c for the whole column
+                c2p += qp.to(tl.float32)[:, None]
+            if HAS_KP:
                 kp = tl.load(
                     KP + b * s_rb + h * s_rh + offs_n * s_rl + c_first * s_rc,
                     mask=col_ok,
                     other=0.0,
                 )
-                s += kp.to(tl.float32)[None, :]
+                p2c += kp.to(tl.float32)[None, :]
         else:
             c = tl.load(IDX + (offs_m[:, None] - offs_n[None, :] + L - 1), mask=pair_ok, other=0)
-            if HAS_QP:  # c2p: q_i . pos_k[c], row i of QP
-                s += tl.load(
+            if HAS_QP:  # row i of QP
+                c2p = tl.load(
                     QP + b * s_pb + h * s_ph + offs_m[:, None] * s_pl + c * s_pc,
                     mask=pair_ok,
                     other=0.0,
                 ).to(tl.float32)
-            if HAS_KP:  # p2c: k_j . pos_q[c], row j of KP
-                s += tl.load(
+            if HAS_KP:  # row j of KP
+                p2c = tl.load(
                     KP + b * s_rb + h * s_rh + offs_n[None, :] * s_rl + c * s_rc,
                     mask=pair_ok,
                     other=0.0,
                 ).to(tl.float32)
+    if HAS_QP:
+        s = tl.dot(q, tl.trans(k), c2p, input_precision=DOT_PRECISION)
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if HAS_KP:
+        s += p2c
     s = s * QK_SCALE
     # A padding query attends uniformly to all L keys, as the eager pair mask makes it.
     s = tl.where(k_real[None, :], s, NEG)
