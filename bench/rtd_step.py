@@ -280,10 +280,10 @@ class MasterWeights:
     `step` are used."""
 
     def __init__(self, params: list[nn.Parameter], fused: bool, **hyper: Any):
+        assert len({p.dtype for p in params}) == 1, "one dtype for all the model's weights"
         self.params = params
+        self.sizes = [p.numel() for p in params]
         self.master = nn.Parameter(torch.cat([p.detach().float().flatten() for p in params]))
-        flat = self.master.detach().split([p.numel() for p in params])
-        self.views = [v.view_as(p) for v, p in zip(flat, params, strict=True)]
         self.optimizer = torch.optim.AdamW([self.master], fused=fused, **hyper)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -295,7 +295,10 @@ class MasterWeights:
         self.master.grad = torch.cat([g.flatten() for g in grads]).float()
         self.optimizer.step()
         with torch.no_grad():
-            torch._foreach_copy_([p.data for p in self.params], self.views)
+            # Rounded in one cast, then copied into the weights by a same-dtype foreach copy.
+            rounded = self.master.detach().to(self.params[0].dtype).split(self.sizes)
+            views = [r.view_as(p) for r, p in zip(rounded, self.params, strict=True)]
+            torch._foreach_copy_([p.data for p in self.params], views)
 
 
 @dataclass
