@@ -274,7 +274,9 @@ class StepProfiler:
     (1-based, as logged), CPU and CUDA activity, written per rank as a gzipped chrome trace in
     `<run_dir>/profile/`: what the step runs, and on a GPU where it idles waiting for the
     host (`python bench/trace_gaps.py TRACE`). Steps before `first` are left out: the first
-    ones compile, warm the allocator and fill the loader's queue."""
+    ones compile, warm the allocator and fill the loader's queue. An evaluation or checkpoint
+    save after a profiled step other than the last is in the trace too. A run that starts
+    (resumes) past `first` profiles nothing; the trainer says so."""
 
     def __init__(
         self, run_dir: str | Path, rank: int, ranks: int, first: int, steps: int, cuda: bool
@@ -284,6 +286,11 @@ class StepProfiler:
         self._first, self._last, self._done = first, first + steps - 1, first - 1
         self._profiler: torch.profiler.profile | None = None
         self._enabled = steps > 0
+
+    @property
+    def active(self) -> bool:
+        """Whether the profiler is recording (the step just run was profiled)."""
+        return self._profiler is not None
 
     def before(self, step: int) -> None:
         """Called before optimizer step `step` runs."""

@@ -476,16 +476,28 @@ class Trainer:
             record = self.evaluate()  # the untrained baseline that later evaluations improve on
             logger.log(record)
             history.append(record)
+        if c.logging.profile_steps and c.logging.profile_from <= self.step:
+            self._log(
+                f"warning: logging.profile_from={c.logging.profile_from} is not after step "
+                f"{self.step}, where this run starts: nothing is profiled"
+            )
+        elif c.logging.profile_steps and c.logging.profile_from > last:
+            self._log(
+                f"warning: logging.profile_from={c.logging.profile_from} is past step {last}, "
+                "where this run stops: nothing is profiled"
+            )
         batches = iter(self.data.train)
         window_start, window_tokens = time.perf_counter(), 0
         previous_handlers = self._install_signal_handlers()
         stopped = False  # by a signal (on any rank), after saving
         try:
             while self.step < last:
+                step_start = time.perf_counter()
                 profiler.before(self.step + 1)
                 sums, samples = self._train_step(batches)
                 stop = sums.pop("stop") > 0  # any rank was signalled: all stop after this step
                 self.step += 1
+                profiled_step = profiler.active
                 profiled = profiler.after(self.step)
                 if profiled:
                     self._log(profiled)
@@ -493,10 +505,15 @@ class Trainer:
                 self._note_fp16_overflow()
                 tokens = int(sums.pop("tokens"))
                 self.tokens_seen += tokens
-                window_tokens += tokens
+                if profiled_step:  # its time, the profiler's cost included, leaves tokens_per_s
+                    window_start += time.perf_counter() - step_start
+                else:
+                    window_tokens += tokens
                 if self.step % t.log_every == 0 or self.step == last:
                     elapsed = time.perf_counter() - window_start
-                    record = self._train_record(sums, window_tokens / max(elapsed, 1e-9))
+                    # None when every step of the window was profiled: no rate to give
+                    rate = window_tokens / max(elapsed, 1e-9) if window_tokens else None
+                    record = self._train_record(sums, rate)
                     window_start, window_tokens = time.perf_counter(), 0
                     logger.log(record)
                     logger.advance(self.step, record)
@@ -546,7 +563,10 @@ class Trainer:
             for sig, previous in previous_handlers.items() if self._stop_signal is None else ():
                 signal.signal(sig, previous)
             trace.close()
-            profiled = profiler.close()  # a run that ended inside the profiled steps
+            try:  # a run that ended inside the profiled steps: what it has
+                profiled = profiler.close()
+            except Exception as e:  # a device fault, say: the logger still closes, the error
+                profiled = f"warning: the profile was not written: {type(e).__name__}: {e}"
             if profiled:
                 self._log(profiled)
             logger.close(plots=c.logging.plots)
@@ -776,14 +796,16 @@ class Trainer:
             )
         self._fp16_skipped = skipped
 
-    def _train_record(self, means: dict[str, float], tokens_per_s: float) -> dict[str, Any]:
+    def _train_record(self, means: dict[str, float], tokens_per_s: float | None) -> dict[str, Any]:
         record: dict[str, Any] = {"step": self.step, "split": "train"}
         record.update({k: round(v, 6) for k, v in means.items()})
         record["lr"] = self.engine.lr()
         norm = self.engine.grad_norm()
         record["grad_norm"] = None if norm is None else round(norm, 6)
-        record["tokens_per_s"] = round(tokens_per_s, 1)
-        if self.peak_flops:  # tokens_per_s counts every rank, so divide by all their peaks
+        if tokens_per_s is not None:
+            record["tokens_per_s"] = round(tokens_per_s, 1)
+        if self.peak_flops and tokens_per_s is not None:
+            # tokens_per_s counts every rank, so divide by all their peaks
             mfu = tokens_per_s * self.flops_per_token / (self.peak_flops * self.world.world_size)
             record["mfu"] = round(mfu, 4)
         record["tokens_seen"] = self.tokens_seen

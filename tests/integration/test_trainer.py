@@ -726,3 +726,21 @@ def test_profile_steps_write_a_chrome_trace_of_exactly_those_steps(
         first, last = (int(x) for x in profiled.split("-"))
         assert len(steps) == last - first + 1, [e["name"] for e in steps]
         assert any(str(e.get("name", "")).startswith("aten::") for e in events)
+
+
+def test_profiled_steps_leave_the_throughput_and_a_late_resume_profiles_nothing(
+    tiny_corpus: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    common = ("trainer.eval_every=0", "trainer.save_every=0", "trainer.log_every=1")
+    profiled = ("logging.profile_steps=2", "logging.profile_from=2")
+    records = train(tiny_corpus, run, *common, *profiled, "trainer.max_steps=4")
+    rates = {r["step"]: r.get("tokens_per_s") for r in records if r["split"] == "train"}
+    # a window of profiled steps only has no rate; the others have one without their time
+    assert rates[2] is None and rates[3] is None and rates[1] and rates[4], rates
+    assert "profile of steps 2-3" in capsys.readouterr().out
+    # Resumed at step 4, past profile_from: nothing profiled, and a line says so.
+    (run / "profile" / "rank00000_steps2-3.json.gz").unlink()
+    train(tiny_corpus, run, *common, *profiled, "trainer.max_steps=6")
+    assert not any((run / "profile").iterdir())
+    assert "warning: logging.profile_from=2 is not after step 4" in capsys.readouterr().out
