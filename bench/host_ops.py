@@ -21,6 +21,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import sys
 from pathlib import Path
@@ -64,13 +65,6 @@ def fused_glue_only() -> Any:
     from pretrain.models import deberta
     from pretrain.models.attention import _kernels, fused
 
-    def settings(q: torch.Tensor) -> dict[str, Any]:
-        return dict(
-            block_d=16, precision="ieee", fwd=(16, 16), bwd=(16, 16), bwd_dq=(16, 16), warps=4,
-            run_sums=fused.RUN_SUMS, half_position_grads=fused.HALF_POSITION_GRADS,
-            store_singles=fused.STORE_SINGLES, uniform_tiles=fused.UNIFORM_TILES,
-        )  # fmt: skip
-
     with contextlib.ExitStack() as stack:
         for name in (
             "_forward_kernel",
@@ -79,13 +73,16 @@ def fused_glue_only() -> Any:
             "_row_dot_kernel",
         ):
             stack.enter_context(mock.patch.object(_kernels, name, _Stub()))
-        stack.enter_context(mock.patch.object(fused, "_launch_settings", settings))
+        stack.enter_context(
+            mock.patch.object(fused, "_launch_settings", lambda q: fused._tile_settings(q, True))
+        )
         stack.enter_context(mock.patch.object(deberta, "choose_impl", lambda *a, **k: "triton"))
         yield
 
 
+@functools.cache
 def _rtd_step() -> Any:
-    """bench/rtd_step.py as a module (bench/ is no package)."""
+    """bench/rtd_step.py as a module (bench/ is no package), loaded once."""
     spec = importlib.util.spec_from_file_location(
         "rtd_step", Path(__file__).with_name("rtd_step.py")
     )

@@ -8,9 +8,9 @@
 A step is generator + discriminator forward, backward and an AdamW step (fused on CUDA), for
 both sides alike in each `--precision`: bf16 autocast over fp32 weights (the CUDA default, what
 transformers' Trainer does with bf16=True), bf16 weights with fp32 master copies that AdamW
-updates (what our trainer's DeepSpeed bf16 does), or fp32 (the CPU default). Both see the same random ids, the same
-15% of positions replaced by [MASK], and the same shapes; each side is built fresh, warmed up,
-then timed. Prints tokens/s, step time, peak memory and MFU per side and the ratios ours/HF.
+updates (what our trainer's DeepSpeed bf16 does), or fp32 (the CPU default). Both see the
+same random ids, the same 15% of positions replaced by [MASK], and the same shapes; each side
+is built fresh, warmed up, then timed. Prints tokens/s, step time, peak memory and MFU per side and the ratios ours/HF.
 Ours runs once per variant (each `--attention` impl, compiled or not per `--compile`), each
 against the one HF row of the same length.
 

@@ -487,9 +487,10 @@ def unparsable_config_file(overrides: list[str], conf_dir: Path) -> str | None:
     """The first config file of this launch that is not valid YAML, or holds a `data.sources`
     entry with a key `SourceConfig` does not have, as one line naming the file and the place
     (or the key and the nearest known ones); None when all parse. Hydra would report it in a
-    traceback of about 90 lines, for a file a user wrote (conf/data/my_mix.yaml) as for ours. The files read: config.yaml,
-    the group options the command line selects (`data=my_mix`, each value of a sweep), and the
-    options their defaults lists select, recursively; a file no launch selects is not read."""
+    traceback of about 90 lines, for a file a user wrote (conf/data/my_mix.yaml) as for ours.
+    The files read: config.yaml, the group options the command line selects (`data=my_mix`,
+    each value of a sweep), and the options their defaults lists select, recursively; a file
+    no launch selects is not read."""
     import yaml
 
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)

@@ -319,7 +319,6 @@ class StepProfiler:
             torch.cuda.synchronize()  # the steps' kernels end inside the trace
         profiler, self._profiler = self._profiler, None
         profiler.__exit__(None, None, None)
-        self._enabled = False
         if self._done < self._first:
             return None  # stopped before the first profiled step ended
         self._dir.mkdir(parents=True, exist_ok=True)

@@ -652,19 +652,8 @@ def test_glue_makes_no_layout_copies(projection: str, monkeypatch: pytest.Monkey
 
     for name in ("_forward_kernel", "_backward_kernel", "_backward_dq_kernel", "_row_dot_kernel"):
         monkeypatch.setattr(_kernels, name, Stub())
-    tiles = dict(block_d=16, precision="ieee", fwd=(16, 16), bwd=(16, 16), bwd_dq=(16, 16))
-    monkeypatch.setattr(
-        fused,
-        "_launch_settings",
-        lambda q: {
-            **tiles,
-            "warps": 4,
-            "run_sums": False,
-            "half_position_grads": False,
-            "store_singles": False,
-            "uniform_tiles": False,
-        },
-    )
+    # The default form's settings, without the check that the kernel can run on this device.
+    monkeypatch.setattr(fused, "_launch_settings", lambda q: fused._tile_settings(q, True))
 
     class Log(TorchDispatchMode):
         def __init__(self) -> None:

@@ -96,6 +96,13 @@ def _launch_settings(q: torch.Tensor) -> dict[str, Any]:
     if interpret and q.dtype == torch.bfloat16:
         # Its tl.dot multiplies bf16 bit patterns as integers (triton-lang/triton#11584).
         raise ValueError("Triton's interpreter cannot run bf16 matmuls; test with fp16 or fp32")
+    return _tile_settings(q, interpret)
+
+
+def _tile_settings(q: torch.Tensor, interpret: bool) -> dict[str, Any]:
+    """The launch settings for q's head size and dtype, and the module's options, without
+    `_launch_settings`' check of where the kernel can run: what the tests and
+    bench/host_ops.py use with the kernels stubbed out, so a new option reaches them too."""
     d = q.shape[-1]
     block_d = max(16, triton.next_power_of_2(d))
     if block_d > 128:
