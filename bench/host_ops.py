@@ -13,6 +13,13 @@ them counts; on CPU there is nothing else to run them on) and transformers' HF-b
 
 Counts, not times: a CPU operator may be a different number of GPU kernels (a CPU dropout is
 four operators, CUDA's fused one), so compare rows with each other, not with a GPU profile.
+
+    python bench/host_ops.py --deepspeed [--accumulation 2]
+
+counts instead what our trainer's DeepSpeed engine adds: one optimizer step (its micro batches'
+backward and `step` calls, AdamW fused as on a GPU) of the same toy model under each bf16 setup
+DeepSpeed offers, with the device reads among them (`.item()` and the like: on a GPU each waits
+for all queued work, after which the GPU idles until the host has queued more).
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[1]
 
 VIEWS = {
     "view", "_unsafe_view", "transpose", "t", "permute", "expand", "unsqueeze", "squeeze",
@@ -137,6 +146,85 @@ def count(impl: str, precision: str, batch: int, seq_len: int) -> dict[str, int]
     return {**ops, "total": sum(ops.values())}
 
 
+class Reads(Count):
+    """`Count`, plus the device reads per phase."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func.overloadpacket.__name__ == "_local_scalar_dense":
+            self.reads[self.phase] += 1
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+# What each row sets; the first two are DeepSpeed's bf16 paths that our trainer no longer takes
+# by default (`grad_accum_dtype=bf16` picks them), the last is fp32 for reference.
+DEEPSPEED_SETUPS = {
+    "bf16, stage 0: DeepSpeed's stage-0 wrapper": (
+        "deepspeed=zero0", "deepspeed.precision=bf16",
+        "+deepspeed.extra.data_types.grad_accum_dtype=bf16",
+    ),
+    "bf16, stage 1: DeepSpeed's ZeRO-1 optimizer": (
+        "deepspeed=zero1", "deepspeed.precision=bf16",
+        "+deepspeed.extra.data_types.grad_accum_dtype=bf16",
+    ),
+    "bf16, stage 0 or 1: its bf16 optimizer (ours)": ("deepspeed=zero0", "deepspeed.precision=bf16"),
+    "fp32, stage 0": ("deepspeed=zero0", "deepspeed.precision=fp32"),
+}  # fmt: skip
+
+
+def count_deepspeed(setup: tuple[str, ...], accumulation: int) -> dict[str, int]:
+    """Operators and device reads of one optimizer step of our trainer's engine, after one
+    warm-up step: its micro batches' backward, and the step calls."""
+    from hydra import compose, initialize_config_dir
+
+    import pretrain.engine
+    from pretrain.config import register_schema, to_config
+    from pretrain.models.rtd import RTDModel
+
+    rs = _rtd_step()
+    register_schema()
+    overrides = [
+        "model=base", "model.vocab_size=8000", "model.hidden_size=64",
+        "model.num_attention_heads=4", "model.intermediate_size=128", "model.position_buckets=8",
+        "model.max_relative_positions=16", "model.attention_probs_dropout_prob=0",
+        "model.hidden_dropout_prob=0", "trainer.micro_batch_size=2",
+        f"trainer.global_batch_size={2 * accumulation}", "run_dir=unused", *setup,
+    ]  # fmt: skip
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        config = to_config(compose("config", overrides=overrides))
+    world = pretrain.engine.init_distributed("cpu")
+    torch.manual_seed(0)
+    with mock.patch.object(pretrain.engine, "fused_adamw", lambda device: True):
+        engine = pretrain.engine.Engine(RTDModel(config.model, config.rtd), config, world)
+    data = rs.make_batch(2, 64, config.model.vocab_size, 0.0, 0, torch.device("cpu"))
+    batch = {k: getattr(data, k) for k in ("input_ids", "attention_mask", "labels")}
+    batch["sampling_noise"] = data.sampling_noise
+
+    def step(counter: Reads | None = None) -> None:
+        for _ in range(accumulation):
+            loss = engine.forward(batch).loss
+            with counter if counter is not None else contextlib.nullcontext():
+                if counter is not None:
+                    counter.phase = "backward"
+                engine.engine.backward(loss)
+                if counter is not None:
+                    counter.phase = "step"
+                engine.engine.step()
+
+    step()
+    counter = Reads()
+    step(counter)
+    params = sum(1 for p in engine.module.parameters() if p.requires_grad)
+    return {
+        "backward": counter.ops["backward"], "step": counter.ops["step"],
+        "reads": sum(counter.reads.values()), "parameters": params,
+        "optimizer": type(engine.optimizer).__name__,  # type: ignore[dict-item]
+    }  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument(
@@ -144,7 +232,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument(
+        "--deepspeed", action="store_true", help="count our trainer's DeepSpeed step instead"
+    )
+    p.add_argument(
+        "--accumulation", type=int, default=2, help="micro batches per step (--deepspeed)"
+    )
     args = p.parse_args(argv)
+    if args.deepspeed:
+        print(
+            f"our trainer's DeepSpeed engine, one optimizer step of {args.accumulation} micro "
+            "batches (B=2, L=64): operators (non-view, at the dispatcher) and device reads"
+        )
+        print(f"{'setup':<48}{'backward':>9}{'step':>7}{'reads':>7}  optimizer")
+        for label, setup in DEEPSPEED_SETUPS.items():
+            row = count_deepspeed(setup, args.accumulation)
+            print(
+                f"{label:<48}{row['backward']:>9}{row['step']:>7}{row['reads']:>7}  "
+                f"{row['optimizer']} ({row['parameters']} parameters)"
+            )
+        return 0
     print(f"operators per step (non-view, at the dispatcher), B={args.batch} L={args.seq_len}")
     print(f"{'step':<34}{'forward':>9}{'backward':>10}{'optimizer':>11}{'total':>8}")
     for precision in args.precision:

@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import io
 import logging
+import math
 import os
 import re
 import socket
@@ -78,6 +79,20 @@ _EXPECTED_WARNINGS = (
 
 def _drop_expected_warnings(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith(_EXPECTED_WARNINGS)
+
+
+# DeepSpeed's bf16 optimizer prints a memory report around each group's set-up (12 lines at
+# every start): not about the run.
+_MEMORY_REPORT = re.compile(
+    r"^(begin bf16_optimizer|end bf16_ optimizer|(before|after) initializing group \d+|"
+    r"MA [\d.]+ GB .*|CPU Virtual Memory: .*)$"
+)
+
+
+def _print_unexpected_lines(printed: str) -> None:
+    for line in printed.splitlines():
+        if not _MEMORY_REPORT.match(line.strip()):
+            print(line)
 
 
 # Per parameter group, what the config sets and a resume keeps from it (see Engine.load): the
@@ -151,12 +166,49 @@ def convert_to_universal(src: Path, dst: Path) -> None:
 
 def gather_zero_checkpoint(step_dir: Path) -> dict[str, torch.Tensor]:
     """The fp32 weights of a ZeRO-1/2/3 checkpoint merged from their partitions, on CPU and
-    without a process group (DeepSpeed's zero_to_fp32)."""
+    without a process group (DeepSpeed's zero_to_fp32; ours for its bf16 optimizer's)."""
+    if any(step_dir.glob(f"{BF16_PARTITION_PREFIX}*_optim_states.pt")):
+        return gather_bf16_optimizer_checkpoint(step_dir)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     quiet = io.StringIO()  # it prints and draws progress bars
     with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
         return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+
+
+BF16_PARTITION_PREFIX = "bf16_zero_pp_rank_"
+
+
+def gather_bf16_optimizer_checkpoint(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a checkpoint of DeepSpeed's bf16 optimizer, which
+    zero_to_fp32 refuses. Rank r's file holds its slice of each parameter group's flat fp32
+    tensor; the slices in rank order make the whole, which holds the group's parameters one
+    after another in the order of the model file's `param_shapes`, then padding."""
+
+    def rank(path: Path) -> int:
+        return int(path.name[len(BF16_PARTITION_PREFIX) :].split("_", 1)[0])
+
+    files = sorted(step_dir.glob(f"{BF16_PARTITION_PREFIX}*_optim_states.pt"), key=rank)
+    assert [rank(f) for f in files] == list(range(len(files))), files
+    model = torch.load(
+        step_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+    )
+    slices = [
+        torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"][
+            "single_partition_of_fp32_groups"
+        ]
+        for f in files
+    ]
+    weights: dict[str, torch.Tensor] = {}
+    for g, shapes in enumerate(model["param_shapes"]):
+        flat = torch.cat([s[g] for s in slices])
+        start = 0
+        for name, shape in shapes.items():
+            n = math.prod(shape)
+            weights[name] = flat[start : start + n].view(shape).clone()
+            start += n
+        assert start <= flat.numel(), (name, start, flat.numel())
+    return weights
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -167,18 +219,44 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def runs_bf16_optimizer(config: Config, precision: str) -> bool:
+    """Whether DeepSpeed runs its bf16 optimizer: bf16 at ZeRO stage 0 or 1, unless
+    `deepspeed.extra.data_types.grad_accum_dtype` says otherwise.
+
+    It sums the micro batches' gradients in fp32 (DeepSpeed's other bf16 paths sum them in
+    bf16) and its step reads the device twice. DeepSpeed's stage-0 bf16 wrapper reads it once
+    per parameter tensor for an overflow check (322 reads per step for our 311 tensors), and
+    both it and the ZeRO-1 optimizer launch 5,000-6,000 operators per step, nearly all per-
+    tensor bookkeeping, against 671 (`python bench/host_ops.py --deepspeed`); the fp32 sums
+    cost two operators per tensor per micro batch. It partitions the fp32 master weights and
+    AdamW's state over the ranks, so stage 0 runs as stage 1: on one GPU that changes nothing.
+    """
+    accum = (config.deepspeed.extra.get("data_types") or {}).get("grad_accum_dtype")
+    return precision == "bf16" and config.deepspeed.zero_stage < 2 and accum is None
+
+
+def zero_stage_run(config: Config, precision: str) -> int:
+    """The ZeRO stage DeepSpeed runs (which lays out the checkpoint's optimizer state)."""
+    return 1 if runs_bf16_optimizer(config, precision) else config.deepspeed.zero_stage
+
+
 def deepspeed_config(config: Config, batch: BatchSizes, precision: str) -> dict[str, Any]:
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": batch.micro,
         "gradient_accumulation_steps": batch.accumulation,
         "train_batch_size": batch.global_,
         "gradient_clipping": config.optim.clip_grad,
-        "zero_optimization": {"stage": config.deepspeed.zero_stage},
+        "zero_optimization": {"stage": zero_stage_run(config, precision)},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if runs_bf16_optimizer(config, precision):
+        # The gradients are summed in fp32 and all-reduced in fp32 (Megatron's choice for
+        # bf16): reduced in bf16, DeepSpeed would round the sum to bf16, even on one rank.
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+        ds["communication_data_type"] = "fp32"
     if config.optim.name == "lamb":
         o = config.optim
         ds["optimizer"] = {
@@ -313,6 +391,7 @@ class Engine:
         global_batch = t.global_batch_size if t.max_steps else t.micro_batch_size * world.world_size
         self.batch = BatchSizes.compute(global_batch, t.micro_batch_size, world.world_size)
         self.precision = resolve_precision(config.deepspeed.precision, world.device)
+        self.zero_stage = zero_stage_run(config, self.precision)
         ds_config = deepspeed_config(config, self.batch, self.precision)
         if config.deepspeed.zero_stage == 3:
             # Embedding tables are read as tensors outside their own module's forward (tied MLM
@@ -337,13 +416,18 @@ class Engine:
             raise ConfigError(
                 "optim.name=lamb uses DeepSpeed's fused LAMB, which needs a GPU; use adamw on CPU"
             )
-        self.engine, self.optimizer, _, _ = ds.initialize(
-            model=model,
-            model_parameters=groups if optimizer is None else None,
-            optimizer=optimizer,
-            lr_scheduler=(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config))),
-            config=ds_config,
-        )
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):  # see _print_unexpected_lines
+            self.engine, self.optimizer, _, _ = ds.initialize(
+                model=model,
+                model_parameters=groups if optimizer is None else None,
+                optimizer=optimizer,
+                lr_scheduler=(
+                    lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config))
+                ),
+                config=ds_config,
+            )
+        _print_unexpected_lines(printed.getvalue())
         self._norm_is_ours = config.deepspeed.zero_stage == 0 and self.precision == "fp32"
         self._grad_norm: float | None = None
         assert self.engine.train_batch_size() == self.batch.global_, (

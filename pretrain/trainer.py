@@ -46,7 +46,14 @@ from pretrain.data.loader import (
 )
 from pretrain.data.pipeline import DataBundle, build_data, held_out_per_partition
 from pretrain.data.sources import SourceError
-from pretrain.engine import Engine, World, convert_to_universal, init_distributed
+from pretrain.engine import (
+    Engine,
+    World,
+    convert_to_universal,
+    init_distributed,
+    resolve_precision,
+    zero_stage_run,
+)
 from pretrain.metrics import (
     METRICS_FILE,
     MetricsLogger,
@@ -183,11 +190,13 @@ class Trainer:
             )
         self.engine_tag = self.resume_tag
         self.saved_world_size = self.world.world_size
+        precision = resolve_precision(config.deepspeed.precision, self.world.device)
+        zero_stage = zero_stage_run(config, precision)
         if self.resume_tag is not None:
-            self.saved_world_size = int(
-                self.checkpointer.trainer_state(self.resume_tag)["world_size"]
-            )
-        if self.saved_world_size != self.world.world_size and config.deepspeed.zero_stage > 0:
+            saved = self.checkpointer.trainer_state(self.resume_tag)
+            self.saved_world_size = int(saved["world_size"])
+            self._check_optimizer_layout(saved, precision, zero_stage)
+        if self.saved_world_size != self.world.world_size and zero_stage > 0:
             assert self.resume_tag is not None
             self.engine_tag = self.checkpointer.universal_tag(self.resume_tag, convert_to_universal)
             extra = {**config.deepspeed.extra, "checkpoint": {"load_universal": True}}
@@ -294,6 +303,8 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "nonfinite_skips": self.nonfinite_skips,
             "world_size": self.world.world_size,
+            # How DeepSpeed laid out the optimizer state: a resume must run the same.
+            "deepspeed": {"precision": self.engine.precision, "zero_stage": self.engine.zero_stage},
             "config": _as_dict(self.config),
             "cwd": os.getcwd(),  # what relative paths in the config are relative to (export)
         }
@@ -301,6 +312,43 @@ class Trainer:
     def save(self) -> str:
         rank_state = {"data": self.data.train.state_dict(), "rng": capture_rng()}
         return self.checkpointer.save(self.engine, self.step, self.trainer_state(), rank_state)
+
+    def _check_optimizer_layout(self, saved: dict[str, Any], precision: str, stage: int) -> None:
+        """Refuse, in one line, a resume whose DeepSpeed optimizer differs from the one that
+        saved the checkpoint (another precision, or bf16 at stage 0 saved before it ran as
+        stage 1): DeepSpeed would fail deep inside its load."""
+        assert self.resume_tag is not None
+        stage_was = saved.get("config", {}).get("deepspeed", {}).get("zero_stage")
+        if stage_was is not None and stage_was != self.config.deepspeed.zero_stage:
+            return  # `resume` names the changed setting
+        ours = f"{precision} at ZeRO stage {stage}"
+        layout = saved.get("deepspeed")
+        if layout is not None:  # recorded since bf16 at stage 0 runs as stage 1
+            theirs = f"{layout['precision']} at ZeRO stage {layout['zero_stage']}"
+            if theirs == ours:
+                return
+            fix = (
+                f"the precision it was saved with (deepspeed.precision={layout['precision']})"
+                if layout["precision"] != precision
+                else "the deepspeed.extra.data_types it was saved with"
+            )
+        else:  # saved before: whether its optimizer state is partitioned, by its files
+            partitioned = any((self.checkpointer.root / self.resume_tag).glob("*optim_states.pt"))
+            if partitioned == (stage > 0):
+                return
+            theirs = "ZeRO stage 1-3" if partitioned else "ZeRO stage 0"
+            fix = "the precision it was saved with"
+            if not partitioned and precision == "bf16":
+                fix = (
+                    "+deepspeed.extra.data_types.grad_accum_dtype=bf16 (DeepSpeed's stage-0 "
+                    "bf16 optimizer, which saved it: bf16 gradient accumulation, slower)"
+                )
+        raise ConfigError(
+            f"cannot resume {self.config.run_dir}: its checkpoint holds DeepSpeed's optimizer "
+            f"state for {theirs}, this run's would be for {ours} (deepspeed.precision="
+            f"{self.config.deepspeed.precision} on {self.world.device.type}); resume with {fix}, "
+            f"or {self._new_run_hint()}"
+        )
 
     def resume(self) -> bool:
         tag = self.resume_tag

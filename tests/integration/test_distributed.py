@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.integration.test_trainer import overrides_for
 
@@ -117,16 +118,17 @@ def test_deepspeed_launcher_matches_one_rank(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("before, after, stage", [(2, 1, 2), (1, 2, 3)])
+@pytest.mark.parametrize(
+    "before, after, setup",
+    [(2, 1, ("deepspeed=zero2",)), (1, 2, ("deepspeed=zero3",)),
+     (2, 1, ("deepspeed=zero0", "deepspeed.precision=bf16"))],  # DeepSpeed's bf16 optimizer
+    ids=["zero2", "zero3", "bf16"],
+)  # fmt: skip
 def test_resume_on_another_number_of_ranks(
-    before: int, after: int, stage: int, tiny_corpus: dict, tmp_path: Path
+    before: int, after: int, setup: tuple[str, ...], tiny_corpus: dict, tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
-    common = (
-        "trainer.micro_batch_size=8",
-        "trainer.global_batch_size=16",
-        f"deepspeed=zero{stage}",
-    )
+    common = ("trainer.micro_batch_size=8", "trainer.global_batch_size=16", *setup)
     first = launch(torchrun(before), tiny_corpus, run, *common, "trainer.max_steps=3")
     assert [r["step"] for r in first] == [1, 2, 3]
     both = launch(torchrun(after), tiny_corpus, run, *common, "trainer.max_steps=5")
@@ -145,6 +147,15 @@ def test_resume_on_another_number_of_ranks(
     ) in said
     # DeepSpeed's own pointer to the conversion named its temporary directory.
     assert (run / "checkpoints/latest_universal").read_text().strip() == "step_00000003_universal"
+    # The export's own gathering of the saved partitions agrees with DeepSpeed's conversion.
+    from pretrain.export import read_deepspeed_weights
+
+    gathered = read_deepspeed_weights(run / "checkpoints/step_00000003")
+    universal = run / "checkpoints/step_00000003_universal/zero"
+    for name, weight in gathered.items():
+        saved = torch.load(universal / name / "fp32.pt", weights_only=False)
+        saved = saved["param"] if isinstance(saved, dict) else saved
+        assert torch.equal(weight, saved.float().view_as(weight)), name
 
 
 @pytest.mark.slow

@@ -33,3 +33,22 @@ def test_counts_both_steps_in_both_precisions(capsys: pytest.CaptureFixture) -> 
         assert rows[f"ours, fused glue, {precision}"][3] < rows[f"transformers, {precision}"][3]
     for who in ("ours, fused glue", "transformers"):
         assert rows[f"{who}, bf16"][3] < rows[f"{who}, autocast"][3]
+
+
+def test_counts_the_trainers_deepspeed_step_in_each_bf16_setup(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    bench = load_bench("host_ops")
+    assert bench.main(["--deepspeed", "--accumulation", "1"]) == 0
+    rows = {
+        m.group(1).strip(): (int(m.group(2)), int(m.group(3)), int(m.group(4)), m.group(5))
+        for m in re.finditer(r"^(.{48})\s*(\d+)\s+(\d+)\s+(\d+)  (\w+) \(311 parameters\)$",
+                             capsys.readouterr().out, re.M)
+    }  # fmt: skip
+    ours = rows.pop("bf16, stage 0 or 1: its bf16 optimizer (ours)")
+    assert ours[3] == "BF16_Optimizer" and ours[2] <= 2
+    assert rows["bf16, stage 0: DeepSpeed's stage-0 wrapper"][2] > 311  # one read per tensor
+    for name in ("bf16, stage 0: DeepSpeed's stage-0 wrapper",
+                 "bf16, stage 1: DeepSpeed's ZeRO-1 optimizer"):  # fmt: skip
+        backward, step, reads, _ = rows[name]
+        assert ours[1] * 5 < step and ours[0] + ours[1] < backward + step, name
