@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,17 +82,27 @@ def _drop_expected_warnings(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith(_EXPECTED_WARNINGS)
 
 
-# DeepSpeed's bf16 optimizer prints a memory report around each group's set-up (12 lines at
-# every start): not about the run.
-_MEMORY_REPORT = re.compile(
+# What DeepSpeed's bf16 optimizer prints: a memory report around each group's set-up (12
+# lines at every start), a debugging line at each load. Not about the run.
+_CHATTER = re.compile(
     r"^(begin bf16_optimizer|end bf16_ optimizer|(before|after) initializing group \d+|"
-    r"MA [\d.]+ GB .*|CPU Virtual Memory: .*)$"
+    r"MA [\d.]+ GB .*|CPU Virtual Memory: .*|"
+    r"_load_legacy_checkpoint current_rank_sd\[BASE_OPTIMIZER_STATE\])$"
 )
 
 
-def _print_unexpected_lines(printed: str) -> None:
-    for line in printed.splitlines():
-        if not _MEMORY_REPORT.match(line.strip()):
+@contextlib.contextmanager
+def _without_deepspeed_chatter() -> Iterator[None]:
+    """Print what DeepSpeed prints inside, but its `_CHATTER` (all of it when it raises)."""
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    except BaseException:
+        print(printed.getvalue(), end="")
+        raise
+    for line in printed.getvalue().splitlines():
+        if not _CHATTER.match(line.strip()):
             print(line)
 
 
@@ -166,8 +177,9 @@ def convert_to_universal(src: Path, dst: Path) -> None:
 
 def gather_zero_checkpoint(step_dir: Path) -> dict[str, torch.Tensor]:
     """The fp32 weights of a ZeRO-1/2/3 checkpoint merged from their partitions, on CPU and
-    without a process group (DeepSpeed's zero_to_fp32; ours for its bf16 optimizer's)."""
-    if any(step_dir.glob(f"{BF16_PARTITION_PREFIX}*_optim_states.pt")):
+    without a process group (DeepSpeed's zero_to_fp32; ours for its bf16 optimizer's, which
+    zero_to_fp32 refuses)."""
+    if saved_by_bf16_optimizer(step_dir):
         return gather_bf16_optimizer_checkpoint(step_dir)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -176,29 +188,52 @@ def gather_zero_checkpoint(step_dir: Path) -> dict[str, torch.Tensor]:
         return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
 
 
+# DeepSpeed names every ZeRO partition file of a bf16 run so, whichever optimizer wrote it.
 BF16_PARTITION_PREFIX = "bf16_zero_pp_rank_"
 
 
+def _load(path: Path) -> Any:
+    """A checkpoint file, memory-mapped: only the tensors read are paged in."""
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def saved_by_bf16_optimizer(step_dir: Path) -> bool:
+    """Whether DeepSpeed's bf16 optimizer wrote this checkpoint (its state, unlike the ZeRO
+    optimizers', names no ZeRO stage: zero_to_fp32 refuses it for that)."""
+    first = next(step_dir.glob(f"{BF16_PARTITION_PREFIX}0_*_optim_states.pt"), None)
+    return first is not None and "zero_stage" not in _load(first)["optimizer_state_dict"]
+
+
+def checkpoint_precision(step_dir: Path) -> str | None:
+    """The precision a DeepSpeed checkpoint was trained in, from its files: bf16 runs name
+    their ZeRO partitions so, and the model file holds the module in its training dtype."""
+    if any(step_dir.glob(f"{BF16_PARTITION_PREFIX}*_optim_states.pt")):
+        return "bf16"
+    path = step_dir / "mp_rank_00_model_states.pt"
+    if not path.is_file():
+        return None
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    for tensor in _load(path)["module"].values():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            return names.get(tensor.dtype)
+    return None
+
+
 def gather_bf16_optimizer_checkpoint(step_dir: Path) -> dict[str, torch.Tensor]:
-    """The fp32 master weights of a checkpoint of DeepSpeed's bf16 optimizer, which
-    zero_to_fp32 refuses. Rank r's file holds its slice of each parameter group's flat fp32
-    tensor; the slices in rank order make the whole, which holds the group's parameters one
-    after another in the order of the model file's `param_shapes`, then padding."""
+    """The fp32 master weights of a checkpoint of DeepSpeed's bf16 optimizer. Rank r's file
+    holds its slice of each parameter group's flat fp32 tensor; the slices in rank order make
+    the whole, which holds the group's parameters one after another in the order of the model
+    file's `param_shapes`, then padding."""
 
     def rank(path: Path) -> int:
         return int(path.name[len(BF16_PARTITION_PREFIX) :].split("_", 1)[0])
 
     files = sorted(step_dir.glob(f"{BF16_PARTITION_PREFIX}*_optim_states.pt"), key=rank)
+    states = [_load(f)["optimizer_state_dict"] for f in files]
     assert [rank(f) for f in files] == list(range(len(files))), files
-    model = torch.load(
-        step_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-    )
-    slices = [
-        torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"][
-            "single_partition_of_fp32_groups"
-        ]
-        for f in files
-    ]
+    assert all(n == len(files) for state in states for n in state["partition_count"]), files
+    model = _load(step_dir / "mp_rank_00_model_states.pt")
+    slices = [state["single_partition_of_fp32_groups"] for state in states]
     weights: dict[str, torch.Tensor] = {}
     for g, shapes in enumerate(model["param_shapes"]):
         flat = torch.cat([s[g] for s in slices])
@@ -226,13 +261,21 @@ def runs_bf16_optimizer(config: Config, precision: str) -> bool:
     It sums the micro batches' gradients in fp32 (DeepSpeed's other bf16 paths sum them in
     bf16) and its step reads the device twice. DeepSpeed's stage-0 bf16 wrapper reads it once
     per parameter tensor for an overflow check (322 reads per step for our 311 tensors), and
-    both it and the ZeRO-1 optimizer launch 5,000-6,000 operators per step, nearly all per-
-    tensor bookkeeping, against 671 (`python bench/host_ops.py --deepspeed`); the fp32 sums
-    cost two operators per tensor per micro batch. It partitions the fp32 master weights and
-    AdamW's state over the ranks, so stage 0 runs as stage 1: on one GPU that changes nothing.
+    its step launches 6,243 operators, the ZeRO-1 optimizer's 4,875, nearly all per-tensor
+    bookkeeping, against 671 (`python bench/host_ops.py --deepspeed`); the fp32 sums cost two
+    operators per tensor per micro batch and a whole fp32 gradient buffer on every rank (2
+    bytes per parameter more than bf16 gradients). It partitions the fp32 master weights and
+    AdamW's state over the ranks, so stage 0 runs as stage 1.
     """
-    accum = (config.deepspeed.extra.get("data_types") or {}).get("grad_accum_dtype")
-    return precision == "bf16" and config.deepspeed.zero_stage < 2 and accum is None
+    extra = config.deepspeed.extra
+    accum = (extra.get("data_types") or {}).get("grad_accum_dtype")
+    offload = (extra.get("zero_optimization") or {}).get("offload_optimizer")
+    return (
+        precision == "bf16"
+        and config.deepspeed.zero_stage < 2
+        and accum in (None, "fp32")
+        and not offload  # DeepSpeed offloads with its ZeRO optimizer only
+    )
 
 
 def zero_stage_run(config: Config, precision: str) -> int:
@@ -416,8 +459,7 @@ class Engine:
             raise ConfigError(
                 "optim.name=lamb uses DeepSpeed's fused LAMB, which needs a GPU; use adamw on CPU"
             )
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):  # see _print_unexpected_lines
+        with _without_deepspeed_chatter():
             self.engine, self.optimizer, _, _ = ds.initialize(
                 model=model,
                 model_parameters=groups if optimizer is None else None,
@@ -427,7 +469,6 @@ class Engine:
                 ),
                 config=ds_config,
             )
-        _print_unexpected_lines(printed.getvalue())
         self._norm_is_ours = config.deepspeed.zero_stage == 0 and self.precision == "fp32"
         self._grad_norm: float | None = None
         assert self.engine.train_batch_size() == self.batch.global_, (
@@ -531,9 +572,10 @@ class Engine:
             {k: g[k] for k in _GROUP_HYPERPARAMETERS if k in g}
             for g in scheduler.optimizer.param_groups
         ]
-        path, client_state = self.engine.load_checkpoint(
-            directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        with _without_deepspeed_chatter():
+            path, client_state = self.engine.load_checkpoint(
+                directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {directory}/{tag}")
         groups = scheduler.optimizer.param_groups  # new dicts: loading a state replaces them

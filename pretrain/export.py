@@ -691,9 +691,10 @@ def locate_checkpoint(path: str | Path) -> Path:
 def read_deepspeed_weights(step_dir: str | Path) -> dict[str, torch.Tensor]:
     """The model's fp32 weights from one DeepSpeed checkpoint, on CPU, without distributed.
 
-    ZeRO-1/2/3 keep fp32 master partitions in `*optim_states.pt`; DeepSpeed's `zero_to_fp32`
-    gathers them (ZeRO-3's module file holds only empty placeholders). ZeRO-0 keeps the module
-    in its training dtype; under bf16/fp16 the fp32 masters sit beside it and are preferred.
+    ZeRO-1/2/3 and DeepSpeed's bf16 optimizer (bf16 at stages 0 and 1) keep fp32 master
+    partitions in `*optim_states.pt`; `gather_zero_checkpoint` gathers them (ZeRO-3's module
+    file holds only empty placeholders). ZeRO-0 keeps the module in its training dtype; under
+    fp16 (and bf16 saved before 27bbd0b) the fp32 masters sit beside it and are preferred.
     """
     d = Path(step_dir)
     if any(d.glob("*zero_pp_rank_*_optim_states.pt")):

@@ -49,6 +49,7 @@ from pretrain.data.sources import SourceError
 from pretrain.engine import (
     Engine,
     World,
+    checkpoint_precision,
     convert_to_universal,
     init_distributed,
     resolve_precision,
@@ -332,17 +333,22 @@ class Trainer:
                 if layout["precision"] != precision
                 else "the deepspeed.extra.data_types it was saved with"
             )
-        else:  # saved before: whether its optimizer state is partitioned, by its files
-            partitioned = any((self.checkpointer.root / self.resume_tag).glob("*optim_states.pt"))
-            if partitioned == (stage > 0):
+        else:  # saved before it was recorded: its precision and partitioning, from its files
+            step_dir = self.checkpointer.root / self.resume_tag
+            partitioned = any(step_dir.glob("*optim_states.pt"))
+            was = checkpoint_precision(step_dir)
+            theirs = f"{was or 'its precision'} at ZeRO stage {'1-3' if partitioned else 0}"
+            if was is not None and was != precision:
+                fix = f"the precision it was saved with (deepspeed.precision={was})"
+            elif partitioned == (stage > 0):
                 return
-            theirs = "ZeRO stage 1-3" if partitioned else "ZeRO stage 0"
-            fix = "the precision it was saved with"
-            if not partitioned and precision == "bf16":
+            elif not partitioned and precision == "bf16":  # DeepSpeed's stage-0 wrapper's
                 fix = (
                     "+deepspeed.extra.data_types.grad_accum_dtype=bf16 (DeepSpeed's stage-0 "
-                    "bf16 optimizer, which saved it: bf16 gradient accumulation, slower)"
+                    "bf16 optimizer, which saved it: bf16 gradient sums, slower)"
                 )
+            else:
+                fix = "the precision and deepspeed.extra settings it was saved with"
         raise ConfigError(
             f"cannot resume {self.config.run_dir}: its checkpoint holds DeepSpeed's optimizer "
             f"state for {theirs}, this run's would be for {ours} (deepspeed.precision="

@@ -46,13 +46,18 @@ class Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("stage", [0, 1])
+@pytest.mark.parametrize(
+    "setup",
+    [("deepspeed=zero0",), ("deepspeed=zero1",),
+     ("deepspeed=zero0", "+deepspeed.extra.data_types.grad_accum_dtype=fp32")],
+    ids=["zero0", "zero1", "zero0_fp32_said"],
+)  # fmt: skip
 def test_bf16_accumulates_the_micro_batches_gradients_in_fp32(
-    stage: int, tiny_corpus: dict, tmp_path: Path
+    setup: tuple[str, ...], tiny_corpus: dict, tmp_path: Path
 ) -> None:
     from pretrain.models.rtd import RTDModel, masked_rows_of
 
-    trainer = trainer_for(tiny_corpus, tmp_path / "run", f"deepspeed=zero{stage}")
+    trainer = trainer_for(tiny_corpus, tmp_path / "run", *setup)
     engine = trainer.engine
     assert type(engine.optimizer).__name__ == "BF16_Optimizer"
     assert engine.batch.accumulation == 2
@@ -132,27 +137,34 @@ def test_the_bf16_optimizer_step_reads_the_device_twice_not_once_per_parameter(
     assert ops.count["ops"] < 16 * n_params, (ops.count, n_params)
 
 
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_a_bf16_checkpoint_exports_its_fp32_master_weights(
-    tiny_corpus: dict, tmp_path: Path
+    stage: int, tiny_corpus: dict, tmp_path: Path
 ) -> None:
+    # DeepSpeed names every bf16 run's partition files alike; only its bf16 optimizer's (stage
+    # 0 and 1 here) are gathered by us, the ZeRO optimizers' (2, 3) by zero_to_fp32.
     from deepspeed.utils import safe_get_full_fp32_param
 
+    from pretrain.engine import saved_by_bf16_optimizer
     from pretrain.export import read_deepspeed_weights
 
-    trainer = trainer_for(tiny_corpus, tmp_path / "run", "trainer.max_steps=2")
+    trainer = trainer_for(
+        tiny_corpus, tmp_path / "run", "trainer.max_steps=2", f"deepspeed=zero{stage}"
+    )
     trainer.fit()
     live = {
         name: safe_get_full_fp32_param(p) for name, p in trainer.engine.module.named_parameters()
     }
     step_dir = tmp_path / "run/checkpoints/step_00000002"
-    assert list(step_dir.glob("bf16_zero_pp_rank_0_*_optim_states.pt"))  # not zero_to_fp32's
+    assert list(step_dir.glob("bf16_zero_pp_rank_0_*_optim_states.pt"))
+    assert saved_by_bf16_optimizer(step_dir) == (stage < 2)
     read = read_deepspeed_weights(step_dir)
     assert set(read) == set(live)
     for name, want in live.items():
         assert read[name].dtype == torch.float32 and torch.equal(read[name], want), name
-    # The masters are not just the bf16 weights: they keep what bf16 rounds away.
-    module = dict(trainer.engine.module.named_parameters())
-    assert any(not torch.equal(read[n], module[n].float()) for n in read)
+    if stage < 3:  # the masters keep what bf16 rounds away (ZeRO-3's module is partitioned)
+        module = dict(trainer.engine.module.named_parameters())
+        assert any(not torch.equal(read[n], module[n].float()) for n in read)
 
 
 def test_resuming_under_another_precision_is_refused_in_one_line(
@@ -173,23 +185,44 @@ def test_resuming_under_another_precision_is_refused_in_one_line(
     assert [r["step"] for r in resumed] == [3]
 
 
-def test_a_stage0_bf16_checkpoint_of_before_says_how_to_resume_it(
-    tiny_corpus: dict, tmp_path: Path
-) -> None:
+@pytest.mark.parametrize(
+    "saved, resumed, said",
+    [
+        (("deepspeed.precision=bf16", "+deepspeed.extra.data_types.grad_accum_dtype=bf16"),
+         ("deepspeed.precision=bf16",),
+         "for bf16 at ZeRO stage 0, this run's would be for bf16 at ZeRO stage 1 (deepspeed."
+         "precision=bf16 on cpu); resume with +deepspeed.extra.data_types.grad_accum_dtype=bf16"),
+        (("deepspeed.precision=fp32",), ("deepspeed.precision=bf16",),
+         "for fp32 at ZeRO stage 0, this run's would be for bf16 at ZeRO stage 1 (deepspeed."
+         "precision=bf16 on cpu); resume with the precision it was saved with (deepspeed."
+         "precision=fp32)"),
+        (("deepspeed.precision=fp32", "deepspeed=zero1"),
+         ("deepspeed.precision=bf16", "deepspeed=zero1"),
+         "for fp32 at ZeRO stage 1-3, this run's would be for bf16 at ZeRO stage 1"),
+    ],
+    ids=["bf16_stage0_wrapper", "fp32_to_bf16", "fp32_zero1_to_bf16"],
+)  # fmt: skip
+def test_a_checkpoint_of_before_the_layout_was_recorded_says_how_to_resume_it(
+    saved: tuple[str, ...], resumed: tuple[str, ...], said: str, tiny_corpus: dict,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    # Its precision and partitioning are read from its files (a CPU run continued on a GPU,
+    # where auto means bf16, is the common case); DeepSpeed would fail deep inside its load.
     from pretrain.checkpoint import MANIFEST, TRAINER_STATE, manifest
 
     run = tmp_path / "run"
-    older = "+deepspeed.extra.data_types.grad_accum_dtype=bf16"  # the stage-0 wrapper's layout
-    train(tiny_corpus, run, *BF16, older, "trainer.max_steps=2")
+    common = ("trainer.eval_every=0", "model.hidden_dropout_prob=0.0")
+    train(tiny_corpus, run, *common, *saved, "trainer.max_steps=2")
     step_dir = run / "checkpoints/step_00000002"
     state = json.loads((step_dir / TRAINER_STATE).read_text())
-    assert state.pop("deepspeed") == {"precision": "bf16", "zero_stage": 0}
+    del state["deepspeed"]
     (step_dir / TRAINER_STATE).write_text(json.dumps(state))  # as saved before it was recorded
     (step_dir / MANIFEST).write_text(json.dumps(manifest(step_dir)))
-    with pytest.raises(ConfigError, match=r"ZeRO stage 0, this run's would be for bf16 at ZeRO "):
-        train(tiny_corpus, run, *BF16, "trainer.max_steps=3")
-    resumed = train(tiny_corpus, run, *BF16, older, "trainer.max_steps=3")
-    assert [r["step"] for r in resumed] == [3]
+    with pytest.raises(ConfigError) as refused:
+        train(tiny_corpus, run, *common, *resumed, "trainer.max_steps=3")
+    assert said in str(refused.value) and "\n" not in str(refused.value)
+    again = train(tiny_corpus, run, *common, *saved, "trainer.max_steps=3")
+    assert [r["step"] for r in again] == [3]
 
 
 def test_a_bf16_run_resumes_exactly(tiny_corpus: dict, tmp_path: Path) -> None:

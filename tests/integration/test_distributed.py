@@ -152,6 +152,7 @@ def test_resume_on_another_number_of_ranks(
 
     gathered = read_deepspeed_weights(run / "checkpoints/step_00000003")
     universal = run / "checkpoints/step_00000003_universal/zero"
+    assert set(gathered) == {p.parent.name for p in universal.glob("*/fp32.pt")}
     for name, weight in gathered.items():
         saved = torch.load(universal / name / "fp32.pt", weights_only=False)
         saved = saved["param"] if isinstance(saved, dict) else saved
