@@ -8,15 +8,17 @@
 #   bash bench/gpu_session.sh [OUT_DIR [STAGE ...]]
 #
 # OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env rtd_512 rtd_host rtd_bf16
-# rtd_2048_b4 rtd_options tests rtd_rows attention rtd_dropout attention_dropout mlm_head
-# rtd_2048 ncu curves trainer_512 trainer_gaps (default: all, in that order, the most needed
-# first; one 10-minute call reaches about tests). rtd_host is the step's host-or-GPU account,
+# rtd_2048_b4 rtd_options tests rtd_graphs rtd_rows attention rtd_dropout attention_dropout
+# mlm_head rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1 (default: all, in
+# that order, the most needed first; one 10-minute call reaches about tests). rtd_host is the
+# step's host-or-GPU account, rtd_graphs the layers as CUDA graphs (the fix if the host bounds it),
 # rtd_rows its A/B; rtd_bf16 both sides in bf16 weights; rtd_2048_b4 the comparison at L=2048
 # at the batch HF fits on an 80 GB card, rtd_2048 ours at B=8; rtd_options is the step with
 # the options not yet on by default; *_dropout run DeBERTa's attention dropout 0.1; ncu
 # profiles the fused kernels; trainer_512 is the real trainer, DeepSpeed and data loading
 # included, on the v3-base shape at L=512, for its tokens/s and MFU beside rtd_step's bare
-# step, and trainer_gaps where its GPU idles in two profiled steps. Each stage has its own
+# step, trainer_gaps where its GPU idles in two profiled steps, trainer_512_zero1 the trainer
+# with DeepSpeed's ZeRO-1 optimizer it ran before 27bbd0b. Each stage has its own
 # time limit, cut to what is left of BUDGET_S (580 s, inside the device tool's 10-minute
 # command; the stages of 7a09b79, without rtd_runs and ncu, took 451 s on an H100), and
 # writes OUT_DIR/<stage>.log as
@@ -82,7 +84,7 @@ fi
 
 out=${1:-${OUT:-gpu_session}}
 shift || true
-stages=${*:-env rtd_512 rtd_host rtd_bf16 rtd_2048_b4 rtd_options tests rtd_rows attention rtd_dropout attention_dropout mlm_head rtd_2048 ncu curves trainer_512 trainer_gaps}
+stages=${*:-env rtd_512 rtd_host rtd_bf16 rtd_2048_b4 rtd_options tests rtd_graphs rtd_rows attention rtd_dropout attention_dropout mlm_head rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1}
 mkdir -p "$out"
 # Stages stop here at the latest, inside the device tool's 10-minute command.
 deadline=$((SECONDS + ${BUDGET_S:-580}))
@@ -148,6 +150,12 @@ stage rtd_options 70 "$py" bench/rtd_step.py --impl ours --attention triton --ru
 # modules that need packages the image lacks would only fail to collect).
 stage tests 100 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/unit/test_fused_attention.py \
     tests/unit/test_deberta_parity.py tests/unit/test_mlm_objective.py
+# Each compiled layer's kernels replayed as one CUDA graph (torch.compile's reduce-overhead):
+# if rtd_host finds the step waiting for the host's launches, this is the fix; compare with the
+# compiled fused rows of rtd_512 / rtd_2048_b4. Three warm-up steps: CUDA graph trees run the
+# first eagerly and record in the second.
+stage rtd_graphs 90 "$py" bench/rtd_step.py --impl ours --attention triton --compile on \
+    --compile-mode reduce-overhead --warmup 3 --steps 5 --seq-len 512 2048 --batch 32 4
 # The masked rows found on the device again (--device-rows, the wait for the GPU each step that
 # 9729a9e removed), to compare with rtd_512's uncompiled fused row.
 stage rtd_rows 45 "$py" bench/rtd_step.py --impl ours --attention triton --device-rows \
@@ -185,19 +193,24 @@ if command -v ncu >/dev/null; then
         --steps 1
 fi
 stage curves 150 bash "$0" --curves "$out"
-# 40 steps of python -m pretrain on the base preset (fused attention, bf16, ZeRO-1) over the
-# quick start's corpus; metrics.jsonl's tokens_per_s and mfu at steps 20-40 are the figures.
-stage trainer_512 100 "$py" -m pretrain experiment=deberta_v3_base model.attention_impl=triton \
-    model.attention_probs_dropout_prob=0 "data.corpus=$corpus/shards" \
-    "data.tokenizer=$corpus/tokenizer" model.vocab_size=128100 trainer.max_steps=40 \
-    trainer.global_batch_size=32 trainer.micro_batch_size=32 trainer.log_every=10 \
-    trainer.eval_every=0 trainer.save_every=0 optim.warmup_steps=10 logging.progress_bar=false \
-    logging.plots=false logging.profile_steps=2 logging.profile_from=30 \
-    "hydra.run.dir=$out/trainer_512_run"
+# 40 steps of python -m pretrain on the base preset (fused attention, bf16, ZeRO-1, which runs
+# DeepSpeed's bf16 optimizer) over the quick start's corpus; metrics.jsonl's tokens_per_s and
+# mfu at steps 20-40 are the figures. trainer_512_zero1 is the same run with DeepSpeed's ZeRO-1
+# optimizer (bf16 gradient sums, ~7x the step's operators), what the trainer ran before 27bbd0b.
+trainer_args=(experiment=deberta_v3_base model.attention_impl=triton
+    model.attention_probs_dropout_prob=0 "data.corpus=$corpus/shards"
+    "data.tokenizer=$corpus/tokenizer" model.vocab_size=128100 trainer.max_steps=40
+    trainer.global_batch_size=32 trainer.micro_batch_size=32 trainer.log_every=10
+    trainer.eval_every=0 trainer.save_every=0 optim.warmup_steps=10 logging.progress_bar=false
+    logging.plots=false)
+stage trainer_512 100 "$py" -m pretrain "${trainer_args[@]}" logging.profile_steps=2 \
+    logging.profile_from=30 "hydra.run.dir=$out/trainer_512_run"
 # Where the real trainer's GPU idles in steps 30-31 (DeepSpeed's step, data loading, the loss
 # read before each backward), from the trace trainer_512 wrote.
 stage trainer_gaps 30 "$py" bench/trace_gaps.py \
     "$out/trainer_512_run/profile/rank00000_steps30-31.json.gz"
+stage trainer_512_zero1 100 "$py" -m pretrain "${trainer_args[@]}" \
+    +deepspeed.extra.data_types.grad_accum_dtype=bf16 "hydra.run.dir=$out/trainer_512_zero1_run"
 
 if ((${#failed[@]})); then
     echo "not clean: ${failed[*]}"

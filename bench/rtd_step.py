@@ -3,6 +3,7 @@
     python bench/rtd_step.py [--preset base] [--seq-len 512 2048] [--batch 32 8] [--steps N]
                              [--warmup N] [--device auto|cpu|cuda]
                              [--attention eager|triton|auto ...] [--compile off|on|both]
+                             [--compile-mode default|reduce-overhead|max-autotune-no-cudagraphs]
                              [--precision autocast|bf16|fp32 ...] [--profile]
 
 A step is generator + discriminator forward, backward and an AdamW step (fused on CUDA), for
@@ -316,6 +317,11 @@ class Row:
     first_losses: tuple[float, float, float] | None = None  # total, mlm, rtd
 
 
+# torch.compile's mode for our compiled rows (--compile-mode; None: its default, what
+# trainer.compile=true runs).
+COMPILE_MODE: str | None = None
+
+
 def build(
     impl: str, config: DebertaConfig, rtd: RTDConfig, compile_ours: bool = False
 ) -> tuple[nn.Module, Callable]:
@@ -323,7 +329,7 @@ def build(
     if impl == "ours":
         ours = RTDModel(config, rtd)
         if compile_ours:
-            ours.compile_layers()  # what trainer.compile=true does
+            ours.compile_layers(COMPILE_MODE)  # what trainer.compile=true does
 
         def run_ours(b: Batch) -> Losses:
             out = ours(
@@ -377,6 +383,9 @@ def measure(
     )
 
     def step() -> Losses:
+        if compile_ours and COMPILE_MODE == "reduce-overhead":
+            # A new iteration of the layers' CUDA graphs: the last step's outputs are dead.
+            torch.compiler.cudagraph_mark_step_begin()
         optimizer.zero_grad(set_to_none=True)
         with autocast:
             losses = forward(batch)
@@ -409,7 +418,7 @@ def measure(
     row.tokens_per_s = batch.tokens * steps / total_s
     if profile:
         variant = f" {config.attention_impl}" if impl == "ours" else ""
-        compiled = " compiled" if compile_ours else ""
+        compiled = f" compiled {COMPILE_MODE or ''}".rstrip() if compile_ours else ""
         label = f"{impl}{variant} L={seq_len} B={b}{compiled}{precision_label(precision, device)}"
         print_profile(label, step, cuda, row.step_ms, trace_dir)
     peak = device_peak_flops(device)
@@ -630,6 +639,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="torch.compile our layers, as trainer.compile=true; both: a row each (HF: eager)",
     )
     p.add_argument(
+        "--compile-mode",
+        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+        default="default",
+        help="torch.compile's mode for the compiled rows (reduce-overhead: each layer's kernels "
+        "replayed as one CUDA graph; trainer.compile=true runs the default)",
+    )
+    p.add_argument(
         "--precision",
         choices=PRECISIONS,
         nargs="+",
@@ -747,6 +763,8 @@ def resolve(args: argparse.Namespace) -> torch.device:
     ):
         if value and not fused_runs:
             raise UsageError(f"{flag} is a setting of the fused kernel: add --attention triton")
+    if args.compile_mode != "default" and args.compile == "off":
+        raise UsageError("--compile-mode applies to compiled rows: add --compile on or both")
     if args.mlm_kernel and not cuda:
         raise UsageError("--mlm-kernel runs on CUDA only (on CPU, Triton only interprets)")
     return torch.device("cuda" if cuda else "cpu")
@@ -793,6 +811,8 @@ def main(argv: list[str] | None = None) -> int:
         from pretrain.models import heads
 
         settings.enter_context(mock.patch.object(heads, "MLM_IMPL", "triton"))
+    global COMPILE_MODE
+    COMPILE_MODE = None if args.compile_mode == "default" else args.compile_mode
     try:
         with settings:
             return run(args, command, device, configs, rtd)
@@ -827,7 +847,9 @@ def run(
         f"{config.attention_probs_dropout_prob:g} attention (both sides); "
         "attention: ours "
         + ", ".join(our_attention(c, device) for c in configs.values())
-        + f", HF eager; compiled layers: ours {args.compile}, HF off"
+        + f", HF eager; compiled layers: ours {args.compile}"
+        + (f" ({args.compile_mode})" if args.compile_mode != "default" else "")
+        + ", HF off"
     )
     if args.run_sums:
         print("fused attention backward: one atomic per run of pairs sharing a position row")
@@ -878,7 +900,8 @@ def run(
                     "ours", configs[attention], rtd, batch, device, args.warmup, args.steps,
                     compiled, args.profile, args.trace, precision,
                 )  # fmt: skip
-                row.impl = f"ours {attention}{'+compile' if compiled else ''}{weights}"
+                mode = f"({args.compile_mode})" if args.compile_mode != "default" else ""
+                row.impl = f"ours {attention}{'+compile' + mode if compiled else ''}{weights}"
                 print(progress_line(row), flush=True)
                 rows.append(row)
                 # Against HF in the same precision and, for ours in bf16 weights, against HF

@@ -120,7 +120,7 @@ class RTDModel(nn.Module):
                     torch.zeros(config.max_position_embeddings, config.embedding_dim)
                 )
 
-    def compile_layers(self) -> None:
+    def compile_layers(self, mode: str | None = None) -> None:
         """torch.compile every transformer layer of both towers, in place (parameter names
         and checkpoints unchanged). The layers are the repeated block and nearly all the
         work, and compiling them region by region keeps compile time to one layer's.
@@ -131,10 +131,13 @@ class RTDModel(nn.Module):
         symbolic one too, with generic kernels. There are few shapes: training, evaluation
         and its last batch, each twice with the enhanced mask decoder (its extra pass gives the
         layers query states), 6 graphs shared by all layers of one width, under dynamo's
-        limit of 8 per function (past it, new shapes would run eagerly)."""
+        limit of 8 per function (past it, new shapes would run eagerly).
+
+        `mode` is torch.compile's (None: its default); "reduce-overhead" replays each layer's
+        kernels as a CUDA graph (on CUDA only), one launch instead of each kernel's."""
         for tower in (self.generator, self.discriminator):
             for layer in tower.encoder.layer:
-                layer.compile(dynamic=False)
+                layer.compile(dynamic=False, mode=mode)
 
     def generator_embedding_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(word, position) tables of the generator: E_gen, tied to its MLM decoder."""

@@ -112,6 +112,25 @@ def test_mlm_kernel_needs_cuda(bench, capsys):
     )
 
 
+def test_compile_mode_reaches_each_layers_compile(bench, capsys, monkeypatch):
+    assert bench.main(TINY + ["--compile-mode", "reduce-overhead"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --compile-mode applies to compiled rows: add --compile on or both"
+    )
+    modes = []
+    monkeypatch.setattr(
+        torch.nn.Module, "compile", lambda self, **kw: modes.append((type(self).__name__, kw))
+    )  # the layers run eagerly: the mode is what is checked, not torch.compile
+    args = ["--impl", "ours", "--compile", "on", "--compile-mode", "reduce-overhead"]
+    assert bench.main(TINY + args + ["--steps", "1"]) == 0
+    assert modes and {kw["mode"] for _, kw in modes} == {"reduce-overhead"}
+    assert len(modes) == 4 + 2  # the tiny preset's discriminator and generator layers
+    assert "ours eager+compile(reduce-overhead) | 32" in capsys.readouterr().out
+    modes.clear()
+    assert bench.main(TINY + ["--impl", "ours", "--compile", "on", "--steps", "1"]) == 0
+    assert {kw["mode"] for _, kw in modes} == {None}  # trainer.compile=true's: the default
+
+
 def test_rows_found_on_the_device_give_ours_the_same_step(bench, capsys):
     # --device-rows is the same step with the wait for the device back in: same first losses.
     first = {}
