@@ -604,7 +604,11 @@ def _backward_dq_kernel(
 ):  # fmt: skip
     """The deterministic backward's other half: one program per query block, dq in registers
     and the rows of dQP of its queries by `_add_runs`; buffers as `_backward_kernel`'s."""
-    _, pid_bh, b, h, offs_m, offs_d, row_ok, d_ok = _program_block(H, L, D, BLOCK_M, BLOCK_D)
+    # Not `_` for the block's start: the loop assigns `_` a tile, and Triton refuses a name
+    # set before a loop that the loop sets to another type (CompilationError on the GPU).
+    first_row, pid_bh, b, h, offs_m, offs_d, row_ok, d_ok = _program_block(
+        H, L, D, BLOCK_M, BLOCK_D
+    )
     qd_ok = row_ok[:, None] & d_ok[None, :]
 
     q, do, q_real, lse, delta = _query_rows(
