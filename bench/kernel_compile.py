@@ -1,0 +1,197 @@
+"""Compile our Triton kernels for a GPU, without one: whether each launch compiles, and its
+registers and local-memory stack (register spills), with the installed Triton.
+
+    python bench/kernel_compile.py [--arch 90] [--path default deterministic ...]
+
+Triton's interpreter, which runs the kernel tests on CPU, executes the kernels' Python and
+skips the compiler, so a kernel can pass every interpreted test and fail to compile on the
+first GPU. Here the glue runs on CPU with the kernels stubbed out, at the tiles a GPU gets
+(`fused._tile_settings`), and each launch it makes is compiled to a cubin with Triton's own
+ptxas, for each path the kernels have: the forward, the backward with each option not yet on
+by default and with all of them, the deterministic backward, dropout, and the MLM head's
+kernel (bf16, v3-base's heads of 64 and 12 heads, L=256). Register counts and stacks say which
+tiles spill; they are the compiler's, not timings. To check another Triton (the GPU image's),
+run this with a Python whose Triton is that one and whose torch can run the glue on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Any
+from unittest import mock
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from pretrain.models import mlm_kernel
+from pretrain.models.attention import _kernels, fused
+
+ATTENTION_KERNELS = (
+    "_forward_kernel", "_backward_kernel", "_backward_dq_kernel", "_row_dot_kernel",
+    "_keep_kernel",
+)  # fmt: skip
+POINTERS = {
+    torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
+    torch.int32: "*i32", torch.int8: "*i8", torch.int64: "*i64",
+}  # fmt: skip
+
+# One launch: (the jitted function, signature, constexprs, options), as `triton.compile` takes.
+Launch = tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]
+
+
+def signature(fn: Any, args: tuple, kwargs: dict) -> Launch:
+    """What `fn[grid](*args, **kwargs)` compiles."""
+    types: dict[str, str] = {}
+    for name, value in zip(fn.arg_names, args, strict=False):
+        if isinstance(value, torch.Tensor):
+            types[name] = POINTERS[value.dtype]
+        elif isinstance(value, bool):
+            types[name] = "i1"
+        elif isinstance(value, int):
+            types[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+        else:
+            assert isinstance(value, float), (name, type(value))
+            types[name] = "fp32"
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    constexprs = {k: v for k, v in kwargs.items() if k not in options}
+    types.update(dict.fromkeys(constexprs, "constexpr"))
+    assert set(types) == set(fn.arg_names), set(fn.arg_names) ^ set(types)
+    return fn, {n: types[n] for n in fn.arg_names}, constexprs, options
+
+
+class Recorder:
+    """Stands in for `kernel[grid](...)`: records the launch instead of running it."""
+
+    def __init__(self, fn: Any, launches: list[Launch]) -> None:
+        self.fn, self.launches = fn, launches
+
+    def __getitem__(self, grid: Any) -> Any:
+        def launch(*args: Any, **kwargs: Any) -> None:
+            self.launches.append(signature(self.fn, args, kwargs))
+
+        return launch
+
+
+@contextlib.contextmanager
+def recording(launches: list[Launch]) -> Any:
+    """The glue runs on CPU, with the tiles and settings a GPU would get."""
+    with contextlib.ExitStack() as stack:
+        for name in ATTENTION_KERNELS:
+            recorder = Recorder(getattr(_kernels, name), launches)
+            stack.enter_context(mock.patch.object(_kernels, name, recorder))
+        recorder = Recorder(mlm_kernel._mlm_rows_kernel, launches)
+        stack.enter_context(mock.patch.object(mlm_kernel, "_mlm_rows_kernel", recorder))
+        gpu_tiles = lambda q: fused._tile_settings(q, False)  # noqa: E731
+        stack.enter_context(mock.patch.object(fused, "_launch_settings", gpu_tiles))
+        yield
+
+
+def attention_launches(
+    deterministic: bool = False, dropout: float = 0.0, **options: bool
+) -> list[Launch]:
+    """The launches of one forward and backward of v3-base's attention shape in bf16, with
+    `fused`'s options (RUN_SUMS=True, ...) set as given."""
+    launches: list[Launch] = []
+    batch, heads, length, d, span = 2, 12, 256, 64, 64
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(torch.bfloat16).requires_grad_()
+
+    q, k, v = (leaf(batch, heads, length, d) for _ in range(3))
+    pos_k, pos_q = leaf(heads, 2 * span, d), leaf(heads, 2 * span, d)
+    index = torch.randint(0, 2 * span, (2 * length - 1,), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    with recording(launches), contextlib.ExitStack() as settings:
+        for name, value in options.items():
+            settings.enter_context(mock.patch.object(fused, name, value))
+        out = fused.fused_disentangled_attention(
+            q, k, v, pos_k, pos_q, index, mask, 0.125, deterministic, dropout
+        )
+        out.float().sum().backward()
+    return launches
+
+
+def mlm_head_launches() -> list[Launch]:
+    launches: list[Launch] = []
+    rows, vocab = 4, 5000
+    logits = torch.randn(rows, vocab).to(torch.bfloat16)
+    with recording(launches):
+        mlm_kernel.mlm_rows(
+            logits, torch.zeros(vocab), torch.arange(rows), torch.rand(rows), 1.0, False, True
+        )
+    return launches
+
+
+ALL_OPTIONS = dict(RUN_SUMS=True, HALF_POSITION_GRADS=True, STORE_SINGLES=True, UNIFORM_TILES=True)
+PATHS = {
+    "default": lambda: attention_launches(),
+    "deterministic": lambda: attention_launches(deterministic=True),
+    "dropout": lambda: attention_launches(dropout=0.1),
+    "run_sums": lambda: attention_launches(RUN_SUMS=True),
+    "half_position_grads": lambda: attention_launches(HALF_POSITION_GRADS=True),
+    "store_singles": lambda: attention_launches(STORE_SINGLES=True),
+    "uniform_tiles": lambda: attention_launches(UNIFORM_TILES=True),
+    "all_options": lambda: attention_launches(**ALL_OPTIONS),
+    "mlm_head": mlm_head_launches,
+}
+
+
+def compile_launch(launch: Launch, arch: int = 90) -> Any:
+    """The launch compiled for sm_<arch> (Triton's CompiledKernel, cubin included)."""
+    fn, types, constexprs, options = launch
+    source = ASTSource(fn=fn, signature=types, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def resources(compiled: Any) -> str:
+    """Registers and stack of a compiled kernel, from its cubin (Triton's own cuobjdump)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    with tempfile.TemporaryDirectory() as d:
+        cubin = os.path.join(d, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        out = subprocess.run(
+            [tool, "--dump-resource-usage", cubin], capture_output=True, text=True
+        ).stdout
+    found = dict(re.findall(r"\b(REG|STACK):(\d+)", out))
+    return f"registers {found.get('REG', '?')}, stack {found.get('STACK', '?')} B"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100)")
+    p.add_argument("--path", choices=list(PATHS), nargs="+", default=list(PATHS))
+    args = p.parse_args(argv)
+    print(f"triton {triton.__version__}, sm_{args.arch}")
+    seen: set[str] = set()
+    failed = 0
+    for path in args.path:
+        for launch in PATHS[path]():
+            fn, _, constexprs, options = launch
+            key = repr((fn.__name__, sorted(constexprs.items()), sorted(options.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            tiles = "x".join(str(constexprs[k]) for k in ("BLOCK_M", "BLOCK_N") if k in constexprs)
+            label = f"{path:<20} {fn.__name__:<20} {tiles:<7}"
+            try:
+                print(f"{label} {resources(compile_launch(launch, args.arch))}", flush=True)
+            except Exception as e:  # every launch is tried; the first lines say why
+                failed += 1
+                why = " | ".join(str(e).strip().splitlines()[-3:])
+                print(f"{label} FAILED: {type(e).__name__}: {why}", flush=True)
+    print(f"{len(seen)} launches compiled, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
