@@ -11,7 +11,8 @@
 # rtd_2048_b4 rtd_options tests rtd_graphs rtd_rows attention rtd_dropout attention_dropout
 # mlm_head rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1 (default: all, in
 # that order, the most needed first; one 10-minute call reaches about tests). rtd_host is the
-# step's host-or-GPU account, rtd_graphs the layers as CUDA graphs (the fix if the host bounds it),
+# step's host-or-GPU account, rtd_graphs the layers as CUDA graphs (part of the fix if the host
+# bounds it),
 # rtd_rows its A/B; rtd_bf16 both sides in bf16 weights; rtd_2048_b4 the comparison at L=2048
 # at the batch HF fits on an 80 GB card, rtd_2048 ours at B=8; rtd_options is the step with
 # the options not yet on by default; *_dropout run DeBERTa's attention dropout 0.1; ncu
@@ -150,8 +151,9 @@ stage rtd_options 70 "$py" bench/rtd_step.py --impl ours --attention triton --ru
 # modules that need packages the image lacks would only fail to collect).
 stage tests 100 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/unit/test_fused_attention.py \
     tests/unit/test_deberta_parity.py tests/unit/test_mlm_objective.py
-# Each compiled layer's kernels replayed as one CUDA graph (torch.compile's reduce-overhead):
-# if rtd_host finds the step waiting for the host's launches, this is the fix; compare with the
+# Each layer's compiled work replayed as CUDA graphs (torch.compile's reduce-overhead; three per
+# layer, the fused attention launched between them): if rtd_host finds the step waiting for the
+# host's launches, this is part of the fix; compare with the
 # compiled fused rows of rtd_512 / rtd_2048_b4. Three warm-up steps: CUDA graph trees run the
 # first eagerly and record in the second.
 stage rtd_graphs 90 "$py" bench/rtd_step.py --impl ours --attention triton --compile on \

@@ -9,7 +9,8 @@ first GPU. Here the glue runs on CPU with the kernels stubbed out, at the tiles 
 (`fused._tile_settings`), and each launch it makes is compiled to a cubin with Triton's own
 ptxas, for each path the kernels have: the forward, the backward with each option not yet on
 by default and with all of them, the deterministic backward, dropout, and the MLM head's
-kernel (bf16, v3-base's heads of 64 and 12 heads, L=256). Register counts and stacks say which
+kernel, and the position terms, fp16 and heads of 128 (v3-base's 12 heads, L=256). Each is
+specialized as a GPU launch would be (Triton's binder). Register counts and stacks say which
 tiles spill; they are the compiler's, not timings. To check another Triton (the GPU image's),
 run this with a Python whose Triton is that one and whose torch can run the glue on CPU.
 """
@@ -43,18 +44,41 @@ POINTERS = {
     torch.int32: "*i32", torch.int8: "*i8", torch.int64: "*i64",
 }  # fmt: skip
 
-# One launch: (the jitted function, signature, constexprs, options), as `triton.compile` takes.
-Launch = tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]
+# One launch as `triton.compile` takes it: (the jitted function, signature, constexprs,
+# attributes, options).
+Launch = tuple[Any, dict[str, str], dict[Any, Any], dict[Any, Any], dict[str, Any]]
 
 
-def signature(fn: Any, args: tuple, kwargs: dict) -> Launch:
-    """What `fn[grid](*args, **kwargs)` compiles."""
+def specialize(fn: Any, args: tuple, kwargs: dict, arch: int = 90) -> Launch:
+    """What `fn[grid](*args, **kwargs)` compiles on a GPU: Triton's own binder makes ints equal
+    to 1 constexprs and marks pointers and ints divisible by 16, which changes the code (and
+    its registers). Its binder is not public API: where this Triton lacks it, the plain
+    signature (every int i32, no attributes) is compiled and `specialized` says so."""
+    try:
+        from triton.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+
+        backend = make_backend(GPUTarget("cuda", arch, 32))
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        bound, spec, opts = binder(*args, **kwargs)
+        options, types, constexprs, attrs = fn._pack_args(backend, dict(kwargs), bound, spec, opts)
+        return fn, types, constexprs, attrs, dict(options.__dict__)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        global specialized
+        specialized = False
+        return _plain(fn, args, kwargs)
+
+
+specialized = True  # whether `specialize` used Triton's binder for every launch so far
+
+
+def _plain(fn: Any, args: tuple, kwargs: dict) -> Launch:
     types: dict[str, str] = {}
     for name, value in zip(fn.arg_names, args, strict=False):
         if isinstance(value, torch.Tensor):
             types[name] = POINTERS[value.dtype]
         elif isinstance(value, bool):
-            types[name] = "i1"
+            types[name] = "u1"
         elif isinstance(value, int):
             types[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
         else:
@@ -64,7 +88,7 @@ def signature(fn: Any, args: tuple, kwargs: dict) -> Launch:
     constexprs = {k: v for k, v in kwargs.items() if k not in options}
     types.update(dict.fromkeys(constexprs, "constexpr"))
     assert set(types) == set(fn.arg_names), set(fn.arg_names) ^ set(types)
-    return fn, {n: types[n] for n in fn.arg_names}, constexprs, options
+    return fn, {n: types[n] for n in fn.arg_names}, constexprs, {}, options
 
 
 class Recorder:
@@ -75,7 +99,7 @@ class Recorder:
 
     def __getitem__(self, grid: Any) -> Any:
         def launch(*args: Any, **kwargs: Any) -> None:
-            self.launches.append(signature(self.fn, args, kwargs))
+            self.launches.append(specialize(self.fn, args, kwargs))
 
         return launch
 
@@ -91,24 +115,32 @@ def recording(launches: list[Launch]) -> Any:
         stack.enter_context(mock.patch.object(mlm_kernel, "_mlm_rows_kernel", recorder))
         gpu_tiles = lambda q: fused._tile_settings(q, False)  # noqa: E731
         stack.enter_context(mock.patch.object(fused, "_launch_settings", gpu_tiles))
+        gpu = mlm_kernel._launch_settings(torch.device("cuda"))
+        stack.enter_context(mock.patch.object(mlm_kernel, "_launch_settings", lambda _: gpu))
         yield
 
 
 def attention_launches(
-    deterministic: bool = False, dropout: float = 0.0, **options: bool
+    deterministic: bool = False,
+    dropout: float = 0.0,
+    dtype: torch.dtype = torch.bfloat16,
+    head_size: int = 64,
+    terms: str = "c2p+p2c",
+    **options: bool,
 ) -> list[Launch]:
-    """The launches of one forward and backward of v3-base's attention shape in bf16, with
-    `fused`'s options (RUN_SUMS=True, ...) set as given."""
+    """The launches of one forward and backward of v3-base's attention shape (12 heads, L=256)
+    with `fused`'s options (RUN_SUMS=True, ...) set as given."""
     launches: list[Launch] = []
-    batch, heads, length, d, span = 2, 12, 256, 64, 64
+    batch, heads, length, span = 2, 12, 256, 64
     g = torch.Generator().manual_seed(0)
 
     def leaf(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g).to(torch.bfloat16).requires_grad_()
+        return torch.randn(*shape, generator=g).to(dtype).requires_grad_()
 
-    q, k, v = (leaf(batch, heads, length, d) for _ in range(3))
-    pos_k, pos_q = leaf(heads, 2 * span, d), leaf(heads, 2 * span, d)
-    index = torch.randint(0, 2 * span, (2 * length - 1,), generator=g)
+    q, k, v = (leaf(batch, heads, length, head_size) for _ in range(3))
+    pos_k = leaf(heads, 2 * span, head_size) if "c2p" in terms else None
+    pos_q = leaf(heads, 2 * span, head_size) if "p2c" in terms else None
+    index = torch.randint(0, 2 * span, (2 * length - 1,), generator=g) if terms else None
     mask = torch.ones(batch, length, dtype=torch.bool)
     with recording(launches), contextlib.ExitStack() as settings:
         for name, value in options.items():
@@ -121,17 +153,26 @@ def attention_launches(
 
 
 def mlm_head_launches() -> list[Launch]:
+    """The MLM head's kernel: bf16 logits with a bf16 bias (DeepSpeed's bf16) and an fp32 one
+    (autocast), with and without gradients, and excluding the original token."""
     launches: list[Launch] = []
     rows, vocab = 4, 5000
     logits = torch.randn(rows, vocab).to(torch.bfloat16)
     with recording(launches):
-        mlm_kernel.mlm_rows(
-            logits, torch.zeros(vocab), torch.arange(rows), torch.rand(rows), 1.0, False, True
-        )
+        for bias_dtype, want_grad, exclude in (
+            (torch.bfloat16, True, False), (torch.float32, True, False),
+            (torch.bfloat16, False, False), (torch.bfloat16, True, True),
+        ):  # fmt: skip
+            mlm_kernel.mlm_rows(
+                logits, torch.zeros(vocab, dtype=bias_dtype), torch.arange(rows),
+                torch.rand(rows), 1.0, exclude, want_grad,
+            )  # fmt: skip
     return launches
 
 
-ALL_OPTIONS = dict(RUN_SUMS=True, HALF_POSITION_GRADS=True, STORE_SINGLES=True, UNIFORM_TILES=True)
+ALL_OPTIONS: dict[str, Any] = dict(
+    RUN_SUMS=True, HALF_POSITION_GRADS=True, STORE_SINGLES=True, UNIFORM_TILES=True
+)
 PATHS = {
     "default": lambda: attention_launches(),
     "deterministic": lambda: attention_launches(deterministic=True),
@@ -141,14 +182,28 @@ PATHS = {
     "store_singles": lambda: attention_launches(STORE_SINGLES=True),
     "uniform_tiles": lambda: attention_launches(UNIFORM_TILES=True),
     "all_options": lambda: attention_launches(**ALL_OPTIONS),
+    "c2p_only": lambda: attention_launches(terms="c2p"),
+    "p2c_only": lambda: attention_launches(terms="p2c"),
+    "no_positions": lambda: attention_launches(terms=""),
+    "fp16": lambda: attention_launches(dtype=torch.float16),
+    "head_128": lambda: attention_launches(head_size=128),
     "mlm_head": mlm_head_launches,
 }
 
 
+def named(launch: Launch) -> dict[str, Any]:
+    """A launch's constexprs by argument name (Triton's binder keys them by position)."""
+    fn, _, constexprs, _, _ = launch
+    return {
+        (fn.arg_names[k[0]] if isinstance(k, tuple) and len(k) == 1 else k): v
+        for k, v in constexprs.items()
+    }
+
+
 def compile_launch(launch: Launch, arch: int = 90) -> Any:
     """The launch compiled for sm_<arch> (Triton's CompiledKernel, cubin included)."""
-    fn, types, constexprs, options = launch
-    source = ASTSource(fn=fn, signature=types, constexprs=constexprs)
+    fn, types, constexprs, attrs, options = launch
+    source = ASTSource(fn=fn, signature=types, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
@@ -176,19 +231,25 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for path in args.path:
         for launch in PATHS[path]():
-            fn, _, constexprs, options = launch
-            key = repr((fn.__name__, sorted(constexprs.items()), sorted(options.items())))
+            fn, types, constexprs, _, options = launch
+            key = repr((fn.__name__, sorted(types.items()), sorted(constexprs.items())))
             if key in seen:
                 continue
             seen.add(key)
-            tiles = "x".join(str(constexprs[k]) for k in ("BLOCK_M", "BLOCK_N") if k in constexprs)
+            block = named(launch)
+            tiles = "x".join(str(block[k]) for k in ("BLOCK_M", "BLOCK_N") if k in block)
             label = f"{path:<20} {fn.__name__:<20} {tiles:<7}"
             try:
                 print(f"{label} {resources(compile_launch(launch, args.arch))}", flush=True)
-            except Exception as e:  # every launch is tried; the first lines say why
+            except Exception as e:  # every launch is tried; the last lines say why
                 failed += 1
                 why = " | ".join(str(e).strip().splitlines()[-3:])
                 print(f"{label} FAILED: {type(e).__name__}: {why}", flush=True)
+    if not specialized:
+        print(
+            "note: this Triton's launch binder was not found: compiled without its "
+            "specialization (ints equal to 1, divisibility by 16); registers may differ"
+        )
     print(f"{len(seen)} launches compiled, {failed} failed")
     return 1 if failed else 0
 

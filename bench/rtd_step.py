@@ -642,8 +642,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--compile-mode",
         choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
         default="default",
-        help="torch.compile's mode for the compiled rows (reduce-overhead: each layer's kernels "
-        "replayed as one CUDA graph; trainer.compile=true runs the default)",
+        help="torch.compile's mode for the compiled rows (reduce-overhead: each layer's compiled "
+        "work replayed as CUDA graphs, the fused attention between them; trainer.compile=true "
+        "runs the default)",
     )
     p.add_argument(
         "--precision",

@@ -209,11 +209,14 @@ def checkpoint_precision(step_dir: Path) -> str | None:
     their ZeRO partitions so, and the model file holds the module in its training dtype."""
     if any(step_dir.glob(f"{BF16_PARTITION_PREFIX}*_optim_states.pt")):
         return "bf16"
-    path = step_dir / "mp_rank_00_model_states.pt"
-    if not path.is_file():
+    # ZeRO-3's model file has another name; its module holds empty tensors of that dtype.
+    files = [step_dir / "mp_rank_00_model_states.pt"]
+    files += sorted(step_dir.glob("zero_pp_rank_0_mp_rank_*_model_states.pt"))
+    path = next((f for f in files if f.is_file()), None)
+    if path is None:
         return None
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-    for tensor in _load(path)["module"].values():
+    for tensor in (_load(path).get("module") or {}).values():
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
             return names.get(tensor.dtype)
     return None
@@ -269,12 +272,13 @@ def runs_bf16_optimizer(config: Config, precision: str) -> bool:
     """
     extra = config.deepspeed.extra
     accum = (extra.get("data_types") or {}).get("grad_accum_dtype")
-    offload = (extra.get("zero_optimization") or {}).get("offload_optimizer")
+    offload = (extra.get("zero_optimization") or {}).get("offload_optimizer") or {}
     return (
         precision == "bf16"
         and config.deepspeed.zero_stage < 2
-        and accum in (None, "fp32")
-        and not offload  # DeepSpeed offloads with its ZeRO optimizer only
+        and str(accum).lower() in ("none", "fp32", "float32", "float", "torch.float32")
+        # DeepSpeed offloads to the CPU with its ZeRO optimizer only
+        and str(offload.get("device", "none")).lower() != "cpu"
     )
 
 

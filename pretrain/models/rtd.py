@@ -134,7 +134,8 @@ class RTDModel(nn.Module):
         limit of 8 per function (past it, new shapes would run eagerly).
 
         `mode` is torch.compile's (None: its default); "reduce-overhead" replays each layer's
-        kernels as a CUDA graph (on CUDA only), one launch instead of each kernel's."""
+        compiled work as CUDA graphs (on CUDA only; the fused attention, kept out of the graph,
+        splits each layer into three and launches between them)."""
         for tower in (self.generator, self.discriminator):
             for layer in tower.encoder.layer:
                 layer.compile(dynamic=False, mode=mode)

@@ -199,8 +199,11 @@ def test_resuming_under_another_precision_is_refused_in_one_line(
         (("deepspeed.precision=fp32", "deepspeed=zero1"),
          ("deepspeed.precision=bf16", "deepspeed=zero1"),
          "for fp32 at ZeRO stage 1-3, this run's would be for bf16 at ZeRO stage 1"),
+        (("deepspeed.precision=fp32", "deepspeed=zero3"),  # its model file has another name
+         ("deepspeed.precision=bf16", "deepspeed=zero3"),
+         "for fp32 at ZeRO stage 1-3, this run's would be for bf16 at ZeRO stage 3"),
     ],
-    ids=["bf16_stage0_wrapper", "fp32_to_bf16", "fp32_zero1_to_bf16"],
+    ids=["bf16_stage0_wrapper", "fp32_to_bf16", "fp32_zero1_to_bf16", "fp32_zero3_to_bf16"],
 )  # fmt: skip
 def test_a_checkpoint_of_before_the_layout_was_recorded_says_how_to_resume_it(
     saved: tuple[str, ...], resumed: tuple[str, ...], said: str, tiny_corpus: dict,
@@ -237,3 +240,21 @@ def test_a_bf16_run_resumes_exactly(tiny_corpus: dict, tmp_path: Path) -> None:
     assert [r["step"] for r in second] == [3, 4]
     assert numbers(first + second) == numbers(straight)
     assert len({r["loss"] for r in straight}) == 4
+
+
+def test_which_settings_run_the_bf16_optimizer(tiny_corpus: dict, tmp_path: Path) -> None:
+    from pretrain.engine import runs_bf16_optimizer
+
+    def runs(*overrides: str, precision: str = "bf16") -> bool:
+        return runs_bf16_optimizer(make_config(tiny_corpus, tmp_path, *overrides), precision)
+
+    assert runs("deepspeed=zero0") and runs("deepspeed=zero1")
+    assert not runs("deepspeed=zero2") and not runs("deepspeed=zero3")
+    assert not runs("deepspeed=zero0", precision="fp32")
+    assert not runs("deepspeed=zero0", precision="fp16")
+    for fp32 in ("fp32", "float32", "float", "torch.float32"):  # DeepSpeed's spellings
+        assert runs("deepspeed=zero0", f"+deepspeed.extra.data_types.grad_accum_dtype={fp32}")
+    assert not runs("deepspeed=zero0", "+deepspeed.extra.data_types.grad_accum_dtype=bf16")
+    offload = "+deepspeed.extra.zero_optimization.offload_optimizer.device"
+    assert not runs("deepspeed=zero1", f"{offload}=cpu")  # DeepSpeed's ZeRO optimizer offloads
+    assert runs("deepspeed=zero1", f"{offload}=none")

@@ -115,7 +115,8 @@ def _tile_settings(q: torch.Tensor, interpret: bool) -> dict[str, Any]:
         precision = "tf32"  # only fp32 operands read this
     # (BLOCK_M, BLOCK_N). Head size 64: the fastest of five tile pairs on an H100 in bf16,
     # forward + backward at L=512 B=32 and L=2048 B=8 (`bench/attention.py --tiles`; README).
-    # Larger head sizes: the largest tiles ptxas compiles for sm_90 without register spills,
+    # Larger head sizes: the largest tiles ptxas compiled for sm_90 without register spills
+    # when chosen (now 16-48 B of stack, `python bench/kernel_compile.py --path head_128`),
     # not timed on a GPU.
     if interpret:  # small tiles: the interpreter is slow, and tests should cross tile edges
         fwd, bwd = (16, 16), (16, 16)
