@@ -102,16 +102,22 @@ def _rtd_step() -> Any:
     return module
 
 
+# The v3-base architecture (12 + 6 layers, its heads and embeddings) at toy widths: the model
+# both counts build.
+VOCAB = 8000
+TOY_WIDTHS = dict(
+    hidden_size=64, num_attention_heads=4, intermediate_size=128, position_buckets=8,
+    max_relative_positions=16,
+)  # fmt: skip
+
+
 def count(impl: str, precision: str, batch: int, seq_len: int) -> dict[str, int]:
     """Operators per phase of one step (after a warm-up step) of ours or HF."""
     rs = _rtd_step()
     from pretrain.models.rtd import RTDConfig
 
-    config = rs.model_config("base", 8000, "triton" if impl == "ours" else "eager", 0.0)
-    config = dataclasses.replace(
-        config, hidden_size=64, num_attention_heads=4, intermediate_size=128,
-        position_buckets=8, max_relative_positions=16,
-    )  # fmt: skip
+    config = rs.model_config("base", VOCAB, "triton" if impl == "ours" else "eager", 0.0)
+    config = dataclasses.replace(config, **TOY_WIDTHS)
     data = rs.make_batch(batch, seq_len, config.vocab_size, 0.0, 0, torch.device("cpu"))
     torch.manual_seed(0)
     model, forward = rs.build(impl, config, RTDConfig())
@@ -187,11 +193,11 @@ def count_deepspeed(setup: tuple[str, ...], accumulation: int) -> dict[str, int]
     rs = _rtd_step()
     register_schema()
     overrides = [
-        "model=base", "model.vocab_size=8000", "model.hidden_size=64",
-        "model.num_attention_heads=4", "model.intermediate_size=128", "model.position_buckets=8",
-        "model.max_relative_positions=16", "model.attention_probs_dropout_prob=0",
-        "model.hidden_dropout_prob=0", "trainer.micro_batch_size=2",
-        f"trainer.global_batch_size={2 * accumulation}", "run_dir=unused", *setup,
+        "model=base", f"model.vocab_size={VOCAB}",
+        *(f"model.{key}={value}" for key, value in TOY_WIDTHS.items()),
+        "model.attention_probs_dropout_prob=0", "model.hidden_dropout_prob=0",
+        "trainer.micro_batch_size=2", f"trainer.global_batch_size={2 * accumulation}",
+        "run_dir=unused", *setup,
     ]  # fmt: skip
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         config = to_config(compose("config", overrides=overrides))
@@ -203,18 +209,16 @@ def count_deepspeed(setup: tuple[str, ...], accumulation: int) -> dict[str, int]
     batch = {k: getattr(data, k) for k in ("input_ids", "attention_mask", "labels")}
     batch["sampling_noise"] = data.sampling_noise
 
-    def step(counter: Reads | None = None) -> None:
+    def step(counter: Reads) -> None:
         for _ in range(accumulation):
             loss = engine.forward(batch).loss
-            with counter if counter is not None else contextlib.nullcontext():
-                if counter is not None:
-                    counter.phase = "backward"
+            with counter:
+                counter.phase = "backward"
                 engine.engine.backward(loss)
-                if counter is not None:
-                    counter.phase = "step"
+                counter.phase = "step"
                 engine.engine.step()
 
-    step()
+    step(Reads())  # the first step builds the optimizer's state: not counted
     counter = Reads()
     step(counter)
     params = sum(1 for p in engine.module.parameters() if p.requires_grad)
