@@ -15,7 +15,7 @@
 # bounds it),
 # rtd_rows its A/B; rtd_bf16 both sides in bf16 weights; rtd_2048_b4 the comparison at L=2048
 # at the batch HF fits on an 80 GB card, rtd_2048 ours at B=8; rtd_options is the step with
-# the options not yet on by default; *_dropout run DeBERTa's attention dropout 0.1; ncu
+# the defaults of 2026-11-27 that were timed only on their own turned off; *_dropout run DeBERTa's attention dropout 0.1; ncu
 # profiles the fused kernels; trainer_512 is the real trainer, DeepSpeed and data loading
 # included, on the v3-base shape at L=512, for its tokens/s and MFU beside rtd_step's bare
 # step, trainer_gaps where its GPU idles in two profiled steps, trainer_512_zero1 the trainer
@@ -140,13 +140,12 @@ stage rtd_bf16 100 "$py" bench/rtd_step.py --attention triton --compile on --pre
 # fused kernel only (compiled and not), to keep within time.
 stage rtd_2048_b4 80 "$py" bench/rtd_step.py --attention triton --compile both --seq-len 2048 \
     --batch 4 --warmup 2 --steps 5
-# The full step with the options not yet on by default: the backward's position-gradient
-# forms (fused.RUN_SUMS, HALF_POSITION_GRADS, STORE_SINGLES, UNIFORM_TILES; each alone in the
-# attention stage) and the MLM head's Triton kernel (heads.MLM_IMPL; alone in mlm_head), ours only:
-# compare with the fused rows of rtd_512 / rtd_2048_b4.
-stage rtd_options 70 "$py" bench/rtd_step.py --impl ours --attention triton --run-sums \
-    --half-position-grads --store-singles --uniform-tiles --mlm-kernel --warmup 2 --steps 5 \
-    --seq-len 512 2048 --batch 32 4
+# The full step without the two defaults of 2026-11-27 that were timed only on their own
+# (fused.UNIFORM_TILES, and the MLM head's Triton kernel, heads.MLM_IMPL; the attention and
+# mlm_head stages time them alone), ours only: compare with the fused rows of rtd_512 /
+# rtd_2048_b4.
+stage rtd_options 70 "$py" bench/rtd_step.py --impl ours --attention triton --no-uniform-tiles \
+    --mlm-torch --warmup 2 --steps 5 --seq-len 512 2048 --batch 32 4
 # The gpu-marked tests: the files that hold them (collecting the whole suite costs time, and
 # modules that need packages the image lacks would only fail to collect).
 stage tests 100 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/unit/test_fused_attention.py \

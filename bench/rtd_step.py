@@ -682,17 +682,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(pretrain.models.attention.fused.STORE_SINGLES) instead of adding it atomically",
     )
     p.add_argument(
-        "--uniform-tiles",
+        "--no-uniform-tiles",
         action="store_true",
-        help="the fused kernels read the position terms of a tile whose pairs share one "
-        "position index per row and column, and sum its gradients so "
-        "(pretrain.models.attention.fused.UNIFORM_TILES; past max_relative_positions)",
+        help="the fused kernels gather the position terms of every tile, also of those whose "
+        "pairs share one position index (pretrain.models.attention.fused.UNIFORM_TILES off; "
+        "on by default)",
     )
     p.add_argument(
-        "--mlm-kernel",
+        "--mlm-torch",
         action="store_true",
-        help="our MLM head reduces its logits with one Triton kernel "
-        "(pretrain.models.heads.MLM_IMPL = 'triton'; CUDA) instead of torch ops",
+        help="our MLM head reduces its logits with torch ops (pretrain.models.heads.MLM_IMPL "
+        "= 'torch') instead of its Triton kernel, the default on CUDA",
     )
     p.add_argument(
         "--device-rows",
@@ -760,14 +760,12 @@ def resolve(args: argparse.Namespace) -> torch.device:
         ("--run-sums", args.run_sums),
         ("--half-position-grads", args.half_position_grads),
         ("--store-singles", args.store_singles),
-        ("--uniform-tiles", args.uniform_tiles),
+        ("--no-uniform-tiles", args.no_uniform_tiles),
     ):
         if value and not fused_runs:
             raise UsageError(f"{flag} is a setting of the fused kernel: add --attention triton")
     if args.compile_mode != "default" and args.compile == "off":
         raise UsageError("--compile-mode applies to compiled rows: add --compile on or both")
-    if args.mlm_kernel and not cuda:
-        raise UsageError("--mlm-kernel runs on CUDA only (on CPU, Triton only interprets)")
     return torch.device("cuda" if cuda else "cpu")
 
 
@@ -797,21 +795,23 @@ def main(argv: list[str] | None = None) -> int:
         # meaningless, so one thread by default: per-core figures, as bench/data.py gives.
         torch.set_num_threads(args.threads)
     settings = contextlib.ExitStack()
-    kernel_options = {
+    flags = {
         "RUN_SUMS": args.run_sums,
         "HALF_POSITION_GRADS": args.half_position_grads,
         "STORE_SINGLES": args.store_singles,
-        "UNIFORM_TILES": args.uniform_tiles,
+        "UNIFORM_TILES": args.no_uniform_tiles,
     }
-    if any(kernel_options.values()):
+    # The fused module's settings that differ from its defaults.
+    kernel_options = {name: name != "UNIFORM_TILES" for name, given in flags.items() if given}
+    if kernel_options:
         from pretrain.models.attention import fused
 
         for name, value in kernel_options.items():
             settings.enter_context(mock.patch.object(fused, name, value))
-    if args.mlm_kernel:
+    if args.mlm_torch:
         from pretrain.models import heads
 
-        settings.enter_context(mock.patch.object(heads, "MLM_IMPL", "triton"))
+        settings.enter_context(mock.patch.object(heads, "MLM_IMPL", "torch"))
     global COMPILE_MODE
     COMPILE_MODE = None if args.compile_mode == "default" else args.compile_mode
     try:
@@ -858,10 +858,10 @@ def run(
         print("fused attention backward: position gradients in bf16, the clamped ends in fp32")
     if args.store_singles:
         print("fused attention backward: a pair alone at its position address stores, not adds")
-    if args.uniform_tiles:
-        print("fused attention: tiles of one position index read and summed per row and column")
-    if args.mlm_kernel:
-        print("our MLM head: logits reduced by one Triton kernel (heads.MLM_IMPL = 'triton')")
+    if args.no_uniform_tiles:
+        print("fused attention: every tile's position terms gathered (UNIFORM_TILES off)")
+    if args.mlm_torch:
+        print("our MLM head: logits reduced by torch ops (heads.MLM_IMPL = 'torch')")
     if args.device_rows:
         print("ours: masked rows found on the device in the step (a wait for it), not given")
     if config.position_biased_input and rtd.embedding_sharing != "nes":

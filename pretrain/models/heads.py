@@ -78,10 +78,12 @@ def sample_replacements(
 # B=32, L=512 when all ~2,500 masked rows are decoded at once. Rows per chunk = this // V.
 MLM_CHUNK_ELEMENTS = 2**26
 
-# How `mlm_objective` reduces each chunk's rows by default: "torch", or "triton", one kernel
+# How `mlm_objective` reduces each chunk's rows by default: "torch"; "triton", one kernel
 # that reads the logits twice where torch makes about fifteen fp32 passes over them
-# (`mlm_kernel`). Not yet timed on a GPU, so not yet the default there (README, Speed).
-MLM_IMPL = "torch"
+# (`mlm_kernel`); or "auto", the kernel on CUDA and torch elsewhere. On an H100 the head
+# (forward + backward + sampling, v3-base at B=32, L=512) took 14.0 ms with the kernel against
+# 23.7 ms with torch ops (`bench/mlm_head.py`; README, Speed).
+MLM_IMPL = "auto"
 
 
 class MLMOutput(NamedTuple):
@@ -240,16 +242,18 @@ def mlm_objective(
     and `sample_replacements`, without ever holding more than `chunk_rows` rows of logits
     (default: MLM_CHUNK_ELEMENTS // V).
 
-    impl: how each chunk's rows are reduced, "torch" or "triton" (one kernel, `mlm_kernel`:
+    impl: how each chunk's rows are reduced, "torch", "triton" (one kernel, `mlm_kernel`:
     CUDA, or Triton's interpreter in the tests; it computes in fp32, so a float64 model
-    reduces in torch); None takes `MLM_IMPL`."""
+    reduces in torch) or "auto" (the kernel on CUDA); None takes `MLM_IMPL`."""
     if chunk_rows is None:
         chunk_rows = max(1, MLM_CHUNK_ELEMENTS // word_weight.shape[0])
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     impl = MLM_IMPL if impl is None else impl
-    if impl not in ("torch", "triton"):
-        raise ValueError(f"impl must be 'torch' or 'triton', got {impl!r}")
+    if impl not in ("torch", "triton", "auto"):
+        raise ValueError(f"impl must be 'torch', 'triton' or 'auto', got {impl!r}")
+    if impl == "auto":
+        impl = "triton" if states.device.type == "cuda" else "torch"
     loss_sum, sampled, predicted = _ChunkedMLM.apply(
         states, word_weight, bias, targets, uniforms, temperature, exclude_original, chunk_rows,
         torch.is_grad_enabled(), impl == "triton" and _matmul_dtype(states) != torch.float64,

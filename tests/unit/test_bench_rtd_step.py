@@ -98,18 +98,27 @@ def test_run_sums_needs_the_fused_kernel(bench, capsys):
     assert bench.main(TINY + ["--attention", "auto", "--run-sums"]) == 2  # auto is eager here
     assert bench.main(TINY + ["--half-position-grads"]) == 2
     assert bench.main(TINY + ["--store-singles"]) == 2
-    assert bench.main(TINY + ["--uniform-tiles"]) == 2
+    assert bench.main(TINY + ["--no-uniform-tiles"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 5 and all("is a setting of the fused kernel" in e for e in err)
     assert err[2].startswith("error: --half-position-grads is a setting")
     assert err[3].startswith("error: --store-singles is a setting")
 
 
-def test_mlm_kernel_needs_cuda(bench, capsys):
-    assert bench.main(TINY + ["--mlm-kernel"]) == 2
-    assert capsys.readouterr().err.strip() == (
-        "error: --mlm-kernel runs on CUDA only (on CPU, Triton only interprets)"
-    )
+def test_mlm_torch_sets_the_heads_reduction(bench, capsys, monkeypatch):
+    from pretrain.models import heads, rtd
+
+    seen = []
+    real = rtd.mlm_objective
+
+    def spy(*args, **kwargs):
+        seen.append(heads.MLM_IMPL)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rtd, "mlm_objective", spy)
+    assert bench.main(TINY + ["--impl", "ours", "--mlm-torch"]) == 0
+    assert "logits reduced by torch ops" in capsys.readouterr().out
+    assert seen and set(seen) == {"torch"} and heads.MLM_IMPL == "auto"
 
 
 def test_compile_mode_reaches_each_layers_compile(bench, capsys, monkeypatch):

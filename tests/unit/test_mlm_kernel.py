@@ -190,7 +190,18 @@ def test_float64_model_reduces_in_torch(monkeypatch: pytest.MonkeyPatch) -> None
     torch.testing.assert_close(got.loss_sum, want.loss_sum, rtol=1e-12, atol=0)
 
 
+def test_auto_reduces_in_torch_off_cuda() -> None:
+    # The default: the kernel on CUDA only, so a CPU run never needs Triton's interpreter.
+    assert heads.MLM_IMPL == "auto"
+    x = _inputs(37, 50, torch.float32)
+    got, got_grads = _run(x, "auto")
+    want, want_grads = _run(x, "torch")
+    assert torch.equal(got.loss_sum, want.loss_sum) and torch.equal(got.sampled, want.sampled)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert torch.equal(g, w)
+
+
 def test_unknown_impl_is_refused() -> None:
     x = _inputs(3, 50, torch.float32)
-    with pytest.raises(ValueError, match="impl must be 'torch' or 'triton'"):
+    with pytest.raises(ValueError, match="impl must be 'torch', 'triton' or 'auto'"):
         _run(x, "cuda")

@@ -41,14 +41,18 @@ LOG2E = 1.0 / math.log(2.0)
 # The default backward's position gradients: one atomic per run of pairs that share a position
 # row (True) or one per pair (False, the form timed on an H100 so far; see the README's Speed).
 # In the log-bucket and clamped regions a run spans many pairs: at L=2048 with v3's 512
-# relative positions, most pairs of a row share the clamped end's one address.
+# relative positions, most pairs of a row share the clamped end's one address. Slower on an H100
+# (78f0ec9, forward + backward): 5.33 ms against 4.83 at L=512 B=32, 13.81 against 12.44 at
+# L=2048 B=8.
 RUN_SUMS = False
 
 # The default backward's position gradients in the inputs' dtype (bf16 under autocast) rather
 # than fp32 (True; with run sums, and fp32 for the two clamped ends' columns, where a run spans
 # many tiles: see `_kernels._add_runs`), or fp32 then cast (False). Half the buffers' zeroing
-# and no cast: about 1.6 GB less traffic per layer at L=512 B=32 on v3-base. Not timed on a
-# GPU yet. fp32 inputs and the deterministic backward always use fp32.
+# and no cast: about 1.6 GB less traffic per layer at L=512 B=32 on v3-base. Much slower on an
+# H100 (78f0ec9): 12.41 ms against 4.83 at L=512 B=32, 23.46 against 12.44 at L=2048 B=8; its
+# bf16 atomics cost more than the traffic saved. fp32 inputs and the deterministic backward
+# always use fp32.
 HALF_POSITION_GRADS = False
 
 
@@ -56,8 +60,9 @@ HALF_POSITION_GRADS = False
 # any tile shares its row and position index: all of the unbucketed middle, |i - j| < span / 2)
 # stores its value rather than adding it with an atomic (True), or every pair adds (False).
 # With v3's buckets that is 47% of the pairs at L=512 and 13% at L=2048 (the middle, 44% and
-# 12%, and the log buckets one position wide beside it). Not timed on a GPU yet. Relies on the
-# relative index being monotone (see `relative_index`). The deterministic backward's stores
+# 12%, and the log buckets one position wide beside it). No faster on an H100 (78f0ec9): 4.86
+# ms against 4.83 at L=512 B=32, 13.44 against 12.44 at L=2048 B=8. Relies on the relative
+# index being monotone (see `relative_index`). The deterministic backward's stores
 # are plain already.
 STORE_SINGLES = False
 
@@ -67,9 +72,10 @@ STORE_SINGLES = False
 # one per column instead of gathering one per pair (the same scores bit for bit), and the
 # backward adds the tile's row and column sums of ds, one atomic per row or column, instead of
 # one per pair or run (True); or every tile gathers and scatters (False). With v3's 512
-# relative positions, 54% of the 64x64 tiles at L=2048, 22% at 1024, none at 512. Not timed on
-# a GPU yet. The deterministic backward's position gradients do not take it.
-UNIFORM_TILES = False
+# relative positions, 54% of the 64x64 tiles at L=2048, 22% at 1024, none at 512. On an H100
+# (78f0ec9) the attention at L=2048 B=8 took 9.39 ms with it against 12.81 without (the 32x64
+# backward tile). The deterministic backward's position gradients do not take it.
+UNIFORM_TILES = True
 
 
 def _interpreting() -> bool:
@@ -113,15 +119,18 @@ def _tile_settings(q: torch.Tensor, interpret: bool) -> dict[str, Any]:
         precision = "ieee"  # what an fp32 torch.matmul does unless TF32 is allowed
     else:
         precision = "tf32"  # only fp32 operands read this
-    # (BLOCK_M, BLOCK_N). Head size 64: the fastest of five tile pairs on an H100 in bf16,
-    # forward + backward at L=512 B=32 and L=2048 B=8 (`bench/attention.py --tiles`; README).
+    # (BLOCK_M, BLOCK_N). Head size 64: the forward's, the fastest of five tile pairs on an
+    # H100 in bf16 at L=512 B=32 and L=2048 B=8 (`bench/attention.py --tiles`; README); the
+    # backward's 32x64, which compiles without register spills, with UNIFORM_TILES: 4.72 ms
+    # against 4.83 for 64x64 at L=512, 9.39 against 12.44 at L=2048 (forward + backward, the
+    # H100 run of 78f0ec9).
     # Larger head sizes: the largest tiles ptxas compiled for sm_90 without register spills
     # when chosen (now 16-48 B of stack, `python bench/kernel_compile.py --path head_128`),
     # not timed on a GPU.
     if interpret:  # small tiles: the interpreter is slow, and tests should cross tile edges
         fwd, bwd = (16, 16), (16, 16)
     elif block_d <= 64:
-        fwd, bwd = (128, 64), (64, 64)
+        fwd, bwd = (128, 64), (32, 64)
     else:
         fwd, bwd = (64, 32), (32, 32)
     # The deterministic backward's dq kernel mirrors the key-block kernel: the same tile, the
