@@ -7,7 +7,7 @@
 #
 #   bash bench/gpu_session.sh [OUT_DIR [STAGE ...]]
 #
-# OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env rtd_512 rtd_host rtd_bf16
+# OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env rtd_512 rtd_windowed rtd_host rtd_bf16
 # rtd_2048_b4 rtd_options tests rtd_graphs rtd_rows attention rtd_dropout attention_dropout
 # mlm_head rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1 (default: all, in
 # that order, the most needed first; one 10-minute call reaches about tests). rtd_host is the
@@ -85,7 +85,7 @@ fi
 
 out=${1:-${OUT:-gpu_session}}
 shift || true
-stages=${*:-env rtd_512 rtd_host rtd_bf16 rtd_2048_b4 rtd_options tests rtd_graphs rtd_rows attention rtd_dropout attention_dropout mlm_head rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1}
+stages=${*:-env rtd_512 rtd_windowed rtd_host rtd_bf16 rtd_2048_b4 rtd_options tests rtd_graphs rtd_rows attention rtd_dropout attention_dropout mlm_head rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1}
 mkdir -p "$out"
 # Stages stop here at the latest, inside the device tool's 10-minute command.
 deadline=$((SECONDS + ${BUDGET_S:-580}))
@@ -126,6 +126,11 @@ print(torch.__version__, triton.__version__, transformers.__version__, torch.cud
 subprocess.run(['nvidia-smi', '--query-gpu=name,memory.total,driver_version', '--format=csv'])"
 # --profile: the busiest kernels of one step of each row, for the next round of speed work.
 stage rtd_512 150 "${bench[@]}" --seq-len 512 --batch 32 --profile
+# The windowed kernels (fused.WINDOWED: the position terms from matmuls over windows of the
+# position tables, no [B, h, L, 2S] tensors, no atomics) in the full step, profiled, at both
+# lengths: compare with the fused rows of rtd_512 (and rtd_2048_b4).
+stage rtd_windowed 80 "$py" bench/rtd_step.py --impl ours --attention triton --windowed \
+    --seq-len 512 2048 --batch 32 4 --warmup 2 --steps 5 --profile
 # Is the step bound by the host or by its kernels? The profiled step's GPU-busy share (each
 # profile above prints it too) and where the GPU idles, with what the host was doing then
 # (bench/trace_gaps.py, on the chrome trace kept in traces/).
@@ -168,7 +173,7 @@ stage rtd_rows 45 "$py" bench/rtd_step.py --impl ours --attention triton --devic
 # alone at its address stores) and +uniform (fused.UNIFORM_TILES: tiles of one position
 # index read and summed per row and column).
 stage attention 75 "$py" bench/attention.py --steps 5 --profile \
-    --tiles default default+runs default+half default+singles default+half+singles \
+    --tiles default default+window default+runs default+half default+singles default+half+singles \
     default+uniform 128x64/32x64+pairs 128x64/32x64+runs 128x64/32x64+half \
     128x64/32x64+runs+singles 128x64/32x64+half+singles 128x64/32x64+uniform \
     128x64/32x64+runs+uniform 128x64/32x64+half+singles+uniform

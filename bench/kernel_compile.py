@@ -8,8 +8,8 @@ skips the compiler, so a kernel can pass every interpreted test and fail to comp
 first GPU. Here the glue runs on CPU with the kernels stubbed out, at the tiles a GPU gets
 (`fused._tile_settings`), and each launch it makes is compiled to a cubin with Triton's own
 ptxas, for each path the kernels have: the forward, the backward with each option not yet on
-by default and with all of them, the deterministic backward, dropout, and the MLM head's
-kernel, and the position terms, fp16 and heads of 128 (v3-base's 12 heads, L=256). Each is
+by default and with all of them, the deterministic backward, dropout, the windowed
+kernels (`fused.WINDOWED`), and the MLM head's kernel, and the position terms, fp16 and heads of 128 (v3-base's 12 heads, L=256). Each is
 specialized as a GPU launch would be (Triton's binder). Register counts and stacks say which
 tiles spill; they are the compiler's, not timings. To check another Triton (the GPU image's),
 run this with a Python whose Triton is that one and whose torch can run the glue on CPU.
@@ -33,12 +33,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from pretrain.models import mlm_kernel
-from pretrain.models.attention import _kernels, fused
+from pretrain.models.attention import _kernels, _window_kernels, fused
 
 ATTENTION_KERNELS = (
     "_forward_kernel", "_backward_kernel", "_backward_dq_kernel", "_row_dot_kernel",
     "_keep_kernel",
 )  # fmt: skip
+WINDOW_KERNELS = ("_window_forward_kernel", "_window_backward_kernel")
 POINTERS = {
     torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
     torch.int32: "*i32", torch.int8: "*i8", torch.int64: "*i64",
@@ -111,6 +112,9 @@ def recording(launches: list[Launch]) -> Any:
         for name in ATTENTION_KERNELS:
             recorder = Recorder(getattr(_kernels, name), launches)
             stack.enter_context(mock.patch.object(_kernels, name, recorder))
+        for name in WINDOW_KERNELS:
+            recorder = Recorder(getattr(_window_kernels, name), launches)
+            stack.enter_context(mock.patch.object(_window_kernels, name, recorder))
         recorder = Recorder(mlm_kernel._mlm_rows_kernel, launches)
         stack.enter_context(mock.patch.object(mlm_kernel, "_mlm_rows_kernel", recorder))
         gpu_tiles = lambda q: fused._tile_settings(q, False)  # noqa: E731
@@ -140,7 +144,9 @@ def attention_launches(
     q, k, v = (leaf(batch, heads, length, head_size) for _ in range(3))
     pos_k = leaf(heads, 2 * span, head_size) if "c2p" in terms else None
     pos_q = leaf(heads, 2 * span, head_size) if "p2c" in terms else None
-    index = torch.randint(0, 2 * span, (2 * length - 1,), generator=g) if terms else None
+    # Unbucketed and clamped past the span: rising by 0 or 1, as the windowed kernels need.
+    distance = torch.arange(2 * length - 1) - (length - 1)
+    index = (distance + span).clamp(0, 2 * span - 1).to(torch.int32) if terms else None
     mask = torch.ones(batch, length, dtype=torch.bool)
     with recording(launches), contextlib.ExitStack() as settings:
         for name, value in options.items():
@@ -187,6 +193,10 @@ PATHS = {
     "no_positions": lambda: attention_launches(terms=""),
     "fp16": lambda: attention_launches(dtype=torch.float16),
     "head_128": lambda: attention_launches(head_size=128),
+    "windowed": lambda: attention_launches(WINDOWED=True),
+    "windowed_dropout": lambda: attention_launches(dropout=0.1, WINDOWED=True),
+    "windowed_p2c_only": lambda: attention_launches(terms="p2c", WINDOWED=True),
+    "windowed_fp16": lambda: attention_launches(dtype=torch.float16, WINDOWED=True),
     "mlm_head": mlm_head_launches,
 }
 
@@ -237,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             seen.add(key)
             block = named(launch)
-            tiles = "x".join(str(block[k]) for k in ("BLOCK_M", "BLOCK_N") if k in block)
-            label = f"{path:<20} {fn.__name__:<20} {tiles:<7}"
+            tiles = "x".join(str(block[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK") if k in block)
+            if "KIND" in block:  # the windowed backward: 0 dk/dv, 1 dq, 2 the tables' gradients
+                tiles += f" kind {block['KIND']}"
+            label = f"{path:<20} {fn.__name__:<24} {tiles:<10}"
             try:
                 print(f"{label} {resources(compile_launch(launch, args.arch))}", flush=True)
             except Exception as e:  # every launch is tried; the last lines say why

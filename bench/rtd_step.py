@@ -682,6 +682,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(pretrain.models.attention.fused.STORE_SINGLES) instead of adding it atomically",
     )
     p.add_argument(
+        "--windowed",
+        action="store_true",
+        help="the fused attention runs its windowed kernels (position terms from matmuls over "
+        "windows of the position tables; pretrain.models.attention.fused.WINDOWED)",
+    )
+    p.add_argument(
         "--no-uniform-tiles",
         action="store_true",
         help="the fused kernels gather the position terms of every tile, also of those whose "
@@ -761,6 +767,7 @@ def resolve(args: argparse.Namespace) -> torch.device:
         ("--half-position-grads", args.half_position_grads),
         ("--store-singles", args.store_singles),
         ("--no-uniform-tiles", args.no_uniform_tiles),
+        ("--windowed", args.windowed),
     ):
         if value and not fused_runs:
             raise UsageError(f"{flag} is a setting of the fused kernel: add --attention triton")
@@ -800,6 +807,7 @@ def main(argv: list[str] | None = None) -> int:
         "HALF_POSITION_GRADS": args.half_position_grads,
         "STORE_SINGLES": args.store_singles,
         "UNIFORM_TILES": args.no_uniform_tiles,
+        "WINDOWED": args.windowed,
     }
     # The fused module's settings that differ from its defaults.
     kernel_options = {name: name != "UNIFORM_TILES" for name, given in flags.items() if given}
@@ -858,6 +866,8 @@ def run(
         print("fused attention backward: position gradients in bf16, the clamped ends in fp32")
     if args.store_singles:
         print("fused attention backward: a pair alone at its position address stores, not adds")
+    if args.windowed:
+        print("fused attention: the windowed kernels (position terms from table windows)")
     if args.no_uniform_tiles:
         print("fused attention: every tile's position terms gathered (UNIFORM_TILES off)")
     if args.mlm_torch:

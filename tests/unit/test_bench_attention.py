@@ -70,6 +70,10 @@ def test_a_spec_overrides_the_kernels_launch_settings_only_inside(bench, monkeyp
         got = fused._launch_settings(None)
     assert got == {"fwd": (128, 64), "bwd": (64, 64), "run_sums": True, "warps": 8}
     assert fused._launch_settings is stub
+    assert not fused.WINDOWED
+    with bench.tiles("default+window"):
+        assert fused.WINDOWED and fused._launch_settings(None) == stub(None)
+    assert not fused.WINDOWED and fused._launch_settings is stub
 
 
 def test_dropout_runs_and_bad_dropout_is_one_line(bench, capsys) -> None:

@@ -99,8 +99,9 @@ def test_run_sums_needs_the_fused_kernel(bench, capsys):
     assert bench.main(TINY + ["--half-position-grads"]) == 2
     assert bench.main(TINY + ["--store-singles"]) == 2
     assert bench.main(TINY + ["--no-uniform-tiles"]) == 2
+    assert bench.main(TINY + ["--windowed"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 5 and all("is a setting of the fused kernel" in e for e in err)
+    assert len(err) == 6 and all("is a setting of the fused kernel" in e for e in err)
     assert err[2].startswith("error: --half-position-grads is a setting")
     assert err[3].startswith("error: --store-singles is a setting")
 

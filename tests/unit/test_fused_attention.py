@@ -300,6 +300,109 @@ def test_fused_matches_eager_fp32(
         assert got_grads["q"][0, :, 3].abs().max() == 0
 
 
+# --------------------------------------------------------------------------------------------
+# The windowed kernels (fused.WINDOWED): position terms from matmuls over position-table windows
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _windowed(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """WINDOWED on; yields a list that gets an entry per call the windowed kernels serve."""
+    from pretrain.models.attention import fused
+
+    monkeypatch.setattr(fused, "WINDOWED", True)
+    calls: list[int] = []
+    apply = fused._WindowedAttention.apply
+
+    def counted(*args):
+        calls.append(1)
+        return apply(*args)
+
+    monkeypatch.setattr(fused._WindowedAttention, "apply", counted)
+    yield calls
+
+
+@interpreted
+@pytest.mark.parametrize("length", [37, 70])  # 70: tiles past the 32 relative positions
+@pytest.mark.parametrize("case", [c for c in sorted(CORE_CASES) if CORE_CASES[c][0]])
+def test_windowed_matches_eager_fp32(
+    case: str, length: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    terms, buckets, max_rel = CORE_CASES[case]
+    config = _config(buckets, max_rel)
+    span = config.relative_span
+    idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
+    q, k, v, pos_k, pos_q, mask, weights = _inputs(
+        length, span, terms, torch.float32, split_heads=True
+    )
+    args = (q, k, v, pos_k, pos_q, idx, mask, (16 * (1 + len(terms))) ** -0.5, weights)
+    want, want_grads = _run("eager", *args)
+    with _windowed(monkeypatch) as calls:
+        got, got_grads = _run("triton", *args)
+        with programs_in_reverse():  # no atomics: the same bits in any program order
+            again, again_grads = _run("triton", *args)
+    assert len(calls) == 2
+    torch.testing.assert_close(got, want, **FP32_TOL)
+    assert torch.equal(again, got)
+    for name in _grad_names(terms):
+        torch.testing.assert_close(got_grads[name], want_grads[name], **FP32_TOL, msg=name)
+        assert torch.equal(again_grads[name], got_grads[name]), name
+
+
+@interpreted
+def test_windowed_fp16_error_is_at_most_twice_eagers(monkeypatch: pytest.MonkeyPatch) -> None:
+    length = 70
+    terms, buckets, max_rel = CORE_CASES["c2p_p2c_buckets"]
+    config = _config(buckets, max_rel)
+    span = config.relative_span
+    idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
+    base = _inputs(length, span, terms, torch.float32, split_heads=True)
+    mask, weights = base[5], base[6]
+
+    def run(impl: str, dtype: torch.dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in base[:5]]
+        return _run(impl, *leaves, idx, mask, 0.2, weights)
+
+    reference = run("eager", torch.float64)
+    eager = run("eager", torch.float16)
+    with _windowed(monkeypatch) as calls:
+        fused = run("triton", torch.float16)
+    assert calls
+    _assert_error_at_most_twice_eagers(reference, eager, fused, slack=1e-3)
+
+
+def test_windowed_kernels_take_only_indexes_that_rise_by_at_most_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pretrain.models.attention import fused
+
+    steps = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4], dtype=torch.int32)
+    assert fused._rises_by_at_most_one(steps)
+    jump = torch.tensor([0, 1, 3, 3], dtype=torch.int32)
+    assert not fused._rises_by_at_most_one(jump)
+    # DeBERTa's own tables rise by 0 or 1: v3's buckets, a log region, clamped and plain.
+    for buckets, max_rel, max_pos, length in INDEX_CASES.values():
+        config = _config(buckets, max_rel, max_pos)
+        rel_pos = relative_positions(length, config, torch.device("cpu"))
+        idx = relative_index(rel_pos, config.relative_span)
+        assert fused._rises_by_at_most_one(idx)
+
+
+def test_rise_table_counts_pairs_as_the_index_does() -> None:
+    # Entry c is the least i - j whose index is at least c; far past the table's last index.
+    from pretrain.models.attention import fused
+
+    config = _config(8, 32)
+    length = 40
+    idx = relative_index(relative_positions(length, config, torch.device("cpu")), 32)
+    rise = fused._rise_table(idx, 64, 32)
+    distances = torch.arange(-(length - 1), length)
+    for c in range(64 + 32 + 1):
+        reached = distances[idx >= c]
+        want = int(reached.min()) if reached.numel() else fused._FAR
+        assert int(rise[c]) == want, c
+
+
 def _program_orders(stores: bool) -> list:
     """The program orders to run the kernels in: a store where another program adds passes in
     one order only (the interpreter runs programs one after another), so the forms that store
@@ -466,16 +569,22 @@ def _eager_with_mask(monkeypatch: pytest.MonkeyPatch, keep: torch.Tensor) -> Non
 
 @interpreted
 @pytest.mark.parametrize(
-    "deterministic, run_sums", [(False, False), (False, True), (True, False)],
-    ids=["atomic_per_pair", "atomic_per_run", "deterministic"],
+    "deterministic, run_sums, windowed",
+    [(False, False, False), (False, True, False), (True, False, False), (False, False, True)],
+    ids=["atomic_per_pair", "atomic_per_run", "deterministic", "windowed"],
 )  # fmt: skip
 @pytest.mark.parametrize("case", ["c2p_p2c_buckets", "p2c_only_unbucketed", "no_position_terms"])
 def test_dropout_matches_eager_given_the_kernels_mask(
-    case: str, deterministic: bool, run_sums: bool, monkeypatch: pytest.MonkeyPatch
+    case: str,
+    deterministic: bool,
+    run_sums: bool,
+    windowed: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from pretrain.models.attention import fused
 
     monkeypatch.setattr(fused, "RUN_SUMS", run_sums)
+    monkeypatch.setattr(fused, "WINDOWED", windowed)
 
     terms, buckets, max_rel = CORE_CASES[case]
     length, rate, seed = 37, 0.3, 12345
@@ -891,30 +1000,34 @@ def _gpu_case(dtype: torch.dtype, seed: int = 0, length: int = 512, dropout: flo
 @compiled
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "run_sums, half_position_grads, store_singles, length",
+    "run_sums, half_position_grads, store_singles, windowed, length",
     [
-        (False, False, False, 512),
-        (True, False, False, 512),
-        (False, True, False, 512),
-        (False, True, False, 1024),
-        (False, False, True, 512),
-        (False, True, True, 1024),
+        (False, False, False, False, 512),
+        (True, False, False, False, 512),
+        (False, True, False, False, 512),
+        (False, True, False, False, 1024),
+        (False, False, True, False, 512),
+        (False, True, True, False, 1024),
+        (False, False, False, True, 512),
+        (False, False, False, True, 1024),
     ],
     # 1024: past v3's 512 relative positions, so the clamped ends' long runs
     ids=[
         "atomic_per_pair", "atomic_per_run", "half_position_grads", "half_position_grads_1024",
-        "singles_stored", "half_position_grads_singles_stored_1024",
+        "singles_stored", "half_position_grads_singles_stored_1024", "windowed", "windowed_1024",
     ],
 )  # fmt: skip
 def test_gpu_bf16_fused_error_is_eager_bf16_error(
     run_sums: bool,
     half_position_grads: bool,
     store_singles: bool,
+    windowed: bool,
     length: int,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from pretrain.models.attention import fused
 
+    monkeypatch.setattr(fused, "WINDOWED", windowed)
     monkeypatch.setattr(fused, "RUN_SUMS", run_sums)
     monkeypatch.setattr(fused, "HALF_POSITION_GRADS", half_position_grads)
     monkeypatch.setattr(fused, "STORE_SINGLES", store_singles)

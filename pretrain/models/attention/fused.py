@@ -18,6 +18,9 @@ share a position row; with `STORE_SINGLES` a pair alone at its position address 
 `UNIFORM_TILES` a tile whose pairs share one position index adds its row and column sums), or,
 `deterministic`, runs a second kernel that makes dq and dQP without (see `_kernels`).
 
+`WINDOWED` takes the windowed kernels instead (`_window_kernels`, `_WindowedAttention`): no
+QP / KP, no atomics.
+
 Where it runs: compiled on CUDA; on CPU only under Triton's interpreter, which the tests use.
 Triton picks interpreted or compiled when a `triton.jit` function is defined, its own library
 (`tl.max`, `tl.zeros`, ...) included, so TRITON_INTERPRET=1 must be set before triton is first
@@ -34,7 +37,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from pretrain.models.attention import _kernels
+from pretrain.models.attention import _kernels, _window_kernels
 
 LOG2E = 1.0 / math.log(2.0)
 
@@ -76,6 +79,15 @@ STORE_SINGLES = False
 # (78f0ec9) the attention at L=2048 B=8 took 9.39 ms with it against 12.81 without (the 32x64
 # backward tile). The deterministic backward's position gradients do not take it.
 UNIFORM_TILES = True
+
+
+# The windowed kernels (`_window_kernels`): each tile's position terms from matmuls over the
+# window of position-table rows it spans, picked per pair with tl.gather, and the backward's
+# position gradients as window sums and matmuls in three atomic-free kernels, so no [B, h, L,
+# 2S] product, gradient, zeroing or cast exists (True); or the gather kernels (False). Heads
+# of up to 64, relative indexes that rise by at most 1 per unit of i - j (DeBERTa's do);
+# elsewhere the gather kernels run. Deterministic by construction. Not timed on a GPU yet.
+WINDOWED = False
 
 
 def _interpreting() -> bool:
@@ -378,6 +390,179 @@ def _position_grads(
     return dx, torch.bmm(dxp.transpose(1, 2), _by_head(x)).to(pos.dtype)
 
 
+# `_rise_table`'s value past the table's last position index: no pair's i - j reaches it.
+_FAR = 1 << 20
+
+
+def _window_block(q: torch.Tensor) -> int:
+    """The windowed kernels' square tile: 64 on a GPU (windows of 128 rows), 16 under the
+    interpreter (small, and tests cross tile edges)."""
+    return 16 if _interpreting() else 64
+
+
+def _rises_by_at_most_one(index: torch.Tensor) -> bool:
+    """Whether c(i - j) rises by 0 or 1 per unit of i - j, which the windows rely on; kept on
+    the table, so the model's one table per forward is read once, not once per layer."""
+    known = getattr(index, "_rises_by_at_most_one", None)
+    if known is None:
+        known = bool((index[1:] - index[:-1] <= 1).all())
+        index._rises_by_at_most_one = known  # type: ignore[attr-defined]
+    return known
+
+
+def _rise_table(index: torch.Tensor, width: int, window: int) -> torch.Tensor:
+    """int32 [width + window + 1]: entry c is the least i - j whose position index is at
+    least c (`_FAR` where none is), so a tile's keys or queries with a given c are counted
+    from it (`_window_kernels._row_window_sums`)."""
+    length = (index.numel() + 1) // 2
+    wanted = torch.arange(width + window + 1, device=index.device, dtype=index.dtype)
+    at = torch.searchsorted(index, wanted)  # the index is sorted: it rises with i - j
+    rise = (at - (length - 1)).to(torch.int32)
+    return torch.where(at < index.numel(), rise, torch.full_like(rise, _FAR)).contiguous()
+
+
+def _window_starts(index: torch.Tensor, length: int, block: int) -> torch.Tensor:
+    """The first window row of each diagonal of tiles (query block - key block = -n + 1 .. n -
+    1), as `_window_kernels._window_start` finds it."""
+    n = triton.cdiv(length, block)
+    diagonal = torch.arange(-n + 1, n, device=index.device)
+    return index[(diagonal * block - (block - 1) + length - 1).clamp(0, 2 * length - 2)]
+
+
+def _sum_windows(
+    buf: torch.Tensor, starts: torch.Tensor, width: int, batch: int, heads: int, d: int
+) -> torch.Tensor:
+    """[h, width, d] fp32: the diagonals' window rows ([B * h, diagonals, W, D]) added into the
+    table rows they stand for, in a fixed order (a 0/1 matmul), so the result is the same bits
+    on every run. Window rows past the table (zero) go to a spare row."""
+    window = buf.shape[2]
+    rows = (starts[:, None] + torch.arange(window, device=buf.device)).clamp(max=width)
+    place = torch.zeros(width + 1, rows.numel(), dtype=buf.dtype, device=buf.device)
+    place[rows.reshape(-1), torch.arange(rows.numel(), device=buf.device)] = 1.0
+    summed = buf.view(batch, heads, rows.numel(), -1).sum(0)
+    return torch.matmul(place, summed)[:, :width, :d]
+
+
+class _WindowedAttention(torch.autograd.Function):
+    """The windowed kernels' forward and backward (`WINDOWED`; arguments as
+    `_FusedDisentangledAttention`'s, less `deterministic`: these have no atomics)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pos_k: torch.Tensor | None,
+        pos_q: torch.Tensor | None,
+        rel_index: torch.Tensor,
+        mask: torch.Tensor,
+        scale: float,
+        dropout_p: float,
+        seed: int,
+    ) -> torch.Tensor:
+        cfg = _launch_settings(q)
+        block = _window_block(q)
+        batch, heads, length, d = q.shape
+        # One layout for both tables (the kernels take one set of strides), in q's dtype.
+        pk = pos_k.to(q.dtype).contiguous() if pos_k is not None else None
+        pq = pos_q.to(q.dtype).contiguous() if pos_q is not None else None
+        table = pk if pk is not None else pq
+        assert table is not None, "the windowed kernels are for position terms"
+        out = torch.empty(batch, length, heads, d, dtype=q.dtype, device=q.device).transpose(1, 2)
+        lse = torch.empty(batch, heads, length, dtype=torch.float32, device=q.device)
+        grid = (triton.cdiv(length, block), batch * heads)
+        _window_kernels._window_forward_kernel[grid](
+            q, k, v, pk if pk is not None else table, pq if pq is not None else table,
+            rel_index, mask, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *table.stride(), *out.stride(), mask.stride(0),
+            heads, length, d, table.shape[1],
+            scale * LOG2E,
+            *_dropout_args(dropout_p, seed),
+            HAS_C2P=pk is not None,
+            HAS_P2C=pq is not None,
+            DROPOUT=dropout_p > 0,
+            BLOCK=block,
+            BLOCK_D=cfg["block_d"],
+            DOT_PRECISION=cfg["precision"],
+            num_warps=cfg["warps"],
+            num_stages=2,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, pk, pq, rel_index, mask, out, lse)
+        ctx.scale = scale
+        ctx.dropout = (dropout_p, seed)
+        ctx.table_dtypes = (
+            pos_k.dtype if pos_k is not None else None,
+            pos_q.dtype if pos_q is not None else None,
+        )
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, pk, pq, rel_index, mask, out, lse = ctx.saved_tensors
+        cfg = _launch_settings(q)
+        block = _window_block(q)
+        window = 2 * block
+        batch, heads, length, d = q.shape
+        dout = dout.to(q.dtype)
+        delta = _row_dots(out, dout, cfg)
+        table = pk if pk is not None else pq
+        width = table.shape[1]
+        rise = _rise_table(rel_index, width, window)
+
+        def grad(dtype: torch.dtype) -> torch.Tensor:
+            # [B, L, h, d] memory, as `_FusedDisentangledAttention`'s gradients
+            return torch.empty(batch, length, heads, d, dtype=dtype, device=q.device).transpose(
+                1, 2
+            )
+
+        dq, dk, dv = grad(q.dtype), grad(k.dtype), grad(v.dtype)
+        want_tables = (pk is not None and ctx.needs_input_grad[3]) or (
+            pq is not None and ctx.needs_input_grad[4]
+        )
+        n = triton.cdiv(length, block)
+        diagonals = 2 * n - 1
+        shape = (batch * heads, diagonals, window, cfg["block_d"])
+        dpk = torch.empty(shape, dtype=torch.float32, device=q.device) if pk is not None else lse
+        dpq = torch.empty(shape, dtype=torch.float32, device=q.device) if pq is not None else lse
+        common = (
+            q, k, v, pk if pk is not None else table, pq if pq is not None else table,
+            rel_index, rise, mask, dout, lse, delta,
+        )  # fmt: skip
+        sizes = (
+            *q.stride(), *k.stride(), *v.stride(), *table.stride(), *dout.stride(),
+            mask.stride(0), *dq.stride()[:3],
+            heads, length, d, width, diagonals,
+            ctx.scale, ctx.scale * LOG2E, *_dropout_args(*ctx.dropout),
+        )  # fmt: skip
+        options = dict(
+            HAS_C2P=pk is not None,
+            HAS_P2C=pq is not None,
+            DROPOUT=ctx.dropout[0] > 0,
+            BLOCK=block,
+            BLOCK_D=cfg["block_d"],
+            DOT_PRECISION=cfg["precision"],
+            num_warps=cfg["warps"],
+            num_stages=2,
+        )
+        kernel = _window_kernels._window_backward_kernel
+        kernel[(n, batch * heads)](*common, dk, dv, dpk, dpq, *sizes, KIND=0, **options)
+        kernel[(n, batch * heads)](*common, dq, dv, dpk, dpq, *sizes, KIND=1, **options)
+        dpos_k = dpos_q = None
+        if want_tables:
+            kernel[(diagonals, batch * heads)](*common, dq, dv, dpk, dpq, *sizes, KIND=2, **options)
+            starts = _window_starts(rel_index, length, block)
+            with torch.autocast(q.device.type, enabled=False):
+                if pk is not None and ctx.needs_input_grad[3]:
+                    dpos_k = _sum_windows(dpk, starts, width, batch, heads, d)
+                    dpos_k = dpos_k.to(ctx.table_dtypes[0])
+                if pq is not None and ctx.needs_input_grad[4]:
+                    dpos_q = _sum_windows(dpq, starts, width, batch, heads, d)
+                    dpos_q = dpos_q.to(ctx.table_dtypes[1])
+        return (dq, dk, dv, dpos_k, dpos_q, None, None, None, None, None)
+
+
 # Under torch.compile (trainer.compile) the kernel runs as it is, a graph break on each side:
 # the launch code reads tensor strides and Triton's mode, which dynamo need not trace.
 @torch.compiler.disable
@@ -419,6 +604,8 @@ def fused_disentangled_attention(
         assert rel_index is not None and rel_index.shape == (2 * length - 1,), "see relative_index"
         index = rel_index.to(device=q.device, dtype=torch.int32).contiguous()
     mask = token_mask.to(device=q.device, dtype=torch.int8).contiguous()
+    if WINDOWED and tables and d <= 64 and _rises_by_at_most_one(index):
+        return _WindowedAttention.apply(q, k, v, pos_k, pos_q, index, mask, scale, dropout_p, seed)
     return _FusedDisentangledAttention.apply(
         q, k, v, pos_k, pos_q, index, mask, scale, deterministic, dropout_p, seed
     )
