@@ -30,7 +30,6 @@ from pretrain.models.attention import (
     IMPLS,
     choose_impl,
     disentangled_attention,
-    relative_index,
 )
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -225,6 +224,24 @@ def _log_base(max_position: int, mid: int) -> float:
     `log_bucket_position`), which would break parity with exported checkpoints. A Python
     number, so that no host value is copied to the GPU (a copy that waits for the device)."""
     return torch.log(torch.tensor((max_position - 1) / mid, dtype=torch.float32)).item()
+
+
+@functools.lru_cache(maxsize=64)
+def relative_index_table(
+    length: int, buckets: int, max_distance: int, span: int, device: torch.device
+) -> torch.Tensor:
+    """The [2L - 1] relative index (`relative_index`) of a length and position setup, made once
+    per process on the device it is read on, from the 2L - 1 distances alone (rather than an
+    [L, L] table every forward). Whether it rises by at most 1 per unit of i - j, which the
+    windowed attention kernels need, is found here once and kept on the table, so no forward
+    reads the device for it (`fused._rises_by_at_most_one`). Read-only: every caller shares it."""
+    with torch.inference_mode(False):  # a table made in inference mode could not train later
+        distances = torch.arange(-(length - 1), length, device=device)
+        if buckets > 0 and max_distance > 0:
+            distances = log_bucket_position(distances, buckets, max_distance)
+        index = (distances + span).clamp(0, 2 * span - 1).to(torch.int32)
+    index._rises_by_at_most_one = bool((index[1:] - index[:-1] <= 1).all())  # type: ignore[attr-defined]
+    return index
 
 
 def relative_positions(length: int, config: DebertaConfig, device: torch.device) -> torch.Tensor:
@@ -493,9 +510,11 @@ class DebertaEncoder(nn.Module):
         relative attention)."""
         index = None
         if self.config.relative_attention:
-            length = attention_mask.shape[1]
-            rel_pos = relative_positions(length, self.config, attention_mask.device)
-            index = relative_index(rel_pos, self.config.relative_span)
+            config = self.config
+            index = relative_index_table(
+                attention_mask.shape[1], config.position_buckets, config.max_relative_distance,
+                config.relative_span, attention_mask.device,
+            )  # fmt: skip
         return attention_mask.bool(), index
 
     def forward(self, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:

@@ -388,6 +388,28 @@ def test_windowed_kernels_take_only_indexes_that_rise_by_at_most_one(
         assert fused._rises_by_at_most_one(idx)
 
 
+@pytest.mark.parametrize("case", sorted(INDEX_CASES))
+def test_the_models_cached_table_is_relative_index_of_its_positions(case: str) -> None:
+    # The model's one table per (length, setup, device), from the 2L - 1 distances alone,
+    # equals the table read off the [L, L] relative positions (checked against HF above), and
+    # knows whether it rises by at most 1 without reading it again.
+    from pretrain.models.deberta import relative_index_table
+
+    buckets, max_rel, max_pos, length = INDEX_CASES[case]
+    config = _config(buckets, max_rel, max_pos)
+    args = (length, buckets, config.max_relative_distance, config.relative_span)
+    with torch.inference_mode():  # the table must stay usable outside inference mode
+        table = relative_index_table(*args, torch.device("cpu"))
+    assert not table.is_inference()
+    rel_pos = relative_positions(length, config, torch.device("cpu"))
+    want = relative_index(rel_pos, config.relative_span)
+    assert torch.equal(table, want) and table.dtype == torch.int32
+    assert table._rises_by_at_most_one is bool((want[1:] - want[:-1] <= 1).all())
+    assert relative_index_table(*args, torch.device("cpu")) is table
+    model = DebertaModel(config)
+    assert model.encoder.attention_inputs(torch.ones(2, length))[1] is table
+
+
 def test_rise_table_counts_pairs_as_the_index_does() -> None:
     # Entry c is the least i - j whose index is at least c; far past the table's last index.
     from pretrain.models.attention import fused

@@ -401,8 +401,9 @@ def _window_block(q: torch.Tensor) -> int:
 
 
 def _rises_by_at_most_one(index: torch.Tensor) -> bool:
-    """Whether c(i - j) rises by 0 or 1 per unit of i - j, which the windows rely on; kept on
-    the table, so the model's one table per forward is read once, not once per layer."""
+    """Whether c(i - j) rises by 0 or 1 per unit of i - j, which the windows rely on. The
+    model's tables carry the answer (`deberta.relative_index_table` finds it once per length);
+    another table is read here once and keeps it."""
     known = getattr(index, "_rises_by_at_most_one", None)
     if known is None:
         known = bool((index[1:] - index[:-1] <= 1).all())
