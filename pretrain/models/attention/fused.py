@@ -523,8 +523,11 @@ class _WindowedAttention(torch.autograd.Function):
             pq is not None and ctx.needs_input_grad[4]
         )
         n = triton.cdiv(length, block)
-        diagonals = 2 * n - 1
-        shape = (batch * heads, diagonals, window, cfg["block_d"])
+        # The tables' gradients take half the tile: two [2 * block, d] fp32 sums in registers
+        # spilled 1,240 bytes at 64 (sm_90, Triton 3.6); the diagonals are of these tiles.
+        table_block = block // 2
+        diagonals = 2 * triton.cdiv(length, table_block) - 1
+        shape = (batch * heads, diagonals, 2 * table_block, cfg["block_d"])
         dpk = torch.empty(shape, dtype=torch.float32, device=q.device) if pk is not None else lse
         dpq = torch.empty(shape, dtype=torch.float32, device=q.device) if pq is not None else lse
         common = (
@@ -552,8 +555,9 @@ class _WindowedAttention(torch.autograd.Function):
         kernel[(n, batch * heads)](*common, dq, dv, dpk, dpq, *sizes, KIND=1, **options)
         dpos_k = dpos_q = None
         if want_tables:
+            options["BLOCK"] = table_block
             kernel[(diagonals, batch * heads)](*common, dq, dv, dpk, dpq, *sizes, KIND=2, **options)
-            starts = _window_starts(rel_index, length, block)
+            starts = _window_starts(rel_index, length, table_block)
             with torch.autocast(q.device.type, enabled=False):
                 if pk is not None and ctx.needs_input_grad[3]:
                     dpos_k = _sum_windows(dpk, starts, width, batch, heads, d)
