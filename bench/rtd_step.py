@@ -127,7 +127,7 @@ def our_attention(config: DebertaConfig, device: torch.device) -> str:
         from pretrain.models.attention import choose_impl
     except ImportError:
         return requested
-    chosen = choose_impl(requested, device, config.head_size, config.attention_probs_dropout_prob)
+    chosen = choose_impl(requested, device, config.head_size)
     return requested if chosen == requested else f"{requested} -> {chosen}"
 
 
@@ -630,7 +630,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--attention-dropout",
         type=float,
         help="attention-probability dropout of both sides (default: the preset's, 0.1; "
-        "0 with --attention triton|auto, the form timed so far, and auto's only fused one)",
+        "0 with --attention triton|auto, the form the README's main table times)",
     )
     p.add_argument(
         "--compile",
@@ -758,7 +758,7 @@ def resolve(args: argparse.Namespace) -> torch.device:
     args.attention = args.attention or ["eager"]
     fused = {"triton", "auto"} & set(args.attention)
     if fused and args.attention_dropout is None:
-        args.attention_dropout = 0.0  # auto takes eager under dropout; every row gets it
+        args.attention_dropout = 0.0  # the README's main table; every row gets it
     if "triton" in args.attention and not cuda:
         raise UsageError("--attention triton needs CUDA; use eager or auto on CPU")
     fused_runs = "triton" in args.attention or ("auto" in args.attention and cuda)

@@ -8,8 +8,9 @@ exactly (the parity tests hold us to 1e-5 in fp32), including its quirks: the sc
 the position terms listed in `pos_att_type`, and a padding query row softmaxes over a row of
 `finfo.min`, giving uniform weights that the embedding mask later zeroes.
 
-The attention core (scores, softmax, context) is `pretrain.models.attention`: eager torch by
-default, or a fused Triton kernel with the same numerics (`attention_impl`), which is a runtime
+The attention core (scores, softmax, context) is `pretrain.models.attention`: eager torch, or a
+fused Triton kernel with the same numerics (`attention_impl`; by default the kernel on a GPU
+and eager elsewhere), which is a runtime
 choice, not part of the checkpoint's shape, and so is never exported.
 """
 
@@ -82,8 +83,8 @@ class DebertaConfig:
     attention_head_size: int | None = None
     # Not a DebertaV2Config key: how attention runs, not what it computes. eager | triton (the
     # fused kernel; needs CUDA; its dropout draws its own mask) | auto (triton on CUDA when it
-    # is installed and attention dropout is off, eager otherwise).
-    attention_impl: str = "eager"
+    # is installed and the heads are at most 128 wide, eager otherwise).
+    attention_impl: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.pos_att_type, str):  # HF also accepts "p2c|c2p"
@@ -394,7 +395,7 @@ class DisentangledSelfAttention(nn.Module):
             assert rel_index is not None and rel_embeddings is not None
             pos_k, pos_q = self._position_tables(rel_embeddings)
         dropout_p = self.dropout.p if self.training else 0.0
-        impl = choose_impl(self.config.attention_impl, q.device, q.shape[-1], dropout_p)
+        impl = choose_impl(self.config.attention_impl, q.device, q.shape[-1])
         context = disentangled_attention(
             q, k, v, pos_k, pos_q, rel_index, token_mask, self.scale, dropout_p, impl=impl
         )  # [B, h, L, d]

@@ -851,18 +851,14 @@ def test_bf16_under_interpreter_is_an_error() -> None:
         disentangled_attention(q, k, v, None, None, None, mask, 0.1, impl="triton")
 
 
-def test_choose_impl(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(attention, "_warned", set())  # warnings are once per process
+def test_choose_impl() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert choose_impl("eager", cuda, 64, 0.0) == "eager"
-    assert choose_impl("triton", cpu, 64, 0.0) == "triton"  # the kernel launcher says no
-    assert choose_impl("auto", cpu, 64, 0.0) == "eager"
-    assert choose_impl("auto", cuda, 64, 0.0) == "triton"
-    assert choose_impl("auto", cuda, 256, 0.0) == "eager"
-    with pytest.warns(RuntimeWarning, match="not yet on a GPU"):
-        assert choose_impl("triton", cuda, 64, 0.1) == "triton"
-    with pytest.warns(RuntimeWarning, match="dropout"):
-        assert choose_impl("auto", cuda, 64, 0.1) == "eager"
+    assert DebertaConfig().attention_impl == "auto"  # the default: fused where it can run
+    assert choose_impl("eager", cuda, 64) == "eager"
+    assert choose_impl("triton", cpu, 64) == "triton"  # the kernel launcher says no
+    assert choose_impl("auto", cpu, 64) == "eager"
+    assert choose_impl("auto", cuda, 64) == "triton"
+    assert choose_impl("auto", cuda, 256) == "eager"
     with pytest.raises(ValueError, match="attention_impl"):
         DebertaConfig(attention_impl="flash")
 
@@ -944,7 +940,7 @@ def test_attention_impl_is_not_exported() -> None:
     written = hf_config_dict(config, "DebertaV2Model")
     assert "attention_impl" not in written
     back = config_from_hf_dict(written)
-    assert back.attention_impl == "eager"
+    assert back.attention_impl == "auto"
     assert dataclasses.replace(back, attention_impl="triton") == config
 
 

@@ -26,7 +26,6 @@ atomics, or, in deterministic mode, in a fixed order at the cost of a second bac
 from __future__ import annotations
 
 import importlib.util
-import warnings
 from typing import Any
 
 import torch
@@ -36,14 +35,6 @@ from pretrain.models.attention.eager import disentangled_attention_eager
 IMPLS = ("eager", "triton", "auto")
 # Head sizes the fused kernel is built for (padded to a power of two >= 16 inside).
 MAX_FUSED_HEAD_SIZE = 128
-
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def triton_available() -> bool:
@@ -64,33 +55,21 @@ def relative_index(rel_pos: torch.Tensor, span: int) -> torch.Tensor:
     return (deltas + span).clamp(0, 2 * span - 1).to(torch.int32)
 
 
-def choose_impl(requested: str, device: torch.device, head_size: int, dropout_p: float) -> str:
+def choose_impl(requested: str, device: torch.device, head_size: int) -> str:
     """Which core, "eager" or "triton", a model configured with `attention_impl=requested` runs.
 
-    dropout_p is the probability dropout in effect for this call (0 in eval mode). "auto" takes
-    the fused kernel on CUDA when Triton is installed, and eager otherwise; it also takes eager
-    when dropout is active, saying so once: the fused kernel's dropout is tested under Triton's
-    interpreter but not yet on a GPU. An explicit "triton" runs it, dropout or not.
+    "auto" takes the fused kernel on CUDA when Triton is installed and the head size fits, and
+    eager otherwise, attention dropout or not: both apply it (the fused kernel draws its own
+    mask; on an H100 its bf16 error with the same mask was at most twice eager's, and the
+    v3-base step with attention dropout 0.1 took 182.5 ms fused against 267.0 eager).
     """
     if requested == "eager":
         return "eager"
     if requested == "triton":
-        if dropout_p > 0:
-            _warn_once(
-                "attention_impl=triton with attention dropout: the fused kernel's own dropout "
-                "is tested on CPU (under Triton's interpreter), not yet on a GPU"
-            )
         return "triton"
     if requested != "auto":
         raise ValueError(f"attention_impl must be one of {IMPLS}, got {requested!r}")
     if device.type != "cuda" or not triton_available() or head_size > MAX_FUSED_HEAD_SIZE:
-        return "eager"
-    if dropout_p > 0:
-        _warn_once(
-            f"attention_impl=auto uses eager attention while training with "
-            f"attention_probs_dropout_prob={dropout_p} (the fused kernel's dropout is not yet "
-            "checked on a GPU); set attention_impl=triton to use it, or the dropout to 0"
-        )
         return "eager"
     return "triton"
 
