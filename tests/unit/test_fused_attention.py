@@ -323,8 +323,12 @@ def _windowed(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
 
 
 @interpreted
-@pytest.mark.parametrize("length", [37, 70])  # 70: tiles past the 32 relative positions
-@pytest.mark.parametrize("case", [c for c in sorted(CORE_CASES) if CORE_CASES[c][0]])
+@pytest.mark.parametrize(
+    "case, length",
+    # every position-term case, and at 70 tiles past the 32 relative positions (the clamped
+    # ends), tiles crossing the sequence's end and diagonals of the tables' 8x8 tiles
+    [(c, 37) for c in sorted(CORE_CASES) if CORE_CASES[c][0]] + [("c2p_p2c_buckets", 70)],
+)
 def test_windowed_matches_eager_fp32(
     case: str, length: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -351,7 +355,7 @@ def test_windowed_matches_eager_fp32(
 
 @interpreted
 def test_windowed_fp16_error_is_at_most_twice_eagers(monkeypatch: pytest.MonkeyPatch) -> None:
-    length = 70
+    length = 37  # past the 32 relative positions: the clamped ends too
     terms, buckets, max_rel = CORE_CASES["c2p_p2c_buckets"]
     config = _config(buckets, max_rel)
     span = config.relative_span
