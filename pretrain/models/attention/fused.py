@@ -431,16 +431,21 @@ def _window_starts(index: torch.Tensor, length: int, block: int) -> torch.Tensor
 
 
 def _sum_windows(
-    buf: torch.Tensor, starts: torch.Tensor, width: int, batch: int, heads: int, d: int
-) -> torch.Tensor:
-    """[h, width, d] fp32: the diagonals' window rows ([B * h, diagonals, W, D]) added into the
-    table rows they stand for, in a fixed order (a 0/1 matmul), so the result is the same bits
-    on every run. Window rows past the table (zero) go to a spare row."""
+    buf: torch.Tensor, starts: torch.Tensor, width: int, batch: int, heads: int, d: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
+    """[h, width, d] in `dtype`, the table's: the diagonals' window rows ([B * h, diagonals,
+    W, D] fp32), summed over the batch in fp32 and added into the table rows they stand for by
+    a 0/1 matmul, in a fixed order, so the result is the same bits on every run. In a half
+    dtype each diagonal's row is rounded once for the matmul's tensor cores (the gather
+    kernels' dQP was rounded so too), which accumulate in fp32; an fp32 matmul of these
+    shapes cost about 0.1 ms a table per layer. Window rows past the table (zero) go to a
+    spare row."""
     window = buf.shape[2]
     rows = (starts[:, None] + torch.arange(window, device=buf.device)).clamp(max=width)
-    place = torch.zeros(width + 1, rows.numel(), dtype=buf.dtype, device=buf.device)
+    place = torch.zeros(width + 1, rows.numel(), dtype=dtype, device=buf.device)
     place[rows.reshape(-1), torch.arange(rows.numel(), device=buf.device)] = 1.0
-    summed = buf.view(batch, heads, rows.numel(), -1).sum(0)
+    summed = buf.view(batch, heads, rows.numel(), -1).sum(0).to(dtype)
     return torch.matmul(place, summed)[:, :width, :d]
 
 
@@ -559,11 +564,13 @@ class _WindowedAttention(torch.autograd.Function):
             kernel[(diagonals, batch * heads)](*common, dq, dv, dpk, dpq, *sizes, KIND=2, **options)
             starts = _window_starts(rel_index, length, table_block)
             with torch.autocast(q.device.type, enabled=False):
+                # In the inputs' dtype, as the gather kernels' GEMMs make the tables' gradients
+                dtype = q.dtype
                 if pk is not None and ctx.needs_input_grad[3]:
-                    dpos_k = _sum_windows(dpk, starts, width, batch, heads, d)
+                    dpos_k = _sum_windows(dpk, starts, width, batch, heads, d, dtype)
                     dpos_k = dpos_k.to(ctx.table_dtypes[0])
                 if pq is not None and ctx.needs_input_grad[4]:
-                    dpos_q = _sum_windows(dpq, starts, width, batch, heads, d)
+                    dpos_q = _sum_windows(dpq, starts, width, batch, heads, d, dtype)
                     dpos_q = dpos_q.to(ctx.table_dtypes[1])
         return (dq, dk, dv, dpos_k, dpos_q, None, None, None, None, None)
 
