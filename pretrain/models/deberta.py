@@ -31,6 +31,7 @@ from pretrain.models.attention import (
     IMPLS,
     choose_impl,
     disentangled_attention,
+    index_steps,
 )
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -233,15 +234,15 @@ def relative_index_table(
 ) -> torch.Tensor:
     """The [2L - 1] relative index (`relative_index`) of a length and position setup, made once
     per process on the device it is read on, from the 2L - 1 distances alone (rather than an
-    [L, L] table every forward). Whether it rises by at most 1 per unit of i - j, which the
-    windowed attention kernels need, is found here once and kept on the table, so no forward
-    reads the device for it (`fused._rises_by_at_most_one`). Read-only: every caller shares it."""
+    [L, L] table every forward). How it rises with i - j, which the fused attention kernels
+    need to know, is found here once (`attention.index_steps` keeps it on the table), so no
+    forward reads the device for it. Read-only: every caller shares it."""
     with torch.inference_mode(False):  # a table made in inference mode could not train later
         distances = torch.arange(-(length - 1), length, device=device)
         if buckets > 0 and max_distance > 0:
             distances = log_bucket_position(distances, buckets, max_distance)
         index = (distances + span).clamp(0, 2 * span - 1).to(torch.int32)
-    index._rises_by_at_most_one = bool((index[1:] - index[:-1] <= 1).all())  # type: ignore[attr-defined]
+    index_steps(index)
     return index
 
 

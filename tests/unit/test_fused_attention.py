@@ -305,9 +305,9 @@ def test_fused_matches_eager_fp32(
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _windowed(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """WINDOWED on; yields a list that gets an entry per call the windowed kernels serve."""
+def _windowed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """WINDOWED on for the rest of the test; the list returned gets an entry per call the
+    windowed kernels serve."""
     from pretrain.models.attention import fused
 
     monkeypatch.setattr(fused, "WINDOWED", True)
@@ -319,7 +319,7 @@ def _windowed(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
         return apply(*args)
 
     monkeypatch.setattr(fused._WindowedAttention, "apply", counted)
-    yield calls
+    return calls
 
 
 @interpreted
@@ -341,10 +341,10 @@ def test_windowed_matches_eager_fp32(
     )
     args = (q, k, v, pos_k, pos_q, idx, mask, (16 * (1 + len(terms))) ** -0.5, weights)
     want, want_grads = _run("eager", *args)
-    with _windowed(monkeypatch) as calls:
-        got, got_grads = _run("triton", *args)
-        with programs_in_reverse():  # no atomics: the same bits in any program order
-            again, again_grads = _run("triton", *args)
+    calls = _windowed(monkeypatch)
+    got, got_grads = _run("triton", *args)
+    with programs_in_reverse():  # no atomics: the same bits in any program order
+        again, again_grads = _run("triton", *args)
     assert len(calls) == 2
     torch.testing.assert_close(got, want, **FP32_TOL)
     assert torch.equal(again, got)
@@ -369,27 +369,97 @@ def test_windowed_fp16_error_is_at_most_twice_eagers(monkeypatch: pytest.MonkeyP
 
     reference = run("eager", torch.float64)
     eager = run("eager", torch.float16)
-    with _windowed(monkeypatch) as calls:
-        fused = run("triton", torch.float16)
+    calls = _windowed(monkeypatch)
+    fused = run("triton", torch.float16)
     assert calls
     _assert_error_at_most_twice_eagers(reference, eager, fused, slack=1e-3)
 
 
-def test_windowed_kernels_take_only_indexes_that_rise_by_at_most_one(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from pretrain.models.attention import fused
+def test_index_steps_sort_the_tables_the_kernels_can_take() -> None:
+    from pretrain.models.attention import index_steps
 
-    steps = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4], dtype=torch.int32)
-    assert fused._rises_by_at_most_one(steps)
-    jump = torch.tensor([0, 1, 3, 3], dtype=torch.int32)
-    assert not fused._rises_by_at_most_one(jump)
+    assert index_steps(torch.tensor([0, 1, 1, 2, 3, 3, 3, 4], dtype=torch.int32)) == "unit"
+    assert index_steps(torch.tensor([0, 1, 3, 3], dtype=torch.int32)) == "monotone"
+    table = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
+    assert index_steps(table) == "unit"
+    table[2] = 0  # changed in place: read again, not the kept answer
+    assert index_steps(table) == "other"
+    with torch.inference_mode():
+        assert index_steps(torch.tensor([0, 2], dtype=torch.int32)) == "monotone"
     # DeBERTa's own tables rise by 0 or 1: v3's buckets, a log region, clamped and plain.
     for buckets, max_rel, max_pos, length in INDEX_CASES.values():
         config = _config(buckets, max_rel, max_pos)
         rel_pos = relative_positions(length, config, torch.device("cpu"))
-        idx = relative_index(rel_pos, config.relative_span)
-        assert fused._rises_by_at_most_one(idx)
+        assert index_steps(relative_index(rel_pos, config.relative_span)) == "unit"
+    # Log buckets that reach past max_relative_positions below position_buckets / 2 go down.
+    config = _config(8, 3)
+    rel_pos = relative_positions(20, config, torch.device("cpu"))
+    assert index_steps(relative_index(rel_pos, config.relative_span)) == "other"
+
+
+def test_an_index_that_goes_down_runs_eager_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fused kernels assume the index never goes down (runs, uniform tiles, windows); a
+    # table that does runs eager, with one warning, also on a CPU without the interpreter.
+    monkeypatch.setattr(attention, "_warned", set())
+    length = 20
+    config = _config(8, 3)
+    span = config.relative_span
+    idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
+    q, k, v, pos_k, pos_q, mask, weights = _inputs(length, span, ("c2p", "p2c"), torch.float32)
+    args = (q, k, v, pos_k, pos_q, idx, mask, 0.2, weights)
+    want, want_grads = _run("eager", *args)
+    with pytest.warns(RuntimeWarning, match="goes down"):
+        got, got_grads = _run("triton", *args)
+    assert torch.equal(got, want)
+    for name in want_grads:
+        assert torch.equal(got_grads[name], want_grads[name]), name
+
+
+@interpreted
+def test_windowed_gradients_of_some_inputs_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only q and pos_q want gradients: pos_q's must not be left out with pos_k's.
+    length = 37
+    config = _config(8, 32)
+    span = config.relative_span
+    idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
+    q, k, v, pos_k, pos_q, mask, weights = _inputs(length, span, ("c2p", "p2c"), torch.float32)
+    for t in (k, v, pos_k):
+        t.requires_grad_(False)
+
+    def run(impl: str):
+        out = disentangled_attention(q, k, v, pos_k, pos_q, idx, mask, 0.2, impl=impl)
+        return torch.autograd.grad((out * weights).sum(), [q, pos_q])
+
+    want = run("eager")
+    calls = _windowed(monkeypatch)
+    got = run("triton")
+    assert calls
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **FP32_TOL)
+
+
+@interpreted
+def test_windowed_at_a_gpus_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The GPU's 64 x 64 tiles (windows of 128 rows; the tables' gradients on 32 x 32), with a
+    # length that ends inside the second tile.
+    from pretrain.models.attention import fused
+
+    monkeypatch.setattr(fused, "_window_block", lambda q: 64)
+    length = 70
+    config = _config(8, 32)
+    span = config.relative_span
+    idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
+    q, k, v, pos_k, pos_q, mask, weights = _inputs(
+        length, span, ("c2p", "p2c"), torch.float32, split_heads=True
+    )
+    args = (q, k, v, pos_k, pos_q, idx, mask, 0.2, weights)
+    want, want_grads = _run("eager", *args)
+    calls = _windowed(monkeypatch)
+    got, got_grads = _run("triton", *args)
+    assert calls
+    torch.testing.assert_close(got, want, **FP32_TOL)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], **FP32_TOL, msg=name)
 
 
 @pytest.mark.parametrize("case", sorted(INDEX_CASES))
@@ -408,7 +478,7 @@ def test_the_models_cached_table_is_relative_index_of_its_positions(case: str) -
     rel_pos = relative_positions(length, config, torch.device("cpu"))
     want = relative_index(rel_pos, config.relative_span)
     assert torch.equal(table, want) and table.dtype == torch.int32
-    assert table._rises_by_at_most_one is bool((want[1:] - want[:-1] <= 1).all())
+    assert table._pretrain_steps == (table._version, "unit")  # known without a read
     assert relative_index_table(*args, torch.device("cpu")) is table
     model = DebertaModel(config)
     assert model.encoder.attention_inputs(torch.ones(2, length))[1] is table
@@ -610,7 +680,7 @@ def test_dropout_matches_eager_given_the_kernels_mask(
     from pretrain.models.attention import fused
 
     monkeypatch.setattr(fused, "RUN_SUMS", run_sums)
-    monkeypatch.setattr(fused, "WINDOWED", windowed)
+    calls = _windowed(monkeypatch) if windowed else []
 
     terms, buckets, max_rel = CORE_CASES[case]
     length, rate, seed = 37, 0.3, 12345
@@ -644,6 +714,7 @@ def test_dropout_matches_eager_given_the_kernels_mask(
     # and the mask mattered: without dropout the output is another one
     plain = fused.fused_disentangled_attention(q, k, v, pos_k, pos_q, idx, mask, scale)
     assert (plain - got).abs().max() > 0.1
+    assert bool(calls) == (windowed and bool(terms))  # the windowed kernels served it
 
 
 @interpreted

@@ -26,6 +26,7 @@ atomics, or, in deterministic mode, in a fixed order at the cost of a second bac
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from typing import Any
 
 import torch
@@ -53,6 +54,33 @@ def relative_index(rel_pos: torch.Tensor, span: int) -> torch.Tensor:
     """
     deltas = torch.cat([rel_pos[0].flip(0), rel_pos[1:, 0]])  # distances -(L-1) .. L-1
     return (deltas + span).clamp(0, 2 * span - 1).to(torch.int32)
+
+
+def index_steps(index: torch.Tensor) -> str:
+    """How the relative index moves as i - j rises: "unit" (by 0 or 1 at each step; every fused
+    form runs, the windowed kernels included), "monotone" (never down, some step larger: the
+    gather kernels run), or "other" (down somewhere, as log buckets with max_relative_positions
+    under position_buckets / 2 make it: only eager is right). Kept on the tensor with its
+    version, so a table is read once (the model's are made with it: `relative_index_table`)
+    and a table changed in place is read again."""
+    try:
+        version = index._version
+    except RuntimeError:  # an inference-mode tensor counts no versions: read it every time
+        version = None
+    known = getattr(index, "_pretrain_steps", None)
+    if known is not None and version is not None and known[0] == version:
+        return known[1]
+    steps = index[1:] - index[:-1]
+    if bool((steps < 0).any()):
+        kind = "other"
+    else:
+        kind = "unit" if bool((steps <= 1).all()) else "monotone"
+    if version is not None:
+        index._pretrain_steps = (version, kind)  # type: ignore[attr-defined]
+    return kind
+
+
+_warned: set[str] = set()
 
 
 def choose_impl(requested: str, device: torch.device, head_size: int) -> str:
@@ -102,6 +130,19 @@ def disentangled_attention(
         )
     if impl != "triton":
         raise ValueError(f"impl must be 'eager' or 'triton', got {impl!r}")
+    if (pos_k is not None or pos_q is not None) and rel_index is not None:
+        if index_steps(rel_index) == "other":
+            message = (
+                "the relative index goes down as i - j rises (log buckets with "
+                "max_relative_positions under position_buckets / 2), which the fused attention "
+                "kernels cannot take: running eager attention"
+            )
+            if message not in _warned:
+                _warned.add(message)
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+            return disentangled_attention_eager(
+                q, k, v, pos_k, pos_q, rel_index, token_mask, scale, dropout_p
+            )
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     return _fused(q, k, v, pos_k, pos_q, rel_index, token_mask, scale, deterministic, dropout_p)
@@ -122,6 +163,7 @@ __all__ = [
     "choose_impl",
     "disentangled_attention",
     "disentangled_attention_eager",
+    "index_steps",
     "relative_index",
     "triton_available",
 ]

@@ -370,7 +370,8 @@ def _window_backward_kernel(
     elif KIND == 1:
         tl.store(DX + out, acc.to(DX.dtype.element_ty), mask=ok)
     else:
-        rows = (pid_bh * NDIAG + pid) * W + tl.arange(0, W)
+        # B * H * L * 4 * BLOCK_D elements in all, which may pass 2^31
+        rows = (pid_bh.to(tl.int64) * NDIAG + pid) * W + tl.arange(0, W)
         ptrs = rows[:, None] * BLOCK_D + offs_d[None, :]
         if HAS_C2P:
             tl.store(DPK + ptrs, acc_pk)

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from pretrain.models.attention import _kernels, _window_kernels
+from pretrain.models.attention import _kernels, _window_kernels, index_steps
 
 LOG2E = 1.0 / math.log(2.0)
 
@@ -400,17 +400,6 @@ def _window_block(q: torch.Tensor) -> int:
     return 16 if _interpreting() else 64
 
 
-def _rises_by_at_most_one(index: torch.Tensor) -> bool:
-    """Whether c(i - j) rises by 0 or 1 per unit of i - j, which the windows rely on. The
-    model's tables carry the answer (`deberta.relative_index_table` finds it once per length);
-    another table is read here once and keeps it."""
-    known = getattr(index, "_rises_by_at_most_one", None)
-    if known is None:
-        known = bool((index[1:] - index[:-1] <= 1).all())
-        index._rises_by_at_most_one = known  # type: ignore[attr-defined]
-    return known
-
-
 def _rise_table(index: torch.Tensor, width: int, window: int) -> torch.Tensor:
     """int32 [width + window + 1]: entry c is the least i - j whose position index is at
     least c (`_FAR` where none is), so a tile's keys or queries with a given c are counted
@@ -533,8 +522,13 @@ class _WindowedAttention(torch.autograd.Function):
         table_block = block // 2
         diagonals = 2 * triton.cdiv(length, table_block) - 1
         shape = (batch * heads, diagonals, 2 * table_block, cfg["block_d"])
-        dpk = torch.empty(shape, dtype=torch.float32, device=q.device) if pk is not None else lse
-        dpq = torch.empty(shape, dtype=torch.float32, device=q.device) if pq is not None else lse
+
+        def table_grad(table: torch.Tensor | None) -> torch.Tensor:
+            if table is None or not want_tables:
+                return lse  # not written
+            return torch.empty(shape, dtype=torch.float32, device=q.device)
+
+        dpk, dpq = table_grad(pk), table_grad(pq)
         common = (
             q, k, v, pk if pk is not None else table, pq if pq is not None else table,
             rel_index, rise, mask, dout, lse, delta,
@@ -616,7 +610,7 @@ def fused_disentangled_attention(
         assert rel_index is not None and rel_index.shape == (2 * length - 1,), "see relative_index"
         index = rel_index.to(device=q.device, dtype=torch.int32).contiguous()
     mask = token_mask.to(device=q.device, dtype=torch.int8).contiguous()
-    if WINDOWED and tables and d <= 64 and _rises_by_at_most_one(index):
+    if WINDOWED and tables and d <= 64 and index_steps(index) == "unit":
         return _WindowedAttention.apply(q, k, v, pos_k, pos_q, index, mask, scale, dropout_p, seed)
     return _FusedDisentangledAttention.apply(
         q, k, v, pos_k, pos_q, index, mask, scale, deterministic, dropout_p, seed
