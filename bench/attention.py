@@ -18,7 +18,8 @@ atomic per run of pairs that share a position row (`fused.RUN_SUMS`), `+pairs` w
 pair, `+half` with run sums and the position gradients in bf16 but for the clamped ends
 (`fused.HALF_POSITION_GRADS`), `+singles` with a pair alone at its position address stored
 rather than added (`fused.STORE_SINGLES`), `+uniform` with the tiles whose pairs share one
-position index read and summed per row and column (`fused.UNIFORM_TILES`), `+window` with the
+position index read and summed per row and column (`fused.UNIFORM_TILES`, on by default;
+`+nouniform` turns it off), `+window` with the
 windowed kernels (`fused.WINDOWED`, their own 64x64 tiles: `default+window`); suffixes combine
 (`default+half+singles`); without one, the default. The "triton deterministic" row is the
 kernel with its atomics-free backward (default tiles), what `trainer.deterministic=true` runs:
@@ -122,13 +123,14 @@ FORMS = {  # a spec's +suffixes: the backward's launch settings each sets
     "half": {"half_position_grads": True},
     "singles": {"store_singles": True},
     "uniform": {"uniform_tiles": True},
+    "nouniform": {"uniform_tiles": False},
     "window": {"windowed": True},
 }
 
 
 def parse_tiles(spec: str) -> dict | None:
     """`FWD_MxN/BWD_MxN` or `default`, then any of `+runs`, `+pairs`, `+half`, `+singles`,
-    `+uniform`, `+window` (`FORMS`): the launch settings to override, or None when the spec is malformed."""
+    `+uniform`, `+nouniform`, `+window` (`FORMS`): the launch settings to override, or None when the spec is malformed."""
     tile_part, *forms = spec.split("+")
     if not all(f in FORMS for f in forms):
         return None

@@ -178,8 +178,7 @@ stage attention 75 "$py" bench/attention.py --steps 5 --profile \
     128x64/32x64+runs+singles 128x64/32x64+half+singles 128x64/32x64+uniform \
     128x64/32x64+runs+uniform 128x64/32x64+half+singles+uniform
 # DeBERTa's published attention dropout, 0.1, on both sides: the fused kernel's in-kernel
-# dropout (tested on CPU only so far; auto still takes eager under dropout) against eager and
-# HF; then the attention core alone with it, at the default and the spill-free backward tile.
+# dropout (what auto runs under dropout since 2026-11-27) against eager and HF; then the attention core alone with it, at the default and the spill-free backward tile.
 stage rtd_dropout 110 "$py" bench/rtd_step.py --attention triton eager --attention-dropout 0.1 \
     --warmup 2 --steps 5 --seq-len 512 --batch 32
 stage attention_dropout 40 "$py" bench/attention.py --steps 5 --dropout 0.1 --seq-len 512 \

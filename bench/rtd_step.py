@@ -623,8 +623,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--attention",
         choices=["eager", "triton", "auto"],
         nargs="+",
-        help="our DebertaConfig.attention_impl, one row of ours each (default eager; the field "
-        "must exist); HF is always eager",
+        help="our DebertaConfig.attention_impl, one row of ours each (default here eager, the "
+        "model's own default is auto; the field must exist); HF is always eager",
     )
     p.add_argument(
         "--attention-dropout",

@@ -387,6 +387,10 @@ class Trainer:
         moved = [f"{key}={old} (now {new})" for key, (old, new) in retuned.items()]
         for key in self.swept if self.sweep_job else ():
             before, now = _lookup(was, key), _lookup(ours, key)
+            if key == "model" and isinstance(before, dict) and isinstance(now, dict):
+                # how the model runs may change on any resume (FREE_ON_RESUME)
+                before = {k: v for k, v in before.items() if k not in FREE_ON_RESUME}
+                now = {k: v for k, v in now.items() if k not in FREE_ON_RESUME}
             if before != now and key not in retuned:
                 scalar = not isinstance(now, dict)
                 moved.append(f"{key}={before} (now {now})" if scalar else f"other {key} settings")

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from pretrain.models.attention import triton_available
 from pretrain.models.deberta import ACTIVATIONS, DebertaConfig, DebertaEncoder
 
 
@@ -252,8 +253,8 @@ def mlm_objective(
     impl = MLM_IMPL if impl is None else impl
     if impl not in ("torch", "triton", "auto"):
         raise ValueError(f"impl must be 'torch', 'triton' or 'auto', got {impl!r}")
-    if impl == "auto":
-        impl = "triton" if states.device.type == "cuda" else "torch"
+    if impl == "auto":  # Triton installs on Linux only
+        impl = "triton" if states.device.type == "cuda" and triton_available() else "torch"
     loss_sum, sampled, predicted = _ChunkedMLM.apply(
         states, word_weight, bias, targets, uniforms, temperature, exclude_original, chunk_rows,
         torch.is_grad_enabled(), impl == "triton" and _matmul_dtype(states) != torch.float64,

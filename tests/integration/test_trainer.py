@@ -218,6 +218,14 @@ def test_a_refused_resume_names_the_run_and_a_sweep_jobs_way_out(
         )
     resumed = Trainer(other_micro, sweep_job=True, swept=("optim.lr",)).fit()  # not swept
     assert [r["step"] for r in resumed if r["split"] == "train"] == [3, 4]
+    # How the model runs (FREE_ON_RESUME: dropout, the attention kernel, whose default changed
+    # from eager to auto) may change on any resume, a sweep job's over the model group too.
+    free = make_config(
+        tiny_corpus, run, "trainer.max_steps=6", "trainer.micro_batch_size=4",
+        "model.attention_impl=eager",
+    )  # fmt: skip
+    resumed = Trainer(free, sweep_job=True, swept=("model",)).fit()
+    assert [r["step"] for r in resumed if r["split"] == "train"] == [5, 6]
 
 
 def test_a_held_out_split_smaller_than_an_evaluation_is_a_warning(

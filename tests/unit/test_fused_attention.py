@@ -413,6 +413,13 @@ def test_an_index_that_goes_down_runs_eager_attention(monkeypatch: pytest.Monkey
     assert torch.equal(got, want)
     for name in want_grads:
         assert torch.equal(got_grads[name], want_grads[name]), name
+    # with attention dropout: eager's own draw, from the same generator state
+    torch.manual_seed(3)
+    want, _ = _run("eager", *args, dropout_p=0.3)
+    torch.manual_seed(3)
+    got, _ = _run("triton", *args, dropout_p=0.3)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, _run("eager", *args)[0])  # the dropout mattered
 
 
 @interpreted

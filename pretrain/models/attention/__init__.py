@@ -83,6 +83,12 @@ def index_steps(index: torch.Tensor) -> str:
 _warned: set[str] = set()
 
 
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def choose_impl(requested: str, device: torch.device, head_size: int) -> str:
     """Which core, "eager" or "triton", a model configured with `attention_impl=requested` runs.
 
@@ -130,19 +136,6 @@ def disentangled_attention(
         )
     if impl != "triton":
         raise ValueError(f"impl must be 'eager' or 'triton', got {impl!r}")
-    if (pos_k is not None or pos_q is not None) and rel_index is not None:
-        if index_steps(rel_index) == "other":
-            message = (
-                "the relative index goes down as i - j rises (log buckets with "
-                "max_relative_positions under position_buckets / 2), which the fused attention "
-                "kernels cannot take: running eager attention"
-            )
-            if message not in _warned:
-                _warned.add(message)
-                warnings.warn(message, RuntimeWarning, stacklevel=2)
-            return disentangled_attention_eager(
-                q, k, v, pos_k, pos_q, rel_index, token_mask, scale, dropout_p
-            )
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     return _fused(q, k, v, pos_k, pos_q, rel_index, token_mask, scale, deterministic, dropout_p)
@@ -164,6 +157,7 @@ __all__ = [
     "disentangled_attention",
     "disentangled_attention_eager",
     "index_steps",
+    "warn_once",
     "relative_index",
     "triton_available",
 ]

@@ -37,7 +37,13 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from pretrain.models.attention import _kernels, _window_kernels, index_steps
+from pretrain.models.attention import (
+    _kernels,
+    _window_kernels,
+    disentangled_attention_eager,
+    index_steps,
+    warn_once,
+)
 
 LOG2E = 1.0 / math.log(2.0)
 
@@ -594,9 +600,6 @@ def fused_disentangled_attention(
     checkpoint's RNG state make it repeatable); the backward regenerates the same mask."""
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if seed is None:
-        seed = int(torch.randint(SEED_LIMIT, ())) if dropout_p > 0 else 0
-    assert 0 <= seed < SEED_LIMIT, seed
     batch, heads, length, d = q.shape
     assert k.shape == v.shape == q.shape, "self-attention: q, k, v of one shape"
     assert token_mask.shape == (batch, length), token_mask.shape
@@ -609,8 +612,21 @@ def fused_disentangled_attention(
     else:
         assert rel_index is not None and rel_index.shape == (2 * length - 1,), "see relative_index"
         index = rel_index.to(device=q.device, dtype=torch.int32).contiguous()
+    steps = index_steps(index) if tables else "unit"
+    if steps == "other":  # checked here, inside torch.compiler.disable: no graph break for it
+        warn_once(
+            "the relative index goes down as i - j rises (log buckets with max_relative_positions"
+            " at most position_buckets / 2 + 1), which the fused attention kernels cannot take: "
+            "running eager attention"
+        )
+        return disentangled_attention_eager(
+            q, k, v, pos_k, pos_q, rel_index, token_mask, scale, dropout_p
+        )
+    if seed is None:  # after the eager fallback, which draws its mask from torch's generator
+        seed = int(torch.randint(SEED_LIMIT, ())) if dropout_p > 0 else 0
+    assert 0 <= seed < SEED_LIMIT, seed
     mask = token_mask.to(device=q.device, dtype=torch.int8).contiguous()
-    if WINDOWED and tables and d <= 64 and index_steps(index) == "unit":
+    if WINDOWED and tables and d <= 64 and steps == "unit":
         return _WindowedAttention.apply(q, k, v, pos_k, pos_q, index, mask, scale, dropout_p, seed)
     return _FusedDisentangledAttention.apply(
         q, k, v, pos_k, pos_q, index, mask, scale, deterministic, dropout_p, seed
