@@ -892,7 +892,9 @@ def test_glue_makes_no_layout_copies(projection: str, monkeypatch: pytest.Monkey
     else:
         q, k, v = (leaf(batch, length, heads, d) for _ in range(3))  # each split from its own
     pos_k, pos_q = (leaf(width, heads, d) for _ in range(2))
-    index = torch.randint(0, width, (2 * length - 1,), generator=g, dtype=torch.int32)
+    # a relative index as the model's: rising with i - j (others run eager), clamped at the ends
+    distance = torch.arange(2 * length - 1) - (length - 1)
+    index = (distance + width // 2).clamp(0, width - 1).to(torch.int32)
     mask = torch.ones(batch, length, dtype=torch.bool)
     grad = torch.randn(batch, length, heads * d, generator=g, dtype=torch.float16)
     with Log() as log:
