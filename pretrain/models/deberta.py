@@ -238,21 +238,27 @@ def relative_index_table(
     need to know, is found here once (`attention.index_steps` keeps it on the table), so no
     forward reads the device for it. Read-only: every caller shares it."""
     with torch.inference_mode(False):  # a table made in inference mode could not train later
-        distances = torch.arange(-(length - 1), length, device=device)
-        if buckets > 0 and max_distance > 0:
-            distances = log_bucket_position(distances, buckets, max_distance)
+        distances = _bucketed(torch.arange(-(length - 1), length, device=device), buckets,
+                              max_distance)  # fmt: skip
         index = (distances + span).clamp(0, 2 * span - 1).to(torch.int32)
     index_steps(index)
     return index
 
 
+def _bucketed(distances: torch.Tensor, buckets: int, max_distance: int) -> torch.Tensor:
+    """Relative distances in log buckets where the setup has them, else as they are."""
+    if buckets > 0 and max_distance > 0:
+        return log_bucket_position(distances, buckets, max_distance)
+    return distances
+
+
 def relative_positions(length: int, config: DebertaConfig, device: torch.device) -> torch.Tensor:
-    """[L, L] long tensor of (query position - key position), bucketed when configured."""
+    """[L, L] long tensor of (query position - key position), bucketed when configured: the
+    whole matrix, as transformers builds it (the tests hold `relative_index_table`, which the
+    model reads, to it)."""
     ids = torch.arange(length, device=device)
-    rel = ids[:, None] - ids[None, :]
-    if config.position_buckets > 0 and config.max_relative_distance > 0:
-        rel = log_bucket_position(rel, config.position_buckets, config.max_relative_distance)
-    return rel
+    return _bucketed(ids[:, None] - ids[None, :], config.position_buckets,
+                     config.max_relative_distance)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

@@ -451,7 +451,7 @@ def test_windowed_at_a_gpus_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
     # length that ends inside the second tile.
     from pretrain.models.attention import fused
 
-    monkeypatch.setattr(fused, "_window_block", lambda q: 64)
+    monkeypatch.setattr(fused, "_window_block", lambda: 64)
     length = 70
     config = _config(8, 32)
     span = config.relative_span

@@ -60,7 +60,7 @@ def index_steps(index: torch.Tensor) -> str:
     """How the relative index moves as i - j rises: "unit" (by 0 or 1 at each step; every fused
     form runs, the windowed kernels included), "monotone" (never down, some step larger: the
     gather kernels run), or "other" (down somewhere, as log buckets with max_relative_positions
-    under position_buckets / 2 make it: only eager is right). Kept on the tensor with its
+    at most position_buckets / 2 + 1 make it: only eager is right). Kept on the tensor with its
     version, so a table is read once (the model's are made with it: `relative_index_table`)
     and a table changed in place is read again."""
     try:

@@ -91,7 +91,7 @@ UNIFORM_TILES = True
 # window of position-table rows it spans, picked per pair with tl.gather, and the backward's
 # position gradients as window sums and matmuls in three atomic-free kernels, so no [B, h, L,
 # 2S] product, gradient, zeroing or cast exists (True); or the gather kernels (False). Heads
-# of up to 64, relative indexes that rise by at most 1 per unit of i - j (DeBERTa's do);
+# of up to 64, relative indexes that rise by 0 or 1 per unit of i - j (DeBERTa's do);
 # elsewhere the gather kernels run. Deterministic by construction. Not timed on a GPU yet.
 WINDOWED = False
 
@@ -400,7 +400,7 @@ def _position_grads(
 _FAR = 1 << 20
 
 
-def _window_block(q: torch.Tensor) -> int:
+def _window_block() -> int:
     """The windowed kernels' square tile: 64 on a GPU (windows of 128 rows), 16 under the
     interpreter (small, and tests cross tile edges)."""
     return 16 if _interpreting() else 64
@@ -463,7 +463,7 @@ class _WindowedAttention(torch.autograd.Function):
         seed: int,
     ) -> torch.Tensor:
         cfg = _launch_settings(q)
-        block = _window_block(q)
+        block = _window_block()
         batch, heads, length, d = q.shape
         # One layout for both tables (the kernels take one set of strides), in q's dtype.
         pk = pos_k.to(q.dtype).contiguous() if pos_k is not None else None
@@ -503,7 +503,7 @@ class _WindowedAttention(torch.autograd.Function):
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, pk, pq, rel_index, mask, out, lse = ctx.saved_tensors
         cfg = _launch_settings(q)
-        block = _window_block(q)
+        block = _window_block()
         window = 2 * block
         batch, heads, length, d = q.shape
         dout = dout.to(q.dtype)
