@@ -802,15 +802,14 @@ def main(argv: list[str] | None = None) -> int:
         # meaningless, so one thread by default: per-core figures, as bench/data.py gives.
         torch.set_num_threads(args.threads)
     settings = contextlib.ExitStack()
-    flags = {
-        "RUN_SUMS": args.run_sums,
-        "HALF_POSITION_GRADS": args.half_position_grads,
-        "STORE_SINGLES": args.store_singles,
-        "UNIFORM_TILES": args.no_uniform_tiles,
-        "WINDOWED": args.windowed,
-    }
-    # The fused module's settings that differ from its defaults.
-    kernel_options = {name: name != "UNIFORM_TILES" for name, given in flags.items() if given}
+    settable = (  # (flag given, the fused module's setting, the value the flag sets)
+        (args.run_sums, "RUN_SUMS", True),
+        (args.half_position_grads, "HALF_POSITION_GRADS", True),
+        (args.store_singles, "STORE_SINGLES", True),
+        (args.no_uniform_tiles, "UNIFORM_TILES", False),
+        (args.windowed, "WINDOWED", True),
+    )
+    kernel_options = {name: value for given, name, value in settable if given}
     if kernel_options:
         from pretrain.models.attention import fused
 
