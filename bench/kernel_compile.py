@@ -197,6 +197,7 @@ PATHS = {
     "windowed_dropout": lambda: attention_launches(dropout=0.1, WINDOWED=True),
     "windowed_p2c_only": lambda: attention_launches(terms="p2c", WINDOWED=True),
     "windowed_fp16": lambda: attention_launches(dtype=torch.float16, WINDOWED=True),
+    "windowed_nouniform": lambda: attention_launches(WINDOWED=True, UNIFORM_TILES=False),
     "mlm_head": mlm_head_launches,
 }
 

@@ -446,6 +446,39 @@ def test_windowed_gradients_of_some_inputs_only(monkeypatch: pytest.MonkeyPatch)
 
 
 @interpreted
+def test_windowed_uniform_tiles_fp16_error_with_and_without(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The windowed kernels' uniform tiles (past max_relative_positions, every pair at the
+    table's first or last row: per-row and per-column terms instead of window matmuls) and
+    the same tiles through windows both meet the fp16 criterion against float64. At L=70
+    the interpreter's 16 x 16 tiles (8 x 8 for the tables' gradients) include uniform ones
+    at both ends."""
+    from pretrain.models.attention import fused
+
+    length, terms = 70, ("c2p", "p2c")
+    config = _config(8, 32)
+    span = config.relative_span
+    idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
+    for block in (16, 8):
+        assert {0, 2 * span - 1} <= set(_uniform_tiles(idx, length, block)), block
+    base = _inputs(length, span, terms, torch.float64, split_heads=True)
+    mask, weights = base[5], base[6]
+
+    def run(impl: str, dtype: torch.dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in base[:5]]
+        return _run(impl, *leaves, idx, mask, (16 * 3) ** -0.5, weights)
+
+    reference = run("eager", torch.float64)
+    eager = run("eager", torch.float16)
+    calls = _windowed(monkeypatch)
+    for uniform in (True, False):
+        monkeypatch.setattr(fused, "UNIFORM_TILES", uniform)
+        _assert_error_at_most_twice_eagers(reference, eager, run("triton", torch.float16), 1e-3)
+    assert len(calls) == 2
+
+
+@interpreted
 def test_windowed_at_a_gpus_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
     # The GPU's 64 x 64 tiles (windows of 128 rows; the tables' gradients on 32 x 32), with a
     # length that ends inside the second tile.

@@ -27,7 +27,13 @@ KERNELS = {
     "deterministic": STEP | {"_backward_dq_kernel"},  # and no atomics in _backward_kernel
     "mlm_head": {"_mlm_rows_kernel"},
     **dict.fromkeys(
-        ("windowed", "windowed_dropout", "windowed_p2c_only", "windowed_fp16"),
+        (
+            "windowed",
+            "windowed_dropout",
+            "windowed_p2c_only",
+            "windowed_fp16",
+            "windowed_nouniform",
+        ),
         {"_window_forward_kernel", "_row_dot_kernel", "_window_backward_kernel"},
     ),
 }

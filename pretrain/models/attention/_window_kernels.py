@@ -15,6 +15,13 @@ end), which turns the position gradients into [BLOCK, W] @ [W, D] matmuls: dq an
 in the programs that own their rows, and the position tables' gradients are summed by a third
 kernel, one program per diagonal of tiles, whose tiles all share one window.
 
+With `fused.UNIFORM_TILES`, the tiles past max_relative_positions, all of whose pairs share the
+table's first or last row (about half of them at L=2048 with v3's 512), skip the windows: the
+c2p term is one value per row and the p2c term one per column, and their gradients row and
+column sums of ds times that row. Each program's loop over its tiles is two loops, the tiles
+through windows, then the uniform ones (`_window_steps`): a branch between the two kinds inside
+one loop puts matmuls under an `if`, which Triton 3.6's software pipeliner fails to compile.
+
 `fused.WINDOWED` selects these kernels; `fused.py` holds the launchers. The scores are made in
 base-2 units as in `_kernels.py`, with the same masking, so the saved logsumexp means the same.
 Needs the relative index to rise by 0 or 1 per unit of i - j (DeBERTa's log buckets and
@@ -62,56 +69,93 @@ def _window_index(IDX, offs_m, offs_n, L, c_min, W: tl.constexpr):
 
 
 @triton.jit
-def _window_scores(
-    q, k, pk, pq, widx, row_ok, col_ok, q_real, k_real, QK_SCALE,
-    HAS_C2P: tl.constexpr,
-    HAS_P2C: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    """One tile's scores in base-2 units, masked as `_kernels._score_tile` masks them: the
-    c2p term q_i . pos_k[c] picked from q @ pk^T ([M, W]) along its rows, the p2c term
-    k_j . pos_q[c] from pq @ k^T ([W, N]) along its columns."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if HAS_C2P:
-        c2p = tl.dot(q, tl.trans(pk), input_precision=DOT_PRECISION)
-        s += tl.gather(c2p, widx, 1)
-    if HAS_P2C:
-        p2c = tl.dot(pq, tl.trans(k), input_precision=DOT_PRECISION)
-        s += tl.gather(p2c, widx, 0)
+def _masked(s, col_ok, q_real, k_real, QK_SCALE):
+    """Raw scores to base-2 units, masked as `_kernels._score_tile` masks them."""
     s = s * QK_SCALE
     # A padding query attends uniformly to all L keys, as the eager pair mask makes it.
     s = tl.where(k_real[None, :], s, NEG)
     s = tl.where(q_real[:, None], s, 0.0)
-    s = tl.where(col_ok[None, :], s, NEG)
-    return s
+    return tl.where(col_ok[None, :], s, NEG)
+
+
+@triton.jit
+def _uniform_diagonals(IDX, RLO, L, BLOCK: tl.constexpr):
+    """(top, bot): every pair of a tile whose query block minus key block is at least `top`
+    has the index's last position row c_top (past max_relative_positions: about half of the
+    tiles at L=2048 with v3's 512), and every pair of one at most `bot` (and below `top`) its
+    first, c_bot (`_end_row`). A tile spans i - j within BLOCK - 1 of its blocks' offset;
+    RLO gives the least i - j at c_top and the greatest at c_bot."""
+    n = tl.cdiv(L, BLOCK)
+    d_top = tl.load(RLO + tl.load(IDX + 2 * L - 2))  # the least i - j at c_top
+    d_bot = tl.load(RLO + tl.load(IDX) + 1) - 1  # the greatest at c_bot
+    # ceil((d_top + BLOCK - 1) / BLOCK) and floor((d_bot - BLOCK + 1) / BLOCK), the operands
+    # shifted positive (i - j >= -L), so // floors on the GPU as here
+    shift = n + 2
+    top = (d_top + 2 * BLOCK - 2 + shift * BLOCK) // BLOCK - shift
+    bot = (d_bot - BLOCK + 1 + shift * BLOCK) // BLOCK - shift
+    return top, bot
+
+
+@triton.jit
+def _end_row(IDX, L, start_m, start_n, top, BLOCK: tl.constexpr):
+    """The one position row of a uniform tile (`_uniform_diagonals`): the index's last at or
+    past `top`, else its first. Loaded per tile rather than kept across the loops, where it
+    would take two more registers of kernels already at the limit."""
+    return tl.load(IDX + tl.where(start_m - start_n >= top * BLOCK, 2 * L - 2, 0))
 
 
 @triton.jit
 def _tile_scores(
     q, k, IDX, PK, PQ, h, s_ph, s_pc, s_pd, start_m, start_n, offs_m, offs_n, offs_d, d_ok,
-    row_ok, col_ok, q_real, k_real, L, C, QK_SCALE,
+    col_ok, q_real, k_real, L, C, QK_SCALE, c_row,
     HAS_C2P: tl.constexpr,
     HAS_P2C: tl.constexpr,
+    UNIFORM: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """The tile's window (its first row, its pos_k and pos_q rows, each pair's place in it)
-    and its scores, for the forward and the backward alike, so both make the same bits."""
+    """The tile's window (its first row c_min, c at the tile's least i - j; its pos_k and
+    pos_q rows; each pair's place in it) and its scores in base-2 units, for the forward and
+    the backward alike, so both make the same bits: the c2p term q_i . pos_k[c] picked from
+    q @ pk^T ([M, W]) along its rows, the p2c term k_j . pos_q[c] from pq @ k^T ([W, N])
+    along its columns.
+
+    UNIFORM (a tile of `_uniform_diagonals`, all its pairs at position row c_row): the c2p
+    term is one value per row, q_i . pos_k[c_row], the p2c term one per column,
+    k_j . pos_q[c_row], two [BLOCK, BLOCK_D] products summed along d instead of the
+    window's matmuls, index loads and gathers; no window is returned (zeros)."""
     W: tl.constexpr = 2 * BLOCK
-    c_min = _window_start(IDX, start_m, start_n, L, BLOCK)
-    widx = _window_index(IDX, offs_m, offs_n, L, c_min, W)
+    c_min = 0
+    widx = tl.zeros([BLOCK, BLOCK], dtype=tl.int32)
     pk = tl.zeros([W, BLOCK_D], dtype=q.dtype)
     pq = tl.zeros([W, BLOCK_D], dtype=q.dtype)
-    if HAS_C2P:
-        pk = _window_rows(PK, h, s_ph, s_pc, s_pd, c_min, C, offs_d, d_ok, W).to(q.dtype)
-    if HAS_P2C:
-        pq = _window_rows(PQ, h, s_ph, s_pc, s_pd, c_min, C, offs_d, d_ok, W).to(q.dtype)
-    s = _window_scores(
-        q, k, pk, pq, widx, row_ok, col_ok, q_real, k_real, QK_SCALE, HAS_C2P, HAS_P2C,
-        DOT_PRECISION,
-    )  # fmt: skip
-    return s, c_min, widx, pk, pq
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if UNIFORM:
+        if HAS_C2P:
+            pk_c = _table_row(PK, h, s_ph, s_pc, s_pd, c_row, offs_d, d_ok, q.dtype)
+            s += tl.sum(q.to(tl.float32) * pk_c[None, :], 1)[:, None]
+        if HAS_P2C:
+            pq_c = _table_row(PQ, h, s_ph, s_pc, s_pd, c_row, offs_d, d_ok, q.dtype)
+            s += tl.sum(k.to(tl.float32) * pq_c[None, :], 1)[None, :]
+    else:
+        c_min = _window_start(IDX, start_m, start_n, L, BLOCK)
+        widx = _window_index(IDX, offs_m, offs_n, L, c_min, W)
+        if HAS_C2P:
+            pk = _window_rows(PK, h, s_ph, s_pc, s_pd, c_min, C, offs_d, d_ok, W).to(q.dtype)
+            s += tl.gather(tl.dot(q, tl.trans(pk), input_precision=DOT_PRECISION), widx, 1)
+        if HAS_P2C:
+            pq = _window_rows(PQ, h, s_ph, s_pc, s_pd, c_min, C, offs_d, d_ok, W).to(q.dtype)
+            s += tl.gather(tl.dot(pq, tl.trans(k), input_precision=DOT_PRECISION), widx, 0)
+    return _masked(s, col_ok, q_real, k_real, QK_SCALE), c_min, widx, pk, pq
+
+
+@triton.jit
+def _table_row(POS, h, s_ph, s_pc, s_pd, c, offs_d, d_ok, dtype):
+    """Row c of head h of a [h, C, D] position table, rounded to `dtype` as the windows are,
+    as fp32."""
+    row = tl.load(POS + h * s_ph + c * s_pc + offs_d * s_pd, mask=d_ok, other=0.0)
+    return row.to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -123,17 +167,19 @@ def _window_tile(
     s_ph, s_pc, s_pd,
     s_ob, s_oh, s_ol, s_od,
     s_mb,
-    H, D, SCALE, QK_SCALE, SEED, DROP_P, DROP_SCALE,
+    H, D, SCALE, QK_SCALE, SEED, DROP_P, DROP_SCALE, c_row,
     HAS_C2P: tl.constexpr,
     HAS_P2C: tl.constexpr,
     DROPOUT: tl.constexpr,
+    UNIFORM: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Everything a backward kernel needs of the tile at (start_m, start_n): q, k, dO, the
     probabilities as they multiplied v, ds = d(loss)/d(raw score term) (zero where masked),
-    the window's first row, its pos_k and pos_q rows and each pair's place in it."""
+    the window's first row, its pos_k and pos_q rows and each pair's place in it (none when
+    UNIFORM: `_tile_scores`)."""
     offs_m = start_m + tl.arange(0, BLOCK)
     offs_n = start_n + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
@@ -150,8 +196,8 @@ def _window_tile(
     )  # fmt: skip
     s, c_min, widx, pk, pq = _tile_scores(
         q, k, IDX, PK, PQ, h, s_ph, s_pc, s_pd, start_m, start_n, offs_m, offs_n, offs_d, d_ok,
-        row_ok, col_ok, q_real, k_real, L, C, QK_SCALE, HAS_C2P, HAS_P2C, BLOCK, BLOCK_D,
-        DOT_PRECISION,
+        col_ok, q_real, k_real, L, C, QK_SCALE, c_row, HAS_C2P, HAS_P2C, UNIFORM, BLOCK,
+        BLOCK_D, DOT_PRECISION,
     )  # fmt: skip
     p = tl.exp2(s - lse[:, None])
     p = tl.where(row_ok[:, None], p, 0.0)
@@ -207,10 +253,82 @@ def _column_window_sums(
     return tl.where(hi > lo, picked, 0.0)
 
 
+@triton.jit
+def _window_steps(
+    IDX, RLO, L, pid, count, KIND: tl.constexpr, UNIFORM_TILES: tl.constexpr, BLOCK: tl.constexpr
+):  # fmt: skip
+    """(lo, hi, top): the steps [lo, hi) of a program's loop whose tiles go through windows;
+    the rest, [0, lo) and [hi, count), are uniform, `top` as `_uniform_diagonals` gives it
+    (none without UNIFORM_TILES). KIND 1 (and the forward): query block pid, steps over key
+    blocks; KIND 0: key block pid, steps over query blocks; KIND 2: the diagonal pid - n + 1,
+    all one or the other."""
+    n = tl.cdiv(L, BLOCK)
+    lo = 0
+    hi = count
+    top = n + 1
+    if UNIFORM_TILES:
+        top, bot = _uniform_diagonals(IDX, RLO, L, BLOCK)
+        if KIND == 0:
+            lo = tl.minimum(tl.maximum(pid + bot + 1, 0), n)
+            hi = tl.minimum(tl.maximum(pid + top, lo), n)
+        elif KIND == 1:
+            lo = tl.minimum(tl.maximum(pid - top + 1, 0), n)
+            hi = tl.minimum(tl.maximum(pid - bot, lo), n)
+        else:
+            diagonal = pid - n + 1
+            hi = tl.where((diagonal >= top) | (diagonal <= bot), 0, count)
+    return lo, hi, top
+
+
+@triton.jit
+def _uniform_step(t, lo, hi):
+    """The t-th of the steps outside [lo, hi)."""
+    return tl.where(t < lo, t, t + hi - lo)
+
+
+@triton.jit
+def _forward_tile(
+    acc, m_i, l_i, q, K, V, MASK, IDX, PK, PQ, b, h, pid_bh, start_m, start_n, offs_m, offs_d,
+    d_ok, q_real, c_row,
+    s_kb, s_kh, s_kl, s_kd,
+    s_vb, s_vh, s_vl, s_vd,
+    s_ph, s_pc, s_pd,
+    s_mb,
+    L, C, QK_SCALE, SEED, DROP_P, DROP_SCALE,
+    HAS_C2P: tl.constexpr,
+    HAS_P2C: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    UNIFORM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One key block's step of the online softmax: (acc, m_i, l_i) updated."""
+    offs_n = start_n + tl.arange(0, BLOCK)
+    col_ok = offs_n < L
+    k, v, k_real = _key_rows(
+        K, V, MASK, b, h, offs_n, offs_d, col_ok, col_ok[:, None] & d_ok[None, :],
+        s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd, s_mb,
+    )  # fmt: skip
+    s, _, _, _, _ = _tile_scores(
+        q, k, IDX, PK, PQ, h, s_ph, s_pc, s_pd, start_m, start_n, offs_m, offs_n, offs_d, d_ok,
+        col_ok, q_real, k_real, L, C, QK_SCALE, c_row, HAS_C2P, HAS_P2C, UNIFORM, BLOCK,
+        BLOCK_D, DOT_PRECISION,
+    )  # fmt: skip
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)  # the softmax's normaliser: before dropout
+    if DROPOUT:
+        p = _dropped(p, _keep(SEED, pid_bh, offs_m, offs_n, L, DROP_P), DROP_SCALE)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
 # SEED takes any value: not specialised (a seed divisible by 16 would compile another copy).
 @triton.jit(do_not_specialize=["SEED"])
 def _window_forward_kernel(
-    Q, K, V, PK, PQ, IDX, MASK, OUT, LSE,
+    Q, K, V, PK, PQ, IDX, RLO, MASK, OUT, LSE,
     s_qb, s_qh, s_ql, s_qd,
     s_kb, s_kh, s_kl, s_kd,
     s_vb, s_vh, s_vl, s_vd,
@@ -223,39 +341,43 @@ def _window_forward_kernel(
     HAS_C2P: tl.constexpr,
     HAS_P2C: tl.constexpr,
     DROPOUT: tl.constexpr,
+    UNIFORM_TILES: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One program per query block: the output rows and their logsumexp (base 2), online
-    softmax over the key blocks, as `_kernels._forward_kernel`."""
+    softmax over the key blocks, as `_kernels._forward_kernel`: first the key blocks whose
+    tiles go through windows, then the uniform ones (two loops, so that neither holds a
+    branch around its matmuls, which Triton 3.6's pipeliner cannot compile)."""
     start_m, pid_bh, b, h, offs_m, offs_d, row_ok, d_ok = _program_block(H, L, D, BLOCK, BLOCK_D)
     q = _load_rows(Q, b, h, s_qb, s_qh, s_ql, s_qd, offs_m, offs_d, row_ok[:, None] & d_ok[None, :])
     q_real = tl.load(MASK + b * s_mb + offs_m, mask=row_ok, other=0) != 0
+    n = tl.cdiv(L, BLOCK)
+    lo, hi, top = _window_steps(IDX, RLO, L, tl.program_id(0), n, 1, UNIFORM_TILES, BLOCK)
 
     m_i = tl.full([BLOCK], NEG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
     acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, L, BLOCK):
-        offs_n = start_n + tl.arange(0, BLOCK)
-        col_ok = offs_n < L
-        k, v, k_real = _key_rows(
-            K, V, MASK, b, h, offs_n, offs_d, col_ok, col_ok[:, None] & d_ok[None, :],
-            s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd, s_mb,
+    for step in range(lo, hi):
+        acc, m_i, l_i = _forward_tile(
+            acc, m_i, l_i, q, K, V, MASK, IDX, PK, PQ, b, h, pid_bh, start_m, step * BLOCK,
+            offs_m, offs_d, d_ok, q_real, 0,
+            s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd, s_ph, s_pc, s_pd, s_mb,
+            L, C, QK_SCALE, SEED, DROP_P, DROP_SCALE,
+            HAS_C2P, HAS_P2C, DROPOUT, False, BLOCK, BLOCK_D, DOT_PRECISION,
         )  # fmt: skip
-        s, _, _, _, _ = _tile_scores(
-            q, k, IDX, PK, PQ, h, s_ph, s_pc, s_pd, start_m, start_n, offs_m, offs_n,
-            offs_d, d_ok, row_ok, col_ok, q_real, k_real, L, C, QK_SCALE, HAS_C2P, HAS_P2C,
-            BLOCK, BLOCK_D, DOT_PRECISION,
-        )  # fmt: skip
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax's normaliser: before dropout
-        if DROPOUT:
-            p = _dropped(p, _keep(SEED, pid_bh, offs_m, offs_n, L, DROP_P), DROP_SCALE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    if UNIFORM_TILES:
+        for t in range(0, n - (hi - lo)):
+            start_n = _uniform_step(t, lo, hi) * BLOCK
+            acc, m_i, l_i = _forward_tile(
+                acc, m_i, l_i, q, K, V, MASK, IDX, PK, PQ, b, h, pid_bh, start_m, start_n,
+                offs_m, offs_d, d_ok, q_real,
+                _end_row(IDX, L, start_m, start_n, top, BLOCK),
+                s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd, s_ph, s_pc, s_pd, s_mb,
+                L, C, QK_SCALE, SEED, DROP_P, DROP_SCALE,
+                HAS_C2P, HAS_P2C, DROPOUT, True, BLOCK, BLOCK_D, DOT_PRECISION,
+            )  # fmt: skip
 
     acc = acc / l_i[:, None]
     tl.store(
@@ -264,6 +386,102 @@ def _window_forward_kernel(
         mask=row_ok[:, None] & d_ok[None, :],
     )
     tl.store(LSE + pid_bh * L + offs_m, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _tile_at(KIND: tl.constexpr, pid, step, first, diagonal, BLOCK: tl.constexpr):
+    """(start_m, start_n) of a backward program's step-th tile (`_window_backward_kernel`)."""
+    if KIND == 0:
+        start_m = step * BLOCK
+        start_n = pid * BLOCK
+    elif KIND == 1:
+        start_m = pid * BLOCK
+        start_n = step * BLOCK
+    else:
+        start_n = (first + step) * BLOCK
+        start_m = start_n + diagonal * BLOCK
+    return start_m, start_n
+
+
+@triton.jit
+def _backward_tile(
+    acc, acc_v, acc_pk, acc_pq, Q, K, V, DO, LSE, DELTA, MASK, IDX, RLO, PK, PQ,
+    b, h, pid_bh, start_m, start_n, L, C,
+    s_qb, s_qh, s_ql, s_qd,
+    s_kb, s_kh, s_kl, s_kd,
+    s_vb, s_vh, s_vl, s_vd,
+    s_ph, s_pc, s_pd,
+    s_ob, s_oh, s_ol, s_od,
+    s_mb,
+    H, D, SCALE, QK_SCALE, SEED, DROP_P, DROP_SCALE, c_row,
+    KIND: tl.constexpr,
+    HAS_C2P: tl.constexpr,
+    HAS_P2C: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    UNIFORM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One tile's share of a backward program's sums (`_window_backward_kernel`): acc (dk for
+    KIND 0, dq for KIND 1), acc_v (dv), acc_pk and acc_pq (KIND 2's window rows). A uniform
+    tile's position gradients are its row or column sums of ds times its one position row,
+    and (KIND 2) their products with q or k, summed into the window's first row, which is
+    that row."""
+    W: tl.constexpr = 2 * BLOCK
+    q, k, do, p, ds, c_min, pk, pq, widx, offs_m, offs_n = _window_tile(
+        Q, K, V, DO, LSE, DELTA, MASK, IDX, PK, PQ, b, h, pid_bh, start_m, start_n, L, C,
+        s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd,
+        s_ph, s_pc, s_pd, s_ob, s_oh, s_ol, s_od, s_mb,
+        H, D, SCALE, QK_SCALE, SEED, DROP_P, DROP_SCALE, c_row,
+        HAS_C2P, HAS_P2C, DROPOUT, UNIFORM, BLOCK, BLOCK_D, DOT_PRECISION,
+    )  # fmt: skip
+    first_row = (tl.arange(0, W) == 0)[:, None]
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    if KIND == 0:
+        acc_v += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        acc += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        if HAS_P2C:
+            if UNIFORM:
+                pq_c = _table_row(PQ, h, s_ph, s_pc, s_pd, c_row, offs_d, d_ok, q.dtype)
+                acc += tl.sum(ds, 0)[:, None] * pq_c[None, :]
+            else:
+                sums = _column_window_sums(
+                    ds, widx, IDX, RLO, c_min, offs_m, offs_n, start_m, L, BLOCK
+                )  # [W, N]
+                acc += tl.dot(tl.trans(sums.to(q.dtype)), pq, input_precision=DOT_PRECISION)
+    elif KIND == 1:
+        acc += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        if HAS_C2P:
+            if UNIFORM:
+                pk_c = _table_row(PK, h, s_ph, s_pc, s_pd, c_row, offs_d, d_ok, q.dtype)
+                acc += tl.sum(ds, 1)[:, None] * pk_c[None, :]
+            else:
+                sums = _row_window_sums(
+                    ds, widx, IDX, RLO, c_min, offs_m, offs_n, start_n, L, BLOCK
+                )  # [M, W]
+                acc += tl.dot(sums.to(q.dtype), pk, input_precision=DOT_PRECISION)
+    else:
+        if HAS_C2P:
+            if UNIFORM:
+                row = tl.sum(tl.sum(ds, 1)[:, None] * q.to(tl.float32), 0)
+                acc_pk += tl.where(first_row, row[None, :], 0.0)
+            else:
+                sums = _row_window_sums(
+                    ds, widx, IDX, RLO, c_min, offs_m, offs_n, start_n, L, BLOCK
+                )
+                acc_pk += tl.dot(tl.trans(sums.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        if HAS_P2C:
+            if UNIFORM:
+                row = tl.sum(tl.sum(ds, 0)[:, None] * k.to(tl.float32), 0)
+                acc_pq += tl.where(first_row, row[None, :], 0.0)
+            else:
+                sums_t = _column_window_sums(
+                    ds, widx, IDX, RLO, c_min, offs_m, offs_n, start_m, L, BLOCK
+                )
+                acc_pq += tl.dot(sums_t.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return acc, acc_v, acc_pk, acc_pq
 
 
 # The three backward kernels take the same arguments; KIND says which one a launch is:
@@ -288,6 +506,7 @@ def _window_backward_kernel(
     HAS_C2P: tl.constexpr,
     HAS_P2C: tl.constexpr,
     DROPOUT: tl.constexpr,
+    UNIFORM_TILES: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -317,49 +536,31 @@ def _window_backward_kernel(
     if KIND == 2:
         first = tl.maximum(-diagonal, 0)  # the first key block of the diagonal
         count = n_blocks - tl.abs(diagonal)
-    for step in range(0, count):
-        if KIND == 0:
-            start_m = step * BLOCK
-            start_n = pid * BLOCK
-        elif KIND == 1:
-            start_m = pid * BLOCK
-            start_n = step * BLOCK
-        else:
-            start_n = (first + step) * BLOCK
-            start_m = start_n + diagonal * BLOCK
-        q, k, do, p, ds, c_min, pk, pq, widx, offs_m, offs_n = _window_tile(
-            Q, K, V, DO, LSE, DELTA, MASK, IDX, PK, PQ, b, h, pid_bh, start_m, start_n, L, C,
+    lo, hi, top = _window_steps(IDX, RLO, L, pid, count, KIND, UNIFORM_TILES, BLOCK)
+    # Two loops, the tiles through windows and the uniform ones, so that neither holds a
+    # branch around its matmuls (which Triton 3.6's pipeliner cannot compile).
+    for step in range(lo, hi):
+        start_m, start_n = _tile_at(KIND, pid, step, first, diagonal, BLOCK)
+        acc, acc_v, acc_pk, acc_pq = _backward_tile(
+            acc, acc_v, acc_pk, acc_pq, Q, K, V, DO, LSE, DELTA, MASK, IDX, RLO, PK, PQ,
+            b, h, pid_bh, start_m, start_n, L, C,
             s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd,
             s_ph, s_pc, s_pd, s_ob, s_oh, s_ol, s_od, s_mb,
-            H, D, SCALE, QK_SCALE, SEED, DROP_P, DROP_SCALE,
-            HAS_C2P, HAS_P2C, DROPOUT, BLOCK, BLOCK_D, DOT_PRECISION,
+            H, D, SCALE, QK_SCALE, SEED, DROP_P, DROP_SCALE, 0,
+            KIND, HAS_C2P, HAS_P2C, DROPOUT, False, BLOCK, BLOCK_D, DOT_PRECISION,
         )  # fmt: skip
-        if KIND == 0:
-            acc_v += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            acc += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
-            if HAS_P2C:
-                sums = _column_window_sums(
-                    ds, widx, IDX, RLO, c_min, offs_m, offs_n, start_m, L, BLOCK
-                )  # [W, N]
-                acc += tl.dot(tl.trans(sums.to(q.dtype)), pq, input_precision=DOT_PRECISION)
-        elif KIND == 1:
-            acc += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-            if HAS_C2P:
-                sums = _row_window_sums(
-                    ds, widx, IDX, RLO, c_min, offs_m, offs_n, start_n, L, BLOCK
-                )  # [M, W]
-                acc += tl.dot(sums.to(q.dtype), pk, input_precision=DOT_PRECISION)
-        else:
-            if HAS_C2P:
-                sums = _row_window_sums(
-                    ds, widx, IDX, RLO, c_min, offs_m, offs_n, start_n, L, BLOCK
-                )
-                acc_pk += tl.dot(tl.trans(sums.to(q.dtype)), q, input_precision=DOT_PRECISION)
-            if HAS_P2C:
-                sums_t = _column_window_sums(
-                    ds, widx, IDX, RLO, c_min, offs_m, offs_n, start_m, L, BLOCK
-                )
-                acc_pq += tl.dot(sums_t.to(k.dtype), k, input_precision=DOT_PRECISION)
+    if UNIFORM_TILES:
+        for t in range(0, count - (hi - lo)):
+            start_m, start_n = _tile_at(KIND, pid, _uniform_step(t, lo, hi), first, diagonal, BLOCK)
+            acc, acc_v, acc_pk, acc_pq = _backward_tile(
+                acc, acc_v, acc_pk, acc_pq, Q, K, V, DO, LSE, DELTA, MASK, IDX, RLO, PK, PQ,
+                b, h, pid_bh, start_m, start_n, L, C,
+                s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd,
+                s_ph, s_pc, s_pd, s_ob, s_oh, s_ol, s_od, s_mb,
+                H, D, SCALE, QK_SCALE, SEED, DROP_P, DROP_SCALE,
+                _end_row(IDX, L, start_m, start_n, top, BLOCK),
+                KIND, HAS_C2P, HAS_P2C, DROPOUT, True, BLOCK, BLOCK_D, DOT_PRECISION,
+            )  # fmt: skip
 
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     ok = (offs < L)[:, None] & d_ok[None, :]
