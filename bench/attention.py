@@ -1,7 +1,7 @@
 """The disentangled-attention core alone, forward + backward: eager vs the fused kernel (at
 several tile sizes) vs plain scaled-dot-product attention of the same shape, in one run.
 
-    python bench/attention.py [--seq-len 512 2048] [--batch 32 8] [--tiles 64x64/32x64+runs ...]
+    python bench/attention.py [--seq-len 512 2048] [--batch 32 8] [--tiles 64x64/32x64 ...]
                               [--dropout P] [--profile]
 
 Plain SDPA has no position terms, so it is a floor, not a competitor: it says how far the
@@ -13,15 +13,10 @@ small fp32 case of eager and SDPA only (the fused kernel needs CUDA), so the scr
 checked anywhere.
 
 Tiles are FWD_MxN/BWD_MxN (BLOCK_M x BLOCK_N of the forward and the backward kernels);
-"default" is what `fused._launch_settings` picks. A `+runs` suffix runs the backward with one
-atomic per run of pairs that share a position row (`fused.RUN_SUMS`), `+pairs` with one per
-pair, `+half` with run sums and the position gradients in bf16 but for the clamped ends
-(`fused.HALF_POSITION_GRADS`), `+singles` with a pair alone at its position address stored
-rather than added (`fused.STORE_SINGLES`), `+uniform` with the tiles whose pairs share one
-position index read and summed per row and column (`fused.UNIFORM_TILES`, on by default;
-`+nouniform` turns it off), `+window` with the
-windowed kernels (`fused.WINDOWED`, their own 64x64 tiles: `default+window`); suffixes combine
-(`default+half+singles`); without one, the default. The "triton deterministic" row is the
+"default" is what `fused._launch_settings` picks. A `+nouniform` suffix turns off the tiles
+whose pairs share one position index, read and summed per row and column (`fused.UNIFORM_TILES`,
+on by default; `+uniform` turns it on), `+window` runs the windowed kernels (`fused.WINDOWED`,
+their own 64x64 tiles: `default+window`); suffixes combine (`default+window+nouniform`). The "triton deterministic" row is the
 kernel with its atomics-free backward (default tiles), what `trainer.deterministic=true` runs:
 its cost over the default backward. `--profile` adds, per length, torch
 profiler's kernel table for one call of eager and of the fused kernel (default tiles): where
@@ -118,10 +113,6 @@ def sdpa(c: Case) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 FORMS = {  # a spec's +suffixes: the backward's launch settings each sets
-    "runs": {"run_sums": True},
-    "pairs": {"run_sums": False},
-    "half": {"half_position_grads": True},
-    "singles": {"store_singles": True},
     "uniform": {"uniform_tiles": True},
     "nouniform": {"uniform_tiles": False},
     "window": {"windowed": True},
@@ -129,8 +120,8 @@ FORMS = {  # a spec's +suffixes: the backward's launch settings each sets
 
 
 def parse_tiles(spec: str) -> dict | None:
-    """`FWD_MxN/BWD_MxN` or `default`, then any of `+runs`, `+pairs`, `+half`, `+singles`,
-    `+uniform`, `+nouniform`, `+window` (`FORMS`): the launch settings to override, or None when the spec is malformed."""
+    """`FWD_MxN/BWD_MxN` or `default`, then any of `+uniform`, `+nouniform`, `+window`
+    (`FORMS`): the launch settings to override, or None when the spec is malformed."""
     tile_part, *forms = spec.split("+")
     if not all(f in FORMS for f in forms):
         return None
@@ -247,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         if parse_tiles(spec) is None:
             print(
                 f"error: --tiles {spec!r}: write FWD_MxN/BWD_MxN or default, optionally with "
-                f"any of {', '.join('+' + f for f in FORMS)}, e.g. 128x64/64x64+runs",
+                f"any of {', '.join('+' + f for f in FORMS)}, e.g. 128x64/64x64+nouniform",
                 file=sys.stderr,
             )
             return 2

@@ -664,24 +664,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--impl", choices=["both", "ours", "hf"], default="both")
     p.add_argument(
-        "--run-sums",
-        action="store_true",
-        help="the fused backward with one atomic per run of pairs sharing a position row "
-        "(pretrain.models.attention.fused.RUN_SUMS) instead of one per pair",
-    )
-    p.add_argument(
-        "--half-position-grads",
-        action="store_true",
-        help="the fused backward's position gradients in bf16 but for the clamped ends "
-        "(pretrain.models.attention.fused.HALF_POSITION_GRADS) instead of fp32 then cast",
-    )
-    p.add_argument(
-        "--store-singles",
-        action="store_true",
-        help="the fused backward stores the position gradient of a pair alone at its address "
-        "(pretrain.models.attention.fused.STORE_SINGLES) instead of adding it atomically",
-    )
-    p.add_argument(
         "--windowed",
         action="store_true",
         help="the fused attention runs its windowed kernels (position terms from matmuls over "
@@ -763,9 +745,6 @@ def resolve(args: argparse.Namespace) -> torch.device:
         raise UsageError("--attention triton needs CUDA; use eager or auto on CPU")
     fused_runs = "triton" in args.attention or ("auto" in args.attention and cuda)
     for flag, value in (
-        ("--run-sums", args.run_sums),
-        ("--half-position-grads", args.half_position_grads),
-        ("--store-singles", args.store_singles),
         ("--no-uniform-tiles", args.no_uniform_tiles),
         ("--windowed", args.windowed),
     ):
@@ -803,9 +782,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     settings = contextlib.ExitStack()
     settable = (  # (flag given, the fused module's setting, the value the flag sets)
-        (args.run_sums, "RUN_SUMS", True),
-        (args.half_position_grads, "HALF_POSITION_GRADS", True),
-        (args.store_singles, "STORE_SINGLES", True),
         (args.no_uniform_tiles, "UNIFORM_TILES", False),
         (args.windowed, "WINDOWED", True),
     )
@@ -859,12 +835,6 @@ def run(
         + (f" ({args.compile_mode})" if args.compile_mode != "default" else "")
         + ", HF off"
     )
-    if args.run_sums:
-        print("fused attention backward: one atomic per run of pairs sharing a position row")
-    if args.half_position_grads:
-        print("fused attention backward: position gradients in bf16, the clamped ends in fp32")
-    if args.store_singles:
-        print("fused attention backward: a pair alone at its position address stores, not adds")
     if args.windowed:
         print("fused attention: the windowed kernels (position terms from table windows)")
     if args.no_uniform_tiles:

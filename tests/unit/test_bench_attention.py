@@ -35,26 +35,18 @@ def test_bad_tiles_are_one_line(bench, capsys) -> None:
 
 def test_tile_specs_name_the_launch_settings_they_override(bench) -> None:
     assert bench.parse_tiles("default") == {}
-    assert bench.parse_tiles("default+runs") == {"run_sums": True}
-    assert bench.parse_tiles("default+half") == {"half_position_grads": True}
+    assert bench.parse_tiles("default+nouniform") == {"uniform_tiles": False}
     assert bench.parse_tiles("128x64/64x64") == {"fwd": (128, 64), "bwd": (64, 64)}
-    assert bench.parse_tiles("128x64/32x64+pairs") == {
-        "run_sums": False,
+    assert bench.parse_tiles("128x64/32x64+uniform") == {
+        "uniform_tiles": True,
         "fwd": (128, 64),
         "bwd": (32, 64),
     }
-    assert bench.parse_tiles("128x64/32x64+runs+singles") == {
-        "run_sums": True,
-        "store_singles": True,
-        "fwd": (128, 64),
-        "bwd": (32, 64),
+    assert bench.parse_tiles("default+window+nouniform") == {
+        "windowed": True,
+        "uniform_tiles": False,
     }
-    assert bench.parse_tiles("default+half+singles") == {
-        "half_position_grads": True,
-        "store_singles": True,
-    }
-    assert bench.parse_tiles("default+runs+uniform") == {"run_sums": True, "uniform_tiles": True}
-    for bad in ("64x64", "128x64/64x64+sums", "ax64/64x64", "128x64/64x64/32x32", "default+"):
+    for bad in ("64x64", "128x64/64x64+runs", "ax64/64x64", "128x64/64x64/32x32", "default+"):
         assert bench.parse_tiles(bad) is None, bad
 
 
@@ -63,12 +55,12 @@ def test_a_spec_overrides_the_kernels_launch_settings_only_inside(bench, monkeyp
     from pretrain.models.attention import fused
 
     def stub(q):  # the real one refuses CPU tensors outside the interpreter
-        return {"fwd": (64, 64), "bwd": (32, 64), "run_sums": False, "warps": 8}
+        return {"fwd": (64, 64), "bwd": (32, 64), "uniform_tiles": True, "warps": 8}
 
     monkeypatch.setattr(fused, "_launch_settings", stub)
-    with bench.tiles("128x64/64x64+runs"):
+    with bench.tiles("128x64/64x64+nouniform"):
         got = fused._launch_settings(None)
-    assert got == {"fwd": (128, 64), "bwd": (64, 64), "run_sums": True, "warps": 8}
+    assert got == {"fwd": (128, 64), "bwd": (64, 64), "uniform_tiles": False, "warps": 8}
     assert fused._launch_settings is stub
     assert not fused.WINDOWED
     with bench.tiles("default+window"):

@@ -93,17 +93,13 @@ def test_profile_prints_each_rows_table(bench, capsys):
         assert "aten::" in out[start : start + 4000], label
 
 
-def test_run_sums_needs_the_fused_kernel(bench, capsys):
-    assert bench.main(TINY + ["--run-sums"]) == 2
-    assert bench.main(TINY + ["--attention", "auto", "--run-sums"]) == 2  # auto is eager here
-    assert bench.main(TINY + ["--half-position-grads"]) == 2
-    assert bench.main(TINY + ["--store-singles"]) == 2
+def test_kernel_settings_need_the_fused_kernel(bench, capsys):
     assert bench.main(TINY + ["--no-uniform-tiles"]) == 2
-    assert bench.main(TINY + ["--windowed"]) == 2
+    assert bench.main(TINY + ["--attention", "auto", "--windowed"]) == 2  # auto is eager here
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 6 and all("is a setting of the fused kernel" in e for e in err)
-    assert err[2].startswith("error: --half-position-grads is a setting")
-    assert err[3].startswith("error: --store-singles is a setting")
+    assert len(err) == 2 and all("is a setting of the fused kernel" in e for e in err)
+    assert err[0].startswith("error: --no-uniform-tiles is a setting")
+    assert err[1].startswith("error: --windowed is a setting")
 
 
 def test_mlm_torch_sets_the_heads_reduction(bench, capsys, monkeypatch):

@@ -26,9 +26,7 @@ Tolerances (max abs difference; values and gradients are O(1)):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -235,42 +233,26 @@ def _uniform_tiles(idx: torch.Tensor, length: int, block: int = 16) -> list[int]
 
 @interpreted
 @pytest.mark.parametrize(
-    "length, split_heads, run_sums, store_singles, uniform_tiles",
+    "length, split_heads, uniform_tiles",
     [
-        (16, False, False, False, False),
-        (37, False, False, False, False),
-        (37, True, False, False, False),
-        (16, False, True, False, False),
-        (37, False, True, False, False),
-        (37, True, True, False, False),
-        (37, False, False, True, False),
-        (37, True, True, True, False),
-        (70, False, False, False, True),
-        (70, True, True, False, True),
-        (70, True, False, True, True),
+        (16, False, False),
+        (37, False, False),
+        (37, True, False),
+        (70, False, True),
+        (70, True, True),
     ],
-    ids=[
-        "16-atomic_per_pair", "37-atomic_per_pair", "37_split-atomic_per_pair",
-        "16-atomic_per_run", "37-atomic_per_run", "37_split-atomic_per_run",
-        "37-per_pair_singles_stored", "37_split-per_run_singles_stored",
-        "70-uniform_tiles_per_pair", "70_split-uniform_tiles_per_run",
-        "70_split-uniform_tiles_singles_stored",
-    ],
-)  # fmt: skip
+    ids=["16", "37", "37_split", "70-uniform_tiles", "70_split-uniform_tiles"],
+)
 @pytest.mark.parametrize("case", sorted(CORE_CASES))
 def test_fused_matches_eager_fp32(
     case: str,
     length: int,
     split_heads: bool,
-    run_sums: bool,
-    store_singles: bool,
     uniform_tiles: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from pretrain.models.attention import fused
 
-    monkeypatch.setattr(fused, "RUN_SUMS", run_sums)
-    monkeypatch.setattr(fused, "STORE_SINGLES", store_singles)
     monkeypatch.setattr(fused, "UNIFORM_TILES", uniform_tiles)
     terms, buckets, max_rel = CORE_CASES[case]
     config = _config(buckets, max_rel)
@@ -285,19 +267,17 @@ def test_fused_matches_eager_fp32(
     scale = (16 * (1 + len(terms))) ** -0.5
     args = (q, k, v, pos_k, pos_q, idx, mask, scale, weights)
     want, want_grads = _run("eager", *args)
-    for order in _program_orders(store_singles):
-        with order():
-            got, got_grads = _run("triton", *args)
+    got, got_grads = _run("triton", *args)
 
-        # Every row agrees, padding queries too (both give them uniform weights over all keys).
-        torch.testing.assert_close(got, want, **FP32_TOL)
-        names = _grad_names(terms)
-        assert sorted(got_grads) == sorted(names)
-        for name in names:
-            torch.testing.assert_close(got_grads[name], want_grads[name], **FP32_TOL, msg=name)
-        # A padding query's scores are a constant: its q gets no gradient, in either path.
-        assert got_grads["q"][1, :, length - 5 :].abs().max() == 0
-        assert got_grads["q"][0, :, 3].abs().max() == 0
+    # Every row agrees, padding queries too (both give them uniform weights over all keys).
+    torch.testing.assert_close(got, want, **FP32_TOL)
+    names = _grad_names(terms)
+    assert sorted(got_grads) == sorted(names)
+    for name in names:
+        torch.testing.assert_close(got_grads[name], want_grads[name], **FP32_TOL, msg=name)
+    # A padding query's scores are a constant: its q gets no gradient, in either path.
+    assert got_grads["q"][1, :, length - 5 :].abs().max() == 0
+    assert got_grads["q"][0, :, 3].abs().max() == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -539,13 +519,6 @@ def test_rise_table_counts_pairs_as_the_index_does() -> None:
         assert int(rise[c]) == want, c
 
 
-def _program_orders(stores: bool) -> list:
-    """The program orders to run the kernels in: a store where another program adds passes in
-    one order only (the interpreter runs programs one after another), so the forms that store
-    run in both."""
-    return [contextlib.nullcontext, programs_in_reverse] if stores else [contextlib.nullcontext]
-
-
 def _assert_error_at_most_twice_eagers(reference, eager, fused, slack: float) -> None:
     """FlashAttention's criterion, on the output and every gradient: each argument is
     (output, {name: gradient}) as `_run` returns it."""
@@ -560,30 +533,22 @@ def _assert_error_at_most_twice_eagers(reference, eager, fused, slack: float) ->
 
 @interpreted
 @pytest.mark.parametrize(
-    "case, half_position_grads, store_singles",
+    "case, split_heads",
     [
-        ("c2p_p2c_buckets", False, False),
-        ("c2p_p2c_buckets", True, False),
-        ("c2p_p2c_unbucketed_clamped", True, False),  # clamped beyond 16
-        ("c2p_only_buckets", True, False),
-        ("p2c_only_unbucketed", True, False),
-        ("c2p_p2c_buckets", False, True),
-        ("c2p_p2c_unbucketed_clamped", True, True),
+        ("c2p_p2c_buckets", False),
+        ("c2p_p2c_buckets", True),
+        ("c2p_p2c_unbucketed_clamped", True),  # clamped beyond 16
+        ("c2p_only_buckets", True),
+        ("p2c_only_unbucketed", True),
     ],
 )
-def test_fused_fp16_error_is_eager_fp16_error(
-    case: str, half_position_grads: bool, store_singles: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from pretrain.models.attention import fused
-
-    monkeypatch.setattr(fused, "HALF_POSITION_GRADS", half_position_grads)
-    monkeypatch.setattr(fused, "STORE_SINGLES", store_singles)
+def test_fused_fp16_error_is_eager_fp16_error(case: str, split_heads: bool) -> None:
     terms, buckets, max_rel = CORE_CASES[case]
     length = 37
     config = _config(buckets, max_rel)
     span = config.relative_span
     idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
-    base = _inputs(length, span, terms, torch.float64, split_heads=half_position_grads)
+    base = _inputs(length, span, terms, torch.float64, split_heads=split_heads)
     mask, weights = base[5], base[6]
     scale = (16 * 3) ** -0.5
 
@@ -594,10 +559,7 @@ def test_fused_fp16_error_is_eager_fp16_error(
     reference = run("eager", torch.float64)
     assert sorted(reference[1]) == sorted(_grad_names(terms))
     eager = run("eager", torch.float16)
-    for order in _program_orders(store_singles):
-        with order():
-            fused = run("triton", torch.float16)
-        _assert_error_at_most_twice_eagers(reference, eager, fused, slack=1e-3)
+    _assert_error_at_most_twice_eagers(reference, eager, run("triton", torch.float16), 1e-3)
 
 
 @interpreted
@@ -611,8 +573,7 @@ def test_uniform_tiles_keep_the_output_bits_and_fp16_error(
 ) -> None:
     """The uniform tiles read the same position terms as the gathers and go through the same
     arithmetic: the forward's output is the same bits. Their gradients (row and column sums,
-    fp32, or with the half position gradients fp32 at the clamped ends and half inside) meet
-    the fp16 criterion. Tiles cross the sequence's end; with 8 buckets over 128 positions
+    fp32) meet the fp16 criterion. Tiles cross the sequence's end; with 8 buckets over 128 positions
     whole tiles fall inside one log bucket, not at an end."""
     from pretrain.models.attention import fused
 
@@ -628,61 +589,17 @@ def test_uniform_tiles_keep_the_output_bits_and_fp16_error(
     mask, weights = base[5], base[6]
     scale = (16 * 3) ** -0.5
 
-    def run(impl: str, dtype: torch.dtype, uniform: bool = False, half: bool = False):
+    def run(impl: str, dtype: torch.dtype, uniform: bool = False):
         monkeypatch.setattr(fused, "UNIFORM_TILES", uniform)
-        monkeypatch.setattr(fused, "HALF_POSITION_GRADS", half)
         leaves = [None if t is None else t.detach().to(dtype).requires_grad_() for t in base[:5]]
         return _run(impl, *leaves, idx, mask, scale, weights)
 
     reference = run("eager", torch.float64)
     eager = run("eager", torch.float16)
     gathered = run("triton", torch.float16)
-    for half in (False, True):
-        uniform = run("triton", torch.float16, uniform=True, half=half)
-        assert torch.equal(uniform[0], gathered[0])
-        _assert_error_at_most_twice_eagers(reference, eager, uniform, slack=1e-3)
-
-
-@interpreted
-def test_half_position_grads_round_once_at_the_clamped_ends(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Unbucketed and clamped beyond 4, L=128: each inner position row of dQP / dKP takes one
-    pair per query (key), while the two clamped ends take up to 124 pairs across 8 key (query)
-    tiles. In half precision, the ends must still be fp32 sums rounded once, and, with one
-    pair per address, so must every other entry: the half form's dQP and dKP equal the fp32
-    form's (same run sums, same order in the interpreter) rounded to fp16, bit for bit."""
-    from pretrain.models.attention import fused
-
-    length, max_rel = 128, 4
-    config = _config(-1, max_rel, max_pos=length)
-    span = config.relative_span
-    idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
-    q, k, v, pos_k, pos_q, mask, weights = _inputs(length, span, ("c2p", "p2c"), torch.float16)
-    seen: list[torch.Tensor] = []
-    original = fused._position_grads
-
-    def record(dx, dxp, x, pos, want_dpos):
-        seen.append(dxp.float().clone())
-        return original(dx, dxp, x, pos, want_dpos)
-
-    monkeypatch.setattr(fused, "_position_grads", record)
-    monkeypatch.setattr(fused, "RUN_SUMS", True)
-    made = {}
-    # With STORE_SINGLES the inner entries (one pair each) are stored in fp16, not added: the
-    # same bits again.
-    for half, singles in ((False, False), (True, False), (True, True)):
-        monkeypatch.setattr(fused, "HALF_POSITION_GRADS", half)
-        monkeypatch.setattr(fused, "STORE_SINGLES", singles)
-        seen.clear()
-        _run("triton", q, k, v, pos_k, pos_q, idx, mask, 0.2, weights)
-        made[half, singles] = list(seen)
-    assert len(made[True, False]) == 2  # dQP, dKP
-    for fp32, *halves in zip(made[False, False], made[True, False], made[True, True], strict=True):
-        for half in halves:
-            assert torch.equal(half, fp32.half().float())
-            ends = half[..., [0, -1]]
-            assert ends.abs().max() > 0  # the ends take gradient here
+    uniform = run("triton", torch.float16, uniform=True)
+    assert torch.equal(uniform[0], gathered[0])
+    _assert_error_at_most_twice_eagers(reference, eager, uniform, slack=1e-3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -705,21 +622,19 @@ def _eager_with_mask(monkeypatch: pytest.MonkeyPatch, keep: torch.Tensor) -> Non
 
 @interpreted
 @pytest.mark.parametrize(
-    "deterministic, run_sums, windowed",
-    [(False, False, False), (False, True, False), (True, False, False), (False, False, True)],
-    ids=["atomic_per_pair", "atomic_per_run", "deterministic", "windowed"],
-)  # fmt: skip
+    "deterministic, windowed",
+    [(False, False), (True, False), (False, True)],
+    ids=["atomic_per_pair", "deterministic", "windowed"],
+)
 @pytest.mark.parametrize("case", ["c2p_p2c_buckets", "p2c_only_unbucketed", "no_position_terms"])
 def test_dropout_matches_eager_given_the_kernels_mask(
     case: str,
     deterministic: bool,
-    run_sums: bool,
     windowed: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from pretrain.models.attention import fused
 
-    monkeypatch.setattr(fused, "RUN_SUMS", run_sums)
     calls = _windowed(monkeypatch) if windowed else []
 
     terms, buckets, max_rel = CORE_CASES[case]
@@ -758,12 +673,11 @@ def test_dropout_matches_eager_given_the_kernels_mask(
 
 
 @interpreted
-def test_dropout_in_fp16_with_half_position_grads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """fp16 with the position gradients in fp16 and clamped ends: the fused error against
-    float64 (eager given the kernels' mask) is at most twice eager fp16's."""
+def test_dropout_in_fp16_error_is_at_most_twice_eagers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp16 with dropout and clamped ends: the fused error against float64 (eager given the
+    kernels' mask) is at most twice eager fp16's."""
     from pretrain.models.attention import fused
 
-    monkeypatch.setattr(fused, "HALF_POSITION_GRADS", True)
     terms, buckets, max_rel = CORE_CASES["c2p_p2c_unbucketed_clamped"]
     length, rate = 37, 0.2
     config = _config(buckets, max_rel)
@@ -980,25 +894,6 @@ def test_choose_impl() -> None:
         DebertaConfig(attention_impl="flash")
 
 
-@contextlib.contextmanager
-def _programs_in_reverse_order() -> Iterator[None]:
-    """The interpreter runs a grid's programs in reverse order (program ids are unchanged)."""
-    from triton.runtime import interpreter
-
-    builder = interpreter.interpreter_builder
-    set_grid_idx = builder.set_grid_idx
-
-    def reversed_idx(x: int, y: int, z: int) -> None:
-        nx, ny, nz = builder.grid_dim
-        set_grid_idx(nx - 1 - x, ny - 1 - y, nz - 1 - z)
-
-    builder.set_grid_idx = reversed_idx
-    try:
-        yield
-    finally:
-        del builder.set_grid_idx
-
-
 @interpreted
 @pytest.mark.parametrize(
     "case", ["c2p_p2c_buckets", "c2p_p2c_unbucketed_clamped", "no_position_terms"]
@@ -1017,7 +912,7 @@ def test_deterministic_backward_matches_eager_in_any_program_order(case: str) ->
 
     def both_orders(deterministic: bool):
         forward = _run("triton", *args, deterministic=deterministic)
-        with _programs_in_reverse_order():
+        with programs_in_reverse():
             backward = _run("triton", *args, deterministic=deterministic)
         return forward, backward
 
@@ -1135,37 +1030,17 @@ def _gpu_case(dtype: torch.dtype, seed: int = 0, length: int = 512, dropout: flo
 @compiled
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "run_sums, half_position_grads, store_singles, windowed, length",
-    [
-        (False, False, False, False, 512),
-        (True, False, False, False, 512),
-        (False, True, False, False, 512),
-        (False, True, False, False, 1024),
-        (False, False, True, False, 512),
-        (False, True, True, False, 1024),
-        (False, False, False, True, 512),
-        (False, False, False, True, 1024),
-    ],
+    "windowed, length",
+    [(False, 512), (False, 1024), (True, 512), (True, 1024)],
     # 1024: past v3's 512 relative positions, so the clamped ends' long runs
-    ids=[
-        "atomic_per_pair", "atomic_per_run", "half_position_grads", "half_position_grads_1024",
-        "singles_stored", "half_position_grads_singles_stored_1024", "windowed", "windowed_1024",
-    ],
-)  # fmt: skip
+    ids=["gathered", "gathered_1024", "windowed", "windowed_1024"],
+)
 def test_gpu_bf16_fused_error_is_eager_bf16_error(
-    run_sums: bool,
-    half_position_grads: bool,
-    store_singles: bool,
-    windowed: bool,
-    length: int,
-    monkeypatch: pytest.MonkeyPatch,
+    windowed: bool, length: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pretrain.models.attention import fused
 
     monkeypatch.setattr(fused, "WINDOWED", windowed)
-    monkeypatch.setattr(fused, "RUN_SUMS", run_sums)
-    monkeypatch.setattr(fused, "HALF_POSITION_GRADS", half_position_grads)
-    monkeypatch.setattr(fused, "STORE_SINGLES", store_singles)
     run = _gpu_case(torch.bfloat16, length=length)
     reference, eager = run("eager", torch.float32), run("eager", torch.bfloat16)
     fused = run("triton", torch.bfloat16)
@@ -1174,23 +1049,27 @@ def test_gpu_bf16_fused_error_is_eager_bf16_error(
 
 @compiled
 @pytest.mark.gpu
-@pytest.mark.parametrize("half_position_grads", [False, True])
-def test_gpu_uniform_tiles_keep_the_output_bits_and_bf16_error(
-    half_position_grads: bool, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("windowed", [False, True], ids=["gathered", "windowed"])
+def test_gpu_uniform_tiles_keep_the_bf16_error(
+    windowed: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """At L=1000 (past v3's 512 relative positions, and not a multiple of any tile) a fifth of
-    the tiles have one position index: compiled, the option must give the same output bits,
-    as under the interpreter, and gradients within the bf16 criterion."""
+    the tiles have one position index: compiled, each kernel family meets the bf16 criterion
+    with those tiles and without, and the gather kernels' uniform tiles give the same output
+    bits, as under the interpreter."""
     from pretrain.models.attention import fused
 
-    monkeypatch.setattr(fused, "HALF_POSITION_GRADS", half_position_grads)
+    monkeypatch.setattr(fused, "WINDOWED", windowed)
     run = _gpu_case(torch.bfloat16, length=1000)
     reference, eager = run("eager", torch.float32), run("eager", torch.bfloat16)
-    gathered = run("triton", torch.bfloat16)
+    monkeypatch.setattr(fused, "UNIFORM_TILES", False)
+    without = run("triton", torch.bfloat16)
     monkeypatch.setattr(fused, "UNIFORM_TILES", True)
     uniform = run("triton", torch.bfloat16)
-    assert torch.equal(uniform[0], gathered[0])
-    _assert_error_at_most_twice_eagers(reference, eager, uniform, slack=1e-2)
+    if not windowed:
+        assert torch.equal(uniform[0], without[0])
+    for form in (without, uniform):
+        _assert_error_at_most_twice_eagers(reference, eager, form, slack=1e-2)
 
 
 @compiled

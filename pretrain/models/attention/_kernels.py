@@ -8,11 +8,10 @@ Scores live in base-2 units inside the kernels (`QK_SCALE = scale * log2(e)`, `e
 usual FlashAttention trick; the saved logsumexp `LSE` is in the same units.
 
 The backward comes in two forms. The default is one program per key block, which adds the
-gradients of q and of both position products (QP, KP) with fp32 atomics: fast, but the order
-of those additions (so the last bits) changes from run to run. With RUN_SUMS it first sums the
-pairs of a tile that share a position row and adds each sum with one atomic (`_add_runs`).
-With STORE_SINGLES, a position address that only one pair ever reaches (every pair of the
-unbucketed middle, |i - j| < span / 2 with v3's buckets) is stored, not added atomically.
+gradients of q and of both position products (QP, KP) with fp32 atomics, one per pair: fast,
+but the order of those additions (so the last bits) changes from run to run. (Fewer atomics,
+one per run of pairs that share a position row or a store for a pair alone at its address,
+and bf16 position gradients were each slower on an H100 and are gone: README, 78f0ec9.)
 With UNIFORM_TILES, a tile whose pairs all share one position index (past
 max_relative_positions) reads the position terms per row and column and adds its row and
 column sums, one atomic per row or column (`_tile_ends`, `_add_uniform`).
@@ -241,101 +240,34 @@ def _segment_add(v1, start1, v2, start2):
 
 
 @triton.jit
-def _alone(c, c_before, c_after):
-    """Whether a pair is the only one ever to reach its position address: c is monotone along
-    the axis, so the pairs of a destination row sharing c are one contiguous run, and a pair
-    whose two neighbours along the axis (in the tile or not, inside the sequence or not) have
-    another c is a run of one. No other program adds to that address, so it may be stored.
-    Neighbours past the sequence's ends are counted by their clamped index: at worst a lone
-    pair looks shared and is added atomically, which is still right."""
-    return (c_before != c) & (c_after != c)
-
-
-@triton.jit
-def _add_pairs(ptrs, vals, ok, c, c_before, c_after, STORE_SINGLES: tl.constexpr):
-    """ptrs += vals per pair with fp32 atomics; with STORE_SINGLES, a pair alone at its address
-    (`_alone`) stores its value instead."""
-    if STORE_SINGLES:
-        # Atomics first: were a pair wrongly taken for alone, its store would then overwrite a
-        # tile-mate's sum under Triton's interpreter too, where the tests run.
-        single = _alone(c, c_before, c_after)
-        tl.atomic_add(ptrs, vals, mask=ok & ~single, sem="relaxed")
-        tl.store(ptrs, vals, mask=ok & single)
-    else:
-        tl.atomic_add(ptrs, vals, mask=ok, sem="relaxed")
-
-
-@triton.jit
-def _add_runs(
-    ROW_PTRS, dest_ok, c, c_before, c_after, last, vals, AXIS: tl.constexpr, ATOMIC: tl.constexpr,
-    END_PTRS, C, SPLIT_ENDS: tl.constexpr, STORE_SINGLES: tl.constexpr,
-):  # fmt: skip
-    """ROW_PTRS[c] += vals, the pairs of a tile that share an address summed first.
+def _add_runs(ROW_PTRS, dest_ok, c, c_before, c_after, last, vals, AXIS: tl.constexpr):
+    """ROW_PTRS[c] += vals, the pairs of a tile that share an address summed first, for the
+    deterministic backward: the rows are this program's alone.
 
     ROW_PTRS broadcasts to the tile: one destination row per index across AXIS (a query's or a
     key's row of dQP / dKP). Along AXIS, c is monotone (the relative index is a monotone
     function of i - j), so the pairs of a destination row with one c are one contiguous run: a
     segmented scan sums each run (in a fixed order) and its last pair adds the sum, so no two
     lanes of one addition share an address. c_before / c_after are c one pair back / on along
-    AXIS; `last` flags the tile's last index along AXIS.
-
-    ATOMIC: one atomic per run, for rows other programs add to as well (or to keep the software
-    pipelining that the plain stores rule out); in the log-bucket and clamped regions many
-    pairs of a row share one address, and atomics on one address wait for each other. Else the
-    rows must be this program's alone: a plain load and store, in a fixed order, after a
-    barrier that orders the previous tile's stores (by any thread of this program) before
-    these loads.
-
-    SPLIT_ENDS (atomic only): the rows are in a half dtype, and the sums are rounded to it,
-    except those for c = 0 and c = C - 1, which go in fp32 to END_PTRS[0] / END_PTRS[1]. Those
-    two are the clamped ends, where a run spans every tile past the table's reach (hundreds of
-    pairs at L=2048). Elsewhere a run is one log bucket wide: at most 6 pairs with v3's 256
-    buckets over 512 positions, so an address takes sums from at most two tiles and rounds
-    about as often as the fp32 result's one cast would. Few buckets over many positions make
-    wider buckets, and a rounding per tile a bucket spans.
-
-    STORE_SINGLES (atomic only): a run of one pair alone at its address (`_alone`) is stored,
-    rounded once as the fp32 result's cast would round it (the clamped ends still go to
-    END_PTRS).
+    AXIS; `last` flags the tile's last index along AXIS. A plain load and store, in a fixed
+    order, after a barrier that orders the previous tile's stores (by any thread of this
+    program) before these loads.
     """
     starts = (c_before != c).to(tl.int32)
     ends = last | (c_after != c)
     sums, _ = tl.associative_scan((vals, starts), AXIS, _segment_add)
     ptrs = ROW_PTRS + c
     ok = ends & dest_ok
-    if ATOMIC and SPLIT_ENDS:
-        at_end = (c == 0) | (c == C - 1)
-        tl.atomic_add(END_PTRS + (c != 0).to(tl.int32), sums, mask=ok & at_end, sem="relaxed")
-        half = sums.to(ROW_PTRS.dtype.element_ty)
-        inner = ok & ~at_end
-        if STORE_SINGLES:  # atomics first, as in `_add_pairs`
-            single = _alone(c, c_before, c_after)
-            tl.atomic_add(ptrs, half, mask=inner & ~single, sem="relaxed")
-            tl.store(ptrs, half, mask=inner & single)
-        else:
-            tl.atomic_add(ptrs, half, mask=inner, sem="relaxed")
-    elif ATOMIC:
-        _add_pairs(ptrs, sums, ok, c, c_before, c_after, STORE_SINGLES)
-    else:
-        tl.debug_barrier()
-        tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + sums, mask=ok)
+    tl.debug_barrier()
+    tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + sums, mask=ok)
 
 
 @triton.jit
-def _add_uniform(ROW_PTRS, c, sums, ok, END_PTRS, C, SPLIT_ENDS: tl.constexpr):
+def _add_uniform(ROW_PTRS, c, sums, ok):
     """ROW_PTRS[c] += sums for a tile whose pairs all have the position index c: one sum per
     destination row (ROW_PTRS, one pointer each: the tile's row sums of ds for dQP, its column
-    sums for dKP), one atomic each, as other tiles add to the same addresses. With SPLIT_ENDS
-    the rows are in a half dtype and the clamped ends, c = 0 and c = C - 1, go in fp32 to
-    END_PTRS[0] / END_PTRS[1], as `_add_runs` does."""
-    if SPLIT_ENDS:
-        if (c == 0) | (c == C - 1):
-            tl.atomic_add(END_PTRS + (c != 0).to(tl.int32), sums, mask=ok, sem="relaxed")
-        else:
-            half = sums.to(ROW_PTRS.dtype.element_ty)
-            tl.atomic_add(ROW_PTRS + c, half, mask=ok, sem="relaxed")
-    else:
-        tl.atomic_add(ROW_PTRS + c, sums, mask=ok, sem="relaxed")
+    sums for dKP), one atomic each, as other tiles add to the same addresses."""
+    tl.atomic_add(ROW_PTRS + c, sums, mask=ok, sem="relaxed")
 
 
 # SEED takes any value: not specialised (a seed divisible by 16 would compile another copy).
@@ -424,37 +356,27 @@ def _backward_kernel(
     SCALE,
     QK_SCALE,
     SEED, DROP_P, DROP_SCALE,
-    DQP_END, DKP_END, s_eb, s_eh,
     HAS_QP: tl.constexpr,
     HAS_KP: tl.constexpr,
     DROPOUT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
-    RUN_SUMS: tl.constexpr,
-    HALF_POSITION_GRADS: tl.constexpr,
-    STORE_SINGLES: tl.constexpr,
     UNIFORM_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One program per key block: dk, dv in registers. dq, dQP, dKP by fp32 atomics (with
-    RUN_SUMS, one per run of pairs that share a position row c rather than one per pair); or, if
-    DETERMINISTIC, only dKP (its own rows, by `_add_runs`), dq and dQP being left to
-    `_backward_dq_kernel`.
+    """One program per key block: dk, dv in registers. dq, dQP, dKP by fp32 atomics, one per
+    pair; or, if DETERMINISTIC, only dKP (its own rows, by `_add_runs`), dq and dQP being left
+    to `_backward_dq_kernel`.
 
     DQ, DK, DV: [B, H, L, D] of one layout (strides s_g*, the last 1); DQ fp32, DK and DV fp32
     or the inputs' dtype (stored as rounded there). DQP, DKP: fp32 [B, H, L, C] (C = 2 * span)
     of one layout, strides s_xb, s_xh, C, 1. LSE and DELTA contiguous fp32 [B, H, L].
-    HALF_POSITION_GRADS (never with DETERMINISTIC; sums runs as RUN_SUMS does): DQP and DKP are in the
-    inputs' half dtype, and their columns 0 and C - 1 go to the fp32 DQP_END / DKP_END
-    ([B, H, L, 2], strides s_eb, s_eh, 2, 1) instead (see `_add_runs`).
-    STORE_SINGLES (not with DETERMINISTIC, whose stores are plain already): a pair alone at its
-    dQP / dKP address stores there rather than adding atomically (`_alone`).
     UNIFORM_TILES (not with DETERMINISTIC): a tile whose pairs all have one position index c
     reads the position terms per row and column (`_score_tile`) and adds its row sums of ds to
     dQP[:, c] and its column sums to dKP[:, c], one atomic per row or column
-    (`_add_uniform`), instead of one per pair or run.
+    (`_add_uniform`), instead of one per pair.
     """
     start_n, pid_bh, b, h, offs_n, offs_d, col_ok, d_ok = _program_block(H, L, D, BLOCK_N, BLOCK_D)
     kv_ok = col_ok[:, None] & d_ok[None, :]
@@ -467,7 +389,6 @@ def _backward_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     grad_base = b * s_gb + h * s_gh
     pos_grad_base = b * s_xb + h * s_xh
-    end_base = b * s_eb + h * s_eh
 
     for start_m in range(0, L, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -501,75 +422,32 @@ def _backward_kernel(
             )
         if uniform:  # one c for the whole tile: its row and column sums
             if HAS_QP:
-                _add_uniform(
-                    DQP + pos_grad_base + offs_m * C, c_first, tl.sum(ds, 1), row_ok,
-                    DQP_END + end_base + offs_m * 2, C, HALF_POSITION_GRADS,
-                )  # fmt: skip
+                _add_uniform(DQP + pos_grad_base + offs_m * C, c_first, tl.sum(ds, 1), row_ok)
             if HAS_KP:
-                _add_uniform(
-                    DKP + pos_grad_base + offs_n * C, c_first, tl.sum(ds, 0), col_ok,
-                    DKP_END + end_base + offs_n * 2, C, HALF_POSITION_GRADS,
-                )  # fmt: skip
-        else:
-            if ((DETERMINISTIC or RUN_SUMS) or HALF_POSITION_GRADS) and (HAS_QP or HAS_KP):
-                c_tile = _index_tile(IDX, offs_m, offs_n, L)
-                if HAS_QP and not DETERMINISTIC:
-                    # Along j (axis 1) for each query i: c(i, j - 1) and c(i, j + 1). Other key
-                    # blocks add to these rows too: atomics.
-                    _add_runs(
-                        DQP + pos_grad_base + offs_m[:, None] * C,
-                        row_ok[:, None],
-                        c_tile,
-                        _index_tile(IDX, offs_m, offs_n - 1, L),
-                        _index_tile(IDX, offs_m, offs_n + 1, L),
-                        (offs_n == start_n + BLOCK_N - 1)[None, :],
-                        ds,
-                        1,
-                        True,
-                        DQP_END + end_base + offs_m[:, None] * 2,
-                        C,
-                        HALF_POSITION_GRADS,
-                        STORE_SINGLES,
-                    )
-                if HAS_KP:
-                    # Along i (axis 0) for each key j: c(i - 1, j) and c(i + 1, j). These rows are
-                    # this program's; RUN_SUMS still adds them with atomics, which keep the
-                    # pipelining that the deterministic form gives up (num_stages=1) for its plain
-                    # stores.
-                    _add_runs(
-                        DKP + pos_grad_base + offs_n[None, :] * C,
-                        col_ok[None, :],
-                        c_tile,
-                        _index_tile(IDX, offs_m - 1, offs_n, L),
-                        _index_tile(IDX, offs_m + 1, offs_n, L),
-                        (offs_m == start_m + BLOCK_M - 1)[:, None],
-                        ds,
-                        0,
-                        not DETERMINISTIC,
-                        DKP_END + end_base + offs_n[None, :] * 2,
-                        C,
-                        HALF_POSITION_GRADS,
-                        STORE_SINGLES,
-                    )
-            if not ((DETERMINISTIC or RUN_SUMS) or HALF_POSITION_GRADS):  # one atomic per pair
-                # (c is 0 where a pair is out of range; grad_ok masks those. The neighbours' c are
-                # only read to find lone pairs.)
-                if HAS_QP:
-                    ptrs = DQP + pos_grad_base + offs_m[:, None] * C + c
-                    if STORE_SINGLES:  # along j (axis 1) for each query i
-                        c_before = _index_tile(IDX, offs_m, offs_n - 1, L)
-                        c_after = _index_tile(IDX, offs_m, offs_n + 1, L)
-                        _add_pairs(ptrs, ds, grad_ok, c, c_before, c_after, True)
-                    else:
-                        _add_pairs(ptrs, ds, grad_ok, c, c, c, False)
-                if HAS_KP:
-                    ptrs = DKP + pos_grad_base + offs_n[None, :] * C + c
-                    if STORE_SINGLES:  # along i (axis 0) for each key j
-                        c_before = _index_tile(IDX, offs_m - 1, offs_n, L)
-                        c_after = _index_tile(IDX, offs_m + 1, offs_n, L)
-                        _add_pairs(ptrs, ds, grad_ok, c, c_before, c_after, True)
-                    else:
-                        _add_pairs(ptrs, ds, grad_ok, c, c, c, False)
+                _add_uniform(DKP + pos_grad_base + offs_n * C, c_first, tl.sum(ds, 0), col_ok)
+        elif DETERMINISTIC:
+            if HAS_KP:
+                # Along i (axis 0) for each key j: c(i - 1, j) and c(i + 1, j). These rows are
+                # this program's (dQP's are `_backward_dq_kernel`'s).
+                _add_runs(
+                    DKP + pos_grad_base + offs_n[None, :] * C,
+                    col_ok[None, :],
+                    _index_tile(IDX, offs_m, offs_n, L),
+                    _index_tile(IDX, offs_m - 1, offs_n, L),
+                    _index_tile(IDX, offs_m + 1, offs_n, L),
+                    (offs_m == start_m + BLOCK_M - 1)[:, None],
+                    ds,
+                    0,
+                )
+        else:  # one atomic per pair (c is 0 where a pair is out of range; grad_ok masks those)
+            if HAS_QP:
+                tl.atomic_add(
+                    DQP + pos_grad_base + offs_m[:, None] * C + c, ds, mask=grad_ok, sem="relaxed"
+                )
+            if HAS_KP:
+                tl.atomic_add(
+                    DKP + pos_grad_base + offs_n[None, :] * C + c, ds, mask=grad_ok, sem="relaxed"
+                )
 
     out_ptrs = grad_base + offs_n[:, None] * s_gl + offs_d[None, :]
     tl.store(DK + out_ptrs, dk.to(DK.dtype.element_ty), mask=kv_ok)
@@ -643,11 +521,6 @@ def _backward_dq_kernel(
                 (offs_n == start_n + BLOCK_N - 1)[None, :],
                 ds,
                 1,
-                False,
-                DQP,
-                C,
-                False,
-                False,
             )
 
     tl.store(DQ + b * s_gb + h * s_gh + offs_m[:, None] * s_gl + offs_d[None, :], dq, mask=qd_ok)

@@ -4,8 +4,7 @@ The position terms enter the kernel as two small projections computed here in to
 QP = q @ pos_k^T and KP = k @ pos_q^T ([B, h, L, 2S]); the kernel gathers QP[i, c(i, j)] and
 KP[j, c(i, j)] per tile, so the [L, L] scores are never stored. QP and KP are not saved for
 the backward either: it recomputes them (one small matmul each), gets dQP / dKP from the
-kernel (fp32, or with `HALF_POSITION_GRADS` the inputs' half dtype; in the log-bucket and
-clamped regions many (i, j) share one c) and turns them into q, k, pos_k, pos_q gradients
+kernel (fp32; in the log-bucket and clamped regions many (i, j) share one c) and turns them into q, k, pos_k, pos_q gradients
 with two more matmuls in the inputs' dtype.
 
 Layouts: the kernels take strides, so the glue moves no data between layouts. q, k, v are
@@ -13,10 +12,9 @@ read as the model splits them from its projections ([B, L, h, d] memory); dq, dk
 written in that layout, so their way back through the split needs no copy; the position
 products and their gradients are [h, B, L, 2S] memory, one GEMM per head over all B * L
 rows (see `_project`, `_position_grads`). The backward
-adds dq, dQP and dKP with atomics (one per pair, or with `RUN_SUMS` one per run of pairs that
-share a position row; with `STORE_SINGLES` a pair alone at its position address stores; with
-`UNIFORM_TILES` a tile whose pairs share one position index adds its row and column sums), or,
-`deterministic`, runs a second kernel that makes dq and dQP without (see `_kernels`).
+adds dq, dQP and dKP with atomics (one per pair; with `UNIFORM_TILES` a tile whose pairs share
+one position index adds its row and column sums), or, `deterministic`, runs a second kernel
+that makes dq and dQP without (see `_kernels`).
 
 `WINDOWED` takes the windowed kernels instead (`_window_kernels`, `_WindowedAttention`): no
 QP / KP, no atomics.
@@ -46,34 +44,6 @@ from pretrain.models.attention import (
 )
 
 LOG2E = 1.0 / math.log(2.0)
-
-# The default backward's position gradients: one atomic per run of pairs that share a position
-# row (True) or one per pair (False, the form timed on an H100 so far; see the README's Speed).
-# In the log-bucket and clamped regions a run spans many pairs: at L=2048 with v3's 512
-# relative positions, most pairs of a row share the clamped end's one address. Slower on an H100
-# (78f0ec9, forward + backward): 5.33 ms against 4.83 at L=512 B=32, 13.81 against 12.44 at
-# L=2048 B=8.
-RUN_SUMS = False
-
-# The default backward's position gradients in the inputs' dtype (bf16 under autocast) rather
-# than fp32 (True; with run sums, and fp32 for the two clamped ends' columns, where a run spans
-# many tiles: see `_kernels._add_runs`), or fp32 then cast (False). Half the buffers' zeroing
-# and no cast: about 1.6 GB less traffic per layer at L=512 B=32 on v3-base. Much slower on an
-# H100 (78f0ec9): 12.41 ms against 4.83 at L=512 B=32, 23.46 against 12.44 at L=2048 B=8; its
-# bf16 atomics cost more than the traffic saved. fp32 inputs and the deterministic backward
-# always use fp32.
-HALF_POSITION_GRADS = False
-
-
-# The backward's position gradients: a pair alone at its dQP / dKP address (no other pair of
-# any tile shares its row and position index: all of the unbucketed middle, |i - j| < span / 2)
-# stores its value rather than adding it with an atomic (True), or every pair adds (False).
-# With v3's buckets that is 47% of the pairs at L=512 and 13% at L=2048 (the middle, 44% and
-# 12%, and the log buckets one position wide beside it). No faster on an H100 (78f0ec9): 4.86
-# ms against 4.83 at L=512 B=32, 13.44 against 12.44 at L=2048 B=8. Relies on the relative
-# index being monotone (see `relative_index`). The deterministic backward's stores
-# are plain already.
-STORE_SINGLES = False
 
 # Tiles whose pairs all have one position index (c is monotone in i - j, so the c at the
 # tile's two extreme i - j tell): past max_relative_positions, where c is clamped to the
@@ -161,9 +131,6 @@ def _tile_settings(q: torch.Tensor, interpret: bool) -> dict[str, Any]:
         bwd=bwd,
         bwd_dq=bwd[::-1],
         warps=8,
-        run_sums=RUN_SUMS,
-        half_position_grads=HALF_POSITION_GRADS,
-        store_singles=STORE_SINGLES,
         uniform_tiles=UNIFORM_TILES,
     )
 
@@ -265,20 +232,14 @@ class _FusedDisentangledAttention(torch.autograd.Function):
         dk = grad(torch.float32 if pos_q is not None else k.dtype)
         dv = grad(v.dtype)
         width = next((p.shape[-2] for p in (pos_k, pos_q) if p is not None), 0)  # 2 * span
-        # In a half dtype, but for the clamped ends' columns (see _kernels._add_runs).
-        half = cfg["half_position_grads"] and not deterministic and q.dtype != torch.float32
 
-        def pos_grad(columns: int, dtype: torch.dtype) -> torch.Tensor:
-            # [h, B, L, columns] memory, as _project's products
-            zeros = torch.zeros(heads, batch, length, columns, dtype=dtype, device=q.device)
+        def pos_grad() -> torch.Tensor:
+            # fp32 [h, B, L, 2S] memory, as _project's products
+            zeros = torch.zeros(heads, batch, length, width, dtype=torch.float32, device=q.device)
             return zeros.transpose(0, 1)
 
-        pos_dtype = q.dtype if half else torch.float32
-        dqp = pos_grad(width, pos_dtype) if qp is not None else dq
-        dkp = pos_grad(width, pos_dtype) if kp is not None else dq
-        dqp_end = pos_grad(2, torch.float32) if half and qp is not None else dq
-        dkp_end = pos_grad(2, torch.float32) if half and kp is not None else dq
-        end_strides = (dqp_end if qp is not None else dkp_end).stride()[:2]
+        dqp = pos_grad() if qp is not None else dq
+        dkp = pos_grad() if kp is not None else dq
         inputs = (
             q, k, v, qp if qp is not None else q, kp if kp is not None else q,
             rel_index, mask, dout, lse, delta,
@@ -306,16 +267,11 @@ class _FusedDisentangledAttention(torch.autograd.Function):
         block_m, block_n = cfg["bwd"]
         grid = (triton.cdiv(length, block_n), batch * heads)
         _kernels._backward_kernel[grid](
-            *inputs, dq, dk, dv, dqp, dkp, *sizes, dqp_end, dkp_end, *end_strides,
-            DETERMINISTIC=deterministic, RUN_SUMS=cfg["run_sums"], HALF_POSITION_GRADS=half,
-            STORE_SINGLES=cfg["store_singles"] and not deterministic,
+            *inputs, dq, dk, dv, dqp, dkp, *sizes,
+            DETERMINISTIC=deterministic,
             UNIFORM_TILES=cfg["uniform_tiles"] and not deterministic,
             BLOCK_M=block_m, BLOCK_N=block_n, **common,
         )  # fmt: skip
-        for dxp, ends, xp in ((dqp, dqp_end, qp), (dkp, dkp_end, kp)):
-            if half and xp is not None:
-                dxp[..., 0] = ends[..., 0]
-                dxp[..., -1] = ends[..., 1]
         if deterministic:
             block_m, block_n = cfg["bwd_dq"]
             grid = (triton.cdiv(length, block_m), batch * heads)
@@ -379,8 +335,7 @@ def _row_dots(out: torch.Tensor, dout: torch.Tensor, cfg: dict[str, Any]) -> tor
 def _position_grads(
     dx: torch.Tensor, dxp: torch.Tensor, x: torch.Tensor, pos: torch.Tensor, want_dpos: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """From the kernel's dXP ([B, h, L, 2S] of [h, B, L, 2S] memory, XP = x @ pos^T; fp32, or
-    already in x's half dtype):
+    """From the kernel's dXP ([B, h, L, 2S] of [h, B, L, 2S] memory, XP = x @ pos^T; fp32):
     dx + dXP @ pos, and dpos = sum over batch and rows of dXP^T @ x ([h, 2S, d]), or None when
     not wanted.
 
