@@ -270,6 +270,41 @@ def _add_uniform(ROW_PTRS, c, sums, ok):
     tl.atomic_add(ROW_PTRS + c, sums, mask=ok, sem="relaxed")
 
 
+@triton.jit
+def _softmax_step(
+    acc, m_i, l_i, s, v, SEED, pid_bh, offs_m, offs_n, L, DROP_P, DROP_SCALE,
+    DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One key block's step of the online softmax, for both forward kernels: the running row
+    maximum m_i, the normaliser l_i (before dropout) and the output accumulator acc, updated
+    by the block's scores s (base 2) and its values v."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)  # the softmax's normaliser: before dropout
+    if DROPOUT:
+        p = _dropped(p, _keep(SEED, pid_bh, offs_m, offs_n, L, DROP_P), DROP_SCALE)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _store_rows(
+    OUT, LSE, acc, m_i, l_i, b, h, pid_bh, L, offs_m, offs_d, row_ok, d_ok,
+    s_ob, s_oh, s_ol, s_od,
+):  # fmt: skip
+    """The forward kernels' epilogue: the output rows, normalised, and their logsumexp (base
+    2), which the backward reads."""
+    acc = acc / l_i[:, None]
+    tl.store(
+        OUT + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :] * s_od,
+        acc.to(OUT.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
+    tl.store(LSE + pid_bh * L + offs_m, m_i + tl.log2(l_i), mask=row_ok)
+
+
 # SEED takes any value: not specialised (a seed divisible by 16 would compile another copy).
 @triton.jit(do_not_specialize=["SEED"])
 def _forward_kernel(
@@ -320,22 +355,15 @@ def _forward_kernel(
             DOT_PRECISION,
         )  # fmt: skip
 
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax's normaliser: before dropout
-        if DROPOUT:
-            p = _dropped(p, _keep(SEED, pid_bh, offs_m, offs_n, L, DROP_P), DROP_SCALE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = _softmax_step(
+            acc, m_i, l_i, s, v, SEED, pid_bh, offs_m, offs_n, L, DROP_P, DROP_SCALE, DROPOUT,
+            DOT_PRECISION,
+        )  # fmt: skip
 
-    acc = acc / l_i[:, None]
-    tl.store(
-        OUT + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :] * s_od,
-        acc.to(OUT.dtype.element_ty),
-        mask=row_ok[:, None] & d_ok[None, :],
-    )
-    tl.store(LSE + pid_bh * L + offs_m, m_i + tl.log2(l_i), mask=row_ok)
+    _store_rows(
+        OUT, LSE, acc, m_i, l_i, b, h, pid_bh, L, offs_m, offs_d, row_ok, d_ok,
+        s_ob, s_oh, s_ol, s_od,
+    )  # fmt: skip
 
 
 # SEED takes any value: not specialised (a seed divisible by 16 would compile another copy).

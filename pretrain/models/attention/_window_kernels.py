@@ -40,6 +40,8 @@ from pretrain.models.attention._kernels import (
     _program_block,
     _query_rows,
     _segment_add,
+    _softmax_step,
+    _store_rows,
 )
 
 
@@ -315,14 +317,10 @@ def _forward_tile(
         col_ok, q_real, k_real, L, C, QK_SCALE, c_row, HAS_C2P, HAS_P2C, UNIFORM, BLOCK,
         BLOCK_D, DOT_PRECISION,
     )  # fmt: skip
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)  # the softmax's normaliser: before dropout
-    if DROPOUT:
-        p = _dropped(p, _keep(SEED, pid_bh, offs_m, offs_n, L, DROP_P), DROP_SCALE)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
+    return _softmax_step(
+        acc, m_i, l_i, s, v, SEED, pid_bh, offs_m, offs_n, L, DROP_P, DROP_SCALE, DROPOUT,
+        DOT_PRECISION,
+    )  # fmt: skip
 
 
 # SEED takes any value: not specialised (a seed divisible by 16 would compile another copy).
@@ -379,13 +377,10 @@ def _window_forward_kernel(
                 HAS_C2P, HAS_P2C, DROPOUT, True, BLOCK, BLOCK_D, DOT_PRECISION,
             )  # fmt: skip
 
-    acc = acc / l_i[:, None]
-    tl.store(
-        OUT + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :] * s_od,
-        acc.to(OUT.dtype.element_ty),
-        mask=row_ok[:, None] & d_ok[None, :],
-    )
-    tl.store(LSE + pid_bh * L + offs_m, m_i + tl.log2(l_i), mask=row_ok)
+    _store_rows(
+        OUT, LSE, acc, m_i, l_i, b, h, pid_bh, L, offs_m, offs_d, row_ok, d_ok,
+        s_ob, s_oh, s_ol, s_od,
+    )  # fmt: skip
 
 
 @triton.jit
