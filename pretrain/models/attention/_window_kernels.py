@@ -508,11 +508,13 @@ def _window_backward_kernel(
 ):  # fmt: skip
     """KIND 0: dk and dv of one key block, summed over the query blocks, written to DX (dk)
     and DV. KIND 1: dq of one query block, summed over the key blocks, written to DX. Both
-    in the layout of strides s_g* (last 1). KIND 2: for one diagonal of tiles (query block t,
-    key block t - diagonal + NDIAG // 2 ... one window for all of them, since blocks are
-    square), the window's pos_k and pos_q gradient rows summed over its tiles, stored fp32 to
-    DPK / DPQ [B * H, NDIAG, W, BLOCK_D] contiguous. No atomics: every program writes only
-    what it owns."""
+    in the layout of strides s_g* (last 1). KIND 2: program p takes the diagonal of tiles
+    whose query block minus key block is p - NDIAG // 2 (the tiles share one window, since
+    blocks are square and a tile's window starts at c of its least i - j), and stores the
+    window's pos_k and pos_q gradient rows summed over those tiles, fp32, to DPK / DPQ
+    [B * H, NDIAG, W, BLOCK_D] contiguous. No atomics: every program writes only what it
+    owns. Each kernel loops first over its tiles through windows, then over its uniform ones
+    (`_window_steps`)."""
     W: tl.constexpr = 2 * BLOCK
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
