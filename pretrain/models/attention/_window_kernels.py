@@ -99,11 +99,11 @@ def _uniform_diagonals(IDX, RLO, L, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _end_row(IDX, L, start_m, start_n, top, BLOCK: tl.constexpr):
-    """The one position row of a uniform tile (`_uniform_diagonals`): the index's last at or
-    past `top`, else its first. Loaded per tile rather than kept across the loops, where it
-    would take two more registers of kernels already at the limit."""
-    return tl.load(IDX + tl.where(start_m - start_n >= top * BLOCK, 2 * L - 2, 0))
+def _end_row(IDX, L, at_top):
+    """The one position row of a uniform tile (`_uniform_diagonals`): the index's last where
+    the tile is at or past `top`, else its first. Loaded per tile rather than kept across the
+    loops, where it would take two more registers of kernels already at the limit."""
+    return tl.load(IDX + tl.where(at_top, 2 * L - 2, 0))
 
 
 @triton.jit
@@ -259,27 +259,38 @@ def _column_window_sums(
 def _window_steps(
     IDX, RLO, L, pid, count, KIND: tl.constexpr, UNIFORM_TILES: tl.constexpr, BLOCK: tl.constexpr
 ):  # fmt: skip
-    """(lo, hi, top): the steps [lo, hi) of a program's loop whose tiles go through windows;
-    the rest, [0, lo) and [hi, count), are uniform, `top` as `_uniform_diagonals` gives it
-    (none without UNIFORM_TILES). KIND 1 (and the forward): query block pid, steps over key
-    blocks; KIND 0: key block pid, steps over query blocks; KIND 2: the diagonal pid - n + 1,
-    all one or the other."""
+    """(lo, hi, top, bot): the steps [lo, hi) of a program's loop whose tiles go through
+    windows; the rest, [0, lo) and [hi, count), are uniform, `top` and `bot` as
+    `_uniform_diagonals` gives them (no tile is uniform without UNIFORM_TILES). KIND 1 (and
+    the forward): query block pid, steps over key blocks; KIND 0: key block pid, steps over
+    query blocks. KIND 2 (the diagonal pid - n + 1 of BLOCK tiles): its tiles are half the
+    size of KIND 0 and 1's, which take the tables' gradients of their uniform tiles, so top
+    and bot count 2 * BLOCK tiles, and a diagonal's steps are all [lo, hi) unless all its
+    tiles lie in uniform 2 * BLOCK tiles (then none is: KIND 2 has no uniform steps)."""
     n = tl.cdiv(L, BLOCK)
     lo = 0
     hi = count
     top = n + 1
+    bot = -n - 1
     if UNIFORM_TILES:
-        top, bot = _uniform_diagonals(IDX, RLO, L, BLOCK)
         if KIND == 0:
+            top, bot = _uniform_diagonals(IDX, RLO, L, BLOCK)
             lo = tl.minimum(tl.maximum(pid + bot + 1, 0), n)
             hi = tl.minimum(tl.maximum(pid + top, lo), n)
         elif KIND == 1:
+            top, bot = _uniform_diagonals(IDX, RLO, L, BLOCK)
             lo = tl.minimum(tl.maximum(pid - top + 1, 0), n)
             hi = tl.minimum(tl.maximum(pid - bot, lo), n)
         else:
+            top, bot = _uniform_diagonals(IDX, RLO, L, 2 * BLOCK)
+            # its tiles lie on the 2 * BLOCK diagonals floor and ceil of half its own (the
+            # operands shifted positive, so // floors on the GPU as here)
             diagonal = pid - n + 1
-            hi = tl.where((diagonal >= top) | (diagonal <= bot), 0, count)
-    return lo, hi, top
+            low = (diagonal + 2 * n) // 2 - n
+            high = (diagonal + 1 + 2 * n) // 2 - n
+            covered = ((low >= top) | (low <= bot)) & ((high >= top) | (high <= bot))
+            hi = tl.where(covered, 0, count)
+    return lo, hi, top, bot
 
 
 @triton.jit
@@ -352,7 +363,7 @@ def _window_forward_kernel(
     q = _load_rows(Q, b, h, s_qb, s_qh, s_ql, s_qd, offs_m, offs_d, row_ok[:, None] & d_ok[None, :])
     q_real = tl.load(MASK + b * s_mb + offs_m, mask=row_ok, other=0) != 0
     n = tl.cdiv(L, BLOCK)
-    lo, hi, top = _window_steps(IDX, RLO, L, tl.program_id(0), n, 1, UNIFORM_TILES, BLOCK)
+    lo, hi, top, _ = _window_steps(IDX, RLO, L, tl.program_id(0), n, 1, UNIFORM_TILES, BLOCK)
 
     m_i = tl.full([BLOCK], NEG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
@@ -371,7 +382,7 @@ def _window_forward_kernel(
             acc, m_i, l_i = _forward_tile(
                 acc, m_i, l_i, q, K, V, MASK, IDX, PK, PQ, b, h, pid_bh, start_m, start_n,
                 offs_m, offs_d, d_ok, q_real,
-                _end_row(IDX, L, start_m, start_n, top, BLOCK),
+                _end_row(IDX, L, start_m - start_n >= top * BLOCK),
                 s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd, s_ph, s_pc, s_pd, s_mb,
                 L, C, QK_SCALE, SEED, DROP_P, DROP_SCALE,
                 HAS_C2P, HAS_P2C, DROPOUT, True, BLOCK, BLOCK_D, DOT_PRECISION,
@@ -408,7 +419,7 @@ def _backward_tile(
     s_ph, s_pc, s_pd,
     s_ob, s_oh, s_ol, s_od,
     s_mb,
-    H, D, SCALE, QK_SCALE, SEED, DROP_P, DROP_SCALE, c_row,
+    H, D, SCALE, QK_SCALE, SEED, DROP_P, DROP_SCALE, c_row, skip,
     KIND: tl.constexpr,
     HAS_C2P: tl.constexpr,
     HAS_P2C: tl.constexpr,
@@ -419,11 +430,11 @@ def _backward_tile(
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One tile's share of a backward program's sums (`_window_backward_kernel`): acc (dk for
-    KIND 0, dq for KIND 1), acc_v (dv), acc_pk and acc_pq (KIND 2's window rows). A uniform
-    tile's position gradients are its row or column sums of ds times its one position row,
-    and (KIND 2) their products with q or k, summed into the window's first row, which is
-    that row."""
-    W: tl.constexpr = 2 * BLOCK
+    KIND 0, dq for KIND 1), acc_v (dv), acc_pk and acc_pq (KIND 2's window rows, nothing
+    added where `skip`: a tile that lies in a uniform tile of KIND 0 and 1). A uniform tile's
+    position gradients are its column (KIND 0) or row (KIND 1) sums of ds times its one
+    position row; those sums are returned too (zeros for other tiles), for the tables'
+    gradients."""
     q, k, do, p, ds, c_min, pk, pq, widx, offs_m, offs_n = _window_tile(
         Q, K, V, DO, LSE, DELTA, MASK, IDX, PK, PQ, b, h, pid_bh, start_m, start_n, L, C,
         s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd,
@@ -431,16 +442,17 @@ def _backward_tile(
         H, D, SCALE, QK_SCALE, SEED, DROP_P, DROP_SCALE, c_row,
         HAS_C2P, HAS_P2C, DROPOUT, UNIFORM, BLOCK, BLOCK_D, DOT_PRECISION,
     )  # fmt: skip
-    first_row = (tl.arange(0, W) == 0)[:, None]
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
+    line = tl.zeros([BLOCK], dtype=tl.float32)
     if KIND == 0:
         acc_v += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
         acc += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
         if HAS_P2C:
             if UNIFORM:
                 pq_c = _table_row(PQ, h, s_ph, s_pc, s_pd, c_row, offs_d, d_ok, q.dtype)
-                acc += tl.sum(ds, 0)[:, None] * pq_c[None, :]
+                line = tl.sum(ds, 0)
+                acc += line[:, None] * pq_c[None, :]
             else:
                 sums = _column_window_sums(
                     ds, widx, IDX, RLO, c_min, offs_m, offs_n, start_m, L, BLOCK
@@ -451,32 +463,50 @@ def _backward_tile(
         if HAS_C2P:
             if UNIFORM:
                 pk_c = _table_row(PK, h, s_ph, s_pc, s_pd, c_row, offs_d, d_ok, q.dtype)
-                acc += tl.sum(ds, 1)[:, None] * pk_c[None, :]
+                line = tl.sum(ds, 1)
+                acc += line[:, None] * pk_c[None, :]
             else:
                 sums = _row_window_sums(
                     ds, widx, IDX, RLO, c_min, offs_m, offs_n, start_n, L, BLOCK
                 )  # [M, W]
                 acc += tl.dot(sums.to(q.dtype), pk, input_precision=DOT_PRECISION)
     else:
+        tl.static_assert(not UNIFORM, "KIND 2 takes no uniform tiles")
+        ds = tl.where(skip, 0.0, ds)
         if HAS_C2P:
-            if UNIFORM:
-                row = tl.sum(tl.sum(ds, 1)[:, None] * q.to(tl.float32), 0)
-                acc_pk += tl.where(first_row, row[None, :], 0.0)
-            else:
-                sums = _row_window_sums(
-                    ds, widx, IDX, RLO, c_min, offs_m, offs_n, start_n, L, BLOCK
-                )
-                acc_pk += tl.dot(tl.trans(sums.to(q.dtype)), q, input_precision=DOT_PRECISION)
+            sums = _row_window_sums(ds, widx, IDX, RLO, c_min, offs_m, offs_n, start_n, L, BLOCK)
+            acc_pk += tl.dot(tl.trans(sums.to(q.dtype)), q, input_precision=DOT_PRECISION)
         if HAS_P2C:
-            if UNIFORM:
-                row = tl.sum(tl.sum(ds, 0)[:, None] * k.to(tl.float32), 0)
-                acc_pq += tl.where(first_row, row[None, :], 0.0)
-            else:
-                sums_t = _column_window_sums(
-                    ds, widx, IDX, RLO, c_min, offs_m, offs_n, start_m, L, BLOCK
-                )
-                acc_pq += tl.dot(sums_t.to(k.dtype), k, input_precision=DOT_PRECISION)
-    return acc, acc_v, acc_pk, acc_pq
+            sums_t = _column_window_sums(
+                ds, widx, IDX, RLO, c_min, offs_m, offs_n, start_m, L, BLOCK
+            )
+            acc_pq += tl.dot(sums_t.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return acc, acc_v, acc_pk, acc_pq, line
+
+
+@triton.jit
+def _store_end_rows(
+    Q, K, DPK_END, DPQ_END, line_top, line_bot, b, h, pid_bh, pid, n, L,
+    s_qb, s_qh, s_ql, s_qd,
+    s_kb, s_kh, s_kl, s_kd,
+    offs_d, d_ok,
+    KIND: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """A backward program's share of the uniform tiles' table gradients: its row sums of ds
+    (KIND 1) times its queries, summed, for pos_k's top and bottom rows, or its column sums
+    (KIND 0) times its keys for pos_q's, stored fp32 to [B * H, n, 2, BLOCK_D]."""
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = (offs < L)[:, None] & d_ok[None, :]
+    if KIND == 1:
+        x = _load_rows(Q, b, h, s_qb, s_qh, s_ql, s_qd, offs, offs_d, ok).to(tl.float32)
+        out = DPK_END + (pid_bh.to(tl.int64) * n + pid) * 2 * BLOCK_D + offs_d
+    else:
+        x = _load_rows(K, b, h, s_kb, s_kh, s_kl, s_kd, offs, offs_d, ok).to(tl.float32)
+        out = DPQ_END + (pid_bh.to(tl.int64) * n + pid) * 2 * BLOCK_D + offs_d
+    tl.store(out, tl.sum(line_top[:, None] * x, 0))
+    tl.store(out + BLOCK_D, tl.sum(line_bot[:, None] * x, 0))
 
 
 # The three backward kernels take the same arguments; KIND says which one a launch is:
@@ -485,7 +515,7 @@ def _backward_tile(
 @triton.jit(do_not_specialize=["SEED"])
 def _window_backward_kernel(
     Q, K, V, PK, PQ, IDX, RLO, MASK, DO, LSE, DELTA,
-    DX, DV, DPK, DPQ,
+    DX, DV, DPK, DPQ, DPK_END, DPQ_END,
     s_qb, s_qh, s_ql, s_qd,
     s_kb, s_kh, s_kl, s_kd,
     s_vb, s_vh, s_vl, s_vd,
@@ -502,6 +532,7 @@ def _window_backward_kernel(
     HAS_P2C: tl.constexpr,
     DROPOUT: tl.constexpr,
     UNIFORM_TILES: tl.constexpr,
+    TABLES: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -514,7 +545,11 @@ def _window_backward_kernel(
     window's pos_k and pos_q gradient rows summed over those tiles, fp32, to DPK / DPQ
     [B * H, NDIAG, W, BLOCK_D] contiguous. No atomics: every program writes only what it
     owns. Each kernel loops first over its tiles through windows, then over its uniform ones
-    (`_window_steps`)."""
+    (`_window_steps`). The uniform tiles' table gradients (one row each, the table's last
+    or first) come from KIND 0 (pos_q's) and KIND 1 (pos_k's), which have their column or row
+    sums of ds at hand: with TABLES, each program stores the sums of those times its keys or
+    queries, at the top and at the bottom, fp32, to DPQ_END / DPK_END [B * H, n, 2, BLOCK_D]
+    contiguous; KIND 2 leaves those tiles out."""
     W: tl.constexpr = 2 * BLOCK
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -533,30 +568,44 @@ def _window_backward_kernel(
     if KIND == 2:
         first = tl.maximum(-diagonal, 0)  # the first key block of the diagonal
         count = n_blocks - tl.abs(diagonal)
-    lo, hi, top = _window_steps(IDX, RLO, L, pid, count, KIND, UNIFORM_TILES, BLOCK)
+    lo, hi, top, bot = _window_steps(IDX, RLO, L, pid, count, KIND, UNIFORM_TILES, BLOCK)
     # Two loops, the tiles through windows and the uniform ones, so that neither holds a
     # branch around its matmuls (which Triton 3.6's pipeliner cannot compile).
     for step in range(lo, hi):
         start_m, start_n = _tile_at(KIND, pid, step, first, diagonal, BLOCK)
-        acc, acc_v, acc_pk, acc_pq = _backward_tile(
+        skip = False
+        if KIND == 2:  # inside a uniform tile of KIND 0 and 1 (2 * BLOCK square)?
+            outer = start_m // (2 * BLOCK) - start_n // (2 * BLOCK)
+            skip = (outer >= top) | (outer <= bot)
+        acc, acc_v, acc_pk, acc_pq, _ = _backward_tile(
             acc, acc_v, acc_pk, acc_pq, Q, K, V, DO, LSE, DELTA, MASK, IDX, RLO, PK, PQ,
             b, h, pid_bh, start_m, start_n, L, C,
             s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd,
             s_ph, s_pc, s_pd, s_ob, s_oh, s_ol, s_od, s_mb,
-            H, D, SCALE, QK_SCALE, SEED, DROP_P, DROP_SCALE, 0,
+            H, D, SCALE, QK_SCALE, SEED, DROP_P, DROP_SCALE, 0, skip,
             KIND, HAS_C2P, HAS_P2C, DROPOUT, False, BLOCK, BLOCK_D, DOT_PRECISION,
         )  # fmt: skip
-    if UNIFORM_TILES:
+    if UNIFORM_TILES and KIND != 2:
+        line_top = tl.zeros([BLOCK], dtype=tl.float32)  # ds summed over the top tiles
+        line_bot = tl.zeros([BLOCK], dtype=tl.float32)  # and over the bottom ones
         for t in range(0, count - (hi - lo)):
             start_m, start_n = _tile_at(KIND, pid, _uniform_step(t, lo, hi), first, diagonal, BLOCK)
-            acc, acc_v, acc_pk, acc_pq = _backward_tile(
+            at_top = start_m - start_n >= top * BLOCK
+            acc, acc_v, acc_pk, acc_pq, line = _backward_tile(
                 acc, acc_v, acc_pk, acc_pq, Q, K, V, DO, LSE, DELTA, MASK, IDX, RLO, PK, PQ,
                 b, h, pid_bh, start_m, start_n, L, C,
                 s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd,
                 s_ph, s_pc, s_pd, s_ob, s_oh, s_ol, s_od, s_mb,
-                H, D, SCALE, QK_SCALE, SEED, DROP_P, DROP_SCALE,
-                _end_row(IDX, L, start_m, start_n, top, BLOCK),
+                H, D, SCALE, QK_SCALE, SEED, DROP_P, DROP_SCALE, _end_row(IDX, L, at_top), False,
                 KIND, HAS_C2P, HAS_P2C, DROPOUT, True, BLOCK, BLOCK_D, DOT_PRECISION,
+            )  # fmt: skip
+            line_top += tl.where(at_top, line, 0.0)
+            line_bot += tl.where(at_top, 0.0, line)
+        if TABLES and ((KIND == 1 and HAS_C2P) or (KIND == 0 and HAS_P2C)):
+            _store_end_rows(
+                Q, K, DPK_END, DPQ_END, line_top, line_bot, b, h, pid_bh, pid, n_blocks, L,
+                s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, offs_d, d_ok, KIND, BLOCK,
+                BLOCK_D,
             )  # fmt: skip
 
     offs = pid * BLOCK + tl.arange(0, BLOCK)

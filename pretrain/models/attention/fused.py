@@ -506,6 +506,17 @@ class _WindowedAttention(torch.autograd.Function):
             return torch.empty(shape, dtype=torch.float32, device=q.device)
 
         dpk, dpq = table_grad(pk), table_grad(pq)
+        # The uniform tiles' share of the tables' gradients, from the dk/dv and dq kernels:
+        # per program, the top and bottom rows' sums (`_window_kernels._store_end_rows`).
+        ends = want_tables and cfg["uniform_tiles"]
+        end_shape = (batch * heads, n, 2, cfg["block_d"])
+
+        def end_grad(table: torch.Tensor | None) -> torch.Tensor:
+            if table is None or not ends:
+                return lse  # not written
+            return torch.empty(end_shape, dtype=torch.float32, device=q.device)
+
+        dpk_end, dpq_end = end_grad(pk), end_grad(pq)
         common = (
             q, k, v, pk if pk is not None else table, pq if pq is not None else table,
             rel_index, rise, mask, dout, lse, delta,
@@ -528,22 +539,31 @@ class _WindowedAttention(torch.autograd.Function):
             num_stages=2,
         )
         kernel = _window_kernels._window_backward_kernel
-        kernel[(n, batch * heads)](*common, dk, dv, dpk, dpq, *sizes, KIND=0, **options)
-        kernel[(n, batch * heads)](*common, dq, dv, dpk, dpq, *sizes, KIND=1, **options)
+        buffers = (dpk, dpq, dpk_end, dpq_end)
+        options["TABLES"] = want_tables
+        kernel[(n, batch * heads)](*common, dk, dv, *buffers, *sizes, KIND=0, **options)
+        kernel[(n, batch * heads)](*common, dq, dv, *buffers, *sizes, KIND=1, **options)
         dpos_k = dpos_q = None
         if want_tables:
             options["BLOCK"] = table_block
-            kernel[(diagonals, batch * heads)](*common, dq, dv, dpk, dpq, *sizes, KIND=2, **options)
+            kernel[(diagonals, batch * heads)](*common, dq, dv, *buffers, *sizes, KIND=2, **options)
             starts = _window_starts(rel_index, length, table_block)
-            with torch.autocast(q.device.type, enabled=False):
+            # the rows the uniform tiles' sums belong to: the index's last and first
+            end_rows = torch.stack([rel_index[-1], rel_index[0]]).long()
+
+            def table_grad_of(buf: torch.Tensor, end: torch.Tensor, dtype: torch.dtype) -> Any:
                 # In the inputs' dtype, as the gather kernels' GEMMs make the tables' gradients
-                dtype = q.dtype
+                grad = _sum_windows(buf, starts, width, batch, heads, d, q.dtype)
+                if ends:
+                    rows = end.view(batch, heads, n, 2, -1).sum((0, 2))[..., :d]  # [h, 2, d]
+                    grad = grad.float().index_add_(1, end_rows, rows)
+                return grad.to(dtype)
+
+            with torch.autocast(q.device.type, enabled=False):
                 if pk is not None and ctx.needs_input_grad[3]:
-                    dpos_k = _sum_windows(dpk, starts, width, batch, heads, d, dtype)
-                    dpos_k = dpos_k.to(ctx.table_dtypes[0])
+                    dpos_k = table_grad_of(dpk, dpk_end, ctx.table_dtypes[0])
                 if pq is not None and ctx.needs_input_grad[4]:
-                    dpos_q = _sum_windows(dpq, starts, width, batch, heads, d, dtype)
-                    dpos_q = dpos_q.to(ctx.table_dtypes[1])
+                    dpos_q = table_grad_of(dpq, dpq_end, ctx.table_dtypes[1])
         return (dq, dk, dv, dpos_k, dpos_q, None, None, None, None, None)
 
 
