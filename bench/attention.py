@@ -14,11 +14,12 @@ checked anywhere.
 
 Tiles are FWD_MxN/BWD_MxN (BLOCK_M x BLOCK_N of the forward and the backward kernels);
 "default" is what `fused._launch_settings` picks. A `+nouniform` suffix turns off the tiles
-whose pairs share one position index, read and summed per row and column (`fused.UNIFORM_TILES`,
-on by default; `+uniform` turns it on), `+window` runs the windowed kernels (`fused.WINDOWED`,
-their own 64x64 tiles: `default+window`); suffixes combine (`default+window+nouniform`). The "triton deterministic" row is the
-kernel with its atomics-free backward (default tiles), what `trainer.deterministic=true` runs:
-its cost over the default backward. `--profile` adds, per length, torch
+whose pairs share one position index, read and summed per row and column
+(`fused.UNIFORM_TILES`, on by default; `+uniform` turns it on), `+window` runs the windowed
+kernels (`fused.WINDOWED`, their own 64x64 tiles: `default+window`); suffixes combine
+(`default+window+nouniform`). The "triton deterministic" row is the kernel with its
+atomics-free backward (default tiles), what `trainer.deterministic=true` runs: its cost over
+the default backward. `--profile` adds, per length, torch
 profiler's kernel table for one call of eager and of the fused kernel (default tiles): where
 the time goes (forward kernel, backward kernel, the position projections, the atomics' zeroing).
 """

@@ -433,7 +433,8 @@ def test_windowed_uniform_tiles_fp16_error_with_and_without(
     table's first or last row: per-row and per-column terms instead of window matmuls) and
     the same tiles through windows both meet the fp16 criterion against float64. At L=70
     the interpreter's 16 x 16 tiles (8 x 8 for the tables' gradients) include uniform ones
-    at both ends."""
+    at both ends, and the dq and dk/dv kernels' sums for those rows must reach the tables
+    (through windows, a uniform tile gives the same result, so only this shows they ran)."""
     from pretrain.models.attention import fused
 
     length, terms = 70, ("c2p", "p2c")
@@ -449,13 +450,44 @@ def test_windowed_uniform_tiles_fp16_error_with_and_without(
         leaves = [t.detach().to(dtype).requires_grad_() for t in base[:5]]
         return _run(impl, *leaves, idx, mask, (16 * 3) ** -0.5, weights)
 
+    ends: list[torch.Tensor] = []
+    add_end_rows = fused._add_end_rows
+
+    def recorded(grad, end, rows):
+        ends.append(end.clone())
+        return add_end_rows(grad, end, rows)
+
+    monkeypatch.setattr(fused, "_add_end_rows", recorded)
     reference = run("eager", torch.float64)
     eager = run("eager", torch.float16)
     calls = _windowed(monkeypatch)
     for uniform in (True, False):
         monkeypatch.setattr(fused, "UNIFORM_TILES", uniform)
         _assert_error_at_most_twice_eagers(reference, eager, run("triton", torch.float16), 1e-3)
-    assert len(calls) == 2
+        if uniform:  # pos_k's and pos_q's, each with top and bottom rows taken
+            assert len(ends) == 2 and all(e[:, :, r].abs().sum() > 0 for e in ends for r in (0, 1))
+    assert len(calls) == 2 and len(ends) == 2
+
+
+def test_uniform_tile_forms_only_where_a_tile_can_be_uniform() -> None:
+    """The kernels are compiled with their uniform-tile forms only where one of the index's
+    end runs spans a tile: v3's index (256 buckets, 512 positions) at L=512 has none that
+    long (its end buckets are 6 wide), at 1024 and 2048 it has."""
+    from pretrain.models.attention import fused
+    from pretrain.models.deberta import relative_index_table
+
+    cfg = {"uniform_tiles": True}
+    extent = 2 * 64 - 1  # the windowed kernels' 64 x 64 tiles on a GPU
+    # the ends: |i - j| >= 512 clamped (L - 512 of them), and on the high side the last log
+    # bucket, from 506, shares the clamped row (L - 506)
+    for length, runs in ((512, (6, 6)), (1024, (512, 518)), (2048, (1536, 1542))):
+        index = relative_index_table(length, 256, 512, 256, torch.device("cpu")).to(torch.int32)
+        got = fused._end_runs(index)
+        assert got == runs, (length, got)
+        assert fused._uniform_tiles(cfg, index, extent) == (length > 512)
+        assert not fused._uniform_tiles({"uniform_tiles": False}, index, extent)
+    for index, runs in (([3, 3, 3], (3, 3)), ([0, 0, 1, 2, 2, 2], (2, 3)), ([7], (1, 1))):
+        assert fused._end_runs(torch.tensor(index, dtype=torch.int32)) == runs, index
 
 
 @interpreted

@@ -119,9 +119,11 @@ def _tile_scores(
 ):  # fmt: skip
     """The tile's window (its first row c_min, c at the tile's least i - j; its pos_k and
     pos_q rows; each pair's place in it) and its scores in base-2 units, for the forward and
-    the backward alike, so both make the same bits: the c2p term q_i . pos_k[c] picked from
-    q @ pk^T ([M, W]) along its rows, the p2c term k_j . pos_q[c] from pq @ k^T ([W, N])
-    along its columns.
+    the backward alike (the dk/dv and dq kernels, whose tiles are the forward's, make the
+    same bits; the tables' kernel's half-size tiles may round differently, since a tile the
+    forward took as uniform can go through a window there): the c2p term q_i . pos_k[c]
+    picked from q @ pk^T ([M, W]) along its rows, the p2c term k_j . pos_q[c] from
+    pq @ k^T ([W, N]) along its columns.
 
     UNIFORM (a tile of `_uniform_diagonals`, all its pairs at position row c_row): the c2p
     term is one value per row, q_i . pos_k[c_row], the p2c term one per column,

@@ -4,8 +4,8 @@ The position terms enter the kernel as two small projections computed here in to
 QP = q @ pos_k^T and KP = k @ pos_q^T ([B, h, L, 2S]); the kernel gathers QP[i, c(i, j)] and
 KP[j, c(i, j)] per tile, so the [L, L] scores are never stored. QP and KP are not saved for
 the backward either: it recomputes them (one small matmul each), gets dQP / dKP from the
-kernel (fp32; in the log-bucket and clamped regions many (i, j) share one c) and turns them into q, k, pos_k, pos_q gradients
-with two more matmuls in the inputs' dtype.
+kernel (fp32; in the log-bucket and clamped regions many (i, j) share one c) and turns them
+into q, k, pos_k, pos_q gradients with two more matmuls in the inputs' dtype.
 
 Layouts: the kernels take strides, so the glue moves no data between layouts. q, k, v are
 read as the model splits them from its projections ([B, L, h, d] memory); dq, dk, dv are
@@ -195,7 +195,7 @@ class _FusedDisentangledAttention(torch.autograd.Function):
             HAS_QP=qp is not None,
             HAS_KP=kp is not None,
             DROPOUT=dropout_p > 0,
-            UNIFORM_TILES=cfg["uniform_tiles"],
+            UNIFORM_TILES=_uniform_tiles(cfg, rel_index, block_m + block_n - 1),
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_D=cfg["block_d"],
@@ -269,7 +269,8 @@ class _FusedDisentangledAttention(torch.autograd.Function):
         _kernels._backward_kernel[grid](
             *inputs, dq, dk, dv, dqp, dkp, *sizes,
             DETERMINISTIC=deterministic,
-            UNIFORM_TILES=cfg["uniform_tiles"] and not deterministic,
+            UNIFORM_TILES=_uniform_tiles(cfg, rel_index, block_m + block_n - 1)
+            and not deterministic,
             BLOCK_M=block_m, BLOCK_N=block_n, **common,
         )  # fmt: skip
         if deterministic:
@@ -386,6 +387,36 @@ def _rise_table(index: torch.Tensor, width: int, window: int) -> torch.Tensor:
     return rise
 
 
+def _end_runs(index: torch.Tensor) -> tuple[int, int]:
+    """How many i - j at each end of the (sorted) index, its least and its greatest, share the
+    end's position row: past max_relative_positions, the clamped runs. Read off the device
+    once per table, kept on the tensor with its version as `index_steps` keeps its answer."""
+    try:
+        version = index._version
+    except RuntimeError:  # an inference-mode tensor counts no versions
+        version = None
+    known = getattr(index, "_pretrain_runs", None)
+    if known is not None and version is not None and known[0] == version:
+        return known[1]
+    # The index is sorted (it never goes down: `index_steps`), so each end's run is counted
+    # by one binary search: the entries up to the first one, and those from the last one.
+    first = torch.searchsorted(index, index[:1], right=True)
+    last = torch.searchsorted(index, index[-1:])
+    low, start = torch.cat([first, last]).tolist()
+    runs = (low, index.numel() - start)
+    if version is not None:
+        index._pretrain_runs = (version, runs)  # type: ignore[attr-defined]
+    return runs
+
+
+def _uniform_tiles(cfg: dict[str, Any], index: torch.Tensor, extent: int) -> bool:
+    """Whether the kernels take the uniform-tile forms (`UNIFORM_TILES`) for this index and a
+    tile spanning `extent` values of i - j: only where a tile can be uniform, i.e. where a run
+    at one end of the index is that long. Elsewhere (v3 up to L=512) the kernels are compiled
+    without those forms, which cost registers (the windowed kernels spill more with them)."""
+    return bool(cfg["uniform_tiles"]) and max(_end_runs(index)) >= extent
+
+
 def _window_starts(index: torch.Tensor, length: int, block: int) -> torch.Tensor:
     """The first window row of each diagonal of tiles (query block - key block = -n + 1 .. n -
     1), as `_window_kernels._window_start` finds it."""
@@ -411,6 +442,15 @@ def _sum_windows(
     place[rows.reshape(-1), torch.arange(rows.numel(), device=buf.device)] = 1.0
     summed = buf.view(batch, heads, rows.numel(), -1).sum(0).to(dtype)
     return torch.matmul(place, summed)[:, :width, :d]
+
+
+def _add_end_rows(grad: torch.Tensor, end: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A table's gradient [h, width, d] (fp32 out) with the uniform tiles' share added: `end`
+    [B * h, blocks, 2, BLOCK_D] fp32 as the dk/dv or dq kernel stored it (top, then bottom),
+    summed over batch and blocks into `rows` (the index's last and first rows)."""
+    heads, _, d = grad.shape
+    sums = end.view(-1, heads, end.shape[1], 2, end.shape[3]).sum((0, 2))[..., :d]  # [h, 2, d]
+    return grad.float().index_add_(1, rows, sums)
 
 
 class _WindowedAttention(torch.autograd.Function):
@@ -453,7 +493,7 @@ class _WindowedAttention(torch.autograd.Function):
             HAS_C2P=pk is not None,
             HAS_P2C=pq is not None,
             DROPOUT=dropout_p > 0,
-            UNIFORM_TILES=cfg["uniform_tiles"],
+            UNIFORM_TILES=_uniform_tiles(cfg, rel_index, 2 * block - 1),
             BLOCK=block,
             BLOCK_D=cfg["block_d"],
             DOT_PRECISION=cfg["precision"],
@@ -508,7 +548,8 @@ class _WindowedAttention(torch.autograd.Function):
         dpk, dpq = table_grad(pk), table_grad(pq)
         # The uniform tiles' share of the tables' gradients, from the dk/dv and dq kernels:
         # per program, the top and bottom rows' sums (`_window_kernels._store_end_rows`).
-        ends = want_tables and cfg["uniform_tiles"]
+        uniform = _uniform_tiles(cfg, rel_index, 2 * block - 1)  # KIND 2 counts these tiles too
+        ends = want_tables and uniform
         end_shape = (batch * heads, n, 2, cfg["block_d"])
 
         def end_grad(table: torch.Tensor | None) -> torch.Tensor:
@@ -531,7 +572,7 @@ class _WindowedAttention(torch.autograd.Function):
             HAS_C2P=pk is not None,
             HAS_P2C=pq is not None,
             DROPOUT=ctx.dropout[0] > 0,
-            UNIFORM_TILES=cfg["uniform_tiles"],
+            UNIFORM_TILES=uniform,
             BLOCK=block,
             BLOCK_D=cfg["block_d"],
             DOT_PRECISION=cfg["precision"],
@@ -555,8 +596,7 @@ class _WindowedAttention(torch.autograd.Function):
                 # In the inputs' dtype, as the gather kernels' GEMMs make the tables' gradients
                 grad = _sum_windows(buf, starts, width, batch, heads, d, q.dtype)
                 if ends:
-                    rows = end.view(batch, heads, n, 2, -1).sum((0, 2))[..., :d]  # [h, 2, d]
-                    grad = grad.float().index_add_(1, end_rows, rows)
+                    grad = _add_end_rows(grad, end, end_rows)
                 return grad.to(dtype)
 
             with torch.autocast(q.device.type, enabled=False):
