@@ -995,7 +995,11 @@ def test_attention_impl_is_not_exported() -> None:
 
 
 @interpreted
-def test_model_with_fused_attention_matches_eager() -> None:
+@pytest.mark.parametrize("windowed", [False, True], ids=["gathered", "windowed"])
+def test_model_with_fused_attention_matches_eager(
+    windowed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _windowed(monkeypatch) if windowed else []
     torch.manual_seed(0)
     eager_config = _config(8, 32, num_hidden_layers=2, share_att_key=False)
     eager = DebertaModel(eager_config)
@@ -1031,6 +1035,8 @@ def test_model_with_fused_attention_matches_eager() -> None:
     for name, grad in want_grads.items():
         scale = max(1.0, grad.abs().max().item())
         assert (got_grads[name] - grad).abs().max().item() <= MODEL_TOL * scale, name
+    # two layers and the decoder's one, each forward with its backward: the windowed kernels
+    assert len(calls) == (3 if windowed else 0)
 
 
 # --------------------------------------------------------------------------------------------
