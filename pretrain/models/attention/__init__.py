@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
 from pretrain.models.attention.eager import disentangled_attention_eager
+
+T = TypeVar("T")
 
 IMPLS = ("eager", "triton", "auto")
 # Head sizes the fused kernel is built for (padded to a power of two >= 16 inside).
@@ -56,28 +59,37 @@ def relative_index(rel_pos: torch.Tensor, span: int) -> torch.Tensor:
     return (deltas + span).clamp(0, 2 * span - 1).to(torch.int32)
 
 
+def kept_on(index: torch.Tensor, name: str, key: Any, make: Callable[[], T]) -> T:
+    """make(), kept on the tensor `index` as attribute `name` with `key` and the tensor's
+    version, so that a table (the model's relative index is one tensor for every layer and
+    step: `relative_index_table`) is read once, and read again once changed in place. An
+    inference-mode tensor counts no versions: computed on every call."""
+    try:
+        version = index._version
+    except RuntimeError:
+        return make()
+    known = getattr(index, name, None)
+    if known is not None and known[0] == (version, key):
+        return known[1]
+    value = make()
+    setattr(index, name, ((version, key), value))
+    return value
+
+
 def index_steps(index: torch.Tensor) -> str:
     """How the relative index moves as i - j rises: "unit" (by 0 or 1 at each step; every fused
     form runs, the windowed kernels included), "monotone" (never down, some step larger: the
     gather kernels run), or "other" (down somewhere, as log buckets with max_relative_positions
-    at most position_buckets / 2 + 1 make it: only eager is right). Kept on the tensor with its
-    version, so a table is read once (the model's are made with it: `relative_index_table`)
-    and a table changed in place is read again."""
-    try:
-        version = index._version
-    except RuntimeError:  # an inference-mode tensor counts no versions: read it every time
-        version = None
-    known = getattr(index, "_pretrain_steps", None)
-    if known is not None and version is not None and known[0] == version:
-        return known[1]
-    steps = index[1:] - index[:-1]
-    if bool((steps < 0).any()):
-        kind = "other"
-    else:
-        kind = "unit" if bool((steps <= 1).all()) else "monotone"
-    if version is not None:
-        index._pretrain_steps = (version, kind)  # type: ignore[attr-defined]
-    return kind
+    at most position_buckets / 2 + 1 make it: only eager is right). Read once per table
+    (`kept_on`; the model's are made with it: `relative_index_table`)."""
+
+    def read() -> str:
+        steps = index[1:] - index[:-1]
+        if bool((steps < 0).any()):
+            return "other"
+        return "unit" if bool((steps <= 1).all()) else "monotone"
+
+    return kept_on(index, "_pretrain_steps", None, read)
 
 
 _warned: set[str] = set()
@@ -157,6 +169,7 @@ __all__ = [
     "disentangled_attention",
     "disentangled_attention_eager",
     "index_steps",
+    "kept_on",
     "warn_once",
     "relative_index",
     "triton_available",

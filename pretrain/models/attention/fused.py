@@ -40,6 +40,7 @@ from pretrain.models.attention import (
     _window_kernels,
     disentangled_attention_eager,
     index_steps,
+    kept_on,
     warn_once,
 )
 
@@ -366,47 +367,33 @@ def _window_block() -> int:
 def _rise_table(index: torch.Tensor, width: int, window: int) -> torch.Tensor:
     """int32 [width + window + 1]: entry c is the least i - j whose position index is at
     least c (`_FAR` where none is), so a tile's keys or queries with a given c are counted
-    from it (`_window_kernels._row_window_sums`) and its uniform tiles found. Kept on the
-    index tensor with its version, as `index_steps` keeps its answer: the model's index is
-    one tensor for every layer and step."""
-    try:
-        version = index._version
-    except RuntimeError:  # an inference-mode tensor counts no versions
-        version = None
-    key = (version, width, window)
-    known = getattr(index, "_pretrain_rise", None)
-    if known is not None and version is not None and known[0] == key:
-        return known[1]
-    length = (index.numel() + 1) // 2
-    wanted = torch.arange(width + window + 1, device=index.device, dtype=index.dtype)
-    at = torch.searchsorted(index, wanted)  # the index is sorted: it rises with i - j
-    rise = (at - (length - 1)).to(torch.int32)
-    rise = torch.where(at < index.numel(), rise, torch.full_like(rise, _FAR)).contiguous()
-    if version is not None:
-        index._pretrain_rise = (key, rise)  # type: ignore[attr-defined]
-    return rise
+    from it (`_window_kernels._row_window_sums`) and its uniform tiles found. Made once per
+    table (`kept_on`): the model's index is one tensor for every layer and step."""
+
+    def make() -> torch.Tensor:
+        length = (index.numel() + 1) // 2
+        wanted = torch.arange(width + window + 1, device=index.device, dtype=index.dtype)
+        at = torch.searchsorted(index, wanted)  # the index is sorted: it rises with i - j
+        rise = (at - (length - 1)).to(torch.int32)
+        return torch.where(at < index.numel(), rise, torch.full_like(rise, _FAR)).contiguous()
+
+    return kept_on(index, "_pretrain_rise", (width, window), make)
 
 
 def _end_runs(index: torch.Tensor) -> tuple[int, int]:
     """How many i - j at each end of the (sorted) index, its least and its greatest, share the
     end's position row: past max_relative_positions, the clamped runs. Read off the device
-    once per table, kept on the tensor with its version as `index_steps` keeps its answer."""
-    try:
-        version = index._version
-    except RuntimeError:  # an inference-mode tensor counts no versions
-        version = None
-    known = getattr(index, "_pretrain_runs", None)
-    if known is not None and version is not None and known[0] == version:
-        return known[1]
-    # The index is sorted (it never goes down: `index_steps`), so each end's run is counted
-    # by one binary search: the entries up to the first one, and those from the last one.
-    first = torch.searchsorted(index, index[:1], right=True)
-    last = torch.searchsorted(index, index[-1:])
-    low, start = torch.cat([first, last]).tolist()
-    runs = (low, index.numel() - start)
-    if version is not None:
-        index._pretrain_runs = (version, runs)  # type: ignore[attr-defined]
-    return runs
+    once per table (`kept_on`)."""
+
+    def read() -> tuple[int, int]:
+        # The index is sorted (it never goes down: `index_steps`), so each end's run is counted
+        # by one binary search: the entries up to the first one, and those from the last one.
+        first = torch.searchsorted(index, index[:1], right=True)
+        last = torch.searchsorted(index, index[-1:])
+        low, start = torch.cat([first, last]).tolist()
+        return low, index.numel() - start
+
+    return kept_on(index, "_pretrain_runs", None, read)
 
 
 def _uniform_tiles(cfg: dict[str, Any], index: torch.Tensor, extent: int) -> bool:
@@ -540,24 +527,18 @@ class _WindowedAttention(torch.autograd.Function):
         diagonals = 2 * triton.cdiv(length, table_block) - 1
         shape = (batch * heads, diagonals, 2 * table_block, cfg["block_d"])
 
-        def table_grad(table: torch.Tensor | None) -> torch.Tensor:
-            if table is None or not want_tables:
+        def scratch(table: torch.Tensor | None, wanted: bool, size: tuple[int, ...]) -> Any:
+            if table is None or not wanted:
                 return lse  # not written
-            return torch.empty(shape, dtype=torch.float32, device=q.device)
+            return torch.empty(size, dtype=torch.float32, device=q.device)
 
-        dpk, dpq = table_grad(pk), table_grad(pq)
+        dpk, dpq = scratch(pk, want_tables, shape), scratch(pq, want_tables, shape)
         # The uniform tiles' share of the tables' gradients, from the dk/dv and dq kernels:
         # per program, the top and bottom rows' sums (`_window_kernels._store_end_rows`).
         uniform = _uniform_tiles(cfg, rel_index, 2 * block - 1)  # KIND 2 counts these tiles too
         ends = want_tables and uniform
         end_shape = (batch * heads, n, 2, cfg["block_d"])
-
-        def end_grad(table: torch.Tensor | None) -> torch.Tensor:
-            if table is None or not ends:
-                return lse  # not written
-            return torch.empty(end_shape, dtype=torch.float32, device=q.device)
-
-        dpk_end, dpq_end = end_grad(pk), end_grad(pq)
+        dpk_end, dpq_end = scratch(pk, ends, end_shape), scratch(pq, ends, end_shape)
         common = (
             q, k, v, pk if pk is not None else table, pq if pq is not None else table,
             rel_index, rise, mask, dout, lse, delta,
