@@ -179,7 +179,7 @@ stage rtd_dropout 110 "$py" bench/rtd_step.py --attention triton eager --attenti
 stage attention_dropout 40 "$py" bench/attention.py --steps 5 --dropout 0.1 --seq-len 512 \
     --batch 32 --tiles default 128x64/32x64
 # The MLM head alone: plain, chunked with torch ops, chunked with the Triton kernel.
-stage mlm_head 40 "$py" bench/mlm_head.py
+stage mlm_head 50 "$py" bench/mlm_head.py --profile
 # Ours at L=2048, B=8, fused and eager (HF's row runs out of memory on an 80 GB card).
 stage rtd_2048 170 "${bench[@]}" --seq-len 2048 --batch 8
 # Nsight Compute on the fused kernels' first launches at L=512 B=32 (forward and backward, the

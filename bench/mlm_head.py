@@ -2,6 +2,7 @@
 and time of a forward + backward.
 
     python bench/mlm_head.py [--rows 2458] [--vocab 128100] [--dim 768] [--device auto|cpu|cuda]
+                             [--profile]
 
 plain: the whole [N, V] logits from the tied decoder, `F.cross_entropy(reduction="sum")`,
 argmax, and `sample_replacements` on them (what `RTDModel` did before `mlm_objective`).
@@ -11,7 +12,9 @@ fused (CUDA only): the same chunks reduced by one Triton kernel (`impl="triton"`
 and width, and the masked rows of a B=32, L=512 batch at 15%. On CUDA in bf16 autocast, peak
 is torch.cuda.max_memory_allocated above the inputs after a warm-up step; on CPU in fp32, each
 variant runs once in a fresh process and peak is the growth of its resident set (ru_maxrss)
-over the inputs, so its time includes first-call overheads.
+over the inputs, so its time includes first-call overheads. --profile (CUDA) prints each
+variant's busiest kernels over one more step: which of the matmuls, the row reduction, the
+casts and the fp32 gradient sums take the time.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from pretrain.models.heads import mlm_objective, sample_replacements
 VARIANTS = ("plain", "chunked", "fused")
 
 
-def run_variant(variant: str, rows: int, vocab: int, dim: int, device: torch.device) -> dict:
+def run_variant(
+    variant: str, rows: int, vocab: int, dim: int, device: torch.device, profile: bool = False
+) -> dict:
     cuda = device.type == "cuda"
     g = torch.Generator(device=device).manual_seed(0)
     states = torch.randn(rows, dim, generator=g, device=device, requires_grad=True)
@@ -73,7 +78,23 @@ def run_variant(variant: str, rows: int, vocab: int, dim: int, device: torch.dev
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"variant": variant, "ms": (time.perf_counter() - t0) * 1e3, "peak": peak, "loss": loss}
+    ms = (time.perf_counter() - t0) * 1e3
+    if profile and cuda:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        states.grad = weight.grad = bias.grad = None
+        with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(f"profile: {variant}, one step", flush=True)
+        print(
+            prof.key_averages().table(
+                sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60
+            ),
+            flush=True,
+        )
+    return {"variant": variant, "ms": ms, "peak": peak, "loss": loss}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=128100)
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--profile", action="store_true", help="CUDA: each variant's busiest kernels")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)  # one CPU variant
     args = p.parse_args(argv)
     if min(args.rows, args.vocab, args.dim) < 1:
@@ -97,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for variant in VARIANTS if cuda else VARIANTS[:2]:  # Triton only interprets on a CPU
         if cuda:
-            results.append(run_variant(variant, args.rows, args.vocab, args.dim, device))
+            results.append(
+                run_variant(variant, args.rows, args.vocab, args.dim, device, args.profile)
+            )
             torch.cuda.empty_cache()
             continue
         # A fresh process per variant: ru_maxrss only grows, and freed memory stays mapped.
@@ -127,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if not cuda:
         print("fused: CUDA only (on a CPU, Triton only interprets)")
+        if args.profile:
+            print("--profile: CUDA only (it profiles GPU kernels)")
     return 0
 
 

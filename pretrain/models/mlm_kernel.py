@@ -6,13 +6,20 @@ softmax(logits / temperature) (the target excluded, if asked), and d(CE)/d(logit
 softmax - one_hot, stored in the matmul's dtype for the two gradient matmuls. The torch form
 of the same (`heads._chunk_rows_torch`) makes about fifteen fp32 [R, V] passes (bias add,
 logsumexp, gather, argmax, softmax, cumsum, search, exp, one-hot, casts); this reads the
-logits twice and writes the gradient once, all arithmetic in fp32.
+logits twice (one block of a row three times) and writes the gradient once, all arithmetic
+in fp32.
 
-One program per row walks the vocabulary in blocks: the first pass keeps running maxima and
-sums (online softmax, for both temperatures), the argmax and the target's logit; the second
-scans the cumulative probabilities for the first one above u * total (the draw) and writes the
-gradient. The draw is the torch form's in exact arithmetic; its sums run in another order, so a
-uniform within rounding of a boundary between two tokens may draw the other one.
+One program per row walks the vocabulary in blocks. The first pass keeps, per lane of the
+block, running maxima and sums (online softmax, for both temperatures) and the first argmax,
+and combines the lanes once after its loop. The second writes the gradient and sums each
+block's probability mass, to find the block where the cumulative probability first passes
+u * total; the draw is then searched in that block alone. Reductions across a block's lanes
+synchronise its warps, and a program's walk over 128k logits is a chain of such steps, so the
+loops hold as few as they can: none in the first, one per block in the second (the first
+form of this kernel synchronised 13 and 12 times per block, by its sm_90 PTX; not yet timed
+against it on a GPU).
+The draw is the torch form's in exact arithmetic; its sums run in another order, so a uniform
+within rounding of a boundary between two tokens may draw the other one.
 
 Where it runs: compiled on CUDA; on CPU only under Triton's interpreter (the tests), as the
 attention kernels (see `attention/fused.py`).
@@ -57,9 +64,17 @@ def _draw_logits(x, offs, ok, t, TEMPERATURE, EXCLUDE: tl.constexpr):
 
 @triton.jit
 def _online_logsumexp(m, s, x):
-    """Running max m and sum s of exp(. - m), updated with a block x."""
-    m_new = tl.maximum(m, tl.max(x, 0))
-    return m_new, s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+    """Running maxima m and sums s of exp(. - m), per lane, updated with a block x: elementwise,
+    so the loop holds no reduction across the block's lanes; `_lane_logsumexp` ends it."""
+    m_new = tl.maximum(m, x)
+    return m_new, s * tl.exp(m - m_new) + tl.exp(x - m_new)
+
+
+@triton.jit
+def _lane_logsumexp(m, s):
+    """The whole row's max and sum of exp(. - max) from the lanes' running ones."""
+    top = tl.max(m, 0)
+    return top, tl.sum(s * tl.exp(m - top), 0)
 
 
 @triton.jit
@@ -73,64 +88,80 @@ def _mlm_rows_kernel(
     HALF_SUM: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):  # fmt: skip
+    # One program walks a row of 128k logits block by block, so what bounds it is the latency
+    # of each step, not bandwidth: the running state is kept per lane, and each pass reduces
+    # across lanes once, after its loop (the draw's search, once per block).
     r = tl.program_id(0).to(tl.int64)
     t = tl.load(TARGETS + r)
     u = tl.load(UNIFORMS + r).to(tl.float32)
     row = LOGITS + r * s_l
+    lanes = tl.arange(0, BLOCK_V)
+    target_logit = _logits(row, BIAS, t, t < V, HALF_SUM)
 
     # Pass 1: running max and sum of exp for the loss (temperature 1) and for the draw
-    # (scaled, target excluded if asked), the first argmax, and the target's logit.
-    m = tl.full([], NEG, tl.float32)
-    s = tl.zeros([], tl.float32)
-    m_t = tl.full([], NEG, tl.float32)
-    s_t = tl.zeros([], tl.float32)
-    best = tl.full([], NEG, tl.float32)
-    best_at = tl.zeros([], tl.int64)
-    target_logit = tl.zeros([], tl.float32)
+    # (scaled, target excluded if asked), and the first argmax, per lane.
+    m = tl.full([BLOCK_V], NEG, tl.float32)
+    s = tl.zeros([BLOCK_V], tl.float32)
+    m_t = tl.full([BLOCK_V], NEG, tl.float32)
+    s_t = tl.zeros([BLOCK_V], tl.float32)
+    best = tl.full([BLOCK_V], NEG, tl.float32)
+    best_at = tl.zeros([BLOCK_V], tl.int32)
     for start in range(0, V, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
+        offs = start + lanes
         ok = offs < V
         x = tl.where(ok, _logits(row, BIAS, offs, ok, HALF_SUM), NEG)
         m, s = _online_logsumexp(m, s, x)
-        block_max = tl.max(x, 0)
-        at = tl.argmax(x, 0, tie_break_left=True)
-        # Strictly greater: on a tie the earlier block's index stays, as torch.argmax's first.
-        best_at = tl.where(block_max > best, start + at, best_at)
-        best = tl.maximum(best, block_max)
-        target_logit += tl.sum(tl.where(offs == t, x, 0.0), 0)
+        # Strictly greater: a lane keeps its earliest maximum, as torch.argmax its first.
+        best_at = tl.where(x > best, offs, best_at)
+        best = tl.maximum(best, x)
         m_t, s_t = _online_logsumexp(m_t, s_t, _draw_logits(x, offs, ok, t, TEMPERATURE, EXCLUDE))
+    m, s = _lane_logsumexp(m, s)
+    m_t, s_t = _lane_logsumexp(m_t, s_t)
     lse = m + tl.log(s)
     tl.store(LOSS + r, lse - target_logit)
-    tl.store(PREDICTED + r, best_at)
+    top = tl.max(best, 0)
+    tl.store(PREDICTED + r, tl.min(tl.where(best == top, best_at, V), 0).to(tl.int64))
 
     # Pass 2: the draw is the first token whose cumulative probability exceeds u (as
-    # searchsorted(cdf, u * cdf[-1], right=True)); the gradient, if wanted.
+    # searchsorted(cdf, u * cdf[-1], right=True)): found here as the first block whose mass
+    # takes the running sum past it, searched after the loop; the gradient, if wanted.
     threshold = u * s_t
-    rest = tl.zeros([], tl.float32)
     below = tl.zeros([], tl.float32)  # the unnormalised mass before this block
-    drawn = tl.full([], V, tl.int64)
-    last = tl.zeros([], tl.int64)  # the last token with mass, should rounding leave u past all
+    found = tl.full([], -1, tl.int32)  # the block the draw is in
+    found_below = tl.zeros([], tl.float32)
+    last = tl.zeros([BLOCK_V], tl.int32)  # the last token with mass, per lane
     for start in range(0, V, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
+        offs = start + lanes
         ok = offs < V
         x = _logits(row, BIAS, offs, ok, HALF_SUM)
-        scaled = _draw_logits(x, offs, ok, t, TEMPERATURE, EXCLUDE)
-        mass = tl.where(ok, tl.exp(scaled - m_t), 0.0)
-        cumulative = below + tl.cumsum(mass, 0)
-        drawn = tl.minimum(drawn, tl.min(tl.where(cumulative > threshold, offs, V), 0))
-        last = tl.maximum(last, tl.max(tl.where(mass > 0, offs, 0), 0))
-        below += tl.sum(mass, 0)
+        mass = tl.where(ok, tl.exp(_draw_logits(x, offs, ok, t, TEMPERATURE, EXCLUDE) - m_t), 0.0)
+        last = tl.maximum(last, tl.where(mass > 0, offs, 0))
+        block = tl.sum(mass, 0)
+        here = (found < 0) & (below + block > threshold)
+        found = tl.where(here, start, found)
+        found_below = tl.where(here, below, found_below)
+        below += block
         if WANT_GRAD:
             grad = tl.exp(x - lse) - (offs == t).to(tl.float32)
-            stored = grad.to(GRAD.dtype.element_ty)
-            tl.store(GRAD + r * s_g + offs, stored, mask=ok)
-            # What rounding took from the target's entry, p - 1 (steps of 2^-8 in bf16 there):
-            # the bias gradient adds it back, so its sum over rows sharing a target does not
-            # inherit a rounding of the same sign from each.
-            rest += tl.sum(tl.where(ok & (offs == t), grad - stored.to(tl.float32), 0.0), 0)
-    tl.store(SAMPLED + r, tl.where(drawn < V, drawn, last))
+            tl.store(GRAD + r * s_g + offs, grad.to(GRAD.dtype.element_ty), mask=ok)
+    # The block's first token past the threshold; should rounding leave none there (its sum
+    # and its running sum round apart), its last token with mass; past all blocks (u at the
+    # total, up to rounding), the row's last token with mass.
+    offs = tl.maximum(found, 0) + lanes
+    ok = offs < V
+    x = _logits(row, BIAS, offs, ok, HALF_SUM)
+    mass = tl.where(ok, tl.exp(_draw_logits(x, offs, ok, t, TEMPERATURE, EXCLUDE) - m_t), 0.0)
+    cumulative = found_below + tl.cumsum(mass, 0)
+    drawn = tl.min(tl.where(cumulative > threshold, offs, V), 0)
+    drawn = tl.where(drawn < V, drawn, tl.max(tl.where(mass > 0, offs, 0), 0))
+    drawn = tl.where(found >= 0, drawn, tl.max(last, 0))
+    tl.store(SAMPLED + r, drawn.to(tl.int64))
     if WANT_GRAD:
-        tl.store(TARGET_REST + r, rest)
+        # What rounding took from the target's entry, p - 1 (steps of 2^-8 in bf16 there):
+        # the bias gradient adds it back, so its sum over rows sharing a target does not
+        # inherit a rounding of the same sign from each.
+        grad_t = tl.exp(target_logit - lse) - 1.0
+        tl.store(TARGET_REST + r, grad_t - grad_t.to(GRAD.dtype.element_ty).to(tl.float32))
 
 
 def _launch_settings(device: torch.device) -> tuple[int, int]:

@@ -132,9 +132,16 @@ def _fixed_logits(logits: torch.Tensor, targets: list[int], uniforms: list[float
 
 
 @interpreted
-def test_argmax_takes_the_first_of_tied_maxima_across_blocks() -> None:
+@pytest.mark.parametrize(
+    "tied",
+    [
+        [250, 150, 70],  # three blocks of 64, each in another lane
+        [250, 134, 70],  # 70 and 134 in one lane of two blocks
+    ],
+)
+def test_argmax_takes_the_first_of_tied_maxima_across_blocks(tied: list[int]) -> None:
     logits = torch.zeros(1, 300)
-    logits[0, [70, 150, 250]] = 3.0  # three blocks of 64 apart
+    logits[0, tied] = 3.0
     got, _ = _run(_fixed_logits(logits, [0], [0.5]), "triton")
     assert got.predicted.tolist() == [70]
 
@@ -148,6 +155,8 @@ def test_argmax_takes_the_first_of_tied_maxima_across_blocks() -> None:
         (0.999999, False, 299),  # the last token
         (0.999999, True, 298),  # ... unless it is the excluded target
         (0.501, False, 150),  # uniform over 300: past 150 of them
+        (127.5 / 300, False, 127),  # the last token of a block of 64
+        (128.5 / 300, False, 128),  # the first of the next
         (1.0, False, 299),  # u past all the mass (torch.rand never draws 1): the last token
         (1.0, True, 298),  # ... with mass, never the excluded target (torch's path clamps to it)
     ],
