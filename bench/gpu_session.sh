@@ -8,9 +8,9 @@
 #   bash bench/gpu_session.sh [OUT_DIR [STAGE ...]]
 #
 # OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env rtd_512 rtd_windowed attention tests
-# rtd_host rtd_bf16 rtd_2048_b4 rtd_options rtd_graphs rtd_rows rtd_dropout attention_dropout
-# mlm_head rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1 (default: all, in
-# that order, the most needed first; one 10-minute call reaches about rtd_options). rtd_host is the
+# mlm_head rtd_2048_b4 rtd_host rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout
+# attention_dropout rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1 (default:
+# all, in that order, the most needed first; one 10-minute call reaches about rtd_bf16). rtd_host is the
 # step's host-or-GPU account, rtd_graphs the layers as CUDA graphs (part of the fix if the host
 # bounds it),
 # rtd_rows its A/B; rtd_bf16 both sides in bf16 weights; rtd_2048_b4 the comparison at L=2048
@@ -85,7 +85,7 @@ fi
 
 out=${1:-${OUT:-gpu_session}}
 shift || true
-stages=${*:-env rtd_512 rtd_windowed attention tests rtd_host rtd_bf16 rtd_2048_b4 rtd_options rtd_graphs rtd_rows rtd_dropout attention_dropout mlm_head rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1}
+stages=${*:-env rtd_512 rtd_windowed attention tests mlm_head rtd_2048_b4 rtd_host rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout attention_dropout rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1}
 mkdir -p "$out"
 # Stages stop here at the latest, inside the device tool's 10-minute command.
 deadline=$((SECONDS + ${BUDGET_S:-580}))
@@ -102,7 +102,6 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 stage() {
     local name=$1 limit=$2
     shift 2
-    case " $stages " in *" $name "*) ;; *) return 0 ;; esac
     local left=$((deadline - SECONDS))
     if ((left < 20)); then
         echo "== $name: skipped, ${left}s left"
@@ -121,78 +120,114 @@ stage() {
 
 # The fused kernel's rows first (HF's row comes before ours at each length).
 bench=("$py" bench/rtd_step.py --attention triton eager --compile both --warmup 2 --steps 5)
-stage env 20 "$py" -c "import subprocess, torch, triton, transformers
+stage_env() {
+    stage env 20 "$py" -c "import subprocess, torch, triton, transformers
 print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())
 subprocess.run(['nvidia-smi', '--query-gpu=name,memory.total,driver_version', '--format=csv'])"
+}
 # --profile: the busiest kernels of one step of each row, for the next round of speed work.
-stage rtd_512 150 "${bench[@]}" --seq-len 512 --batch 32 --profile
+stage_rtd_512() {
+    stage rtd_512 150 "${bench[@]}" --seq-len 512 --batch 32 --profile
+}
 # The windowed kernels (fused.WINDOWED: the position terms from matmuls over windows of the
 # position tables, no [B, h, L, 2S] tensors, no atomics) in the full step, profiled, at both
 # lengths: compare with the fused rows of rtd_512 (and rtd_2048_b4).
-stage rtd_windowed 80 "$py" bench/rtd_step.py --impl ours --attention triton --windowed \
-    --seq-len 512 2048 --batch 32 4 --warmup 2 --steps 5 --profile
+stage_rtd_windowed() {
+    stage rtd_windowed 80 "$py" bench/rtd_step.py --impl ours --attention triton --windowed \
+        --seq-len 512 2048 --batch 32 4 --warmup 2 --steps 5 --profile
+}
 # Is the step bound by the host or by its kernels? The profiled step's GPU-busy share (each
 # profile above prints it too) and where the GPU idles, with what the host was doing then
 # (bench/trace_gaps.py, on the chrome trace kept in traces/).
-stage rtd_host 90 "$py" bench/rtd_step.py --impl ours --attention triton --compile on \
-    --seq-len 512 --batch 32 --warmup 2 --steps 5 --profile --trace "$out/traces"
+stage_rtd_host() {
+    stage rtd_host 90 "$py" bench/rtd_step.py --impl ours --attention triton --compile on \
+        --seq-len 512 --batch 32 --warmup 2 --steps 5 --profile --trace "$out/traces"
+}
 # Both sides again with bf16 weights and fp32 master weights (--precision bf16, what our
 # trainer's DeepSpeed bf16 runs: no autocast casts), beside both in autocast, in one run.
-stage rtd_bf16 100 "$py" bench/rtd_step.py --attention triton --compile on --precision autocast \
-    bf16 --seq-len 512 --batch 32 --warmup 2 --steps 5
+stage_rtd_bf16() {
+    stage rtd_bf16 100 "$py" bench/rtd_step.py --attention triton --compile on --precision autocast \
+        bf16 --seq-len 512 --batch 32 --warmup 2 --steps 5
+}
 # L=2048 at B=4: HF's step does not fit at B=8 on an 80 GB card (the issue measured 49 GiB for
 # its encoder alone; on an H100 it ran out of memory), so the comparison is at B=4, with the
 # fused kernel only (compiled and not), to keep within time.
-stage rtd_2048_b4 80 "$py" bench/rtd_step.py --attention triton --compile both --seq-len 2048 \
-    --batch 4 --warmup 2 --steps 5
+stage_rtd_2048_b4() {
+    stage rtd_2048_b4 80 "$py" bench/rtd_step.py --attention triton --compile both --seq-len 2048 \
+        --batch 4 --warmup 2 --steps 5
+}
 # The full step without the two defaults of 2026-11-27 that were timed only on their own
 # (fused.UNIFORM_TILES, and the MLM head's Triton kernel, heads.MLM_IMPL; the attention and
 # mlm_head stages time them alone), ours only: compare with the fused rows of rtd_512 /
 # rtd_2048_b4.
-stage rtd_options 70 "$py" bench/rtd_step.py --impl ours --attention triton --no-uniform-tiles \
-    --mlm-torch --warmup 2 --steps 5 --seq-len 512 2048 --batch 32 4
+stage_rtd_options() {
+    stage rtd_options 70 "$py" bench/rtd_step.py --impl ours --attention triton --no-uniform-tiles \
+        --mlm-torch --warmup 2 --steps 5 --seq-len 512 2048 --batch 32 4
+}
 # The gpu-marked tests: the files that hold them (collecting the whole suite costs time, and
 # modules that need packages the image lacks would only fail to collect).
-stage tests 100 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/unit/test_fused_attention.py \
-    tests/unit/test_deberta_parity.py tests/unit/test_mlm_objective.py
+stage_tests() {
+    stage tests 100 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/unit/test_fused_attention.py \
+        tests/unit/test_deberta_parity.py tests/unit/test_mlm_objective.py
+}
 # Each layer's compiled work replayed as CUDA graphs (torch.compile's reduce-overhead; three per
 # layer, the fused attention launched between them): if rtd_host finds the step waiting for the
 # host's launches, this is part of the fix; compare with the
 # compiled fused rows of rtd_512 / rtd_2048_b4. Three warm-up steps: CUDA graph trees run the
 # first eagerly and record in the second.
-stage rtd_graphs 90 "$py" bench/rtd_step.py --impl ours --attention triton --compile on \
-    --compile-mode reduce-overhead --warmup 3 --steps 5 --seq-len 512 2048 --batch 32 4
+stage_rtd_graphs() {
+    stage rtd_graphs 90 "$py" bench/rtd_step.py --impl ours --attention triton --compile on \
+        --compile-mode reduce-overhead --warmup 3 --steps 5 --seq-len 512 2048 --batch 32 4
+}
 # The masked rows found on the device again (--device-rows, the wait for the GPU each step that
 # 9729a9e removed), to compare with rtd_512's uncompiled fused row.
-stage rtd_rows 45 "$py" bench/rtd_step.py --impl ours --attention triton --device-rows \
-    --seq-len 512 --batch 32 --warmup 2 --steps 5 --profile
+stage_rtd_rows() {
+    stage rtd_rows 45 "$py" bench/rtd_step.py --impl ours --attention triton --device-rows \
+        --seq-len 512 --batch 32 --warmup 2 --steps 5 --profile
+}
 # The attention core alone: the gather kernels (default) and the windowed kernels (+window),
 # each with and without their uniform tiles (fused.UNIFORM_TILES; +nouniform). The gather
 # backward's atomic options (+runs, +half, +singles) lost on 78f0ec9 (README) and are not
 # timed again.
-stage attention 50 "$py" bench/attention.py --steps 5 --profile \
-    --tiles default default+nouniform default+window default+window+nouniform
+stage_attention() {
+    stage attention 50 "$py" bench/attention.py --steps 5 --profile \
+        --tiles default default+nouniform default+window default+window+nouniform
+}
 # DeBERTa's published attention dropout, 0.1, on both sides: the fused kernel's in-kernel
 # dropout (what auto runs under dropout since 2026-11-27) against eager and HF; then the attention core alone with it, at the default and the spill-free backward tile.
-stage rtd_dropout 110 "$py" bench/rtd_step.py --attention triton eager --attention-dropout 0.1 \
-    --warmup 2 --steps 5 --seq-len 512 --batch 32
-stage attention_dropout 40 "$py" bench/attention.py --steps 5 --dropout 0.1 --seq-len 512 \
-    --batch 32 --tiles default 128x64/32x64
+stage_rtd_dropout() {
+    stage rtd_dropout 110 "$py" bench/rtd_step.py --attention triton eager --attention-dropout 0.1 \
+        --warmup 2 --steps 5 --seq-len 512 --batch 32
+}
+stage_attention_dropout() {
+    stage attention_dropout 40 "$py" bench/attention.py --steps 5 --dropout 0.1 --seq-len 512 \
+        --batch 32 --tiles default 128x64/32x64
+}
 # The MLM head alone: plain, chunked with torch ops, chunked with the Triton kernel.
-stage mlm_head 50 "$py" bench/mlm_head.py --profile
+stage_mlm_head() {
+    stage mlm_head 50 "$py" bench/mlm_head.py --profile
+}
 # Ours at L=2048, B=8, fused and eager (HF's row runs out of memory on an 80 GB card).
-stage rtd_2048 170 "${bench[@]}" --seq-len 2048 --batch 8
+stage_rtd_2048() {
+    stage rtd_2048 170 "${bench[@]}" --seq-len 2048 --batch 8
+}
 # Nsight Compute on the fused kernels' first launches at L=512 B=32 (forward and backward, the
 # default form): whether they are bound by memory, atomics or the tensor cores. Skipped where
 # ncu is not installed.
-if command -v ncu >/dev/null; then
+stage_ncu() {
+    if ! command -v ncu >/dev/null; then
+        echo "== ncu: skipped, ncu is not installed"
+        return 0
+    fi
     stage ncu 60 ncu --clock-control none --kernel-name "regex:_forward_kernel|_backward_kernel" \
         --launch-count 2 --section SpeedOfLight --section MemoryWorkloadAnalysis \
         --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
         --section WarpStateStats "$py" bench/attention.py --seq-len 512 --batch 32 --warmup 1 \
         --steps 1
-fi
-stage curves 150 bash "$0" --curves "$out"
+}
+stage_curves() {
+    stage curves 150 bash "$0" --curves "$out"
+}
 # 40 steps of python -m pretrain on the base preset (fused attention, bf16, ZeRO-1, which runs
 # DeepSpeed's bf16 optimizer) over the quick start's corpus; metrics.jsonl's tokens_per_s and
 # mfu at steps 20-40 are the figures. trainer_512_zero1 is the same run with DeepSpeed's ZeRO-1
@@ -203,14 +238,31 @@ trainer_args=(experiment=deberta_v3_base model.attention_impl=triton
     trainer.global_batch_size=32 trainer.micro_batch_size=32 trainer.log_every=10
     trainer.eval_every=0 trainer.save_every=0 optim.warmup_steps=10 logging.progress_bar=false
     logging.plots=false)
-stage trainer_512 100 "$py" -m pretrain "${trainer_args[@]}" logging.profile_steps=2 \
-    logging.profile_from=30 "hydra.run.dir=$out/trainer_512_run"
+stage_trainer_512() {
+    stage trainer_512 100 "$py" -m pretrain "${trainer_args[@]}" logging.profile_steps=2 \
+        logging.profile_from=30 "hydra.run.dir=$out/trainer_512_run"
+}
 # Where the real trainer's GPU idles in steps 30-31 (DeepSpeed's step, data loading, the loss
 # read before each backward), from the trace trainer_512 wrote.
-stage trainer_gaps 30 "$py" bench/trace_gaps.py \
-    "$out/trainer_512_run/profile/rank00000_steps30-31.json.gz"
-stage trainer_512_zero1 100 "$py" -m pretrain "${trainer_args[@]}" \
-    +deepspeed.extra.data_types.grad_accum_dtype=bf16 "hydra.run.dir=$out/trainer_512_zero1_run"
+stage_trainer_gaps() {
+    stage trainer_gaps 30 "$py" bench/trace_gaps.py \
+        "$out/trainer_512_run/profile/rank00000_steps30-31.json.gz"
+}
+stage_trainer_512_zero1() {
+    stage trainer_512_zero1 100 "$py" -m pretrain "${trainer_args[@]}" \
+        +deepspeed.extra.data_types.grad_accum_dtype=bf16 "hydra.run.dir=$out/trainer_512_zero1_run"
+}
+
+# The stages run in the order named (a stage_NAME function each; where they are defined does
+# not matter).
+for name in $stages; do
+    if declare -F "stage_$name" >/dev/null; then
+        "stage_$name"
+    else
+        echo "== $name: no such stage"
+        failed+=("$name(unknown)")
+    fi
+done
 
 if ((${#failed[@]})); then
     echo "not clean: ${failed[*]}"
