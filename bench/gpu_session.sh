@@ -203,9 +203,11 @@ stage_attention_dropout() {
     stage attention_dropout 40 "$py" bench/attention.py --steps 5 --dropout 0.1 --seq-len 512 \
         --batch 32 --tiles default 128x64/32x64
 }
-# The MLM head alone: plain, chunked with torch ops, chunked with the Triton kernel.
+# The MLM head alone: plain, chunked with torch ops, chunked with the Triton kernel, the
+# chunked ones at 2^26 logits a chunk (the default, 5 chunks at v3-base B=32 L=512) and 2^28
+# (2 chunks), each profiled.
 stage_mlm_head() {
-    stage mlm_head 50 "$py" bench/mlm_head.py --profile
+    stage mlm_head 60 "$py" bench/mlm_head.py --chunk-elements 67108864 268435456 --profile
 }
 # Ours at L=2048, B=8, fused and eager (HF's row runs out of memory on an 80 GB card).
 stage_rtd_2048() {

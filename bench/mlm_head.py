@@ -2,7 +2,7 @@
 and time of a forward + backward.
 
     python bench/mlm_head.py [--rows 2458] [--vocab 128100] [--dim 768] [--device auto|cpu|cuda]
-                             [--profile]
+                             [--chunk-elements 67108864 ...] [--profile]
 
 plain: the whole [N, V] logits from the tied decoder, `F.cross_entropy(reduction="sum")`,
 argmax, and `sample_replacements` on them (what `RTDModel` did before `mlm_objective`).
@@ -12,7 +12,10 @@ fused (CUDA only): the same chunks reduced by one Triton kernel (`impl="triton"`
 and width, and the masked rows of a B=32, L=512 batch at 15%. On CUDA in bf16 autocast, peak
 is torch.cuda.max_memory_allocated above the inputs after a warm-up step; on CPU in fp32, each
 variant runs once in a fresh process and peak is the growth of its resident set (ru_maxrss)
-over the inputs, so its time includes first-call overheads. --profile (CUDA) prints each
+over the inputs, so its time includes first-call overheads. --chunk-elements sets the chunks'
+size in logits (default `heads.MLM_CHUNK_ELEMENTS`; several values time the chunked variants
+at each, labelled variant@size: fewer chunks mean fewer fp32 read-modify-writes of the [V, E]
+weight gradient, larger ones more transient memory). --profile (CUDA) prints each
 variant's busiest kernels over one more step: which of the matmuls, the row reduction, the
 casts and the fp32 gradient sums take the time.
 """
@@ -31,13 +34,19 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pretrain.models.heads import mlm_objective, sample_replacements
+from pretrain.models.heads import MLM_CHUNK_ELEMENTS, mlm_objective, sample_replacements
 
 VARIANTS = ("plain", "chunked", "fused")
 
 
 def run_variant(
-    variant: str, rows: int, vocab: int, dim: int, device: torch.device, profile: bool = False
+    variant: str,
+    rows: int,
+    vocab: int,
+    dim: int,
+    device: torch.device,
+    chunk_elements: int = MLM_CHUNK_ELEMENTS,
+    profile: bool = False,
 ) -> dict:
     cuda = device.type == "cuda"
     g = torch.Generator(device=device).manual_seed(0)
@@ -58,7 +67,10 @@ def run_variant(
                     logits.argmax(-1)
             else:
                 impl = "triton" if variant == "fused" else "torch"
-                loss = mlm_objective(states, weight, bias, targets, uniforms, impl=impl).loss_sum
+                chunk_rows = max(1, chunk_elements // vocab)
+                loss = mlm_objective(
+                    states, weight, bias, targets, uniforms, chunk_rows=chunk_rows, impl=impl
+                ).loss_sum
         loss.backward()
         return loss.item()
 
@@ -97,40 +109,63 @@ def run_variant(
     return {"variant": variant, "ms": ms, "peak": peak, "loss": loss}
 
 
+def _size(elements: int) -> str:
+    """2^26 for a power of two, else the number."""
+    power = elements.bit_length() - 1
+    return f"2^{power}" if elements == 1 << power else str(elements)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=" ".join((__doc__ or "").split("\n\n")[0].split()))
     p.add_argument("--rows", type=int, default=round(0.15 * 32 * 512))
     p.add_argument("--vocab", type=int, default=128100)
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument(
+        "--chunk-elements", type=int, nargs="+", default=[MLM_CHUNK_ELEMENTS],
+        help="logits per chunk of the chunked variants (several: each is timed)",
+    )  # fmt: skip
     p.add_argument("--profile", action="store_true", help="CUDA: each variant's busiest kernels")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)  # one CPU variant
     args = p.parse_args(argv)
-    if min(args.rows, args.vocab, args.dim) < 1:
-        print("error: --rows, --vocab and --dim must be >= 1", file=sys.stderr)
+    if min(args.rows, args.vocab, args.dim, *args.chunk_elements) < 1:
+        print("error: --rows, --vocab, --dim and --chunk-elements must be >= 1", file=sys.stderr)
         return 2
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
     if args.child:
-        print(json.dumps(run_variant(args.child, args.rows, args.vocab, args.dim, device)))
+        elements = args.chunk_elements[0]
+        result = run_variant(args.child, args.rows, args.vocab, args.dim, device, elements)
+        print(json.dumps(result))
         return 0
 
     shape = ["--rows", str(args.rows), "--vocab", str(args.vocab), "--dim", str(args.dim)]
+    runs = [("plain", MLM_CHUNK_ELEMENTS)] + [
+        (variant, elements)
+        for elements in args.chunk_elements
+        for variant in (VARIANTS[1:] if cuda else VARIANTS[1:2])  # Triton only interprets on CPU
+    ]
     results = []
-    for variant in VARIANTS if cuda else VARIANTS[:2]:  # Triton only interprets on a CPU
+    for variant, elements in runs:
         if cuda:
-            results.append(
-                run_variant(variant, args.rows, args.vocab, args.dim, device, args.profile)
+            result = run_variant(
+                variant, args.rows, args.vocab, args.dim, device, elements, args.profile
             )
             torch.cuda.empty_cache()
-            continue
-        # A fresh process per variant: ru_maxrss only grows, and freed memory stays mapped.
-        cmd = [sys.executable, __file__, *shape, "--device", "cpu", "--child", variant]
-        child = subprocess.run(cmd, capture_output=True, text=True)
-        if child.returncode != 0:
-            print(f"error: {variant}: {child.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-            return 1
-        results.append(json.loads(child.stdout.strip().splitlines()[-1]))
+        else:
+            # A fresh process per variant: ru_maxrss only grows, and freed memory stays mapped.
+            cmd = [sys.executable, __file__, *shape, "--device", "cpu", "--child", variant,
+                   "--chunk-elements", str(elements)]  # fmt: skip
+            child = subprocess.run(cmd, capture_output=True, text=True)
+            if child.returncode != 0:
+                print(
+                    f"error: {variant}: {child.stderr.strip().splitlines()[-1:]}", file=sys.stderr
+                )
+                return 1
+            result = json.loads(child.stdout.strip().splitlines()[-1])
+        if variant != "plain" and len(args.chunk_elements) > 1:
+            result["variant"] = f"{variant}@{_size(elements)}"
+        results.append(result)
 
     name = torch.cuda.get_device_name() if cuda else "CPU"
     print("command: python bench/mlm_head.py " + shlex.join(sys.argv[1:] if argv is None else argv))
@@ -140,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for r in results:
         print(
-            f"{r['variant']:<8} {r['ms']:>9.1f} ms  peak {r['peak'] / 2**30:>6.2f} GiB  "
+            f"{r['variant']:<15} {r['ms']:>9.1f} ms  peak {r['peak'] / 2**30:>6.2f} GiB  "
             f"loss {r['loss']:.4f}"
         )
     plain = results[0]

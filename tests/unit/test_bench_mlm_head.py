@@ -27,3 +27,19 @@ def test_both_variants_report_the_same_loss(bench, capsys) -> None:
     assert losses["chunked"] == pytest.approx(losses["plain"], rel=1e-5)
     assert "chunked/plain: memory x" in out
     assert "fused: CUDA only" in out and not re.search(r"^fused ", out, re.M)
+
+
+def test_several_chunk_sizes_are_each_timed_and_agree(bench, capsys) -> None:
+    # 300 logits a chunk is one row at a time; 2^14, all 50 rows in one chunk.
+    shape = ["--device", "cpu", "--rows", "50", "--vocab", "300", "--dim", "16"]
+    assert bench.main([*shape, "--chunk-elements", "300", str(2**14)]) == 0
+    out = capsys.readouterr().out
+    losses = dict(re.findall(r"^(plain|chunked@\S+) .* loss ([\d.]+)$", out, re.M))
+    assert set(losses) == {"plain", "chunked@300", "chunked@2^14"}, out
+    for label in ("chunked@300", "chunked@2^14"):
+        assert float(losses[label]) == pytest.approx(float(losses["plain"]), rel=1e-5)
+
+
+def test_a_chunk_size_below_one_is_refused(bench, capsys) -> None:
+    assert bench.main(["--device", "cpu", "--chunk-elements", "0"]) == 2
+    assert "--chunk-elements must be >= 1" in capsys.readouterr().err
