@@ -96,7 +96,7 @@ def _mlm_rows_kernel(
     u = tl.load(UNIFORMS + r).to(tl.float32)
     row = LOGITS + r * s_l
     lanes = tl.arange(0, BLOCK_V)
-    target_logit = _logits(row, BIAS, t, t < V, HALF_SUM)
+    target_logit = _logits(row, BIAS, t, (t >= 0) & (t < V), HALF_SUM)  # 0 off the table
 
     # Pass 1: running max and sum of exp for the loss (temperature 1) and for the draw
     # (scaled, target excluded if asked), and the first argmax, per lane.
