@@ -205,9 +205,10 @@ stage_attention_dropout() {
 }
 # The MLM head alone: plain, chunked with torch ops, chunked with the Triton kernel, the
 # chunked ones at 2^26 logits a chunk (the default, 5 chunks at v3-base B=32 L=512) and 2^28
-# (2 chunks), each profiled.
+# (2 chunks), the kernel at its own launch (2048x8) and two others, each profiled.
 stage_mlm_head() {
-    stage mlm_head 60 "$py" bench/mlm_head.py --chunk-elements 67108864 268435456 --profile
+    stage mlm_head 75 "$py" bench/mlm_head.py --chunk-elements 67108864 268435456 \
+        --fused-launch 2048x8 4096x8 2048x4 --profile
 }
 # Ours at L=2048, B=8, fused and eager (HF's row runs out of memory on an 80 GB card).
 stage_rtd_2048() {

@@ -2,7 +2,8 @@
 and time of a forward + backward.
 
     python bench/mlm_head.py [--rows 2458] [--vocab 128100] [--dim 768] [--device auto|cpu|cuda]
-                             [--chunk-elements 67108864 ...] [--profile]
+                             [--chunk-elements 67108864 ...] [--fused-launch 2048x8 ...]
+                             [--profile]
 
 plain: the whole [N, V] logits from the tied decoder, `F.cross_entropy(reduction="sum")`,
 argmax, and `sample_replacements` on them (what `RTDModel` did before `mlm_objective`).
@@ -15,7 +16,8 @@ variant runs once in a fresh process and peak is the growth of its resident set 
 over the inputs, so its time includes first-call overheads. --chunk-elements sets the chunks'
 size in logits (default `heads.MLM_CHUNK_ELEMENTS`; several values time the chunked variants
 at each, labelled variant@size: fewer chunks mean fewer fp32 read-modify-writes of the [V, E]
-weight gradient, larger ones more transient memory). --profile (CUDA) prints each
+weight gradient, larger ones more transient memory). --fused-launch times the kernel at each
+BLOCK_Vxnum_warps given (default: its own, `mlm_kernel._launch_settings`). --profile (CUDA) prints each
 variant's busiest kernels over one more step: which of the matmuls, the row reduction, the
 casts and the fp32 gradient sums take the time.
 """
@@ -25,15 +27,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import resource
 import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
+from pretrain.models import mlm_kernel
 from pretrain.models.heads import MLM_CHUNK_ELEMENTS, mlm_objective, sample_replacements
 
 VARIANTS = ("plain", "chunked", "fused")
@@ -47,6 +53,7 @@ def run_variant(
     device: torch.device,
     chunk_elements: int = MLM_CHUNK_ELEMENTS,
     profile: bool = False,
+    launch: tuple[int, int] | None = None,
 ) -> dict:
     cuda = device.type == "cuda"
     g = torch.Generator(device=device).manual_seed(0)
@@ -58,7 +65,7 @@ def run_variant(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
     def step() -> float:
-        with autocast:
+        with autocast, _launched_as(launch):
             if variant == "plain":
                 logits = torch.matmul(states, weight.t()) + bias
                 loss = F.cross_entropy(logits.float(), targets, reduction="sum")
@@ -109,6 +116,27 @@ def run_variant(
     return {"variant": variant, "ms": ms, "peak": peak, "loss": loss}
 
 
+@contextlib.contextmanager
+def _launched_as(launch: tuple[int, int] | None) -> Iterator[None]:
+    """The MLM kernel launched with (BLOCK_V, num_warps) = launch; its own settings for None."""
+    if launch is None:
+        yield
+        return
+    with mock.patch.object(mlm_kernel, "_launch_settings", lambda device: launch):
+        yield
+
+
+def _launch(text: str) -> tuple[int, int]:
+    """'2048x8' -> (2048, 8): a power-of-two block of at least 16 logits, 1-16 warps."""
+    match = re.fullmatch(r"(\d+)x(\d+)", text)
+    block, warps = (int(g) for g in match.groups()) if match else (0, 0)
+    if block < 16 or block & (block - 1) or warps not in (1, 2, 4, 8, 16):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: want BLOCK_VxWARPS, BLOCK_V a power of two >= 16, WARPS 1-16 (2048x8)"
+        )
+    return block, warps
+
+
 def _size(elements: int) -> str:
     """2^26 for a power of two, else the number."""
     power = elements.bit_length() - 1
@@ -125,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         "--chunk-elements", type=int, nargs="+", default=[MLM_CHUNK_ELEMENTS],
         help="logits per chunk of the chunked variants (several: each is timed)",
     )  # fmt: skip
+    p.add_argument(
+        "--fused-launch", type=_launch, nargs="+", default=[None], metavar="BLOCKxWARPS",
+        help="CUDA: the kernel's (BLOCK_V, num_warps) to time it at (several: each)",
+    )  # fmt: skip
     p.add_argument("--profile", action="store_true", help="CUDA: each variant's busiest kernels")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)  # one CPU variant
     args = p.parse_args(argv)
@@ -140,16 +172,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     shape = ["--rows", str(args.rows), "--vocab", str(args.vocab), "--dim", str(args.dim)]
-    runs = [("plain", MLM_CHUNK_ELEMENTS)] + [
-        (variant, elements)
+    runs = [("plain", MLM_CHUNK_ELEMENTS, None)] + [
+        (variant, elements, launch)
         for elements in args.chunk_elements
         for variant in (VARIANTS[1:] if cuda else VARIANTS[1:2])  # Triton only interprets on CPU
+        for launch in (args.fused_launch if variant == "fused" else [None])
     ]
     results = []
-    for variant, elements in runs:
+    for variant, elements, launch in runs:
         if cuda:
             result = run_variant(
-                variant, args.rows, args.vocab, args.dim, device, elements, args.profile
+                variant, args.rows, args.vocab, args.dim, device, elements, args.profile, launch
             )
             torch.cuda.empty_cache()
         else:
@@ -165,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             result = json.loads(child.stdout.strip().splitlines()[-1])
         if variant != "plain" and len(args.chunk_elements) > 1:
             result["variant"] = f"{variant}@{_size(elements)}"
+        if launch is not None:
+            result["variant"] += f"/{launch[0]}x{launch[1]}"
         results.append(result)
 
     name = torch.cuda.get_device_name() if cuda else "CPU"
@@ -175,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for r in results:
         print(
-            f"{r['variant']:<15} {r['ms']:>9.1f} ms  peak {r['peak'] / 2**30:>6.2f} GiB  "
+            f"{r['variant']:<22} {r['ms']:>9.1f} ms  peak {r['peak'] / 2**30:>6.2f} GiB  "
             f"loss {r['loss']:.4f}"
         )
     plain = results[0]
@@ -188,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         print("fused: CUDA only (on a CPU, Triton only interprets)")
         if args.profile:
             print("--profile: CUDA only (it profiles GPU kernels)")
+        if args.fused_launch != [None]:
+            print("--fused-launch: CUDA only (the fused variant's)")
     return 0
 
 

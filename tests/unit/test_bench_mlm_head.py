@@ -4,10 +4,12 @@ assertion."""
 
 from __future__ import annotations
 
+import argparse
 import re
 from types import ModuleType
 
 import pytest
+import torch
 
 from tests.unit.bench_scripts import load_bench
 
@@ -43,3 +45,17 @@ def test_several_chunk_sizes_are_each_timed_and_agree(bench, capsys) -> None:
 def test_a_chunk_size_below_one_is_refused(bench, capsys) -> None:
     assert bench.main(["--device", "cpu", "--chunk-elements", "0"]) == 2
     assert "--chunk-elements must be >= 1" in capsys.readouterr().err
+
+
+def test_fused_launch_settings_reach_the_kernel_and_are_checked(bench) -> None:
+    from pretrain.models import mlm_kernel
+
+    cuda = torch.device("cuda")  # only read by the settings, never touched
+    own = mlm_kernel._launch_settings(cuda)
+    with bench._launched_as((4096, 4)):
+        assert mlm_kernel._launch_settings(cuda) == (4096, 4)
+    assert mlm_kernel._launch_settings(cuda) == own
+    assert bench._launch("1024x2") == (1024, 2)
+    for bad in ("3000x8", "2048x3", "8x8", "2048", "x8"):
+        with pytest.raises(argparse.ArgumentTypeError, match="BLOCK_VxWARPS"):
+            bench._launch(bad)
