@@ -137,6 +137,7 @@ def _fixed_logits(logits: torch.Tensor, targets: list[int], uniforms: list[float
     [
         [250, 150, 70],  # three blocks of 64, each in another lane
         [250, 134, 70],  # 70 and 134 in one lane of two blocks
+        [130, 70],  # the first maximum in a higher lane (6) than a later one (2)
     ],
 )
 def test_argmax_takes_the_first_of_tied_maxima_across_blocks(tied: list[int]) -> None:
@@ -170,6 +171,20 @@ def test_draws_at_the_ends_and_never_the_excluded_target(u: float, exclude: bool
         want_torch, _ = _run(_fixed_logits(torch.zeros(1, 300), [target], [u]), "torch",
                              exclude_original=exclude)  # fmt: skip
         assert want_torch.sampled.tolist() == [want]
+
+
+@interpreted
+@pytest.mark.parametrize(("seed", "vocab"), [(0, 64), (7, 100)])  # one block; the last of two
+def test_a_threshold_within_rounding_of_the_total_draws_the_last_token(seed: int, vocab: int):
+    # With u just under 1 the block sum (a tree) passes u * total where the running sum along
+    # the block (a scan) does not, for these logits: the search in the block finds no token
+    # past it, and the draw falls back to the block's last token with mass, not index V.
+    g = torch.Generator().manual_seed(seed)
+    logits = 2 * torch.randn(1, vocab, generator=g)
+    u = 1.0 - 2**-24
+    got, _ = _run(_fixed_logits(logits, [0], [u]), "triton")
+    want, _ = _run(_fixed_logits(logits, [0], [u]), "torch")
+    assert got.sampled.tolist() == want.sampled.tolist() == [vocab - 1]
 
 
 @interpreted
