@@ -63,6 +63,13 @@ def _draw_logits(x, offs, ok, t, TEMPERATURE, EXCLUDE: tl.constexpr):
 
 
 @triton.jit
+def _draw_mass(x, offs, ok, t, TEMPERATURE, m_t, EXCLUDE: tl.constexpr):
+    """Each token's unnormalised probability for the draw, 0 off the table: one expression for
+    the loop that locates the draw's block and the search inside it, so both sum the same bits."""
+    return tl.where(ok, tl.exp(_draw_logits(x, offs, ok, t, TEMPERATURE, EXCLUDE) - m_t), 0.0)
+
+
+@triton.jit
 def _online_logsumexp(m, s, x):
     """Running maxima m and sums s of exp(. - m), per lane, updated with a block x: elementwise,
     so the loop holds no reduction across the block's lanes; `_lane_logsumexp` ends it."""
@@ -134,7 +141,7 @@ def _mlm_rows_kernel(
         offs = start + lanes
         ok = offs < V
         x = _logits(row, BIAS, offs, ok, HALF_SUM)
-        mass = tl.where(ok, tl.exp(_draw_logits(x, offs, ok, t, TEMPERATURE, EXCLUDE) - m_t), 0.0)
+        mass = _draw_mass(x, offs, ok, t, TEMPERATURE, m_t, EXCLUDE)
         last = tl.maximum(last, tl.where(mass > 0, offs, 0))
         block = tl.sum(mass, 0)
         here = (found < 0) & (below + block > threshold)
@@ -150,7 +157,7 @@ def _mlm_rows_kernel(
     offs = tl.maximum(found, 0) + lanes
     ok = offs < V
     x = _logits(row, BIAS, offs, ok, HALF_SUM)
-    mass = tl.where(ok, tl.exp(_draw_logits(x, offs, ok, t, TEMPERATURE, EXCLUDE) - m_t), 0.0)
+    mass = _draw_mass(x, offs, ok, t, TEMPERATURE, m_t, EXCLUDE)
     cumulative = found_below + tl.cumsum(mass, 0)
     drawn = tl.min(tl.where(cumulative > threshold, offs, V), 0)
     drawn = tl.where(drawn < V, drawn, tl.max(tl.where(mass > 0, offs, 0), 0))
