@@ -186,12 +186,15 @@ stage_rtd_rows() {
         --seq-len 512 --batch 32 --warmup 2 --steps 5 --profile
 }
 # The attention core alone: the gather kernels (default) and the windowed kernels (+window),
-# each with and without their uniform tiles (fused.UNIFORM_TILES; +nouniform). The gather
-# backward's atomic options (+runs, +half, +singles) lost on 78f0ec9 (README) and are not
-# timed again.
+# with and without their uniform tiles (fused.UNIFORM_TILES; +nouniform), and at two more
+# launches (fused.WINDOW_LAUNCH, BLOCKxWARPS: 32x8 compiles without spills, 32x4 nearly).
+# The gather kernels without uniform tiles (4.55 / 12.81 ms against 4.72 / 9.39) and their
+# backward's atomic options (+runs, +half, +singles) were timed on 78f0ec9 (README) and are
+# not timed again.
 stage_attention() {
-    stage attention 50 "$py" bench/attention.py --steps 5 --profile \
-        --tiles default default+nouniform default+window default+window+nouniform
+    stage attention 60 "$py" bench/attention.py --steps 5 --profile \
+        --tiles default default+window default+window+nouniform default+window32x8 \
+        default+window32x4
 }
 # DeBERTa's published attention dropout, 0.1, on both sides: the fused kernel's in-kernel
 # dropout (what auto runs under dropout since 2026-11-27) against eager and HF; then the attention core alone with it, at the default and the spill-free backward tile.

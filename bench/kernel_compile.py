@@ -9,7 +9,8 @@ first GPU. Here the glue runs on CPU with the kernels stubbed out, at the tiles 
 (`fused._tile_settings`), and each launch it makes is compiled to a cubin with Triton's own
 ptxas, for each path the kernels have: the forward and backward as they are by default and without
 their uniform tiles, the deterministic backward, dropout, each position term alone and none,
-fp16, heads of 128, the windowed kernels (`fused.WINDOWED`) in those forms, and the MLM
+fp16, heads of 128, the windowed kernels (`fused.WINDOWED`) in those forms and at two other
+launches (`fused.WINDOW_LAUNCH`), and the MLM
 head's kernel (v3-base's 12 heads, L=256). Each is
 specialized as a GPU launch would be (Triton's binder). Register counts and stacks say which
 tiles spill; they are the compiler's, not timings. To check another Triton (the GPU image's),
@@ -131,7 +132,7 @@ def attention_launches(
     dtype: torch.dtype = torch.bfloat16,
     head_size: int = 64,
     terms: str = "c2p+p2c",
-    **options: bool,
+    **options: Any,
 ) -> list[Launch]:
     """The launches of one forward and backward of v3-base's attention shape (12 heads, L=256)
     with `fused`'s options (WINDOWED=True, ...) set as given."""
@@ -192,6 +193,8 @@ PATHS = {
     "windowed_p2c_only": lambda: attention_launches(terms="p2c", WINDOWED=True),
     "windowed_fp16": lambda: attention_launches(dtype=torch.float16, WINDOWED=True),
     "windowed_nouniform": lambda: attention_launches(WINDOWED=True, UNIFORM_TILES=False),
+    "windowed_32x4": lambda: attention_launches(WINDOWED=True, WINDOW_LAUNCH=(32, 4, 2)),
+    "windowed_32x8": lambda: attention_launches(WINDOWED=True, WINDOW_LAUNCH=(32, 8, 2)),
     "mlm_head": mlm_head_launches,
 }
 
@@ -237,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.path:
         for launch in PATHS[path]():
             fn, types, constexprs, _, options = launch
-            key = repr((fn.__name__, sorted(types.items()), sorted(constexprs.items())))
+            key = repr((fn.__name__, sorted(types.items()), sorted(constexprs.items()), options))
             if key in seen:
                 continue
             seen.add(key)
@@ -245,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
             tiles = "x".join(str(block[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK") if k in block)
             if "KIND" in block:  # the windowed backward: 0 dk/dv, 1 dq, 2 the tables' gradients
                 tiles += f" kind {block['KIND']}"
-            label = f"{path:<20} {fn.__name__:<24} {tiles:<10}"
+            if fn.__name__ in WINDOW_KERNELS:  # their launch is a setting (WINDOW_LAUNCH)
+                tiles += f" w{options['num_warps']}"
+            label = f"{path:<20} {fn.__name__:<24} {tiles:<13}"
             try:
                 print(f"{label} {resources(compile_launch(launch, args.arch))}", flush=True)
             except Exception as e:  # every launch is tried; the last lines say why

@@ -665,9 +665,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--impl", choices=["both", "ours", "hf"], default="both")
     p.add_argument(
         "--windowed",
-        action="store_true",
+        nargs="?",
+        const="default",
+        metavar="BLOCKxWARPS[xSTAGES]",
         help="the fused attention runs its windowed kernels (position terms from matmuls over "
-        "windows of the position tables; pretrain.models.attention.fused.WINDOWED)",
+        "windows of the position tables; pretrain.models.attention.fused.WINDOWED), at their "
+        "own launch (fused.WINDOW_LAUNCH) or the one given, e.g. 32x8",
     )
     p.add_argument(
         "--no-uniform-tiles",
@@ -737,6 +740,17 @@ def resolve(args: argparse.Namespace) -> torch.device:
     args.precision = list(dict.fromkeys(args.precision))  # each once, in the order given
     if args.trace is not None and not args.profile:
         raise UsageError("--trace writes the profiled step's trace: add --profile")
+    args.window_launch = None  # the windowed kernels' own
+    if args.windowed not in (None, "default"):
+        from pretrain.models.attention.fused import parse_window_launch
+
+        launch = parse_window_launch(args.windowed)
+        if launch is None:
+            raise UsageError(
+                f"--windowed {args.windowed}: write BLOCKxWARPS[xSTAGES], e.g. 32x8 or 64x8x1 "
+                "(blocks of 32 or 64; warps 1-16, a power of two; stages 1-4)"
+            )
+        args.window_launch = launch
     args.attention = args.attention or ["eager"]
     fused = {"triton", "auto"} & set(args.attention)
     if fused and args.attention_dropout is None:
@@ -784,6 +798,7 @@ def main(argv: list[str] | None = None) -> int:
     settable = (  # (flag given, the fused module's setting, the value the flag sets)
         (args.no_uniform_tiles, "UNIFORM_TILES", False),
         (args.windowed, "WINDOWED", True),
+        (args.window_launch, "WINDOW_LAUNCH", args.window_launch),
     )
     kernel_options = {name: value for given, name, value in settable if given}
     if kernel_options:
@@ -836,7 +851,12 @@ def run(
         + ", HF off"
     )
     if args.windowed:
-        print("fused attention: the windowed kernels (position terms from table windows)")
+        from pretrain.models.attention import fused
+
+        print(
+            "fused attention: the windowed kernels (position terms from table windows), launch "
+            f"{'x'.join(map(str, fused.WINDOW_LAUNCH))} (BLOCKxWARPSxSTAGES)"
+        )
     if args.no_uniform_tiles:
         print("fused attention: every tile's position terms gathered (UNIFORM_TILES off)")
     if args.mlm_torch:

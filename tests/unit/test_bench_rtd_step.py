@@ -102,6 +102,15 @@ def test_kernel_settings_need_the_fused_kernel(bench, capsys):
     assert err[1].startswith("error: --windowed is a setting")
 
 
+def test_a_windowed_launch_is_checked_before_anything_runs(bench, capsys):
+    assert bench.main(TINY + ["--attention", "auto", "--windowed", "32x3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --windowed 32x3: write BLOCKxWARPS[xSTAGES]"), err
+    args = bench.parse_args(TINY + ["--attention", "triton", "--windowed", "32x8x1"])
+    assert args.windowed == "32x8x1"
+    assert bench.parse_args(TINY + ["--attention", "triton", "--windowed"]).windowed == "default"
+
+
 def test_mlm_torch_sets_the_heads_reduction(bench, capsys, monkeypatch):
     from pretrain.models import heads, rtd
 

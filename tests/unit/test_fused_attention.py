@@ -491,12 +491,14 @@ def test_uniform_tile_forms_only_where_a_tile_can_be_uniform() -> None:
 
 
 @interpreted
-def test_windowed_at_a_gpus_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The GPU's 64 x 64 tiles (windows of 128 rows; the tables' gradients on 32 x 32), with a
-    # length that ends inside the second tile.
+@pytest.mark.parametrize("block", [64, 32])
+def test_windowed_at_a_gpus_tiles(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A GPU's tiles: 64 x 64 (windows of 128 rows; the tables' gradients on 32 x 32) and the
+    # 32 x 32 that `bench/attention.py` also times, with a length that ends inside the second
+    # or the third tile.
     from pretrain.models.attention import fused
 
-    monkeypatch.setattr(fused, "_window_block", lambda: 64)
+    monkeypatch.setattr(fused, "_window_launch", lambda: (block, 8, 2))
     length = 70
     config = _config(8, 32)
     span = config.relative_span

@@ -33,6 +33,8 @@ KERNELS = {
             "windowed_p2c_only",
             "windowed_fp16",
             "windowed_nouniform",
+            "windowed_32x4",
+            "windowed_32x8",
         ),
         {"_window_forward_kernel", "_row_dot_kernel", "_window_backward_kernel"},
     ),

@@ -28,6 +28,7 @@ imported; `_launch_settings` says so when it was not.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
@@ -66,6 +67,14 @@ UNIFORM_TILES = True
 # of up to 64, relative indexes that rise by 0 or 1 per unit of i - j (DeBERTa's do);
 # elsewhere the gather kernels run. Deterministic by construction. Not timed on a GPU yet.
 WINDOWED = False
+
+# The windowed kernels' launch on a GPU: (BLOCK, num_warps, num_stages). BLOCK is the square
+# tile (windows of 2 * BLOCK rows); the tables' gradients run tiles of BLOCK // 2. At 64 x 8
+# warps every kernel holds 255 registers and spills 16-200 B (sm_90, Triton 3.6); at 32 x 8
+# none spills, at 32 x 4 the dk/dv kernel 32 B (`python bench/kernel_compile.py --path
+# windowed windowed_32x4 windowed_32x8`). Untimed: `bench/attention.py --tiles
+# default+window default+window32x8 ...` compares them.
+WINDOW_LAUNCH = (64, 8, 2)
 
 
 def _interpreting() -> bool:
@@ -358,10 +367,23 @@ def _position_grads(
 _FAR = 1 << 20
 
 
-def _window_block() -> int:
-    """The windowed kernels' square tile: 64 on a GPU (windows of 128 rows), 16 under the
-    interpreter (small, and tests cross tile edges)."""
-    return 16 if _interpreting() else 64
+def parse_window_launch(text: str) -> tuple[int, int, int] | None:
+    """`BLOCKxWARPS[xSTAGES]` (stages default to 2) as a `WINDOW_LAUNCH`, or None when the text
+    is not one a GPU can launch (blocks of 32 or 64: the tables' half tiles need 16 rows for
+    tl.dot; larger windows would not fit in registers): what the benchmarks' flags take."""
+    found = re.fullmatch(r"(\d+)x(\d+)(?:x(\d+))?", text)
+    if found is None:
+        return None
+    block, warps, stages = (int(x) if x else 2 for x in found.groups())
+    if block not in (32, 64) or warps not in (1, 2, 4, 8, 16) or not 1 <= stages <= 4:
+        return None
+    return block, warps, stages
+
+
+def _window_launch() -> tuple[int, int, int]:
+    """The windowed kernels' (BLOCK, num_warps, num_stages): `WINDOW_LAUNCH` on a GPU, tiles of
+    16 under the interpreter (small, and tests cross tile edges)."""
+    return (16, 4, 2) if _interpreting() else WINDOW_LAUNCH
 
 
 def _rise_table(index: torch.Tensor, width: int, window: int) -> torch.Tensor:
@@ -459,7 +481,7 @@ class _WindowedAttention(torch.autograd.Function):
         seed: int,
     ) -> torch.Tensor:
         cfg = _launch_settings(q)
-        block = _window_block()
+        block, warps, stages = _window_launch()
         batch, heads, length, d = q.shape
         # One layout for both tables (the kernels take one set of strides), in q's dtype.
         pk = pos_k.to(q.dtype).contiguous() if pos_k is not None else None
@@ -484,8 +506,8 @@ class _WindowedAttention(torch.autograd.Function):
             BLOCK=block,
             BLOCK_D=cfg["block_d"],
             DOT_PRECISION=cfg["precision"],
-            num_warps=cfg["warps"],
-            num_stages=2,
+            num_warps=warps,
+            num_stages=stages,
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, pk, pq, rel_index, mask, out, lse)
         ctx.scale = scale
@@ -501,7 +523,7 @@ class _WindowedAttention(torch.autograd.Function):
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, pk, pq, rel_index, mask, out, lse = ctx.saved_tensors
         cfg = _launch_settings(q)
-        block = _window_block()
+        block, warps, stages = _window_launch()
         window = 2 * block
         batch, heads, length, d = q.shape
         dout = dout.to(q.dtype)
@@ -557,8 +579,8 @@ class _WindowedAttention(torch.autograd.Function):
             BLOCK=block,
             BLOCK_D=cfg["block_d"],
             DOT_PRECISION=cfg["precision"],
-            num_warps=cfg["warps"],
-            num_stages=2,
+            num_warps=warps,
+            num_stages=stages,
         )
         kernel = _window_kernels._window_backward_kernel
         buffers = (dpk, dpq, dpk_end, dpq_end)
