@@ -1070,17 +1070,37 @@ def _gpu_case(dtype: torch.dtype, seed: int = 0, length: int = 512, dropout: flo
 @compiled
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "windowed, length",
-    [(False, 512), (False, 1024), (True, 512), (True, 1024)],
-    # 1024: past v3's 512 relative positions, so the clamped ends' long runs
-    ids=["gathered", "gathered_1024", "windowed", "windowed_1024"],
+    "windowed, length, launch",
+    [
+        (False, 512, None),
+        (False, 1024, None),
+        (True, 512, None),
+        (True, 1024, None),
+        (True, 512, (32, 8, 2)),
+        (True, 1024, (32, 8, 2)),
+    ],  # fmt: skip
+    # 1024: past v3's 512 relative positions, so the clamped ends' long runs; 32x8: the
+    # windowed kernels' other launch that bench/attention.py times
+    ids=[
+        "gathered",
+        "gathered_1024",
+        "windowed",
+        "windowed_1024",
+        "windowed_32x8",
+        "windowed_32x8_1024",
+    ],  # fmt: skip
 )
 def test_gpu_bf16_fused_error_is_eager_bf16_error(
-    windowed: bool, length: int, monkeypatch: pytest.MonkeyPatch
+    windowed: bool,
+    length: int,
+    launch: tuple[int, int, int] | None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from pretrain.models.attention import fused
 
     monkeypatch.setattr(fused, "WINDOWED", windowed)
+    if launch is not None:
+        monkeypatch.setattr(fused, "WINDOW_LAUNCH", launch)
     run = _gpu_case(torch.bfloat16, length=length)
     reference, eager = run("eager", torch.float32), run("eager", torch.bfloat16)
     fused = run("triton", torch.bfloat16)
