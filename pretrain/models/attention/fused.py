@@ -346,21 +346,25 @@ def _row_dots(out: torch.Tensor, dout: torch.Tensor, cfg: dict[str, Any]) -> tor
 def _position_grads(
     dx: torch.Tensor, dxp: torch.Tensor, x: torch.Tensor, pos: torch.Tensor, want_dpos: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """From the kernel's dXP ([B, h, L, 2S] of [h, B, L, 2S] memory, XP = x @ pos^T; fp32):
-    dx + dXP @ pos, and dpos = sum over batch and rows of dXP^T @ x ([h, 2S, d]), or None when
-    not wanted.
+    """From the kernel's dx (fp32) and dXP ([B, h, L, 2S] of [h, B, L, 2S] memory, XP = x @
+    pos^T; fp32): x's gradient dx + dXP @ pos in x's dtype and layout ([B, L, h, d] memory),
+    and dpos = sum over batch and rows of dXP^T @ x ([h, 2S, d]), or None when not wanted.
 
     Both are one GEMM per head over all B * L rows, in x's dtype as the eager path's under
     autocast are: an fp32 dXP is rounded once (in bf16 it is as large as the scores at L = 2S), the
     GEMMs read it, x and pos in place, and dpos's sum over the batch happens inside its GEMM,
-    accumulated in fp32 and rounded once. In fp32 this is fp32 arithmetic throughout.
+    accumulated in fp32 and rounded once. The sum for x's gradient is made in fp32 and rounded
+    once as it is written (one pass: no fp32 sum stored and read again to cast it). In fp32 this
+    is fp32 arithmetic throughout.
     """
     batch, heads, length, d = x.shape
     dxp = _by_head(dxp).to(x.dtype)  # [h, B * L, 2S]
-    dx.add_(torch.bmm(dxp, pos.to(x.dtype)).view(heads, batch, length, d).transpose(0, 1))
+    from_pos = torch.bmm(dxp, pos.to(x.dtype)).view(heads, batch, length, d).transpose(0, 1)
+    out = torch.empty(batch, length, heads, d, dtype=x.dtype, device=x.device).transpose(1, 2)
+    torch.add(dx, from_pos, out=out)
     if not want_dpos:
-        return dx, None
-    return dx, torch.bmm(dxp.transpose(1, 2), _by_head(x)).to(pos.dtype)
+        return out, None
+    return out, torch.bmm(dxp.transpose(1, 2), _by_head(x)).to(pos.dtype)
 
 
 # `_rise_table`'s value past the table's last position index: no pair's i - j reaches it.
