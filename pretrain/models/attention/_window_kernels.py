@@ -544,8 +544,8 @@ def _window_backward_kernel(
     in the layout of strides s_g* (last 1). KIND 2: program p takes the diagonal of tiles
     whose query block minus key block is p - NDIAG // 2 (the tiles share one window, since
     blocks are square and a tile's window starts at c of its least i - j), and stores the
-    window's pos_k and pos_q gradient rows summed over those tiles, fp32, to DPK / DPQ
-    [B * H, NDIAG, W, BLOCK_D] contiguous. No atomics: every program writes only what it
+    window's pos_k and pos_q gradient rows summed over those tiles (in fp32, stored in DPK's
+    dtype: the inputs') to DPK / DPQ [B * H, NDIAG, W, BLOCK_D] contiguous. No atomics: every program writes only what it
     owns. Each kernel loops first over its tiles through windows, then over its uniform ones
     (`_window_steps`). The uniform tiles' table gradients (one row each, the table's last
     or first) come from KIND 0 (pos_q's) and KIND 1 (pos_k's), which have their column or row
@@ -623,6 +623,6 @@ def _window_backward_kernel(
         rows = (pid_bh.to(tl.int64) * NDIAG + pid) * W + tl.arange(0, W)
         ptrs = rows[:, None] * BLOCK_D + offs_d[None, :]
         if HAS_C2P:
-            tl.store(DPK + ptrs, acc_pk)
+            tl.store(DPK + ptrs, acc_pk.to(DPK.dtype.element_ty))
         if HAS_P2C:
-            tl.store(DPQ + ptrs, acc_pq)
+            tl.store(DPQ + ptrs, acc_pq.to(DPQ.dtype.element_ty))

@@ -443,17 +443,18 @@ def _sum_windows(
     dtype: torch.dtype,
 ) -> torch.Tensor:  # fmt: skip
     """[h, width, d] in `dtype`, the table's: the diagonals' window rows ([B * h, diagonals,
-    W, D] fp32), summed over the batch in fp32 and added into the table rows they stand for by
-    a 0/1 matmul, in a fixed order, so the result is the same bits on every run. In a half
-    dtype each diagonal's row is rounded once for the matmul's tensor cores (the gather
-    kernels' dQP was rounded so too), which accumulate in fp32; an fp32 matmul of these
-    shapes cost about 0.1 ms a table per layer. Window rows past the table (zero) go to a
-    spare row."""
+    W, D] in `dtype`, each summed over its diagonal's tiles in fp32 and rounded once as the
+    kernel stored it), summed over the batch in fp32 and added into the table rows they stand
+    for by a 0/1 matmul, in a fixed order, so the result is the same bits on every run. In a
+    half dtype each diagonal's row is rounded once more for the matmul's tensor cores, which
+    accumulate in fp32; an fp32 matmul of these shapes cost about 0.1 ms a table per layer.
+    (The gather kernels' position gradients round every pair's dQP before their GEMM: B * L
+    roundings to these B.) Window rows past the table (zero) go to a spare row."""
     window = buf.shape[2]
     rows = (starts[:, None] + torch.arange(window, device=buf.device)).clamp(max=width)
     place = torch.zeros(width + 1, rows.numel(), dtype=dtype, device=buf.device)
     place[rows.reshape(-1), torch.arange(rows.numel(), device=buf.device)] = 1.0
-    summed = buf.view(batch, heads, rows.numel(), -1).sum(0).to(dtype)
+    summed = buf.view(batch, heads, rows.numel(), -1).sum(0, dtype=torch.float32).to(dtype)
     return torch.matmul(place, summed)[:, :width, :d]
 
 
@@ -553,18 +554,25 @@ class _WindowedAttention(torch.autograd.Function):
         diagonals = 2 * triton.cdiv(length, table_block) - 1
         shape = (batch * heads, diagonals, 2 * table_block, cfg["block_d"])
 
-        def scratch(table: torch.Tensor | None, wanted: bool, size: tuple[int, ...]) -> Any:
+        def scratch(
+            table: torch.Tensor | None, wanted: bool, size: tuple[int, ...], dtype: torch.dtype
+        ) -> Any:
             if table is None or not wanted:
                 return lse  # not written
-            return torch.empty(size, dtype=torch.float32, device=q.device)
+            return torch.empty(size, dtype=dtype, device=q.device)
 
-        dpk, dpq = scratch(pk, want_tables, shape), scratch(pq, want_tables, shape)
+        # The diagonals' window rows in the inputs' dtype: written once and read once per
+        # layer, [B * h, diagonals, 2 * table_block, d], 98 MB a table at v3-base L=512 B=32
+        # in bf16 (twice that in fp32, as they were stored until 2026-11-28).
+        dpk = scratch(pk, want_tables, shape, q.dtype)
+        dpq = scratch(pq, want_tables, shape, q.dtype)
         # The uniform tiles' share of the tables' gradients, from the dk/dv and dq kernels:
         # per program, the top and bottom rows' sums (`_window_kernels._store_end_rows`).
         uniform = _uniform_tiles(cfg, rel_index, 2 * block - 1)  # KIND 2 counts these tiles too
         ends = want_tables and uniform
         end_shape = (batch * heads, n, 2, cfg["block_d"])
-        dpk_end, dpq_end = scratch(pk, ends, end_shape), scratch(pq, ends, end_shape)
+        dpk_end = scratch(pk, ends, end_shape, torch.float32)
+        dpq_end = scratch(pq, ends, end_shape, torch.float32)
         common = (
             q, k, v, pk if pk is not None else table, pq if pq is not None else table,
             rel_index, rise, mask, dout, lse, delta,
