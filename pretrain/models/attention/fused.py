@@ -41,6 +41,7 @@ from pretrain.models.attention import (
     _window_kernels,
     disentangled_attention_eager,
     index_steps,
+    joined,
     kept_on,
     warn_once,
 )
@@ -467,6 +468,44 @@ def _add_end_rows(grad: torch.Tensor, end: torch.Tensor, rows: torch.Tensor) -> 
     return grad.float().index_add_(1, rows, sums)
 
 
+def _heads_joined(x: torch.Tensor) -> torch.Tensor | None:
+    """x [B, h, L, d] as the [B, L, h * d] slice of a projection's output it is a view of, or
+    None where it is not one (no copy either way)."""
+    batch, heads, length, d = x.shape
+    try:
+        return x.transpose(1, 2).view(batch, length, heads * d)
+    except RuntimeError:
+        return None
+
+
+def _gradient_slices(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty gradients for q, k, v (one dtype, the glue's cast), each in [B, L, h, d] memory;
+    dk and dv with one set of strides (the windowed dk/dv kernel takes one). Where q, k, v are
+    adjacent slices of one projection's output (`attention.joined`: the model's joint q/k/v
+    matmul), so are their gradients, of one buffer, which the model's split then takes back
+    whole, without the copy into a new one that split's backward makes (`deberta._SplitLast`);
+    where only k and v are (the enhanced mask decoder's queries come from their own matmul),
+    those two."""
+    batch, heads, length, d = q.shape
+    width = heads * d
+    slices = [_heads_joined(x) for x in (q, k, v)]
+
+    def buffer(parts: int) -> list[torch.Tensor]:
+        whole = torch.empty(batch, length, parts * width, dtype=q.dtype, device=q.device)
+        return list(whole.split(width, dim=-1))
+
+    if all(x is not None for x in slices) and joined(slices) is not None:
+        grads = buffer(3)
+    elif slices[1] is not None and slices[2] is not None and joined(slices[1:]) is not None:
+        grads = buffer(1) + buffer(2)
+    else:
+        grads = buffer(1) + buffer(1) + buffer(1)
+    dq, dk, dv = (g.unflatten(-1, (heads, d)).transpose(1, 2) for g in grads)
+    return dq, dk, dv
+
+
 class _WindowedAttention(torch.autograd.Function):
     """The windowed kernels' forward and backward (`WINDOWED`; arguments as
     `_FusedDisentangledAttention`'s, less `deterministic`: these have no atomics)."""
@@ -537,13 +576,7 @@ class _WindowedAttention(torch.autograd.Function):
         width = table.shape[1]
         rise = _rise_table(rel_index, width, window)
 
-        def grad(dtype: torch.dtype) -> torch.Tensor:
-            # [B, L, h, d] memory, as `_FusedDisentangledAttention`'s gradients
-            return torch.empty(batch, length, heads, d, dtype=dtype, device=q.device).transpose(
-                1, 2
-            )
-
-        dq, dk, dv = grad(q.dtype), grad(k.dtype), grad(v.dtype)
+        dq, dk, dv = _gradient_slices(q, k, v)
         want_tables = (pk is not None and ctx.needs_input_grad[3]) or (
             pq is not None and ctx.needs_input_grad[4]
         )
@@ -577,12 +610,16 @@ class _WindowedAttention(torch.autograd.Function):
             q, k, v, pk if pk is not None else table, pq if pq is not None else table,
             rel_index, rise, mask, dout, lse, delta,
         )  # fmt: skip
-        sizes = (
-            *q.stride(), *k.stride(), *v.stride(), *table.stride(), *dout.stride(),
-            mask.stride(0), *dq.stride()[:3],
-            heads, length, d, width, diagonals,
-            ctx.scale, ctx.scale * LOG2E, *_dropout_args(*ctx.dropout),
-        )  # fmt: skip
+
+        def sizes(written: torch.Tensor) -> tuple[Any, ...]:
+            # the strides of the gradients a launch writes: dk and dv's, or dq's
+            return (
+                *q.stride(), *k.stride(), *v.stride(), *table.stride(), *dout.stride(),
+                mask.stride(0), *written.stride()[:3],
+                heads, length, d, width, diagonals,
+                ctx.scale, ctx.scale * LOG2E, *_dropout_args(*ctx.dropout),
+            )  # fmt: skip
+
         options = dict(
             HAS_C2P=pk is not None,
             HAS_P2C=pq is not None,
@@ -597,12 +634,15 @@ class _WindowedAttention(torch.autograd.Function):
         kernel = _window_kernels._window_backward_kernel
         buffers = (dpk, dpq, dpk_end, dpq_end)
         options["TABLES"] = want_tables
-        kernel[(n, batch * heads)](*common, dk, dv, *buffers, *sizes, KIND=0, **options)
-        kernel[(n, batch * heads)](*common, dq, dv, *buffers, *sizes, KIND=1, **options)
+        assert dk.stride() == dv.stride()
+        kernel[(n, batch * heads)](*common, dk, dv, *buffers, *sizes(dk), KIND=0, **options)
+        kernel[(n, batch * heads)](*common, dq, dv, *buffers, *sizes(dq), KIND=1, **options)
         dpos_k = dpos_q = None
         if want_tables:
             options["BLOCK"] = table_block
-            kernel[(diagonals, batch * heads)](*common, dq, dv, *buffers, *sizes, KIND=2, **options)
+            kernel[(diagonals, batch * heads)](
+                *common, dq, dv, *buffers, *sizes(dq), KIND=2, **options
+            )
             starts = _window_starts(rel_index, length, table_block)
             # the rows the uniform tiles' sums belong to: the index's last and first
             end_rows = torch.stack([rel_index[-1], rel_index[0]]).long()
