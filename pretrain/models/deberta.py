@@ -345,7 +345,9 @@ class _SplitLast(torch.autograd.Function):
     L=512 B=32 75 MB written and read per layer."""
 
     @staticmethod
-    def forward(ctx: Any, y: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, y: torch.Tensor, sizes: list[int]
+    ) -> tuple[torch.Tensor, ...]:
         ctx.sizes = sizes
         return y.split(sizes, dim=-1)
 

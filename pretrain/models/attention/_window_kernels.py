@@ -545,11 +545,11 @@ def _window_backward_kernel(
     whose query block minus key block is p - NDIAG // 2 (the tiles share one window, since
     blocks are square and a tile's window starts at c of its least i - j), and stores the
     window's pos_k and pos_q gradient rows summed over those tiles (in fp32, stored in DPK's
-    dtype: the inputs') to DPK / DPQ [B * H, NDIAG, W, BLOCK_D] contiguous. No atomics: every program writes only what it
-    owns. Each kernel loops first over its tiles through windows, then over its uniform ones
-    (`_window_steps`). The uniform tiles' table gradients (one row each, the table's last
-    or first) come from KIND 0 (pos_q's) and KIND 1 (pos_k's), which have their column or row
-    sums of ds at hand: with TABLES, each program stores the sums of those times its keys or
+    dtype: the inputs') to DPK / DPQ [B * H, NDIAG, W, BLOCK_D] contiguous. No atomics:
+    every program writes only what it owns. Each kernel loops first over its tiles through
+    windows, then over its uniform ones (`_window_steps`). The uniform tiles' table gradients
+    (one row each, the table's last or first) come from KIND 0 (pos_q's) and KIND 1
+    (pos_k's), which have their column or row sums of ds at hand: with TABLES, each program stores the sums of those times its keys or
     queries, at the top and at the bottom, fp32, to DPQ_END / DPK_END [B * H, n, 2, BLOCK_D]
     contiguous; KIND 2 leaves those tiles out."""
     W: tl.constexpr = 2 * BLOCK
