@@ -549,9 +549,9 @@ def _window_backward_kernel(
     every program writes only what it owns. Each kernel loops first over its tiles through
     windows, then over its uniform ones (`_window_steps`). The uniform tiles' table gradients
     (one row each, the table's last or first) come from KIND 0 (pos_q's) and KIND 1
-    (pos_k's), which have their column or row sums of ds at hand: with TABLES, each program stores the sums of those times its keys or
-    queries, at the top and at the bottom, fp32, to DPQ_END / DPK_END [B * H, n, 2, BLOCK_D]
-    contiguous; KIND 2 leaves those tiles out."""
+    (pos_k's), which have their column or row sums of ds at hand: with TABLES, each program
+    stores the sums of those times its keys or queries, at the top and at the bottom, fp32,
+    to DPQ_END / DPK_END [B * H, n, 2, BLOCK_D] contiguous; KIND 2 leaves those tiles out."""
     W: tl.constexpr = 2 * BLOCK
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
