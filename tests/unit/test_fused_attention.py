@@ -891,7 +891,7 @@ def test_glue_makes_no_layout_copies(projection: str, monkeypatch: pytest.Monkey
         + [("zeros", (heads, batch, length, width))] * 2  # dQP, dKP
         + [("_to_copy", rows)] * 2  # dQP, dKP rounded for their GEMMs
         + [("zeros", (batch, length, heads, d))]  # dq, for the atomics
-        + [("_to_copy", (batch, heads, length, d))] * 2  # dq, dk rounded once
+        # dq and dk are rounded to fp16 by the add of their position terms (out=), no cast
         + [("copy_", (width, heads, d))] * 2  # the tables' gradients into their leaves
     ), log.moves
 
