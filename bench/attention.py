@@ -19,10 +19,9 @@ whose pairs share one position index, read and summed per row and column
 kernels (`fused.WINDOWED`, at their own launch, `fused.WINDOW_LAUNCH`: `default+window`) and
 `+window32x4` at another (square tiles of 32, 4 warps; `+window64x8x1`: also 1 pipeline
 stage); suffixes combine (`default+window+nouniform`). The "triton deterministic" row is the
-kernel with its
-atomics-free backward (default tiles), what `trainer.deterministic=true` runs: its cost over
-the default backward. `--profile` adds, per length, torch
-profiler's kernel table for one call of eager and of the fused kernel (default tiles): where
+kernel with its atomics-free backward (default tiles), what `trainer.deterministic=true`
+runs: its cost over the default backward. `--profile` adds, per length, torch profiler's
+kernel table for one call of eager and of the fused kernel (default tiles): where
 the time goes (forward kernel, backward kernel, the position projections, the atomics' zeroing).
 """
 
