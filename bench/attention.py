@@ -15,9 +15,7 @@ checked anywhere.
 Tiles are FWD_MxN/BWD_MxN (BLOCK_M x BLOCK_N of the forward and the backward kernels);
 "default" is what `fused._launch_settings` picks. A `+nouniform` suffix turns off the tiles
 whose pairs share one position index, read and summed per row and column
-(`fused.UNIFORM_TILES`, on by default; `+uniform` turns it on), `+atomics` makes the
-backward add each pair's position gradients with atomics instead of storing them as diagonal
-gradients (`fused.DIAGONAL_GRADS`), `+window` runs the windowed
+(`fused.UNIFORM_TILES`, on by default; `+uniform` turns it on), `+window` runs the windowed
 kernels (`fused.WINDOWED`, at their own launch, `fused.WINDOW_LAUNCH`: `default+window`) and
 `+window32x4` at another (square tiles of 32, 4 warps; `+window64x8x1`: also 1 pipeline
 stage); suffixes combine (`default+window+nouniform`). The "triton deterministic" row is the
@@ -119,7 +117,6 @@ def sdpa(c: Case) -> tuple[torch.Tensor, torch.Tensor]:
 FORMS = {  # a spec's +suffixes: the backward's launch settings each sets
     "uniform": {"uniform_tiles": True},
     "nouniform": {"uniform_tiles": False},
-    "atomics": {"diagonal_grads": False},
     "window": {"windowed": True},
 }
 

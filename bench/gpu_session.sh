@@ -181,12 +181,6 @@ stage_rtd_graphs() {
 }
 # The masked rows found on the device again (--device-rows, the wait for the GPU each step that
 # 9729a9e removed), to compare with rtd_512's uncompiled fused row.
-# The step with the fused backward's position gradients added by atomics as before
-# (--position-atomics, fused.DIAGONAL_GRADS off), to compare with rtd_512's compiled fused row.
-stage_rtd_atomics() {
-    stage rtd_atomics 60 "$py" bench/rtd_step.py --impl ours --attention triton --compile on \
-        --position-atomics --seq-len 512 --batch 32 --warmup 2 --steps 5 --profile
-}
 stage_rtd_rows() {
     stage rtd_rows 45 "$py" bench/rtd_step.py --impl ours --attention triton --device-rows \
         --seq-len 512 --batch 32 --warmup 2 --steps 5 --profile
@@ -199,7 +193,8 @@ stage_rtd_rows() {
 # not timed again.
 stage_attention() {
     stage attention 60 "$py" bench/attention.py --steps 5 --profile \
-        --tiles default default+atomics default+nouniform default+nouniform+atomics
+        --tiles default default+window default+window+nouniform default+window32x8 \
+        default+window32x4
 }
 # The step with the windowed launch the attention stage (run before it) timed fastest at L=512,
 # when that is not the default one rtd_windowed ran: the launch's word in attention.log's rows

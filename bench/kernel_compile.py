@@ -183,9 +183,6 @@ PATHS = {
     "deterministic": lambda: attention_launches(deterministic=True),
     "dropout": lambda: attention_launches(dropout=0.1),
     "nouniform": lambda: attention_launches(UNIFORM_TILES=False),
-    # Without uniform tiles the backward takes the diagonal gradients (fused.DIAGONAL_GRADS);
-    # "atomics" is the same launch with the atomics it replaced.
-    "atomics": lambda: attention_launches(UNIFORM_TILES=False, DIAGONAL_GRADS=False),
     "c2p_only": lambda: attention_launches(terms="c2p"),
     "p2c_only": lambda: attention_launches(terms="p2c"),
     "no_positions": lambda: attention_launches(terms=""),

@@ -680,13 +680,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "on by default)",
     )
     p.add_argument(
-        "--position-atomics",
-        action="store_true",
-        help="the fused backward adds each pair's position gradients with atomics "
-        "(pretrain.models.attention.fused.DIAGONAL_GRADS off; on by default: each pair's stored "
-        "once as a diagonal gradient, where no tile is uniform)",
-    )
-    p.add_argument(
         "--mlm-torch",
         action="store_true",
         help="our MLM head reduces its logits with torch ops (pretrain.models.heads.MLM_IMPL "
@@ -767,7 +760,6 @@ def resolve(args: argparse.Namespace) -> torch.device:
     fused_runs = "triton" in args.attention or ("auto" in args.attention and cuda)
     for flag, value in (
         ("--no-uniform-tiles", args.no_uniform_tiles),
-        ("--position-atomics", args.position_atomics),
         ("--windowed", args.windowed),
     ):
         if value and not fused_runs:
@@ -805,7 +797,6 @@ def main(argv: list[str] | None = None) -> int:
     settings = contextlib.ExitStack()
     settable = (  # (flag given, the fused module's setting, the value the flag sets)
         (args.no_uniform_tiles, "UNIFORM_TILES", False),
-        (args.position_atomics, "DIAGONAL_GRADS", False),
         (args.windowed, "WINDOWED", True),
         (args.window_launch, "WINDOW_LAUNCH", args.window_launch),
     )
@@ -868,8 +859,6 @@ def run(
         )
     if args.no_uniform_tiles:
         print("fused attention: every tile's position terms gathered (UNIFORM_TILES off)")
-    if args.position_atomics:
-        print("fused attention: the backward's position gradients by atomics (DIAGONAL_GRADS off)")
     if args.mlm_torch:
         print("our MLM head: logits reduced by torch ops (heads.MLM_IMPL = 'torch')")
     if args.device_rows:

@@ -96,12 +96,10 @@ def test_profile_prints_each_rows_table(bench, capsys):
 def test_kernel_settings_need_the_fused_kernel(bench, capsys):
     assert bench.main(TINY + ["--no-uniform-tiles"]) == 2
     assert bench.main(TINY + ["--attention", "auto", "--windowed"]) == 2  # auto is eager here
-    assert bench.main(TINY + ["--position-atomics"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 3 and all("is a setting of the fused kernel" in e for e in err)
+    assert len(err) == 2 and all("is a setting of the fused kernel" in e for e in err)
     assert err[0].startswith("error: --no-uniform-tiles is a setting")
     assert err[1].startswith("error: --windowed is a setting")
-    assert err[2].startswith("error: --position-atomics is a setting")
 
 
 def test_a_windowed_launch_is_checked_before_anything_runs(bench, capsys):

@@ -233,23 +233,15 @@ def _uniform_tiles(idx: torch.Tensor, length: int, block: int = 16) -> list[int]
 
 @interpreted
 @pytest.mark.parametrize(
-    "length, split_heads, uniform_tiles, diagonal",
+    "length, split_heads, uniform_tiles",
     [
-        (16, False, False, True),
-        (37, False, False, True),
-        (37, True, False, True),
-        (37, False, False, False),
-        (70, False, True, False),
-        (70, True, True, False),
+        (16, False, False),
+        (37, False, False),
+        (37, True, False),
+        (70, False, True),
+        (70, True, True),
     ],
-    ids=[
-        "16",
-        "37",
-        "37_split",
-        "37-atomics",
-        "70-uniform_tiles",
-        "70_split-uniform_tiles",
-    ],
+    ids=["16", "37", "37_split", "70-uniform_tiles", "70_split-uniform_tiles"],
 )
 @pytest.mark.parametrize("case", sorted(CORE_CASES))
 def test_fused_matches_eager_fp32(
@@ -257,19 +249,11 @@ def test_fused_matches_eager_fp32(
     length: int,
     split_heads: bool,
     uniform_tiles: bool,
-    diagonal: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The gather kernels against eager attention, forward and every gradient, with each form
-    of the backward's position gradients: diagonal (DIAGONAL_GRADS, taken where no tile is
-    uniform), atomics, and atomics with uniform tiles' row and column sums."""
     from pretrain.models.attention import fused
 
     monkeypatch.setattr(fused, "UNIFORM_TILES", uniform_tiles)
-    monkeypatch.setattr(fused, "DIAGONAL_GRADS", diagonal)
-    taken: list[bool] = []
-    choose = fused._diagonal
-    monkeypatch.setattr(fused, "_diagonal", lambda *a: taken.append(choose(*a)) or taken[-1])
     terms, buckets, max_rel = CORE_CASES[case]
     config = _config(buckets, max_rel)
     span = config.relative_span
@@ -294,7 +278,6 @@ def test_fused_matches_eager_fp32(
     # A padding query's scores are a constant: its q gets no gradient, in either path.
     assert got_grads["q"][1, :, length - 5 :].abs().max() == 0
     assert got_grads["q"][0, :, 3].abs().max() == 0
-    assert taken == [diagonal and terms != ()], taken  # the form under test ran
 
 
 # --------------------------------------------------------------------------------------------
@@ -843,11 +826,8 @@ def test_under_torch_compile_the_kernel_runs_outside_the_graph() -> None:
 
 
 @compiled
-@pytest.mark.parametrize("diagonal", [True, False], ids=["diagonal", "atomics"])
 @pytest.mark.parametrize("projection", ["separate", "joint"])
-def test_glue_makes_no_layout_copies(
-    projection: str, diagonal: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_glue_makes_no_layout_copies(projection: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Around the kernels (stubbed out here), forward and backward move no data but the casts
     and zero-fills they need: q, k, v in the model's layout are read in place, and the
     gradients come back in that layout. Logged at the dispatcher, where an op is what it will
@@ -868,7 +848,6 @@ def test_glue_makes_no_layout_copies(
         monkeypatch.setattr(_kernels, name, Stub())
     # The default form's settings, without the check that the kernel can run on this device.
     monkeypatch.setattr(fused, "_launch_settings", lambda q: fused._tile_settings(q, True))
-    monkeypatch.setattr(fused, "DIAGONAL_GRADS", diagonal)
 
     class Log(TorchDispatchMode):
         def __init__(self) -> None:
@@ -906,28 +885,15 @@ def test_glue_makes_no_layout_copies(
             index, mask, 0.1,
         )  # fmt: skip
         out.transpose(1, 2).flatten(2).backward(grad)
-    # Either way: the token mask to int8, dq's zeros for its atomics, the tables' gradients
-    # copied into their leaves; dq and dk are rounded to fp16 by the add of their position
-    # terms (out=), no cast.
-    common = [("_to_copy", (batch, length)), ("zeros", (batch, length, heads, d))] + [
-        ("copy_", (width, heads, d))
-    ] * 2
-    if diagonal:  # no tile is uniform here (clamped runs of 28 < a tile's 31 values of i - j)
-        columns = 2 * length
-        expected = (
-            [("zeros", (heads, batch, length, columns))] * 2  # the two diagonal gradients
-            + [("zeros", (columns,)), ("copy_", (2 * length - 1,))]  # _diagonal_rows, once
-            # each table's gradient: fp32 sums of its columns' GEMM, rounded once
-            + [("zeros", (heads, width, d)), ("_to_copy", (heads, columns, d))] * 2
-            + [("_to_copy", (heads, width, d))] * 2
-        )
-    else:
-        rows = (heads, batch * length, width)
-        expected = (
-            [("zeros", (heads, batch, length, width))] * 2  # dQP, dKP
-            + [("_to_copy", rows)] * 2  # dQP, dKP rounded for their GEMMs
-        )
-    assert sorted(log.moves) == sorted(common + expected), log.moves
+    rows = (heads, batch * length, width)
+    assert sorted(log.moves) == sorted(
+        [("_to_copy", (batch, length))]  # the token mask, to int8
+        + [("zeros", (heads, batch, length, width))] * 2  # dQP, dKP
+        + [("_to_copy", rows)] * 2  # dQP, dKP rounded for their GEMMs
+        + [("zeros", (batch, length, heads, d))]  # dq, for the atomics
+        # dq and dk are rounded to fp16 by the add of their position terms (out=), no cast
+        + [("copy_", (width, heads, d))] * 2  # the tables' gradients into their leaves
+    ), log.moves
 
 
 # --------------------------------------------------------------------------------------------

@@ -389,7 +389,6 @@ def _backward_kernel(
     DROPOUT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     UNIFORM_TILES: tl.constexpr,
-    DIAGONAL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -397,8 +396,7 @@ def _backward_kernel(
 ):  # fmt: skip
     """One program per key block: dk, dv in registers. dq, dQP, dKP by fp32 atomics, one per
     pair; or, if DETERMINISTIC, only dKP (its own rows, by `_add_runs`), dq and dQP being left
-    to `_backward_dq_kernel`; or, if DIAGONAL, dq by atomics and each pair's ds stored, no
-    atomic, at its own address of the diagonal gradients (below).
+    to `_backward_dq_kernel`.
 
     DQ, DK, DV: [B, H, L, D] of one layout (strides s_g*, the last 1); DQ fp32, DK and DV fp32
     or the inputs' dtype (stored as rounded there). DQP, DKP: fp32 [B, H, L, C] (C = 2 * span)
@@ -407,12 +405,6 @@ def _backward_kernel(
     reads the position terms per row and column (`_score_tile`) and adds its row sums of ds to
     dQP[:, c] and its column sums to dKP[:, c], one atomic per row or column
     (`_add_uniform`), instead of one per pair.
-    DIAGONAL (not with DETERMINISTIC or UNIFORM_TILES): DQP and DKP are [B, H, L, C] in the
-    inputs' dtype, their column t = i - j + L - 1 (C >= 2L - 1), and pair (i, j) stores its ds
-    at row i of DQP and at row j of DKP, column t: each address is one pair's, so plain stores
-    of ds as rounded for the dq matmul, and the sum over the pairs of one position index
-    happens in the glue's GEMMs (`fused._diagonal_grads`). Entries no pair stores stay as the
-    caller made them (zero).
     """
     start_n, pid_bh, b, h, offs_n, offs_d, col_ok, d_ok = _program_block(H, L, D, BLOCK_N, BLOCK_D)
     kv_ok = col_ok[:, None] & d_ok[None, :]
@@ -474,20 +466,6 @@ def _backward_kernel(
                     (offs_m == start_m + BLOCK_M - 1)[:, None],
                     ds,
                     0,
-                )
-        elif DIAGONAL:  # each pair's own address: column t = i - j + L - 1 of row i / row j
-            t = offs_m[:, None] - offs_n[None, :] + (L - 1)
-            if HAS_QP:
-                tl.store(
-                    DQP + pos_grad_base + offs_m[:, None] * C + t,
-                    ds.to(DQP.dtype.element_ty),
-                    mask=grad_ok,
-                )
-            if HAS_KP:
-                tl.store(
-                    DKP + pos_grad_base + offs_n[None, :] * C + t,
-                    ds.to(DKP.dtype.element_ty),
-                    mask=grad_ok,
                 )
         else:  # one atomic per pair (c is 0 where a pair is out of range; grad_ok masks those)
             if HAS_QP:

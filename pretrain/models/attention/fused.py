@@ -60,15 +60,6 @@ LOG2E = 1.0 / math.log(2.0)
 # windowed kernels take it too (their uniform tiles skip the window matmuls; untimed).
 UNIFORM_TILES = True
 
-# The backward's position gradients as diagonal gradients (`_kernels._backward_kernel`'s
-# DIAGONAL): each pair stores its ds once, no atomic, at column i - j + L - 1 of a [B, h, L,
-# 2L] buffer in the inputs' dtype, and two GEMMs per table over those columns (the position
-# rows they stand for gathered once, [h, 2L, d]) make the gradients of x and of the table
-# (True); or the atomics add each pair's ds into dQP / dKP ([B, h, L, 2S], fp32) and those are
-# rounded for the GEMMs (False). Taken where no tile is uniform (v3 up to L=512), outside the
-# deterministic backward, and where the buffer has under 2^31 entries (the kernel's offsets).
-DIAGONAL_GRADS = True
-
 
 # The windowed kernels (`_window_kernels`): each tile's position terms from matmuls over the
 # window of position-table rows it spans, picked per pair with tl.gather, and the backward's
@@ -152,7 +143,6 @@ def _tile_settings(q: torch.Tensor, interpret: bool) -> dict[str, Any]:
         bwd_dq=bwd[::-1],
         warps=8,
         uniform_tiles=UNIFORM_TILES,
-        diagonal_grads=DIAGONAL_GRADS,
     )
 
 
@@ -253,16 +243,10 @@ class _FusedDisentangledAttention(torch.autograd.Function):
         dk = grad(torch.float32 if pos_q is not None else k.dtype)
         dv = grad(v.dtype)
         width = next((p.shape[-2] for p in (pos_k, pos_q) if p is not None), 0)  # 2 * span
-        block_m, block_n = cfg["bwd"]
-        uniform = _uniform_tiles(cfg, rel_index, block_m + block_n - 1) and not deterministic
-        diagonal = _diagonal(cfg, qp is not None or kp is not None, deterministic, uniform, q.shape)
-        grad_dtype = torch.float32
-        if diagonal:  # columns i - j + L - 1, one spare to keep rows 16-byte aligned
-            width, grad_dtype = 2 * length, q.dtype
 
         def pos_grad() -> torch.Tensor:
-            # [h, B, L, width] memory, as _project's products
-            zeros = torch.zeros(heads, batch, length, width, dtype=grad_dtype, device=q.device)
+            # fp32 [h, B, L, 2S] memory, as _project's products
+            zeros = torch.zeros(heads, batch, length, width, dtype=torch.float32, device=q.device)
             return zeros.transpose(0, 1)
 
         dqp = pos_grad() if qp is not None else dq
@@ -291,12 +275,13 @@ class _FusedDisentangledAttention(torch.autograd.Function):
             # dKP before the barrier that orders them after the previous tile's stores.
             num_stages=1 if deterministic else 2,
         )
+        block_m, block_n = cfg["bwd"]
         grid = (triton.cdiv(length, block_n), batch * heads)
         _kernels._backward_kernel[grid](
             *inputs, dq, dk, dv, dqp, dkp, *sizes,
             DETERMINISTIC=deterministic,
-            UNIFORM_TILES=uniform,
-            DIAGONAL=diagonal,
+            UNIFORM_TILES=_uniform_tiles(cfg, rel_index, block_m + block_n - 1)
+            and not deterministic,
             BLOCK_M=block_m, BLOCK_N=block_n, **common,
         )  # fmt: skip
         if deterministic:
@@ -307,17 +292,10 @@ class _FusedDisentangledAttention(torch.autograd.Function):
             )
         dpos_k = dpos_q = None
         with torch.autocast(q.device.type, enabled=False):
-            if diagonal:
-                rows = _diagonal_rows(rel_index, width)
-                if pos_k is not None:
-                    dq, dpos_k = _diagonal_grads(dq, dqp, q, pos_k, rows, ctx.needs_input_grad[3])
-                if pos_q is not None:
-                    dk, dpos_q = _diagonal_grads(dk, dkp, k, pos_q, rows, ctx.needs_input_grad[4])
-            else:
-                if pos_k is not None:
-                    dq, dpos_k = _position_grads(dq, dqp, q, pos_k, ctx.needs_input_grad[3])
-                if pos_q is not None:
-                    dk, dpos_q = _position_grads(dk, dkp, k, pos_q, ctx.needs_input_grad[4])
+            if pos_k is not None:
+                dq, dpos_k = _position_grads(dq, dqp, q, pos_k, ctx.needs_input_grad[3])
+            if pos_q is not None:
+                dk, dpos_q = _position_grads(dk, dkp, k, pos_q, ctx.needs_input_grad[4])
         return (
             dq.to(q.dtype),
             dk.to(k.dtype),
@@ -388,53 +366,6 @@ def _position_grads(
     if not want_dpos:
         return out, None
     return out, torch.bmm(dxp.transpose(1, 2), _by_head(x)).to(pos.dtype)
-
-
-def _diagonal(
-    cfg: dict[str, Any], tables: bool, deterministic: bool, uniform: bool, shape: torch.Size
-) -> bool:
-    """Whether the backward takes the diagonal gradients (`DIAGONAL_GRADS`) for this call."""
-    batch, heads, length, _ = shape
-    fits = batch * heads * length * 2 * length < 2**31  # int32 offsets in the kernel
-    return bool(cfg["diagonal_grads"]) and tables and not deterministic and not uniform and fits
-
-
-def _diagonal_rows(index: torch.Tensor, width: int) -> torch.Tensor:
-    """The position row each column t = i - j + L - 1 of the diagonal gradients stands for
-    (index[t], int64), and row 0 for the spare columns past 2L - 2, which no pair stores. Made
-    once per index (`kept_on`)."""
-
-    def make() -> torch.Tensor:
-        rows = torch.zeros(width, dtype=torch.int64, device=index.device)
-        rows[: index.numel()] = index
-        return rows
-
-    return kept_on(index, "_pretrain_diagonal_rows", width, make)
-
-
-def _diagonal_grads(
-    dx: torch.Tensor, grads: torch.Tensor, x: torch.Tensor, pos: torch.Tensor,
-    rows: torch.Tensor, want_dpos: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """As `_position_grads`, from the kernel's diagonal gradients ([B, h, L, W] of [h, B, L, W]
-    memory in x's dtype, column t = i - j + L - 1, each pair's ds) instead of dXP.
-
-    With E = pos[rows] ([h, W, d], each column's position row), x's position term is
-    x_i . E[t] summed the softmax way, so dx_i += sum_t G[i, t] E[t] and dE[t] = sum over
-    batch and rows of G[i, t] x_i: one GEMM each per head over all B * L rows, accumulated in
-    fp32 inside the GEMM. dpos[c] is the sum of the dE[t] of the columns with rows[t] = c, in
-    fp32 after dE is rounded once to x's dtype (as `_position_grads` rounds its GEMM's)."""
-    batch, heads, length, d = x.shape
-    by_head = _by_head(grads)  # [h, B * L, W], a view
-    table = pos.to(x.dtype)
-    from_pos = torch.bmm(by_head, table[:, rows]).view(heads, batch, length, d).transpose(0, 1)
-    out = torch.empty(batch, length, heads, d, dtype=x.dtype, device=x.device).transpose(1, 2)
-    torch.add(dx, from_pos, out=out)
-    if not want_dpos:
-        return out, None
-    per_column = torch.bmm(by_head.transpose(1, 2), _by_head(x))  # [h, W, d]
-    dpos = torch.zeros(pos.shape, dtype=torch.float32, device=x.device)
-    return out, dpos.index_add_(1, rows, per_column.float()).to(pos.dtype)
 
 
 # `_rise_table`'s value past the table's last position index: no pair's i - j reaches it.
