@@ -15,14 +15,12 @@ checked anywhere.
 Tiles are FWD_MxN/BWD_MxN (BLOCK_M x BLOCK_N of the forward and the backward kernels);
 "default" is what `fused._launch_settings` picks. A `+nouniform` suffix turns off the tiles
 whose pairs share one position index, read and summed per row and column
-(`fused.UNIFORM_TILES`, on by default; `+uniform` turns it on), `+window` runs the windowed
-kernels (`fused.WINDOWED`, at their own launch, `fused.WINDOW_LAUNCH`: `default+window`) and
-`+window32x4` at another (square tiles of 32, 4 warps; `+window64x8x1`: also 1 pipeline
-stage); suffixes combine (`default+window+nouniform`). The "triton deterministic" row is the
-kernel with its atomics-free backward (default tiles), what `trainer.deterministic=true`
-runs: its cost over the default backward. `--profile` adds, per length, torch profiler's
-kernel table for one call of eager and of the fused kernel (default tiles): where
-the time goes (forward kernel, backward kernel, the position projections, the atomics' zeroing).
+(`fused.UNIFORM_TILES`, on by default; `+uniform` turns it on). The "triton deterministic"
+row is the kernel with its atomics-free backward (default tiles), what
+`trainer.deterministic=true` runs: its cost over the default backward. `--profile` adds, per
+length, torch profiler's kernel table for one call of eager and of the fused kernel (default
+tiles): where the time goes (forward kernel, backward kernel, the position projections, the
+atomics' zeroing).
 """
 
 from __future__ import annotations
@@ -117,34 +115,18 @@ def sdpa(c: Case) -> tuple[torch.Tensor, torch.Tensor]:
 FORMS = {  # a spec's +suffixes: the backward's launch settings each sets
     "uniform": {"uniform_tiles": True},
     "nouniform": {"uniform_tiles": False},
-    "window": {"windowed": True},
 }
 
 
-def _form(name: str) -> dict | None:
-    """A `+suffix`'s settings: `FORMS`, or `windowBLOCKxWARPS[xSTAGES]` (the windowed kernels
-    at that launch, `fused.WINDOW_LAUNCH`; stages default to 2)."""
-    if name in FORMS:
-        return FORMS[name]
-    if not name.startswith("window"):
-        return None
-    from pretrain.models.attention.fused import parse_window_launch
-
-    launch = parse_window_launch(name.removeprefix("window"))
-    return None if launch is None else {"windowed": True, "window_launch": launch}
-
-
 def parse_tiles(spec: str) -> dict | None:
-    """`FWD_MxN/BWD_MxN` or `default`, then any of `+uniform`, `+nouniform`, `+window`,
-    `+windowBLOCKxWARPS[xSTAGES]` (`_form`): the launch settings to override, or None when the
-    spec is malformed."""
+    """`FWD_MxN/BWD_MxN` or `default`, then any of `+uniform`, `+nouniform` (`FORMS`): the
+    launch settings to override, or None when the spec is malformed."""
     tile_part, *forms = spec.split("+")
+    if not all(f in FORMS for f in forms):
+        return None
     override: dict = {}
-    for name in forms:
-        form = _form(name)
-        if form is None:
-            return None
-        override.update(form)
+    for form in forms:
+        override.update(FORMS[form])
     if tile_part == "default":
         return override
     parts = [p.split("x") for p in tile_part.split("/")]
@@ -164,9 +146,7 @@ def tiles(spec: str) -> Iterator[None]:
         return
     from pretrain.models.attention import fused
 
-    original, windowed, launch = fused._launch_settings, fused.WINDOWED, fused.WINDOW_LAUNCH
-    fused.WINDOWED = override.pop("windowed", windowed)
-    fused.WINDOW_LAUNCH = override.pop("window_launch", launch)
+    original = fused._launch_settings
 
     def patched(q: torch.Tensor) -> dict:
         return {**original(q), **override}
@@ -175,8 +155,7 @@ def tiles(spec: str) -> Iterator[None]:
     try:
         yield
     finally:
-        fused._launch_settings, fused.WINDOWED = original, windowed
-        fused.WINDOW_LAUNCH = launch
+        fused._launch_settings = original
 
 
 def timed(run: Run, case: Case, device: torch.device, warmup: int, steps: int) -> dict:
@@ -257,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         if parse_tiles(spec) is None:
             print(
                 f"error: --tiles {spec!r}: write FWD_MxN/BWD_MxN or default, optionally with "
-                f"any of {', '.join('+' + f for f in FORMS)}, +windowBLOCKxWARPS[xSTAGES], "
-                "e.g. 128x64/64x64+nouniform or default+window32x4",
+                f"any of {', '.join('+' + f for f in FORMS)}, e.g. 128x64/64x64+nouniform",
                 file=sys.stderr,
             )
             return 2

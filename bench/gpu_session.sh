@@ -7,8 +7,8 @@
 #
 #   bash bench/gpu_session.sh [OUT_DIR [STAGE ...]]
 #
-# OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env rtd_512 rtd_windowed attention tests
-# mlm_head rtd_2048_b4 rtd_host rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout
+# OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env tests attention rtd_512 rtd_2048_b4
+# mlm_head rtd_host rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout
 # attention_dropout rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1 (default:
 # all, in that order, the most needed first; one 10-minute call reaches about rtd_bf16). rtd_host is the
 # step's host-or-GPU account, rtd_graphs the layers as CUDA graphs (part of the fix if the host
@@ -85,7 +85,7 @@ fi
 
 out=${1:-${OUT:-gpu_session}}
 shift || true
-stages=${*:-env tests attention rtd_windowed rtd_window_best rtd_512 rtd_2048_b4 mlm_head rtd_host rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout attention_dropout rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1}
+stages=${*:-env tests attention rtd_512 rtd_2048_b4 mlm_head rtd_host rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout attention_dropout rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1}
 mkdir -p "$out"
 # Stages stop here at the latest, inside the device tool's 10-minute command.
 deadline=$((SECONDS + ${BUDGET_S:-580}))
@@ -128,13 +128,6 @@ subprocess.run(['nvidia-smi', '--query-gpu=name,memory.total,driver_version', '-
 # --profile: the busiest kernels of one step of each row, for the next round of speed work.
 stage_rtd_512() {
     stage rtd_512 150 "${bench[@]}" --seq-len 512 --batch 32 --profile
-}
-# The windowed kernels (fused.WINDOWED: the position terms from matmuls over windows of the
-# position tables, no [B, h, L, 2S] tensors, no atomics) in the full step, profiled, at both
-# lengths: compare with the fused rows of rtd_512 (and rtd_2048_b4).
-stage_rtd_windowed() {
-    stage rtd_windowed 80 "$py" bench/rtd_step.py --impl ours --attention triton --windowed \
-        --seq-len 512 2048 --batch 32 4 --warmup 2 --steps 5 --profile
 }
 # Is the step bound by the host or by its kernels? The profiled step's GPU-busy share (each
 # profile above prints it too) and where the GPU idles, with what the host was doing then
@@ -185,32 +178,12 @@ stage_rtd_rows() {
     stage rtd_rows 45 "$py" bench/rtd_step.py --impl ours --attention triton --device-rows \
         --seq-len 512 --batch 32 --warmup 2 --steps 5 --profile
 }
-# The attention core alone: the gather kernels (default) and the windowed kernels (+window),
-# with and without their uniform tiles (fused.UNIFORM_TILES; +nouniform), and at two more
-# launches (fused.WINDOW_LAUNCH, BLOCKxWARPS: 32x8 compiles without spills, 32x4 nearly).
-# The gather kernels without uniform tiles (4.55 / 12.81 ms against 4.72 / 9.39) and their
-# backward's atomic options (+runs, +half, +singles) were timed on 78f0ec9 (README) and are
-# not timed again.
+# The attention core alone at the default launch, profiled, beside its deterministic backward,
+# eager and SDPA. The gather kernels without uniform tiles (4.55 / 12.81 ms against 4.72 /
+# 9.39) and their backward's atomic options (+runs, +half, +singles) were timed on 78f0ec9, the
+# windowed kernels on 2026-11-28 (README); none is timed again.
 stage_attention() {
-    stage attention 60 "$py" bench/attention.py --steps 5 --profile \
-        --tiles default default+window default+window+nouniform default+window32x8 \
-        default+window32x4
-}
-# The step with the windowed launch the attention stage (run before it) timed fastest at L=512,
-# when that is not the default one rtd_windowed ran: the launch's word in attention.log's rows
-# ("triton default+window32x8" -> 32x8).
-stage_rtd_window_best() {
-    local best
-    best=$(awk '$1 == "triton" && $2 ~ /^default\+window[0-9x]*$/ && $3 == 512 && $5 + 0 > 0 {
-        launch = substr($2, 15); if (launch == "") launch = "default"
-        if (min == "" || $5 < min) { min = $5; best = launch } } END { print best }' \
-        "$out/attention.log" 2>/dev/null)
-    if [ -z "$best" ] || [ "$best" = "default" ]; then
-        echo "== rtd_window_best: skipped, the fastest windowed launch is ${best:-unknown}"
-        return 0
-    fi
-    stage rtd_window_best 80 "$py" bench/rtd_step.py --impl ours --attention triton \
-        --windowed "$best" --seq-len 512 2048 --batch 32 4 --warmup 2 --steps 5
+    stage attention 60 "$py" bench/attention.py --steps 5 --profile --tiles default
 }
 # DeBERTa's published attention dropout, 0.1, on both sides: the fused kernel's in-kernel
 # dropout (what auto runs under dropout since 2026-11-27) against eager and HF; then the attention core alone with it, at the default and the spill-free backward tile.

@@ -7,11 +7,9 @@ Triton's interpreter, which runs the kernel tests on CPU, executes the kernels' 
 skips the compiler, so a kernel can pass every interpreted test and fail to compile on the
 first GPU. Here the glue runs on CPU with the kernels stubbed out, at the tiles a GPU gets
 (`fused._tile_settings`), and each launch it makes is compiled to a cubin with Triton's own
-ptxas, for each path the kernels have: the forward and backward as they are by default and without
-their uniform tiles, the deterministic backward, dropout, each position term alone and none,
-fp16, heads of 128, the windowed kernels (`fused.WINDOWED`) in those forms and at two other
-launches (`fused.WINDOW_LAUNCH`), and the MLM
-head's kernel (v3-base's 12 heads, L=256). Each is
+ptxas, for each path the kernels have (v3-base's 12 heads, L=256): the forward and backward as
+they are by default and without their uniform tiles, the deterministic backward, dropout, each
+position term alone and none, fp16, heads of 128; and the MLM head's kernel. Each is
 specialized as a GPU launch would be (Triton's binder). Register counts and stacks say which
 tiles spill; they are the compiler's, not timings. To check another Triton (the GPU image's),
 run this with a Python whose Triton is that one and whose torch can run the glue on CPU.
@@ -35,13 +33,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from pretrain.models import mlm_kernel
-from pretrain.models.attention import _kernels, _window_kernels, fused
+from pretrain.models.attention import _kernels, fused
 
 ATTENTION_KERNELS = (
     "_forward_kernel", "_backward_kernel", "_backward_dq_kernel", "_row_dot_kernel",
     "_keep_kernel",
 )  # fmt: skip
-WINDOW_KERNELS = ("_window_forward_kernel", "_window_backward_kernel")
 POINTERS = {
     torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
     torch.int32: "*i32", torch.int8: "*i8", torch.int64: "*i64",
@@ -114,9 +111,6 @@ def recording(launches: list[Launch]) -> Any:
         for name in ATTENTION_KERNELS:
             recorder = Recorder(getattr(_kernels, name), launches)
             stack.enter_context(mock.patch.object(_kernels, name, recorder))
-        for name in WINDOW_KERNELS:
-            recorder = Recorder(getattr(_window_kernels, name), launches)
-            stack.enter_context(mock.patch.object(_window_kernels, name, recorder))
         recorder = Recorder(mlm_kernel._mlm_rows_kernel, launches)
         stack.enter_context(mock.patch.object(mlm_kernel, "_mlm_rows_kernel", recorder))
         gpu_tiles = lambda q: fused._tile_settings(q, False)  # noqa: E731
@@ -135,7 +129,7 @@ def attention_launches(
     **options: Any,
 ) -> list[Launch]:
     """The launches of one forward and backward of v3-base's attention shape (12 heads, L=256)
-    with `fused`'s options (WINDOWED=True, ...) set as given."""
+    with `fused`'s options (UNIFORM_TILES=False, ...) set as given."""
     launches: list[Launch] = []
     batch, heads, length, span = 2, 12, 256, 64
     g = torch.Generator().manual_seed(0)
@@ -146,7 +140,7 @@ def attention_launches(
     q, k, v = (leaf(batch, heads, length, head_size) for _ in range(3))
     pos_k = leaf(heads, 2 * span, head_size) if "c2p" in terms else None
     pos_q = leaf(heads, 2 * span, head_size) if "p2c" in terms else None
-    # Unbucketed and clamped past the span: rising by 0 or 1, as the windowed kernels need.
+    # Unbucketed and clamped past the span.
     distance = torch.arange(2 * length - 1) - (length - 1)
     index = (distance + span).clamp(0, 2 * span - 1).to(torch.int32) if terms else None
     mask = torch.ones(batch, length, dtype=torch.bool)
@@ -188,13 +182,6 @@ PATHS = {
     "no_positions": lambda: attention_launches(terms=""),
     "fp16": lambda: attention_launches(dtype=torch.float16),
     "head_128": lambda: attention_launches(head_size=128),
-    "windowed": lambda: attention_launches(WINDOWED=True),
-    "windowed_dropout": lambda: attention_launches(dropout=0.1, WINDOWED=True),
-    "windowed_p2c_only": lambda: attention_launches(terms="p2c", WINDOWED=True),
-    "windowed_fp16": lambda: attention_launches(dtype=torch.float16, WINDOWED=True),
-    "windowed_nouniform": lambda: attention_launches(WINDOWED=True, UNIFORM_TILES=False),
-    "windowed_32x4": lambda: attention_launches(WINDOWED=True, WINDOW_LAUNCH=(32, 4, 2)),
-    "windowed_32x8": lambda: attention_launches(WINDOWED=True, WINDOW_LAUNCH=(32, 8, 2)),
     "mlm_head": mlm_head_launches,
 }
 
@@ -245,11 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             seen.add(key)
             block = named(launch)
-            tiles = "x".join(str(block[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK") if k in block)
-            if "KIND" in block:  # the windowed backward: 0 dk/dv, 1 dq, 2 the tables' gradients
-                tiles += f" kind {block['KIND']}"
-            if fn.__name__ in WINDOW_KERNELS:  # their launch is a setting (WINDOW_LAUNCH)
-                tiles += f" w{options['num_warps']}"
+            tiles = "x".join(str(block[k]) for k in ("BLOCK_M", "BLOCK_N") if k in block)
             label = f"{path:<20} {fn.__name__:<24} {tiles:<13}"
             try:
                 print(f"{label} {resources(compile_launch(launch, args.arch))}", flush=True)

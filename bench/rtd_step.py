@@ -664,15 +664,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--impl", choices=["both", "ours", "hf"], default="both")
     p.add_argument(
-        "--windowed",
-        nargs="?",
-        const="default",
-        metavar="BLOCKxWARPS[xSTAGES]",
-        help="the fused attention runs its windowed kernels (position terms from matmuls over "
-        "windows of the position tables; pretrain.models.attention.fused.WINDOWED), at their "
-        "own launch (fused.WINDOW_LAUNCH) or the one given, e.g. 32x8",
-    )
-    p.add_argument(
         "--no-uniform-tiles",
         action="store_true",
         help="the fused kernels gather the position terms of every tile, also of those whose "
@@ -740,17 +731,6 @@ def resolve(args: argparse.Namespace) -> torch.device:
     args.precision = list(dict.fromkeys(args.precision))  # each once, in the order given
     if args.trace is not None and not args.profile:
         raise UsageError("--trace writes the profiled step's trace: add --profile")
-    args.window_launch = None  # the windowed kernels' own
-    if args.windowed not in (None, "default"):
-        from pretrain.models.attention.fused import parse_window_launch
-
-        launch = parse_window_launch(args.windowed)
-        if launch is None:
-            raise UsageError(
-                f"--windowed {args.windowed}: write BLOCKxWARPS[xSTAGES], e.g. 32x8 or 64x8x1 "
-                "(blocks of 32 or 64; warps 1-16, a power of two; stages 1-4)"
-            )
-        args.window_launch = launch
     args.attention = args.attention or ["eager"]
     fused = {"triton", "auto"} & set(args.attention)
     if fused and args.attention_dropout is None:
@@ -758,12 +738,10 @@ def resolve(args: argparse.Namespace) -> torch.device:
     if "triton" in args.attention and not cuda:
         raise UsageError("--attention triton needs CUDA; use eager or auto on CPU")
     fused_runs = "triton" in args.attention or ("auto" in args.attention and cuda)
-    for flag, value in (
-        ("--no-uniform-tiles", args.no_uniform_tiles),
-        ("--windowed", args.windowed),
-    ):
-        if value and not fused_runs:
-            raise UsageError(f"{flag} is a setting of the fused kernel: add --attention triton")
+    if args.no_uniform_tiles and not fused_runs:
+        raise UsageError(
+            "--no-uniform-tiles is a setting of the fused kernel: add --attention triton"
+        )
     if args.compile_mode != "default" and args.compile == "off":
         raise UsageError("--compile-mode applies to compiled rows: add --compile on or both")
     return torch.device("cuda" if cuda else "cpu")
@@ -797,8 +775,6 @@ def main(argv: list[str] | None = None) -> int:
     settings = contextlib.ExitStack()
     settable = (  # (flag given, the fused module's setting, the value the flag sets)
         (args.no_uniform_tiles, "UNIFORM_TILES", False),
-        (args.windowed, "WINDOWED", True),
-        (args.window_launch, "WINDOW_LAUNCH", args.window_launch),
     )
     kernel_options = {name: value for given, name, value in settable if given}
     if kernel_options:
@@ -850,13 +826,6 @@ def run(
         + (f" ({args.compile_mode})" if args.compile_mode != "default" else "")
         + ", HF off"
     )
-    if args.windowed:
-        from pretrain.models.attention import fused
-
-        print(
-            "fused attention: the windowed kernels (position terms from table windows), launch "
-            f"{'x'.join(map(str, fused.WINDOW_LAUNCH))} (BLOCKxWARPSxSTAGES)"
-        )
     if args.no_uniform_tiles:
         print("fused attention: every tile's position terms gathered (UNIFORM_TILES off)")
     if args.mlm_torch:

@@ -42,22 +42,9 @@ def test_tile_specs_name_the_launch_settings_they_override(bench) -> None:
         "fwd": (128, 64),
         "bwd": (32, 64),
     }
-    assert bench.parse_tiles("default+window+nouniform") == {
-        "windowed": True,
-        "uniform_tiles": False,
-    }
-    assert bench.parse_tiles("default+window32x4") == {
-        "windowed": True,
-        "window_launch": (32, 4, 2),
-    }
-    assert bench.parse_tiles("default+window64x8x1+nouniform") == {
-        "windowed": True,
-        "window_launch": (64, 8, 1),
-        "uniform_tiles": False,
-    }
     for bad in (
         "64x64", "128x64/64x64+runs", "ax64/64x64", "128x64/64x64/32x32", "default+",
-        "default+window48x4", "default+window16x4", "default+window32x3", "default+window32x4x0", "default+window32",
+        "default+window",
     ):  # fmt: skip
         assert bench.parse_tiles(bad) is None, bad
 
@@ -74,16 +61,6 @@ def test_a_spec_overrides_the_kernels_launch_settings_only_inside(bench, monkeyp
         got = fused._launch_settings(None)
     assert got == {"fwd": (128, 64), "bwd": (64, 64), "uniform_tiles": False, "warps": 8}
     assert fused._launch_settings is stub
-    assert not fused.WINDOWED
-    launch = fused.WINDOW_LAUNCH
-    with bench.tiles("default+window"):
-        assert fused.WINDOWED and fused._launch_settings(None) == stub(None)
-        assert fused.WINDOW_LAUNCH == launch
-    with bench.tiles("default+window32x4x1"):
-        assert fused.WINDOWED and fused.WINDOW_LAUNCH == (32, 4, 1)
-        assert fused._launch_settings(None) == stub(None)
-    assert not fused.WINDOWED and fused._launch_settings is stub
-    assert fused.WINDOW_LAUNCH == launch
 
 
 def test_dropout_runs_and_bad_dropout_is_one_line(bench, capsys) -> None:

@@ -95,20 +95,10 @@ def test_profile_prints_each_rows_table(bench, capsys):
 
 def test_kernel_settings_need_the_fused_kernel(bench, capsys):
     assert bench.main(TINY + ["--no-uniform-tiles"]) == 2
-    assert bench.main(TINY + ["--attention", "auto", "--windowed"]) == 2  # auto is eager here
+    assert bench.main(TINY + ["--attention", "auto", "--no-uniform-tiles"]) == 2  # eager here
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 2 and all("is a setting of the fused kernel" in e for e in err)
-    assert err[0].startswith("error: --no-uniform-tiles is a setting")
-    assert err[1].startswith("error: --windowed is a setting")
-
-
-def test_a_windowed_launch_is_checked_before_anything_runs(bench, capsys):
-    assert bench.main(TINY + ["--attention", "auto", "--windowed", "32x3"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --windowed 32x3: write BLOCKxWARPS[xSTAGES]"), err
-    args = bench.parse_args(TINY + ["--attention", "triton", "--windowed", "32x8x1"])
-    assert args.windowed == "32x8x1"
-    assert bench.parse_args(TINY + ["--attention", "triton", "--windowed"]).windowed == "default"
+    assert len(err) == 2
+    assert all(e.startswith("error: --no-uniform-tiles is a setting of the fused") for e in err)
 
 
 def test_mlm_torch_sets_the_heads_reduction(bench, capsys, monkeypatch):

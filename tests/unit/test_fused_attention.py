@@ -280,81 +280,6 @@ def test_fused_matches_eager_fp32(
     assert got_grads["q"][0, :, 3].abs().max() == 0
 
 
-# --------------------------------------------------------------------------------------------
-# The windowed kernels (fused.WINDOWED): position terms from matmuls over position-table windows
-# --------------------------------------------------------------------------------------------
-
-
-def _windowed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """WINDOWED on for the rest of the test; the list returned gets an entry per call the
-    windowed kernels serve."""
-    from pretrain.models.attention import fused
-
-    monkeypatch.setattr(fused, "WINDOWED", True)
-    calls: list[int] = []
-    apply = fused._WindowedAttention.apply
-
-    def counted(*args):
-        calls.append(1)
-        return apply(*args)
-
-    monkeypatch.setattr(fused._WindowedAttention, "apply", counted)
-    return calls
-
-
-@interpreted
-@pytest.mark.parametrize(
-    "case, length",
-    # every position-term case, and at 70 tiles past the 32 relative positions (the clamped
-    # ends), tiles crossing the sequence's end and diagonals of the tables' 8x8 tiles
-    [(c, 37) for c in sorted(CORE_CASES) if CORE_CASES[c][0]] + [("c2p_p2c_buckets", 70)],
-)
-def test_windowed_matches_eager_fp32(
-    case: str, length: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    terms, buckets, max_rel = CORE_CASES[case]
-    config = _config(buckets, max_rel)
-    span = config.relative_span
-    idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
-    q, k, v, pos_k, pos_q, mask, weights = _inputs(
-        length, span, terms, torch.float32, split_heads=True
-    )
-    args = (q, k, v, pos_k, pos_q, idx, mask, (16 * (1 + len(terms))) ** -0.5, weights)
-    want, want_grads = _run("eager", *args)
-    calls = _windowed(monkeypatch)
-    got, got_grads = _run("triton", *args)
-    with programs_in_reverse():  # no atomics: the same bits in any program order
-        again, again_grads = _run("triton", *args)
-    assert len(calls) == 2
-    torch.testing.assert_close(got, want, **FP32_TOL)
-    assert torch.equal(again, got)
-    for name in _grad_names(terms):
-        torch.testing.assert_close(got_grads[name], want_grads[name], **FP32_TOL, msg=name)
-        assert torch.equal(again_grads[name], got_grads[name]), name
-
-
-@interpreted
-def test_windowed_fp16_error_is_at_most_twice_eagers(monkeypatch: pytest.MonkeyPatch) -> None:
-    length = 37  # past the 32 relative positions: the clamped ends too
-    terms, buckets, max_rel = CORE_CASES["c2p_p2c_buckets"]
-    config = _config(buckets, max_rel)
-    span = config.relative_span
-    idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
-    base = _inputs(length, span, terms, torch.float32, split_heads=True)
-    mask, weights = base[5], base[6]
-
-    def run(impl: str, dtype: torch.dtype):
-        leaves = [t.detach().to(dtype).requires_grad_() for t in base[:5]]
-        return _run(impl, *leaves, idx, mask, 0.2, weights)
-
-    reference = run("eager", torch.float64)
-    eager = run("eager", torch.float16)
-    calls = _windowed(monkeypatch)
-    fused = run("triton", torch.float16)
-    assert calls
-    _assert_error_at_most_twice_eagers(reference, eager, fused, slack=1e-3)
-
-
 def test_index_steps_sort_the_tables_the_kernels_can_take() -> None:
     from pretrain.models.attention import index_steps
 
@@ -378,7 +303,7 @@ def test_index_steps_sort_the_tables_the_kernels_can_take() -> None:
 
 
 def test_an_index_that_goes_down_runs_eager_attention(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The fused kernels assume the index never goes down (runs, uniform tiles, windows); a
+    # The fused kernels assume the index never goes down (runs, uniform tiles); a
     # table that does runs eager, with one warning, also on a CPU without the interpreter.
     monkeypatch.setattr(attention, "_warned", set())
     length = 20
@@ -402,73 +327,6 @@ def test_an_index_that_goes_down_runs_eager_attention(monkeypatch: pytest.Monkey
     assert not torch.equal(got, _run("eager", *args)[0])  # the dropout mattered
 
 
-@interpreted
-def test_windowed_gradients_of_some_inputs_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Only q and pos_q want gradients: pos_q's must not be left out with pos_k's.
-    length = 37
-    config = _config(8, 32)
-    span = config.relative_span
-    idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
-    q, k, v, pos_k, pos_q, mask, weights = _inputs(length, span, ("c2p", "p2c"), torch.float32)
-    for t in (k, v, pos_k):
-        t.requires_grad_(False)
-
-    def run(impl: str):
-        out = disentangled_attention(q, k, v, pos_k, pos_q, idx, mask, 0.2, impl=impl)
-        return torch.autograd.grad((out * weights).sum(), [q, pos_q])
-
-    want = run("eager")
-    calls = _windowed(monkeypatch)
-    got = run("triton")
-    assert calls
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, **FP32_TOL)
-
-
-@interpreted
-def test_windowed_uniform_tiles_fp16_error_with_and_without(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The windowed kernels' uniform tiles (past max_relative_positions, every pair at the
-    table's first or last row: per-row and per-column terms instead of window matmuls) and
-    the same tiles through windows both meet the fp16 criterion against float64. At L=70
-    the interpreter's 16 x 16 tiles (8 x 8 for the tables' gradients) include uniform ones
-    at both ends, and the dq and dk/dv kernels' sums for those rows must reach the tables
-    (through windows, a uniform tile gives the same result, so only this shows they ran)."""
-    from pretrain.models.attention import fused
-
-    length, terms = 70, ("c2p", "p2c")
-    config = _config(8, 32)
-    span = config.relative_span
-    idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
-    for block in (16, 8):
-        assert {0, 2 * span - 1} <= set(_uniform_tiles(idx, length, block)), block
-    base = _inputs(length, span, terms, torch.float64, split_heads=True)
-    mask, weights = base[5], base[6]
-
-    def run(impl: str, dtype: torch.dtype):
-        leaves = [t.detach().to(dtype).requires_grad_() for t in base[:5]]
-        return _run(impl, *leaves, idx, mask, (16 * 3) ** -0.5, weights)
-
-    ends: list[torch.Tensor] = []
-    add_end_rows = fused._add_end_rows
-
-    def recorded(grad, end, rows):
-        ends.append(end.clone())
-        return add_end_rows(grad, end, rows)
-
-    monkeypatch.setattr(fused, "_add_end_rows", recorded)
-    reference = run("eager", torch.float64)
-    eager = run("eager", torch.float16)
-    calls = _windowed(monkeypatch)
-    for uniform in (True, False):
-        monkeypatch.setattr(fused, "UNIFORM_TILES", uniform)
-        _assert_error_at_most_twice_eagers(reference, eager, run("triton", torch.float16), 1e-3)
-        if uniform:  # pos_k's and pos_q's, each with top and bottom rows taken
-            assert len(ends) == 2 and all(e[:, :, r].abs().sum() > 0 for e in ends for r in (0, 1))
-    assert len(calls) == 2 and len(ends) == 2
-
-
 def test_uniform_tile_forms_only_where_a_tile_can_be_uniform() -> None:
     """The kernels are compiled with their uniform-tile forms only where one of the index's
     end runs spans a tile: v3's index (256 buckets, 512 positions) at L=512 has none that
@@ -477,43 +335,18 @@ def test_uniform_tile_forms_only_where_a_tile_can_be_uniform() -> None:
     from pretrain.models.deberta import relative_index_table
 
     cfg = {"uniform_tiles": True}
-    extent = 2 * 64 - 1  # the windowed kernels' 64 x 64 tiles on a GPU
+    extents = (128 + 64 - 1, 32 + 64 - 1)  # the forward's and backward's tiles on a GPU
     # the ends: |i - j| >= 512 clamped (L - 512 of them), and on the high side the last log
     # bucket, from 506, shares the clamped row (L - 506)
     for length, runs in ((512, (6, 6)), (1024, (512, 518)), (2048, (1536, 1542))):
         index = relative_index_table(length, 256, 512, 256, torch.device("cpu")).to(torch.int32)
         got = fused._end_runs(index)
         assert got == runs, (length, got)
-        assert fused._uniform_tiles(cfg, index, extent) == (length > 512)
-        assert not fused._uniform_tiles({"uniform_tiles": False}, index, extent)
+        for extent in extents:
+            assert fused._uniform_tiles(cfg, index, extent) == (length > 512)
+            assert not fused._uniform_tiles({"uniform_tiles": False}, index, extent)
     for index, runs in (([3, 3, 3], (3, 3)), ([0, 0, 1, 2, 2, 2], (2, 3)), ([7], (1, 1))):
         assert fused._end_runs(torch.tensor(index, dtype=torch.int32)) == runs, index
-
-
-@interpreted
-@pytest.mark.parametrize("block", [64, 32])
-def test_windowed_at_a_gpus_tiles(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A GPU's tiles: 64 x 64 (windows of 128 rows; the tables' gradients on 32 x 32) and the
-    # 32 x 32 that `bench/attention.py` also times, with a length that ends inside the second
-    # or the third tile.
-    from pretrain.models.attention import fused
-
-    monkeypatch.setattr(fused, "_window_launch", lambda: (block, 8, 2))
-    length = 70
-    config = _config(8, 32)
-    span = config.relative_span
-    idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
-    q, k, v, pos_k, pos_q, mask, weights = _inputs(
-        length, span, ("c2p", "p2c"), torch.float32, split_heads=True
-    )
-    args = (q, k, v, pos_k, pos_q, idx, mask, 0.2, weights)
-    want, want_grads = _run("eager", *args)
-    calls = _windowed(monkeypatch)
-    got, got_grads = _run("triton", *args)
-    assert calls
-    torch.testing.assert_close(got, want, **FP32_TOL)
-    for name in want_grads:
-        torch.testing.assert_close(got_grads[name], want_grads[name], **FP32_TOL, msg=name)
 
 
 @pytest.mark.parametrize("case", sorted(INDEX_CASES))
@@ -536,21 +369,6 @@ def test_the_models_cached_table_is_relative_index_of_its_positions(case: str) -
     assert relative_index_table(*args, torch.device("cpu")) is table
     model = DebertaModel(config)
     assert model.encoder.attention_inputs(torch.ones(2, length))[1] is table
-
-
-def test_rise_table_counts_pairs_as_the_index_does() -> None:
-    # Entry c is the least i - j whose index is at least c; far past the table's last index.
-    from pretrain.models.attention import fused
-
-    config = _config(8, 32)
-    length = 40
-    idx = relative_index(relative_positions(length, config, torch.device("cpu")), 32)
-    rise = fused._rise_table(idx, 64, 32)
-    distances = torch.arange(-(length - 1), length)
-    for c in range(64 + 32 + 1):
-        reached = distances[idx >= c]
-        want = int(reached.min()) if reached.numel() else fused._FAR
-        assert int(rise[c]) == want, c
 
 
 def _assert_error_at_most_twice_eagers(reference, eager, fused, slack: float) -> None:
@@ -655,21 +473,14 @@ def _eager_with_mask(monkeypatch: pytest.MonkeyPatch, keep: torch.Tensor) -> Non
 
 
 @interpreted
-@pytest.mark.parametrize(
-    "deterministic, windowed",
-    [(False, False), (True, False), (False, True)],
-    ids=["atomic_per_pair", "deterministic", "windowed"],
-)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_per_pair", "deterministic"])
 @pytest.mark.parametrize("case", ["c2p_p2c_buckets", "p2c_only_unbucketed", "no_position_terms"])
 def test_dropout_matches_eager_given_the_kernels_mask(
     case: str,
     deterministic: bool,
-    windowed: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from pretrain.models.attention import fused
-
-    calls = _windowed(monkeypatch) if windowed else []
 
     terms, buckets, max_rel = CORE_CASES[case]
     length, rate, seed = 37, 0.3, 12345
@@ -703,7 +514,6 @@ def test_dropout_matches_eager_given_the_kernels_mask(
     # and the mask mattered: without dropout the output is another one
     plain = fused.fused_disentangled_attention(q, k, v, pos_k, pos_q, idx, mask, scale)
     assert (plain - got).abs().max() > 0.1
-    assert bool(calls) == (windowed and bool(terms))  # the windowed kernels served it
 
 
 @interpreted
@@ -997,11 +807,7 @@ def test_attention_impl_is_not_exported() -> None:
 
 
 @interpreted
-@pytest.mark.parametrize("windowed", [False, True], ids=["gathered", "windowed"])
-def test_model_with_fused_attention_matches_eager(
-    windowed: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls = _windowed(monkeypatch) if windowed else []
+def test_model_with_fused_attention_matches_eager() -> None:
     torch.manual_seed(0)
     eager_config = _config(8, 32, num_hidden_layers=2, share_att_key=False)
     eager = DebertaModel(eager_config)
@@ -1037,8 +843,6 @@ def test_model_with_fused_attention_matches_eager(
     for name, grad in want_grads.items():
         scale = max(1.0, grad.abs().max().item())
         assert (got_grads[name] - grad).abs().max().item() <= MODEL_TOL * scale, name
-    # two layers and the decoder's one, each forward with its backward: the windowed kernels
-    assert len(calls) == (3 if windowed else 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1069,38 +873,9 @@ def _gpu_case(dtype: torch.dtype, seed: int = 0, length: int = 512, dropout: flo
 
 @compiled
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "windowed, length, launch",
-    [
-        (False, 512, None),
-        (False, 1024, None),
-        (True, 512, None),
-        (True, 1024, None),
-        (True, 512, (32, 8, 2)),
-        (True, 1024, (32, 8, 2)),
-    ],  # fmt: skip
-    # 1024: past v3's 512 relative positions, so the clamped ends' long runs; 32x8: the
-    # windowed kernels' other launch that bench/attention.py times
-    ids=[
-        "gathered",
-        "gathered_1024",
-        "windowed",
-        "windowed_1024",
-        "windowed_32x8",
-        "windowed_32x8_1024",
-    ],  # fmt: skip
-)
-def test_gpu_bf16_fused_error_is_eager_bf16_error(
-    windowed: bool,
-    length: int,
-    launch: tuple[int, int, int] | None,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from pretrain.models.attention import fused
-
-    monkeypatch.setattr(fused, "WINDOWED", windowed)
-    if launch is not None:
-        monkeypatch.setattr(fused, "WINDOW_LAUNCH", launch)
+# 1024: past v3's 512 relative positions, so the clamped ends' long runs
+@pytest.mark.parametrize("length", [512, 1024])
+def test_gpu_bf16_fused_error_is_eager_bf16_error(length: int) -> None:
     run = _gpu_case(torch.bfloat16, length=length)
     reference, eager = run("eager", torch.float32), run("eager", torch.bfloat16)
     fused = run("triton", torch.bfloat16)
@@ -1109,25 +884,20 @@ def test_gpu_bf16_fused_error_is_eager_bf16_error(
 
 @compiled
 @pytest.mark.gpu
-@pytest.mark.parametrize("windowed", [False, True], ids=["gathered", "windowed"])
-def test_gpu_uniform_tiles_keep_the_bf16_error(
-    windowed: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_gpu_uniform_tiles_keep_the_bf16_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """At L=1000 (past v3's 512 relative positions, and not a multiple of any tile) a fifth of
-    the tiles have one position index: compiled, each kernel family meets the bf16 criterion
-    with those tiles and without, and the gather kernels' uniform tiles give the same output
-    bits, as under the interpreter."""
+    the tiles have one position index: compiled, the kernels meet the bf16 criterion with those
+    tiles and without, and the uniform tiles give the same output bits, as under the
+    interpreter."""
     from pretrain.models.attention import fused
 
-    monkeypatch.setattr(fused, "WINDOWED", windowed)
     run = _gpu_case(torch.bfloat16, length=1000)
     reference, eager = run("eager", torch.float32), run("eager", torch.bfloat16)
     monkeypatch.setattr(fused, "UNIFORM_TILES", False)
     without = run("triton", torch.bfloat16)
     monkeypatch.setattr(fused, "UNIFORM_TILES", True)
     uniform = run("triton", torch.bfloat16)
-    if not windowed:
-        assert torch.equal(uniform[0], without[0])
+    assert torch.equal(uniform[0], without[0])
     for form in (without, uniform):
         _assert_error_at_most_twice_eagers(reference, eager, form, slack=1e-2)
 

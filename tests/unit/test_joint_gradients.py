@@ -1,13 +1,12 @@
 """The joint q/k/v projection's split takes its gradients back without a copy when they are
-adjacent slices of one buffer (the windowed kernels' dq, dk, dv), and copies them otherwise."""
+adjacent slices of one buffer, and copies them otherwise."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from pretrain.models.attention import joined
-from pretrain.models.deberta import _joint_linear, _split_heads, _SplitLast
+from pretrain.models.deberta import _joint_linear, _SplitLast
 
 
 def test_joined_finds_adjacent_slices_only() -> None:
@@ -69,28 +68,3 @@ def test_joint_linear_gradients_are_plain_splits() -> None:
     want = [x.grad] + [p.grad for m in linears for p in (m.weight, m.bias)]
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
-
-
-def test_the_windowed_gradients_are_one_buffer_where_q_k_v_are() -> None:
-    pytest.importorskip("triton")
-    from pretrain.models.attention.fused import _gradient_slices
-
-    batch, length, heads, d = 2, 6, 3, 4
-    width = heads * d
-    y = torch.randn(batch, length, 3 * width)
-    q, k, v = (_split_heads(part, heads) for part in y.split(width, dim=-1))
-    dq, dk, dv = _gradient_slices(q, k, v)
-    assert all(g.shape == q.shape for g in (dq, dk, dv))
-    whole = joined([g.transpose(1, 2).flatten(2) for g in (dq, dk, dv)])
-    assert whole is not None and whole.shape == y.shape
-    # k and v from one matmul, q from another (the enhanced mask decoder): k and v joined
-    q = _split_heads(torch.randn(batch, length, width), heads)
-    dq, dk, dv = _gradient_slices(q, k, v)
-    assert joined([g.transpose(1, 2).flatten(2) for g in (dk, dv)]) is not None
-    assert joined([g.transpose(1, 2).flatten(2) for g in (dq, dk)]) is None
-    assert dk.stride() == dv.stride()  # the dk/dv kernel writes both with one set of strides
-    # separate leaves: separate gradients, dk and dv with one set of strides
-    leaves = [torch.randn(batch, heads, length, d) for _ in range(3)]
-    dq, dk, dv = _gradient_slices(*leaves)
-    assert joined([g.transpose(1, 2).flatten(2) for g in (dq, dk, dv)]) is None
-    assert dk.stride() == dv.stride() and dq.stride() == dk.stride()

@@ -26,18 +26,6 @@ STEP = {"_forward_kernel", "_row_dot_kernel", "_backward_kernel"}  # one forward
 KERNELS = {
     "deterministic": STEP | {"_backward_dq_kernel"},  # and no atomics in _backward_kernel
     "mlm_head": {"_mlm_rows_kernel"},
-    **dict.fromkeys(
-        (
-            "windowed",
-            "windowed_dropout",
-            "windowed_p2c_only",
-            "windowed_fp16",
-            "windowed_nouniform",
-            "windowed_32x4",
-            "windowed_32x8",
-        ),
-        {"_window_forward_kernel", "_row_dot_kernel", "_window_backward_kernel"},
-    ),
 }
 _compiled: set[str] = set()  # a launch several paths share compiles once
 

@@ -77,10 +77,10 @@ def kept_on(index: torch.Tensor, name: str, key: Any, make: Callable[[], T]) -> 
 
 
 def index_steps(index: torch.Tensor) -> str:
-    """How the relative index moves as i - j rises: "unit" (by 0 or 1 at each step; every fused
-    form runs, the windowed kernels included), "monotone" (never down, some step larger: the
-    gather kernels run), or "other" (down somewhere, as log buckets with max_relative_positions
-    at most position_buckets / 2 + 1 make it: only eager is right). Read once per table
+    """How the relative index moves as i - j rises: "unit" (by 0 or 1 at each step) or
+    "monotone" (never down, some step larger), both of which the fused kernels take, or "other"
+    (down somewhere, as log buckets with max_relative_positions at most position_buckets / 2 +
+    1 make it: only eager is right). Read once per table
     (`kept_on`; the model's are made with it: `relative_index_table`)."""
 
     def read() -> str:
@@ -97,8 +97,8 @@ def joined(parts: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
     when they are adjacent slices of one buffer along it (as `split(..., -1)` makes them:
     same shape but the last dimension, same strides, the last 1, each starting where the one
     before ends); else None. So a gradient made in one buffer for several outputs of one
-    projection (the fused attention's dq, dk, dv: `fused._gradient_slices`) goes back through
-    their split as that buffer (`deberta._joint_linear`), not copied into a new one."""
+    projection goes back through their split as that buffer (`deberta._joint_linear`), not
+    copied into a new one."""
     first = parts[0]
     if first is None or first.dim() == 0:
         return None

@@ -16,9 +16,6 @@ adds dq, dQP and dKP with atomics (one per pair; with `UNIFORM_TILES` a tile who
 one position index adds its row and column sums), or, `deterministic`, runs a second kernel
 that makes dq and dQP without (see `_kernels`).
 
-`WINDOWED` takes the windowed kernels instead (`_window_kernels`, `_WindowedAttention`): no
-QP / KP, no atomics.
-
 Where it runs: compiled on CUDA; on CPU only under Triton's interpreter, which the tests use.
 Triton picks interpreted or compiled when a `triton.jit` function is defined, its own library
 (`tl.max`, `tl.zeros`, ...) included, so TRITON_INTERPRET=1 must be set before triton is first
@@ -28,7 +25,6 @@ imported; `_launch_settings` says so when it was not.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import torch
@@ -38,10 +34,8 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from pretrain.models.attention import (
     _kernels,
-    _window_kernels,
     disentangled_attention_eager,
     index_steps,
-    joined,
     kept_on,
     warn_once,
 )
@@ -56,26 +50,8 @@ LOG2E = 1.0 / math.log(2.0)
 # one per pair or run (True); or every tile gathers and scatters (False). With v3's 512
 # relative positions, 54% of the 64x64 tiles at L=2048, 22% at 1024, none at 512. On an H100
 # (78f0ec9) the attention at L=2048 B=8 took 9.39 ms with it against 12.81 without (the 32x64
-# backward tile). The deterministic backward's position gradients do not take it. The
-# windowed kernels take it too (their uniform tiles skip the window matmuls; untimed).
+# backward tile). The deterministic backward's position gradients do not take it.
 UNIFORM_TILES = True
-
-
-# The windowed kernels (`_window_kernels`): each tile's position terms from matmuls over the
-# window of position-table rows it spans, picked per pair with tl.gather, and the backward's
-# position gradients as window sums and matmuls in three atomic-free kernels, so no [B, h, L,
-# 2S] product, gradient, zeroing or cast exists (True); or the gather kernels (False). Heads
-# of up to 64, relative indexes that rise by 0 or 1 per unit of i - j (DeBERTa's do);
-# elsewhere the gather kernels run. Deterministic by construction. Not timed on a GPU yet.
-WINDOWED = False
-
-# The windowed kernels' launch on a GPU: (BLOCK, num_warps, num_stages). BLOCK is the square
-# tile (windows of 2 * BLOCK rows); the tables' gradients run tiles of BLOCK // 2. At 64 x 8
-# warps every kernel holds 255 registers and spills 16-200 B (sm_90, Triton 3.6); at 32 x 8
-# none spills, at 32 x 4 the dk/dv kernel 32 B (`python bench/kernel_compile.py --path
-# windowed windowed_32x4 windowed_32x8`). Untimed: `bench/attention.py --tiles
-# default+window default+window32x8 ...` compares them.
-WINDOW_LAUNCH = (64, 8, 2)
 
 
 def _interpreting() -> bool:
@@ -368,45 +344,6 @@ def _position_grads(
     return out, torch.bmm(dxp.transpose(1, 2), _by_head(x)).to(pos.dtype)
 
 
-# `_rise_table`'s value past the table's last position index: no pair's i - j reaches it.
-_FAR = 1 << 20
-
-
-def parse_window_launch(text: str) -> tuple[int, int, int] | None:
-    """`BLOCKxWARPS[xSTAGES]` (stages default to 2) as a `WINDOW_LAUNCH`, or None when the text
-    is not one a GPU can launch (blocks of 32 or 64: the tables' half tiles need 16 rows for
-    tl.dot; larger windows would not fit in registers): what the benchmarks' flags take."""
-    found = re.fullmatch(r"(\d+)x(\d+)(?:x(\d+))?", text)
-    if found is None:
-        return None
-    block, warps, stages = (int(x) if x else 2 for x in found.groups())
-    if block not in (32, 64) or warps not in (1, 2, 4, 8, 16) or not 1 <= stages <= 4:
-        return None
-    return block, warps, stages
-
-
-def _window_launch() -> tuple[int, int, int]:
-    """The windowed kernels' (BLOCK, num_warps, num_stages): `WINDOW_LAUNCH` on a GPU, tiles of
-    16 under the interpreter (small, and tests cross tile edges)."""
-    return (16, 4, 2) if _interpreting() else WINDOW_LAUNCH
-
-
-def _rise_table(index: torch.Tensor, width: int, window: int) -> torch.Tensor:
-    """int32 [width + window + 1]: entry c is the least i - j whose position index is at
-    least c (`_FAR` where none is), so a tile's keys or queries with a given c are counted
-    from it (`_window_kernels._row_window_sums`) and its uniform tiles found. Made once per
-    table (`kept_on`): the model's index is one tensor for every layer and step."""
-
-    def make() -> torch.Tensor:
-        length = (index.numel() + 1) // 2
-        wanted = torch.arange(width + window + 1, device=index.device, dtype=index.dtype)
-        at = torch.searchsorted(index, wanted)  # the index is sorted: it rises with i - j
-        rise = (at - (length - 1)).to(torch.int32)
-        return torch.where(at < index.numel(), rise, torch.full_like(rise, _FAR)).contiguous()
-
-    return kept_on(index, "_pretrain_rise", (width, window), make)
-
-
 def _end_runs(index: torch.Tensor) -> tuple[int, int]:
     """How many i - j at each end of the (sorted) index, its least and its greatest, share the
     end's position row: past max_relative_positions, the clamped runs. Read off the device
@@ -427,239 +364,8 @@ def _uniform_tiles(cfg: dict[str, Any], index: torch.Tensor, extent: int) -> boo
     """Whether the kernels take the uniform-tile forms (`UNIFORM_TILES`) for this index and a
     tile spanning `extent` values of i - j: only where a tile can be uniform, i.e. where a run
     at one end of the index is that long. Elsewhere (v3 up to L=512) the kernels are compiled
-    without those forms, which cost registers (the windowed kernels spill more with them)."""
+    without those forms, which cost registers."""
     return bool(cfg["uniform_tiles"]) and max(_end_runs(index)) >= extent
-
-
-def _window_starts(index: torch.Tensor, length: int, block: int) -> torch.Tensor:
-    """The first window row of each diagonal of tiles (query block - key block = -n + 1 .. n -
-    1), as `_window_kernels._window_start` finds it."""
-    n = triton.cdiv(length, block)
-    diagonal = torch.arange(-n + 1, n, device=index.device)
-    return index[(diagonal * block - (block - 1) + length - 1).clamp(0, 2 * length - 2)]
-
-
-def _sum_windows(
-    buf: torch.Tensor, starts: torch.Tensor, width: int, batch: int, heads: int, d: int,
-    dtype: torch.dtype,
-) -> torch.Tensor:  # fmt: skip
-    """[h, width, d] in `dtype`, the table's: the diagonals' window rows ([B * h, diagonals,
-    W, D] in `dtype`, each summed over its diagonal's tiles in fp32 and rounded once as the
-    kernel stored it), summed over the batch in fp32 and added into the table rows they stand
-    for by a 0/1 matmul, in a fixed order, so the result is the same bits on every run. In a
-    half dtype each diagonal's row is rounded once more for the matmul's tensor cores, which
-    accumulate in fp32; an fp32 matmul of these shapes cost about 0.1 ms a table per layer.
-    (The gather kernels' position gradients round every pair's dQP before their GEMM: B * L
-    roundings to these B.) Window rows past the table (zero) go to a spare row."""
-    window = buf.shape[2]
-    rows = (starts[:, None] + torch.arange(window, device=buf.device)).clamp(max=width)
-    place = torch.zeros(width + 1, rows.numel(), dtype=dtype, device=buf.device)
-    place[rows.reshape(-1), torch.arange(rows.numel(), device=buf.device)] = 1.0
-    summed = buf.view(batch, heads, rows.numel(), -1).sum(0, dtype=torch.float32).to(dtype)
-    return torch.matmul(place, summed)[:, :width, :d]
-
-
-def _add_end_rows(grad: torch.Tensor, end: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """A table's gradient [h, width, d] (fp32 out) with the uniform tiles' share added: `end`
-    [B * h, blocks, 2, BLOCK_D] fp32 as the dk/dv or dq kernel stored it (top, then bottom),
-    summed over batch and blocks into `rows` (the index's last and first rows)."""
-    heads, _, d = grad.shape
-    sums = end.view(-1, heads, end.shape[1], 2, end.shape[3]).sum((0, 2))[..., :d]  # [h, 2, d]
-    return grad.float().index_add_(1, rows, sums)
-
-
-def _heads_joined(x: torch.Tensor) -> torch.Tensor | None:
-    """x [B, h, L, d] as the [B, L, h * d] slice of a projection's output it is a view of, or
-    None where it is not one (no copy either way)."""
-    batch, heads, length, d = x.shape
-    try:
-        return x.transpose(1, 2).view(batch, length, heads * d)
-    except RuntimeError:
-        return None
-
-
-def _gradient_slices(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Empty gradients for q, k, v (one dtype, the glue's cast), each in [B, L, h, d] memory;
-    dk and dv with one set of strides (the windowed dk/dv kernel takes one). Where q, k, v are
-    adjacent slices of one projection's output (`attention.joined`: the model's joint q/k/v
-    matmul), so are their gradients, of one buffer, which the model's split then takes back
-    whole, without the copy into a new one that split's backward makes (`deberta._SplitLast`);
-    where only k and v are (the enhanced mask decoder's queries come from their own matmul),
-    those two."""
-    batch, heads, length, d = q.shape
-    width = heads * d
-    slices = [_heads_joined(x) for x in (q, k, v)]
-
-    def buffer(parts: int) -> list[torch.Tensor]:
-        whole = torch.empty(batch, length, parts * width, dtype=q.dtype, device=q.device)
-        return list(whole.split(width, dim=-1))
-
-    if all(x is not None for x in slices) and joined(slices) is not None:
-        grads = buffer(3)
-    elif slices[1] is not None and slices[2] is not None and joined(slices[1:]) is not None:
-        grads = buffer(1) + buffer(2)
-    else:
-        grads = buffer(1) + buffer(1) + buffer(1)
-    dq, dk, dv = (g.unflatten(-1, (heads, d)).transpose(1, 2) for g in grads)
-    return dq, dk, dv
-
-
-class _WindowedAttention(torch.autograd.Function):
-    """The windowed kernels' forward and backward (`WINDOWED`; arguments as
-    `_FusedDisentangledAttention`'s, less `deterministic`: these have no atomics)."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        pos_k: torch.Tensor | None,
-        pos_q: torch.Tensor | None,
-        rel_index: torch.Tensor,
-        mask: torch.Tensor,
-        scale: float,
-        dropout_p: float,
-        seed: int,
-    ) -> torch.Tensor:
-        cfg = _launch_settings(q)
-        block, warps, stages = _window_launch()
-        batch, heads, length, d = q.shape
-        # One layout for both tables (the kernels take one set of strides), in q's dtype.
-        pk = pos_k.to(q.dtype).contiguous() if pos_k is not None else None
-        pq = pos_q.to(q.dtype).contiguous() if pos_q is not None else None
-        table = pk if pk is not None else pq
-        assert table is not None, "the windowed kernels are for position terms"
-        rise = _rise_table(rel_index, table.shape[1], 2 * block)
-        out = torch.empty(batch, length, heads, d, dtype=q.dtype, device=q.device).transpose(1, 2)
-        lse = torch.empty(batch, heads, length, dtype=torch.float32, device=q.device)
-        grid = (triton.cdiv(length, block), batch * heads)
-        _window_kernels._window_forward_kernel[grid](
-            q, k, v, pk if pk is not None else table, pq if pq is not None else table,
-            rel_index, rise, mask, out, lse,
-            *q.stride(), *k.stride(), *v.stride(), *table.stride(), *out.stride(), mask.stride(0),
-            heads, length, d, table.shape[1],
-            scale * LOG2E,
-            *_dropout_args(dropout_p, seed),
-            HAS_C2P=pk is not None,
-            HAS_P2C=pq is not None,
-            DROPOUT=dropout_p > 0,
-            UNIFORM_TILES=_uniform_tiles(cfg, rel_index, 2 * block - 1),
-            BLOCK=block,
-            BLOCK_D=cfg["block_d"],
-            DOT_PRECISION=cfg["precision"],
-            num_warps=warps,
-            num_stages=stages,
-        )  # fmt: skip
-        ctx.save_for_backward(q, k, v, pk, pq, rel_index, mask, out, lse)
-        ctx.scale = scale
-        ctx.dropout = (dropout_p, seed)
-        ctx.table_dtypes = (
-            pos_k.dtype if pos_k is not None else None,
-            pos_q.dtype if pos_q is not None else None,
-        )
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, pk, pq, rel_index, mask, out, lse = ctx.saved_tensors
-        cfg = _launch_settings(q)
-        block, warps, stages = _window_launch()
-        window = 2 * block
-        batch, heads, length, d = q.shape
-        dout = dout.to(q.dtype)
-        delta = _row_dots(out, dout, cfg)
-        table = pk if pk is not None else pq
-        width = table.shape[1]
-        rise = _rise_table(rel_index, width, window)
-
-        dq, dk, dv = _gradient_slices(q, k, v)
-        want_tables = (pk is not None and ctx.needs_input_grad[3]) or (
-            pq is not None and ctx.needs_input_grad[4]
-        )
-        n = triton.cdiv(length, block)
-        # The tables' gradients take half the tile: two [2 * block, d] fp32 sums in registers
-        # spilled 1,240 bytes at 64 (sm_90, Triton 3.6); the diagonals are of these tiles.
-        table_block = block // 2
-        diagonals = 2 * triton.cdiv(length, table_block) - 1
-        shape = (batch * heads, diagonals, 2 * table_block, cfg["block_d"])
-
-        def scratch(
-            table: torch.Tensor | None, wanted: bool, size: tuple[int, ...], dtype: torch.dtype
-        ) -> Any:
-            if table is None or not wanted:
-                return lse  # not written
-            return torch.empty(size, dtype=dtype, device=q.device)
-
-        # The diagonals' window rows in the inputs' dtype: written once and read once per
-        # layer, [B * h, diagonals, 2 * table_block, d], 98 MB a table at v3-base L=512 B=32
-        # in bf16 (twice that in fp32, as they were stored until 2026-11-28).
-        dpk = scratch(pk, want_tables, shape, q.dtype)
-        dpq = scratch(pq, want_tables, shape, q.dtype)
-        # The uniform tiles' share of the tables' gradients, from the dk/dv and dq kernels:
-        # per program, the top and bottom rows' sums (`_window_kernels._store_end_rows`).
-        uniform = _uniform_tiles(cfg, rel_index, 2 * block - 1)  # KIND 2 counts these tiles too
-        ends = want_tables and uniform
-        end_shape = (batch * heads, n, 2, cfg["block_d"])
-        dpk_end = scratch(pk, ends, end_shape, torch.float32)
-        dpq_end = scratch(pq, ends, end_shape, torch.float32)
-        common = (
-            q, k, v, pk if pk is not None else table, pq if pq is not None else table,
-            rel_index, rise, mask, dout, lse, delta,
-        )  # fmt: skip
-
-        def sizes(written: torch.Tensor) -> tuple[Any, ...]:
-            # the strides of the gradients a launch writes: dk and dv's, or dq's
-            return (
-                *q.stride(), *k.stride(), *v.stride(), *table.stride(), *dout.stride(),
-                mask.stride(0), *written.stride()[:3],
-                heads, length, d, width, diagonals,
-                ctx.scale, ctx.scale * LOG2E, *_dropout_args(*ctx.dropout),
-            )  # fmt: skip
-
-        options = dict(
-            HAS_C2P=pk is not None,
-            HAS_P2C=pq is not None,
-            DROPOUT=ctx.dropout[0] > 0,
-            UNIFORM_TILES=uniform,
-            BLOCK=block,
-            BLOCK_D=cfg["block_d"],
-            DOT_PRECISION=cfg["precision"],
-            num_warps=warps,
-            num_stages=stages,
-        )
-        kernel = _window_kernels._window_backward_kernel
-        buffers = (dpk, dpq, dpk_end, dpq_end)
-        options["TABLES"] = want_tables
-        assert dk.stride() == dv.stride()
-        kernel[(n, batch * heads)](*common, dk, dv, *buffers, *sizes(dk), KIND=0, **options)
-        kernel[(n, batch * heads)](*common, dq, dv, *buffers, *sizes(dq), KIND=1, **options)
-        dpos_k = dpos_q = None
-        if want_tables:
-            options["BLOCK"] = table_block
-            kernel[(diagonals, batch * heads)](
-                *common, dq, dv, *buffers, *sizes(dq), KIND=2, **options
-            )
-            starts = _window_starts(rel_index, length, table_block)
-            # the rows the uniform tiles' sums belong to: the index's last and first
-            end_rows = torch.stack([rel_index[-1], rel_index[0]]).long()
-
-            def table_grad_of(buf: torch.Tensor, end: torch.Tensor, dtype: torch.dtype) -> Any:
-                # In the inputs' dtype, as the gather kernels' GEMMs make the tables' gradients
-                grad = _sum_windows(buf, starts, width, batch, heads, d, q.dtype)
-                if ends:
-                    grad = _add_end_rows(grad, end, end_rows)
-                return grad.to(dtype)
-
-            with torch.autocast(q.device.type, enabled=False):
-                if pk is not None and ctx.needs_input_grad[3]:
-                    dpos_k = table_grad_of(dpk, dpk_end, ctx.table_dtypes[0])
-                if pq is not None and ctx.needs_input_grad[4]:
-                    dpos_q = table_grad_of(dpq, dpq_end, ctx.table_dtypes[1])
-        return (dq, dk, dv, dpos_k, dpos_q, None, None, None, None, None)
 
 
 # Under torch.compile (trainer.compile) the kernel runs as it is, a graph break on each side:
@@ -699,8 +405,8 @@ def fused_disentangled_attention(
     else:
         assert rel_index is not None and rel_index.shape == (2 * length - 1,), "see relative_index"
         index = rel_index.to(device=q.device, dtype=torch.int32).contiguous()
-    steps = index_steps(index) if tables else "unit"
-    if steps == "other":  # checked here, inside torch.compiler.disable: no graph break for it
+    # checked here, inside torch.compiler.disable: no graph break for it
+    if tables and index_steps(index) == "other":
         warn_once(
             "the relative index goes down as i - j rises (log buckets with max_relative_positions"
             " at most position_buckets / 2 + 1), which the fused attention kernels cannot take: "
@@ -713,8 +419,6 @@ def fused_disentangled_attention(
         seed = int(torch.randint(SEED_LIMIT, ())) if dropout_p > 0 else 0
     assert 0 <= seed < SEED_LIMIT, seed
     mask = token_mask.to(device=q.device, dtype=torch.int8).contiguous()
-    if WINDOWED and tables and d <= 64 and steps == "unit":
-        return _WindowedAttention.apply(q, k, v, pos_k, pos_q, index, mask, scale, dropout_p, seed)
     return _FusedDisentangledAttention.apply(
         q, k, v, pos_k, pos_q, index, mask, scale, deterministic, dropout_p, seed
     )
