@@ -22,7 +22,6 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +32,6 @@ from pretrain.models.attention import (
     choose_impl,
     disentangled_attention,
     index_steps,
-    joined,
 )
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -338,51 +336,17 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.transpose(-3, -2)
 
 
-class _SplitLast(torch.autograd.Function):
-    """`y.split(sizes, -1)`, whose backward hands back the gradients' own buffer when they are
-    adjacent slices of one (`attention.joined`) instead of copying them into a new one, as
-    split's own backward (a cat) does: at v3-base L=512 B=32 75 MB written and read per layer.
-    The windowed attention kernels made dq, dk, dv so; since their removal none of the
-    attention paths does, and every backward here takes the cat."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, y: torch.Tensor, sizes: list[int]
-    ) -> tuple[torch.Tensor, ...]:
-        ctx.sizes = sizes
-        return y.split(sizes, dim=-1)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, None]:
-        whole = joined(grads)
-        if whole is None:
-            known = next(g for g in grads if g is not None)
-            whole = torch.cat(
-                [
-                    g if g is not None else known.new_zeros(*known.shape[:-1], size)
-                    for g, size in zip(grads, ctx.sizes, strict=True)
-                ],
-                dim=-1,
-            )
-        return whole, None
-
-
 def _joint_linear(x: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tensor]:
     """Several projections of one input as one matmul: [m(x) for m in linears], as views of
     one output. One GEMM (and one backward GEMM for x's gradient, summing the projections'
     contributions inside it) instead of one each, and under autocast one cast of x. The weights
-    stay separate parameters, as transformers names them. Compiled (trainer.compile), the
-    split is torch's own, for the compiler to fuse; eager, `_SplitLast`."""
+    stay separate parameters, as transformers names them."""
     if len(linears) == 1:
         return [linears[0](x)]
     weight = torch.cat([m.weight for m in linears])
     bias = torch.cat([m.bias for m in linears])
     y = F.linear(x, weight, bias)
-    sizes = [m.out_features for m in linears]
-    if torch.compiler.is_compiling():
-        return list(y.split(sizes, dim=-1))
-    return list(_SplitLast.apply(y, sizes))
+    return list(y.split([m.out_features for m in linears], dim=-1))
 
 
 class DisentangledSelfAttention(nn.Module):

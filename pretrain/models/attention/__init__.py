@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
@@ -90,42 +90,6 @@ def index_steps(index: torch.Tensor) -> str:
         return "unit" if bool((steps <= 1).all()) else "monotone"
 
     return kept_on(index, "_pretrain_steps", None, read)
-
-
-def joined(parts: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
-    """The one tensor whose last dimension `parts` tile in order, as a view without a copy,
-    when they are adjacent slices of one buffer along it (as `split(..., -1)` makes them:
-    same shape but the last dimension, same strides, the last 1, each starting where the one
-    before ends); else None. So a gradient made in one buffer for several outputs of one
-    projection goes back through their split as that buffer (`deberta._joint_linear`), not
-    copied into a new one."""
-    first = parts[0]
-    if first is None or first.dim() == 0:
-        return None
-    lead, strides = first.shape[:-1], first.stride()[:-1]
-    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
-    for part in parts:
-        if (
-            part is None
-            or part.shape[:-1] != lead
-            or part.stride()[:-1] != strides
-            or (part.stride(-1) != 1 and part.shape[-1] > 1)
-            or part.dtype != first.dtype
-            or part.device != first.device
-            or part.untyped_storage().data_ptr() != storage
-            or part.storage_offset() != offset
-        ):
-            return None
-        offset += part.shape[-1]
-    width = offset - first.storage_offset()
-    # The joined rows must not overlap: each leading dimension steps past everything inside it.
-    extent = width
-    for size, stride in sorted(zip(lead, strides, strict=True), key=lambda d: d[1]):
-        if size > 1:
-            if stride < extent:
-                return None
-            extent += stride * (size - 1)
-    return first.as_strided((*lead, width), (*strides, 1), first.storage_offset())
 
 
 _warned: set[str] = set()
