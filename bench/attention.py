@@ -15,7 +15,9 @@ checked anywhere.
 Tiles are FWD_MxN/BWD_MxN (BLOCK_M x BLOCK_N of the forward and the backward kernels);
 "default" is what `fused._launch_settings` picks. A `+nouniform` suffix turns off the tiles
 whose pairs share one position index, read and summed per row and column
-(`fused.UNIFORM_TILES`, on by default; `+uniform` turns it on). The "triton deterministic"
+(`fused.UNIFORM_TILES`, on by default; `+uniform` turns it on), and `+fw16` / `+bw16` launch
+the forward / the backward kernels with 16 warps (or 4, 8; `fused.FORWARD_WARPS`,
+`fused.BACKWARD_WARPS`, 8 by default). The "triton deterministic"
 row is the kernel with its atomics-free backward (default tiles), what
 `trainer.deterministic=true` runs: its cost over the default backward. `--profile` adds, per
 length, torch profiler's kernel table for one call of eager and of the fused kernel (default
@@ -112,15 +114,17 @@ def sdpa(c: Case) -> tuple[torch.Tensor, torch.Tensor]:
     return out, q.grad
 
 
-FORMS = {  # a spec's +suffixes: the backward's launch settings each sets
+FORMS: dict[str, dict[str, object]] = {  # a spec's +suffixes: the launch settings each sets
     "uniform": {"uniform_tiles": True},
     "nouniform": {"uniform_tiles": False},
+    **{f"fw{w}": {"fwd_warps": w} for w in (4, 8, 16)},
+    **{f"bw{w}": {"bwd_warps": w} for w in (4, 8, 16)},
 }
 
 
 def parse_tiles(spec: str) -> dict | None:
-    """`FWD_MxN/BWD_MxN` or `default`, then any of `+uniform`, `+nouniform` (`FORMS`): the
-    launch settings to override, or None when the spec is malformed."""
+    """`FWD_MxN/BWD_MxN` or `default`, then any of `+uniform`, `+nouniform`, `+fwW`, `+bwW`
+    (`FORMS`): the launch settings to override, or None when the spec is malformed."""
     tile_part, *forms = spec.split("+")
     if not all(f in FORMS for f in forms):
         return None
@@ -236,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         if parse_tiles(spec) is None:
             print(
                 f"error: --tiles {spec!r}: write FWD_MxN/BWD_MxN or default, optionally with "
-                f"any of {', '.join('+' + f for f in FORMS)}, e.g. 128x64/64x64+nouniform",
+                f"any of {', '.join('+' + f for f in FORMS)}, e.g. 128x64/64x64+nouniform or default+fw16+bw16",
                 file=sys.stderr,
             )
             return 2

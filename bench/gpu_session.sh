@@ -7,10 +7,11 @@
 #
 #   bash bench/gpu_session.sh [OUT_DIR [STAGE ...]]
 #
-# OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env tests attention rtd_512 rtd_2048_b4
-# mlm_head rtd_host rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout
+# OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env tests attention rtd_warps rtd_512
+# rtd_2048_b4 mlm_head rtd_host rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout
 # attention_dropout rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1 (default:
-# all, in that order, the most needed first; one 10-minute call reaches about rtd_bf16). rtd_host is the
+# all, in that order, the most needed first; one 10-minute call reaches about rtd_bf16).
+# rtd_warps is the step at the warps the attention stage found fastest; rtd_host is the
 # step's host-or-GPU account, rtd_graphs the layers as CUDA graphs (part of the fix if the host
 # bounds it),
 # rtd_rows its A/B; rtd_bf16 both sides in bf16 weights; rtd_2048_b4 the comparison at L=2048
@@ -85,7 +86,7 @@ fi
 
 out=${1:-${OUT:-gpu_session}}
 shift || true
-stages=${*:-env tests attention rtd_512 rtd_2048_b4 mlm_head rtd_host rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout attention_dropout rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1}
+stages=${*:-env tests attention rtd_warps rtd_512 rtd_2048_b4 mlm_head rtd_host rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout attention_dropout rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1}
 mkdir -p "$out"
 # Stages stop here at the latest, inside the device tool's 10-minute command.
 deadline=$((SECONDS + ${BUDGET_S:-580}))
@@ -178,12 +179,32 @@ stage_rtd_rows() {
     stage rtd_rows 45 "$py" bench/rtd_step.py --impl ours --attention triton --device-rows \
         --seq-len 512 --batch 32 --warmup 2 --steps 5 --profile
 }
-# The attention core alone at the default launch, profiled, beside its deterministic backward,
-# eager and SDPA. The gather kernels without uniform tiles (4.55 / 12.81 ms against 4.72 /
-# 9.39) and their backward's atomic options (+runs, +half, +singles) were timed on 78f0ec9, the
-# windowed kernels on 2026-11-28 (README); none is timed again.
+# The attention core alone, profiled, beside its deterministic backward, eager and SDPA: the
+# default launch and the forward, the backward and both at 16 warps (fused.FORWARD_WARPS,
+# BACKWARD_WARPS; 128 registers a thread instead of 255, so twice the warps per SM). The
+# gather kernels without uniform tiles (4.55 / 12.81 ms against 4.72 / 9.39) and their
+# backward's atomic options (+runs, +half, +singles) were timed on 78f0ec9, the windowed
+# kernels and diagonal position gradients on 2026-11-28 (README); none is timed again.
 stage_attention() {
-    stage attention 60 "$py" bench/attention.py --steps 5 --profile --tiles default
+    stage attention 60 "$py" bench/attention.py --steps 5 --profile \
+        --tiles default default+fw16 default+bw16 default+fw16+bw16
+}
+# The step at the warps the attention stage (run before it) timed fastest at L=512, when that
+# is not the default: "triton default+fw16" in attention.log's rows -> --fused-warps 16/8.
+stage_rtd_warps() {
+    local best
+    best=$(awk '$1 == "triton" && $2 ~ /^default(\+[fb]w16)*$/ && $3 == 512 && $5 + 0 > 0 {
+        if (min == "" || $5 < min) { min = $5; best = $2 } } END { print best }' \
+        "$out/attention.log" 2>/dev/null)
+    if [ -z "$best" ] || [ "$best" = "default" ]; then
+        echo "== rtd_warps: skipped, the fastest launch is ${best:-unknown}"
+        return 0
+    fi
+    local fwd=8 bwd=8
+    [[ $best == *fw16* ]] && fwd=16
+    [[ $best == *bw16* ]] && bwd=16
+    stage rtd_warps 80 "$py" bench/rtd_step.py --impl ours --attention triton --compile on \
+        --fused-warps "$fwd/$bwd" --seq-len 512 2048 --batch 32 4 --warmup 2 --steps 5
 }
 # DeBERTa's published attention dropout, 0.1, on both sides: the fused kernel's in-kernel
 # dropout (what auto runs under dropout since 2026-11-27) against eager and HF; then the attention core alone with it, at the default and the spill-free backward tile.

@@ -177,6 +177,7 @@ PATHS = {
     "deterministic": lambda: attention_launches(deterministic=True),
     "dropout": lambda: attention_launches(dropout=0.1),
     "nouniform": lambda: attention_launches(UNIFORM_TILES=False),
+    "warps16": lambda: attention_launches(FORWARD_WARPS=16, BACKWARD_WARPS=16),
     "c2p_only": lambda: attention_launches(terms="c2p"),
     "p2c_only": lambda: attention_launches(terms="p2c"),
     "no_positions": lambda: attention_launches(terms=""),

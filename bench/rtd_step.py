@@ -671,6 +671,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "on by default)",
     )
     p.add_argument(
+        "--fused-warps",
+        metavar="FWD/BWD",
+        help="warps per program of the fused forward / backward kernels, each 4, 8 or 16 "
+        "(pretrain.models.attention.fused.FORWARD_WARPS / BACKWARD_WARPS; 8/8 by default)",
+    )
+    p.add_argument(
         "--mlm-torch",
         action="store_true",
         help="our MLM head reduces its logits with torch ops (pretrain.models.heads.MLM_IMPL "
@@ -731,6 +737,7 @@ def resolve(args: argparse.Namespace) -> torch.device:
     args.precision = list(dict.fromkeys(args.precision))  # each once, in the order given
     if args.trace is not None and not args.profile:
         raise UsageError("--trace writes the profiled step's trace: add --profile")
+    args.warps = None if args.fused_warps is None else parse_warps(args.fused_warps)
     args.attention = args.attention or ["eager"]
     fused = {"triton", "auto"} & set(args.attention)
     if fused and args.attention_dropout is None:
@@ -738,13 +745,23 @@ def resolve(args: argparse.Namespace) -> torch.device:
     if "triton" in args.attention and not cuda:
         raise UsageError("--attention triton needs CUDA; use eager or auto on CPU")
     fused_runs = "triton" in args.attention or ("auto" in args.attention and cuda)
-    if args.no_uniform_tiles and not fused_runs:
-        raise UsageError(
-            "--no-uniform-tiles is a setting of the fused kernel: add --attention triton"
-        )
+    for flag, given in (
+        ("--no-uniform-tiles", args.no_uniform_tiles),
+        ("--fused-warps", args.warps is not None),
+    ):
+        if given and not fused_runs:
+            raise UsageError(f"{flag} is a setting of the fused kernel: add --attention triton")
     if args.compile_mode != "default" and args.compile == "off":
         raise UsageError("--compile-mode applies to compiled rows: add --compile on or both")
     return torch.device("cuda" if cuda else "cpu")
+
+
+def parse_warps(text: str) -> tuple[int, int]:
+    """--fused-warps FWD/BWD: two of 4, 8, 16."""
+    parts = text.split("/")
+    if len(parts) != 2 or not all(p in ("4", "8", "16") for p in parts):
+        raise UsageError(f"--fused-warps {text}: write FWD/BWD, each 4, 8 or 16, e.g. 16/8")
+    return int(parts[0]), int(parts[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -773,8 +790,11 @@ def main(argv: list[str] | None = None) -> int:
         # meaningless, so one thread by default: per-core figures, as bench/data.py gives.
         torch.set_num_threads(args.threads)
     settings = contextlib.ExitStack()
+    fwd_warps, bwd_warps = args.warps or (None, None)
     settable = (  # (flag given, the fused module's setting, the value the flag sets)
         (args.no_uniform_tiles, "UNIFORM_TILES", False),
+        (args.warps is not None, "FORWARD_WARPS", fwd_warps),
+        (args.warps is not None, "BACKWARD_WARPS", bwd_warps),
     )
     kernel_options = {name: value for given, name, value in settable if given}
     if kernel_options:
@@ -828,6 +848,8 @@ def run(
     )
     if args.no_uniform_tiles:
         print("fused attention: every tile's position terms gathered (UNIFORM_TILES off)")
+    if args.warps is not None:
+        print(f"fused attention: {args.warps[0]} warps forward, {args.warps[1]} backward")
     if args.mlm_torch:
         print("our MLM head: logits reduced by torch ops (heads.MLM_IMPL = 'torch')")
     if args.device_rows:

@@ -42,9 +42,10 @@ def test_tile_specs_name_the_launch_settings_they_override(bench) -> None:
         "fwd": (128, 64),
         "bwd": (32, 64),
     }
+    assert bench.parse_tiles("default+fw16+bw4") == {"fwd_warps": 16, "bwd_warps": 4}
     for bad in (
         "64x64", "128x64/64x64+runs", "ax64/64x64", "128x64/64x64/32x32", "default+",
-        "default+window",
+        "default+window", "default+fw12", "default+w16",
     ):  # fmt: skip
         assert bench.parse_tiles(bad) is None, bad
 
@@ -54,12 +55,12 @@ def test_a_spec_overrides_the_kernels_launch_settings_only_inside(bench, monkeyp
     from pretrain.models.attention import fused
 
     def stub(q):  # the real one refuses CPU tensors outside the interpreter
-        return {"fwd": (64, 64), "bwd": (32, 64), "uniform_tiles": True, "warps": 8}
+        return {"fwd": (64, 64), "bwd": (32, 64), "uniform_tiles": True, "bwd_warps": 8}
 
     monkeypatch.setattr(fused, "_launch_settings", stub)
-    with bench.tiles("128x64/64x64+nouniform"):
+    with bench.tiles("128x64/64x64+nouniform+bw16"):
         got = fused._launch_settings(None)
-    assert got == {"fwd": (128, 64), "bwd": (64, 64), "uniform_tiles": False, "warps": 8}
+    assert got == {"fwd": (128, 64), "bwd": (64, 64), "uniform_tiles": False, "bwd_warps": 16}
     assert fused._launch_settings is stub
 
 

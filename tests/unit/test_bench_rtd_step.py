@@ -96,9 +96,19 @@ def test_profile_prints_each_rows_table(bench, capsys):
 def test_kernel_settings_need_the_fused_kernel(bench, capsys):
     assert bench.main(TINY + ["--no-uniform-tiles"]) == 2
     assert bench.main(TINY + ["--attention", "auto", "--no-uniform-tiles"]) == 2  # eager here
+    assert bench.main(TINY + ["--fused-warps", "16/8"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 2
-    assert all(e.startswith("error: --no-uniform-tiles is a setting of the fused") for e in err)
+    assert len(err) == 3
+    assert all(e.startswith("error: --no-uniform-tiles is a setting of the fused") for e in err[:2])
+    assert err[2].startswith("error: --fused-warps is a setting of the fused")
+
+
+def test_fused_warps_are_checked_before_anything_runs(bench, capsys):
+    for bad in ("16", "16/12", "8/8/8", "x/8"):
+        assert bench.main(TINY + ["--attention", "triton", "--fused-warps", bad]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 4 and all("write FWD/BWD, each 4, 8 or 16" in e for e in err), err
+    assert bench.parse_warps("16/4") == (16, 4)
 
 
 def test_mlm_torch_sets_the_heads_reduction(bench, capsys, monkeypatch):

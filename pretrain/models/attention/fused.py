@@ -53,6 +53,18 @@ LOG2E = 1.0 / math.log(2.0)
 # backward tile). The deterministic backward's position gradients do not take it.
 UNIFORM_TILES = True
 
+# Warps per program of the forward kernel and of the backward kernels (the deterministic
+# backward's two included). At 8, every kernel holds 254-255 registers per thread, so one
+# program per SM, 8 warps (12.5% occupancy), and Nsight Compute found both kernels waiting on
+# the per-pair gathers of the position terms with little else to switch to (README). At 16,
+# ptxas fits them in 128 registers, twice the warps in flight per SM: the forward (128x64)
+# without spills and the backward (32x64) with 200 B of stack where no tile is uniform (v3 at
+# L=512), 72 and 296 B with the uniform tiles' forms (sm_90, Triton 3.6; `python
+# bench/kernel_compile.py --path warps16` compiles the latter). Untimed: `bench/attention.py
+# --tiles default+fw16 default+bw16` and `bench/rtd_step.py --fused-warps 16/8` time them.
+FORWARD_WARPS = 8
+BACKWARD_WARPS = 8
+
 
 def _interpreting() -> bool:
     """Whether the kernels (and the triton.language functions they call) are interpreted."""
@@ -117,7 +129,8 @@ def _tile_settings(q: torch.Tensor, interpret: bool) -> dict[str, Any]:
         fwd=fwd,
         bwd=bwd,
         bwd_dq=bwd[::-1],
-        warps=8,
+        fwd_warps=FORWARD_WARPS,
+        bwd_warps=BACKWARD_WARPS,
         uniform_tiles=UNIFORM_TILES,
     )
 
@@ -187,7 +200,7 @@ class _FusedDisentangledAttention(torch.autograd.Function):
             BLOCK_N=block_n,
             BLOCK_D=cfg["block_d"],
             DOT_PRECISION=cfg["precision"],
-            num_warps=cfg["warps"],
+            num_warps=cfg["fwd_warps"],
             num_stages=3,
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, pos_k, pos_q, rel_index, mask, out, lse)
@@ -246,7 +259,7 @@ class _FusedDisentangledAttention(torch.autograd.Function):
             DROPOUT=ctx.dropout[0] > 0,
             BLOCK_D=cfg["block_d"],
             DOT_PRECISION=cfg["precision"],
-            num_warps=cfg["warps"],
+            num_warps=cfg["bwd_warps"],
             # Deterministic: no software pipelining, which might issue a tile's loads of dQP /
             # dKP before the barrier that orders them after the previous tile's stores.
             num_stages=1 if deterministic else 2,
