@@ -683,6 +683,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "= 'torch') instead of its Triton kernel, the default on CUDA",
     )
     p.add_argument(
+        "--mlm-chunk-elements",
+        type=int,
+        metavar="N",
+        help="our MLM head's logits per chunk (pretrain.models.heads.MLM_CHUNK_ELEMENTS, "
+        "2^26 by default), e.g. 268435456 (2^28)",
+    )
+    p.add_argument(
         "--device-rows",
         action="store_true",
         help="ours finds the masked rows on the device, a wait for it each step, instead of "
@@ -738,6 +745,8 @@ def resolve(args: argparse.Namespace) -> torch.device:
     if args.trace is not None and not args.profile:
         raise UsageError("--trace writes the profiled step's trace: add --profile")
     args.warps = None if args.fused_warps is None else parse_warps(args.fused_warps)
+    if args.mlm_chunk_elements is not None and args.mlm_chunk_elements < 1:
+        raise UsageError("--mlm-chunk-elements must be >= 1")
     args.attention = args.attention or ["eager"]
     fused = {"triton", "auto"} & set(args.attention)
     if fused and args.attention_dropout is None:
@@ -802,10 +811,14 @@ def main(argv: list[str] | None = None) -> int:
 
         for name, value in kernel_options.items():
             settings.enter_context(mock.patch.object(fused, name, value))
-    if args.mlm_torch:
+    if args.mlm_torch or args.mlm_chunk_elements is not None:
         from pretrain.models import heads
 
-        settings.enter_context(mock.patch.object(heads, "MLM_IMPL", "torch"))
+        if args.mlm_torch:
+            settings.enter_context(mock.patch.object(heads, "MLM_IMPL", "torch"))
+        if args.mlm_chunk_elements is not None:
+            chunk = args.mlm_chunk_elements
+            settings.enter_context(mock.patch.object(heads, "MLM_CHUNK_ELEMENTS", chunk))
     global COMPILE_MODE
     COMPILE_MODE = None if args.compile_mode == "default" else args.compile_mode
     try:
@@ -852,6 +865,8 @@ def run(
         print(f"fused attention: {args.warps[0]} warps forward, {args.warps[1]} backward")
     if args.mlm_torch:
         print("our MLM head: logits reduced by torch ops (heads.MLM_IMPL = 'torch')")
+    if args.mlm_chunk_elements is not None:
+        print(f"our MLM head: chunks of {args.mlm_chunk_elements:,} logits")
     if args.device_rows:
         print("ours: masked rows found on the device in the step (a wait for it), not given")
     if config.position_biased_input and rtd.embedding_sharing != "nes":

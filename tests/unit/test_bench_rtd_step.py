@@ -127,6 +127,25 @@ def test_mlm_torch_sets_the_heads_reduction(bench, capsys, monkeypatch):
     assert seen and set(seen) == {"torch"} and heads.MLM_IMPL == "auto"
 
 
+def test_mlm_chunk_elements_sets_the_heads_chunks(bench, capsys, monkeypatch):
+    from pretrain.models import heads, rtd
+
+    seen = []
+    real = rtd.mlm_objective
+
+    def spy(*args, **kwargs):
+        seen.append(heads.MLM_CHUNK_ELEMENTS)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rtd, "mlm_objective", spy)
+    default = heads.MLM_CHUNK_ELEMENTS
+    assert bench.main(TINY + ["--impl", "ours", "--mlm-chunk-elements", "4096"]) == 0
+    assert "chunks of 4,096 logits" in capsys.readouterr().out
+    assert seen and set(seen) == {4096} and heads.MLM_CHUNK_ELEMENTS == default
+    assert bench.main(TINY + ["--mlm-chunk-elements", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --mlm-chunk-elements must be >= 1"
+
+
 def test_compile_mode_reaches_each_layers_compile(bench, capsys, monkeypatch):
     assert bench.main(TINY + ["--compile-mode", "reduce-overhead"]) == 2
     assert capsys.readouterr().err.strip() == (
