@@ -32,6 +32,7 @@ from pretrain.models.attention import (
     choose_impl,
     disentangled_attention,
     index_steps,
+    packed_disentangled_attention,
 )
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -336,6 +337,13 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.transpose(-3, -2)
 
 
+def _joint_projection(x: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
+    """torch.cat([m(x) for m in linears], -1) as one matmul (`_joint_linear`)."""
+    weight = torch.cat([m.weight for m in linears])
+    bias = torch.cat([m.bias for m in linears])
+    return F.linear(x, weight, bias)
+
+
 def _joint_linear(x: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tensor]:
     """Several projections of one input as one matmul: [m(x) for m in linears], as views of
     one output. One GEMM (and one backward GEMM for x's gradient, summing the projections'
@@ -343,9 +351,7 @@ def _joint_linear(x: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tenso
     stay separate parameters, as transformers names them."""
     if len(linears) == 1:
         return [linears[0](x)]
-    weight = torch.cat([m.weight for m in linears])
-    bias = torch.cat([m.bias for m in linears])
-    y = F.linear(x, weight, bias)
+    y = _joint_projection(x, linears)
     return list(y.split([m.out_features for m in linears], dim=-1))
 
 
@@ -391,22 +397,21 @@ class DisentangledSelfAttention(nn.Module):
         """hidden: [B, L, H]; token_mask: [B, L] bool, True for real tokens; rel_index: [2L - 1]
         (`relative_index`, made once per forward by `DebertaEncoder.attention_inputs`);
         returns [B, L, H]."""
-        if query_states is None:
-            q, k, v = _joint_linear(hidden, [self.query_proj, self.key_proj, self.value_proj])
-        else:  # the enhanced mask decoder's queries
-            q = self.query_proj(query_states)
-            k, v = _joint_linear(hidden, [self.key_proj, self.value_proj])
-        q, k, v = (_split_heads(x, self.heads) for x in (q, k, v))  # [B, h, L, d]
-
         pos_k = pos_q = None
         if self.config.relative_attention and self.terms:
             assert rel_index is not None and rel_embeddings is not None
             pos_k, pos_q = self._position_tables(rel_embeddings)
         dropout_p = self.dropout.p if self.training else 0.0
-        impl = choose_impl(self.config.attention_impl, q.device, q.shape[-1])
-        context = disentangled_attention(
-            q, k, v, pos_k, pos_q, rel_index, token_mask, self.scale, dropout_p, impl=impl
-        )  # [B, h, L, d]
+        impl = choose_impl(self.config.attention_impl, hidden.device, self.config.head_size)
+        args = (pos_k, pos_q, rel_index, token_mask, self.scale, dropout_p)
+        if query_states is None:  # q, k, v as one tensor: one gradient back for the three
+            qkv = _joint_projection(hidden, [self.query_proj, self.key_proj, self.value_proj])
+            context = packed_disentangled_attention(qkv, self.heads, *args, impl=impl)
+        else:  # the enhanced mask decoder's queries
+            q = self.query_proj(query_states)
+            k, v = _joint_linear(hidden, [self.key_proj, self.value_proj])
+            q, k, v = (_split_heads(x, self.heads) for x in (q, k, v))  # [B, h, L, d]
+            context = disentangled_attention(q, k, v, *args, impl=impl)  # [B, h, L, d]
         return context.transpose(1, 2).flatten(2)
 
     def _position_tables(

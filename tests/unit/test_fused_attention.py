@@ -38,6 +38,7 @@ from pretrain.models import attention  # noqa: E402
 from pretrain.models.attention import (  # noqa: E402
     choose_impl,
     disentangled_attention,
+    packed_disentangled_attention,
     relative_index,
 )
 from pretrain.models.deberta import (  # noqa: E402
@@ -278,6 +279,38 @@ def test_fused_matches_eager_fp32(
     # A padding query's scores are a constant: its q gets no gradient, in either path.
     assert got_grads["q"][1, :, length - 5 :].abs().max() == 0
     assert got_grads["q"][0, :, 3].abs().max() == 0
+
+
+@interpreted
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
+@pytest.mark.parametrize("case", sorted(CORE_CASES))
+def test_packed_matches_eager_fp32(case: str, deterministic: bool) -> None:
+    """q, k, v given as one projection's output (`packed_disentangled_attention`, as the
+    model's self-attention calls it): the fused path's output and the gradients of that output
+    and of the position tables equal eager's, in every position-term case (c2p alone writes dk
+    straight into the joint gradient, p2c alone copies dq into it), with either backward."""
+    terms, buckets, max_rel = CORE_CASES[case]
+    config = _config(buckets, max_rel)
+    span, length, heads, d = config.relative_span, 37, 2, 16
+    idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
+    _, _, _, pos_k, pos_q, mask, weights = _inputs(length, span, terms, torch.float32)
+    qkv = torch.randn(2, length, 3 * heads * d, generator=torch.Generator().manual_seed(1))
+    qkv.requires_grad_()
+    scale = (d * (1 + len(terms))) ** -0.5
+    leaves = [t for t in (qkv, pos_k, pos_q) if t is not None]
+
+    def run(impl: str):
+        out = packed_disentangled_attention(
+            qkv, heads, pos_k, pos_q, idx, mask, scale, impl=impl, deterministic=deterministic
+        )
+        return out, torch.autograd.grad((out * weights).sum(), leaves)
+
+    want, want_grads = run("eager")
+    got, got_grads = run("triton")
+    torch.testing.assert_close(got, want, **FP32_TOL)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, **FP32_TOL)
+    assert got_grads[0].shape == qkv.shape and got_grads[0].abs().max() > 0
 
 
 def test_index_steps_sort_the_tables_the_kernels_can_take() -> None:
@@ -605,30 +638,43 @@ def test_dropout_seed_follows_torch_manual_seed() -> None:
 
 
 @interpreted
-def test_under_torch_compile_the_kernel_runs_outside_the_graph() -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["separate", "packed"])
+def test_under_torch_compile_the_kernel_runs_outside_the_graph(packed: bool) -> None:
     """trainer.compile=true compiles the layers that call the kernel. Dynamo must break the
     graph at the kernel's disabled entry (whose module the dispatcher imports at first use, in
-    the traced code), not trace the launch code, and the result must be the kernel's."""
+    the traced code), not trace the launch code, and the result must be the kernel's. Packed:
+    q, k, v passed as one tensor, as the model's self-attention passes them."""
     terms, buckets, max_rel = CORE_CASES["c2p_p2c_buckets"]
     length = 16
     config = _config(buckets, max_rel)
     span = config.relative_span
     idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
     q, k, v, pos_k, pos_q, mask, weights = _inputs(length, span, terms, torch.float32)
+    heads = q.shape[1]
+    if packed:  # one [B, L, 3 * h * d] leaf instead
+        q = torch.cat([x.detach().transpose(1, 2).flatten(2) for x in (q, k, v)], -1)
+        q.requires_grad_()
+        k = v = None
+    entry = "fused_packed_attention" if packed else "fused_disentangled_attention"
 
     def layer(q, k, v, pos_k, pos_q):  # graphed work on each side of the kernel
-        return disentangled_attention(
-            2 * q, k, v, pos_k, pos_q, idx, mask, 0.2, impl="triton"
-        ).sin()
+        if packed:
+            out = packed_disentangled_attention(
+                2 * q, heads, pos_k, pos_q, idx, mask, 0.2, impl="triton"
+            )
+        else:
+            out = disentangled_attention(2 * q, k, v, pos_k, pos_q, idx, mask, 0.2, impl="triton")
+        return out.sin()
 
     explained = torch._dynamo.explain(layer)(q, k, v, pos_k, pos_q)
     assert (explained.graph_count, explained.graph_break_count) == (2, 1)
     reason = explained.break_reasons[0]
-    assert "fused_disentangled_attention" in reason.reason and "compiler.disable" in reason.reason
+    assert entry in reason.reason and "compiler.disable" in reason.reason
+    leaves = [t for t in (q, k, v, pos_k, pos_q) if t is not None]
 
     def run(fn):
         out = fn(q, k, v, pos_k, pos_q)
-        return out, torch.autograd.grad((out * weights).sum(), [q, k, v, pos_k, pos_q])
+        return out, torch.autograd.grad((out * weights).sum(), leaves)
 
     (got, got_grads), (want, want_grads) = run(torch.compile(layer, backend="eager")), run(layer)
     assert torch.equal(got, want)
@@ -636,7 +682,7 @@ def test_under_torch_compile_the_kernel_runs_outside_the_graph() -> None:
 
 
 @compiled
-@pytest.mark.parametrize("projection", ["separate", "joint"])
+@pytest.mark.parametrize("projection", ["separate", "joint", "packed"])
 def test_glue_makes_no_layout_copies(projection: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Around the kernels (stubbed out here), forward and backward move no data but the casts
     and zero-fills they need: q, k, v in the model's layout are read in place, and the
@@ -644,8 +690,10 @@ def test_glue_makes_no_layout_copies(projection: str, monkeypatch: pytest.Monkey
     be on CUDA (a CPU bmm's own copy of strided operands, which cuBLAS reads in place, is not
     seen). The glue before this test made 20 more here: copies of q, k and the gradients
     between layouts, B-fold copies of the tables for batched matmuls, and fp32 copies of dO
-    and O. "joint": q, k, v are the three column blocks of one projection's output, as the
-    model makes them (rows 3x as far apart)."""
+    and O. "joint": q, k, v are the three column blocks of one projection's output (rows 3x as
+    far apart), split before the call, so the split's backward concatenates their gradients;
+    "packed": that output passed whole (`fused_packed_attention`, as the model's
+    self-attention passes it), whose one gradient comes back without that cat."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from pretrain.models.attention import _kernels, fused
@@ -667,7 +715,8 @@ def test_glue_makes_no_layout_copies(projection: str, monkeypatch: pytest.Monkey
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             name = func.overloadpacket.__name__
-            if name in ("clone", "copy_", "_to_copy", "contiguous", "zeros", "zero_", "fill_"):
+            moves = ("clone", "copy_", "_to_copy", "contiguous", "zeros", "zero_", "fill_", "cat")
+            if name in moves:
                 self.moves.append((name, tuple(out.shape)))
             return out
 
@@ -677,7 +726,7 @@ def test_glue_makes_no_layout_copies(projection: str, monkeypatch: pytest.Monkey
     def leaf(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g, dtype=torch.float16).requires_grad_()
 
-    if projection == "joint":
+    if projection != "separate":
         qkv = leaf(batch, length, 3 * heads * d)
         q, k, v = (x.unflatten(-1, (heads, d)) for x in qkv.split(heads * d, dim=-1))
     else:
@@ -688,22 +737,30 @@ def test_glue_makes_no_layout_copies(projection: str, monkeypatch: pytest.Monkey
     index = (distance + width // 2).clamp(0, width - 1).to(torch.int32)
     mask = torch.ones(batch, length, dtype=torch.bool)
     grad = torch.randn(batch, length, heads * d, generator=g, dtype=torch.float16)
+    tables = [p.transpose(0, 1) for p in (pos_k, pos_q)]
     with Log() as log:
-        out = fused.fused_disentangled_attention(
-            *(x.transpose(1, 2) for x in (q, k, v)),
-            *(p.transpose(0, 1) for p in (pos_k, pos_q)),
-            index, mask, 0.1,
-        )  # fmt: skip
+        if projection == "packed":
+            out = fused.fused_packed_attention(qkv, heads, *tables, index, mask, 0.1)
+        else:
+            qkv_heads = [x.transpose(1, 2) for x in (q, k, v)]
+            out = fused.fused_disentangled_attention(*qkv_heads, *tables, index, mask, 0.1)
         out.transpose(1, 2).flatten(2).backward(grad)
     rows = (heads, batch * length, width)
-    assert sorted(log.moves) == sorted(
+    expected = (
         [("_to_copy", (batch, length))]  # the token mask, to int8
+        + [("cat", (2,))]  # the index's two end runs, read once (fused._end_runs)
         + [("zeros", (heads, batch, length, width))] * 2  # dQP, dKP
         + [("_to_copy", rows)] * 2  # dQP, dKP rounded for their GEMMs
-        + [("zeros", (batch, length, heads, d))]  # dq, for the atomics
         # dq and dk are rounded to fp16 by the add of their position terms (out=), no cast
         + [("copy_", (width, heads, d))] * 2  # the tables' gradients into their leaves
-    ), log.moves
+    )
+    if projection == "packed":  # dq's fp32 slot of the joint accumulator, for the atomics
+        expected += [("zero_", (batch, heads, length, d))]
+    else:
+        expected += [("zeros", (batch, length, heads, d))]  # dq, for the atomics
+    if projection == "joint":  # the split's backward
+        expected += [("cat", (batch, length, 3 * heads * d))]
+    assert sorted(log.moves) == sorted(expected), log.moves
 
 
 # --------------------------------------------------------------------------------------------

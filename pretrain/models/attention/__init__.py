@@ -153,6 +153,47 @@ def disentangled_attention(
     return _fused(q, k, v, pos_k, pos_q, rel_index, token_mask, scale, deterministic, dropout_p)
 
 
+def packed_disentangled_attention(
+    qkv: torch.Tensor,
+    heads: int,
+    pos_k: torch.Tensor | None,
+    pos_q: torch.Tensor | None,
+    rel_index: torch.Tensor | None,
+    token_mask: torch.Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    impl: str = "eager",
+    deterministic: bool | None = None,
+) -> torch.Tensor:
+    """`disentangled_attention` of q, k, v given as one projection's output [B, L, 3 * heads *
+    d] (q, then k, then v, each heads * d wide: `unpack`). The fused path then hands back one
+    gradient for it instead of three that a split's backward would concatenate."""
+    if impl == "eager":
+        q, k, v = unpack(qkv, heads)
+        return disentangled_attention_eager(
+            q, k, v, pos_k, pos_q, rel_index, token_mask, scale, dropout_p
+        )
+    if impl != "triton":
+        raise ValueError(f"impl must be 'eager' or 'triton', got {impl!r}")
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    from pretrain.models.attention.fused import fused_packed_attention
+
+    return fused_packed_attention(
+        qkv, heads, pos_k, pos_q, rel_index, token_mask, scale, deterministic, dropout_p
+    )
+
+
+def unpack(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as [B, h, L, d] views of one projection's output [B, L, 3 * h * d]. A split,
+    so that where autograd sees it (the eager path) the three gradients come back as one
+    concatenation, not as three zero-filled [B, L, 3 * h * d] tensors summed (a select's)."""
+    width = qkv.shape[-1]
+    assert width % (3 * heads) == 0, (width, heads)
+    q, k, v = (x.unflatten(-1, (heads, -1)).transpose(1, 2) for x in qkv.split(width // 3, -1))
+    return q, k, v
+
+
 # Arguments as `disentangled_attention`'s, without impl. Imported at first use:
 # the kernel's module imports Triton, and dynamo (for its `torch.compiler.disable`), 2 s of
 # start-up that a run on the eager path, or a launch refused for its config, need not wait.
@@ -170,6 +211,8 @@ __all__ = [
     "disentangled_attention_eager",
     "index_steps",
     "kept_on",
+    "packed_disentangled_attention",
+    "unpack",
     "warn_once",
     "relative_index",
     "triton_available",
