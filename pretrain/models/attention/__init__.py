@@ -168,13 +168,10 @@ def packed_disentangled_attention(
     """`disentangled_attention` of q, k, v given as one projection's output [B, L, 3 * heads *
     d] (q, then k, then v, each heads * d wide: `unpack`). The fused path then hands back one
     gradient for it instead of three that a split's backward would concatenate."""
-    if impl == "eager":
-        q, k, v = unpack(qkv, heads)
-        return disentangled_attention_eager(
-            q, k, v, pos_k, pos_q, rel_index, token_mask, scale, dropout_p
+    if impl != "triton":  # eager, or a name disentangled_attention refuses
+        return disentangled_attention(
+            *unpack(qkv, heads), pos_k, pos_q, rel_index, token_mask, scale, dropout_p, impl
         )
-    if impl != "triton":
-        raise ValueError(f"impl must be 'eager' or 'triton', got {impl!r}")
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     from pretrain.models.attention.fused import fused_packed_attention
