@@ -8,10 +8,12 @@ kernel (fp32; in the log-bucket and clamped regions many (i, j) share one c) and
 into q, k, pos_k, pos_q gradients with two more matmuls in the inputs' dtype.
 
 Layouts: the kernels take strides, so the glue moves no data between layouts. q, k, v are
-read as the model splits them from its projections ([B, L, h, d] memory); dq, dk, dv are
-written in that layout, so their way back through the split needs no copy; the position
-products and their gradients are [h, B, L, 2S] memory, one GEMM per head over all B * L
-rows (see `_project`, `_position_grads`). The backward
+read in place as views of the model's projections ([B, L, h, d] memory); dq, dk, dv are
+written in that layout, so their way back needs no copy, and where the model hands q, k, v
+over as its joint projection's one output (`fused_packed_attention`, `_PackedAttention`)
+they are written into one gradient for it, so no split's backward concatenates them. The
+position products and their gradients are [h, B, L, 2S] memory, one GEMM per head over all
+B * L rows (see `_project`, `_position_grads`). The backward
 adds dq, dQP and dKP with atomics (one per pair; with `UNIFORM_TILES` a tile whose pairs share
 one position index adds its row and column sums), or, `deterministic`, runs a second kernel
 that makes dq and dQP without (see `_kernels`).
