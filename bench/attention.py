@@ -17,7 +17,9 @@ Tiles are FWD_MxN/BWD_MxN (BLOCK_M x BLOCK_N of the forward and the backward ker
 whose pairs share one position index, read and summed per row and column
 (`fused.UNIFORM_TILES`, on by default; `+uniform` turns it on), and `+fw16` / `+bw16` launch
 the forward / the backward kernels with 16 warps (or 4, 8; `fused.FORWARD_WARPS`,
-`fused.BACKWARD_WARPS`, 8 by default). The "triton deterministic"
+`fused.BACKWARD_WARPS`, 8 by default); `+norowlanes` lets Triton pick the lanes of the
+per-pair position gathers and atomics (`fused.ROW_LANES`, on by default; `+rowlanes`). The
+"triton deterministic"
 row is the kernel with its atomics-free backward (default tiles), what
 `trainer.deterministic=true` runs: its cost over the default backward. `--profile` adds, per
 length, torch profiler's kernel table for one call of eager and of the fused kernel (default
@@ -117,14 +119,16 @@ def sdpa(c: Case) -> tuple[torch.Tensor, torch.Tensor]:
 FORMS: dict[str, dict[str, object]] = {  # a spec's +suffixes: the launch settings each sets
     "uniform": {"uniform_tiles": True},
     "nouniform": {"uniform_tiles": False},
+    "rowlanes": {"row_lanes": True},
+    "norowlanes": {"row_lanes": False},
     **{f"fw{w}": {"fwd_warps": w} for w in (4, 8, 16)},
     **{f"bw{w}": {"bwd_warps": w} for w in (4, 8, 16)},
 }
 
 
 def parse_tiles(spec: str) -> dict | None:
-    """`FWD_MxN/BWD_MxN` or `default`, then any of `+uniform`, `+nouniform`, `+fwW`, `+bwW`
-    (`FORMS`): the launch settings to override, or None when the spec is malformed."""
+    """`FWD_MxN/BWD_MxN` or `default`, then any of `+uniform`, `+nouniform`, `+rowlanes`,
+    `+norowlanes`, `+fwW`, `+bwW` (`FORMS`): the launch settings to override, or None when the spec is malformed."""
     tile_part, *forms = spec.split("+")
     if not all(f in FORMS for f in forms):
         return None

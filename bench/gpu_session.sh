@@ -8,10 +8,11 @@
 #   bash bench/gpu_session.sh [OUT_DIR [STAGE ...]]
 #
 # OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env tests attention rtd_warps rtd_512
-# rtd_mlm_chunk rtd_2048_b4 mlm_head rtd_host rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout
+# rtd_norowlanes rtd_mlm_chunk rtd_2048_b4 mlm_head rtd_host rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout
 # attention_dropout rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1 (default:
 # all, in that order, the most needed first; one 10-minute call reaches about rtd_bf16).
-# rtd_warps is the step at the warps the attention stage found fastest; rtd_host is the
+# rtd_warps is the step at the warps the attention stage found fastest; rtd_norowlanes the
+# step without fused.ROW_LANES, rtd_512's A/B; rtd_host is the
 # step's host-or-GPU account, rtd_graphs the layers as CUDA graphs (part of the fix if the host
 # bounds it),
 # rtd_rows its A/B; rtd_bf16 both sides in bf16 weights; rtd_2048_b4 the comparison at L=2048
@@ -86,7 +87,7 @@ fi
 
 out=${1:-${OUT:-gpu_session}}
 shift || true
-stages=${*:-env tests attention rtd_warps rtd_512 rtd_mlm_chunk rtd_2048_b4 mlm_head rtd_host rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout attention_dropout rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1}
+stages=${*:-env tests attention rtd_warps rtd_512 rtd_norowlanes rtd_mlm_chunk rtd_2048_b4 mlm_head rtd_host rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout attention_dropout rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1}
 mkdir -p "$out"
 # Stages stop here at the latest, inside the device tool's 10-minute command.
 deadline=$((SECONDS + ${BUDGET_S:-580}))
@@ -173,8 +174,12 @@ stage_rtd_graphs() {
     stage rtd_graphs 90 "$py" bench/rtd_step.py --impl ours --attention triton --compile on \
         --compile-mode reduce-overhead --warmup 3 --steps 5 --seq-len 512 2048 --batch 32 4
 }
-# The masked rows found on the device again (--device-rows, the wait for the GPU each step that
-# 9729a9e removed), to compare with rtd_512's uncompiled fused row.
+# The compiled step with the per-pair position gathers' and atomics' lanes as Triton picks
+# them (fused.ROW_LANES off), against rtd_512's row with them along each table row.
+stage_rtd_norowlanes() {
+    stage rtd_norowlanes 50 "$py" bench/rtd_step.py --impl ours --attention triton --compile on \
+        --no-row-lanes --seq-len 512 --batch 32 --warmup 2 --steps 5
+}
 # Our step with the MLM head's chunks at 2^28 logits (two chunks at v3-base B=32 L=512)
 # instead of the default 2^26: the head alone took 10.0 ms against 12.0 on an H200
 # (mlm_head stage), 0.8 GiB more; compare with rtd_512's compiled fused row.
@@ -182,19 +187,22 @@ stage_rtd_mlm_chunk() {
     stage rtd_mlm_chunk 50 "$py" bench/rtd_step.py --impl ours --attention triton --compile on \
         --mlm-chunk-elements 268435456 --seq-len 512 --batch 32 --warmup 2 --steps 5
 }
+# The masked rows found on the device again (--device-rows, the wait for the GPU each step that
+# 9729a9e removed), to compare with rtd_512's uncompiled fused row.
 stage_rtd_rows() {
     stage rtd_rows 45 "$py" bench/rtd_step.py --impl ours --attention triton --device-rows \
         --seq-len 512 --batch 32 --warmup 2 --steps 5 --profile
 }
 # The attention core alone, profiled, beside its deterministic backward, eager and SDPA: the
-# default launch and the forward, the backward and both at 16 warps (fused.FORWARD_WARPS,
+# default launch, the one without fused.ROW_LANES, and the forward, the backward and both at
+# 16 warps (fused.FORWARD_WARPS,
 # BACKWARD_WARPS; 128 registers a thread instead of 255, so twice the warps per SM). The
 # gather kernels without uniform tiles (4.55 / 12.81 ms against 4.72 / 9.39) and their
 # backward's atomic options (+runs, +half, +singles) were timed on 78f0ec9, the windowed
 # kernels and diagonal position gradients on 2026-11-28 (README); none is timed again.
 stage_attention() {
-    stage attention 60 "$py" bench/attention.py --steps 5 --profile \
-        --tiles default default+fw16 default+bw16 default+fw16+bw16
+    stage attention 70 "$py" bench/attention.py --steps 5 --profile \
+        --tiles default default+norowlanes default+fw16 default+bw16 default+fw16+bw16
 }
 # The step at the warps the attention stage (run before it) timed fastest at L=512, when that
 # is not the default: "triton default+fw16" in attention.log's rows -> --fused-warps 16/8.

@@ -178,6 +178,7 @@ PATHS = {
     "dropout": lambda: attention_launches(dropout=0.1),
     "nouniform": lambda: attention_launches(UNIFORM_TILES=False),
     "warps16": lambda: attention_launches(FORWARD_WARPS=16, BACKWARD_WARPS=16),
+    "norowlanes": lambda: attention_launches(ROW_LANES=False),
     "c2p_only": lambda: attention_launches(terms="c2p"),
     "p2c_only": lambda: attention_launches(terms="p2c"),
     "no_positions": lambda: attention_launches(terms=""),
@@ -217,6 +218,38 @@ def resources(compiled: Any) -> str:
     return f"registers {found.get('REG', '?')}, stack {found.get('STACK', '?')} B"
 
 
+# In the TTGIR: a blocked layout, a pointer hinted by `_row_ptrs`, a layout conversion of a
+# pointer, and an access through a pointer (with its layout).
+BLOCKED = re.compile(r"^#(blocked\d*) = #ttg\.blocked<\{(.*?)\}>", re.M)
+HINTED = re.compile(r"(%[\w.]+) = tt\.addptr [^\n]*tt\.contiguity = dense<\[([\d, ]+)\]>")
+ACCESS = r"= (tt\.load|ttg\.async_copy_global_to_local|tt\.atomic_rmw \w+, \w+, \w+,) {}\b"
+LAYOUT = r"[^\n]*?!tt\.ptr<\w+>, #(blocked\d*)>"
+
+
+def row_lanes(compiled: Any) -> list[tuple[str, int, bool]]:
+    """The loads and atomics whose addresses `_kernels._row_ptrs` steers (`fused.ROW_LANES`),
+    from the compiled kernel's TTGIR: each one's operation, the axis the hint names, and
+    whether the layout Triton gave it runs a warp's 32 lanes along that axis with one element
+    a thread there (so scalar accesses along a table row, not 8 a thread or a row a lane)."""
+    ir = compiled.asm["ttgir"]
+    layouts = {}
+    for name, body in BLOCKED.findall(ir):
+        fields = re.findall(r"(\w+) = \[([\d, ]+)\]", body)
+        layouts[name] = {key: [int(x) for x in value.split(",")] for key, value in fields}
+    found = []
+    for name, hint in HINTED.findall(ir):
+        axis = [int(x) for x in hint.split(",")].index(2)
+        pointers = [name]
+        while pointers:  # the hinted pointer and its layout conversions, to the accesses
+            ptr = re.escape(pointers.pop())
+            pointers += re.findall(rf"(%[\w.]+) = ttg\.convert_layout {ptr}\b", ir)
+            for op, layout in re.findall(ACCESS.format(ptr) + LAYOUT, ir):
+                lanes = layouts[layout]["threadsPerWarp"][axis]
+                per_thread = layouts[layout]["sizePerThread"][axis]
+                found.append((op.split()[0].rstrip(","), axis, lanes == 32 and per_thread == 1))
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100)")
@@ -236,7 +269,11 @@ def main(argv: list[str] | None = None) -> int:
             tiles = "x".join(str(block[k]) for k in ("BLOCK_M", "BLOCK_N") if k in block)
             label = f"{path:<20} {fn.__name__:<24} {tiles:<13}"
             try:
-                print(f"{label} {resources(compile_launch(launch, args.arch))}", flush=True)
+                compiled = compile_launch(launch, args.arch)
+                steered = row_lanes(compiled)
+                lanes = sum(ok for *_, ok in steered)
+                rows = f", row lanes {lanes} of {len(steered)}" if steered else ""
+                print(f"{label} {resources(compiled)}{rows}", flush=True)
             except Exception as e:  # every launch is tried; the last lines say why
                 failed += 1
                 why = " | ".join(str(e).strip().splitlines()[-3:])

@@ -671,6 +671,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "on by default)",
     )
     p.add_argument(
+        "--no-row-lanes",
+        action="store_true",
+        help="the fused kernels' per-pair position gathers and atomics take the lanes Triton "
+        "picks, not one table row per warp (pretrain.models.attention.fused.ROW_LANES off; on "
+        "by default)",
+    )
+    p.add_argument(
         "--fused-warps",
         metavar="FWD/BWD",
         help="warps per program of the fused forward / backward kernels, each 4, 8 or 16 "
@@ -756,6 +763,7 @@ def resolve(args: argparse.Namespace) -> torch.device:
     fused_runs = "triton" in args.attention or ("auto" in args.attention and cuda)
     for flag, given in (
         ("--no-uniform-tiles", args.no_uniform_tiles),
+        ("--no-row-lanes", args.no_row_lanes),
         ("--fused-warps", args.warps is not None),
     ):
         if given and not fused_runs:
@@ -802,6 +810,7 @@ def main(argv: list[str] | None = None) -> int:
     fwd_warps, bwd_warps = args.warps or (None, None)
     settable = (  # (flag given, the fused module's setting, the value the flag sets)
         (args.no_uniform_tiles, "UNIFORM_TILES", False),
+        (args.no_row_lanes, "ROW_LANES", False),
         (args.warps is not None, "FORWARD_WARPS", fwd_warps),
         (args.warps is not None, "BACKWARD_WARPS", bwd_warps),
     )
@@ -861,6 +870,8 @@ def run(
     )
     if args.no_uniform_tiles:
         print("fused attention: every tile's position terms gathered (UNIFORM_TILES off)")
+    if args.no_row_lanes:
+        print("fused attention: the gathers' lanes as Triton picks them (ROW_LANES off)")
     if args.warps is not None:
         print(f"fused attention: {args.warps[0]} warps forward, {args.warps[1]} backward")
     if args.mlm_torch:

@@ -39,8 +39,21 @@ def test_each_launch_compiles_for_sm90(path: str) -> None:
         fn, types, constexprs, attrs, options = launch
         key = repr((fn.__name__, types, constexprs, attrs, sorted(options.items())))
         if key not in _compiled:
-            assert bench.compile_launch(launch).asm["cubin"], fn.__name__
+            compiled = bench.compile_launch(launch)
+            assert compiled.asm["cubin"], fn.__name__
+            _check_row_lanes(fn.__name__, bench.named(launch), bench.row_lanes(compiled))
             _compiled.add(key)
+
+
+def _check_row_lanes(kernel: str, constexprs: dict, steered: list) -> None:
+    # fused.ROW_LANES: every per-pair gather of a position term (and, in the atomic backward,
+    # every per-pair atomic of its gradient) has its lanes along its table row, one element a
+    # thread, whichever way this Triton breaks the tie the hint breaks (3.6 and 3.9 differ).
+    tables = constexprs.get("HAS_QP", False) + constexprs.get("HAS_KP", False)
+    atomics = kernel == "_backward_kernel" and not constexprs["DETERMINISTIC"]
+    want = tables * (2 if atomics else 1) if constexprs.get("ROW_LANES") else 0
+    assert len(steered) == want, (kernel, constexprs, steered)
+    assert all(ok for *_, ok in steered), (kernel, steered)
 
 
 def test_launches_are_specialized_as_on_a_gpu() -> None:

@@ -43,6 +43,32 @@ def _tile_ends(IDX, start_m, start_n, L, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
 
 
 @triton.jit
+def _row_ptrs(ROW_PTRS, c, AXIS: tl.constexpr, ROW_LANES: tl.constexpr):
+    """ROW_PTRS + c: the addresses of a per-pair gather or atomic in one table row per query
+    (AXIS=1: QP[i, c], dQP) or per key (AXIS=0: KP[j, c], dKP); ROW_PTRS broadcasts each
+    row's pointer across the tile.
+
+    ROW_LANES: with a hint that makes a warp's 32 lanes run along AXIS, within a row. Where c
+    moves by one or not at all from pair to pair (the linear buckets; inside a log bucket), a
+    warp's addresses then fall in a few sectors of one row instead of one row per lane.
+    Triton's coalescing pass orders a tile's lanes by its addresses' contiguity, unknown for
+    a gathered c and so a tie, which Triton 3.6 breaks along axis 0 and 3.9 along axis 1:
+    without the hint, one of the two gathers and one of the two atomics went one row per lane
+    whichever Triton ran. The hint, contiguity 2 along AXIS, only breaks the tie. It is not
+    true of c (c goes down by one along j, or stays), so no `multiple_of` may join it: c
+    being loaded, the alignment is unknown and every pair stays one scalar access
+    (`bench/kernel_compile.py` prints the lanes of each access it steers, and
+    `tests/unit/test_kernels_compile.py` checks them)."""
+    ptrs = ROW_PTRS + c  # made here: a hint on an argument would reach no operation
+    if ROW_LANES:
+        if AXIS == 0:
+            ptrs = tl.max_contiguous(ptrs, [2, 1])
+        else:
+            ptrs = tl.max_contiguous(ptrs, [1, 2])
+    return ptrs
+
+
+@triton.jit
 def _score_tile(
     q, k, offs_m, offs_n, pair_ok, row_ok, col_ok, q_real, k_real,
     IDX, QP, KP, b, h,
@@ -52,12 +78,13 @@ def _score_tile(
     HAS_QP: tl.constexpr,
     HAS_KP: tl.constexpr,
     UNIFORM_TILES: tl.constexpr,
+    ROW_LANES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One (query block, key block) tile of scores in base-2 units, masked as the eager pair
-    mask masks them, and each pair's position index c. The forward and the backward's
+    mask masks them. The forward and the backward's
     recomputation both call it, so they make the same scores bit for bit.
 
     UNIFORM_TILES: where the tile's pairs all have one c (c_first == c_last, `_tile_ends`), the
@@ -66,7 +93,6 @@ def _score_tile(
     through one arithmetic, q k^T accumulated onto the c2p term and the p2c term added, so
     they make the same scores bit for bit: had each branch added its terms to the dot, the
     compiler would fold `dot + c2p` into the matmul's accumulator for gathered tiles only."""
-    c = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     c2p = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # q_i . pos_k[c]: QP[i, c]
     p2c = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # k_j . pos_q[c]: KP[j, c]
     uniform = False
@@ -74,7 +100,6 @@ def _score_tile(
         uniform = c_first == c_last
     if HAS_QP or HAS_KP:
         if uniform:  # one c for the whole tile
-            c += c_first
             if HAS_QP:
                 qp = tl.load(
                     QP + b * s_pb + h * s_ph + offs_m * s_pl + c_first * s_pc,
@@ -91,18 +116,23 @@ def _score_tile(
                 p2c += kp.to(tl.float32)[None, :]
         else:
             c = tl.load(IDX + (offs_m[:, None] - offs_n[None, :] + L - 1), mask=pair_ok, other=0)
-            if HAS_QP:  # row i of QP
-                c2p = tl.load(
-                    QP + b * s_pb + h * s_ph + offs_m[:, None] * s_pl + c * s_pc,
-                    mask=pair_ok,
-                    other=0.0,
-                ).to(tl.float32)
-            if HAS_KP:  # row j of KP
-                p2c = tl.load(
-                    KP + b * s_rb + h * s_rh + offs_n[None, :] * s_rl + c * s_rc,
-                    mask=pair_ok,
-                    other=0.0,
-                ).to(tl.float32)
+            # Both gathers run their lanes along their tiles' axis 0 (c2p's tile transposed):
+            # lanes along axis 1 are the order of the vector loads of q, k, v (along d), and
+            # Triton's coalescing pass gives a tile of the same shape and order their 8
+            # elements a thread (c2p's [BLOCK_M, BLOCK_N] is q's shape at BLOCK_N = d).
+            if HAS_QP and ROW_LANES:  # row i of QP: lanes along j
+                ok_t = col_ok[:, None] & row_ok[None, :]
+                c_t = tl.load(IDX + (offs_m[None, :] - offs_n[:, None] + L - 1), mask=ok_t, other=0)
+                row = QP + b * s_pb + h * s_ph + offs_m[None, :] * s_pl
+                c2p_t = tl.load(_row_ptrs(row, c_t * s_pc, 0, True), mask=ok_t, other=0.0)
+                c2p = tl.trans(c2p_t).to(tl.float32)
+            elif HAS_QP:
+                row = QP + b * s_pb + h * s_ph + offs_m[:, None] * s_pl
+                c2p = tl.load(row + c * s_pc, mask=pair_ok, other=0.0).to(tl.float32)
+            if HAS_KP:  # row j of KP: lanes along i
+                row = KP + b * s_rb + h * s_rh + offs_n[None, :] * s_rl
+                p2c = tl.load(_row_ptrs(row, c * s_rc, 0, ROW_LANES), mask=pair_ok, other=0.0)
+                p2c = p2c.to(tl.float32)
     if HAS_QP:
         s = tl.dot(q, tl.trans(k), c2p, input_precision=DOT_PRECISION)
     else:
@@ -114,7 +144,7 @@ def _score_tile(
     s = tl.where(k_real[None, :], s, NEG)
     s = tl.where(q_real[:, None], s, 0.0)
     s = tl.where(col_ok[None, :], s, NEG)
-    return s, c
+    return s
 
 
 @triton.jit
@@ -195,20 +225,21 @@ def _grad_tile(
     HAS_KP: tl.constexpr,
     DROPOUT: tl.constexpr,
     UNIFORM_TILES: tl.constexpr,
+    ROW_LANES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """The probabilities of one tile, recomputed exactly as the forward made them (after
     dropout, as they multiplied v), and ds = d(loss)/d(raw score term), zero where a pair is
-    masked; both backward kernels call it. Also returns each pair's position index c and where
-    ds may be non-zero. With dropout, O = (P * Z) V for the mask-and-scale Z, so
-    d(loss)/dP = (dO V^T) * Z, and rowsum(P * d(loss)/dP) is still rowsum(dO * O) = delta."""
+    masked; both backward kernels call it. Also returns where ds may be non-zero. With
+    dropout, O = (P * Z) V for the mask-and-scale Z, so d(loss)/dP = (dO V^T) * Z, and
+    rowsum(P * d(loss)/dP) is still rowsum(dO * O) = delta."""
     pair_ok = row_ok[:, None] & col_ok[None, :]
-    s, c = _score_tile(
+    s = _score_tile(
         q, k, offs_m, offs_n, pair_ok, row_ok, col_ok, q_real, k_real,
         IDX, QP, KP, b, h, s_pb, s_ph, s_pl, s_pc, s_rb, s_rh, s_rl, s_rc, L, QK_SCALE,
-        c_first, c_last, HAS_QP, HAS_KP, UNIFORM_TILES, BLOCK_M, BLOCK_N, DOT_PRECISION,
+        c_first, c_last, HAS_QP, HAS_KP, UNIFORM_TILES, ROW_LANES, BLOCK_M, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
     p = tl.exp2(s - lse[:, None])
     p = tl.where(row_ok[:, None], p, 0.0)
@@ -222,7 +253,7 @@ def _grad_tile(
     ds = p * (dp - delta[:, None]) * SCALE
     grad_ok = pair_ok & q_real[:, None] & k_real[None, :]
     ds = tl.where(grad_ok, ds, 0.0)
-    return p_v, ds, c, grad_ok
+    return p_v, ds, grad_ok
 
 
 @triton.jit
@@ -323,6 +354,7 @@ def _forward_kernel(
     HAS_KP: tl.constexpr,
     DROPOUT: tl.constexpr,
     UNIFORM_TILES: tl.constexpr,
+    ROW_LANES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -348,10 +380,10 @@ def _forward_kernel(
         c_first, c_last = 0, 1  # IDX may be a one-entry dummy when it is not needed
         if UNIFORM_TILES and (HAS_QP or HAS_KP):
             c_first, c_last = _tile_ends(IDX, start_m, start_n, L, BLOCK_M, BLOCK_N)
-        s, _ = _score_tile(
+        s = _score_tile(
             q, k, offs_m, offs_n, row_ok[:, None] & col_ok[None, :], row_ok, col_ok, q_real,
             k_real, IDX, QP, KP, b, h, s_pb, s_ph, s_pl, s_pc, s_rb, s_rh, s_rl, s_rc, L,
-            QK_SCALE, c_first, c_last, HAS_QP, HAS_KP, UNIFORM_TILES, BLOCK_M, BLOCK_N,
+            QK_SCALE, c_first, c_last, HAS_QP, HAS_KP, UNIFORM_TILES, ROW_LANES, BLOCK_M, BLOCK_N,
             DOT_PRECISION,
         )  # fmt: skip
 
@@ -389,6 +421,7 @@ def _backward_kernel(
     DROPOUT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     UNIFORM_TILES: tl.constexpr,
+    ROW_LANES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -432,11 +465,11 @@ def _backward_kernel(
         if uniform_tiles:
             c_first, c_last = _tile_ends(IDX, start_m, start_n, L, BLOCK_M, BLOCK_N)
             uniform = c_first == c_last
-        p, ds, c, grad_ok = _grad_tile(
+        p, ds, grad_ok = _grad_tile(
             q, k, v, do, lse, delta, offs_m, offs_n, row_ok, col_ok, q_real, k_real,
             IDX, QP, KP, b, h, s_pb, s_ph, s_pl, s_pc, s_rb, s_rh, s_rl, s_rc,
             L, SCALE, QK_SCALE, c_first, c_last, SEED, pid_bh, DROP_P, DROP_SCALE,
-            HAS_QP, HAS_KP, DROPOUT, uniform_tiles, BLOCK_M, BLOCK_N, DOT_PRECISION,
+            HAS_QP, HAS_KP, DROPOUT, uniform_tiles, ROW_LANES, BLOCK_M, BLOCK_N, DOT_PRECISION,
         )  # fmt: skip
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
@@ -468,13 +501,21 @@ def _backward_kernel(
                     0,
                 )
         else:  # one atomic per pair (c is 0 where a pair is out of range; grad_ok masks those)
+            # c read again, not kept from the scores across the tile's matmuls: fewer registers
+            c = tl.load(IDX + (offs_m[:, None] - offs_n[None, :] + L - 1), mask=grad_ok, other=0)
             if HAS_QP:
                 tl.atomic_add(
-                    DQP + pos_grad_base + offs_m[:, None] * C + c, ds, mask=grad_ok, sem="relaxed"
+                    _row_ptrs(DQP + pos_grad_base + offs_m[:, None] * C, c, 1, ROW_LANES),
+                    ds,
+                    mask=grad_ok,
+                    sem="relaxed",
                 )
             if HAS_KP:
                 tl.atomic_add(
-                    DKP + pos_grad_base + offs_n[None, :] * C + c, ds, mask=grad_ok, sem="relaxed"
+                    _row_ptrs(DKP + pos_grad_base + offs_n[None, :] * C, c, 0, ROW_LANES),
+                    ds,
+                    mask=grad_ok,
+                    sem="relaxed",
                 )
 
     out_ptrs = grad_base + offs_n[:, None] * s_gl + offs_d[None, :]
@@ -503,6 +544,7 @@ def _backward_dq_kernel(
     HAS_QP: tl.constexpr,
     HAS_KP: tl.constexpr,
     DROPOUT: tl.constexpr,
+    ROW_LANES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -532,11 +574,11 @@ def _backward_dq_kernel(
             K, V, MASK, b, h, offs_n, offs_d, col_ok, kv_ok, s_kb, s_kh, s_kl, s_kd,
             s_vb, s_vh, s_vl, s_vd, s_mb,
         )  # fmt: skip
-        _, ds, _, _ = _grad_tile(
+        _, ds, _ = _grad_tile(
             q, k, v, do, lse, delta, offs_m, offs_n, row_ok, col_ok, q_real, k_real,
             IDX, QP, KP, b, h, s_pb, s_ph, s_pl, s_pc, s_rb, s_rh, s_rl, s_rc,
             L, SCALE, QK_SCALE, 0, 1, SEED, pid_bh, DROP_P, DROP_SCALE,
-            HAS_QP, HAS_KP, DROPOUT, False, BLOCK_M, BLOCK_N, DOT_PRECISION,
+            HAS_QP, HAS_KP, DROPOUT, False, ROW_LANES, BLOCK_M, BLOCK_N, DOT_PRECISION,
         )  # fmt: skip
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         if HAS_QP:  # along j (axis 1) for each query i: c(i, j - 1) and c(i, j + 1)

@@ -56,6 +56,15 @@ LOG2E = 1.0 / math.log(2.0)
 # backward tile). The deterministic backward's position gradients do not take it.
 UNIFORM_TILES = True
 
+# The per-pair gathers of the position terms and the atomics of their gradients walk along
+# their table's row: a warp's lanes along j for QP[i, c] and dQP, along i for KP[j, c] and
+# dKP (`_kernels._row_ptrs`), so that its 32 addresses fall in a few sectors of one row. The
+# kernels compiled without it (False) put the lanes along i for all four with Triton 3.6
+# (the GPU image's; one row per lane for the c2p gather and the dQP atomics) and along j
+# with 3.9 (the p2c gather and the dKP atomics). Untimed on a GPU yet: `bench/attention.py
+# --tiles default default+norowlanes` times both.
+ROW_LANES = True
+
 # Warps per program of the forward kernel and of the backward kernels (the deterministic
 # backward's two included). At 8, every kernel holds 254-255 registers per thread, so one
 # program per SM, 8 warps (12.5% occupancy), and Nsight Compute found both kernels waiting on
@@ -135,6 +144,7 @@ def _tile_settings(q: torch.Tensor, interpret: bool) -> dict[str, Any]:
         fwd_warps=FORWARD_WARPS,
         bwd_warps=BACKWARD_WARPS,
         uniform_tiles=UNIFORM_TILES,
+        row_lanes=ROW_LANES,
     )
 
 
@@ -199,6 +209,7 @@ class _FusedDisentangledAttention(torch.autograd.Function):
             HAS_KP=kp is not None,
             DROPOUT=dropout_p > 0,
             UNIFORM_TILES=_uniform_tiles(cfg, rel_index, block_m + block_n - 1),
+            ROW_LANES=cfg["row_lanes"],
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_D=cfg["block_d"],
@@ -316,6 +327,7 @@ def _backward(
         HAS_QP=qp is not None,
         HAS_KP=kp is not None,
         DROPOUT=ctx.dropout[0] > 0,
+        ROW_LANES=cfg["row_lanes"],
         BLOCK_D=cfg["block_d"],
         DOT_PRECISION=cfg["precision"],
         num_warps=cfg["bwd_warps"],
