@@ -222,12 +222,15 @@ def resources(compiled: Any) -> str:
 # pointer, and an access through a pointer (with its layout).
 BLOCKED = re.compile(r"^#(blocked\d*) = #ttg\.blocked<\{(.*?)\}>", re.M)
 HINTED = re.compile(r"(%[\w.]+) = tt\.addptr [^\n]*tt\.contiguity = dense<\[([\d, ]+)\]>")
-ACCESS = r"= (tt\.load|ttg\.async_copy_global_to_local|tt\.atomic_rmw \w+, \w+, \w+,) {}\b"
+ACCESS = (
+    r"\b(tt\.load|ttg\.async_copy_global_to_local|tt\.store|tt\.atomic_rmw \w+, \w+, \w+,) {}\b"
+)
 LAYOUT = r"[^\n]*?!tt\.ptr<\w+>, #(blocked\d*)>"
 
 
 def row_lanes(compiled: Any) -> list[tuple[str, int, bool]]:
-    """The loads and atomics whose addresses `_kernels._row_ptrs` steers (`fused.ROW_LANES`),
+    """The loads, stores and atomics whose addresses `_kernels._row_ptrs` steers
+    (`fused.ROW_LANES`),
     from the compiled kernel's TTGIR: each one's operation, the axis the hint names, and
     whether the layout Triton gave it runs a warp's 32 lanes along that axis with one element
     a thread there (so scalar accesses along a table row, not 8 a thread or a row a lane)."""

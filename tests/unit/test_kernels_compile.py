@@ -46,12 +46,17 @@ def test_each_launch_compiles_for_sm90(path: str) -> None:
 
 
 def _check_row_lanes(kernel: str, constexprs: dict, steered: list) -> None:
-    # fused.ROW_LANES: every per-pair gather of a position term (and, in the atomic backward,
-    # every per-pair atomic of its gradient) has its lanes along its table row, one element a
-    # thread, whichever way this Triton breaks the tie the hint breaks (3.6 and 3.9 differ).
-    tables = constexprs.get("HAS_QP", False) + constexprs.get("HAS_KP", False)
-    atomics = kernel == "_backward_kernel" and not constexprs["DETERMINISTIC"]
-    want = tables * (2 if atomics else 1) if constexprs.get("ROW_LANES") else 0
+    # fused.ROW_LANES: every per-pair gather of a position term, and every per-pair access of
+    # its gradient (an atomic; or, deterministic, the load and the store of a run's sum in the
+    # rows a program owns), has its lanes along its table row, one element a thread, whichever
+    # way this Triton breaks the tie the hint breaks (3.6 and 3.9 differ).
+    has_qp, has_kp = constexprs.get("HAS_QP", False), constexprs.get("HAS_KP", False)
+    want = has_qp + has_kp  # the gathers
+    if kernel == "_backward_kernel":
+        want += 2 * has_kp if constexprs["DETERMINISTIC"] else has_qp + has_kp
+    elif kernel == "_backward_dq_kernel":
+        want += 2 * has_qp
+    want = want if constexprs.get("ROW_LANES") else 0
     assert len(steered) == want, (kernel, constexprs, steered)
     assert all(ok for *_, ok in steered), (kernel, steered)
 

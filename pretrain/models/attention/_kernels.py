@@ -271,7 +271,10 @@ def _segment_add(v1, start1, v2, start2):
 
 
 @triton.jit
-def _add_runs(ROW_PTRS, dest_ok, c, c_before, c_after, last, vals, AXIS: tl.constexpr):
+def _add_runs(
+    ROW_PTRS, dest_ok, c, c_before, c_after, last, vals, AXIS: tl.constexpr,
+    ROW_LANES: tl.constexpr,
+):  # fmt: skip
     """ROW_PTRS[c] += vals, the pairs of a tile that share an address summed first, for the
     deterministic backward: the rows are this program's alone.
 
@@ -287,7 +290,7 @@ def _add_runs(ROW_PTRS, dest_ok, c, c_before, c_after, last, vals, AXIS: tl.cons
     starts = (c_before != c).to(tl.int32)
     ends = last | (c_after != c)
     sums, _ = tl.associative_scan((vals, starts), AXIS, _segment_add)
-    ptrs = ROW_PTRS + c
+    ptrs = _row_ptrs(ROW_PTRS, c, AXIS, ROW_LANES)  # a destination row runs along AXIS
     ok = ends & dest_ok
     tl.debug_barrier()
     tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + sums, mask=ok)
@@ -499,6 +502,7 @@ def _backward_kernel(
                     (offs_m == start_m + BLOCK_M - 1)[:, None],
                     ds,
                     0,
+                    ROW_LANES,
                 )
         else:  # one atomic per pair (c is 0 where a pair is out of range; grad_ok masks those)
             # c read again, not kept from the scores across the tile's matmuls: fewer registers
@@ -591,6 +595,7 @@ def _backward_dq_kernel(
                 (offs_n == start_n + BLOCK_N - 1)[None, :],
                 ds,
                 1,
+                ROW_LANES,
             )
 
     tl.store(DQ + b * s_gb + h * s_gh + offs_m[:, None] * s_gl + offs_d[None, :], dq, mask=qd_ok)
