@@ -947,42 +947,29 @@ def test_gpu_bf16_fused_error_is_eager_bf16_error(length: int) -> None:
 
 @compiled
 @pytest.mark.gpu
-def test_gpu_uniform_tiles_keep_the_bf16_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    """At L=1000 (past v3's 512 relative positions, and not a multiple of any tile) a fifth of
-    the tiles have one position index: compiled, the kernels meet the bf16 criterion with those
-    tiles and without, and the uniform tiles give the same output bits, as under the
-    interpreter."""
-    from pretrain.models.attention import fused
-
-    run = _gpu_case(torch.bfloat16, length=1000)
-    reference, eager = run("eager", torch.float32), run("eager", torch.bfloat16)
-    monkeypatch.setattr(fused, "UNIFORM_TILES", False)
-    without = run("triton", torch.bfloat16)
-    monkeypatch.setattr(fused, "UNIFORM_TILES", True)
-    uniform = run("triton", torch.bfloat16)
-    assert torch.equal(uniform[0], without[0])
-    for form in (without, uniform):
-        _assert_error_at_most_twice_eagers(reference, eager, form, slack=1e-2)
-
-
-@compiled
-@pytest.mark.gpu
-def test_gpu_row_lanes_keep_the_output_bits_and_the_bf16_error(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    "setting, length",
+    # UNIFORM_TILES at L=1000: past v3's 512 relative positions, and not a multiple of any
+    # tile, a fifth of the tiles have one position index. ROW_LANES changes which lanes make
+    # which pair's gathers and atomics, not what they compute.
+    [("UNIFORM_TILES", 1000), ("ROW_LANES", 512)],
+)
+def test_gpu_kernel_forms_keep_the_output_bits_and_the_bf16_error(
+    setting: str, length: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """fused.ROW_LANES changes which lanes make which pair's gathers and atomics, not what
-    they compute: compiled, the output is the same bits with and without it, and both meet
-    the bf16 criterion (the gradients' atomics add in a changing order either way)."""
+    """Compiled, the kernels meet the bf16 criterion with the setting and without, and give
+    the same output bits (the uniform tiles do under the interpreter too; the gradients'
+    atomics add in a changing order either way)."""
     from pretrain.models.attention import fused
 
-    run = _gpu_case(torch.bfloat16)
+    run = _gpu_case(torch.bfloat16, length=length)
     reference, eager = run("eager", torch.float32), run("eager", torch.bfloat16)
-    monkeypatch.setattr(fused, "ROW_LANES", False)
+    monkeypatch.setattr(fused, setting, False)
     without = run("triton", torch.bfloat16)
-    monkeypatch.setattr(fused, "ROW_LANES", True)
-    steered = run("triton", torch.bfloat16)
-    assert torch.equal(steered[0], without[0])
-    for form in (without, steered):
+    monkeypatch.setattr(fused, setting, True)
+    with_it = run("triton", torch.bfloat16)
+    assert torch.equal(with_it[0], without[0])
+    for form in (without, with_it):
         _assert_error_at_most_twice_eagers(reference, eager, form, slack=1e-2)
 
 
