@@ -45,8 +45,9 @@ def _tile_ends(IDX, start_m, start_n, L, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
 @triton.jit
 def _row_ptrs(ROW_PTRS, c, AXIS: tl.constexpr, ROW_LANES: tl.constexpr):
     """ROW_PTRS + c: the addresses of a per-pair gather or atomic in one table row per query
-    (AXIS=1: QP[i, c], dQP) or per key (AXIS=0: KP[j, c], dKP); ROW_PTRS broadcasts each
-    row's pointer across the tile.
+    (QP[i, c], dQP) or per key (KP[j, c], dKP); ROW_PTRS broadcasts each row's pointer across
+    the tile, and AXIS is the tile's axis along which a row runs (in a [BLOCK_M, BLOCK_N]
+    tile, 1 for a query's row and 0 for a key's).
 
     ROW_LANES: with a hint that makes a warp's 32 lanes run along AXIS, within a row. Where c
     moves by one or not at all from pair to pair (the linear buckets; inside a log bucket), a
@@ -84,8 +85,8 @@ def _score_tile(
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One (query block, key block) tile of scores in base-2 units, masked as the eager pair
-    mask masks them. The forward and the backward's
-    recomputation both call it, so they make the same scores bit for bit.
+    mask masks them. The forward and the backward's recomputation both call it, so they make
+    the same scores bit for bit.
 
     UNIFORM_TILES: where the tile's pairs all have one c (c_first == c_last, `_tile_ends`), the
     position terms are one value per row (QP[i, c]) and one per column (KP[j, c]): BLOCK_M +
