@@ -230,10 +230,10 @@ LAYOUT = r"[^\n]*?!tt\.ptr<\w+>, #(blocked\d*)>"
 
 def row_lanes(compiled: Any) -> list[tuple[str, int, bool]]:
     """The loads, stores and atomics whose addresses `_kernels._row_ptrs` steers
-    (`fused.ROW_LANES`),
-    from the compiled kernel's TTGIR: each one's operation, the axis the hint names, and
-    whether the layout Triton gave it runs a warp's 32 lanes along that axis with one element
-    a thread there (so scalar accesses along a table row, not 8 a thread or a row a lane)."""
+    (`fused.ROW_LANES`), from the compiled kernel's TTGIR: each one's operation, the axis the
+    hint names, and whether the layout Triton gave it runs a warp's 32 lanes along that axis
+    with one element a thread there (so scalar accesses along a table row, not 8 a thread or
+    a row a lane)."""
     ir = compiled.asm["ttgir"]
     layouts = {}
     for name, body in BLOCKED.findall(ir):
