@@ -285,9 +285,12 @@ stage_trainer_512_zero1() {
 }
 
 # The stages run in the order named (a stage_NAME function each; where they are defined does
-# not matter).
+# not matter), each once: a name given twice would rerun it and overwrite its log.
+declare -A ran=()
 for name in $stages; do
-    if declare -F "stage_$name" >/dev/null; then
+    if [ -n "${ran[$name]:-}" ]; then
+        echo "== $name: named again, not rerun"
+    elif ran[$name]=1 && declare -F "stage_$name" >/dev/null; then
         "stage_$name"
     else
         echo "== $name: no such stage"

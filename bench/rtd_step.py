@@ -435,7 +435,9 @@ def print_profile(
     """Where one step's time goes: torch profiler's busiest kernels (operators on CPU), then
     the busiest operators by input shape (which copies, which matmuls). On CUDA, also how much
     of the (unprofiled) step time the GPU was busy: the rest it waited for the host, which
-    then bounds the step, not the kernels. With a trace_dir, the step's chrome trace is
+    then bounds the step, not the kernels; and its device time summed by kind
+    (`gpu_time_by_kind`), which the operators' tables, counting a compiled graph's kernels
+    twice, do not give. With a trace_dir, the step's chrome trace is
     written there (gzipped) and bench/trace_gaps.py's account of the GPU's idle gaps printed."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -465,6 +467,13 @@ def print_profile(
             f"{max(0.0, 1 - busy / step_ms):.0%} of the step it waits for the host",
             flush=True,
         )
+        device_work = [
+            (e.name, (e.time_range.end - e.time_range.start) / 1e3)
+            for e in prof.events()
+            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+        ]
+        for line in gpu_time_by_kind(device_work):
+            print(f"profile: {label}: {line}", flush=True)
     if trace_dir is not None:
         trace_dir.mkdir(parents=True, exist_ok=True)
         path = trace_dir / (re.sub(r"[^A-Za-z0-9_.-]+", "_", label) + ".json.gz")
@@ -477,6 +486,45 @@ def print_profile(
                 lines = [f"trace_gaps failed: {type(e).__name__}: {e}"]
             for line in lines:
                 print(f"profile: {label}: {line}", flush=True)
+
+
+# What each device activity of a step is, by its name; the first pattern that matches names
+# its kind. The operators' table counts a kernel both as itself and inside each range that
+# launched it (a compiled graph's "## Call CompiledFxGraph" row holds its Triton kernels), so
+# its rows do not add up; these sums count every kernel once.
+KINDS: tuple[tuple[str, str], ...] = (
+    ("attention forward kernel", r"^_forward_kernel$"),
+    ("attention backward kernels", r"^_(backward|backward_dq|row_dot)_kernel$"),
+    ("MLM head kernel", r"^_mlm_\w*kernel$"),
+    ("matmuls (cuBLAS, CUTLASS)", r"nvjet|cutlass|gemm|gemv|xmma|splitK|cublas"),
+    ("compiled layers' fused kernels (inductor)", r"^triton_"),
+    ("optimizer (multi-tensor)", r"multi_tensor_apply"),
+    ("copies, casts and fills", r"^Memcpy|^Memset|direct_copy|copy_kernel|Fill"),
+    ("reductions", r"reduce_kernel|softmax|norm"),
+)
+
+
+def gpu_time_by_kind(work: list[tuple[str, float]], top_others: int = 6) -> list[str]:
+    """Lines of the device time (ms) of one step's kernels, copies and fills, summed by
+    `KINDS`, largest first, each kernel counted once; then the largest of the rest by name."""
+    by_kind: dict[str, float] = {}
+    others: dict[str, float] = {}
+    for name, ms in work:
+        kind = next((k for k, pattern in KINDS if re.search(pattern, name)), None)
+        if kind is None:
+            others[name] = others.get(name, 0.0) + ms
+        else:
+            by_kind[kind] = by_kind.get(kind, 0.0) + ms
+    total = sum(ms for _, ms in work)
+    if not total:
+        return []
+    by_kind["other kernels"] = sum(others.values())
+    lines = [f"GPU time by kind, {total:.1f} ms summed over {len(work)} kernels and copies:"]
+    for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {ms:8.2f} ms {ms / total:6.1%}  {kind}")
+    for name, ms in sorted(others.items(), key=lambda kv: -kv[1])[:top_others]:
+        lines.append(f"  {ms:8.2f} ms {ms / total:6.1%}    other: {name[:90]}")
+    return lines
 
 
 def _load_sibling(name: str) -> Any:

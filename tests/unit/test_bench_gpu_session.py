@@ -43,3 +43,10 @@ def test_an_unknown_stage_is_reported_and_fails_the_run(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "== rtd_521: no such stage" in proc.stdout
     assert "not clean: rtd_521(unknown)" in proc.stdout
+
+
+def test_a_stage_named_twice_runs_once(tmp_path: Path) -> None:
+    proc = _dry_run(tmp_path, "env", "attention", "env")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.findall(r"^== (\w+) \(limit", proc.stdout, re.M) == ["env", "attention"]
+    assert "== env: named again, not rerun" in proc.stdout

@@ -229,3 +229,32 @@ def test_master_weights_step_is_adamw_on_fp32_copies_rounded_to_bf16(bench):
     # The master copy keeps what bf16 rounds away: updates smaller than bf16's step survive.
     assert torch.equal(ours.master.detach(), torch.cat([r.detach().flatten() for r in reference]))
     assert ours.master.dtype == torch.float32
+
+
+def test_gpu_time_by_kind_counts_each_kernel_once_under_its_kind(bench):
+    work = [
+        ("_backward_kernel", 2.5),
+        ("_backward_kernel", 2.5),
+        ("_forward_kernel", 0.5),
+        ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", 0.75),
+        ("triton_poi_fused__unsafe_view_cat_clone_transpose_4", 0.75),
+        ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda", 0.25),
+        ("Memset (Device)", 0.25),
+        ("_mlm_rows_kernel", 0.5),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::AUnaryFunctor", 2.0),
+    ]
+    lines = bench.gpu_time_by_kind(work)
+    assert lines[0] == "GPU time by kind, 10.0 ms summed over 9 kernels and copies:"
+    sums = {line[22:].strip(): float(line.split()[0]) for line in lines[1:]}
+    assert sums == {
+        "attention backward kernels": 5.0,
+        "other kernels": 2.0,
+        "matmuls (cuBLAS, CUTLASS)": 0.75,
+        "compiled layers' fused kernels (inductor)": 0.75,
+        "attention forward kernel": 0.5,
+        "MLM head kernel": 0.5,
+        "copies, casts and fills": 0.5,
+        "other: void at::native::vectorized_elementwise_kernel<4, at::native::AUnaryFunctor": 2.0,
+    }
+    assert lines[1].endswith("attention backward kernels") and " 50.0%" in lines[1]
+    assert bench.gpu_time_by_kind([]) == []
