@@ -13,6 +13,8 @@ position term alone and none, fp16, heads of 128; and the MLM head's kernel. Eac
 specialized as a GPU launch would be (Triton's binder). Register counts and stacks say which
 tiles spill; they are the compiler's, not timings. To check another Triton (the GPU image's),
 run this with a Python whose Triton is that one and whose torch can run the glue on CPU.
+`--arch 80` (A100; 86, 89, 100, 120...) specializes and compiles every launch for that GPU,
+at the tiles the glue picks for it (`fused._tile_settings` by compute capability).
 """
 
 from __future__ import annotations
@@ -49,11 +51,19 @@ POINTERS = {
 Launch = tuple[Any, dict[str, str], dict[Any, Any], dict[Any, Any], dict[str, Any]]
 
 
-def specialize(fn: Any, args: tuple, kwargs: dict, arch: int = 90) -> Launch:
-    """What `fn[grid](*args, **kwargs)` compiles on a GPU: Triton's own binder makes ints equal
-    to 1 constexprs and marks pointers and ints divisible by 16, which changes the code (and
-    its registers). Its binder is not public API: where this Triton lacks it, the plain
-    signature (every int i32, no attributes) is compiled and `specialized` says so."""
+# The compute capability (x 10) the launches are specialized and compiled for: main's --arch.
+# Triton's options carry it (`arch`, and what the target supports), so a launch specialized for
+# one target cannot be compiled for another (`compile_launch` refuses).
+ARCH = 90
+
+
+def specialize(fn: Any, args: tuple, kwargs: dict, arch: int | None = None) -> Launch:
+    """What `fn[grid](*args, **kwargs)` compiles on a GPU of sm_<arch> (default `ARCH`):
+    Triton's own binder makes ints equal to 1 constexprs and marks pointers and ints divisible
+    by 16, which changes the code (and its registers). Its binder is not public API: where this
+    Triton lacks it, the plain signature (every int i32, no attributes) is compiled and
+    `specialized` says so."""
+    arch = ARCH if arch is None else arch
     try:
         from triton.compiler import make_backend
         from triton.runtime.jit import create_function_from_signature
@@ -113,7 +123,7 @@ def recording(launches: list[Launch]) -> Any:
             stack.enter_context(mock.patch.object(_kernels, name, recorder))
         recorder = Recorder(mlm_kernel._mlm_rows_kernel, launches)
         stack.enter_context(mock.patch.object(mlm_kernel, "_mlm_rows_kernel", recorder))
-        gpu_tiles = lambda q: fused._tile_settings(q, False)  # noqa: E731
+        gpu_tiles = lambda q: fused._tile_settings(q, False, divmod(ARCH, 10))  # noqa: E731
         stack.enter_context(mock.patch.object(fused, "_launch_settings", gpu_tiles))
         gpu = mlm_kernel._launch_settings(torch.device("cuda"))
         stack.enter_context(mock.patch.object(mlm_kernel, "_launch_settings", lambda _: gpu))
@@ -197,9 +207,13 @@ def named(launch: Launch) -> dict[str, Any]:
     }
 
 
-def compile_launch(launch: Launch, arch: int = 90) -> Any:
-    """The launch compiled for sm_<arch> (Triton's CompiledKernel, cubin included)."""
+def compile_launch(launch: Launch, arch: int | None = None) -> Any:
+    """The launch compiled for sm_<arch> (default `ARCH`; Triton's CompiledKernel, cubin
+    included)."""
+    arch = ARCH if arch is None else arch
     fn, types, constexprs, attrs, options = launch
+    if options.get("arch") not in (None, f"sm{arch}"):
+        raise ValueError(f"a launch specialized for {options['arch']} compiled for sm{arch}")
     source = ASTSource(fn=fn, signature=types, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
@@ -258,10 +272,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100)")
     p.add_argument("--path", choices=list(PATHS), nargs="+", default=list(PATHS))
     args = p.parse_args(argv)
-    print(f"triton {triton.__version__}, sm_{args.arch}")
+    global ARCH
+    previous, ARCH = ARCH, args.arch
+    try:
+        return _compile_paths(args.path)
+    finally:
+        ARCH = previous
+
+
+def _compile_paths(paths: list[str]) -> int:
+    print(f"triton {triton.__version__}, sm_{ARCH}")
     seen: set[str] = set()
     failed = 0
-    for path in args.path:
+    for path in paths:
         for launch in PATHS[path]():
             fn, types, constexprs, _, options = launch
             key = repr((fn.__name__, sorted(types.items()), sorted(constexprs.items()), options))
@@ -272,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             tiles = "x".join(str(block[k]) for k in ("BLOCK_M", "BLOCK_N") if k in block)
             label = f"{path:<20} {fn.__name__:<24} {tiles:<13}"
             try:
-                compiled = compile_launch(launch, args.arch)
+                compiled = compile_launch(launch)
                 steered = row_lanes(compiled)
                 lanes = sum(ok for *_, ok in steered)
                 rows = f", row lanes {lanes} of {len(steered)}" if steered else ""

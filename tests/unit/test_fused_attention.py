@@ -388,6 +388,50 @@ def test_uniform_tile_forms_only_where_a_tile_can_be_uniform() -> None:
         assert fused._end_runs(torch.tensor(index, dtype=torch.int32)) == runs, index
 
 
+def test_tiles_follow_the_gpus_matmul_operands() -> None:
+    """The H100-tuned tiles where Triton's matmuls read shared memory (sm_90, sm_100; and when
+    the capability is unknown); smaller ones where both operands sit in registers (sm_80-89,
+    sm_120), at which `bench/kernel_compile.py --arch 80` finds no spills. The interpreter
+    keeps its own small tiles."""
+    from pretrain.models.attention import fused
+
+    q64, q128 = torch.empty(1, 1, 1, 64), torch.empty(1, 1, 1, 128)
+    for capability in (None, (9, 0), (10, 0), (10, 3)):
+        for q, fwd, bwd in ((q64, (128, 64), (32, 64)), (q128, (64, 32), (32, 32))):
+            cfg = fused._tile_settings(q, False, capability)
+            assert (cfg["fwd"], cfg["bwd"], cfg["bwd_dq"]) == (fwd, bwd, bwd[::-1]), capability
+    for capability in ((8, 0), (8, 6), (8, 9), (12, 0)):
+        for q, fwd, bwd in ((q64, (128, 32), (32, 32)), (q128, (64, 32), (16, 32))):
+            cfg = fused._tile_settings(q, False, capability)
+            assert (cfg["fwd"], cfg["bwd"], cfg["bwd_dq"]) == (fwd, bwd, bwd[::-1]), capability
+    assert fused._tile_settings(q64, True, (8, 0))["fwd"] == (16, 16)
+
+
+@interpreted
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
+def test_register_operand_gpus_tiles_match_eager_fp32(
+    deterministic: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernels at the tiles an A100 gets (forward 128x32, backward 32x32, the
+    deterministic dq kernel's 32x32), which no other interpreted test uses: L=70 ends inside
+    a tile and has uniform tiles (past 32 the tables clamp)."""
+    from pretrain.models.attention import fused
+
+    monkeypatch.setattr(fused, "_launch_settings", lambda q: fused._tile_settings(q, False, (8, 0)))
+    assert fused._launch_settings(torch.empty(1, 1, 1, 16))["fwd"] == (128, 32)
+    terms, buckets, max_rel = CORE_CASES["c2p_p2c_buckets"]
+    config = _config(buckets, max_rel)
+    span, length = config.relative_span, 70
+    idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
+    q, k, v, pos_k, pos_q, mask, weights = _inputs(length, span, terms, torch.float32)
+    args = (q, k, v, pos_k, pos_q, idx, mask, (16 * 3) ** -0.5, weights, deterministic)
+    want, want_grads = _run("eager", *args)
+    got, got_grads = _run("triton", *args)
+    torch.testing.assert_close(got, want, **FP32_TOL)
+    for name in _grad_names(terms):
+        torch.testing.assert_close(got_grads[name], want_grads[name], **FP32_TOL, msg=name)
+
+
 @pytest.mark.parametrize("case", sorted(INDEX_CASES))
 def test_the_models_cached_table_is_relative_index_of_its_positions(case: str) -> None:
     # The model's one table per (length, setup, device), from the 2L - 1 distances alone,

@@ -45,6 +45,27 @@ def test_each_launch_compiles_for_sm90(path: str) -> None:
             _compiled.add(key)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["default", "head_128"])
+def test_register_operand_gpus_get_tiles_that_do_not_spill(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An A100 (sm_80): no wgmma, so matmul operands and accumulators sit in registers, and the
+    # H100's tiles spilled (the forward's 128x64 by 144-440 B a thread). The glue picks
+    # smaller tiles there, which compile without any stack.
+    monkeypatch.setattr(bench, "ARCH", 80)
+    launches = [x for x in bench.PATHS[path]() if x[0].__name__ in STEP - {"_row_dot_kernel"}]
+    assert len(launches) == 2
+    for launch in launches:
+        tiles = tuple(bench.named(launch)[k] for k in ("BLOCK_M", "BLOCK_N"))
+        assert tiles in {(128, 32), (32, 32), (64, 32), (16, 32)}, tiles
+        assert launch[4]["arch"] == "sm80"
+        compiled = bench.compile_launch(launch)
+        assert bench.resources(compiled).endswith(", stack 0 B"), (path, tiles)
+    with pytest.raises(ValueError, match="specialized for sm80 compiled for sm90"):
+        bench.compile_launch(launches[0], 90)
+
+
 def _check_row_lanes(kernel: str, constexprs: dict, steered: list) -> None:
     # fused.ROW_LANES: every per-pair gather of a position term, and every per-pair access of
     # its gradient (an atomic; or, deterministic, the load and the store of a run's sum in the

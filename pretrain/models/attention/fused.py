@@ -102,13 +102,17 @@ def _launch_settings(q: torch.Tensor) -> dict[str, Any]:
     if interpret and q.dtype == torch.bfloat16:
         # Its tl.dot multiplies bf16 bit patterns as integers (triton-lang/triton#11584).
         raise ValueError("Triton's interpreter cannot run bf16 matmuls; test with fp16 or fp32")
-    return _tile_settings(q, interpret)
+    capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
+    return _tile_settings(q, interpret, capability)
 
 
-def _tile_settings(q: torch.Tensor, interpret: bool) -> dict[str, Any]:
-    """The launch settings for q's head size and dtype, and the module's options, without
-    `_launch_settings`' check of where the kernel can run: what the tests and
-    bench/host_ops.py use with the kernels stubbed out, so a new option reaches them too."""
+def _tile_settings(
+    q: torch.Tensor, interpret: bool, capability: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """The launch settings for q's head size and dtype on a GPU of that compute capability
+    (None: an H100's), and the module's options, without `_launch_settings`' check of where
+    the kernel can run: what the tests and bench/host_ops.py use with the kernels stubbed out,
+    so a new option reaches them too."""
     d = q.shape[-1]
     block_d = max(16, triton.next_power_of_2(d))
     if block_d > 128:
@@ -127,12 +131,20 @@ def _tile_settings(q: torch.Tensor, interpret: bool) -> dict[str, Any]:
     # Larger head sizes: the largest tiles ptxas compiled for sm_90 without register spills
     # when chosen (now 16-48 B of stack, `python bench/kernel_compile.py --path head_128`),
     # not timed on a GPU.
+    # Those are for the GPUs whose matmuls Triton runs from shared memory (wgmma on sm_90,
+    # tcgen05 on sm_100). Elsewhere (A100, A10, L4, RTX 30xx/40xx/50xx: sm_80-89, sm_120) both
+    # operands of every matmul and its accumulator are held in registers, and those tiles
+    # spill: the forward's 128x64 with 104-448 B of stack, the backward's 32x64 with up to 128
+    # B (`python bench/kernel_compile.py --arch 80`, Triton 3.6 and 3.9). There, the largest
+    # tiles of those tried that compile without spills for sm_80, sm_86, sm_89 and sm_120 in
+    # both Tritons, every path (bucketed or not, dropout, deterministic, fp16); untimed.
+    register_mma = capability is not None and capability[0] not in (9, 10)
     if interpret:  # small tiles: the interpreter is slow, and tests should cross tile edges
         fwd, bwd = (16, 16), (16, 16)
     elif block_d <= 64:
-        fwd, bwd = (128, 64), (32, 64)
+        fwd, bwd = ((128, 32), (32, 32)) if register_mma else ((128, 64), (32, 64))
     else:
-        fwd, bwd = (64, 32), (32, 32)
+        fwd, bwd = (64, 32), ((16, 32) if register_mma else (32, 32))
     # The deterministic backward's dq kernel mirrors the key-block kernel: the same tile, the
     # roles of its two sides swapped.
     return dict(
