@@ -833,14 +833,21 @@ def test_bf16_under_interpreter_is_an_error() -> None:
         disentangled_attention(q, k, v, None, None, None, mask, 0.1, impl="triton")
 
 
-def test_choose_impl() -> None:
+def test_choose_impl(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    capability = (9, 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert DebertaConfig().attention_impl == "auto"  # the default: fused where it can run
     assert choose_impl("eager", cuda, 64) == "eager"
     assert choose_impl("triton", cpu, 64) == "triton"  # the kernel launcher says no
     assert choose_impl("auto", cpu, 64) == "eager"
     assert choose_impl("auto", cuda, 64) == "triton"
     assert choose_impl("auto", cuda, 256) == "eager"
+    for capability in ((8, 0), (8, 9), (12, 0)):
+        assert choose_impl("auto", cuda, 64) == "triton", capability
+    for capability in ((7, 5), (7, 0)):  # V100, T4: the kernels spill there and never ran
+        assert choose_impl("auto", cuda, 64) == "eager", capability
+        assert choose_impl("triton", cuda, 64) == "triton", capability
     with pytest.raises(ValueError, match="attention_impl"):
         DebertaConfig(attention_impl="flash")
 

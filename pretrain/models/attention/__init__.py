@@ -104,10 +104,14 @@ def warn_once(message: str) -> None:
 def choose_impl(requested: str, device: torch.device, head_size: int) -> str:
     """Which core, "eager" or "triton", a model configured with `attention_impl=requested` runs.
 
-    "auto" takes the fused kernel on CUDA when Triton is installed and the head size fits, and
-    eager otherwise, attention dropout or not: both apply it (the fused kernel draws its own
-    mask; on an H100 its bf16 error with the same mask was at most twice eager's, and the
-    v3-base step with attention dropout 0.1 took 182.5 ms fused against 267.0 eager).
+    "auto" takes the fused kernel on CUDA when Triton is installed, the head size fits and the
+    GPU is an Ampere or later (compute capability 8.0), and eager otherwise, attention dropout
+    or not: both apply it (the fused kernel draws its own mask; on an H100 its bf16 error with
+    the same mask was at most twice eager's, and the v3-base step with attention dropout 0.1
+    took 182.5 ms fused against 267.0 eager). Before Ampere (V100, T4) the forward kernel
+    compiles with 500-850 bytes of register spills a thread at every tile tried (`python
+    bench/kernel_compile.py --arch 75`) and has never run, so eager, the reference, is the
+    default there; "triton" still runs it.
     """
     if requested == "eager":
         return "eager"
@@ -117,7 +121,7 @@ def choose_impl(requested: str, device: torch.device, head_size: int) -> str:
         raise ValueError(f"attention_impl must be one of {IMPLS}, got {requested!r}")
     if device.type != "cuda" or not triton_available() or head_size > MAX_FUSED_HEAD_SIZE:
         return "eager"
-    return "triton"
+    return "triton" if torch.cuda.get_device_capability(device) >= (8, 0) else "eager"
 
 
 def disentangled_attention(
