@@ -239,15 +239,15 @@ HINTED = re.compile(r"(%[\w.]+) = tt\.addptr [^\n]*tt\.contiguity = dense<\[([\d
 ACCESS = (
     r"\b(tt\.load|ttg\.async_copy_global_to_local|tt\.store|tt\.atomic_rmw \w+, \w+, \w+,) {}\b"
 )
-LAYOUT = r"[^\n]*?!tt\.ptr<\w+>, #(blocked\d*)>"
+LAYOUT = r"[^\n]*?tensor<([\dx]+)x!tt\.ptr<\w+>, #(blocked\d*)>"
 
 
 def row_lanes(compiled: Any) -> list[tuple[str, int, bool]]:
     """The loads, stores and atomics whose addresses `_kernels._row_ptrs` steers
     (`fused.ROW_LANES`), from the compiled kernel's TTGIR: each one's operation, the axis the
     hint names, and whether the layout Triton gave it runs a warp's 32 lanes along that axis
-    with one element a thread there (so scalar accesses along a table row, not 8 a thread or
-    a row a lane)."""
+    (all of the tile's extent there, where it is shorter) with one element a thread there (so
+    scalar accesses along a table row, not 8 a thread or a row a lane)."""
     ir = compiled.asm["ttgir"]
     layouts = {}
     for name, body in BLOCKED.findall(ir):
@@ -260,10 +260,11 @@ def row_lanes(compiled: Any) -> list[tuple[str, int, bool]]:
         while pointers:  # the hinted pointer and its layout conversions, to the accesses
             ptr = re.escape(pointers.pop())
             pointers += re.findall(rf"(%[\w.]+) = ttg\.convert_layout {ptr}\b", ir)
-            for op, layout in re.findall(ACCESS.format(ptr) + LAYOUT, ir):
+            for op, shape, layout in re.findall(ACCESS.format(ptr) + LAYOUT, ir):
                 lanes = layouts[layout]["threadsPerWarp"][axis]
                 per_thread = layouts[layout]["sizePerThread"][axis]
-                found.append((op.split()[0].rstrip(","), axis, lanes == 32 and per_thread == 1))
+                along = min(32, int(shape.split("x")[axis]))  # a row shorter than a warp
+                found.append((op.split()[0].rstrip(","), axis, lanes == along and per_thread == 1))
     return found
 
 

@@ -58,10 +58,11 @@ def test_register_operand_gpus_get_tiles_that_do_not_spill(
     assert len(launches) == 2
     for launch in launches:
         tiles = tuple(bench.named(launch)[k] for k in ("BLOCK_M", "BLOCK_N"))
-        assert tiles in {(128, 32), (32, 32), (64, 32), (16, 32)}, tiles
+        assert tiles in {(128, 32), (32, 32), (64, 32), (16, 32)}, tiles  # heads of 64, 128
         assert launch[4]["arch"] == "sm80"
         compiled = bench.compile_launch(launch)
         assert bench.resources(compiled).endswith(", stack 0 B"), (path, tiles)
+        _check_row_lanes(launch[0].__name__, bench.named(launch), bench.row_lanes(compiled))
     with pytest.raises(ValueError, match="specialized for sm80 compiled for sm90"):
         bench.compile_launch(launches[0], 90)
 

@@ -128,9 +128,10 @@ def _tile_settings(
     # backward's 32x64, which compiles without register spills, with UNIFORM_TILES: 4.72 ms
     # against 4.83 for 64x64 at L=512, 9.39 against 12.44 at L=2048 (forward + backward, the
     # H100 run of 78f0ec9).
-    # Larger head sizes: the largest tiles ptxas compiled for sm_90 without register spills
-    # when chosen (now 16-48 B of stack, `python bench/kernel_compile.py --path head_128`),
-    # not timed on a GPU.
+    # Larger head sizes: the largest tiles ptxas compiles without register spills, not timed
+    # on a GPU. The backward's 32x32, chosen so, had grown to 104-168 B of stack on sm_90 and
+    # sm_100 (Triton 3.9 / 3.6, `python bench/kernel_compile.py --path head_128`); 16x32
+    # has none there, nor on sm_80-89 and sm_120.
     # Those are for the GPUs whose matmuls Triton runs from shared memory (wgmma on sm_90,
     # tcgen05 on sm_100). Elsewhere (A100, A10, L4, RTX 30xx/40xx/50xx: sm_80-89, sm_120) both
     # operands of every matmul and its accumulator are held in registers, and those tiles
@@ -144,7 +145,7 @@ def _tile_settings(
     elif block_d <= 64:
         fwd, bwd = ((128, 32), (32, 32)) if register_mma else ((128, 64), (32, 64))
     else:
-        fwd, bwd = (64, 32), ((16, 32) if register_mma else (32, 32))
+        fwd, bwd = (64, 32), (16, 32)
     # The deterministic backward's dq kernel mirrors the key-block kernel: the same tile, the
     # roles of its two sides swapped.
     return dict(
