@@ -251,7 +251,11 @@ def gather_bf16_optimizer_checkpoint(step_dir: Path) -> dict[str, torch.Tensor]:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        # bf16 where the GPU has it (Ampere on): torch's default check also says yes where bf16
+        # is only emulated (V100, T4), slowly. There, fp16 (deepspeed.precision=fp16) is the
+        # tensor cores' format.
+        native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        return "bf16" if native else "fp32"
     if precision == "fp16" and device.type == "cpu":
         raise ConfigError("deepspeed.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
     return precision

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pretrain.config import Config, OptimConfig
-from pretrain.engine import parameter_groups
+from pretrain.engine import parameter_groups, resolve_precision
 from pretrain.models.deberta import DebertaConfig
 from pretrain.models.rtd import RTDModel
 
@@ -89,3 +89,17 @@ def test_deepspeeds_deprecated_collectives_do_not_flood_the_log() -> None:
         )
         warnings.warn("`other` is deprecated", FutureWarning, stacklevel=1)  # others still show
     assert [str(w.message) for w in seen] == ["`other` is deprecated"]
+
+
+def test_auto_precision_is_bf16_only_where_the_gpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch's check says yes by default where bf16 is only emulated (V100, T4): not bf16 there.
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(
+            torch.cuda,
+            "is_bf16_supported",
+            lambda including_emulation=True, native=native: native or including_emulation,
+        )
+        assert resolve_precision("auto", cuda) == ("bf16" if native else "fp32")
+        assert resolve_precision("auto", cpu) == "fp32"
+        assert resolve_precision("fp16", cuda) == "fp16"
