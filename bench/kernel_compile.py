@@ -218,6 +218,19 @@ def compile_launch(launch: Launch, arch: int | None = None) -> Any:
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
+# Shared memory a block may take (KB, the opt-in maximum) by compute capability x 10: what
+# a launch needing more fails with at run time (Triton's OutOfResources) on such a GPU.
+SHARED_KB = {70: 96, 75: 64, 80: 163, 86: 99, 87: 163, 89: 99, 90: 227, 100: 227, 120: 99}
+
+
+def shared_memory(compiled: Any) -> str:
+    """The compiled kernel's shared memory, and whether it is over what a GPU of `ARCH` has."""
+    kb = compiled.metadata.shared / 1024
+    limit = SHARED_KB.get(ARCH)
+    over = limit is not None and kb > limit
+    return f"shared {kb:.0f} KB" + (f" (OVER sm_{ARCH}'s {limit} KB)" if over else "")
+
+
 def resources(compiled: Any) -> str:
     """Registers and stack of a compiled kernel, from its cubin (Triton's own cuobjdump)."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
@@ -300,7 +313,9 @@ def _compile_paths(paths: list[str]) -> int:
                 steered = row_lanes(compiled)
                 lanes = sum(ok for *_, ok in steered)
                 rows = f", row lanes {lanes} of {len(steered)}" if steered else ""
-                print(f"{label} {resources(compiled)}{rows}", flush=True)
+                shared = shared_memory(compiled)
+                failed += "OVER" in shared
+                print(f"{label} {resources(compiled)}, {shared}{rows}", flush=True)
             except Exception as e:  # every launch is tried; the last lines say why
                 failed += 1
                 why = " | ".join(str(e).strip().splitlines()[-3:])

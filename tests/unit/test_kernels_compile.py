@@ -41,6 +41,7 @@ def test_each_launch_compiles_for_sm90(path: str) -> None:
         if key not in _compiled:
             compiled = bench.compile_launch(launch)
             assert compiled.asm["cubin"], fn.__name__
+            assert "OVER" not in bench.shared_memory(compiled), fn.__name__
             _check_row_lanes(fn.__name__, bench.named(launch), bench.row_lanes(compiled))
             _compiled.add(key)
 
@@ -62,6 +63,8 @@ def test_register_operand_gpus_get_tiles_that_do_not_spill(
         assert launch[4]["arch"] == "sm80"
         compiled = bench.compile_launch(launch)
         assert bench.resources(compiled).endswith(", stack 0 B"), (path, tiles)
+        # these tiles go to sm_86, sm_89 and sm_120 as well, whose blocks get the least
+        assert compiled.metadata.shared <= bench.SHARED_KB[86] * 1024, (path, tiles)
         _check_row_lanes(launch[0].__name__, bench.named(launch), bench.row_lanes(compiled))
     with pytest.raises(ValueError, match="specialized for sm80 compiled for sm90"):
         bench.compile_launch(launches[0], 90)
@@ -96,6 +99,8 @@ def test_launches_are_specialized_as_on_a_gpu() -> None:
 def test_the_script_reports_registers_and_stack(capsys: pytest.CaptureFixture) -> None:
     assert bench.main(["--path", "mlm_head"]) == 0
     out = capsys.readouterr().out
-    rows = re.findall(r"^mlm_head +_mlm_rows_kernel +registers \d+, stack \d+ B$", out, re.M)
+    rows = re.findall(
+        r"^mlm_head +_mlm_rows_kernel +registers \d+, stack \d+ B, shared \d+ KB$", out, re.M
+    )
     assert len(rows) == 4, out  # bias bf16 / fp32, without gradients, excluding the original
     assert out.rstrip().endswith("4 launches compiled, 0 failed")
