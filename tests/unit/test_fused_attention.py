@@ -175,13 +175,14 @@ def _inputs(
     seed: int = 0,
     heads: int = 2,
     split_heads: bool = False,
+    d: int = 16,
 ):
     """q, k, v, pos_k, pos_q (None for an absent term), a padded token mask, and weights for a
     loss that reads every output row. q, k, v are [B, h, L, d] leaves, or with split_heads
     views of [B, L, h, d] leaves, the layout the model's attention makes (and the fused glue
     reads without copies)."""
     g = torch.Generator().manual_seed(seed)
-    batch, d = 2, 16
+    batch = 2
 
     def leaf(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(dtype).requires_grad_()
@@ -409,22 +410,25 @@ def test_tiles_follow_the_gpus_matmul_operands() -> None:
 
 @interpreted
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
-def test_register_operand_gpus_tiles_match_eager_fp32(
-    deterministic: bool, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("d", [16, 128])
+def test_gpu_tiles_match_eager_fp32(
+    d: int, deterministic: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The kernels at the tiles an A100 gets (forward 128x32, backward 32x32, the
-    deterministic dq kernel's 32x32), which no other interpreted test uses: L=70 ends inside
-    a tile and has uniform tiles (past 32 the tables clamp)."""
+    """The kernels at the tiles a GPU gets, which the other interpreted tests do not use: an
+    A100's for heads up to 64 (forward 128x32, backward 32x32, the deterministic dq kernel's
+    32x32) and every GPU's for heads of 128 (64x32, 16x32, 32x16). L=70 ends inside a tile and
+    has uniform tiles (past 32 the tables clamp)."""
     from pretrain.models.attention import fused
 
     monkeypatch.setattr(fused, "_launch_settings", lambda q: fused._tile_settings(q, False, (8, 0)))
-    assert fused._launch_settings(torch.empty(1, 1, 1, 16))["fwd"] == (128, 32)
+    want_fwd = (128, 32) if d <= 64 else (64, 32)
+    assert fused._launch_settings(torch.empty(1, 1, 1, d))["fwd"] == want_fwd
     terms, buckets, max_rel = CORE_CASES["c2p_p2c_buckets"]
     config = _config(buckets, max_rel)
     span, length = config.relative_span, 70
     idx = relative_index(relative_positions(length, config, torch.device("cpu")), span)
-    q, k, v, pos_k, pos_q, mask, weights = _inputs(length, span, terms, torch.float32)
-    args = (q, k, v, pos_k, pos_q, idx, mask, (16 * 3) ** -0.5, weights, deterministic)
+    q, k, v, pos_k, pos_q, mask, weights = _inputs(length, span, terms, torch.float32, d=d)
+    args = (q, k, v, pos_k, pos_q, idx, mask, (d * 3) ** -0.5, weights, deterministic)
     want, want_grads = _run("eager", *args)
     got, got_grads = _run("triton", *args)
     torch.testing.assert_close(got, want, **FP32_TOL)
