@@ -65,6 +65,7 @@ from pretrain.metrics import (
     read_logged,
     rtd_train_flops_per_token,
 )
+from pretrain.models.attention import choose_impl
 from pretrain.models.rtd import RTDModel, RTDOutput
 
 TRAIN_KEYS = (
@@ -693,7 +694,8 @@ class Trainer:
         lines = [] if resumed else [f"new run in {c.run_dir}"]
         lines.append(
             f"{self.num_parameters / 1e6:.2f}M parameters (generator and discriminator), "
-            f"{w.world_size} rank{s} on {w.device.type} ({self.engine.precision}), "
+            f"{w.world_size} rank{s} on {w.device.type} ({self.engine.precision}, attention "
+            f"{choose_impl(c.model.attention_impl, w.device, c.model.head_size)}), "
             + (
                 f"evaluation only (trainer.max_steps=0): {self._held_out_sequences} held-out "
                 f"sequences of {c.data.seq_len} tokens, in micro batches of {b.micro}"

@@ -645,6 +645,7 @@ def test_console_says_what_runs_and_logs_lines_without_a_bar(
     out = ours()
     assert out[0] == f"new run in {run}"
     assert out[1].startswith("0.") and "M parameters" in out[1]
+    assert "1 rank on cpu (fp32, attention eager), " in out[1]  # auto on a CPU: eager
     assert "global batch 16 = micro 8 x accumulation 2 x 1 rank of 64 tokens, to step 2" in out[1]
     assert "warning: optim.warmup_steps=5 >= trainer.max_steps=2" in out[2]
     assert f"{tiny_corpus['vocab_size']} ids: 1000 embedding rows are never used" in out[3]
