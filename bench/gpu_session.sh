@@ -290,7 +290,10 @@ declare -A ran=()
 for name in $stages; do
     if [ -n "${ran[$name]:-}" ]; then
         echo "== $name: named again, not rerun"
-    elif ran[$name]=1 && declare -F "stage_$name" >/dev/null; then
+        continue
+    fi
+    ran[$name]=1
+    if declare -F "stage_$name" >/dev/null; then
         "stage_$name"
     else
         echo "== $name: no such stage"

@@ -57,18 +57,17 @@ Launch = tuple[Any, dict[str, str], dict[Any, Any], dict[Any, Any], dict[str, An
 ARCH = 90
 
 
-def specialize(fn: Any, args: tuple, kwargs: dict, arch: int | None = None) -> Launch:
-    """What `fn[grid](*args, **kwargs)` compiles on a GPU of sm_<arch> (default `ARCH`):
+def specialize(fn: Any, args: tuple, kwargs: dict) -> Launch:
+    """What `fn[grid](*args, **kwargs)` compiles on a GPU of sm_<ARCH>:
     Triton's own binder makes ints equal to 1 constexprs and marks pointers and ints divisible
     by 16, which changes the code (and its registers). Its binder is not public API: where this
     Triton lacks it, the plain signature (every int i32, no attributes) is compiled and
     `specialized` says so."""
-    arch = ARCH if arch is None else arch
     try:
         from triton.compiler import make_backend
         from triton.runtime.jit import create_function_from_signature
 
-        backend = make_backend(GPUTarget("cuda", arch, 32))
+        backend = make_backend(GPUTarget("cuda", ARCH, 32))
         binder = create_function_from_signature(fn.signature, fn.params, backend)
         bound, spec, opts = binder(*args, **kwargs)
         options, types, constexprs, attrs = fn._pack_args(backend, dict(kwargs), bound, spec, opts)
@@ -223,12 +222,12 @@ def compile_launch(launch: Launch, arch: int | None = None) -> Any:
 SHARED_KB = {70: 96, 75: 64, 80: 163, 86: 99, 87: 163, 89: 99, 90: 227, 100: 227, 120: 99}
 
 
-def shared_memory(compiled: Any) -> str:
+def shared_memory(compiled: Any) -> tuple[str, bool]:
     """The compiled kernel's shared memory, and whether it is over what a GPU of `ARCH` has."""
     kb = compiled.metadata.shared / 1024
     limit = SHARED_KB.get(ARCH)
     over = limit is not None and kb > limit
-    return f"shared {kb:.0f} KB" + (f" (OVER sm_{ARCH}'s {limit} KB)" if over else "")
+    return f"shared {kb:.0f} KB" + (f" (OVER sm_{ARCH}'s {limit} KB)" if over else ""), over
 
 
 def resources(compiled: Any) -> str:
@@ -313,8 +312,8 @@ def _compile_paths(paths: list[str]) -> int:
                 steered = row_lanes(compiled)
                 lanes = sum(ok for *_, ok in steered)
                 rows = f", row lanes {lanes} of {len(steered)}" if steered else ""
-                shared = shared_memory(compiled)
-                failed += "OVER" in shared
+                shared, over = shared_memory(compiled)
+                failed += over
                 print(f"{label} {resources(compiled)}, {shared}{rows}", flush=True)
             except Exception as e:  # every launch is tried; the last lines say why
                 failed += 1

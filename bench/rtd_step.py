@@ -455,24 +455,20 @@ def print_profile(
     print(by_shape.table(sort_by=key, row_limit=25, max_name_column_width=40))
     gaps = _load_sibling("trace_gaps")
     if cuda:
-        spans = [
-            (e.time_range.start, e.time_range.end)
+        device = [
+            e
             for e in prof.events()
             if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
         ]  # kernels, copies and fills; a user annotation's span may cover idle gaps
-        busy = gaps.covered_us(spans) / 1e3
+        busy = gaps.covered_us([(e.time_range.start, e.time_range.end) for e in device]) / 1e3
         print(
             f"profile: {label}: GPU busy {busy:.1f} ms (kernels and copies, union of their "
             f"spans) of the timed {step_ms:.1f} ms step: "
             f"{max(0.0, 1 - busy / step_ms):.0%} of the step it waits for the host",
             flush=True,
         )
-        device_work = [
-            (e.name, (e.time_range.end - e.time_range.start) / 1e3)
-            for e in prof.events()
-            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
-        ]
-        for line in gpu_time_by_kind(device_work):
+        work = [(e.name, (e.time_range.end - e.time_range.start) / 1e3) for e in device]
+        for line in gpu_time_by_kind(work):
             print(f"profile: {label}: {line}", flush=True)
     if trace_dir is not None:
         trace_dir.mkdir(parents=True, exist_ok=True)

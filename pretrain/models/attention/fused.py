@@ -128,17 +128,18 @@ def _tile_settings(
     # backward's 32x64, which compiles without register spills, with UNIFORM_TILES: 4.72 ms
     # against 4.83 for 64x64 at L=512, 9.39 against 12.44 at L=2048 (forward + backward, the
     # H100 run of 78f0ec9).
+    # These head-64 tiles are for the GPUs whose matmuls Triton runs from shared memory
+    # (wgmma on sm_90, tcgen05 on sm_100). Elsewhere (A100, A10, L4, RTX 30xx/40xx/50xx:
+    # sm_80-89, sm_120) both operands of every matmul and its accumulator are held in
+    # registers, and those tiles spill: the forward's 128x64 with 104-448 B of stack, the
+    # backward's 32x64 with up to 128 B (`python bench/kernel_compile.py --arch 80`, Triton 3.6
+    # and 3.9). There, the largest tiles of those tried that compile without spills for sm_80,
+    # sm_86, sm_89 and sm_120 in both Tritons, every path (bucketed or not, dropout,
+    # deterministic, fp16); untimed.
     # Larger head sizes: the largest tiles ptxas compiles without register spills, not timed
     # on a GPU. The backward's 32x32, chosen so, had grown to 104-168 B of stack on sm_90 and
     # sm_100 (Triton 3.9 / 3.6, `python bench/kernel_compile.py --path head_128`); 16x32
     # has none there, nor on sm_80-89 and sm_120.
-    # Those are for the GPUs whose matmuls Triton runs from shared memory (wgmma on sm_90,
-    # tcgen05 on sm_100). Elsewhere (A100, A10, L4, RTX 30xx/40xx/50xx: sm_80-89, sm_120) both
-    # operands of every matmul and its accumulator are held in registers, and those tiles
-    # spill: the forward's 128x64 with 104-448 B of stack, the backward's 32x64 with up to 128
-    # B (`python bench/kernel_compile.py --arch 80`, Triton 3.6 and 3.9). There, the largest
-    # tiles of those tried that compile without spills for sm_80, sm_86, sm_89 and sm_120 in
-    # both Tritons, every path (bucketed or not, dropout, deterministic, fp16); untimed.
     register_mma = capability is not None and capability[0] not in (9, 10)
     if interpret:  # small tiles: the interpreter is slow, and tests should cross tile edges
         fwd, bwd = (16, 16), (16, 16)
