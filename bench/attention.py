@@ -2,7 +2,7 @@
 several tile sizes) vs plain scaled-dot-product attention of the same shape, in one run.
 
     python bench/attention.py [--seq-len 512 2048] [--batch 32 8] [--tiles 64x64/32x64 ...]
-                              [--dropout P] [--profile]
+                              [--terms both c2p p2c none] [--dropout P] [--profile]
 
 Plain SDPA has no position terms, so it is a floor, not a competitor: it says how far the
 fused kernel is from ordinary FlashAttention. Each fused row also prints its largest error
@@ -19,12 +19,18 @@ whose pairs share one position index, read and summed per row and column
 the forward / the backward kernels with 16 warps (or 4, 8; `fused.FORWARD_WARPS`,
 `fused.BACKWARD_WARPS`, 8 by default); `+norowlanes` lets Triton pick the lanes of the
 per-pair position gathers and atomics (`fused.ROW_LANES`, on by default; `+rowlanes`). The
-"triton deterministic"
-row is the kernel with its atomics-free backward (default tiles), what
+"triton deterministic" row is the kernel with its atomics-free backward (default tiles), what
 `trainer.deterministic=true` runs: its cost over the default backward. `--profile` adds, per
 length, torch profiler's kernel table for one call of eager and of the fused kernel (default
 tiles): where the time goes (forward kernel, backward kernel, the position projections, the
 atomics' zeroing).
+
+`--terms` runs eager and the fused rows once per set of position terms: `both` (c2p + p2c,
+DeBERTa's, the default), `c2p` or `p2c` alone, `none` (the fused kernels without position
+terms: FlashAttention's work). Rows of a set other than `both` are labelled `@TERMS` and
+compared with eager of the same terms; the deterministic backward runs with `both` only.
+Together they say what each term's gathers and atomics add to the kernels, and how far the
+kernels' own attention is from SDPA's.
 """
 
 from __future__ import annotations
@@ -93,10 +99,16 @@ def make_case(
 Run = Callable[[Case], tuple[torch.Tensor, torch.Tensor]]  # -> (out, dq)
 
 
-def disentangled(impl: str, deterministic: bool = False) -> Run:
+TERMS = ("both", "c2p", "p2c", "none")  # which position terms: DeBERTa's both, one, or neither
+
+
+def disentangled(impl: str, deterministic: bool = False, terms: str = "both") -> Run:
+    assert terms in TERMS, terms
+
     def run(c: Case) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v = (t.detach().requires_grad_() for t in (c.q, c.k, c.v))
-        pos_k, pos_q = (t.detach().requires_grad_() for t in (c.pos_k, c.pos_q))
+        pos_k = c.pos_k.detach().requires_grad_() if terms in ("both", "c2p") else None
+        pos_q = c.pos_q.detach().requires_grad_() if terms in ("both", "p2c") else None
         out = disentangled_attention(
             q, k, v, pos_k, pos_q, c.rel_index, c.token_mask, c.scale, dropout_p=c.dropout,
             impl=impl, deterministic=deterministic,
@@ -214,6 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-size", type=int, default=64)
     p.add_argument("--tiles", nargs="+", default=["default"], help="e.g. 64x64/32x64 128x64/64x64")
+    p.add_argument(
+        "--terms",
+        nargs="+",
+        choices=TERMS,
+        default=["both"],
+        help="position terms of the eager and fused rows, one set of rows each",
+    )
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -255,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "command: python bench/attention.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     )
     print(
-        f"device: {name} | torch {torch.__version__} | {dtype} | c2p + p2c, 256 buckets"
+        f"device: {name} | torch {torch.__version__} | {dtype} | 256 buckets"
         + (f" | dropout {args.dropout:g}" if args.dropout else "")
     )
     print(
@@ -263,32 +282,41 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     header = (
-        f"{'impl':<26} {'L':>5} {'B':>3} {'ms':>9} {'peak GiB':>9} {'out err':>9} {'dq err':>9}"
+        f"{'impl':<30} {'L':>5} {'B':>3} {'ms':>9} {'peak GiB':>9} {'out err':>9} {'dq err':>9}"
     )
     print(header)
     print("-" * len(header))
     for length, batch in zip(seq_lens, batches, strict=True):
         case = make_case(batch, length, args.heads, args.head_size, dtype, device, args.dropout)
-        runs: list[tuple[str, Run, str]] = [("eager", disentangled("eager"), "default")]
-        if cuda:
-            runs += [(f"triton {spec}", disentangled("triton"), spec) for spec in args.tiles]
-            runs.append(("triton deterministic", disentangled("triton", True), "default"))
+        runs: list[tuple[str, Run, str]] = []
+        for terms in args.terms:
+            tag = "" if terms == "both" else f"@{terms}"
+            runs.append((f"eager{tag}", disentangled("eager", terms=terms), "default"))
+            if cuda:
+                runs += [
+                    (f"triton {spec}{tag}", disentangled("triton", terms=terms), spec)
+                    for spec in args.tiles
+                ]
+                if terms == "both":  # each kernel form a compile: the others' rows only
+                    runs.append(("triton deterministic", disentangled("triton", True), "default"))
         runs.append(("sdpa (no position terms)", sdpa, "default"))
         reference = None
         for label, run, spec in runs:
+            if label.startswith("eager"):
+                reference = None  # until this set of terms' eager row is in
             try:
                 with tiles(spec):
                     r = timed(run, case, device, args.warmup, args.steps)
             except torch.cuda.OutOfMemoryError:
-                print(f"{label:<26} {length:>5} {batch:>3} {'OOM':>9}")
+                print(f"{label:<30} {length:>5} {batch:>3} {'OOM':>9}")
                 torch.cuda.empty_cache()
                 continue
             except Exception as e:  # a tile size the compiler rejects: report, go on
-                print(f"{label:<26} {length:>5} {batch:>3} failed: {type(e).__name__}: {e}"[:300])
+                print(f"{label:<30} {length:>5} {batch:>3} failed: {type(e).__name__}: {e}"[:300])
                 continue
-            if label == "eager":
+            if label.startswith("eager"):  # the reference of the rows of its terms
                 reference = r
-            errs = ("", "") if label.startswith("sdpa") or label == "eager" else ("n/a", "n/a")
+            errs = ("", "") if label.startswith(("sdpa", "eager")) else ("n/a", "n/a")
             if label.startswith("triton") and reference is not None and not args.dropout:
                 errs = (
                     f"{rel_err(r['out'], reference['out']):.1e}",
@@ -296,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a"
             print(
-                f"{label:<26} {length:>5} {batch:>3} {r['ms']:>9.2f} {peak:>9} {errs[0]:>9} {errs[1]:>9}"
+                f"{label:<30} {length:>5} {batch:>3} {r['ms']:>9.2f} {peak:>9} {errs[0]:>9} {errs[1]:>9}"
             )
         if args.profile:
             for impl in ["eager", "triton"] if cuda else ["eager"]:

@@ -7,7 +7,7 @@
 #
 #   bash bench/gpu_session.sh [OUT_DIR [STAGE ...]]
 #
-# OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env tests attention rtd_warps rtd_512
+# OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env tests attention attention_terms rtd_warps rtd_512
 # rtd_norowlanes rtd_mlm_chunk rtd_2048_b4 mlm_head rtd_host rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout
 # attention_dropout rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1 (default:
 # all, in that order, the most needed first; one 10-minute call reaches about rtd_bf16).
@@ -87,7 +87,7 @@ fi
 
 out=${1:-${OUT:-gpu_session}}
 shift || true
-stages=${*:-env tests attention rtd_warps rtd_512 rtd_norowlanes rtd_mlm_chunk rtd_2048_b4 mlm_head rtd_host rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout attention_dropout rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1}
+stages=${*:-env tests attention attention_terms rtd_warps rtd_512 rtd_norowlanes rtd_mlm_chunk rtd_2048_b4 mlm_head rtd_host rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout attention_dropout rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1}
 mkdir -p "$out"
 # Stages stop here at the latest, inside the device tool's 10-minute command.
 deadline=$((SECONDS + ${BUDGET_S:-580}))
@@ -203,6 +203,11 @@ stage_rtd_rows() {
 stage_attention() {
     stage attention 70 "$py" bench/attention.py --steps 5 --profile \
         --tiles default default+norowlanes default+fw16 default+bw16 default+fw16+bw16
+}
+# The same core with c2p alone, p2c alone and no position terms (default launch): what each
+# term's gathers and atomics add to the kernels, and the kernels' own attention against SDPA.
+stage_attention_terms() {
+    stage attention_terms 50 "$py" bench/attention.py --steps 5 --terms c2p p2c none
 }
 # The step at the warps the attention stage (run before it) timed fastest at L=512, when that
 # is not the default: "triton default+fw16" in attention.log's rows -> --fused-warps 16/8.

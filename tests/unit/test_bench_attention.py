@@ -72,3 +72,33 @@ def test_dropout_runs_and_bad_dropout_is_one_line(bench, capsys) -> None:
     assert "dropout 0.1" in out and "eager" in out
     assert bench.main(args + ["--dropout", "1"]) == 2
     assert capsys.readouterr().err.strip() == "error: --dropout must be in [0, 1), got 1.0"
+
+
+def test_terms_rows_run_each_set_of_position_terms(bench, capsys) -> None:
+    args = ["--device", "cpu", "--seq-len", "32", "--batch", "2", "--heads", "2"]
+    args += ["--head-size", "8", "--steps", "1", "--warmup", "1", "--terms", "both", "none", "c2p"]
+    assert bench.main(args) == 0
+    labels = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert {"eager", "eager@none", "eager@c2p"} <= set(labels)
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--terms", "c2c"])
+
+
+def test_terms_pass_only_their_position_tables(bench) -> None:
+    """`none` is plain masked attention at the case's scale (an independent reference); one
+    term alone differs from both and from none."""
+    import torch
+
+    case = bench.make_case(2, 24, 2, 8, torch.float32, torch.device("cpu"))
+    outs = {t: bench.disentangled("eager", terms=t)(case)[0] for t in bench.TERMS}
+    scores = case.q @ case.k.transpose(-1, -2) * case.scale
+    keys = case.token_mask[:, None, None, :]
+    scores = scores.masked_fill(~keys, float("-inf"))
+    plain = scores.softmax(-1) @ case.v
+    real = case.token_mask[:, None, :, None]  # padding queries: eager's own convention
+    torch.testing.assert_close(
+        torch.where(real, outs["none"], 0), torch.where(real, plain, 0), rtol=1e-5, atol=1e-5
+    )
+    for one in ("c2p", "p2c"):
+        for other in ("both", "none", "c2p" if one == "p2c" else "p2c"):
+            assert not torch.allclose(outs[one], outs[other], atol=1e-3), (one, other)
