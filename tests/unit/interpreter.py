@@ -11,6 +11,7 @@ process they skip. `TRITON_INTERPRET=1 pytest FILE` runs them directly.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -26,18 +27,39 @@ interpreted = pytest.mark.skipif(
 compiled = pytest.mark.skipif(INTERPRETED, reason="the kernels are interpreted in this process")
 
 
+def workers() -> int:
+    """How many processes interpret a file's tests: one per core, at most 4. The interpreter
+    is single-threaded Python, and the parent pytest only waits meanwhile; on CI's 2 cores two
+    workers took test_fused_attention.py's subprocess from 312 s to about half."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
 def run_interpreted(test_file: str) -> None:
-    """Run `test_file`'s non-gpu tests with TRITON_INTERPRET=1; assert they all pass."""
+    """Run `test_file`'s non-gpu tests with TRITON_INTERPRET=1, spread over `workers()`
+    processes by pytest-xdist where it is installed (the dev install has it); assert they all
+    pass."""
     root = Path(__file__).resolve().parents[2]
+    parallel: list[str] = []
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    if importlib.util.find_spec("xdist") is not None and workers() > 1:
+        parallel = ["-n", str(workers())]
+        # Each worker's torch ops are small: one thread each, not a pool per worker per core.
+        env.setdefault("OMP_NUM_THREADS", "1")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu"]
+        + parallel
         + [str(Path(test_file).resolve())],
         cwd=root,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
+        env=env,
         capture_output=True,
         text=True,
-        # A guard against a hang, not a speed check: test_fused_attention.py takes about 4
-        # minutes on our 2-core machine, and took over 10 on a day it ran 2-3x slower.
+        # A guard against a hang, not a speed check: test_fused_attention.py takes about 5
+        # minutes on our 2-core machine in one process, and took over 10 on a day it ran
+        # 2-3x slower.
         timeout=1800,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
