@@ -8,11 +8,12 @@
 #   bash bench/gpu_session.sh [OUT_DIR [STAGE ...]]
 #
 # OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env tests attention attention_terms rtd_warps rtd_512
-# rtd_norowlanes rtd_mlm_chunk rtd_2048_b4 mlm_head rtd_host rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout
+# rtd_norowlanes rtd_posgrad rtd_mlm_chunk rtd_2048_b4 mlm_head rtd_host rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout
 # attention_dropout rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1 (default:
 # all, in that order, the most needed first; one 10-minute call reaches about rtd_bf16).
 # rtd_warps is the step at the warps the attention stage found fastest; rtd_norowlanes the
-# step without fused.ROW_LANES, rtd_512's A/B; rtd_host is the
+# step without fused.ROW_LANES, rtd_512's A/B, and rtd_posgrad with
+# fused.FUSED_POSITION_GRADS; rtd_host is the
 # step's host-or-GPU account, rtd_graphs the layers as CUDA graphs (part of the fix if the host
 # bounds it),
 # rtd_rows its A/B; rtd_bf16 both sides in bf16 weights; rtd_2048_b4 the comparison at L=2048
@@ -87,7 +88,7 @@ fi
 
 out=${1:-${OUT:-gpu_session}}
 shift || true
-stages=${*:-env tests attention attention_terms rtd_warps rtd_512 rtd_norowlanes rtd_mlm_chunk rtd_2048_b4 mlm_head rtd_host rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout attention_dropout rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1}
+stages=${*:-env tests attention attention_terms rtd_warps rtd_512 rtd_norowlanes rtd_posgrad rtd_mlm_chunk rtd_2048_b4 mlm_head rtd_host rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout attention_dropout rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1}
 mkdir -p "$out"
 # Stages stop here at the latest, inside the device tool's 10-minute command.
 deadline=$((SECONDS + ${BUDGET_S:-580}))
@@ -180,6 +181,12 @@ stage_rtd_norowlanes() {
     stage rtd_norowlanes 50 "$py" bench/rtd_step.py --impl ours --attention triton --compile on \
         --no-row-lanes --seq-len 512 --batch 32 --warmup 2 --steps 5
 }
+# The compiled step with the position gradients' one kernel (fused.FUSED_POSITION_GRADS),
+# against rtd_512's row with the torch glue's cast, GEMM and add.
+stage_rtd_posgrad() {
+    stage rtd_posgrad 50 "$py" bench/rtd_step.py --impl ours --attention triton --compile on \
+        --fused-position-grads --seq-len 512 --batch 32 --warmup 2 --steps 5
+}
 # Our step with the MLM head's chunks at 2^28 logits (two chunks at v3-base B=32 L=512)
 # instead of the default 2^26: the head alone took 10.0 ms against 12.0 on an H200
 # (mlm_head stage), 0.8 GiB more; compare with rtd_512's compiled fused row.
@@ -194,15 +201,16 @@ stage_rtd_rows() {
         --seq-len 512 --batch 32 --warmup 2 --steps 5 --profile
 }
 # The attention core alone, profiled, beside its deterministic backward, eager and SDPA: the
-# default launch, the one without fused.ROW_LANES, and the forward, the backward and both at
-# 16 warps (fused.FORWARD_WARPS,
-# BACKWARD_WARPS; 128 registers a thread instead of 255, so twice the warps per SM). The
+# default launch, the one without fused.ROW_LANES, the one with fused.FUSED_POSITION_GRADS,
+# and the forward, the backward and both at 16 warps (fused.FORWARD_WARPS, BACKWARD_WARPS;
+# 128 registers a thread instead of 255, so twice the warps per SM). The
 # gather kernels without uniform tiles (4.55 / 12.81 ms against 4.72 / 9.39) and their
 # backward's atomic options (+runs, +half, +singles) were timed on 78f0ec9, the windowed
 # kernels and diagonal position gradients on 2026-11-28 (README); none is timed again.
 stage_attention() {
     stage attention 70 "$py" bench/attention.py --steps 5 --profile \
-        --tiles default default+norowlanes default+fw16 default+bw16 default+fw16+bw16
+        --tiles default default+norowlanes default+posgrad default+fw16 default+bw16 \
+        default+fw16+bw16
 }
 # The same core with c2p alone, p2c alone and no position terms (default launch): what each
 # term's gathers and atomics add to the kernels, and the kernels' own attention against SDPA.

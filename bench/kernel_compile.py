@@ -9,7 +9,8 @@ first GPU. Here the glue runs on CPU with the kernels stubbed out, at the tiles 
 (`fused._tile_settings`), and each launch it makes is compiled to a cubin with Triton's own
 ptxas, for each path the kernels have (v3-base's 12 heads, L=256): the forward and backward as
 they are by default and without their uniform tiles, the deterministic backward, dropout, each
-position term alone and none, fp16, heads of 128; and the MLM head's kernel. Each is
+position term alone and none, fp16, heads of 128, the fused position gradients (in bf16 and
+fp32); and the MLM head's kernel. Each is
 specialized as a GPU launch would be (Triton's binder). Register counts and stacks say which
 tiles spill; they are the compiler's, not timings. To check another Triton (the GPU image's),
 run this with a Python whose Triton is that one and whose torch can run the glue on CPU.
@@ -39,7 +40,7 @@ from pretrain.models.attention import _kernels, fused
 
 ATTENTION_KERNELS = (
     "_forward_kernel", "_backward_kernel", "_backward_dq_kernel", "_row_dot_kernel",
-    "_keep_kernel",
+    "_keep_kernel", "_position_grad_kernel",
 )  # fmt: skip
 POINTERS = {
     torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
@@ -193,6 +194,8 @@ PATHS = {
     "no_positions": lambda: attention_launches(terms=""),
     "fp16": lambda: attention_launches(dtype=torch.float16),
     "head_128": lambda: attention_launches(head_size=128),
+    "posgrad": lambda: attention_launches(FUSED_POSITION_GRADS=True),
+    "posgrad_fp32": lambda: attention_launches(FUSED_POSITION_GRADS=True, dtype=torch.float32),
     "mlm_head": mlm_head_launches,
 }
 

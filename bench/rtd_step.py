@@ -722,6 +722,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "by default)",
     )
     p.add_argument(
+        "--fused-position-grads",
+        action="store_true",
+        help="the fused attention's position-product gradients become those of q, k and the "
+        "tables in one kernel each, not a cast, a GEMM and an add "
+        "(pretrain.models.attention.fused.FUSED_POSITION_GRADS on; off by default)",
+    )
+    p.add_argument(
         "--fused-warps",
         metavar="FWD/BWD",
         help="warps per program of the fused forward / backward kernels, each 4, 8 or 16 "
@@ -808,6 +815,7 @@ def resolve(args: argparse.Namespace) -> torch.device:
     for flag, given in (
         ("--no-uniform-tiles", args.no_uniform_tiles),
         ("--no-row-lanes", args.no_row_lanes),
+        ("--fused-position-grads", args.fused_position_grads),
         ("--fused-warps", args.warps is not None),
     ):
         if given and not fused_runs:
@@ -855,6 +863,7 @@ def main(argv: list[str] | None = None) -> int:
     settable = (  # (flag given, the fused module's setting, the value the flag sets)
         (args.no_uniform_tiles, "UNIFORM_TILES", False),
         (args.no_row_lanes, "ROW_LANES", False),
+        (args.fused_position_grads, "FUSED_POSITION_GRADS", True),
         (args.warps is not None, "FORWARD_WARPS", fwd_warps),
         (args.warps is not None, "BACKWARD_WARPS", bwd_warps),
     )
@@ -916,6 +925,8 @@ def run(
         print("fused attention: every tile's position terms gathered (UNIFORM_TILES off)")
     if args.no_row_lanes:
         print("fused attention: the gathers' lanes as Triton picks them (ROW_LANES off)")
+    if args.fused_position_grads:
+        print("fused attention: position gradients by one kernel (FUSED_POSITION_GRADS on)")
     if args.warps is not None:
         print(f"fused attention: {args.warps[0]} warps forward, {args.warps[1]} backward")
     if args.mlm_torch:

@@ -98,11 +98,13 @@ def test_kernel_settings_need_the_fused_kernel(bench, capsys):
     assert bench.main(TINY + ["--attention", "auto", "--no-uniform-tiles"]) == 2  # eager here
     assert bench.main(TINY + ["--fused-warps", "16/8"]) == 2
     assert bench.main(TINY + ["--no-row-lanes"]) == 2
+    assert bench.main(TINY + ["--fused-position-grads"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 4
+    assert len(err) == 5
     assert all(e.startswith("error: --no-uniform-tiles is a setting of the fused") for e in err[:2])
     assert err[2].startswith("error: --fused-warps is a setting of the fused")
     assert err[3].startswith("error: --no-row-lanes is a setting of the fused")
+    assert err[4].startswith("error: --fused-position-grads is a setting of the fused")
 
 
 def test_fused_warps_are_checked_before_anything_runs(bench, capsys):

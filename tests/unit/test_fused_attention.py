@@ -235,17 +235,18 @@ def _uniform_tiles(idx: torch.Tensor, length: int, block: int = 16) -> list[int]
 
 @interpreted
 @pytest.mark.parametrize(
-    "length, split_heads, uniform_tiles, row_lanes",
+    "length, split_heads, uniform_tiles, row_lanes, position_grads",
     [
-        (16, False, False, True),
-        (37, False, False, True),
-        (37, True, False, True),
-        (37, True, False, False),
-        (70, False, True, True),
-        (70, True, True, True),
+        (16, False, False, True, False),
+        (37, False, False, True, False),
+        (37, True, False, True, False),
+        (37, True, False, False, False),
+        (37, True, False, True, True),
+        (70, False, True, True, False),
+        (70, True, True, True, False),
     ],
     ids=[
-        "16", "37", "37_split", "37_split-norowlanes", "70-uniform_tiles",
+        "16", "37", "37_split", "37_split-norowlanes", "37_split-posgrad", "70-uniform_tiles",
         "70_split-uniform_tiles",
     ],
 )  # fmt: skip
@@ -256,12 +257,14 @@ def test_fused_matches_eager_fp32(
     split_heads: bool,
     uniform_tiles: bool,
     row_lanes: bool,
+    position_grads: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from pretrain.models.attention import fused
 
     monkeypatch.setattr(fused, "UNIFORM_TILES", uniform_tiles)
     monkeypatch.setattr(fused, "ROW_LANES", row_lanes)  # the gathers' lanes: no arithmetic
+    monkeypatch.setattr(fused, "FUSED_POSITION_GRADS", position_grads)
     terms, buckets, max_rel = CORE_CASES[case]
     config = _config(buckets, max_rel)
     span = config.relative_span
@@ -289,13 +292,23 @@ def test_fused_matches_eager_fp32(
 
 
 @interpreted
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
+@pytest.mark.parametrize(
+    "deterministic, position_grads",
+    [(False, False), (True, False), (False, True)],
+    ids=["atomics", "deterministic", "posgrad"],
+)
 @pytest.mark.parametrize("case", sorted(CORE_CASES))
-def test_packed_matches_eager_fp32(case: str, deterministic: bool) -> None:
+def test_packed_matches_eager_fp32(
+    case: str, deterministic: bool, position_grads: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """q, k, v given as one projection's output (`packed_disentangled_attention`, as the
     model's self-attention calls it): the fused path's output and the gradients of that output
     and of the position tables equal eager's, in every position-term case (c2p alone writes dk
-    straight into the joint gradient, p2c alone copies dq into it), with either backward."""
+    straight into the joint gradient, p2c alone copies dq into it), with either backward, and
+    with the position gradients' kernel writing into the joint gradient."""
+    from pretrain.models.attention import fused
+
+    monkeypatch.setattr(fused, "FUSED_POSITION_GRADS", position_grads)
     terms, buckets, max_rel = CORE_CASES[case]
     config = _config(buckets, max_rel)
     span, length, heads, d = config.relative_span, 37, 2, 16
@@ -318,6 +331,40 @@ def test_packed_matches_eager_fp32(case: str, deterministic: bool) -> None:
     for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, **FP32_TOL)
     assert got_grads[0].shape == qkv.shape and got_grads[0].abs().max() > 0
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_position_grad_kernel_against_float64_and_the_torch_glue(dtype: torch.dtype) -> None:
+    """`FUSED_POSITION_GRADS`' kernel: x's gradient dx + dXP @ pos against float64 (fp32: to
+    1e-5; fp16: no worse than the torch glue's, which rounds the product before the sum), and
+    the table's gradient the same bits as the glue's (both round dXP alike). Odd sizes: rows,
+    columns and head size all end inside a block; dx and the output in [B, L, h, d] memory."""
+    from pretrain.models.attention import fused
+
+    g = torch.Generator().manual_seed(3)
+    batch, heads, length, d, width = 2, 3, 37, 12, 40
+    x = torch.randn(batch, length, heads, d, generator=g).to(dtype).transpose(1, 2)
+    pos = torch.randn(heads, width, d, generator=g).to(dtype)
+    dxp = torch.randn(heads, batch, length, width, generator=g).transpose(0, 1)
+    dx = torch.randn(batch, length, heads, d, generator=g).transpose(1, 2)
+    want = dx.double() + dxp.double() @ pos.double()
+    cfg = fused._tile_settings(x, True)
+    got = {}
+    for name in (False, True):
+        got[name] = fused._position_grads(
+            dx, dxp, x, pos, True, {**cfg, "fused_position_grads": name}
+        )
+    (glue, glue_dpos), (kernel, kernel_dpos) = got[False], got[True]
+    assert kernel.dtype == dtype and kernel.stride(1) == d  # [B, L, h, d] memory
+    err, glue_err = ((t.double() - want).abs().max().item() for t in (kernel, glue))
+    if dtype == torch.float32:
+        assert err < 1e-5, err
+    else:
+        assert err <= glue_err, (err, glue_err)
+    assert torch.equal(kernel_dpos, glue_dpos)
+    without = fused._position_grads(dx, dxp, x, pos, False, {**cfg, "fused_position_grads": True})
+    assert without[1] is None and torch.equal(without[0], kernel)
 
 
 def test_index_steps_sort_the_tables_the_kernels_can_take() -> None:
@@ -737,7 +784,10 @@ def test_under_torch_compile_the_kernel_runs_outside_the_graph(packed: bool) -> 
 
 @compiled
 @pytest.mark.parametrize("projection", ["separate", "joint", "packed"])
-def test_glue_makes_no_layout_copies(projection: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("position_grads", [False, True], ids=["torch_glue", "posgrad"])
+def test_glue_makes_no_layout_copies(
+    projection: str, position_grads: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Around the kernels (stubbed out here), forward and backward move no data but the casts
     and zero-fills they need: q, k, v in the model's layout are read in place, and the
     gradients come back in that layout. Logged at the dispatcher, where an op is what it will
@@ -747,7 +797,8 @@ def test_glue_makes_no_layout_copies(projection: str, monkeypatch: pytest.Monkey
     and O. "joint": q, k, v are the three column blocks of one projection's output (rows 3x as
     far apart), split before the call, so the split's backward concatenates their gradients;
     "packed": that output passed whole (`fused_packed_attention`, as the model's
-    self-attention passes it), whose one gradient comes back without that cat."""
+    self-attention passes it), whose one gradient comes back without that cat. With
+    `FUSED_POSITION_GRADS`, the kernel rounds dQP and dKP for their GEMMs: no cast either."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from pretrain.models.attention import _kernels, fused
@@ -756,8 +807,12 @@ def test_glue_makes_no_layout_copies(projection: str, monkeypatch: pytest.Monkey
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    for name in ("_forward_kernel", "_backward_kernel", "_backward_dq_kernel", "_row_dot_kernel"):
+    for name in (
+        "_forward_kernel", "_backward_kernel", "_backward_dq_kernel", "_row_dot_kernel",
+        "_position_grad_kernel",
+    ):  # fmt: skip
         monkeypatch.setattr(_kernels, name, Stub())
+    monkeypatch.setattr(fused, "FUSED_POSITION_GRADS", position_grads)
     # The default form's settings, without the check that the kernel can run on this device.
     monkeypatch.setattr(fused, "_launch_settings", lambda q: fused._tile_settings(q, True))
 
@@ -804,7 +859,7 @@ def test_glue_makes_no_layout_copies(projection: str, monkeypatch: pytest.Monkey
         [("_to_copy", (batch, length))]  # the token mask, to int8
         + [("cat", (2,))]  # the index's two end runs, read once (fused._end_runs)
         + [("zeros", (heads, batch, length, width))] * 2  # dQP, dKP
-        + [("_to_copy", rows)] * 2  # dQP, dKP rounded for their GEMMs
+        + [("_to_copy", rows)] * (0 if position_grads else 2)  # dQP, dKP rounded for GEMMs
         # dq and dk are rounded to fp16 by the add of their position terms (out=), no cast
         + [("copy_", (width, heads, d))] * 2  # the tables' gradients into their leaves
     )
@@ -1006,8 +1061,9 @@ def test_gpu_bf16_fused_error_is_eager_bf16_error(length: int) -> None:
     "setting, length",
     # UNIFORM_TILES at L=1000: past v3's 512 relative positions, and not a multiple of any
     # tile, a fifth of the tiles have one position index. ROW_LANES changes which lanes make
-    # which pair's gathers and atomics, not what they compute.
-    [("UNIFORM_TILES", 1000), ("ROW_LANES", 512)],
+    # which pair's gathers and atomics, not what they compute. FUSED_POSITION_GRADS changes
+    # the backward only.
+    [("UNIFORM_TILES", 1000), ("ROW_LANES", 512), ("FUSED_POSITION_GRADS", 512)],
 )
 def test_gpu_kernel_forms_keep_the_output_bits_and_the_bf16_error(
     setting: str, length: int, monkeypatch: pytest.MonkeyPatch

@@ -26,6 +26,8 @@ STEP = {"_forward_kernel", "_row_dot_kernel", "_backward_kernel"}  # one forward
 KERNELS = {
     "deterministic": STEP | {"_backward_dq_kernel"},  # and no atomics in _backward_kernel
     "mlm_head": {"_mlm_rows_kernel"},
+    "posgrad": STEP | {"_position_grad_kernel"},
+    "posgrad_fp32": STEP | {"_position_grad_kernel"},
 }
 _compiled: set[str] = set()  # a launch several paths share compiles once
 

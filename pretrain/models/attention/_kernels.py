@@ -620,6 +620,55 @@ def _row_dot_kernel(
     tl.store(DELTA + pid_bh * L + offs_m, tl.sum(o * do, 1), mask=row_ok)
 
 
+@triton.jit
+def _position_grad_kernel(
+    DXP, POS, DX, OUT, DXP_LOW,
+    s_xh, s_xr,
+    s_ph, s_pc, s_pd,
+    s_db, s_dh, s_dl,
+    s_ob, s_oh, s_ol,
+    R, L, C, D,
+    WRITE_LOW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """OUT = DX + DXP @ POS for one head's block of rows, and DXP in POS's dtype (DXP_LOW,
+    if WRITE_LOW) for the position table's own gradient: the position product's gradient
+    (fp32, from the backward's atomics) read once, rounded to POS's dtype (as the unfused
+    glue rounds it for its GEMMs), its product accumulated in fp32, and the sum rounded once.
+
+    DXP and DXP_LOW: [H, R, C] (R = B * L rows, strides s_xh, s_xr, 1); POS: [H, C, D];
+    DX (fp32) and OUT: [B, H, L, D] of any strides but a last one of 1."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    h = tl.program_id(1)
+    row_ok = rows < R
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_c in range(0, C, BLOCK_C):
+        cols = start_c + offs_c
+        ok = row_ok[:, None] & (cols < C)[None, :]
+        at = h * s_xh + rows[:, None] * s_xr + cols[None, :]
+        low = tl.load(DXP + at, mask=ok, other=0.0).to(POS.dtype.element_ty)
+        if WRITE_LOW:
+            tl.store(DXP_LOW + at, low, mask=ok)
+        pos = tl.load(
+            POS + h * s_ph + cols[:, None] * s_pc + offs_d[None, :] * s_pd,
+            mask=(cols < C)[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(low, pos, acc, input_precision=DOT_PRECISION)
+    b = rows // L
+    i = rows % L
+    ok = row_ok[:, None] & d_ok[None, :]
+    dx = tl.load(DX + (b * s_db + h * s_dh + i * s_dl)[:, None] + offs_d[None, :], mask=ok)
+    out = (dx + acc).to(OUT.dtype.element_ty)
+    tl.store(OUT + (b * s_ob + h * s_oh + i * s_ol)[:, None] + offs_d[None, :], out, mask=ok)
+
+
 # SEED takes any value: not specialised (a seed divisible by 16 would compile another copy).
 @triton.jit(do_not_specialize=["SEED"])
 def _keep_kernel(KEEP, SEED, L, DROP_P, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):

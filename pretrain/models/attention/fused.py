@@ -5,7 +5,8 @@ QP = q @ pos_k^T and KP = k @ pos_q^T ([B, h, L, 2S]); the kernel gathers QP[i, 
 KP[j, c(i, j)] per tile, so the [L, L] scores are never stored. QP and KP are not saved for
 the backward either: it recomputes them (one small matmul each), gets dQP / dKP from the
 kernel (fp32; in the log-bucket and clamped regions many (i, j) share one c) and turns them
-into q, k, pos_k, pos_q gradients with two more matmuls in the inputs' dtype.
+into q, k, pos_k, pos_q gradients with two more matmuls in the inputs' dtype (one of them
+inside a kernel that also adds q's or k's own gradient, with `FUSED_POSITION_GRADS`).
 
 Layouts: the kernels take strides, so the glue moves no data between layouts. q, k, v are
 read in place as views of the model's projections ([B, L, h, d] memory); dq, dk, dv are
@@ -76,6 +77,16 @@ ROW_LANES = True
 # --tiles default+fw16 default+bw16` and `bench/rtd_step.py --fused-warps 16/8` time them.
 FORWARD_WARPS = 8
 BACKWARD_WARPS = 8
+
+# How the position products' gradients become the gradients of q, k and of the tables. True:
+# one kernel per table (`_kernels._position_grad_kernel`) reads the fp32 dXP once and writes
+# x's gradient dx + dXP @ pos, and dXP rounded for the table's GEMM. False: torch ops, a cast
+# of dXP, a GEMM and an add. In the H200 profile of 7761375 (L=512 B=32) those three took
+# 4.95 + 4.07 + 2.36 ms of the 135 ms step in 108 launches, the GEMM at about 1.8 TB/s; the
+# kernel moves about three quarters of their bytes (dXP is 403 MB in fp32 a table and layer
+# there), in one pass. Untimed on a GPU yet, so off: `bench/attention.py --tiles default
+# default+posgrad` and `bench/rtd_step.py --fused-position-grads` time it.
+FUSED_POSITION_GRADS = False
 
 
 def _interpreting() -> bool:
@@ -159,6 +170,8 @@ def _tile_settings(
         bwd_warps=BACKWARD_WARPS,
         uniform_tiles=UNIFORM_TILES,
         row_lanes=ROW_LANES,
+        position_grads=(16, 16) if interpret else (64, 64),  # (rows, columns of dXP) a step
+        fused_position_grads=FUSED_POSITION_GRADS,
     )
 
 
@@ -369,11 +382,11 @@ def _backward(
     slots = [None if joint is None else joint[:, :, i].transpose(1, 2) for i in (0, 1)]
     with torch.autocast(q.device.type, enabled=False):
         if pos_k is not None:
-            dq, dpos_k = _position_grads(dq, dqp, q, pos_k, want_dpos[0], slots[0])
+            dq, dpos_k = _position_grads(dq, dqp, q, pos_k, want_dpos[0], cfg, slots[0])
         elif slots[0] is not None:
             dq = slots[0].copy_(dq)
         if pos_q is not None:
-            dk, dpos_q = _position_grads(dk, dkp, k, pos_q, want_dpos[1], slots[1])
+            dk, dpos_q = _position_grads(dk, dkp, k, pos_q, want_dpos[1], cfg, slots[1])
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpos_k, dpos_q
 
 
@@ -412,7 +425,7 @@ def _row_dots(out: torch.Tensor, dout: torch.Tensor, cfg: dict[str, Any]) -> tor
 
 def _position_grads(
     dx: torch.Tensor, dxp: torch.Tensor, x: torch.Tensor, pos: torch.Tensor, want_dpos: bool,
-    out: torch.Tensor | None = None,
+    cfg: dict[str, Any], out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """From the kernel's dx (fp32) and dXP ([B, h, L, 2S] of [h, B, L, 2S] memory, XP = x @
     pos^T; fp32): x's gradient dx + dXP @ pos in x's dtype, written into `out` ([B, h, L, d]
@@ -424,18 +437,46 @@ def _position_grads(
     GEMMs read it, x and pos in place, and dpos's sum over the batch happens inside its GEMM,
     accumulated in fp32 and rounded once. The sum for x's gradient is made in fp32 and rounded
     once as it is written (one pass: no fp32 sum stored and read again to cast it). In fp32 this
-    is fp32 arithmetic throughout.
+    is fp32 arithmetic throughout. With `cfg["fused_position_grads"]` (`FUSED_POSITION_GRADS`)
+    one kernel makes x's gradient and the rounded dXP, summing dx and the product in fp32 and
+    rounding once.
     """
     batch, heads, length, d = x.shape
-    dxp = _by_head(dxp).to(x.dtype)  # [h, B * L, 2S]
-    from_pos = torch.bmm(dxp, pos.to(x.dtype)).view(heads, batch, length, d).transpose(0, 1)
     if out is None:
         out = torch.empty(batch, length, heads, d, dtype=x.dtype, device=x.device)
         out = out.transpose(1, 2)
-    torch.add(dx, from_pos, out=out)
+    if cfg["fused_position_grads"]:
+        low = _fused_position_grads(dx, _by_head(dxp), pos.to(x.dtype), out, want_dpos, cfg)
+    else:
+        low = _by_head(dxp).to(x.dtype)  # [h, B * L, 2S]
+        from_pos = torch.bmm(low, pos.to(x.dtype)).view(heads, batch, length, d).transpose(0, 1)
+        torch.add(dx, from_pos, out=out)
     if not want_dpos:
         return out, None
-    return out, torch.bmm(dxp.transpose(1, 2), _by_head(x)).to(pos.dtype)
+    return out, torch.bmm(low.transpose(1, 2), _by_head(x)).to(pos.dtype)
+
+
+def _fused_position_grads(
+    dx: torch.Tensor, dxp: torch.Tensor, pos: torch.Tensor, out: torch.Tensor, want_low: bool,
+    cfg: dict[str, Any],
+) -> torch.Tensor:  # fmt: skip
+    """out = dx + dxp @ pos by `_kernels._position_grad_kernel`; returns dxp ([h, B * L, 2S],
+    fp32) as the table's GEMM reads it: the kernel's copy rounded to out's dtype where that is
+    not fp32 and `want_low`, else dxp itself."""
+    batch, heads, length, d = out.shape
+    assert dx.stride(-1) == out.stride(-1) == 1 and dxp.is_contiguous(), "see the kernel"
+    write_low = want_low and out.dtype != torch.float32
+    low = torch.empty_like(dxp, dtype=out.dtype) if write_low else dxp
+    block_m, block_c = cfg["position_grads"]
+    grid = (triton.cdiv(batch * length, block_m), heads)
+    _kernels._position_grad_kernel[grid](
+        dxp, pos, dx, out, low, *dxp.stride()[:2], *pos.stride(), *dx.stride()[:3],
+        *out.stride()[:3], batch * length, length, dxp.shape[-1], d,
+        WRITE_LOW=write_low,
+        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=cfg["block_d"],
+        DOT_PRECISION=cfg["precision"], num_warps=4, num_stages=3,
+    )  # fmt: skip
+    return low
 
 
 def _end_runs(index: torch.Tensor) -> tuple[int, int]:
