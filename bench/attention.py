@@ -20,9 +20,9 @@ the forward / the backward kernels with 16 warps (or 4, 8; `fused.FORWARD_WARPS`
 `fused.BACKWARD_WARPS`, 8 by default); `+norowlanes` lets Triton pick the lanes of the
 per-pair position gathers and atomics (`fused.ROW_LANES`, on by default; `+rowlanes`);
 `+posgrad` turns the position gradients' one kernel on (`fused.FUSED_POSITION_GRADS`, off by
-default; `+noposgrad`). The
-"triton deterministic" row is the kernel with its atomics-free backward (default tiles), what
-`trainer.deterministic=true` runs: its cost over the default backward. `--profile` adds, per
+default; `+noposgrad`). The "triton deterministic" row is the kernel with its atomics-free
+backward (default tiles), what `trainer.deterministic=true` runs: its cost over the default
+backward. `--profile` adds, per
 length, torch profiler's kernel table for one call of eager and of the fused kernel (default
 tiles): where the time goes (forward kernel, backward kernel, the position projections, the
 atomics' zeroing).
@@ -144,8 +144,8 @@ FORMS: dict[str, dict[str, object]] = {  # a spec's +suffixes: the launch settin
 
 def parse_tiles(spec: str) -> dict | None:
     """`FWD_MxN/BWD_MxN` or `default`, then any of `+uniform`, `+nouniform`, `+rowlanes`,
-    `+norowlanes`, `+posgrad`, `+noposgrad`, `+fwW`, `+bwW` (`FORMS`): the launch settings to override, or None when
-    the spec is malformed."""
+    `+norowlanes`, `+posgrad`, `+noposgrad`, `+fwW`, `+bwW` (`FORMS`): the launch settings to
+    override, or None when the spec is malformed."""
     tile_part, *forms = spec.split("+")
     if not all(f in FORMS for f in forms):
         return None

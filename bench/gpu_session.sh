@@ -7,28 +7,26 @@
 #
 #   bash bench/gpu_session.sh [OUT_DIR [STAGE ...]]
 #
-# OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env tests attention attention_terms rtd_warps rtd_512
-# rtd_norowlanes rtd_posgrad rtd_mlm_chunk rtd_2048_b4 mlm_head rtd_host rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout
-# attention_dropout rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1 (default:
-# all, in that order, the most needed first; one 10-minute call reaches about rtd_bf16).
-# rtd_warps is the step at the warps the attention stage found fastest; rtd_norowlanes the
-# step without fused.ROW_LANES, rtd_512's A/B, and rtd_posgrad with
-# fused.FUSED_POSITION_GRADS; rtd_host is the
-# step's host-or-GPU account, rtd_graphs the layers as CUDA graphs (part of the fix if the host
-# bounds it),
-# rtd_rows its A/B; rtd_bf16 both sides in bf16 weights; rtd_2048_b4 the comparison at L=2048
-# at the batch HF fits on an 80 GB card, rtd_2048 ours at B=8; rtd_options is the step with
-# the defaults of 2026-11-27 that were timed only on their own turned off; *_dropout run DeBERTa's attention dropout 0.1; ncu
-# profiles the fused kernels; trainer_512 is the real trainer, DeepSpeed and data loading
-# included, on the v3-base shape at L=512, for its tokens/s and MFU beside rtd_step's bare
-# step, trainer_gaps where its GPU idles in two profiled steps, trainer_512_zero1 the trainer
-# with DeepSpeed's ZeRO-1 optimizer it ran before 27bbd0b. Each stage has its own
-# time limit, cut to what is left of BUDGET_S (580 s, inside the device tool's 10-minute
-# command; the stages of 7a09b79, without rtd_runs and ncu, took 451 s on an H100), and
-# writes OUT_DIR/<stage>.log as
-# it goes, so a stage that overruns leaves the others' results; run the
-# missing ones again (the machine stays warm for 30 s after a call, so a second call right
-# away starts no new one). Exits 1 when a stage failed or was skipped.
+# OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env tests attention attention_terms
+# rtd_warps rtd_512 rtd_norowlanes rtd_posgrad rtd_mlm_chunk rtd_2048_b4 mlm_head rtd_host
+# rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout attention_dropout rtd_2048 ncu curves
+# trainer_512 trainer_gaps trainer_512_zero1 (default: all, in that order, the most needed
+# first; one 10-minute call reaches about rtd_bf16). rtd_warps is the step at the warps the
+# attention stage found fastest; rtd_norowlanes the step without fused.ROW_LANES, rtd_512's A/B,
+# and rtd_posgrad with fused.FUSED_POSITION_GRADS; rtd_host is the step's host-or-GPU account,
+# rtd_graphs the layers as CUDA graphs (part of the fix if the host bounds it), rtd_rows its
+# A/B; rtd_bf16 both sides in bf16 weights; rtd_2048_b4 the comparison at L=2048 at the batch HF
+# fits on an 80 GB card, rtd_2048 ours at B=8; rtd_options is the step with the defaults of
+# 2026-11-27 that were timed only on their own turned off; *_dropout run DeBERTa's attention
+# dropout 0.1; ncu profiles the fused kernels; trainer_512 is the real trainer, DeepSpeed and
+# data loading included, on the v3-base shape at L=512, for its tokens/s and MFU beside
+# rtd_step's bare step, trainer_gaps where its GPU idles in two profiled steps,
+# trainer_512_zero1 the trainer with DeepSpeed's ZeRO-1 optimizer it ran before 27bbd0b. Each
+# stage has its own time limit, cut to what is left of BUDGET_S (580 s, inside the device tool's
+# 10-minute command; the stages of 7a09b79, without rtd_runs and ncu, took 451 s on an H100),
+# and writes OUT_DIR/<stage>.log as it goes, so a stage that overruns leaves the others'
+# results; run the missing ones again (the machine stays warm for 30 s after a call, so a second
+# call right away starts no new one). Exits 1 when a stage failed or was skipped.
 #
 # It needs this project's Python dependencies. Where the GPU machine's image lacks some
 # (hydra-core, omegaconf, deepspeed and their own), put their wheels in .whl/ and they are

@@ -45,8 +45,9 @@ def run_interpreted(test_file: str) -> None:
     root = Path(__file__).resolve().parents[2]
     parallel: list[str] = []
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    if importlib.util.find_spec("xdist") is not None and workers() > 1:
-        parallel = ["-n", str(workers())]
+    n = workers()
+    if importlib.util.find_spec("xdist") is not None and n > 1:
+        parallel = ["-n", str(n)]
         # Each worker's torch ops are small: one thread each, not a pool per worker per core.
         env.setdefault("OMP_NUM_THREADS", "1")
     result = subprocess.run(

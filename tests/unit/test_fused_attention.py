@@ -350,12 +350,10 @@ def test_position_grad_kernel_against_float64_and_the_torch_glue(dtype: torch.dt
     dx = torch.randn(batch, length, heads, d, generator=g).transpose(1, 2)
     want = dx.double() + dxp.double() @ pos.double()
     cfg = fused._tile_settings(x, True)
-    got = {}
-    for name in (False, True):
-        got[name] = fused._position_grads(
-            dx, dxp, x, pos, True, {**cfg, "fused_position_grads": name}
-        )
-    (glue, glue_dpos), (kernel, kernel_dpos) = got[False], got[True]
+    (glue, glue_dpos), (kernel, kernel_dpos) = (
+        fused._position_grads(dx, dxp, x, pos, True, {**cfg, "fused_position_grads": on})
+        for on in (False, True)
+    )
     assert kernel.dtype == dtype and kernel.stride(1) == d  # [B, L, h, d] memory
     err, glue_err = ((t.double() - want).abs().max().item() for t in (kernel, glue))
     if dtype == torch.float32:

@@ -445,11 +445,12 @@ def _position_grads(
     if out is None:
         out = torch.empty(batch, length, heads, d, dtype=x.dtype, device=x.device)
         out = out.transpose(1, 2)
+    dxp, pos_x = _by_head(dxp), pos.to(x.dtype)  # [h, B * L, 2S]; the table in x's dtype
     if cfg["fused_position_grads"]:
-        low = _fused_position_grads(dx, _by_head(dxp), pos.to(x.dtype), out, want_dpos, cfg)
+        low = _fused_position_grads(dx, dxp, pos_x, out, want_dpos, cfg)
     else:
-        low = _by_head(dxp).to(x.dtype)  # [h, B * L, 2S]
-        from_pos = torch.bmm(low, pos.to(x.dtype)).view(heads, batch, length, d).transpose(0, 1)
+        low = dxp.to(x.dtype)
+        from_pos = torch.bmm(low, pos_x).view(heads, batch, length, d).transpose(0, 1)
         torch.add(dx, from_pos, out=out)
     if not want_dpos:
         return out, None
