@@ -652,6 +652,44 @@ def device_name(device: torch.device) -> str:
     return f"CPU {cpu}, torch threads: {torch.get_num_threads()}"
 
 
+@dataclass(frozen=True)
+class KernelFlag:
+    """A command-line flag that sets module-level settings of the fused attention kernel."""
+
+    flag: str
+    dest: str  # its argparse destination; the flag is given when that is neither None nor False
+    sets: Callable[[argparse.Namespace], dict[str, Any]]  # fused's names -> their values
+    says: Callable[[argparse.Namespace], str]  # the run's line about it
+
+
+KERNEL_FLAGS = (
+    KernelFlag(
+        "--no-uniform-tiles", "no_uniform_tiles",
+        lambda a: {"UNIFORM_TILES": False},
+        lambda a: "every tile's position terms gathered (UNIFORM_TILES off)",
+    ),
+    KernelFlag(
+        "--no-row-lanes", "no_row_lanes",
+        lambda a: {"ROW_LANES": False},
+        lambda a: "the gathers' lanes as Triton picks them (ROW_LANES off)",
+    ),
+    KernelFlag(
+        "--fused-position-grads", "fused_position_grads",
+        lambda a: {"FUSED_POSITION_GRADS": True},
+        lambda a: "position gradients by one kernel (FUSED_POSITION_GRADS on)",
+    ),
+    KernelFlag(
+        "--fused-warps", "warps",  # parsed by resolve() from args.fused_warps
+        lambda a: {"FORWARD_WARPS": a.warps[0], "BACKWARD_WARPS": a.warps[1]},
+        lambda a: f"{a.warps[0]} warps forward, {a.warps[1]} backward",
+    ),
+)  # fmt: skip
+
+
+def kernel_flags_given(args: argparse.Namespace) -> list[KernelFlag]:
+    return [k for k in KERNEL_FLAGS if getattr(args, k.dest, None) not in (None, False)]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument(
@@ -812,14 +850,9 @@ def resolve(args: argparse.Namespace) -> torch.device:
     if "triton" in args.attention and not cuda:
         raise UsageError("--attention triton needs CUDA; use eager or auto on CPU")
     fused_runs = "triton" in args.attention or ("auto" in args.attention and cuda)
-    for flag, given in (
-        ("--no-uniform-tiles", args.no_uniform_tiles),
-        ("--no-row-lanes", args.no_row_lanes),
-        ("--fused-position-grads", args.fused_position_grads),
-        ("--fused-warps", args.warps is not None),
-    ):
-        if given and not fused_runs:
-            raise UsageError(f"{flag} is a setting of the fused kernel: add --attention triton")
+    for k in kernel_flags_given(args):
+        if not fused_runs:
+            raise UsageError(f"{k.flag} is a setting of the fused kernel: add --attention triton")
     if args.compile_mode != "default" and args.compile == "off":
         raise UsageError("--compile-mode applies to compiled rows: add --compile on or both")
     return torch.device("cuda" if cuda else "cpu")
@@ -859,15 +892,7 @@ def main(argv: list[str] | None = None) -> int:
         # meaningless, so one thread by default: per-core figures, as bench/data.py gives.
         torch.set_num_threads(args.threads)
     settings = contextlib.ExitStack()
-    fwd_warps, bwd_warps = args.warps or (None, None)
-    settable = (  # (flag given, the fused module's setting, the value the flag sets)
-        (args.no_uniform_tiles, "UNIFORM_TILES", False),
-        (args.no_row_lanes, "ROW_LANES", False),
-        (args.fused_position_grads, "FUSED_POSITION_GRADS", True),
-        (args.warps is not None, "FORWARD_WARPS", fwd_warps),
-        (args.warps is not None, "BACKWARD_WARPS", bwd_warps),
-    )
-    kernel_options = {name: value for given, name, value in settable if given}
+    kernel_options = {n: v for k in kernel_flags_given(args) for n, v in k.sets(args).items()}
     if kernel_options:
         from pretrain.models.attention import fused
 
@@ -921,14 +946,8 @@ def run(
         + (f" ({args.compile_mode})" if args.compile_mode != "default" else "")
         + ", HF off"
     )
-    if args.no_uniform_tiles:
-        print("fused attention: every tile's position terms gathered (UNIFORM_TILES off)")
-    if args.no_row_lanes:
-        print("fused attention: the gathers' lanes as Triton picks them (ROW_LANES off)")
-    if args.fused_position_grads:
-        print("fused attention: position gradients by one kernel (FUSED_POSITION_GRADS on)")
-    if args.warps is not None:
-        print(f"fused attention: {args.warps[0]} warps forward, {args.warps[1]} backward")
+    for k in kernel_flags_given(args):
+        print(f"fused attention: {k.says(args)}")
     if args.mlm_torch:
         print("our MLM head: logits reduced by torch ops (heads.MLM_IMPL = 'torch')")
     if args.mlm_chunk_elements is not None:

@@ -107,6 +107,35 @@ def test_kernel_settings_need_the_fused_kernel(bench, capsys):
     assert err[4].startswith("error: --fused-position-grads is a setting of the fused")
 
 
+def test_kernel_flags_patch_the_fused_modules_settings_for_the_run_only(bench, monkeypatch):
+    from pretrain.models.attention import fused
+
+    flags = ["--no-uniform-tiles", "--no-row-lanes", "--fused-position-grads"]
+    flags += ["--fused-warps", "16/4"]
+    wanted = {"UNIFORM_TILES": False, "ROW_LANES": False, "FUSED_POSITION_GRADS": True}
+    wanted |= {"FORWARD_WARPS": 16, "BACKWARD_WARPS": 4}
+    defaults = {name: getattr(fused, name) for name in wanted}
+    assert all(defaults[n] != v for n, v in wanted.items())  # each flag changes its default
+    seen = {}
+
+    def resolve(args):  # resolve() refuses the fused kernel without CUDA; the run is a spy
+        args.warps = bench.parse_warps(args.fused_warps)
+        return torch.device("cpu")
+
+    def run(args, *_):
+        seen.update({name: getattr(fused, name) for name in wanted})
+        return 0
+
+    monkeypatch.setattr(bench, "resolve", resolve)
+    monkeypatch.setattr(bench, "run", run)
+    assert bench.main(TINY + ["--attention", "triton"] + flags) == 0
+    assert seen == wanted
+    assert {name: getattr(fused, name) for name in wanted} == defaults
+    args = bench.parse_args(TINY)
+    args.warps = None
+    assert bench.kernel_flags_given(args) == []
+
+
 def test_fused_warps_are_checked_before_anything_runs(bench, capsys):
     for bad in ("16", "16/12", "8/8/8", "x/8"):
         assert bench.main(TINY + ["--attention", "triton", "--fused-warps", bad]) == 2
