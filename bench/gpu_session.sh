@@ -204,7 +204,7 @@ stage_rtd_rows() {
 # 128 registers a thread instead of 255, so twice the warps per SM). The
 # gather kernels without uniform tiles (4.55 / 12.81 ms against 4.72 / 9.39) and their
 # backward's atomic options (+runs, +half, +singles) were timed on 78f0ec9, the windowed
-# kernels and diagonal position gradients on 2026-11-28 (README); none is timed again.
+# kernels and diagonal position gradients on 2026-11-28 (docs/speed.md); none is timed again.
 stage_attention() {
     stage attention 70 "$py" bench/attention.py --steps 5 --profile \
         --tiles default default+norowlanes default+posgrad default+fw16 default+bw16 \

@@ -83,7 +83,7 @@ MLM_CHUNK_ELEMENTS = 2**26
 # that reads the logits twice where torch makes about fifteen fp32 passes over them
 # (`mlm_kernel`); or "auto", the kernel on CUDA and torch elsewhere. On an H100 the head
 # (forward + backward + sampling, v3-base at B=32, L=512) took 14.0 ms with the kernel against
-# 23.7 ms with torch ops (`bench/mlm_head.py`; README, Speed).
+# 23.7 ms with torch ops (`bench/mlm_head.py`; docs/speed.md).
 MLM_IMPL = "auto"
 
 

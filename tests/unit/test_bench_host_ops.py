@@ -1,5 +1,5 @@
 """Smoke test of bench/host_ops.py: it counts both steps in both precisions, and the counts
-say what the README says of them (ours launches fewer operators than the HF-based step, bf16
+say what docs/speed.md says of them (ours launches fewer operators than the HF-based step, bf16
 weights fewer than autocast's casts). Counts, never times."""
 
 from __future__ import annotations

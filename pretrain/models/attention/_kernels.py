@@ -11,7 +11,7 @@ The backward comes in two forms. The default is one program per key block, which
 gradients of q and of both position products (QP, KP) with fp32 atomics, one per pair: fast,
 but the order of those additions (so the last bits) changes from run to run. (Fewer atomics,
 one per run of pairs that share a position row or a store for a pair alone at its address,
-and bf16 position gradients were each slower on an H100 and are gone: README, 78f0ec9.)
+and bf16 position gradients were each slower on an H100 and are gone: docs/speed.md, 78f0ec9.)
 With UNIFORM_TILES, a tile whose pairs all share one position index (past
 max_relative_positions) reads the position terms per row and column and adds its row and
 column sums, one atomic per row or column (`_tile_ends`, `_add_uniform`).
