@@ -20,7 +20,9 @@ the forward / the backward kernels with 16 warps (or 4, 8; `fused.FORWARD_WARPS`
 `fused.BACKWARD_WARPS`, 8 by default); `+norowlanes` lets Triton pick the lanes of the
 per-pair position gathers and atomics (`fused.ROW_LANES`, on by default; `+rowlanes`);
 `+posgrad` turns the position gradients' one kernel on (`fused.FUSED_POSITION_GRADS`, off by
-default; `+noposgrad`). The "triton deterministic" row is the kernel with its atomics-free
+default; `+noposgrad`); `+zeroed` has the backward's programs zero the position-gradient
+rows they alone write instead of a fill before the kernel (`fused.ZERO_IN_KERNEL`, off by
+default; `+filled`). The "triton deterministic" row is the kernel with its atomics-free
 backward (default tiles), what `trainer.deterministic=true` runs: its cost over the default
 backward. `--profile` adds, per
 length, torch profiler's kernel table for one call of eager and of the fused kernel (default
@@ -137,6 +139,8 @@ FORMS: dict[str, dict[str, object]] = {  # a spec's +suffixes: the launch settin
     "norowlanes": {"row_lanes": False},
     "posgrad": {"fused_position_grads": True},
     "noposgrad": {"fused_position_grads": False},
+    "zeroed": {"zero_in_kernel": True},
+    "filled": {"zero_in_kernel": False},
     **{f"fw{w}": {"fwd_warps": w} for w in (4, 8, 16)},
     **{f"bw{w}": {"bwd_warps": w} for w in (4, 8, 16)},
 }
@@ -144,7 +148,7 @@ FORMS: dict[str, dict[str, object]] = {  # a spec's +suffixes: the launch settin
 
 def parse_tiles(spec: str) -> dict | None:
     """`FWD_MxN/BWD_MxN` or `default`, then any of `+uniform`, `+nouniform`, `+rowlanes`,
-    `+norowlanes`, `+posgrad`, `+noposgrad`, `+fwW`, `+bwW` (`FORMS`): the launch settings to
+    `+norowlanes`, `+posgrad`, `+noposgrad`, `+zeroed`, `+filled`, `+fwW`, `+bwW` (`FORMS`): the launch settings to
     override, or None when the spec is malformed."""
     tile_part, *forms = spec.split("+")
     if not all(f in FORMS for f in forms):

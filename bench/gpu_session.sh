@@ -8,25 +8,25 @@
 #   bash bench/gpu_session.sh [OUT_DIR [STAGE ...]]
 #
 # OUT_DIR defaults to $OUT, else gpu_session/. STAGEs: env tests attention attention_terms
-# rtd_warps rtd_512 rtd_norowlanes rtd_posgrad rtd_mlm_chunk rtd_2048_b4 mlm_head rtd_host
-# rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout attention_dropout rtd_2048 ncu curves
-# trainer_512 trainer_gaps trainer_512_zero1 (default: all, in that order, the most needed
+# rtd_warps rtd_512 rtd_norowlanes rtd_posgrad rtd_zeroed rtd_mlm_chunk rtd_2048_b4 mlm_head
+# rtd_host rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout attention_dropout rtd_2048 ncu
+# curves trainer_512 trainer_gaps trainer_512_zero1 (default: all, in that order, the most needed
 # first; one 10-minute call reaches about rtd_bf16). rtd_warps is the step at the warps the
 # attention stage found fastest; rtd_norowlanes the step without fused.ROW_LANES, rtd_512's A/B,
-# and rtd_posgrad with fused.FUSED_POSITION_GRADS; rtd_host is the step's host-or-GPU account,
-# rtd_graphs the layers as CUDA graphs (part of the fix if the host bounds it), rtd_rows its
-# A/B; rtd_bf16 both sides in bf16 weights; rtd_2048_b4 the comparison at L=2048 at the batch HF
-# fits on an 80 GB card, rtd_2048 ours at B=8; rtd_options is the step with the defaults of
-# 2026-11-27 that were timed only on their own turned off; *_dropout run DeBERTa's attention
-# dropout 0.1; ncu profiles the fused kernels; trainer_512 is the real trainer, DeepSpeed and
-# data loading included, on the v3-base shape at L=512, for its tokens/s and MFU beside
-# rtd_step's bare step, trainer_gaps where its GPU idles in two profiled steps,
+# rtd_posgrad with fused.FUSED_POSITION_GRADS and rtd_zeroed with fused.ZERO_IN_KERNEL; rtd_host
+# is the step's host-or-GPU account, rtd_graphs the layers as CUDA graphs (part of the fix if the
+# host bounds it), rtd_rows its A/B; rtd_bf16 both sides in bf16 weights; rtd_2048_b4 the
+# comparison at L=2048 at the batch HF fits on an 80 GB card, rtd_2048 ours at B=8; rtd_options is
+# the step with the defaults of 2026-11-27 that were timed only on their own turned off; *_dropout
+# run DeBERTa's attention dropout 0.1; ncu profiles the fused kernels; trainer_512 is the real
+# trainer, DeepSpeed and data loading included, on the v3-base shape at L=512, for its tokens/s
+# and MFU beside rtd_step's bare step, trainer_gaps where its GPU idles in two profiled steps,
 # trainer_512_zero1 the trainer with DeepSpeed's ZeRO-1 optimizer it ran before 27bbd0b. Each
 # stage has its own time limit, cut to what is left of BUDGET_S (580 s, inside the device tool's
-# 10-minute command; the stages of 7a09b79, without rtd_runs and ncu, took 451 s on an H100),
-# and writes OUT_DIR/<stage>.log as it goes, so a stage that overruns leaves the others'
-# results; run the missing ones again (the machine stays warm for 30 s after a call, so a second
-# call right away starts no new one). Exits 1 when a stage failed or was skipped.
+# 10-minute command; the stages of 7a09b79, without rtd_runs and ncu, took 451 s on an H100), and
+# writes OUT_DIR/<stage>.log as it goes, so a stage that overruns leaves the others' results; run
+# the missing ones again (the machine stays warm for 30 s after a call, so a second call right
+# away starts no new one). Exits 1 when a stage failed or was skipped.
 #
 # It needs this project's Python dependencies. Where the GPU machine's image lacks some
 # (hydra-core, omegaconf, deepspeed and their own), put their wheels in .whl/ and they are
@@ -86,7 +86,7 @@ fi
 
 out=${1:-${OUT:-gpu_session}}
 shift || true
-stages=${*:-env tests attention attention_terms rtd_warps rtd_512 rtd_norowlanes rtd_posgrad rtd_mlm_chunk rtd_2048_b4 mlm_head rtd_host rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout attention_dropout rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1}
+stages=${*:-env tests attention attention_terms rtd_warps rtd_512 rtd_norowlanes rtd_posgrad rtd_zeroed rtd_mlm_chunk rtd_2048_b4 mlm_head rtd_host rtd_bf16 rtd_options rtd_graphs rtd_rows rtd_dropout attention_dropout rtd_2048 ncu curves trainer_512 trainer_gaps trainer_512_zero1}
 mkdir -p "$out"
 # Stages stop here at the latest, inside the device tool's 10-minute command.
 deadline=$((SECONDS + ${BUDGET_S:-580}))
@@ -185,6 +185,12 @@ stage_rtd_posgrad() {
     stage rtd_posgrad 50 "$py" bench/rtd_step.py --impl ours --attention triton --compile on \
         --fused-position-grads --seq-len 512 --batch 32 --warmup 2 --steps 5
 }
+# The compiled step with the backward's programs zeroing the position-gradient rows they alone
+# write (fused.ZERO_IN_KERNEL) instead of a fill before the kernel, against rtd_512's row.
+stage_rtd_zeroed() {
+    stage rtd_zeroed 50 "$py" bench/rtd_step.py --impl ours --attention triton --compile on \
+        --zero-in-kernel --seq-len 512 --batch 32 --warmup 2 --steps 5
+}
 # Our step with the MLM head's chunks at 2^28 logits (two chunks at v3-base B=32 L=512)
 # instead of the default 2^26: the head alone took 10.0 ms against 12.0 on an H200
 # (mlm_head stage), 0.8 GiB more; compare with rtd_512's compiled fused row.
@@ -199,16 +205,16 @@ stage_rtd_rows() {
         --seq-len 512 --batch 32 --warmup 2 --steps 5 --profile
 }
 # The attention core alone, profiled, beside its deterministic backward, eager and SDPA: the
-# default launch, the one without fused.ROW_LANES, the one with fused.FUSED_POSITION_GRADS,
-# and the forward, the backward and both at 16 warps (fused.FORWARD_WARPS, BACKWARD_WARPS;
+# default launch, the one without fused.ROW_LANES, the ones with fused.FUSED_POSITION_GRADS and
+# with fused.ZERO_IN_KERNEL, and the forward, the backward and both at 16 warps (fused.FORWARD_WARPS, BACKWARD_WARPS;
 # 128 registers a thread instead of 255, so twice the warps per SM). The
 # gather kernels without uniform tiles (4.55 / 12.81 ms against 4.72 / 9.39) and their
 # backward's atomic options (+runs, +half, +singles) were timed on 78f0ec9, the windowed
 # kernels and diagonal position gradients on 2026-11-28 (docs/speed.md); none is timed again.
 stage_attention() {
-    stage attention 70 "$py" bench/attention.py --steps 5 --profile \
-        --tiles default default+norowlanes default+posgrad default+fw16 default+bw16 \
-        default+fw16+bw16
+    stage attention 80 "$py" bench/attention.py --steps 5 --profile \
+        --tiles default default+norowlanes default+posgrad default+zeroed default+fw16 \
+        default+bw16 default+fw16+bw16
 }
 # The same core with c2p alone, p2c alone and no position terms (default launch): what each
 # term's gathers and atomics add to the kernels, and the kernels' own attention against SDPA.

@@ -10,7 +10,8 @@ first GPU. Here the glue runs on CPU with the kernels stubbed out, at the tiles 
 ptxas, for each path the kernels have (v3-base's 12 heads, L=256): the forward and backward as
 they are by default and without their uniform tiles, the deterministic backward, dropout, each
 position term alone and none, fp16, heads of 128, the fused position gradients (in bf16 and
-fp32); and the MLM head's kernel. Each is specialized as a GPU launch would be (Triton's
+fp32), the backward zeroing its own rows (deterministic or
+not); and the MLM head's kernel. Each is specialized as a GPU launch would be (Triton's
 binder). Register counts and stacks say which tiles spill; they are the compiler's, not
 timings. To check another Triton (the GPU image's), run this with a Python whose Triton is
 that one and whose torch can run the glue on CPU.
@@ -196,6 +197,8 @@ PATHS = {
     "head_128": lambda: attention_launches(head_size=128),
     "posgrad": lambda: attention_launches(FUSED_POSITION_GRADS=True),
     "posgrad_fp32": lambda: attention_launches(FUSED_POSITION_GRADS=True, dtype=torch.float32),
+    "zeroed": lambda: attention_launches(ZERO_IN_KERNEL=True),
+    "zeroed_deterministic": lambda: attention_launches(deterministic=True, ZERO_IN_KERNEL=True),
     "mlm_head": mlm_head_launches,
 }
 

@@ -679,6 +679,11 @@ KERNEL_FLAGS = (
         lambda a: "position gradients by one kernel (FUSED_POSITION_GRADS on)",
     ),
     KernelFlag(
+        "--zero-in-kernel", "zero_in_kernel",
+        lambda a: {"ZERO_IN_KERNEL": True},
+        lambda a: "position-gradient rows zeroed by their programs (ZERO_IN_KERNEL on)",
+    ),
+    KernelFlag(
         "--fused-warps", "warps",  # parsed by resolve() from args.fused_warps
         lambda a: {"FORWARD_WARPS": a.warps[0], "BACKWARD_WARPS": a.warps[1]},
         lambda a: f"{a.warps[0]} warps forward, {a.warps[1]} backward",
@@ -765,6 +770,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the fused attention's position-product gradients become those of q, k and the "
         "tables in one kernel each, not a cast, a GEMM and an add "
         "(pretrain.models.attention.fused.FUSED_POSITION_GRADS on; off by default)",
+    )
+    p.add_argument(
+        "--zero-in-kernel",
+        action="store_true",
+        help="the fused backward's programs zero the rows of the fp32 position gradients that "
+        "they alone write, instead of a fill of the whole tensor before the kernel "
+        "(pretrain.models.attention.fused.ZERO_IN_KERNEL on; off by default)",
     )
     p.add_argument(
         "--fused-warps",

@@ -45,6 +45,7 @@ def test_tile_specs_name_the_launch_settings_they_override(bench) -> None:
     assert bench.parse_tiles("default+fw16+bw4") == {"fwd_warps": 16, "bwd_warps": 4}
     assert bench.parse_tiles("default+norowlanes") == {"row_lanes": False}
     assert bench.parse_tiles("default+posgrad") == {"fused_position_grads": True}
+    assert bench.parse_tiles("default+zeroed") == {"zero_in_kernel": True}
     for bad in (
         "64x64", "128x64/64x64+runs", "ax64/64x64", "128x64/64x64/32x32", "default+",
         "default+window", "default+fw12", "default+w16",

@@ -99,21 +99,23 @@ def test_kernel_settings_need_the_fused_kernel(bench, capsys):
     assert bench.main(TINY + ["--fused-warps", "16/8"]) == 2
     assert bench.main(TINY + ["--no-row-lanes"]) == 2
     assert bench.main(TINY + ["--fused-position-grads"]) == 2
+    assert bench.main(TINY + ["--zero-in-kernel"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 5
+    assert len(err) == 6
     assert all(e.startswith("error: --no-uniform-tiles is a setting of the fused") for e in err[:2])
     assert err[2].startswith("error: --fused-warps is a setting of the fused")
     assert err[3].startswith("error: --no-row-lanes is a setting of the fused")
     assert err[4].startswith("error: --fused-position-grads is a setting of the fused")
+    assert err[5].startswith("error: --zero-in-kernel is a setting of the fused")
 
 
 def test_kernel_flags_patch_the_fused_modules_settings_for_the_run_only(bench, monkeypatch):
     from pretrain.models.attention import fused
 
     flags = ["--no-uniform-tiles", "--no-row-lanes", "--fused-position-grads"]
-    flags += ["--fused-warps", "16/4"]
+    flags += ["--zero-in-kernel", "--fused-warps", "16/4"]
     wanted = {"UNIFORM_TILES": False, "ROW_LANES": False, "FUSED_POSITION_GRADS": True}
-    wanted |= {"FORWARD_WARPS": 16, "BACKWARD_WARPS": 4}
+    wanted |= {"ZERO_IN_KERNEL": True, "FORWARD_WARPS": 16, "BACKWARD_WARPS": 4}
     defaults = {name: getattr(fused, name) for name in wanted}
     assert all(defaults[n] != v for n, v in wanted.items())  # each flag changes its default
     seen = {}

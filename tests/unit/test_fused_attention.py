@@ -27,6 +27,7 @@ Tolerances (max abs difference; values and gradients are O(1)):
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -233,21 +234,35 @@ def _uniform_tiles(idx: torch.Tensor, length: int, block: int = 16) -> list[int]
     return [int(t) for t in tiles if t.numel() == 1]
 
 
+def _nan_for_uninitialized(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The buffers the kernels are to zero themselves (`fused.ZERO_IN_KERNEL`) come filled
+    with NaN, not with whatever torch.empty finds (on CPU often zeros, which would hide a row
+    or column the kernels leave unzeroed)."""
+    from pretrain.models.attention import fused
+
+    def nan(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.full(shape, math.nan, dtype=dtype, device=device)
+
+    monkeypatch.setattr(fused, "_uninitialized", nan)
+
+
 @interpreted
 @pytest.mark.parametrize(
-    "length, split_heads, uniform_tiles, row_lanes, position_grads",
+    "length, split_heads, settings",
     [
-        (16, False, False, True, False),
-        (37, False, False, True, False),
-        (37, True, False, True, False),
-        (37, True, False, False, False),
-        (37, True, False, True, True),
-        (70, False, True, True, False),
-        (70, True, True, True, False),
+        (16, False, {}),
+        (37, False, {}),
+        (37, True, {}),
+        (37, True, {"ROW_LANES": False}),  # the gathers' lanes: no arithmetic
+        (37, True, {"FUSED_POSITION_GRADS": True}),
+        (37, True, {"ZERO_IN_KERNEL": True}),
+        (70, False, {"UNIFORM_TILES": True}),
+        (70, True, {"UNIFORM_TILES": True}),
+        (70, True, {"UNIFORM_TILES": True, "ZERO_IN_KERNEL": True}),
     ],
     ids=[
-        "16", "37", "37_split", "37_split-norowlanes", "37_split-posgrad", "70-uniform_tiles",
-        "70_split-uniform_tiles",
+        "16", "37", "37_split", "37_split-norowlanes", "37_split-posgrad", "37_split-zeroed",
+        "70-uniform_tiles", "70_split-uniform_tiles", "70_split-uniform_tiles-zeroed",
     ],
 )  # fmt: skip
 @pytest.mark.parametrize("case", sorted(CORE_CASES))
@@ -255,16 +270,18 @@ def test_fused_matches_eager_fp32(
     case: str,
     length: int,
     split_heads: bool,
-    uniform_tiles: bool,
-    row_lanes: bool,
-    position_grads: bool,
+    settings: dict[str, bool],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from pretrain.models.attention import fused
 
-    monkeypatch.setattr(fused, "UNIFORM_TILES", uniform_tiles)
-    monkeypatch.setattr(fused, "ROW_LANES", row_lanes)  # the gathers' lanes: no arithmetic
-    monkeypatch.setattr(fused, "FUSED_POSITION_GRADS", position_grads)
+    # UNIFORM_TILES off unless asked: the short cases have no uniform tile to take anyway.
+    settings = {"UNIFORM_TILES": False, "ROW_LANES": True} | settings
+    settings = {"FUSED_POSITION_GRADS": False, "ZERO_IN_KERNEL": False} | settings
+    for name, value in settings.items():
+        monkeypatch.setattr(fused, name, value)
+    _nan_for_uninitialized(monkeypatch)
+    uniform_tiles = settings["UNIFORM_TILES"]
     terms, buckets, max_rel = CORE_CASES[case]
     config = _config(buckets, max_rel)
     span = config.relative_span
@@ -293,22 +310,29 @@ def test_fused_matches_eager_fp32(
 
 @interpreted
 @pytest.mark.parametrize(
-    "deterministic, position_grads",
-    [(False, False), (True, False), (False, True)],
-    ids=["atomics", "deterministic", "posgrad"],
+    "deterministic, position_grads, zero_in_kernel",
+    [(False, False, False), (True, False, False), (False, True, False), (True, False, True)],
+    ids=["atomics", "deterministic", "posgrad", "deterministic-zeroed"],
 )
 @pytest.mark.parametrize("case", sorted(CORE_CASES))
 def test_packed_matches_eager_fp32(
-    case: str, deterministic: bool, position_grads: bool, monkeypatch: pytest.MonkeyPatch
+    case: str,
+    deterministic: bool,
+    position_grads: bool,
+    zero_in_kernel: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """q, k, v given as one projection's output (`packed_disentangled_attention`, as the
     model's self-attention calls it): the fused path's output and the gradients of that output
     and of the position tables equal eager's, in every position-term case (c2p alone writes dk
-    straight into the joint gradient, p2c alone copies dq into it), with either backward, and
-    with the position gradients' kernel writing into the joint gradient."""
+    straight into the joint gradient, p2c alone copies dq into it), with either backward, with
+    the position gradients' kernel writing into the joint gradient, and with the deterministic
+    backward's two kernels zeroing their own rows of dKP and dQP."""
     from pretrain.models.attention import fused
 
     monkeypatch.setattr(fused, "FUSED_POSITION_GRADS", position_grads)
+    monkeypatch.setattr(fused, "ZERO_IN_KERNEL", zero_in_kernel)
+    _nan_for_uninitialized(monkeypatch)
     terms, buckets, max_rel = CORE_CASES[case]
     config = _config(buckets, max_rel)
     span, length, heads, d = config.relative_span, 37, 2, 16
@@ -782,9 +806,13 @@ def test_under_torch_compile_the_kernel_runs_outside_the_graph(packed: bool) -> 
 
 @compiled
 @pytest.mark.parametrize("projection", ["separate", "joint", "packed"])
-@pytest.mark.parametrize("position_grads", [False, True], ids=["torch_glue", "posgrad"])
+@pytest.mark.parametrize(
+    "position_grads, zero_in_kernel",
+    [(False, False), (True, False), (False, True)],
+    ids=["torch_glue", "posgrad", "zeroed"],
+)
 def test_glue_makes_no_layout_copies(
-    projection: str, position_grads: bool, monkeypatch: pytest.MonkeyPatch
+    projection: str, position_grads: bool, zero_in_kernel: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Around the kernels (stubbed out here), forward and backward move no data but the casts
     and zero-fills they need: q, k, v in the model's layout are read in place, and the
@@ -796,7 +824,8 @@ def test_glue_makes_no_layout_copies(
     far apart), split before the call, so the split's backward concatenates their gradients;
     "packed": that output passed whole (`fused_packed_attention`, as the model's
     self-attention passes it), whose one gradient comes back without that cat. With
-    `FUSED_POSITION_GRADS`, the kernel rounds dQP and dKP for their GEMMs: no cast either."""
+    `FUSED_POSITION_GRADS`, the kernel rounds dQP and dKP for their GEMMs: no cast either.
+    With `ZERO_IN_KERNEL`, the backward kernel zeroes dKP's rows: no fill of dKP."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from pretrain.models.attention import _kernels, fused
@@ -811,6 +840,7 @@ def test_glue_makes_no_layout_copies(
     ):  # fmt: skip
         monkeypatch.setattr(_kernels, name, Stub())
     monkeypatch.setattr(fused, "FUSED_POSITION_GRADS", position_grads)
+    monkeypatch.setattr(fused, "ZERO_IN_KERNEL", zero_in_kernel)
     # The default form's settings, without the check that the kernel can run on this device.
     monkeypatch.setattr(fused, "_launch_settings", lambda q: fused._tile_settings(q, True))
 
@@ -856,7 +886,7 @@ def test_glue_makes_no_layout_copies(
     expected = (
         [("_to_copy", (batch, length))]  # the token mask, to int8
         + [("cat", (2,))]  # the index's two end runs, read once (fused._end_runs)
-        + [("zeros", (heads, batch, length, width))] * 2  # dQP, dKP
+        + [("zeros", (heads, batch, length, width))] * (1 if zero_in_kernel else 2)  # dQP, dKP
         + [("_to_copy", rows)] * (0 if position_grads else 2)  # dQP, dKP rounded for GEMMs
         # dq and dk are rounded to fp16 by the add of their position terms (out=), no cast
         + [("copy_", (width, heads, d))] * 2  # the tables' gradients into their leaves
@@ -1059,10 +1089,14 @@ def test_gpu_bf16_fused_error_is_eager_bf16_error(length: int) -> None:
     "setting, length",
     # UNIFORM_TILES at L=1000: past v3's 512 relative positions, and not a multiple of any
     # tile, a fifth of the tiles have one position index. ROW_LANES changes which lanes make
-    # which pair's gathers and atomics, not what they compute. FUSED_POSITION_GRADS changes
-    # the backward only.
-    [("UNIFORM_TILES", 1000), ("ROW_LANES", 512), ("FUSED_POSITION_GRADS", 512)],
-)
+    # which pair's gathers and atomics, not what they compute. FUSED_POSITION_GRADS and
+    # ZERO_IN_KERNEL change the backward only; the latter's buffers come filled with NaN, so
+    # a zero the program's atomics do not see (ordered only by its barrier) shows.
+    [
+        ("UNIFORM_TILES", 1000), ("ROW_LANES", 512), ("FUSED_POSITION_GRADS", 512),
+        ("ZERO_IN_KERNEL", 512), ("ZERO_IN_KERNEL", 1000),
+    ],
+)  # fmt: skip
 def test_gpu_kernel_forms_keep_the_output_bits_and_the_bf16_error(
     setting: str, length: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1071,6 +1105,7 @@ def test_gpu_kernel_forms_keep_the_output_bits_and_the_bf16_error(
     atomics add in a changing order either way)."""
     from pretrain.models.attention import fused
 
+    _nan_for_uninitialized(monkeypatch)
     run = _gpu_case(torch.bfloat16, length=length)
     reference, eager = run("eager", torch.float32), run("eager", torch.bfloat16)
     monkeypatch.setattr(fused, setting, False)
@@ -1104,10 +1139,19 @@ def test_gpu_bf16_dropout_error_is_eager_bf16_error_with_the_same_mask(
 
 @compiled
 @pytest.mark.gpu
-def test_gpu_deterministic_backward_repeats_bit_for_bit() -> None:
+@pytest.mark.parametrize("zero_in_kernel", [False, True], ids=["filled", "zeroed"])
+def test_gpu_deterministic_backward_repeats_bit_for_bit(
+    zero_in_kernel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four runs, the same bits; with ZERO_IN_KERNEL (buffers filled with NaN) the same bits
+    as the filled buffers give, since every sum runs in a fixed order either way."""
+    from pretrain.models.attention import fused
+
+    _nan_for_uninitialized(monkeypatch)
     run = _gpu_case(torch.bfloat16)
     reference, eager = run("eager", torch.float32), run("eager", torch.bfloat16)
     first = run("triton", torch.bfloat16, deterministic=True)
+    monkeypatch.setattr(fused, "ZERO_IN_KERNEL", zero_in_kernel)
     for _ in range(3):
         again = run("triton", torch.bfloat16, deterministic=True)
         assert torch.equal(again[0], first[0])

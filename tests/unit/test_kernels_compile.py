@@ -28,6 +28,7 @@ KERNELS = {
     "mlm_head": {"_mlm_rows_kernel"},
     "posgrad": STEP | {"_position_grad_kernel"},
     "posgrad_fp32": STEP | {"_position_grad_kernel"},
+    "zeroed_deterministic": STEP | {"_backward_dq_kernel"},
 }
 _compiled: set[str] = set()  # a launch several paths share compiles once
 

@@ -298,6 +298,20 @@ def _add_runs(
 
 
 @triton.jit
+def _zero_span(START, n, BLOCK: tl.constexpr):
+    """Zero n contiguous fp32 values from START, then a barrier. For the rows of a position
+    gradient that this program alone writes (a block's rows of one (batch, head) are one span
+    of its [.., L, 2S] memory), which its atomics (or loads and stores) then add into, from
+    any of its threads; instead of zeroing the whole tensor before the kernel. A scalar base
+    and flat offsets, not the rows' pointers: those the loop after computes again, and kept
+    alive from here they cost registers (ptxas spilled more)."""
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        tl.store(START + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=offs < n)
+    tl.debug_barrier()
+
+
+@triton.jit
 def _add_uniform(ROW_PTRS, c, sums, ok):
     """ROW_PTRS[c] += sums for a tile whose pairs all have the position index c: one sum per
     destination row (ROW_PTRS, one pointer each: the tile's row sums of ds for dQP, its column
@@ -426,6 +440,7 @@ def _backward_kernel(
     DETERMINISTIC: tl.constexpr,
     UNIFORM_TILES: tl.constexpr,
     ROW_LANES: tl.constexpr,
+    ZERO_OWN_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -442,9 +457,14 @@ def _backward_kernel(
     reads the position terms per row and column (`_score_tile`) and adds its row sums of ds to
     dQP[:, c] and its column sums to dKP[:, c], one atomic per row or column
     (`_add_uniform`), instead of one per pair.
+    ZERO_OWN_ROWS: DKP comes uninitialised, and the program zeroes its keys' rows first.
     """
     start_n, pid_bh, b, h, offs_n, offs_d, col_ok, d_ok = _program_block(H, L, D, BLOCK_N, BLOCK_D)
     kv_ok = col_ok[:, None] & d_ok[None, :]
+    if ZERO_OWN_ROWS and HAS_KP:
+        _zero_span(
+            DKP + b * s_xb + h * s_xh + start_n * C, tl.minimum(BLOCK_N, L - start_n) * C, 1024
+        )
 
     k, v, k_real = _key_rows(
         K, V, MASK, b, h, offs_n, offs_d, col_ok, kv_ok, s_kb, s_kh, s_kl, s_kd,
@@ -550,13 +570,15 @@ def _backward_dq_kernel(
     HAS_KP: tl.constexpr,
     DROPOUT: tl.constexpr,
     ROW_LANES: tl.constexpr,
+    ZERO_OWN_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """The deterministic backward's other half: one program per query block, dq in registers
-    and the rows of dQP of its queries by `_add_runs`; buffers as `_backward_kernel`'s."""
+    and the rows of dQP of its queries by `_add_runs`; buffers as `_backward_kernel`'s.
+    ZERO_OWN_ROWS: DQP comes uninitialised, and the program zeroes its queries' rows first."""
     # Not `_` for the block's start: the loop assigns `_` a tile, and Triton refuses a name
     # set before a loop that the loop sets to another type (CompilationError on the GPU).
     first_row, pid_bh, b, h, offs_m, offs_d, row_ok, d_ok = _program_block(
@@ -570,6 +592,10 @@ def _backward_dq_kernel(
     )  # fmt: skip
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     pos_grad_base = b * s_xb + h * s_xh
+    if ZERO_OWN_ROWS and HAS_QP:
+        _zero_span(
+            DQP + pos_grad_base + first_row * C, tl.minimum(BLOCK_M, L - first_row) * C, 1024
+        )
 
     for start_n in range(0, L, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)

@@ -88,6 +88,19 @@ BACKWARD_WARPS = 8
 # default+posgrad` and `bench/rtd_step.py --fused-position-grads` time it.
 FUSED_POSITION_GRADS = False
 
+# Who zeroes the backward's fp32 [B, h, L, 2S] position gradients that its atomics add into.
+# False: torch, the whole tensor before the kernel (a fill of 403 MB a table and layer at
+# L=512 B=32: 36 launches, 4.3 ms of the 135 ms step in the H200 profile of 7761375). True:
+# the programs that alone write a row zero it first, behind a barrier (`_kernels._zero_rows`):
+# dKP's rows are their key block's; in the deterministic backward dQP's are their query
+# block's too (dQP's rows otherwise take atomics from every key block, so they are still
+# filled). That saves dKP's fill, and the rows the atomics then add into are fresh in L2. The
+# order (zeros stored, then other threads of the program add) is the one the deterministic
+# backward's stores and loads already rely on. Untimed on a GPU yet, so off:
+# `bench/attention.py --tiles default default+zeroed` and `bench/rtd_step.py
+# --zero-in-kernel` time it.
+ZERO_IN_KERNEL = False
+
 
 def _interpreting() -> bool:
     """Whether the kernels (and the triton.language functions they call) are interpreted."""
@@ -172,6 +185,7 @@ def _tile_settings(
         row_lanes=ROW_LANES,
         position_grads=(16, 16) if interpret else (64, 64),  # (rows, columns of dXP) a step
         fused_position_grads=FUSED_POSITION_GRADS,
+        zero_in_kernel=ZERO_IN_KERNEL,
     )
 
 
@@ -330,13 +344,15 @@ def _backward(
         dv = joint[:, :, 2].transpose(1, 2)
     width = next((p.shape[-2] for p in (pos_k, pos_q) if p is not None), 0)  # 2 * span
 
-    def pos_grad() -> torch.Tensor:
+    def pos_grad(zeroed_by_kernel: bool) -> torch.Tensor:
         # fp32 [h, B, L, 2S] memory, as _project's products
-        zeros = torch.zeros(heads, batch, length, width, dtype=torch.float32, device=q.device)
-        return zeros.transpose(0, 1)
+        make = _uninitialized if zeroed_by_kernel else torch.zeros
+        buffer = make(heads, batch, length, width, dtype=torch.float32, device=q.device)
+        return buffer.transpose(0, 1)
 
-    dqp = pos_grad() if qp is not None else dq
-    dkp = pos_grad() if kp is not None else dq
+    zero_own_rows = cfg["zero_in_kernel"]
+    dqp = pos_grad(zero_own_rows and deterministic) if qp is not None else dq
+    dkp = pos_grad(zero_own_rows) if kp is not None else dq
     inputs = (
         q, k, v, qp if qp is not None else q, kp if kp is not None else q,
         rel_index, mask, dout, lse, delta,
@@ -355,6 +371,7 @@ def _backward(
         HAS_KP=kp is not None,
         DROPOUT=ctx.dropout[0] > 0,
         ROW_LANES=cfg["row_lanes"],
+        ZERO_OWN_ROWS=zero_own_rows,
         BLOCK_D=cfg["block_d"],
         DOT_PRECISION=cfg["precision"],
         num_warps=cfg["bwd_warps"],
@@ -388,6 +405,11 @@ def _backward(
         if pos_q is not None:
             dk, dpos_q = _position_grads(dk, dkp, k, pos_q, want_dpos[1], cfg, slots[1])
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpos_k, dpos_q
+
+
+def _uninitialized(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty, for buffers the kernels zero themselves (tests fill them with NaN)."""
+    return torch.empty(*shape, dtype=dtype, device=device)
 
 
 def _dropout_args(dropout_p: float, seed: int) -> tuple[int, float, float]:
