@@ -148,8 +148,8 @@ FORMS: dict[str, dict[str, object]] = {  # a spec's +suffixes: the launch settin
 
 def parse_tiles(spec: str) -> dict | None:
     """`FWD_MxN/BWD_MxN` or `default`, then any of `+uniform`, `+nouniform`, `+rowlanes`,
-    `+norowlanes`, `+posgrad`, `+noposgrad`, `+zeroed`, `+filled`, `+fwW`, `+bwW` (`FORMS`): the launch settings to
-    override, or None when the spec is malformed."""
+    `+norowlanes`, `+posgrad`, `+noposgrad`, `+zeroed`, `+filled`, `+fwW`, `+bwW` (`FORMS`):
+    the launch settings to override, or None when the spec is malformed."""
     tile_part, *forms = spec.split("+")
     if not all(f in FORMS for f in forms):
         return None

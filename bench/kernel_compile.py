@@ -10,11 +10,11 @@ first GPU. Here the glue runs on CPU with the kernels stubbed out, at the tiles 
 ptxas, for each path the kernels have (v3-base's 12 heads, L=256): the forward and backward as
 they are by default and without their uniform tiles, the deterministic backward, dropout, each
 position term alone and none, fp16, heads of 128, the fused position gradients (in bf16 and
-fp32), the backward zeroing its own rows (deterministic or
-not); and the MLM head's kernel. Each is specialized as a GPU launch would be (Triton's
-binder). Register counts and stacks say which tiles spill; they are the compiler's, not
-timings. To check another Triton (the GPU image's), run this with a Python whose Triton is
-that one and whose torch can run the glue on CPU.
+fp32), the backward zeroing its own rows (deterministic or not); and the MLM head's kernel.
+Each is specialized as a GPU launch would be (Triton's binder). Register counts and stacks
+say which tiles spill; they are the compiler's, not timings. To check another Triton (the GPU
+image's), run this with a Python whose Triton is that one and whose torch can run the glue on
+CPU.
 `--arch 80` (A100; 86, 89, 100, 120...) specializes and compiles every launch for that GPU,
 at the tiles the glue picks for it (`fused._tile_settings` by compute capability).
 """

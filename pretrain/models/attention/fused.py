@@ -69,8 +69,8 @@ ROW_LANES = True
 # Warps per program of the forward kernel and of the backward kernels (the deterministic
 # backward's two included). At 8, every kernel holds 254-255 registers per thread, so one
 # program per SM, 8 warps (12.5% occupancy), and Nsight Compute found both kernels waiting on
-# the per-pair gathers of the position terms with little else to switch to (docs/speed.md). At 16,
-# ptxas fits them in 128 registers, twice the warps in flight per SM: the forward (128x64)
+# the per-pair gathers of the position terms with little else to switch to (docs/speed.md). At
+# 16, ptxas fits them in 128 registers, twice the warps in flight per SM: the forward (128x64)
 # without spills and the backward (32x64) with 200 B of stack where no tile is uniform (v3 at
 # L=512), 72 and 296 B with the uniform tiles' forms (sm_90, Triton 3.6; `python
 # bench/kernel_compile.py --path warps16` compiles the latter). Untimed: `bench/attention.py
@@ -91,7 +91,7 @@ FUSED_POSITION_GRADS = False
 # Who zeroes the backward's fp32 [B, h, L, 2S] position gradients that its atomics add into.
 # False: torch, the whole tensor before the kernel (a fill of 403 MB a table and layer at
 # L=512 B=32: 36 launches, 4.3 ms of the 135 ms step in the H200 profile of 7761375). True:
-# the programs that alone write a row zero it first, behind a barrier (`_kernels._zero_rows`):
+# the programs that alone write a row zero it first, behind a barrier (`_kernels._zero_span`):
 # dKP's rows are their key block's; in the deterministic backward dQP's are their query
 # block's too (dQP's rows otherwise take atomics from every key block, so they are still
 # filled). That saves dKP's fill, and the rows the atomics then add into are fresh in L2. The
@@ -148,8 +148,8 @@ def _tile_settings(
     else:
         precision = "tf32"  # only fp32 operands read this
     # (BLOCK_M, BLOCK_N). Head size 64: the forward's, the fastest of five tile pairs on an
-    # H100 in bf16 at L=512 B=32 and L=2048 B=8 (`bench/attention.py --tiles`; docs/speed.md); the
-    # backward's 32x64, which compiles without register spills, with UNIFORM_TILES: 4.72 ms
+    # H100 in bf16 at L=512 B=32 and L=2048 B=8 (`bench/attention.py --tiles`; docs/speed.md);
+    # the backward's 32x64, which compiles without register spills, with UNIFORM_TILES: 4.72 ms
     # against 4.83 for 64x64 at L=512, 9.39 against 12.44 at L=2048 (forward + backward, the
     # H100 run of 78f0ec9).
     # These head-64 tiles are for the GPUs whose matmuls Triton runs from shared memory
