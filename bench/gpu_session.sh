@@ -206,11 +206,12 @@ stage_rtd_rows() {
 }
 # The attention core alone, profiled, beside its deterministic backward, eager and SDPA: the
 # default launch, the one without fused.ROW_LANES, the ones with fused.FUSED_POSITION_GRADS and
-# with fused.ZERO_IN_KERNEL, and the forward, the backward and both at 16 warps (fused.FORWARD_WARPS, BACKWARD_WARPS;
-# 128 registers a thread instead of 255, so twice the warps per SM). The
-# gather kernels without uniform tiles (4.55 / 12.81 ms against 4.72 / 9.39) and their
-# backward's atomic options (+runs, +half, +singles) were timed on 78f0ec9, the windowed
-# kernels and diagonal position gradients on 2026-11-28 (docs/speed.md); none is timed again.
+# with fused.ZERO_IN_KERNEL, and the forward, the backward and both at 16 warps
+# (fused.FORWARD_WARPS, BACKWARD_WARPS; 128 registers a thread instead of 255, so twice the
+# warps per SM). The gather kernels without uniform tiles (4.55 / 12.81 ms against 4.72 /
+# 9.39) and their backward's atomic options (+runs, +half, +singles) were timed on 78f0ec9, the
+# windowed kernels and diagonal position gradients on 2026-11-28 (docs/speed.md); none is
+# timed again.
 stage_attention() {
     stage attention 80 "$py" bench/attention.py --steps 5 --profile \
         --tiles default default+norowlanes default+posgrad default+zeroed default+fw16 \

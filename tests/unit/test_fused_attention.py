@@ -276,8 +276,9 @@ def test_fused_matches_eager_fp32(
     from pretrain.models.attention import fused
 
     # UNIFORM_TILES off unless asked: the short cases have no uniform tile to take anyway.
-    settings = {"UNIFORM_TILES": False, "ROW_LANES": True} | settings
-    settings = {"FUSED_POSITION_GRADS": False, "ZERO_IN_KERNEL": False} | settings
+    defaults = {"UNIFORM_TILES": False, "ROW_LANES": True}
+    defaults |= {"FUSED_POSITION_GRADS": False, "ZERO_IN_KERNEL": False}
+    settings = defaults | settings
     for name, value in settings.items():
         monkeypatch.setattr(fused, name, value)
     _nan_for_uninitialized(monkeypatch)

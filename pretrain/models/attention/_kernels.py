@@ -298,16 +298,18 @@ def _add_runs(
 
 
 @triton.jit
-def _zero_span(START, n, BLOCK: tl.constexpr):
-    """Zero n contiguous fp32 values from START, then a barrier. For the rows of a position
-    gradient that this program alone writes (a block's rows of one (batch, head) are one span
-    of its [.., L, 2S] memory), which its atomics (or loads and stores) then add into, from
-    any of its threads; instead of zeroing the whole tensor before the kernel. A scalar base
-    and flat offsets, not the rows' pointers: those the loop after computes again, and kept
-    alive from here they cost registers (ptxas spilled more)."""
-    for start in range(0, n, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        tl.store(START + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=offs < n)
+def _zero_own_rows(ROWS, first_row, L, C, BLOCK: tl.constexpr):
+    """Zero the rows first_row .. first_row + BLOCK (those below L) of one (batch, head)'s
+    [L, C] fp32 position gradient at ROWS, then a barrier: rows this program alone writes,
+    which its atomics (or loads and stores) then add into, from any of its threads; instead of
+    zeroing the whole tensor before the kernel. The rows are one contiguous span, zeroed by a
+    scalar base and flat offsets, not by the rows' pointers: those the loop after computes
+    again, and kept alive from here they cost registers (ptxas spilled more)."""
+    start_at = ROWS + first_row * C
+    n = tl.minimum(BLOCK, L - first_row) * C
+    for start in range(0, n, 1024):
+        offs = start + tl.arange(0, 1024)
+        tl.store(start_at + offs, tl.zeros([1024], dtype=tl.float32), mask=offs < n)
     tl.debug_barrier()
 
 
@@ -461,10 +463,9 @@ def _backward_kernel(
     """
     start_n, pid_bh, b, h, offs_n, offs_d, col_ok, d_ok = _program_block(H, L, D, BLOCK_N, BLOCK_D)
     kv_ok = col_ok[:, None] & d_ok[None, :]
+    pos_grad_base = b * s_xb + h * s_xh
     if ZERO_OWN_ROWS and HAS_KP:
-        _zero_span(
-            DKP + b * s_xb + h * s_xh + start_n * C, tl.minimum(BLOCK_N, L - start_n) * C, 1024
-        )
+        _zero_own_rows(DKP + pos_grad_base, start_n, L, C, BLOCK_N)
 
     k, v, k_real = _key_rows(
         K, V, MASK, b, h, offs_n, offs_d, col_ok, kv_ok, s_kb, s_kh, s_kl, s_kd,
@@ -473,7 +474,6 @@ def _backward_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     grad_base = b * s_gb + h * s_gh
-    pos_grad_base = b * s_xb + h * s_xh
 
     for start_m in range(0, L, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -593,9 +593,7 @@ def _backward_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     pos_grad_base = b * s_xb + h * s_xh
     if ZERO_OWN_ROWS and HAS_QP:
-        _zero_span(
-            DQP + pos_grad_base + first_row * C, tl.minimum(BLOCK_M, L - first_row) * C, 1024
-        )
+        _zero_own_rows(DQP + pos_grad_base, first_row, L, C, BLOCK_M)
 
     for start_n in range(0, L, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)

@@ -91,7 +91,7 @@ FUSED_POSITION_GRADS = False
 # Who zeroes the backward's fp32 [B, h, L, 2S] position gradients that its atomics add into.
 # False: torch, the whole tensor before the kernel (a fill of 403 MB a table and layer at
 # L=512 B=32: 36 launches, 4.3 ms of the 135 ms step in the H200 profile of 7761375). True:
-# the programs that alone write a row zero it first, behind a barrier (`_kernels._zero_span`):
+# the programs that alone write a row zero it first, behind a barrier (`_kernels._zero_own_rows`):
 # dKP's rows are their key block's; in the deterministic backward dQP's are their query
 # block's too (dQP's rows otherwise take atomics from every key block, so they are still
 # filled). That saves dKP's fill, and the rows the atomics then add into are fresh in L2. The
